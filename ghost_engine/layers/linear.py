@@ -1,0 +1,141 @@
+"""nn.Linear and Hugging Face's Conv1D (GPT-2): s = a·M + bias with M = W.T (Linear) or W (Conv1D).
+
+Per sample i the weight gradient is G_i = Σ_t a_it ⊗ b_it ([d, p] in "in x out" layout) and the
+validation gradient is G_val = Σ_{v,u} a_vu ⊗ b_vu. Two exact ways to get <G_i, G_val>:
+- gram:       Σ_{t,u} (a_it·a_u)(b_it·b_u)       ≈ 2·N·Nv·(d+p) flops
+- projection: Σ_t a_it · (G_val b_it)             ≈ 2·N·d·p flops (G_val is formed anyway)
+and the cheaper one runs. Per-sample weight gradients are never formed.
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ghost_engine.layers import LayerPath, RowSparse, register_layer, token_sum
+
+try:  # Hugging Face GPT-2 uses a transposed linear layer
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # transformers is optional for the engine itself
+    Conv1D = None
+
+GRAM_CHUNK_ELEMENTS = 1 << 24  # bound on the [tokens, Nv] Gram blocks held at once
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return Conv1D is not None and isinstance(module, Conv1D)
+
+
+def _accum_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _weight_in_out(module: nn.Module, weight_like: torch.Tensor) -> torch.Tensor:
+    """A weight-shaped tensor in [d_in, p_out] layout."""
+    return weight_like if _is_conv1d(module) else weight_like.t()
+
+
+def _gram_dots(a_tr, g_tr, a_v, g_v, rows: int) -> torch.Tensor:
+    """Σ_{t,u} (a_t·a_u)(b_t·b_u) per training row; chunked over training tokens."""
+    a, g = _flat(a_tr), _flat(g_tr)
+    av, gv = _flat(a_v), _flat(g_v)
+    tokens_per_row = a.shape[0] // rows
+    chunk_rows = max(1, GRAM_CHUNK_ELEMENTS // max(1, tokens_per_row * av.shape[0]))
+    out = []
+    for start in range(0, rows, chunk_rows):
+        sl = slice(start * tokens_per_row, min(rows, start + chunk_rows) * tokens_per_row)
+        gram = (a[sl] @ av.t()) * (g[sl] @ gv.t())  # [chunk tokens, Nv]
+        out.append(token_sum(gram, min(rows, start + chunk_rows) - start))
+    return torch.cat(out)
+
+
+def _projection_dots(a_tr, g_tr, val_in_out: torch.Tensor, rows: int) -> torch.Tensor:
+    """Σ_t a_t · (M b_t) per training row, projecting onto the narrower side."""
+    a, g = _flat(a_tr), _flat(g_tr)
+    m = val_in_out.to(a.dtype)  # [d, p]
+    if m.shape[0] <= m.shape[1]:
+        return token_sum((g @ m.t()) * a, rows)  # [N, d]
+    return token_sum((a @ m) * g, rows)  # [N, p]
+
+
+def _use_gram(n_tr: int, n_v: int, d: int, p: int) -> bool:
+    return n_v * (d + p) < d * p
+
+
+@register_layer(nn.Linear, *(() if Conv1D is None else (Conv1D,)))
+class LinearRule:
+    @staticmethod
+    def capture(module, args, kwargs, output, rows):
+        return args[0] if args else kwargs["input"], None
+
+    @staticmethod
+    def val_grads(module, act_v, grad_v):
+        dtype = _accum_dtype(act_v)
+        av, gv = _flat(act_v).to(dtype), _flat(grad_v).to(dtype)
+        weight = av.t() @ gv if _is_conv1d(module) else gv.t() @ av  # parameter layout
+        grads = {"weight": weight}
+        if module.bias is not None:
+            grads["bias"] = gv.sum(0)
+        return grads
+
+    @staticmethod
+    def per_sample_dots(module, act_tr, grad_tr, act_v, grad_v, val_totals, own_only):
+        rows = act_tr.shape[0]
+        out = {}
+        total = val_totals["weight"]  # dense, parameter layout
+        if own_only["weight"] and LinearRule.path(module, act_tr, act_v, True).path == "gram":
+            out["weight"] = _gram_dots(act_tr, grad_tr, act_v, grad_v, rows)
+        else:
+            out["weight"] = _projection_dots(act_tr, grad_tr, _weight_in_out(module, total), rows)
+        if "bias" in val_totals:
+            per_row = grad_tr.reshape(rows, -1, grad_tr.shape[-1]).sum(1)  # [B, p]
+            out["bias"] = per_row.to(val_totals["bias"].dtype) @ val_totals["bias"]
+        return out
+
+    @staticmethod
+    def path(module, act_tr, act_v, own_only):
+        d = act_tr.shape[-1]
+        p = module.weight.shape[1] if _is_conv1d(module) else module.weight.shape[0]
+        n_tr, n_v = act_tr.numel() // d, act_v.numel() // d
+        if own_only and _use_gram(n_tr, n_v, d, p):
+            return LayerPath("gram", 2.0 * n_tr * n_v * (d + p))
+        return LayerPath("projection", 2.0 * n_tr * d * p)
+
+    # ---- ties with an embedding (GPT-2's lm_head shares wte.weight) ----
+    @staticmethod
+    def val_support(module, act_v):
+        return None  # dense: every weight row gets a validation gradient
+
+    @staticmethod
+    def make_stash(module, local, act_tr, grad_tr, rows):
+        """Keep what <G_i, X> needs for a later use whose gradient X lives on weight `rows` only."""
+        if local != "weight" or rows is None:
+            raise ValueError(f"{type(module).__name__}.{local} is tied to another dense use; only ties "
+                             "between one linear layer and embeddings are supported")
+        a, g = _flat(act_tr), _flat(grad_tr)
+        if _is_conv1d(module):
+            return _Stash(a[:, rows], g, rows, act_tr.shape[0], transposed=True)
+        return _Stash(a, g[:, rows], rows, act_tr.shape[0], transposed=False)
+
+    @staticmethod
+    def stash_dots(stash, later_val_grad):
+        if not isinstance(later_val_grad, RowSparse):
+            raise ValueError("a linear layer can only be tied to later embedding uses")
+        cols = torch.searchsorted(stash.rows, later_val_grad.rows)
+        values = later_val_grad.values.to(stash.a.dtype)
+        if stash.transposed:  # Conv1D: rows index the input features
+            return token_sum((stash.a[:, cols] @ values) * stash.g, stash.n_rows)
+        return token_sum((stash.g[:, cols] @ values) * stash.a, stash.n_rows)
+
+
+@dataclass
+class _Stash:
+    a: torch.Tensor  # [N, d] (or [N, U] restricted, Conv1D)
+    g: torch.Tensor  # [N, U] restricted (or [N, p], Conv1D)
+    rows: torch.Tensor  # [U] sorted weight rows the later use can touch
+    n_rows: int
+    transposed: bool
+

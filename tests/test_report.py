@@ -1,0 +1,201 @@
+"""The report and its analysis API on a synthetic run with hand-computed values.
+
+Run (all numbers dyadic, so float arithmetic is exact):
+
+step 1, lr 0.5
+  row 0: Github off 0   doc 10  w 0.25 dot  4  -> phi = 0.5*0.25*4  =  0.5
+  row 1: ArXiv  off 100 doc 20  w 0.25 dot -2  -> phi = 0.5*0.25*-2 = -0.25
+  row 2: Github off 50  doc 10  w 0.5  dot  1  -> phi = 0.5*0.5*1   =  0.25
+step 2, lr 0.25
+  row 0: Github off 0   doc 10  w 0.5  dot  2  -> phi = 0.25*0.5*2 =  0.25  (same window as step 1 row 0)
+  row 1: ArXiv  off 200 doc 21  w 0.5  dot  7  -> phi = 0.25*0.5*7 =  0.875
+
+samples:   ArXiv@200 0.875 > Github@0 0.75 > Github@50 0.25 > ArXiv@100 -0.25
+documents: Github/10 1.0 > ArXiv/21 0.875 > ArXiv/20 -0.25
+domains:   Github total 1.0 (2 samples, mean 0.5, 100% positive)
+           ArXiv  total 0.625 (2 samples, mean 0.3125, 50% positive)
+cumulative after step 1: Github 0.75, ArXiv -0.25; after step 2: Github 1.0, ArXiv 0.625
+recall@k for ArXiv (2 of 4 samples = share 0.5): top-1 {ArXiv} -> 1/0.5 = 2; top-2 -> 0.5/0.5 = 1
+"""
+import csv
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from ghost_engine import analysis, report
+from ghost_engine.results_io import SCHEMA_VERSION, load_dotprods, load_run, save_dotprod_pickle
+
+STEPS = [
+    {"step": 1, "lr": 0.5, "domain": ["Github", "ArXiv", "Github"], "token_offset": [0, 100, 50],
+     "doc_id": [10, 20, 10], "batch_weights": [0.25, 0.25, 0.5], "dot_products": [4.0, -2.0, 1.0]},
+    {"step": 2, "lr": 0.25, "domain": ["Github", "ArXiv"], "token_offset": [0, 200],
+     "doc_id": [10, 21], "batch_weights": [0.5, 0.5], "dot_products": [2.0, 7.0]},
+]
+
+
+def record(spec):
+    n = len(spec["domain"])
+    return {"step": spec["step"], "lr": spec["lr"], "train_loss": 4.0, "val_loss": 4.5,
+            "dot_products": np.array(spec["dot_products"], dtype=np.float32),
+            "batch_weights": np.array(spec["batch_weights"], dtype=np.float32),
+            "token_counts": np.full(n, 16, dtype=np.int64), "domain": spec["domain"],
+            "token_offset": np.array(spec["token_offset"], dtype=np.int64),
+            "doc_id": np.array(spec["doc_id"], dtype=np.int64), "sample_index": np.arange(n, dtype=np.int64)}
+
+
+def make_run(run_dir, specs_per_file, config=None):
+    os.makedirs(run_dir / "grad_dotprods", exist_ok=True)
+    for iteration, specs in specs_per_file.items():
+        save_dotprod_pickle(run_dir / "grad_dotprods" / f"iter_{iteration:06d}.pkl",
+                            {"schema": "graddotprod.dotprods", "schema_version": SCHEMA_VERSION,
+                             "run_name": "synthetic", "world_size": 1, "steps": [record(s) for s in specs]})
+    (run_dir / "config.json").write_text(json.dumps(config or {"val_domain": "ArXiv", "max_steps": 2}))
+    return run_dir
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    return make_run(tmp_path / "synthetic", {1: [STEPS[0]], 2: [STEPS[1]]})
+
+
+def test_first_order_values_per_sample_document_domain(run_dir):
+    cols = load_dotprods(run_dir)
+    values = analysis.compute_values(cols)
+    assert values.tolist() == [0.5, -0.25, 0.25, 0.25, 0.875]
+
+    samples = analysis.aggregate(cols, values, by="sample")
+    top = analysis.take(samples, analysis.rank(samples))
+    assert list(zip(top["domain"].tolist(), top["token_offset"].tolist(), top["value"].tolist())) == [
+        ("ArXiv", 200, 0.875), ("Github", 0, 0.75), ("Github", 50, 0.25), ("ArXiv", 100, -0.25)]
+    assert top["occurrences"].tolist() == [1, 2, 1, 1]
+    assert (top["first_step"].tolist(), top["last_step"].tolist()) == ([2, 1, 1, 1], [2, 2, 1, 1])
+    bottom = analysis.take(samples, analysis.rank(samples, 1, lowest=True))
+    assert bottom["token_offset"].tolist() == [100]
+
+    docs = analysis.aggregate(cols, values, by="document")
+    top_docs = analysis.take(docs, analysis.rank(docs))
+    assert list(zip(top_docs["domain"].tolist(), top_docs["doc_id"].tolist(), top_docs["value"].tolist())) == [
+        ("Github", 10, 1.0), ("ArXiv", 21, 0.875), ("ArXiv", 20, -0.25)]
+    # the best window of Github/10 is offset 0 at step 1 (0.5 beats 0.25 and 0.25)
+    assert (top_docs["best_token_offset"][0], top_docs["best_step"][0]) == (0, 1)
+
+    domains = analysis.domain_summary(samples)
+    assert domains["domain"].tolist() == ["Github", "ArXiv"]
+    assert domains["samples"].tolist() == [2, 2]
+    assert domains["total"].tolist() == [1.0, 0.625]
+    assert domains["mean"].tolist() == [0.5, 0.3125]
+    assert domains["share_positive"].tolist() == [1.0, 0.5]
+
+    steps, curves = analysis.cumulative_by_domain(cols, values)
+    assert steps.tolist() == [1, 2]
+    assert curves["Github"].tolist() == [0.75, 1.0] and curves["ArXiv"].tolist() == [-0.25, 0.625]
+
+    assert analysis.normalised_recall_at_k(samples, "ArXiv", 1) == 2.0
+    assert analysis.normalised_recall_at_k(samples, "ArXiv", 2) == 1.0
+    assert analysis.normalised_recall_at_k(samples, "Github", 1) == 0.0
+    assert np.isnan(analysis.normalised_recall_at_k(samples, "Pile-CC", 1))
+
+
+def test_other_conventions(run_dir):
+    cols = load_dotprods(run_dir)
+    assert analysis.compute_values(cols, "raw").tolist() == [4.0, -2.0, 1.0, 2.0, 7.0]
+    # step 1: sum |dot| = 7; step 2: sum |dot| = 9
+    np.testing.assert_allclose(analysis.compute_values(cols, "step_normalised"),
+                               [4 / 7, -2 / 7, 1 / 7, 2 / 9, 7 / 9], rtol=1e-15)
+    with pytest.raises(ValueError, match="unknown value convention 'banana'"):
+        analysis.compute_values(cols, "banana")
+
+
+def test_rows_in_steps_restricts_ranking(run_dir):
+    cols = load_dotprods(run_dir)
+    mask = analysis.rows_in_steps(cols, [1])
+    step1 = {name: col[mask] for name, col in cols.items()}
+    samples = analysis.aggregate(step1, analysis.compute_values(step1), by="sample")
+    assert samples["token_offset"][analysis.rank(samples, 1)].tolist() == [0]
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_report_command_writes_tables_plots_and_markdown(run_dir, tmp_path):
+    out = tmp_path / "out"
+    assert report.main([str(run_dir), "--top", "2", "--out", str(out)]) == 0
+    samples = read_csv(out / "samples.csv")
+    assert [(r["rank"], r["domain"], r["token_offset"], float(r["value"])) for r in samples] == [
+        ("1", "ArXiv", "200", 0.875), ("2", "Github", "0", 0.75), ("3", "Github", "50", 0.25),
+        ("4", "ArXiv", "100", -0.25)]
+    domains = read_csv(out / "domains.csv")
+    assert [(r["domain"], float(r["total"]), float(r["share_positive"])) for r in domains] == [
+        ("Github", 1.0, 1.0), ("ArXiv", 0.625, 0.5)]
+    documents = read_csv(out / "documents.csv")
+    assert [(r["domain"], r["doc_id"], float(r["value"])) for r in documents][0] == ("Github", "10", 1.0)
+    cumulative = read_csv(out / "cumulative_by_domain.csv")
+    assert [float(r["ArXiv"]) for r in cumulative] == [-0.25, 0.625]
+    for png in ("value_distribution.png", "cumulative_value.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (out / "report.md").read_text()
+    assert "Complete: 2 dot-product files" in text
+    recall_table = text.split("| k | normalised recall@k |")[1].split("\n\n")[0]
+    # recall@1 = 2; k = 10, 100, 1000 clamp to the 4 samples: recall@4 = 1
+    assert recall_table.strip().splitlines()[1:] == ["| 1 | 2 |", "| 4 | 1 |"]
+    assert "Text snippets skipped: config.json names no data_dir" in text
+    assert "![cumulative_value.png](cumulative_value.png)" in text
+    top_section = text.split("## Top 2 samples")[1].split("## Bottom")[0]
+    assert top_section.index("| 1 | 0.875 | ArXiv") < top_section.index("| 2 | 0.75 | Github")
+
+
+def test_partial_run_and_corrupt_file_are_reported(tmp_path):
+    # max_steps 4 but only steps 1-2 written, plus a truncated file for steps 3
+    run_dir = make_run(tmp_path / "partial", {1: [STEPS[0]], 2: [STEPS[1]]},
+                       config={"val_domain": "ArXiv", "max_steps": 4})
+    bad = run_dir / "grad_dotprods" / "iter_000003.pkl"
+    bad.write_bytes((run_dir / "grad_dotprods" / "iter_000002.pkl").read_bytes()[:-30])
+    out = tmp_path / "out"
+    assert report.main([str(run_dir), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "Skipped unreadable file `iter_000003.pkl`" in text
+    assert "Partial run: 2 expected steps have no data (3–4)" in text
+    assert len(read_csv(out / "samples.csv")) == 4
+    with pytest.raises(ValueError, match="iter_000003.pkl"):
+        report.main([str(run_dir), "--out", str(out), "--strict"])
+
+
+def test_plots_skipped_without_matplotlib(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    out = tmp_path / "out"
+    report.write_report(run_dir, out)
+    assert "Plots skipped: matplotlib is not installed" in (out / "report.md").read_text()
+    assert not list(out.glob("*.png"))
+
+
+def test_bad_arguments_exit_2(tmp_path, run_dir):
+    for argv in ([str(tmp_path / "nope")], [str(tmp_path)], [str(run_dir), "--top", "0"],
+                 [str(run_dir), "--convention", "banana"]):
+        with pytest.raises(SystemExit) as err:
+            report.main(argv)
+        assert err.value.code == 2
+
+
+def test_text_snippets_use_the_text_source(run_dir, tmp_path, monkeypatch):
+    class FakeText:
+        available, reason = True, ""
+
+        def snippet(self, domain, offset, count):
+            return report.shorten(f"{domain} window at {offset} | {count} tokens")
+
+    monkeypatch.setattr(report, "TextSource", lambda config: FakeText())
+    out = tmp_path / "out"
+    report.write_report(run_dir, out, top=1)
+    text = (out / "report.md").read_text()
+    assert "| 1 | 0.875 | ArXiv | 21 | 200 | 2 | ArXiv window at 200 \\| 16 tokens |" in text
+    assert "snippets skipped" not in text
+
+
+def test_run_to_pandas(run_dir):
+    frame = load_run(run_dir).to_pandas()
+    assert frame["dot_products"].tolist() == [4.0, -2.0, 1.0, 2.0, 7.0]

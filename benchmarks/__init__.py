@@ -1,0 +1,1 @@
+"""Benchmarks: method comparison (`compare`), profiling sweeps (`profile_sweep`) and their plots (`plots`)."""

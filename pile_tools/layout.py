@@ -1,0 +1,63 @@
+"""On-disk layout of a tokenized corpus.
+
+    DIR/<split>/ingest.json           state of the split: status, tokenizer, inputs seen, domains, skipped records
+    DIR/<split>/<slug>.bin            uint16 tokens of one domain, every document followed by EOT (50256)
+    DIR/<split>/<slug>.docs.bin       int64 [num_documents]: token offset where each document starts
+    DIR/<split>/<slug>.origin.bin     int64 [num_documents, 2]: (index into ingest.json "inputs", line number)
+    DIR/<split>/<slug>.json           domain manifest: counts, file names, tokenizer identity
+
+`ingest.json` is replaced atomically; its "status" is "complete" only when every manifest and file it
+describes is final. The reader refuses a split whose status is anything else.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+SPLITS = ("train", "validation", "test")
+TOKEN_DTYPE = "uint16"
+INGEST_FILE = "ingest.json"
+
+
+def domain_slug(domain: str) -> str:
+    """File-name form of a Pile domain name: "Gutenberg (PG-19)" -> "gutenberg_pg_19"."""
+    slug = re.sub(r"[^a-z0-9]+", "_", domain.lower()).strip("_")
+    if not slug:
+        raise ValueError(f"domain name {domain!r} has no letters or digits to name its files by")
+    return slug
+
+
+def domain_paths(split_dir: str, slug: str) -> dict[str, str]:
+    return {
+        "tokens": os.path.join(split_dir, f"{slug}.bin"),
+        "doc_starts": os.path.join(split_dir, f"{slug}.docs.bin"),
+        "doc_origin": os.path.join(split_dir, f"{slug}.origin.bin"),
+        "manifest": os.path.join(split_dir, f"{slug}.json"),
+    }
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Write JSON to `path` so that a reader sees either the old or the new file, never a partial one."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {SPLITS}")
+    return split

@@ -1,0 +1,216 @@
+"""Tokenize Pile-format inputs into per-domain uint16 token files (see `pile_tools.layout`).
+
+Streaming: lines are read in chunks, encoded (inline or by a pool of `workers` processes, at most
+2*workers chunks in flight) and appended in input order, so memory is bounded by the chunk size
+whatever the shard size.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+import multiprocessing
+
+from tqdm import tqdm
+
+from pile_tools.encode_worker import EncodedChunk, encode_chunk, init_worker
+from pile_tools.jsonl_io import CorruptInputError
+from pile_tools.layout import check_split
+from pile_tools.split_writer import SplitWriter
+from pile_tools.tokenizer import load_gpt2_tokenizer
+
+CHUNK_LINES = 256
+DEFAULT_CHECKPOINT_DOCS = 50_000
+# Test-only hook: SIGKILL this process after that many documents were appended (simulates a crash).
+KILL_AFTER_DOCS_ENV = "PILE_TOOLS_TEST_KILL_AFTER_DOCS"
+
+
+@dataclass
+class TokenizeSummary:
+    split: str
+    documents: int = 0
+    tokens: int = 0
+    filtered: int = 0
+    skipped: list = field(default_factory=list)  # (input name, line, reason) found in this run
+    inputs_done: list = field(default_factory=list)
+    inputs_already_done: list = field(default_factory=list)
+    stopped_by_max_tokens: bool = False
+    seconds: float = 0.0
+    corrupt_input: CorruptInputError | None = None
+
+    def report(self, max_listed: int = 20) -> str:
+        rate = f"{self.documents / self.seconds:,.0f} docs/s, {self.tokens / self.seconds:,.0f} tokens/s" if self.seconds > 0 else ""
+        lines = [f"[{self.split}] wrote {self.documents:,} documents, {self.tokens:,} tokens in {self.seconds:.1f}s ({rate})"]
+        if self.inputs_already_done:
+            lines.append(f"[{self.split}] already ingested, skipped: {', '.join(self.inputs_already_done)}")
+        if self.filtered:
+            lines.append(f"[{self.split}] {self.filtered:,} records of other domains left out (--domains)")
+        if self.stopped_by_max_tokens:
+            lines.append(f"[{self.split}] stopped at --max_tokens; a later run with a larger limit continues from here")
+        if self.skipped:
+            lines.append(f"[{self.split}] skipped {len(self.skipped):,} bad records:")
+            lines += [f"  {name}:{line}: {reason}" for name, line, reason in self.skipped[:max_listed]]
+            if len(self.skipped) > max_listed:
+                lines.append(f"  ... and {len(self.skipped) - max_listed:,} more (listed in ingest.json)")
+        if self.corrupt_input is not None:
+            lines.append(f"[{self.split}] ERROR: {self.corrupt_input}. Documents before that point are kept and the "
+                         "output is consistent; a re-run resumes after them.")
+        return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _single_threaded_tokenizers():
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+
+def _chunks(items, size: int):
+    while batch := list(islice(items, size)):
+        yield batch
+
+
+def _encoded_chunks(chunks, keep_domains, workers: int, vocab_dir: str | None):
+    """Encoded chunks in input order; with workers > 1 from a process pool, at most 2*workers in flight."""
+    if workers == 1:
+        tokenizer = load_gpt2_tokenizer(vocab_dir)
+        with _single_threaded_tokenizers():
+            for chunk in chunks:
+                yield encode_chunk(chunk, keep_domains, tokenizer)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(vocab_dir,)) as pool:
+        pending = []
+        try:
+            for chunk in chunks:
+                pending.append(pool.submit(encode_chunk, chunk, keep_domains))
+                if len(pending) >= 2 * workers:
+                    yield pending.pop(0).result()
+            while pending:
+                yield pending.pop(0).result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def tokenize_sources(
+    sources,
+    output_dir: str,
+    split: str = "train",
+    workers: int = 1,
+    max_tokens: int | None = None,
+    domains: list[str] | None = None,
+    overwrite: bool = False,
+    vocab_dir: str | None = None,
+    checkpoint_docs: int = DEFAULT_CHECKPOINT_DOCS,
+    progress: bool = True,
+) -> TokenizeSummary:
+    """Append the documents of `sources` (ShardSource / HFDatasetSource) to OUTPUT_DIR/<split>/.
+
+    Safe to re-run (inputs already ingested are skipped by content fingerprint) and to interrupt
+    (the next run truncates to the last checkpoint and resumes). On a corrupt compressed input it
+    commits the documents read before the damage and returns with `corrupt_input` set.
+    """
+    check_split(split)
+    if workers < 1:
+        raise ValueError(f"workers={workers}: need at least 1")
+    split_dir = os.path.join(output_dir, split)
+    if overwrite and os.path.isdir(split_dir):
+        shutil.rmtree(split_dir)
+    tokenizer_identity = load_gpt2_tokenizer(vocab_dir).identity
+    writer = SplitWriter(split_dir, split, tokenizer_identity, domains)
+    keep_domains = frozenset(domains) if domains else None
+    kill_after = int(os.environ.get(KILL_AFTER_DOCS_ENV, "0"))
+    summary = TokenizeSummary(split)
+    start = time.perf_counter()
+    bar = tqdm(total=sum(s.total_bytes for s in sources), unit="B", unit_scale=True, disable=not progress,
+               desc=f"tokenize {split}")
+    bytes_before = 0
+    touched = False
+    try:
+        for source in sources:
+            index, record = writer.input_record(source.fingerprint(), source.name, os.path.abspath(source.path))
+            if record["finished"]:
+                summary.inputs_already_done.append(source.name)
+                bytes_before += source.total_bytes
+                bar.update(source.total_bytes)
+                continue
+            if max_tokens is not None and writer.num_tokens >= max_tokens:
+                summary.stopped_by_max_tokens = True
+                break
+            writer.checkpoint("in_progress")
+            touched = True
+            docs_since_checkpoint = 0
+            chunks = _chunks(source.items(skip_lines=record["lines_done"]), CHUNK_LINES)
+            try:
+                for chunk in _encoded_chunks(chunks, keep_domains, workers, vocab_dir):
+                    _append_chunk(chunk, writer, index, record, source.name, max_tokens, summary)
+                    docs_since_checkpoint += len(chunk.docs)
+                    if kill_after and summary.documents >= kill_after:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    if docs_since_checkpoint >= checkpoint_docs:
+                        writer.checkpoint("in_progress")
+                        docs_since_checkpoint = 0
+                    bar.update(max(0, bytes_before + source.bytes_done - bar.n))
+                    bar.set_postfix_str(_rates(summary, start), refresh=False)
+                    if summary.stopped_by_max_tokens:
+                        break
+            except CorruptInputError as err:
+                summary.corrupt_input = err
+                record["error"] = str(err)
+                break
+            if summary.stopped_by_max_tokens:
+                break
+            record["finished"] = True
+            summary.inputs_done.append(source.name)
+            writer.checkpoint("in_progress")
+            bytes_before += source.total_bytes
+            bar.update(max(0, bytes_before - bar.n))
+        if touched or writer.state["status"] != "complete":
+            writer.complete()
+    finally:
+        bar.close()
+        writer.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _append_chunk(chunk: EncodedChunk, writer: SplitWriter, index: int, record: dict, name: str,
+                  max_tokens: int | None, summary: TokenizeSummary) -> None:
+    """Append a chunk's documents; with max_tokens, stop after the document that reaches the limit."""
+    skipped = iter(sorted(chunk.skipped))
+    next_skip = next(skipped, None)
+    for line_no, domain, tokens in chunk.docs:
+        while next_skip is not None and next_skip[0] < line_no:
+            writer.record_skipped(name, *next_skip)
+            summary.skipped.append((name, *next_skip))
+            next_skip = next(skipped, None)
+        writer.append_document(domain, tokens, index, line_no)
+        record["lines_done"] = line_no
+        summary.documents += 1
+        summary.tokens += int(tokens.size)
+        if max_tokens is not None and writer.num_tokens >= max_tokens:
+            summary.stopped_by_max_tokens = True
+            return
+    while next_skip is not None:
+        writer.record_skipped(name, *next_skip)
+        summary.skipped.append((name, *next_skip))
+        next_skip = next(skipped, None)
+    summary.filtered += chunk.filtered
+    record["lines_done"] = max(record["lines_done"], chunk.last_line)
+
+
+def _rates(summary: TokenizeSummary, start: float) -> str:
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    return f"{summary.documents / elapsed:,.0f} docs/s, {summary.tokens / elapsed:,.0f} tok/s"

@@ -113,6 +113,7 @@ class GradDotProdEngine:
         self._mb = None
         self._finished = []  # finalised micro-batches of the current step
         self._paths = {}
+        self._replaying = False
         self.set_val_batch(*val_batch)
 
     # ------------------------------------------------------------------ set-up
@@ -355,7 +356,7 @@ class GradDotProdEngine:
         """Recompute the validation rows with detached parameters, so the module's own parameters get
         gradient from the training rows only while gradient still flows to its inputs."""
         mb = self._mb
-        if mb is None or not torch.is_grad_enabled() or _in_backward():
+        if mb is None or self._replaying or not torch.is_grad_enabled() or _in_backward():
             return None
         if not torch.is_tensor(output) or output.shape[0] != mb.rows:
             raise ValueError(f"excluded module {type(module).__name__} must return one tensor with "
@@ -366,8 +367,12 @@ class GradDotProdEngine:
             return x[B:] if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == mb.rows else x
 
         detached = {n: p.detach() for n, p in module.named_parameters()}
-        val_out = torch.func.functional_call(module, detached, tuple(val_rows(a) for a in args),
-                                             {k: val_rows(v) for k, v in kwargs.items()})
+        self._replaying = True
+        try:
+            val_out = torch.func.functional_call(module, detached, tuple(val_rows(a) for a in args),
+                                                 {k: val_rows(v) for k, v in kwargs.items()})
+        finally:
+            self._replaying = False
         return torch.cat([output[:B], val_out])
 
     def _finish_micro_batch(self):

@@ -7,11 +7,9 @@ def _loss_fn(model, task):
     buffers = dict(model.named_buffers())
 
     def loss(params, x, y):
-        if task == "causal_lm":
-            out = functional_call(model, (params, buffers), args=(), kwargs={"input_ids": x, "labels": y})
-        else:
-            out = functional_call(model, (params, buffers), args=(), kwargs={"input_ids": x, "labels": y})
-        return out.loss
+        if x.is_floating_point():  # feature inputs follow the float64 reference model
+            x = x.double()
+        return functional_call(model, (params, buffers), args=(), kwargs={"input_ids": x, "labels": y}).loss
 
     return loss
 

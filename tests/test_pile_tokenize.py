@@ -1,0 +1,204 @@
+"""Tokenizing hand-made Pile shards: round trip, idempotence, crash recovery, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zstandard
+
+from pile_tools.jsonl_io import HFDatasetSource, ShardSource
+from pile_tools.slow_bpe import SlowGPT2BPE
+from pile_tools.tokenize_corpus import KILL_AFTER_DOCS_ENV, tokenize_sources
+from pile_tools.tokenizer import EOT_ID, load_gpt2_tokenizer
+
+DOCS = [
+    ("Github", "import os\n\ndef main():\n    print(os.getcwd())\n"),
+    ("DM Mathematics", "What is 2 + 3?\n5\nSolve 4*x = 8 for x.\n2\n"),
+    ("Wikipedia (en)", "Paris is the capital of France. Café, naïve, 東京."),
+    ("Github", "class A:\n\tpass  # tabs and  spaces   \n"),
+    ("Wikipedia (en)", "A page that mentions <|endoftext|> literally."),
+    ("DM Mathematics", "Let f(x) = x**2. What is f(3)?\n9\n"),
+    ("Github", "x = [1, 2, 3]\n" * 20),
+]
+
+
+def _records(docs):
+    return [{"text": text, "meta": {"pile_set_name": domain}} for domain, text in docs]
+
+
+def write_shard(path, lines):
+    data = "".join(line + "\n" for line in lines).encode()
+    with open(path, "wb") as f:
+        f.write(zstandard.ZstdCompressor(level=3).compress(data) if str(path).endswith(".zst") else data)
+    return str(path)
+
+
+def read_split(out_dir, split="train"):
+    """{domain: (tokens, doc_starts, doc_origin)} plus ingest.json, read back by hand."""
+    split_dir = os.path.join(out_dir, split)
+    with open(os.path.join(split_dir, "ingest.json")) as f:
+        state = json.load(f)
+    result = {}
+    for domain, info in state["domains"].items():
+        with open(os.path.join(split_dir, info["slug"] + ".json")) as f:
+            manifest = json.load(f)
+        tokens = np.fromfile(os.path.join(split_dir, manifest["token_file"]), dtype=np.uint16)
+        starts = np.fromfile(os.path.join(split_dir, manifest["doc_starts_file"]), dtype=np.int64)
+        origin = np.fromfile(os.path.join(split_dir, manifest["doc_origin_file"]), dtype=np.int64).reshape(-1, 2)
+        assert manifest["num_tokens"] == tokens.size and manifest["num_documents"] == starts.size
+        result[domain] = (tokens, starts, origin)
+    return result, state
+
+
+def split_bytes(out_dir, split="train"):
+    split_dir = os.path.join(out_dir, split)
+    return {f: open(os.path.join(split_dir, f), "rb").read() for f in sorted(os.listdir(split_dir)) if f.endswith(".bin")}
+
+
+def run_cli(*args, env_extra=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "pile_tools", *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_gpt2_tokenizer()
+
+
+def test_round_trip_tokens_counts_offsets(tmp_path, tok):
+    shard = write_shard(tmp_path / "00.jsonl.zst", [json.dumps(r) for r in _records(DOCS)])
+    summary = tokenize_sources([ShardSource(shard)], str(tmp_path / "out"), progress=False)
+    assert summary.documents == len(DOCS) and not summary.skipped
+    got, state = read_split(tmp_path / "out")
+    assert state["status"] == "complete"
+    slow = SlowGPT2BPE()
+    for domain in {d for d, _ in DOCS}:
+        tokens, starts, origin = got[domain]
+        texts = [(line, text) for line, (d, text) in enumerate(DOCS, start=1) if d == domain]
+        expected = []
+        for line, text in texts:
+            assert tok.encode(text) == slow.encode(text)
+            expected += tok.encode(text) + [EOT_ID]
+        assert tokens.tolist() == expected
+        lengths = [len(tok.encode(t)) + 1 for _, t in texts]
+        assert starts.tolist() == np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist()
+        assert origin[:, 1].tolist() == [line for line, _ in texts]
+        assert (tokens[starts[1:] - 1] == EOT_ID).all() and tokens[-1] == EOT_ID
+
+
+def test_plain_jsonl_and_domain_filter_and_max_tokens(tmp_path, tok):
+    shard = write_shard(tmp_path / "a.jsonl", [json.dumps(r) for r in _records(DOCS)])
+    summary = tokenize_sources([ShardSource(shard)], str(tmp_path / "f"), domains=["Github"], progress=False)
+    got, _ = read_split(tmp_path / "f")
+    assert list(got) == ["Github"] and summary.filtered == 4
+    first_two = sum(len(tok.encode(t)) + 1 for d, t in DOCS[:2])
+    tokenize_sources([ShardSource(shard)], str(tmp_path / "m"), max_tokens=first_two - 1, progress=False)
+    got, _ = read_split(tmp_path / "m")
+    assert sum(t.size for t, _, _ in got.values()) == first_two  # stops after the document reaching the limit
+    again = tokenize_sources([ShardSource(shard)], str(tmp_path / "m"), max_tokens=first_two - 1, progress=False)
+    assert again.documents == 0
+    tokenize_sources([ShardSource(shard)], str(tmp_path / "m"), progress=False)  # no limit: continues, no duplicates
+    tokenize_sources([ShardSource(shard)], str(tmp_path / "full"), progress=False)
+    assert split_bytes(tmp_path / "m") == split_bytes(tmp_path / "full")
+
+
+def test_rerun_is_a_no_op_and_new_input_appends(tmp_path):
+    records = [json.dumps(r) for r in _records(DOCS)]
+    first = write_shard(tmp_path / "00.jsonl.zst", records[:4])
+    second = write_shard(tmp_path / "01.jsonl.zst", records[4:])
+    out = str(tmp_path / "out")
+    tokenize_sources([ShardSource(first)], out, progress=False)
+    before = split_bytes(out)
+    again = tokenize_sources([ShardSource(first)], out, progress=False)
+    assert again.documents == 0 and again.inputs_already_done == ["00.jsonl.zst"]
+    assert split_bytes(out) == before
+    tokenize_sources([ShardSource(first), ShardSource(second)], out, progress=False)
+    tokenize_sources([ShardSource(first), ShardSource(second)], str(tmp_path / "both"), progress=False)
+    assert split_bytes(out) == split_bytes(tmp_path / "both")
+
+
+def test_killed_run_recovers_to_clean_output(tmp_path):
+    lines = [json.dumps(r) for r in _records(DOCS * 100)]
+    shard = write_shard(tmp_path / "00.jsonl.zst", lines)
+    tokenize_sources([ShardSource(shard)], str(tmp_path / "clean"), progress=False)
+    out = str(tmp_path / "out")
+    # Dies by SIGKILL after 600 documents (chunks of 256 lines, a checkpoint after each): data past the
+    # last checkpoint is already on disk when it dies.
+    killed = run_cli("tokenize", "--input", shard, "--output", out, "--workers", "1", "--no_progress",
+                     "--checkpoint_docs", "40", env_extra={KILL_AFTER_DOCS_ENV: "600"})
+    assert killed.returncode == -9
+    with open(os.path.join(out, "train", "ingest.json")) as f:
+        state = json.load(f)
+    assert state["status"] == "in_progress" and 0 < state["inputs"][0]["lines_done"] < len(lines)
+    from pile_tools.reader import PileReader
+
+    with pytest.raises(ValueError, match="did not finish"):
+        PileReader(out)
+    resumed = run_cli("tokenize", "--input", shard, "--output", out, "--workers", "1", "--no_progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert split_bytes(out) == split_bytes(str(tmp_path / "clean"))
+    assert read_split(out)[1]["domains"] == read_split(str(tmp_path / "clean"))[1]["domains"]
+
+
+def test_worker_pool_gives_identical_output(tmp_path):
+    shard = write_shard(tmp_path / "00.jsonl.zst", [json.dumps(r) for r in _records(DOCS * 80)])
+    tokenize_sources([ShardSource(shard)], str(tmp_path / "one"), workers=1, progress=False)
+    tokenize_sources([ShardSource(shard)], str(tmp_path / "two"), workers=2, progress=False)
+    assert split_bytes(tmp_path / "one") == split_bytes(tmp_path / "two")
+
+
+def test_malformed_lines_are_counted_and_named(tmp_path):
+    good = [json.dumps(r) for r in _records(DOCS[:3])]
+    lines = [good[0], "{not json", json.dumps({"meta": {"pile_set_name": "Github"}}), good[1],
+             json.dumps({"text": 7, "meta": {"pile_set_name": "Github"}}), json.dumps({"text": "no meta"}), good[2]]
+    shard = write_shard(tmp_path / "bad.jsonl.zst", lines)
+    result = run_cli("tokenize", "--input", shard, "--output", str(tmp_path / "out"), "--workers", "1", "--no_progress")
+    assert result.returncode == 0, result.stderr
+    assert "skipped 4 bad records" in result.stdout
+    for line in (2, 3, 5, 6):
+        assert f"bad.jsonl.zst:{line}:" in result.stdout
+    got, state = read_split(tmp_path / "out")
+    assert sum(s.size for _, s, _ in got.values()) == 3
+    assert [(s["line"], s["reason"].split(" (")[0]) for s in state["skipped"]] == [
+        (2, "malformed JSON"), (3, "no 'text' field"), (5, "'text' is a int, not a string"), (6, "no 'meta.pile_set_name'")]
+
+
+def test_truncated_zst_names_file_and_keeps_output_consistent(tmp_path, tok):
+    # Numbered texts keep zstd blocks of similar size, so a cut at 2/3 leaves whole blocks before it.
+    records = _records([(d, f"{t} #{i * 7919 % 10007}") for i, (d, t) in enumerate(DOCS * 400)])
+    shard = write_shard(tmp_path / "00.jsonl.zst", [json.dumps(r) for r in records])
+    data = open(shard, "rb").read()
+    truncated = tmp_path / "cut.jsonl.zst"
+    truncated.write_bytes(data[: len(data) * 2 // 3])
+    result = run_cli("tokenize", "--input", str(truncated), "--output", str(tmp_path / "out"), "--workers", "1", "--no_progress")
+    assert result.returncode == 1
+    assert "cut.jsonl.zst is truncated or corrupt" in result.stdout and "compressed bytes" in result.stdout
+    got, state = read_split(tmp_path / "out")
+    assert state["status"] == "complete" and "truncated" in state["inputs"][0]["error"]
+    # What was kept is exactly the tokenization of the first lines_done records.
+    kept = records[: state["inputs"][0]["lines_done"]]
+    assert 0 < len(kept) < len(records)
+    for domain, (tokens, starts, _) in got.items():
+        expected = [t for r in kept if r["meta"]["pile_set_name"] == domain for t in tok.encode(r["text"]) + [EOT_ID]]
+        assert tokens.tolist() == expected
+
+
+def test_hf_dataset_from_local_disk(tmp_path, tok):
+    import datasets
+
+    datasets.Dataset.from_list(_records(DOCS)).save_to_disk(str(tmp_path / "ds"))
+    tokenize_sources([HFDatasetSource(str(tmp_path / "ds"), "train")], str(tmp_path / "out"), progress=False)
+    shard = write_shard(tmp_path / "00.jsonl", [json.dumps(r) for r in _records(DOCS)])
+    tokenize_sources([ShardSource(shard)], str(tmp_path / "ref"), progress=False)
+    assert split_bytes(tmp_path / "out") == split_bytes(tmp_path / "ref")
+
+
+def test_cli_errors_exit_2(tmp_path):
+    missing = run_cli("tokenize", "--input", str(tmp_path / "nope.jsonl.zst"), "--output", str(tmp_path / "o"))
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+    bad_flag = run_cli("tokenize", "--input", "x", "--output", "o", "--workers", "0")
+    assert bad_flag.returncode == 2
+    no_output = run_cli("tokenize", "--input", "x")
+    assert no_output.returncode == 2 and "--output" in no_output.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import pickle
 import re
 import sys
 import warnings
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ghost_engine import analysis
-from ghost_engine.results_io import load_run
+from ghost_engine.results_io import load_run, safe_load_pickle
 
 SNIPPET_CHARS = 160
 DEFAULT_RECALL_KS = (1, 10, 100, 1000)
@@ -39,6 +40,8 @@ class TextSource:
     def __init__(self, config: dict):
         self.available, self.reason = False, ""
         self._reader = self._tokenizer = None
+        # the model sees seq_len tokens from token_offset; token_count counts the targets (seq_len - 1)
+        self._window = config.get("seq_len")
         data_dir = config.get("data_dir")
         if not data_dir:
             self.reason = "config.json names no data_dir"
@@ -60,17 +63,46 @@ class TextSource:
     def snippet(self, domain: str, token_offset: int, token_count: int) -> str:
         if not self.available:
             return ""
+        length = int(self._window) if self._window else int(token_count) + 1
         try:
-            ids = self._reader.read_tokens(str(domain), int(token_offset), int(token_count))
+            ids = self._reader.read_tokens(str(domain), int(token_offset), length)
             text = self._tokenizer.decode([int(t) for t in ids])
         except Exception as err:
             return f"(cannot decode: {type(err).__name__}: {err})"
         return shorten(text)
 
 
+def validation_rows(run_dir: str, limit: int = 5):
+    """Rows of the run's valset.pkl as (domain, doc_id, token_offset, text), at most `limit`,
+    plus a note (why text or rows are missing, or how many rows were left out)."""
+    path = os.path.join(run_dir, "valset.pkl")
+    if not os.path.exists(path):
+        return [], "the run has no valset.pkl"
+    try:
+        valset = safe_load_pickle(path)
+        tokens = np.asarray(valset["tokens"])  # [Bv, seq_len + 1]
+        seq_len = int(valset.get("seq_len", tokens.shape[1] - 1))
+        domains, doc_ids, offsets = valset["domain"], valset["doc_id"], valset["token_offset"]
+    except (ValueError, KeyError, TypeError, OSError, EOFError, pickle.UnpicklingError) as err:
+        return [], f"cannot read valset.pkl ({type(err).__name__}: {err})"
+    try:
+        from pile_tools.tokenizer import load_gpt2_tokenizer
+
+        decode = load_gpt2_tokenizer().decode
+        note = ""
+    except Exception as err:  # the table is still useful without the text
+        decode, note = None, f"text not decoded ({type(err).__name__}: {err})"
+    rows = [(domains[i], int(doc_ids[i]), int(offsets[i]), shorten(decode(tokens[i, :seq_len])) if decode else "")
+            for i in range(min(limit, len(domains)))]
+    if len(domains) > limit:
+        note = (note + "; " if note else "") + f"{len(domains) - limit} more rows not shown"
+    return rows, note
+
+
 def shorten(text: str, limit: int = SNIPPET_CHARS) -> str:
-    """One line, at most `limit` characters, safe inside a markdown table cell."""
-    text = re.sub(r"\s+", " ", text).strip()
+    """One line, at most `limit` characters, safe inside a markdown table cell;
+    GPT-2's end-of-text token (a document boundary) shows as [EOT]."""
+    text = re.sub(r"\s+", " ", text.replace("<|endoftext|>", " [EOT] ")).strip()
     if len(text) > limit:
         text = text[: limit - 1] + "…"
     return text.replace("|", "\\|").replace("`", "'")
@@ -210,8 +242,8 @@ def _sample_rows(report: Report, indices, text: TextSource) -> list:
     s = report.samples
     rows = []
     for position, i in enumerate(indices, start=1):
-        steps = (str(s["first_step"][i]) if s["occurrences"][i] == 1
-                 else f"{s['first_step'][i]}–{s['last_step'][i]} (×{s['occurrences'][i]})")
+        steps = {1: f"{s['first_step'][i]}", 2: f"{s['first_step'][i]}, {s['last_step'][i]}"}.get(
+            int(s["occurrences"][i]), f"{s['first_step'][i]}–{s['last_step'][i]} (×{s['occurrences'][i]})")
         cells = [position, _fmt(s["value"][i]), s["domain"][i], s["doc_id"][i], s["token_offset"][i], steps]
         if text.available:
             cells.append(text.snippet(s["domain"][i], s["token_offset"][i], s["token_count"][i]))
@@ -233,6 +265,15 @@ def render_markdown(report: Report, top: int, text: TextSource, tables: list, pl
     if report.val_domain:
         lines.append(f"- Validation domain: {report.val_domain}.")
     lines.append("")
+
+    val_rows, val_note = validation_rows(run.run_dir)
+    lines += ["## Validation batch", ""]
+    if val_rows:
+        lines += ["| domain | doc | token offset | text |", "|---|---:|---:|---|"]
+        lines += [f"| {d} | {doc} | {off} | {t} |" for d, doc, off, t in val_rows]
+        lines.append("")
+    if val_note:
+        lines += [f"Note: {val_note}.", ""]
 
     lines += ["## Completeness", ""]
     if not run.skipped and not run.missing_steps and not run.duplicate_steps:

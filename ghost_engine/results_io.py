@@ -342,16 +342,14 @@ _READERS = {1: _read_v1}
 
 
 def _expected_steps(config: dict, seen_steps: list) -> list:
-    """Steps a complete run would have: the gaps between recorded steps plus, when
-    config.json gives max_steps, the steps after the last recorded one up to it."""
-    if not seen_steps:
-        return []
-    first, last = min(seen_steps), max(seen_steps)
+    """Steps a complete run would have: training counts steps from 1, so with
+    config.json's max_steps that is 1..max_steps; without it, the range seen."""
     max_steps = config.get("max_steps")
     if isinstance(max_steps, int) and not isinstance(max_steps, bool):
-        # steps count from the first recorded index (0 or 1), max_steps of them in all
-        last = max(last, first + max_steps - 1) if first <= 1 else max(last, max_steps)
-    return list(range(first, last + 1))
+        return list(range(1, max(max_steps, max(seen_steps, default=0)) + 1))
+    if not seen_steps:
+        return []
+    return list(range(min(seen_steps), max(seen_steps) + 1))
 
 
 def load_run(run_dir, per_layer: bool = False, strict: bool = False) -> Run:

@@ -146,7 +146,12 @@ def test_report_command_writes_tables_plots_and_markdown(run_dir, tmp_path):
     assert "Text snippets skipped: config.json names no data_dir" in text
     assert "![cumulative_value.png](cumulative_value.png)" in text
     top_section = text.split("## Top 2 samples")[1].split("## Bottom")[0]
-    assert top_section.index("| 1 | 0.875 | ArXiv") < top_section.index("| 2 | 0.75 | Github")
+    assert "| 1 | 0.875 | ArXiv | 21 | 200 | 2 |\n| 2 | 0.75 | Github | 10 | 0 | 1, 2 |" in top_section
+
+
+def test_shorten_makes_one_table_cell():
+    assert report.shorten("a|b\n\n c<|endoftext|>d `x`") == "a\\|b c [EOT] d 'x'"
+    assert report.shorten("x" * 500, limit=10) == "x" * 9 + "…"
 
 
 def test_partial_run_and_corrupt_file_are_reported(tmp_path):

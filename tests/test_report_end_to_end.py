@@ -12,8 +12,6 @@ import pytest
 from ghost_engine import analysis, report
 from ghost_engine.results_io import load_run
 
-pytest.importorskip("GradDotProd_LM.train")
-pytest.importorskip("pile_tools.cli")
 
 SEQ_LEN = 32
 VAL_DOMAIN = "Wikipedia (en)"

@@ -132,7 +132,7 @@ def ensure_sample_dataset(cache_dir: str) -> str:
     raw_dir = os.path.join(cache_dir, "raw")
     tokenized_dir = os.path.join(cache_dir, "tokenized")
     os.makedirs(cache_dir, exist_ok=True)
-    with open(os.path.join(cache_dir, ".lock"), "w") as lock:
+    with open(os.path.join(cache_dir, ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if all(_split_complete(os.path.join(tokenized_dir, split)) for split in SPLITS):
             return tokenized_dir

@@ -44,15 +44,17 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
     logits [R, T, V], labels [R, T] -> scalar float32.
     """
-    shifted_logits = logits[:, :-1].float()
+    shifted_logits = logits[:, :-1]
+    if shifted_logits.dtype in (torch.float16, torch.bfloat16):
+        shifted_logits = shifted_logits.float()  # as HF does: the softmax of low-precision logits in fp32
     shifted_labels = labels[:, 1:]
     return F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1),
                            ignore_index=-100)
 
 
 def sample_weights(labels: torch.Tensor) -> torch.Tensor:
-    """Weight of each row in the batch's token-mean loss: n_i / N. labels [B, T] -> float32 [B]."""
-    target_counts = (labels[:, 1:] != -100).sum(dim=1).float()
+    """Weight of each row in the batch's token-mean loss: n_i / N. labels [B, T] -> float64 [B]."""
+    target_counts = (labels[:, 1:] != -100).sum(dim=1).double()
     return target_counts / target_counts.sum()
 
 
@@ -77,7 +79,7 @@ def naive_method(model, optimizer, batch, cfg: BenchConfig) -> Method:
         for i, weight in enumerate(weights):
             sample_grad = torch.autograd.grad(loss_of(x_train[i:i + 1], y_train[i:i + 1]), params)
             # <flatten(sample_grad), flatten(val_grad)>, accumulated parameter by parameter
-            dot_products[i] = sum(torch.dot(g.reshape(-1).float(), v.reshape(-1).float()).double()
+            dot_products[i] = sum(torch.dot(g.reshape(-1), v.reshape(-1)).double()
                                   for g, v in zip(sample_grad, val_grad))
             for param, g in zip(params, sample_grad):
                 if param.grad is None:
@@ -119,8 +121,8 @@ def vmap_method(model, optimizer, batch, cfg: BenchConfig, chunk_size: int = 8) 
             for start in range(0, x_train.shape[0], chunk_size):
                 rows = slice(start, start + chunk_size)
                 chunk_grads = per_sample_grads(params, x_train[rows], y_train[rows])  # {name: [c, *shape]}
-                dot_chunks.append(sum((chunk_grads[name].flatten(1).float() @ val_grad[name].reshape(-1).float())
-                                      .double() for name in params))
+                dot_chunks.append(sum((chunk_grads[name].flatten(1) @ val_grad[name].reshape(-1)).double()
+                                      for name in params))
                 for name in params:
                     train_grad[name] += torch.tensordot(weights[rows].to(chunk_grads[name].dtype),
                                                         chunk_grads[name], dims=1)

@@ -157,7 +157,7 @@ def test_shorten_makes_one_table_cell():
 def test_partial_run_and_corrupt_file_are_reported(tmp_path):
     # max_steps 4 but only steps 1-2 written, plus a truncated file for steps 3
     run_dir = make_run(tmp_path / "partial", {1: [STEPS[0]], 2: [STEPS[1]]},
-                       config={"val_domain": "ArXiv", "max_steps": 4})
+                       config={"val_domain": "ArXiv", "max_steps": 4, "data_dir": str(tmp_path / "deleted")})
     bad = run_dir / "grad_dotprods" / "iter_000003.pkl"
     bad.write_bytes((run_dir / "grad_dotprods" / "iter_000002.pkl").read_bytes()[:-30])
     out = tmp_path / "out"
@@ -165,6 +165,7 @@ def test_partial_run_and_corrupt_file_are_reported(tmp_path):
     text = (out / "report.md").read_text()
     assert "Skipped unreadable file `iter_000003.pkl`" in text
     assert "Partial run: 2 expected steps have no data (3–4)" in text
+    assert f"Text snippets skipped: data directory '{tmp_path / 'deleted'}' not found" in text
     assert len(read_csv(out / "samples.csv")) == 4
     with pytest.raises(ValueError, match="iter_000003.pkl"):
         report.main([str(run_dir), "--out", str(out), "--strict"])

@@ -259,3 +259,19 @@ def test_bf16_autocast_is_close():
     got = engine.aggregate_and_log().dot_products
     assert got.dtype == torch.float32
     assert rel_err(got, ref) < 5e-2
+
+
+def test_gradient_checkpointing_gives_the_same_numbers():
+    """Recomputed forwards (non-reentrant checkpointing) run inside backward; the engine ignores them."""
+    g = torch.Generator().manual_seed(13)
+    plain = tiny_gpt2()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed.config.use_cache = False
+    X, Y = lm_batch(3, 16, g)
+    Xv, Yv = lm_batch(2, 16, g)
+    result_plain, grads_plain = run_engine(plain, X, Y, Xv, Yv)
+    result_ckpt, grads_ckpt = run_engine(checkpointed, X, Y, Xv, Yv)
+    torch.testing.assert_close(result_ckpt.dot_products, result_plain.dot_products)
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, msg=name)

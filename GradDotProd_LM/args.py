@@ -1,0 +1,234 @@
+"""Command-line flags of `./train.sh` / `python -m GradDotProd_LM.train`.
+
+Precedence, lowest first: DEFAULTS < the run's saved config.json (with --resume) < --config YAML < flags.
+Every bad value ends in `parser.error` (exit code 2) before anything is started.
+"""
+import argparse
+import json
+import os
+
+import yaml
+
+import config_file
+from GradDotProd_LM.model import ARCHITECTURES
+
+METHODS = ("GradDotProd", "Regular")
+OPTIMIZERS = ("AdamW", "SGD")
+DTYPES = ("float32", "bfloat16")
+MAX_SEQ_LEN = 1024  # GPT-2's position table
+
+DEFAULTS = dict(
+    method="GradDotProd", architecture="GPT2-Small", batch_size=16, val_batch_size=1,
+    val_domain=None, train_domains=None, warmup_step=2000, learning_rate=6e-4, min_lr=6e-5,
+    optimizer="AdamW", max_steps=10000, lr_decay_steps=None, grad_accum=1, grad_clip=1.0, seed=42,
+    eval_only=False, eval_interval=500, eval_iter=10, eval_bs=8, dot_prod_save_interval=10,
+    checkpoint_interval=1000, model_dtype="float32", train_dtype="auto", seq_len=1024,
+    data_dir=None, results_dir=None, run_name=None, resume=False, compile=False, grad_ckpt=False,
+    init_from=None,
+)
+
+# These define which samples are seen and how they are valued; a resumed run must keep them.
+RUN_IDENTITY = ("method", "architecture", "batch_size", "val_batch_size", "val_domain", "train_domains",
+                "seq_len", "seed", "model_dtype", "data_dir", "init_from")
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _non_negative_float(text):
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def parse_domains(text):
+    """'Github,ArXiv' -> ['Github', 'ArXiv']; 'Github:0.7,ArXiv:0.3' -> {'Github': 0.7, 'ArXiv': 0.3}."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("needs at least one domain name")
+    if not any(":" in p for p in parts):
+        return parts
+    weights = {}
+    for part in parts:
+        name, sep, weight = part.rpartition(":")
+        try:
+            weights[name] = float(weight)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: write every entry as Domain:weight") from None
+        if not sep or not name or not weights[name] > 0:
+            raise argparse.ArgumentTypeError(f"{part!r}: write every entry as Domain:weight with weight > 0")
+    return weights
+
+
+def build_parser():
+    # argument_default=SUPPRESS: the namespace holds only what the user gave, so the layers can be merged.
+    p = argparse.ArgumentParser(
+        prog="train.sh", argument_default=argparse.SUPPRESS,
+        description="GPT-2 pretraining on the Pile; with --method GradDotProd every training sample's "
+                    "gradient dot product with the validation gradient is saved (first-order In-Run Data "
+                    "Shapley). Defaults in brackets.")
+    d = DEFAULTS
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of flag values (keys = flag names); flags override it")
+    g = p.add_argument_group("run")
+    g.add_argument("--method", choices=METHODS, help=f"[{d['method']}]")
+    g.add_argument("--architecture", choices=tuple(ARCHITECTURES), help=f"[{d['architecture']}]")
+    g.add_argument("--run_name", help="directory name under --results_dir [<method>-<architecture>-bs<B>-seq<T>-seed<S>]")
+    g.add_argument("--results_dir", help=f"[$GRADDOTPROD_RESULTS_DIR or {config_file.RESULTS_DIR}]")
+    g.add_argument("--data_dir", help="tokenized Pile written by pile_tools [$GRADDOTPROD_PILE_DATA_DIR or "
+                   f"{config_file.PILE_DATA_DIR}; if absent, the bundled sample]")
+    g.add_argument("--resume", action="store_true", help="continue Results/<run_name> from its last checkpoint")
+    g.add_argument("--eval_only", action="store_true",
+                   help="evaluate the fresh model (or with --resume the run's checkpoint) and exit")
+    g.add_argument("--init_from", help="local directory written by save_pretrained() to initialise the weights")
+    g.add_argument("--seed", type=int, help=f"[{d['seed']}]")
+    g = p.add_argument_group("data")
+    g.add_argument("--batch_size", type=_positive_int, help=f"global batch of one step over all processes [{d['batch_size']}]")
+    g.add_argument("--val_batch_size", type=_non_negative_int, help=f"validation rows of the dot product [{d['val_batch_size']}]")
+    g.add_argument("--val_domain", help="Pile domain of the validation rows, e.g. 'Github' [all domains]")
+    g.add_argument("--train_domains", type=parse_domains,
+                   help="'Github,ArXiv' or weighted 'Github:0.7,ArXiv:0.3' [all domains]")
+    g.add_argument("--seq_len", type=_positive_int, help=f"tokens per row, at most {MAX_SEQ_LEN} [{d['seq_len']}]")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, help=f"[{d['optimizer']}]")
+    g.add_argument("--learning_rate", type=_non_negative_float, help=f"peak learning rate [{d['learning_rate']}]")
+    g.add_argument("--min_lr", type=_non_negative_float, help=f"end of the cosine decay [{d['min_lr']}]")
+    g.add_argument("--warmup_step", type=_non_negative_int, help=f"linear warmup steps [{d['warmup_step']}]")
+    g.add_argument("--max_steps", type=_positive_int, help=f"optimizer steps [{d['max_steps']}]")
+    g.add_argument("--lr_decay_steps", type=_positive_int, help="step where the cosine reaches --min_lr [--max_steps]")
+    g.add_argument("--grad_accum", type=_positive_int, help=f"micro-batches per step [{d['grad_accum']}]")
+    g.add_argument("--grad_clip", type=_non_negative_float, help=f"max global gradient norm, 0 = off [{d['grad_clip']}]")
+    g.add_argument("--model_dtype", choices=DTYPES, help=f"parameter dtype [{d['model_dtype']}]")
+    g.add_argument("--train_dtype", choices=("auto",) + DTYPES,
+                   help="autocast dtype; auto = bfloat16 on GPU, float32 on CPU [auto]")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (activation recomputation)")
+    g = p.add_argument_group("evaluation, checkpoints, dot products")
+    g.add_argument("--eval_interval", type=_positive_int, help=f"[{d['eval_interval']}]")
+    g.add_argument("--eval_iter", type=_positive_int, help=f"batches per split and domain [{d['eval_iter']}]")
+    g.add_argument("--eval_bs", type=_positive_int, help=f"rows per evaluation batch [{d['eval_bs']}]")
+    g.add_argument("--checkpoint_interval", type=_positive_int, help=f"[{d['checkpoint_interval']}]")
+    g.add_argument("--dot_prod_save_interval", type=_positive_int,
+                   help=f"steps per grad_dotprods/iter_XXXXXX.pkl [{d['dot_prod_save_interval']}]")
+    return p
+
+
+def _yaml_to_argv(path, parser):
+    """YAML mapping -> the flags it stands for, so YAML values get exactly the flags' checks."""
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as err:
+        parser.error(f"--config {path}: cannot read YAML ({err})")
+    if not isinstance(values, dict):
+        parser.error(f"--config {path}: expected a mapping of flag names to values")
+    argv = []
+    for key, value in values.items():
+        if key not in DEFAULTS:
+            parser.error(f"--config {path}: unknown key {key!r}; keys are the flag names: {', '.join(DEFAULTS)}")
+        if value is None or value is False:
+            continue
+        argv.append(f"--{key}")
+        if value is True:
+            continue
+        if isinstance(value, dict):
+            value = ",".join(f"{name}:{weight}" for name, weight in value.items())
+        elif isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        argv.append(str(value))
+    return argv
+
+
+def run_dir_of(cfg):
+    return os.path.join(cfg["results_dir"], cfg["run_name"])
+
+
+def default_run_name(cfg):
+    return f"{cfg['method']}-{cfg['architecture']}-bs{cfg['batch_size']}-seq{cfg['seq_len']}-seed{cfg['seed']}"
+
+
+def parse_config(argv, world_size=1):
+    """argv -> the run's full config dict (plain JSON values). Exits with code 2 on any bad value."""
+    parser = build_parser()
+    given = vars(parser.parse_args(argv))
+    if "config" in given:
+        from_yaml = vars(parser.parse_args(_yaml_to_argv(given.pop("config"), parser)))
+        from_yaml.update(given)
+        given = from_yaml
+
+    cfg = dict(DEFAULTS)
+    cfg.update(given)
+    cfg["results_dir"] = os.path.abspath(cfg["results_dir"] or config_file.RESULTS_DIR)
+    cfg["run_name"] = cfg["run_name"] or default_run_name(cfg)
+    checkpoint = os.path.join(run_dir_of(cfg), "checkpoints", "latest.pt")
+    saved_path = os.path.join(run_dir_of(cfg), "config.json")
+
+    if cfg["resume"]:
+        if not os.path.exists(saved_path):
+            parser.error(f"--resume: no run at {run_dir_of(cfg)} (no config.json); check --run_name / --results_dir")
+        with open(saved_path) as f:
+            saved = json.load(f)
+        if given.get("data_dir") is not None:
+            given["data_dir"] = os.path.abspath(given["data_dir"])
+        changed = [k for k in RUN_IDENTITY if k in given and given[k] != saved.get(k)]
+        if changed:
+            parser.error(f"--resume: {', '.join('--' + k for k in changed)} differ from the saved run "
+                         f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); they define the run, "
+                         "start a new --run_name to change them")
+        cfg = {k: saved.get(k, DEFAULTS[k]) for k in DEFAULTS}
+        cfg.update(given)
+        cfg["results_dir"] = os.path.abspath(given.get("results_dir") or saved.get("results_dir"))
+        cfg["resume"] = True
+        if cfg["eval_only"] and not os.path.exists(checkpoint):
+            parser.error(f"--eval_only --resume: {checkpoint} does not exist")
+    elif not cfg["eval_only"] and os.path.exists(saved_path):
+        parser.error(f"{run_dir_of(cfg)} already holds a run: pass --resume to continue it, "
+                     "or --run_name NEW (or another --results_dir) to start a new one")
+
+    _check_values(cfg, parser, world_size)
+    if cfg["lr_decay_steps"] is None:
+        cfg["lr_decay_steps"] = cfg["max_steps"]
+    if cfg["data_dir"] is not None:
+        cfg["data_dir"] = os.path.abspath(cfg["data_dir"])
+    return cfg
+
+
+def _check_values(cfg, parser, world_size):
+    rows_per_micro_batch = world_size * cfg["grad_accum"]
+    if cfg["batch_size"] % rows_per_micro_batch:
+        parser.error(f"--batch_size {cfg['batch_size']} must be divisible by processes x --grad_accum = "
+                     f"{world_size} x {cfg['grad_accum']} (every micro-batch of every rank has the same rows)")
+    if cfg["eval_bs"] % world_size:
+        parser.error(f"--eval_bs {cfg['eval_bs']} must be divisible by the {world_size} processes")
+    if cfg["seq_len"] < 2 or cfg["seq_len"] > MAX_SEQ_LEN:
+        parser.error(f"--seq_len {cfg['seq_len']}: must be between 2 and {MAX_SEQ_LEN}")
+    if cfg["method"] == "GradDotProd" and cfg["val_batch_size"] < 1:
+        parser.error("--val_batch_size must be >= 1 with --method GradDotProd")
+    if cfg["learning_rate"] <= 0:
+        parser.error(f"--learning_rate {cfg['learning_rate']} must be > 0")
+    if cfg["min_lr"] > cfg["learning_rate"]:
+        parser.error(f"--min_lr {cfg['min_lr']} must not exceed --learning_rate {cfg['learning_rate']}")
+    if cfg["lr_decay_steps"] is not None and cfg["lr_decay_steps"] < cfg["warmup_step"]:
+        parser.error(f"--lr_decay_steps {cfg['lr_decay_steps']} must be >= --warmup_step {cfg['warmup_step']}")
+    for flag in ("data_dir", "init_from"):
+        if cfg[flag] is not None and not os.path.isdir(cfg[flag]):
+            parser.error(f"--{flag} {cfg[flag]}: no such directory")
+    if os.sep in cfg["run_name"] or cfg["run_name"] in ("", ".", ".."):
+        parser.error(f"--run_name {cfg['run_name']!r} must be a plain directory name")
+
+
+if __name__ == "__main__":  # `python -m GradDotProd_LM.args FLAGS`: check flags only (train.sh before torchrun)
+    import sys
+
+    parse_config(sys.argv[1:], world_size=int(os.environ.get("WORLD_SIZE", 1)))

@@ -1,0 +1,69 @@
+"""Checkpoints that `torch.load(weights_only=True)` can read: tensors, numbers, strings, lists, dicts.
+
+A checkpoint is written only after the step's dot products were flushed, so the files under
+grad_dotprods/ always cover exactly steps 1..checkpoint step when training resumes from it.
+"""
+import os
+import random
+
+import numpy as np
+import torch
+
+CHECKPOINT_FORMAT = 1
+
+
+def checkpoint_path(run_dir):
+    return os.path.join(run_dir, "checkpoints", "latest.pt")
+
+
+def rng_state():
+    """Every random generator's state in weights_only-safe types."""
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "python": {"version": version, "state": list(py_state), "gauss": py_gauss},
+    }
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+def save_checkpoint(run_dir, model, optimizer, step, config):
+    """Atomically write checkpoints/latest.pt (temporary file, then rename)."""
+    path = checkpoint_path(run_dir)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,  # optimizer steps completed; the next step trains on the reader's batch step + 1
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": rng_state(),
+        "config": {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool, type(None)))},
+    }
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(run_dir, map_location="cpu"):
+    """The checkpoint dict, read with weights_only=True (no code runs on load)."""
+    path = checkpoint_path(run_dir)
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, this code reads {CHECKPOINT_FORMAT}")
+    return state

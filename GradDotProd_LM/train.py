@@ -1,0 +1,340 @@
+"""GPT-2 pretraining on the Pile, optionally valuing every training sample against a validation batch.
+
+    python -m GradDotProd_LM.train --architecture GPT2-Tiny --max_steps 50 --batch_size 8 --seq_len 128
+    torchrun --nproc_per_node 2 -m GradDotProd_LM.train ...
+
+Order of the script: config -> DDP set-up from torchrun's variables -> data -> model -> optimizer (+ engine)
+-> resume -> loop (micro-batches, clip, step, dot products, eval, checkpoint). Step numbers count from 1:
+step t trains on the reader's global batch t and is the t-th optimizer update.
+"""
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import config_file
+from ghost_engine import GradDotProdEngine, per_sample_loss
+from GradDotProd_LM.args import parse_config, run_dir_of
+from GradDotProd_LM.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, set_rng_state
+from GradDotProd_LM.evaluate import Evaluator, format_eval
+from GradDotProd_LM.model import build_model
+from GradDotProd_LM.run_files import (drop_dotprods_after, flush_dotprods, read_training_log, write_json,
+                                      write_valset)
+from pile_tools import ensure_sample_dataset
+from pile_tools.reader import PileReader
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def lr_at(step, cfg):
+    """Learning rate of step t (1-based): linear warmup over warmup_step steps, then cosine to min_lr at
+    lr_decay_steps, min_lr after."""
+    peak, floor, warmup, decay = cfg["learning_rate"], cfg["min_lr"], cfg["warmup_step"], cfg["lr_decay_steps"]
+    if step <= warmup:
+        return peak * step / warmup
+    if step >= decay:
+        return floor
+    progress = (step - warmup) / (decay - warmup)
+    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)
+
+
+def build_optimizer(model, cfg, device):
+    """AdamW (beta 0.9/0.95) with weight decay 0.1 on matrices and embeddings only; or plain SGD."""
+    params = [p for p in model.parameters() if p.requires_grad]  # the tied wte/lm_head appears once
+    if cfg["optimizer"] == "SGD":
+        return torch.optim.SGD(params, lr=cfg["learning_rate"])
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def resolve_data_dir(cfg, master, world_size):
+    """--data_dir, else the tokenized Pile at config_file.PILE_DATA_DIR, else the bundled sample (built once)."""
+    if cfg["data_dir"] is not None:
+        return cfg["data_dir"]
+    if os.path.exists(os.path.join(config_file.PILE_DATA_DIR, "train", "ingest.json")):
+        return os.path.abspath(config_file.PILE_DATA_DIR)
+    if master:
+        print(f"No tokenized Pile at {config_file.PILE_DATA_DIR} (give --data_dir or set "
+              f"GRADDOTPROD_PILE_DATA_DIR): training on the bundled sample, tokenized once into "
+              f"{config_file.SAMPLE_DATA_DIR}", flush=True)
+        data_dir = ensure_sample_dataset(config_file.SAMPLE_DATA_DIR)
+    if world_size > 1:
+        dist.barrier()  # rank 0 builds the sample; the others then only find it
+    if not master:
+        data_dir = ensure_sample_dataset(config_file.SAMPLE_DATA_DIR)
+    return os.path.abspath(data_dir)
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (the step in flight completes)."""
+
+    def __init__(self):
+        self.signal_name = None
+        self._previous = {}
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def report_progress(step, max_steps, record, started, first_step):
+    """One compact line per step: loss, lr, throughput, time left."""
+    done = step - first_step + 1
+    eta = (time.perf_counter() - started) / done * (max_steps - step)
+    val = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
+    print(f"step {step}/{max_steps} | loss {record['loss']:.4f}{val} | lr {record['lr']:.2e} | "
+          f"{record['tokens_per_s']:,.0f} tok/s | {record['step_time_s'] * 1e3:.0f} ms | eta {eta:.0f}s", flush=True)
+
+
+def gather_rows(local, world_size):
+    """Concatenate every rank's per-row dict on rank 0 (None on the other ranks), ordered by sample_index."""
+    parts = [local]
+    if world_size > 1:
+        parts = [None] * world_size if dist.get_rank() == 0 else None
+        dist.gather_object(local, parts, dst=0)
+        if dist.get_rank() != 0:
+            return None
+    merged = {}
+    for key in local:
+        if key == "per_layer":
+            merged[key] = {name: np.concatenate([p[key][name] for p in parts]) for name in local[key]}
+        elif key == "domain":
+            merged[key] = [d for p in parts for d in p[key]]
+        else:
+            merged[key] = np.concatenate([p[key] for p in parts])
+    order = np.argsort(merged["sample_index"], kind="stable")
+    for key, value in merged.items():
+        if key == "per_layer":
+            merged[key] = {name: v[order] for name, v in value.items()}
+        elif key == "domain":
+            merged[key] = [value[i] for i in order]
+        else:
+            merged[key] = value[order]
+    return merged
+
+
+def main(argv=None) -> int:
+    # ---------------------------------------------------------------- config and DDP set-up
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # launched by torchrun
+    world_size = int(os.environ["WORLD_SIZE"]) if ddp else 1
+    try:
+        cfg = parse_config(sys.argv[1:] if argv is None else list(argv), world_size=world_size)
+    except SystemExit as exit_request:  # argparse: -h (0) or a bad flag (2), message already printed
+        return exit_request.code
+    if ddp:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank = dist.get_rank()
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        rank = 0
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    master = rank == 0
+    stop = StopRequest()
+    stop.install()
+    try:
+        return _run(cfg, rank, world_size, device, master, stop)
+    finally:
+        stop.restore()
+        if ddp:
+            dist.destroy_process_group()
+
+
+def _run(cfg, rank, world_size, device, master, stop):
+    graddotprod = cfg["method"] == "GradDotProd"
+    train_dtype = cfg["train_dtype"] if cfg["train_dtype"] != "auto" else (
+        "bfloat16" if device.type == "cuda" else "float32")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if train_dtype == "bfloat16" else nullcontext())
+    run_dir = run_dir_of(cfg)
+    B, T, A = cfg["batch_size"], cfg["seq_len"], cfg["grad_accum"]
+    micro_rows = B // (world_size * A)  # rows of one micro-batch on one rank
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # ---------------------------------------------------------------- data
+    cfg["data_dir"] = resolve_data_dir(cfg, master, world_size)
+    try:
+        train_reader = PileReader(cfg["data_dir"], split="train", domains=cfg["train_domains"], seed=cfg["seed"])
+        val_reader = PileReader(cfg["data_dir"], split="validation",
+                                domains=None if cfg["val_domain"] is None else [cfg["val_domain"]], seed=cfg["seed"])
+        val_batch = val_reader.fixed_batch(cfg["val_batch_size"], T) if cfg["val_batch_size"] else None
+    except (FileNotFoundError, ValueError) as err:
+        if master:
+            print(f"train.sh: error: data in {cfg['data_dir']}: {err}", file=sys.stderr, flush=True)
+        return 2
+    evaluator = Evaluator(cfg["data_dir"], T, cfg["eval_iter"], cfg["eval_bs"], cfg["seed"], rank, world_size)
+
+    # ---------------------------------------------------------------- model, optimizer, engine
+    torch.manual_seed(cfg["seed"])  # same initial weights on every rank and in every run of this seed
+    model = build_model(cfg["architecture"], init_from=cfg["init_from"], gradient_checkpointing=cfg["grad_ckpt"])
+    model.to(device=device, dtype=DTYPES[cfg["model_dtype"]])
+    model.train()
+    optimizer = build_optimizer(model, cfg, device)
+    start_step = 0
+    if cfg["resume"] and os.path.exists(checkpoint_path(run_dir)):
+        state = load_checkpoint(run_dir)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start_step = state["step"]
+        del state
+
+    if cfg["eval_only"]:
+        result = evaluator.evaluate(model, device, autocast)
+        if master:
+            print(format_eval(start_step, result), flush=True)
+            if cfg["resume"]:
+                write_json(os.path.join(run_dir, f"eval_only_step_{start_step:06d}.json"),
+                           {"step": start_step, "eval": result})
+        return 0
+
+    engine = None
+    if graddotprod:
+        X_val = torch.from_numpy(val_batch.tokens[:, :T]).to(device)  # [Bv, T]; labels = inputs, the model shifts
+        engine = GradDotProdEngine(model, val_batch=(X_val, X_val), task="causal_lm", loss_reduction="mean")
+        engine.attach(optimizer)
+    step_model = torch.compile(model) if cfg["compile"] else model  # engine first, then compile and DDP
+    if world_size > 1:
+        step_model = DDP(step_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # ---------------------------------------------------------------- run directory
+    if master:
+        os.makedirs(run_dir, exist_ok=True)
+        config_record = dict(cfg, world_size=world_size, train_dtype_resolved=train_dtype, device=str(device),
+                             torch=torch.__version__, python=platform.python_version(), argv=sys.argv)
+        if start_step:
+            removed = drop_dotprods_after(run_dir, start_step)
+            print(f"Resuming {run_dir} from step {start_step}"
+                  + (f"; removed files written after that checkpoint: {removed}" if removed else ""), flush=True)
+        elif cfg["resume"]:
+            drop_dotprods_after(run_dir, 0)
+            print(f"--resume: {run_dir} has no checkpoint yet; starting it from step 0", flush=True)
+        log = read_training_log(run_dir, start_step)
+        write_json(os.path.join(run_dir, "config.json"), config_record)
+        if val_batch is not None:
+            write_valset(run_dir, val_batch, cfg)
+    pending = []  # step records of dot products not yet written
+
+    def save_all(step):  # dot products first: a checkpoint at step s implies files cover steps 1..s
+        if master:
+            flush_dotprods(run_dir, cfg["run_name"], world_size, pending)
+            write_json(os.path.join(run_dir, "training_log.json"), log)
+        save_checkpoint(run_dir, model, optimizer, step, cfg) if master else None
+
+    # ---------------------------------------------------------------- training loop
+    if master:
+        print(f"{cfg['method']} | {cfg['architecture']} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+              f"params | global batch {B} x {T} tokens | {world_size} process(es) on {device} | {train_dtype} | "
+              f"steps {start_step + 1}..{cfg['max_steps']} | results {run_dir}", flush=True)
+    started = time.perf_counter()
+    step = start_step
+    while step < cfg["max_steps"]:
+        step += 1
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        batch = train_reader.get_batch(step, B, T, rank=rank, world_size=world_size)  # this rank's B/W rows
+        row_losses, val_loss = [], None
+        for micro in range(A):
+            rows = slice(micro * micro_rows, (micro + 1) * micro_rows)
+            X = torch.from_numpy(batch.tokens[rows, :T]).to(device, non_blocking=True)  # [b, T], labels = X
+            last_micro = micro == A - 1
+            with nullcontext() if last_micro or world_size == 1 else step_model.no_sync():
+                X_in = X
+                if graddotprod:
+                    X_in, _ = engine.prepare_forward_input(X, X, loss_multiplier=1.0 / A)  # [b + Bv, T]
+                with autocast:
+                    out = step_model(input_ids=X_in, labels=X_in)
+                (out.loss / A).backward()
+            row_losses.append(per_sample_loss(out.logits[:micro_rows].detach(), X))  # [b], mean CE per row
+            if graddotprod and micro == 0:
+                val_loss = per_sample_loss(out.logits[micro_rows:].detach(), X_in[micro_rows:]).mean().item()
+            del out
+        if graddotprod:
+            engine.prepare_gradients()  # .grad = Regular gradient of the train rows (DDP-averaged)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"]).item()
+                     if cfg["grad_clip"] > 0 else None)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # every row has T - 1 targets, so the step's loss is the mean of the row losses over all ranks
+        loss_sum = torch.stack([torch.cat(row_losses).double().sum(),
+                                torch.tensor(float(B // world_size), dtype=torch.float64, device=device)])
+        if world_size > 1:
+            dist.all_reduce(loss_sum)
+        step_time = time.perf_counter() - t0
+        record = {"step": step, "loss": (loss_sum[0] / loss_sum[1]).item(), "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_s": B * T / step_time, "step_time_s": step_time}
+
+        if graddotprod:
+            result = engine.aggregate_and_log()
+            local = {
+                "dot_products": result.dot_products.float().cpu().numpy(),  # [B/W], rows in batch order
+                "batch_weights": (result.weights.double() / (A * world_size)).float().cpu().numpy(),
+                "token_counts": result.token_counts.long().cpu().numpy(),
+                "domain": [str(d) for d in batch.domain],
+                "token_offset": np.asarray(batch.token_offset, dtype=np.int64),
+                "doc_id": np.asarray(batch.doc_id, dtype=np.int64),
+                "sample_index": np.asarray(batch.sample_index, dtype=np.int64),
+                "per_layer": {name: v.float().cpu().numpy() for name, v in result.per_parameter.items()},
+            }
+            rows_all = gather_rows(local, world_size)
+            record["val_loss"] = val_loss
+            if master:
+                pending.append(dict(step=step, lr=lr, train_loss=record["loss"], val_loss=val_loss, **rows_all))
+                if step % cfg["dot_prod_save_interval"] == 0:
+                    flush_dotprods(run_dir, cfg["run_name"], world_size, pending)
+        if master:
+            log["steps"].append(record)
+            report_progress(step, cfg["max_steps"], record, started, start_step + 1)
+
+        if step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]:
+            result = evaluator.evaluate(model, device, autocast)
+            if master:
+                log["evals"].append({"step": step, **result})
+                print(format_eval(step, result), flush=True)
+
+        # every rank must agree to stop at the same step, or the next collective would hang
+        stop_now = torch.tensor([1.0 if stop.signal_name else 0.0], device=device)
+        if world_size > 1:
+            dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
+        if stop_now.item() or step % cfg["checkpoint_interval"] == 0 or step == cfg["max_steps"]:
+            save_all(step)
+        if stop_now.item():
+            if master:
+                print(f"Stopped by {stop.signal_name or 'a signal on another rank'} after step {step}; "
+                      f"checkpoint written. Continue with: ./train.sh --run_name {cfg['run_name']} --resume",
+                      flush=True)
+            break
+
+    if graddotprod:
+        engine.detach()
+    if master:
+        total = time.perf_counter() - started
+        print(f"Done: steps {start_step + 1}..{step} in {total:.1f}s. Results in {run_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

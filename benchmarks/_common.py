@@ -213,7 +213,6 @@ class PeakMemory:
 
     def reset(self) -> float:
         """Start a measurement; returns the memory held now, in MB."""
-        gc.collect()
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

@@ -346,6 +346,15 @@ def measure_config(cfg: BenchConfig, method_factories: dict, reps: int, warmup: 
     return rows, results
 
 
+def skipped_row(template: dict, method: str, status: str) -> dict:
+    """A row for a method that was not run, with the configuration of `template` (a measured row)."""
+    row = dict(template, method=method, status=status)
+    for key in ("step_time_s", "step_time_min_s", "tokens_per_s", "peak_mem_mb", "base_mem_mb", "time_vs_regular",
+                "time_vs_floor", "rel_err"):
+        row[key] = math.nan
+    return row
+
+
 def _config_fields(cfg: BenchConfig, model) -> dict:
     fields = asdict(cfg)
     fields.pop("seed")
@@ -406,8 +415,9 @@ def format_table(rows: list, columns: list) -> str:
                 line.append(format(value, spec) if spec else str(value))
         cells.append(line)
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    text = [" | ".join(cell.rjust(width) if i else cell.ljust(width) for i, (cell, width) in
-                       enumerate(zip(line, widths))) for line in cells]
+    numeric = [bool(spec) for _, _, spec in columns]  # numbers right-aligned, text left-aligned
+    text = [" | ".join(cell.rjust(width) if right else cell.ljust(width)
+                       for cell, width, right in zip(line, widths, numeric)).rstrip() for line in cells]
     text.insert(1, "-+-".join("-" * width for width in widths))
     return "\n".join(text)
 

@@ -28,7 +28,7 @@ from torch.func import functional_call, grad, vmap
 
 from benchmarks._common import (CORE_METHODS, GRADDOTPROD, REGULAR, BenchConfig, Method,
                                 add_config_arguments, autocast, config_from_args, format_table, measure_config,
-                                positive_int, write_csv)
+                                positive_int, skipped_row, write_csv)
 
 NAIVE = "NaivePerSample"
 VMAP = "VmapPerSample"
@@ -199,8 +199,17 @@ def main(argv=None) -> int:
     factories = {**CORE_METHODS, NAIVE: naive_method, VMAP: partial(vmap_method, chunk_size=args.vmap_chunk)}
     selected = {name: factories[name] for name in parse_methods(parser, args.methods)}
 
+    unsupported = {}
+    if cfg.grad_ckpt and VMAP in selected:
+        # HF's checkpointing hook calls requires_grad_() inside the forward, which torch.func forbids
+        unsupported[VMAP] = "skipped (torch.func cannot run with gradient checkpointing)"
+        del selected[VMAP]
+        if not selected:
+            parser.error("--grad-ckpt on: VmapPerSample cannot run with gradient checkpointing; add other --methods")
+
     rows, results = measure_config(cfg, selected, reps=args.reps, warmup=args.warmup)
     reference = add_agreement(rows, results)
+    rows += [skipped_row(rows[0], name, status) for name, status in unsupported.items()]
     write_csv(args.out, rows)
 
     print(f"{cfg.architecture} n_layer={rows[0]['n_layer']} n_embd={rows[0]['n_embd']} "

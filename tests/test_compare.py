@@ -185,6 +185,16 @@ def test_compare_cli_tiny_cpu_run(tmp_path, capsys):
     assert all(name in printed for name in compare.METHOD_NAMES)
 
 
+def test_gradient_checkpointing_skips_vmap_and_still_checks_the_engine(tmp_path):
+    out = tmp_path / "compare.csv"
+    flags = TINY_FLAGS + ["--grad-ckpt", "on", "--reps", "1", "--methods", "GradDotProd,NaivePerSample,VmapPerSample"]
+    assert compare.main(flags + ["--out", str(out)]) == 0
+    rows = {row["method"]: row for row in csv.DictReader(open(out, newline=""))}
+    assert rows[compare.VMAP]["status"].startswith("skipped") and rows[compare.VMAP]["step_time_s"] == ""
+    assert rows["GradDotProd"]["grad_ckpt"] == "1" and float(rows["GradDotProd"]["rel_err"]) < 1e-4
+    assert rows["GradDotProd"]["time_vs_regular"] == ""  # Regular was not run
+
+
 @pytest.mark.parametrize("bad_flags", [
     ["--methods", "Regular,Magic"],
     ["--seq-len", "1"],

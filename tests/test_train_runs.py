@@ -1,0 +1,179 @@
+"""Short GPT2-Tiny runs of the training app on the bundled sample, checked against independent references:
+plain autograd per-sample gradients, a Regular run, micro-batching, a crash + resume, eval-only."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ghost_engine.results_io import load_run, safe_load_pickle
+from GradDotProd_LM import train
+from GradDotProd_LM.model import build_model
+from pile_tools import ensure_sample_dataset
+from pile_tools.reader import PileReader
+
+SEED, B, T, BV, STEPS = 42, 4, 32, 2, 6
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return ensure_sample_dataset(str(tmp_path_factory.mktemp("sample")))
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("results"))
+
+
+def tiny_flags(data_dir, results_dir, run_name, *extra):
+    return ["--architecture", "GPT2-Tiny", "--batch_size", str(B), "--seq_len", str(T),
+            "--val_batch_size", str(BV), "--max_steps", str(STEPS), "--warmup_step", "2",
+            "--learning_rate", "1e-3", "--min_lr", "1e-4", "--eval_interval", "3", "--eval_iter", "1",
+            "--eval_bs", "2", "--dot_prod_save_interval", "2", "--seed", str(SEED),
+            "--data_dir", data_dir, "--results_dir", results_dir, "--run_name", run_name, *extra]
+
+
+def step_losses(run_dir):
+    with open(os.path.join(run_dir, "training_log.json")) as f:
+        return np.array([r["loss"] for r in json.load(f)["steps"]])
+
+
+@pytest.fixture(scope="module")
+def baseline(data_dir, results_dir):
+    assert train.main(tiny_flags(data_dir, results_dir, "baseline")) == 0
+    return os.path.join(results_dir, "baseline")
+
+
+def test_run_directory_is_complete_and_loadable(baseline, data_dir):
+    assert sorted(os.listdir(os.path.join(baseline, "grad_dotprods"))) == [
+        "iter_000002.pkl", "iter_000004.pkl", "iter_000006.pkl"]
+    run = load_run(baseline, strict=True)
+    cols = run.columns
+    assert run.missing_steps == [] and run.duplicate_steps == [] and run.skipped == []
+    np.testing.assert_array_equal(cols["step"], np.repeat(np.arange(1, STEPS + 1), B))
+    np.testing.assert_array_equal(cols["sample_index"], np.tile(np.arange(B), STEPS))
+    np.testing.assert_array_equal(cols["token_count"], T - 1)  # labels = inputs, one shift inside the model
+    np.testing.assert_allclose(cols["batch_weight"], 1.0 / B)
+    reader = PileReader(data_dir, split="train", seed=SEED)
+    for step in (1, STEPS):  # provenance names the exact window that was trained on
+        batch = reader.get_batch(step, B, T)
+        rows = cols["step"] == step
+        assert list(cols["domain"][rows]) == batch.domain
+        np.testing.assert_array_equal(cols["token_offset"][rows], batch.token_offset)
+        np.testing.assert_array_equal(cols["doc_id"][rows], batch.doc_id)
+
+    valset = safe_load_pickle(os.path.join(baseline, "valset.pkl"))
+    expected_val = PileReader(data_dir, split="validation", seed=SEED).fixed_batch(BV, T)
+    np.testing.assert_array_equal(valset["tokens"], expected_val.tokens)
+    assert valset["domain"] == expected_val.domain
+
+    with open(os.path.join(baseline, "config.json")) as f:
+        config = json.load(f)
+    assert config["batch_size"] == B and config["data_dir"] == data_dir and config["world_size"] == 1
+    with open(os.path.join(baseline, "training_log.json")) as f:
+        log = json.load(f)
+    assert [r["step"] for r in log["steps"]] == list(range(1, STEPS + 1))
+    assert all(r["tokens_per_s"] > 0 for r in log["steps"])
+    assert [e["step"] for e in log["evals"]] == [3, 6]
+    assert set(log["evals"][0]) == {"step", "train", "validation", "test"}
+    assert set(log["evals"][0]["validation"]["domains"]) == set(reader.domains)
+    state = torch.load(os.path.join(baseline, "checkpoints", "latest.pt"), weights_only=True)
+    assert state["step"] == STEPS
+
+
+def test_first_step_matches_plain_autograd(baseline, data_dir):
+    """Step 1 runs at the initial weights: rebuild them and take every gradient separately in float64."""
+    torch.manual_seed(SEED)
+    model = build_model("GPT2-Tiny").double()
+    params = [p for p in model.parameters() if p.requires_grad]
+    X_train = torch.from_numpy(PileReader(data_dir, split="train", seed=SEED).get_batch(1, B, T).tokens[:, :T])
+    X_val = torch.from_numpy(PileReader(data_dir, split="validation", seed=SEED).fixed_batch(BV, T).tokens[:, :T])
+
+    def grad_and_loss(X):
+        loss = model(input_ids=X, labels=X).loss
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]), loss.item()
+
+    val_grad, val_loss = grad_and_loss(X_val)
+    per_sample = [grad_and_loss(X_train[i:i + 1]) for i in range(B)]
+    expected = torch.stack([g @ val_grad for g, _ in per_sample]).numpy()
+
+    cols = load_run(baseline).columns
+    first = cols["step"] == 1
+    np.testing.assert_allclose(cols["dot_products"][first], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    np.testing.assert_allclose(cols["train_loss"][first], np.mean([l for _, l in per_sample]), rtol=1e-5)
+    np.testing.assert_allclose(cols["val_loss"][first], val_loss, rtol=1e-5)
+    np.testing.assert_allclose(cols["lr"][first], 1e-3 / 2)  # step 1 of a 2-step linear warmup
+
+
+def test_regular_run_has_the_same_losses(baseline, data_dir, results_dir):
+    assert train.main(tiny_flags(data_dir, results_dir, "regular", "--method", "Regular")) == 0
+    regular = os.path.join(results_dir, "regular")
+    assert not os.path.exists(os.path.join(regular, "grad_dotprods"))
+    np.testing.assert_allclose(step_losses(regular), step_losses(baseline), rtol=1e-5)
+
+
+def test_micro_batches_give_the_same_run(baseline, data_dir, results_dir):
+    assert train.main(tiny_flags(data_dir, results_dir, "accum", "--grad_accum", "2")) == 0
+    accum, ref = load_run(os.path.join(results_dir, "accum")).columns, load_run(baseline).columns
+    np.testing.assert_allclose(accum["dot_products"], ref["dot_products"], rtol=1e-4,
+                               atol=1e-5 * np.abs(ref["dot_products"]).max())
+    np.testing.assert_allclose(accum["batch_weight"], ref["batch_weight"])
+    np.testing.assert_allclose(step_losses(os.path.join(results_dir, "accum")), step_losses(baseline), rtol=1e-5)
+
+
+class HardCrash(Exception):
+    pass
+
+
+def test_crash_then_resume_equals_uninterrupted_run(baseline, data_dir, results_dir, monkeypatch):
+    """Checkpoint at step 3, a dot-product file for step 4 written after it, crash in step 5 with no
+    clean-up: --resume must restart at 4, drop the stale file and end with exactly the baseline's rows."""
+    real_report = train.report_progress
+
+    def crash_in_step_5(step, *args):
+        if step == 5:
+            raise HardCrash
+        real_report(step, *args)
+
+    flags = tiny_flags(data_dir, results_dir, "crashed", "--checkpoint_interval", "3")
+    monkeypatch.setattr(train, "report_progress", crash_in_step_5)
+    with pytest.raises(HardCrash):
+        train.main(flags)
+    run_dir = os.path.join(results_dir, "crashed")
+    assert torch.load(os.path.join(run_dir, "checkpoints", "latest.pt"), weights_only=True)["step"] == 3
+    assert "iter_000004.pkl" in os.listdir(os.path.join(run_dir, "grad_dotprods"))
+
+    monkeypatch.setattr(train, "report_progress", real_report)
+    assert train.main(flags + ["--resume"]) == 0
+    resumed, ref = load_run(run_dir, strict=True), load_run(baseline, strict=True)
+    assert resumed.duplicate_steps == [] and resumed.missing_steps == []
+    for key in ("step", "sample_index", "dot_products", "lr", "train_loss", "val_loss", "doc_id"):
+        np.testing.assert_allclose(resumed.columns[key], ref.columns[key], rtol=1e-6, atol=0, err_msg=key)
+    np.testing.assert_allclose(step_losses(run_dir), step_losses(baseline), rtol=1e-6)
+    end = torch.load(os.path.join(run_dir, "checkpoints", "latest.pt"), weights_only=True)["model"]
+    ref_end = torch.load(os.path.join(baseline, "checkpoints", "latest.pt"), weights_only=True)["model"]
+    for name, value in ref_end.items():
+        torch.testing.assert_close(end[name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_eval_only_resume_reproduces_the_final_eval(baseline, data_dir, results_dir, capsys):
+    flags = tiny_flags(data_dir, results_dir, "baseline", "--resume", "--eval_only")
+    assert train.main(flags) == 0
+    assert f"eval @ step {STEPS}" in capsys.readouterr().out
+    with open(os.path.join(baseline, f"eval_only_step_{STEPS:06d}.json")) as f:
+        evaluated = json.load(f)["eval"]
+    with open(os.path.join(baseline, "training_log.json")) as f:
+        logged = json.load(f)["evals"][-1]
+    for split in ("train", "validation", "test"):
+        assert evaluated[split]["loss"] == pytest.approx(logged[split]["loss"], rel=1e-6)
+
+
+def test_eval_only_on_a_fresh_model_prints_losses_near_log_vocab(data_dir, results_dir, capsys):
+    flags = tiny_flags(data_dir, results_dir, "fresh-eval", "--eval_only")
+    assert train.main(flags) == 0
+    out = capsys.readouterr().out
+    assert "eval @ step 0" in out
+    assert not os.path.exists(os.path.join(results_dir, "fresh-eval"))  # nothing to record for a fresh model
+    first = float(out.split("eval @ step 0: train ")[1].split()[0])
+    assert abs(first - np.log(50257)) < 0.5  # an untrained GPT-2 predicts about uniformly

@@ -1,0 +1,57 @@
+"""torchrun with 2 CPU processes (gloo) against 1 process on the same global batch: same dot products,
+same losses, same parameters within fp32 tolerance."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from ghost_engine.results_io import load_run
+from GradDotProd_LM import train
+from GradDotProd_LM.model import build_model
+from pile_tools import ensure_sample_dataset
+
+B, STEPS = 4, 3
+
+
+def flags(data_dir, results_dir, run_name):
+    # SGD with a large step: the parameters then move by the summed gradients, so comparing them compares
+    # the DDP-averaged training gradients directly (Adam's first steps would amplify round-off near g = 0).
+    return ["--architecture", "GPT2-Tiny", "--batch_size", str(B), "--seq_len", "32", "--val_batch_size", "2",
+            "--max_steps", str(STEPS), "--optimizer", "SGD", "--learning_rate", "0.5", "--min_lr", "0.05",
+            "--warmup_step", "0", "--grad_clip", "0", "--eval_interval", str(STEPS), "--eval_iter", "1",
+            "--eval_bs", "2", "--dot_prod_save_interval", "2", "--data_dir", data_dir,
+            "--results_dir", results_dir, "--run_name", run_name]
+
+
+def test_two_gloo_processes_equal_one_process(tmp_path):
+    data_dir = ensure_sample_dataset(str(tmp_path / "sample"))
+    results = str(tmp_path / "results")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "GradDotProd_LM.train", *flags(data_dir, results, "two")]
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout
+    assert train.main(flags(data_dir, results, "one")) == 0
+
+    two, one = load_run(os.path.join(results, "two"), strict=True), load_run(os.path.join(results, "one"), strict=True)
+    assert two.missing_steps == [] and two.duplicate_steps == []
+    np.testing.assert_array_equal(two.columns["step"], np.repeat(np.arange(1, STEPS + 1), B))
+    np.testing.assert_array_equal(two.columns["sample_index"], one.columns["sample_index"])
+    np.testing.assert_array_equal(two.columns["token_offset"], one.columns["token_offset"])
+    np.testing.assert_allclose(two.columns["batch_weight"], one.columns["batch_weight"], rtol=1e-7)
+    scale = np.abs(one.columns["dot_products"]).max()
+    np.testing.assert_allclose(two.columns["dot_products"], one.columns["dot_products"], rtol=1e-4, atol=1e-5 * scale)
+    np.testing.assert_allclose(two.columns["train_loss"], one.columns["train_loss"], rtol=1e-5)
+
+    def params(run):
+        return torch.load(os.path.join(results, run, "checkpoints", "latest.pt"), weights_only=True)["model"]
+
+    p_two, p_one = params("two"), params("one")
+    torch.manual_seed(42)  # the runs' seed: their initial weights
+    initial = build_model("GPT2-Tiny").state_dict()
+    assert max((p_one[k] - initial[k]).abs().max().item() for k in p_one) > 1e-2  # training moved them
+    for name, value in p_one.items():
+        torch.testing.assert_close(p_two[name], value, rtol=1e-5, atol=1e-5, msg=name)

@@ -1,0 +1,50 @@
+"""SIGTERM in the middle of a run: the step in flight completes, pending dot products are flushed, a
+checkpoint is written, the process exits 0, and --resume continues without a gap or a duplicate."""
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from ghost_engine.results_io import load_run
+from GradDotProd_LM import train
+from pile_tools import ensure_sample_dataset
+
+B = 4
+
+
+def test_sigterm_leaves_a_complete_resumable_run(tmp_path):
+    data_dir = ensure_sample_dataset(str(tmp_path / "sample"))
+    results = str(tmp_path / "results")
+    flags = ["--architecture", "GPT2-Tiny", "--batch_size", str(B), "--seq_len", "32", "--val_batch_size", "1",
+             "--max_steps", "500", "--warmup_step", "2", "--eval_interval", "1000", "--eval_iter", "1",
+             "--eval_bs", "2", "--dot_prod_save_interval", "3", "--checkpoint_interval", "1000",
+             "--data_dir", data_dir, "--results_dir", results, "--run_name", "stopped"]
+    proc = subprocess.Popen([sys.executable, "-m", "GradDotProd_LM.train", *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    output = []
+    for line in proc.stdout:  # stop it once a step past the first file boundary has finished
+        output.append(line)
+        if line.startswith("step 4/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    output += proc.stdout.readlines()
+    assert proc.wait(timeout=120) == 0, "".join(output)
+    assert "Stopped by SIGTERM" in "".join(output)
+
+    run_dir = os.path.join(results, "stopped")
+    stopped_at = torch.load(os.path.join(run_dir, "checkpoints", "latest.pt"), weights_only=True)["step"]
+    assert 4 <= stopped_at < 500
+    names = os.listdir(os.path.join(run_dir, "grad_dotprods"))
+    assert not [n for n in names if ".tmp" in n]
+    assert f"iter_{stopped_at:06d}.pkl" in names  # the partial interval was flushed, not lost
+    run = load_run(run_dir, strict=True)
+    np.testing.assert_array_equal(np.unique(run.columns["step"]), np.arange(1, stopped_at + 1))
+    assert run.duplicate_steps == [] and len(run.columns["step"]) == B * stopped_at
+
+    assert train.main(flags + ["--resume", "--max_steps", str(stopped_at + 2)]) == 0
+    run = load_run(run_dir, strict=True)
+    assert run.missing_steps == [] and run.duplicate_steps == []
+    np.testing.assert_array_equal(run.columns["step"], np.repeat(np.arange(1, stopped_at + 3), B))

@@ -18,10 +18,8 @@ import os
 import re
 import resource
 import statistics
-import sys
 import time
-import traceback
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -490,11 +488,3 @@ def check_config(parser: argparse.ArgumentParser, cfg: BenchConfig):
     n_head = cfg.n_head or ARCHITECTURES[cfg.architecture]["n_head"]
     if n_embd % n_head:
         parser.error(f"n_embd={n_embd} is not divisible by n_head={n_head}: pass --n-head dividing --n-embd")
-
-
-def with_values(cfg: BenchConfig, **changes) -> BenchConfig:
-    return replace(cfg, **changes)
-
-
-def print_error(exc: BaseException):
-    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from benchmarks._common import (CORE_METHODS, BenchConfig, add_config_arguments, config_from_args, format_table,
-                                measure_config, on_off, positive_int, with_values, write_csv)
+                                measure_config, on_off, positive_int, write_csv)
 
 # sweep name -> (how one value is parsed, default values on CPU)
 SWEEPS = {
@@ -71,8 +72,8 @@ def parse_values(parser, sweep: str, text: str) -> list:
 def sweep_configs(base: BenchConfig, sweep: str, values: list, amp_settings: tuple) -> list:
     """The configurations of one sweep, in run order: for each value, for each AMP setting."""
     if sweep == "amp":
-        return [with_values(base, amp=value) for value in values]
-    return [with_values(base, amp=amp, **{sweep: value}) for value in values for amp in amp_settings]
+        return [replace(base, amp=value) for value in values]
+    return [replace(base, amp=amp, **{sweep: value}) for value in values for amp in amp_settings]
 
 
 def main(argv=None) -> int:

@@ -1,10 +1,10 @@
 """Tokens per second on the bundled sample's train shard: the project's tokenize path against baselines
 that tokenize one batch of 100 documents at a time in a pool of the same number of processes.
 
-    python benchmarks/tokenize_throughput.py [--workers 1 2] [--repeats 2] [--copies 4]
+    python benchmarks/tokenize_throughput.py [--workers 1 2] [--repeats 2] [--copies 1]
 
-The input is the sample's train shard repeated --copies times in one .jsonl.zst, so that starting
-worker processes weighs on the project path about as little as it does on a real Pile shard.
+The input is the sample's train shard, optionally repeated --copies times in one .jsonl.zst (repeats
+favour the slow BPE, whose word cache then hits more often, as real Pile text would not).
 
 Rows:
 - pile_tools tokenize: the whole `tokenize_sources` run (decompress, parse, tokenize, write, fsync).
@@ -82,7 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, os.cpu_count() or 1])
     parser.add_argument("--repeats", type=int, default=2, help="best of this many runs per row")
-    parser.add_argument("--copies", type=int, default=4, help="times the sample's train documents are repeated")
+    parser.add_argument("--copies", type=int, default=1, help="times the sample's train documents are repeated")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as sample_dir:

@@ -18,6 +18,7 @@ setup(
         "opt_einsum>=3.3",
         "pyyaml>=6.0",
         "tqdm>=4.66",
+        "tiktoken>=0.7",  # Rust BPE core used by pile_tools.tokenizer (built from the local GPT-2 files)
     ],
     extras_require={
         "test": ["pytest>=7.4", "matplotlib>=3.7", "datasets>=2.18"],

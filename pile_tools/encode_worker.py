@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +22,6 @@ class EncodedChunk:
 def init_worker(vocab_dir: str | None) -> None:
     """Process-pool initializer: one single-threaded tokenizer per worker, so --workers bounds the cores used."""
     global _worker_tokenizer
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_tokenizer = load_gpt2_tokenizer(vocab_dir)
 
 

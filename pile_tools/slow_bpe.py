@@ -1,6 +1,7 @@
 """GPT-2 byte-level BPE in pure Python: OpenAI's original algorithm (the one transformers' former
-slow `GPT2Tokenizer` ported). Independent of the Rust `tokenizers` library, it is the reference the
-tests compare against and the baseline of `benchmarks/tokenize_throughput.py`.
+slow `GPT2Tokenizer` ported). It is the reference the tests compare against and the baseline of
+`benchmarks/tokenize_throughput.py`, so it shares no code with `pile_tools.tokenizer` on purpose
+(its split pattern and byte map are written out again here).
 """
 from __future__ import annotations
 

@@ -63,45 +63,39 @@ class TokenizeSummary:
         return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def _single_threaded_tokenizers():
-    previous = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["TOKENIZERS_PARALLELISM"]
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = previous
-
-
 def _chunks(items, size: int):
     while batch := list(islice(items, size)):
         yield batch
 
 
-def _encoded_chunks(chunks, keep_domains, workers: int, vocab_dir: str | None):
-    """Encoded chunks in input order; with workers > 1 from a process pool, at most 2*workers in flight."""
+@contextlib.contextmanager
+def _chunk_encoder(workers: int, keep_domains, vocab_dir: str | None):
+    """A function mapping chunks to encoded chunks in input order: inline for one worker, else a process
+    pool with at most 2*workers chunks in flight. Created once per run, before any other thread starts."""
+    tokenizer = load_gpt2_tokenizer(vocab_dir)
     if workers == 1:
-        tokenizer = load_gpt2_tokenizer(vocab_dir)
-        with _single_threaded_tokenizers():
-            for chunk in chunks:
-                yield encode_chunk(chunk, keep_domains, tokenizer)
+        yield lambda chunks: (encode_chunk(chunk, keep_domains, tokenizer) for chunk in chunks)
         return
-    ctx = multiprocessing.get_context("spawn")
+    # fork lets workers inherit the loaded vocabulary instead of reading it again.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    ctx = multiprocessing.get_context(method)
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(vocab_dir,)) as pool:
-        pending = []
-        try:
-            for chunk in chunks:
-                pending.append(pool.submit(encode_chunk, chunk, keep_domains))
-                if len(pending) >= 2 * workers:
+        pool.submit(int).result()  # starts every worker now, before the progress bar's thread exists
+
+        def encode_in_pool(chunks):
+            pending = []
+            try:
+                for chunk in chunks:
+                    pending.append(pool.submit(encode_chunk, chunk, keep_domains))
+                    if len(pending) >= 2 * workers:
+                        yield pending.pop(0).result()
+                while pending:
                     yield pending.pop(0).result()
-            while pending:
-                yield pending.pop(0).result()
-        finally:
-            for future in pending:
-                future.cancel()
+            finally:
+                for future in pending:
+                    future.cancel()
+
+        yield encode_in_pool
 
 
 def tokenize_sources(
@@ -131,11 +125,20 @@ def tokenize_sources(
     tokenizer_identity = load_gpt2_tokenizer(vocab_dir).identity
     writer = SplitWriter(split_dir, split, tokenizer_identity, domains)
     keep_domains = frozenset(domains) if domains else None
-    kill_after = int(os.environ.get(KILL_AFTER_DOCS_ENV, "0"))
     summary = TokenizeSummary(split)
     start = time.perf_counter()
+    with _chunk_encoder(workers, keep_domains, vocab_dir) as encode_chunks:
+        _ingest(sources, writer, encode_chunks, max_tokens, checkpoint_docs, summary, progress)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _ingest(sources, writer: SplitWriter, encode_chunks, max_tokens: int | None, checkpoint_docs: int,
+            summary: TokenizeSummary, progress: bool) -> None:
+    kill_after = int(os.environ.get(KILL_AFTER_DOCS_ENV, "0"))
+    start = time.perf_counter()
     bar = tqdm(total=sum(s.total_bytes for s in sources), unit="B", unit_scale=True, disable=not progress,
-               desc=f"tokenize {split}")
+               desc=f"tokenize {summary.split}")
     bytes_before = 0
     touched = False
     try:
@@ -154,7 +157,7 @@ def tokenize_sources(
             docs_since_checkpoint = 0
             chunks = _chunks(source.items(skip_lines=record["lines_done"]), CHUNK_LINES)
             try:
-                for chunk in _encoded_chunks(chunks, keep_domains, workers, vocab_dir):
+                for chunk in encode_chunks(chunks):
                     _append_chunk(chunk, writer, index, record, source.name, max_tokens, summary)
                     docs_since_checkpoint += len(chunk.docs)
                     if kill_after and summary.documents >= kill_after:
@@ -182,8 +185,6 @@ def tokenize_sources(
     finally:
         bar.close()
         writer.close()
-    summary.seconds = time.perf_counter() - start
-    return summary
 
 
 def _append_chunk(chunk: EncodedChunk, writer: SplitWriter, index: int, record: dict, name: str,

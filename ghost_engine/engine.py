@@ -348,9 +348,9 @@ class GradDotProdEngine:
             raise RuntimeError(f"the gradient of {name} arrived before its layers' output gradients "
                                f"({mb.pending[name]}); is the parameter also used outside its module?")
         val_total = mb.val_total.pop(name, None)
-        if val_total is not None:
-            grad = grad - val_total.to(grad.dtype)
-        return grad * mb.grad_scale
+        if val_total is None:
+            return grad * mb.grad_scale
+        return torch.sub(grad, val_total.to(grad.dtype)).mul_(mb.grad_scale)
 
     def _on_excluded_forward(self, module, args, kwargs, output):
         """Recompute the validation rows with detached parameters, so the module's own parameters get

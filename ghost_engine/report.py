@@ -108,6 +108,11 @@ def shorten(text: str, limit: int = SNIPPET_CHARS) -> str:
     return text.replace("|", "\\|").replace("`", "'")
 
 
+def code_cell(snippet: str) -> str:
+    """A snippet as a code span, so corpus text (`**`, `_`, `<tag>`) is shown, not rendered."""
+    return f"`{snippet}`" if snippet else ""
+
+
 # ---------------------------------------------------------------------------
 # Report data
 
@@ -193,16 +198,19 @@ def write_plots(report: Report, out_dir: str):
         return [], "the run has no recorded steps"
     value_label = f"value per sample ({report.convention})"
 
-    domains = [str(d) for d in report.domains["domain"]]
+    # one colour per domain (by name) in both plots
+    colour = {d: f"C{i % 10}" for i, d in enumerate(sorted(report.cumulative))}
+    domains = [str(d) for d in report.domains["domain"]]  # highest total first, drawn at the top
     per_domain = [report.samples["value"][report.samples["domain"] == d] for d in domains]
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(domains)))
     jitter = np.random.default_rng(0)  # fixed: the same run gives the same picture
-    for row, values in enumerate(per_domain):
-        ax.scatter(values, row + jitter.uniform(-0.25, 0.25, len(values)), s=6, alpha=0.4)
+    for row, (domain, values) in enumerate(zip(domains, per_domain)):
+        ax.scatter(values, row + jitter.uniform(-0.25, 0.25, len(values)), s=6, alpha=0.4, color=colour[domain])
         ax.plot([np.median(values)] * 2, [row - 0.35, row + 0.35], color="black", linewidth=1.5)
     ax.set_yticks(range(len(domains)), domains)
+    ax.invert_yaxis()
     ax.axvline(0.0, color="grey", linewidth=0.8)
-    ax.set_xscale("symlog", linthresh=_linthresh(report.samples["value"]))
+    ax.set_xscale("symlog", linthresh=_linthresh(report.samples["value"]), linscale=2)
     ax.set_xlabel(value_label + ", symlog; bar = median; > 0 lowers validation loss")
     ax.set_title("Value distribution per domain")
     fig.tight_layout()
@@ -213,7 +221,7 @@ def write_plots(report: Report, out_dir: str):
     for domain, curve in report.cumulative.items():
         is_val = domain == report.val_domain
         ax.plot(report.steps, curve, label=domain + (" (validation domain)" if is_val else ""),
-                linewidth=2.5 if is_val else 1.2)
+                linewidth=2.5 if is_val else 1.2, color=colour[domain])
     ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_xlabel("training step")
     ax.set_ylabel(f"cumulative value ({report.convention})")
@@ -246,7 +254,7 @@ def _sample_rows(report: Report, indices, text: TextSource) -> list:
             int(s["occurrences"][i]), f"{s['first_step'][i]}–{s['last_step'][i]} (×{s['occurrences'][i]})")
         cells = [position, _fmt(s["value"][i]), s["domain"][i], s["doc_id"][i], s["token_offset"][i], steps]
         if text.available:
-            cells.append(text.snippet(s["domain"][i], s["token_offset"][i], s["token_count"][i]))
+            cells.append(code_cell(text.snippet(s["domain"][i], s["token_offset"][i], s["token_count"][i])))
         rows.append("| " + " | ".join(str(c) for c in cells) + " |")
     return rows
 
@@ -270,7 +278,7 @@ def render_markdown(report: Report, top: int, text: TextSource, tables: list, pl
     lines += ["## Validation batch", ""]
     if val_rows:
         lines += ["| domain | doc | token offset | text |", "|---|---:|---:|---|"]
-        lines += [f"| {d} | {doc} | {off} | {t} |" for d, doc, off, t in val_rows]
+        lines += [f"| {d} | {doc} | {off} | {code_cell(t)} |" for d, doc, off, t in val_rows]
         lines.append("")
     if val_note:
         lines += [f"Note: {val_note}.", ""]
@@ -319,7 +327,8 @@ def render_markdown(report: Report, top: int, text: TextSource, tables: list, pl
         cells = [position, _fmt(doc["value"][i]), doc["domain"][i], doc["doc_id"][i], doc["occurrences"][i],
                  doc["best_step"][i]]
         if text.available:
-            cells.append(text.snippet(doc["domain"][i], doc["best_token_offset"][i], doc["best_token_count"][i]))
+            cells.append(code_cell(text.snippet(doc["domain"][i], doc["best_token_offset"][i],
+                                                doc["best_token_count"][i])))
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines.append("")
 

@@ -67,12 +67,20 @@ class LayerPath:
     flops: float  # extra flops of the per-sample dot products for this layer
 
 
-def token_sum(per_token: torch.Tensor, rows: int) -> torch.Tensor:
-    """Sum a per-token quantity [rows * tokens] (or [rows, tokens]) to per-row totals, in fp32 or better."""
-    per_token = per_token.reshape(rows, -1)
-    if per_token.dtype in (torch.float16, torch.bfloat16):
-        per_token = per_token.float()
-    return per_token.sum(dim=1)
+def row_dot(x: torch.Tensor, y: torch.Tensor, rows: int) -> torch.Tensor:
+    """Per row, the sum of x ⊙ y over everything after the first `rows` split: [rows].
+
+    One batched matrix-vector product (no [rows, ...] temporary); half-precision inputs are
+    accumulated in fp32.
+    """
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x, y = x.float(), y.float()
+    return torch.bmm(x.reshape(rows, 1, -1), y.reshape(rows, -1, 1).to(x.dtype)).reshape(rows)
+
+
+def row_sum(per_token: torch.Tensor, rows: int) -> torch.Tensor:
+    """Sum a per-token vector [rows * tokens] to per-row totals: [rows]."""
+    return per_token.reshape(rows, -1).sum(dim=1)
 
 
 # Import the layer families so that their rules register themselves.

@@ -5,34 +5,38 @@ G_i(bias) = Σ_t b_it. They are formed explicitly, in fp32 (or fp64 for an fp64 
 """
 import torch
 
-from ghost_engine.layers import LayerPath
+from ghost_engine.layers import LayerPath, row_sum
 
 
-def _per_row(t: torch.Tensor, n_feature_dims: int) -> torch.Tensor:
-    """[rows, ..., *features] -> [rows, tokens, prod(features)]"""
-    rows = t.shape[0]
-    features = t.shape[t.dim() - n_feature_dims:]
-    return t.reshape(rows, -1, features.numel())
+def _tokens(t: torch.Tensor, n_feature_dims: int) -> torch.Tensor:
+    """[rows, ..., *features] -> [tokens, prod(features)]"""
+    return t.reshape(-1, t.shape[t.dim() - n_feature_dims:].numel())
+
+
+def _column_sum(m: torch.Tensor) -> torch.Tensor:
+    return m.new_ones(m.shape[0]) @ m  # a matrix-vector product: one pass, no strided reduction
 
 
 def affine_val_grads(x_hat_v, grad_v, n_feature_dims, has_weight, has_bias, weight_shape):
-    g = _per_row(grad_v, n_feature_dims)
+    g = _tokens(grad_v, n_feature_dims)
     grads = {}
     if has_weight:
-        grads["weight"] = (g * _per_row(x_hat_v, n_feature_dims)).sum((0, 1)).reshape(weight_shape)
+        grads["weight"] = _column_sum(g * _tokens(x_hat_v, n_feature_dims)).reshape(weight_shape)
     if has_bias:
-        grads["bias"] = g.sum((0, 1)).reshape(weight_shape)
+        grads["bias"] = _column_sum(g).reshape(weight_shape)
     return grads
 
 
 def affine_per_sample_dots(x_hat_tr, grad_tr, n_feature_dims, val_totals):
-    g = _per_row(grad_tr, n_feature_dims)
+    """<Σ_t b_it ⊙ x̂_it, V_w> = Σ_t (b_it ⊙ x̂_it)·V_w, per row, without forming [B, d] sums."""
+    rows = grad_tr.shape[0]
+    g = _tokens(grad_tr, n_feature_dims)
     out = {}
     if "weight" in val_totals:
-        per_sample = (g * _per_row(x_hat_tr, n_feature_dims)).sum(1)  # [B, d]
-        out["weight"] = per_sample @ val_totals["weight"].reshape(-1).to(per_sample.dtype)
+        weighted = g * _tokens(x_hat_tr, n_feature_dims)
+        out["weight"] = row_sum(weighted @ val_totals["weight"].reshape(-1).to(g.dtype), rows)
     if "bias" in val_totals:
-        out["bias"] = g.sum(1) @ val_totals["bias"].reshape(-1).to(g.dtype)
+        out["bias"] = row_sum(g @ val_totals["bias"].reshape(-1).to(g.dtype), rows)
     return out
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ghost_engine.layers import LayerPath, RowSparse, register_layer, token_sum
+from ghost_engine.layers import LayerPath, RowSparse, register_layer, row_dot
 
 
 def _check_supported(module: nn.Embedding):
@@ -87,10 +87,10 @@ def _gather_dots(module, ids, grad, dense_val) -> torch.Tensor:
     """Σ_t b_it · X[id_it] per training row."""
     rows = ids.shape[0]
     flat_ids = ids.reshape(-1)
-    g = grad.reshape(flat_ids.shape[0], -1).to(dense_val.dtype)
     picked = dense_val[flat_ids]  # [N, d]
-    per_token = (picked * g).sum(-1) * _keep(module, flat_ids)
-    return token_sum(per_token, rows)
+    if module.padding_idx is not None:
+        picked.masked_fill_(~_keep(module, flat_ids)[:, None], 0)
+    return row_dot(picked, grad.to(dense_val.dtype), rows)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ghost_engine.layers import LayerPath, RowSparse, register_layer, token_sum
+from ghost_engine.layers import LayerPath, RowSparse, register_layer, row_dot, row_sum
 
 try:  # Hugging Face GPT-2 uses a transposed linear layer
     from transformers.pytorch_utils import Conv1D
@@ -47,8 +47,8 @@ def _gram_dots(a_tr, g_tr, a_v, g_v, rows: int) -> torch.Tensor:
     out = []
     for start in range(0, rows, chunk_rows):
         sl = slice(start * tokens_per_row, min(rows, start + chunk_rows) * tokens_per_row)
-        gram = (a[sl] @ av.t()) * (g[sl] @ gv.t())  # [chunk tokens, Nv]
-        out.append(token_sum(gram, min(rows, start + chunk_rows) - start))
+        chunk = min(rows, start + chunk_rows) - start
+        out.append(row_dot(a[sl] @ av.t(), g[sl] @ gv.t(), chunk))  # Gram blocks [chunk tokens, Nv]
     return torch.cat(out)
 
 
@@ -57,8 +57,8 @@ def _projection_dots(a_tr, g_tr, val_in_out: torch.Tensor, rows: int) -> torch.T
     a, g = _flat(a_tr), _flat(g_tr)
     m = val_in_out.to(a.dtype)  # [d, p]
     if m.shape[0] <= m.shape[1]:
-        return token_sum((g @ m.t()) * a, rows)  # [N, d]
-    return token_sum((a @ m) * g, rows)  # [N, p]
+        return row_dot(g @ m.t(), a, rows)  # via [N, d]
+    return row_dot(a @ m, g, rows)  # via [N, p]
 
 
 def _use_gram(n_tr: int, n_v: int, d: int, p: int) -> bool:
@@ -91,8 +91,8 @@ class LinearRule:
         else:
             out["weight"] = _projection_dots(act_tr, grad_tr, _weight_in_out(module, total), rows)
         if "bias" in val_totals:
-            per_row = grad_tr.reshape(rows, -1, grad_tr.shape[-1]).sum(1)  # [B, p]
-            out["bias"] = per_row.to(val_totals["bias"].dtype) @ val_totals["bias"]
+            bias = val_totals["bias"]
+            out["bias"] = row_sum(_flat(grad_tr).to(bias.dtype) @ bias, rows)
         return out
 
     @staticmethod
@@ -127,8 +127,8 @@ class LinearRule:
         cols = torch.searchsorted(stash.rows, later_val_grad.rows)
         values = later_val_grad.values.to(stash.a.dtype)
         if stash.transposed:  # Conv1D: rows index the input features
-            return token_sum((stash.a[:, cols] @ values) * stash.g, stash.n_rows)
-        return token_sum((stash.g[:, cols] @ values) * stash.a, stash.n_rows)
+            return row_dot(stash.a[:, cols] @ values, stash.g, stash.n_rows)
+        return row_dot(stash.g[:, cols] @ values, stash.a, stash.n_rows)
 
 
 @dataclass

@@ -198,7 +198,7 @@ def test_text_snippets_use_the_text_source(run_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
     report.write_report(run_dir, out, top=1)
     text = (out / "report.md").read_text()
-    assert "| 1 | 0.875 | ArXiv | 21 | 200 | 2 | ArXiv window at 200 \\| 16 tokens |" in text
+    assert "| 1 | 0.875 | ArXiv | 21 | 200 | 2 | `ArXiv window at 200 \\| 16 tokens` |" in text
     assert "snippets skipped" not in text
 
 

@@ -7,7 +7,6 @@ import os
 import random
 
 import numpy as np
-import pytest
 
 from ghost_engine import analysis, report
 from ghost_engine.results_io import load_run
@@ -104,6 +103,6 @@ def test_report_ranks_the_planted_document_first(tmp_path):
     assert report.main([str(run_dir), "--top", "5", "--out", str(out)]) == 0
     text = (out / "report.md").read_text()
     top_documents = text.split("## Top 5 documents")[1].splitlines()
-    assert f"| 1 | " in top_documents[4] and f"| {VAL_DOMAIN} | {planted} |" in top_documents[4]
+    assert top_documents[4].startswith("| 1 | ") and f"| {VAL_DOMAIN} | {planted} |" in top_documents[4]
     assert "lighthouse keeper of Varnholm" in text  # validation batch and the planted window's snippet
     assert os.path.exists(out / "cumulative_value.png")

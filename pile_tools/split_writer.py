@@ -46,6 +46,7 @@ class SplitWriter:
                 "skipped": [],
             }
         self._files: dict[str, dict] = {}
+        self._dirty: set[str] = set()  # domains appended to since the last checkpoint
 
     def _check_compatible(self, tokenizer_identity: dict, options: dict) -> None:
         if self.state.get("version") != STATE_VERSION:
@@ -110,6 +111,7 @@ class SplitWriter:
     def append_document(self, domain: str, tokens: np.ndarray, input_index: int, line_no: int) -> None:
         """tokens: uint16 [n] ending with EOT."""
         files = self._open(domain)
+        self._dirty.add(domain)
         info = self.state["domains"][domain]
         files["tokens"].write(tokens.astype(TOKEN_DTYPE, copy=False).tobytes())
         files["doc_starts"].write(np.int64(info["num_tokens"]).tobytes())
@@ -125,16 +127,18 @@ class SplitWriter:
     # --- commits ------------------------------------------------------------------------------
 
     def checkpoint(self, status: str = "in_progress") -> None:
-        for files in self._files.values():
-            for fh in files.values():
+        for domain in self._dirty:
+            for fh in self._files[domain].values():
                 fh.flush()
                 os.fsync(fh.fileno())
+        self._dirty.clear()
         self.state["status"] = status
         write_json_atomic(self.state_path, self.state)
 
     def complete(self) -> None:
         """Write every domain manifest, then mark the split complete."""
-        self.checkpoint("in_progress")
+        if self._dirty or self.state["status"] == "complete":
+            self.checkpoint("in_progress")
         for domain, info in self.state["domains"].items():
             paths = domain_paths(self.split_dir, info["slug"])
             write_json_atomic(

@@ -4,9 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from pile_tools.tokenizer import EOT_ID, GPT2BPE, load_gpt2_tokenizer
+from pile_tools.tokenizer import GPT2BPE, load_gpt2_tokenizer
 
 _worker_tokenizer: GPT2BPE | None = None
 
@@ -52,7 +50,6 @@ def encode_chunk(items: list, keep_domains: frozenset | None, tokenizer: GPT2BPE
     """items: [(line_no, raw JSON line or record dict)] -> token arrays for the usable records, in order."""
     tokenizer = tokenizer or _worker_tokenizer
     chunk = EncodedChunk(last_line=items[-1][0] if items else 0)
-    texts, kept = [], []
     for line_no, payload in items:
         if isinstance(payload, bytes) and not payload.strip():
             continue  # blank lines (e.g. a trailing newline) are not records
@@ -62,11 +59,5 @@ def encode_chunk(items: list, keep_domains: frozenset | None, tokenizer: GPT2BPE
         elif keep_domains is not None and domain not in keep_domains:
             chunk.filtered += 1
         else:
-            texts.append(text)
-            kept.append((line_no, domain))
-    for (line_no, domain), ids in zip(kept, tokenizer.encode_batch(texts)):
-        tokens = np.empty(len(ids) + 1, dtype=np.uint16)
-        tokens[:-1] = ids
-        tokens[-1] = EOT_ID
-        chunk.docs.append((line_no, domain, tokens))
+            chunk.docs.append((line_no, domain, tokenizer.encode_document(text)))
     return chunk

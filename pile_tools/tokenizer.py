@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
+import numpy as np
 import tiktoken
 
 EOT_ID = 50256
@@ -84,6 +85,14 @@ class GPT2BPE:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         # One thread per call: parallelism comes from worker processes, which --workers bounds.
         return [self.encoding.encode_ordinary(t) for t in texts]
+
+    def encode_document(self, text: str) -> np.ndarray:
+        """uint16 [n + 1]: the document's ids followed by EOT, built without a Python list in between."""
+        ids = self.encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+        tokens = np.empty(ids.size + 1, dtype=np.uint16)
+        tokens[:-1] = ids
+        tokens[-1] = self.eot_id
+        return tokens
 
     def decode(self, ids) -> str:
         return self.encoding.decode([int(i) for i in ids])

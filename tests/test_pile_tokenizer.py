@@ -55,6 +55,7 @@ def test_literal_eot_string_is_ordinary_text(tok):
     ids = tok.encode("a<|endoftext|>b")
     assert EOT_ID not in ids
     assert tok.decode(ids) == "a<|endoftext|>b"
+    assert tok.encode_document("a<|endoftext|>b").tolist() == ids + [EOT_ID]
 
 
 def test_round_trip_decode(tok):

@@ -7,6 +7,7 @@ whatever the shard size.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import shutil
 import signal
@@ -14,14 +15,13 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
-import multiprocessing
 
 from tqdm import tqdm
 
 from pile_tools.encode_worker import EncodedChunk, encode_chunk, init_worker
 from pile_tools.jsonl_io import CorruptInputError
 from pile_tools.layout import check_split
-from pile_tools.split_writer import SplitWriter
+from pile_tools.split_writer import MAX_SKIPPED_LISTED, SplitWriter
 from pile_tools.tokenizer import load_gpt2_tokenizer
 
 CHUNK_LINES = 256
@@ -36,7 +36,8 @@ class TokenizeSummary:
     documents: int = 0
     tokens: int = 0
     filtered: int = 0
-    skipped: list = field(default_factory=list)  # (input name, line, reason) found in this run
+    skipped_count: int = 0
+    skipped: list = field(default_factory=list)  # (input name, line, reason), the first MAX_SKIPPED_LISTED of this run
     inputs_done: list = field(default_factory=list)
     inputs_already_done: list = field(default_factory=list)
     stopped_by_max_tokens: bool = False
@@ -52,11 +53,11 @@ class TokenizeSummary:
             lines.append(f"[{self.split}] {self.filtered:,} records of other domains left out (--domains)")
         if self.stopped_by_max_tokens:
             lines.append(f"[{self.split}] stopped at --max_tokens; a later run with a larger limit continues from here")
-        if self.skipped:
-            lines.append(f"[{self.split}] skipped {len(self.skipped):,} bad records:")
+        if self.skipped_count:
+            lines.append(f"[{self.split}] skipped {self.skipped_count:,} bad records:")
             lines += [f"  {name}:{line}: {reason}" for name, line, reason in self.skipped[:max_listed]]
-            if len(self.skipped) > max_listed:
-                lines.append(f"  ... and {len(self.skipped) - max_listed:,} more (listed in ingest.json)")
+            if self.skipped_count > max_listed:
+                lines.append(f"  ... and {self.skipped_count - max_listed:,} more (the first {MAX_SKIPPED_LISTED} are listed in ingest.json)")
         if self.corrupt_input is not None:
             lines.append(f"[{self.split}] ERROR: {self.corrupt_input}. Documents before that point are kept and the "
                          "output is consistent; a re-run resumes after them.")
@@ -194,8 +195,7 @@ def _append_chunk(chunk: EncodedChunk, writer: SplitWriter, index: int, record: 
     next_skip = next(skipped, None)
     for line_no, domain, tokens in chunk.docs:
         while next_skip is not None and next_skip[0] < line_no:
-            writer.record_skipped(name, *next_skip)
-            summary.skipped.append((name, *next_skip))
+            _record_skipped(writer, summary, name, *next_skip)
             next_skip = next(skipped, None)
         writer.append_document(domain, tokens, index, line_no)
         record["lines_done"] = line_no
@@ -205,11 +205,17 @@ def _append_chunk(chunk: EncodedChunk, writer: SplitWriter, index: int, record: 
             summary.stopped_by_max_tokens = True
             return
     while next_skip is not None:
-        writer.record_skipped(name, *next_skip)
-        summary.skipped.append((name, *next_skip))
+        _record_skipped(writer, summary, name, *next_skip)
         next_skip = next(skipped, None)
     summary.filtered += chunk.filtered
     record["lines_done"] = max(record["lines_done"], chunk.last_line)
+
+
+def _record_skipped(writer: SplitWriter, summary: TokenizeSummary, name: str, line_no: int, reason: str) -> None:
+    writer.record_skipped(name, line_no, reason)
+    summary.skipped_count += 1
+    if len(summary.skipped) < MAX_SKIPPED_LISTED:
+        summary.skipped.append((name, line_no, reason))
 
 
 def _rates(summary: TokenizeSummary, start: float) -> str:

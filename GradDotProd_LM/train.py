@@ -19,6 +19,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
+import transformers
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import config_file
@@ -134,8 +135,9 @@ def main(argv=None) -> int:
     # ---------------------------------------------------------------- config and DDP set-up
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # launched by torchrun
     world_size = int(os.environ["WORLD_SIZE"]) if ddp else 1
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        cfg = parse_config(sys.argv[1:] if argv is None else list(argv), world_size=world_size)
+        cfg = parse_config(argv, world_size=world_size)
     except SystemExit as exit_request:  # argparse: -h (0) or a bad flag (2), message already printed
         return exit_request.code
     if ddp:
@@ -152,14 +154,14 @@ def main(argv=None) -> int:
     stop = StopRequest()
     stop.install()
     try:
-        return _run(cfg, rank, world_size, device, master, stop)
+        return _run(cfg, argv, rank, world_size, device, master, stop)
     finally:
         stop.restore()
         if ddp:
             dist.destroy_process_group()
 
 
-def _run(cfg, rank, world_size, device, master, stop):
+def _run(cfg, argv, rank, world_size, device, master, stop):
     graddotprod = cfg["method"] == "GradDotProd"
     train_dtype = cfg["train_dtype"] if cfg["train_dtype"] != "auto" else (
         "bfloat16" if device.type == "cuda" else "float32")
@@ -167,9 +169,6 @@ def _run(cfg, rank, world_size, device, master, stop):
     run_dir = run_dir_of(cfg)
     B, T, A = cfg["batch_size"], cfg["seq_len"], cfg["grad_accum"]
     micro_rows = B // (world_size * A)  # rows of one micro-batch on one rank
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
     # ---------------------------------------------------------------- data
     cfg["data_dir"] = resolve_data_dir(cfg, master, world_size)
@@ -221,14 +220,12 @@ def _run(cfg, rank, world_size, device, master, stop):
     if master:
         os.makedirs(run_dir, exist_ok=True)
         config_record = dict(cfg, world_size=world_size, train_dtype_resolved=train_dtype, device=str(device),
-                             torch=torch.__version__, python=platform.python_version(), argv=sys.argv)
-        if start_step:
-            removed = drop_dotprods_after(run_dir, start_step)
-            print(f"Resuming {run_dir} from step {start_step}"
+                             torch=torch.__version__, transformers=transformers.__version__,
+                             python=platform.python_version(), argv=argv)
+        removed = drop_dotprods_after(run_dir, start_step)  # files of steps the run is about to redo
+        if cfg["resume"]:
+            print(f"Resuming {run_dir} from step {start_step}" + ("" if start_step else " (no checkpoint yet)")
                   + (f"; removed files written after that checkpoint: {removed}" if removed else ""), flush=True)
-        elif cfg["resume"]:
-            drop_dotprods_after(run_dir, 0)
-            print(f"--resume: {run_dir} has no checkpoint yet; starting it from step 0", flush=True)
         log = read_training_log(run_dir, start_step)
         write_json(os.path.join(run_dir, "config.json"), config_record)
         if val_batch is not None:

@@ -45,6 +45,9 @@ def build_model(architecture, n_positions=1024, attn_implementation="sdpa", init
                              "by model.save_pretrained() (hub downloads are not used)")
         model = GPT2LMHeadModel.from_pretrained(init_from, config=config, local_files_only=True,
                                                 attn_implementation=attn_implementation)
+    # transformers infers the loss from the class name, which GPT2LMHeadModel does not match; name the
+    # causal-LM loss it falls back to anyway (mean over shifted targets), so it is chosen without a warning.
+    model.loss_type = "ForCausalLM"
     if model.lm_head.weight is not model.transformer.wte.weight:
         model.tie_weights()
     if gradient_checkpointing:

@@ -80,11 +80,13 @@ def build_parser():
                     "gradient dot product with the validation gradient is saved (first-order In-Run Data "
                     "Shapley). Defaults in brackets.")
     d = DEFAULTS
-    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of flag values (keys = flag names); flags override it")
+    p.add_argument("--config", metavar="FILE.yaml",
+                   help="YAML file of flag values (keys = flag names); flags override it")
     g = p.add_argument_group("run")
     g.add_argument("--method", choices=METHODS, help=f"[{d['method']}]")
     g.add_argument("--architecture", choices=tuple(ARCHITECTURES), help=f"[{d['architecture']}]")
-    g.add_argument("--run_name", help="directory name under --results_dir [<method>-<architecture>-bs<B>-seq<T>-seed<S>]")
+    g.add_argument("--run_name",
+                   help="directory name under --results_dir [<method>-<architecture>-bs<B>-seq<T>-seed<S>]")
     g.add_argument("--results_dir", help=f"[$GRADDOTPROD_RESULTS_DIR or {config_file.RESULTS_DIR}]")
     g.add_argument("--data_dir", help="tokenized Pile written by pile_tools [$GRADDOTPROD_PILE_DATA_DIR or "
                    f"{config_file.PILE_DATA_DIR}; if absent, the bundled sample]")
@@ -94,8 +96,10 @@ def build_parser():
     g.add_argument("--init_from", help="local directory written by save_pretrained() to initialise the weights")
     g.add_argument("--seed", type=int, help=f"[{d['seed']}]")
     g = p.add_argument_group("data")
-    g.add_argument("--batch_size", type=_positive_int, help=f"global batch of one step over all processes [{d['batch_size']}]")
-    g.add_argument("--val_batch_size", type=_non_negative_int, help=f"validation rows of the dot product [{d['val_batch_size']}]")
+    g.add_argument("--batch_size", type=_positive_int,
+                   help=f"global batch of one step over all processes [{d['batch_size']}]")
+    g.add_argument("--val_batch_size", type=_non_negative_int,
+                   help=f"validation rows of the dot product [{d['val_batch_size']}]")
     g.add_argument("--val_domain", help="Pile domain of the validation rows, e.g. 'Github' [all domains]")
     g.add_argument("--train_domains", type=parse_domains,
                    help="'Github,ArXiv' or weighted 'Github:0.7,ArXiv:0.3' [all domains]")
@@ -108,7 +112,8 @@ def build_parser():
     g.add_argument("--max_steps", type=_positive_int, help=f"optimizer steps [{d['max_steps']}]")
     g.add_argument("--lr_decay_steps", type=_positive_int, help="step where the cosine reaches --min_lr [--max_steps]")
     g.add_argument("--grad_accum", type=_positive_int, help=f"micro-batches per step [{d['grad_accum']}]")
-    g.add_argument("--grad_clip", type=_non_negative_float, help=f"max global gradient norm, 0 = off [{d['grad_clip']}]")
+    g.add_argument("--grad_clip", type=_non_negative_float,
+                   help=f"max global gradient norm, 0 = off [{d['grad_clip']}]")
     g.add_argument("--model_dtype", choices=DTYPES, help=f"parameter dtype [{d['model_dtype']}]")
     g.add_argument("--train_dtype", choices=("auto",) + DTYPES,
                    help="autocast dtype; auto = bfloat16 on GPU, float32 on CPU [auto]")

@@ -1,7 +1,6 @@
 """GPT-2 models built from configuration only (no weight download)."""
 import os
 
-import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 GPT2_VOCAB_SIZE = 50257

@@ -7,7 +7,6 @@ Order of the script: config -> DDP set-up from torchrun's variables -> data -> m
 -> resume -> loop (micro-batches, clip, step, dot products, eval, checkpoint). Step numbers count from 1:
 step t trains on the reader's global batch t and is the t-th optimizer update.
 """
-import json
 import math
 import os
 import platform
@@ -327,7 +326,10 @@ def _run(cfg, argv, rank, world_size, device, master, stop):
 
     if graddotprod:
         engine.detach()
-    if master:
+    if master and step == start_step:
+        print(f"Nothing to train: {run_dir} is at step {start_step} and --max_steps is {cfg['max_steps']}; "
+              "pass a larger --max_steps to extend it", flush=True)
+    elif master:
         total = time.perf_counter() - started
         print(f"Done: steps {start_step + 1}..{step} in {total:.1f}s. Results in {run_dir}", flush=True)
     return 0

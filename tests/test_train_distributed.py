@@ -13,6 +13,7 @@ from GradDotProd_LM.model import build_model
 from pile_tools import ensure_sample_dataset
 
 B, STEPS = 4, 3
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # config_file.py lives here
 
 
 def flags(data_dir, results_dir, run_name):
@@ -31,7 +32,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
               "-m", "GradDotProd_LM.train", *flags(data_dir, results, "two")]
-    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 process(es)" in done.stdout
     assert train.main(flags(data_dir, results, "one")) == 0

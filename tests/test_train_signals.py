@@ -13,6 +13,7 @@ from GradDotProd_LM import train
 from pile_tools import ensure_sample_dataset
 
 B = 4
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # config_file.py lives here
 
 
 def test_sigterm_leaves_a_complete_resumable_run(tmp_path):
@@ -23,7 +24,8 @@ def test_sigterm_leaves_a_complete_resumable_run(tmp_path):
              "--eval_bs", "2", "--dot_prod_save_interval", "3", "--checkpoint_interval", "1000",
              "--data_dir", data_dir, "--results_dir", results, "--run_name", "stopped"]
     proc = subprocess.Popen([sys.executable, "-m", "GradDotProd_LM.train", *flags], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
     output = []
     for line in proc.stdout:  # stop it once a step past the first file boundary has finished
         output.append(line)

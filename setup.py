@@ -7,6 +7,7 @@ setup(
     description="Exact per-sample training/validation gradient dot products (In-Run Data Shapley) "
     "in one backward pass, with a GPT-2 pretraining stack for the Pile.",
     packages=find_packages(include=["ghost_engine*", "pile_tools*", "GradDotProd_LM*"]),
+    py_modules=["config_file"],  # the repository-level settings (RESULTS_DIR, PILE_DATA_DIR)
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

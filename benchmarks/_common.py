@@ -300,7 +300,7 @@ def run_interleaved(methods: list, reps: int, device: str, warmup: int = 1, mete
 # ---------------------------------------------------------------- the analytic floor
 
 def floor_ratio(model, optimizer, batch, cfg: BenchConfig) -> float:
-    """DESIGN.md section 3 floor for this configuration, from the flops of one Regular step."""
+    """docs/METHOD.md section 3 floor for this configuration, from the flops of one Regular step."""
     from ghost_engine.cost import analytic_floor_ratio, count_step_flops
 
     regular = regular_method(model, optimizer, batch, cfg)

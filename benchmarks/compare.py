@@ -11,7 +11,7 @@ interleaved (for rep: for method: one step), it measures step time, tokens/s and
                     dot products of the flattened gradients;
     VmapPerSample   torch.func per-sample gradients (functional_call + grad + vmap, in chunks).
 
-The two baselines are written here from the definition (DESIGN.md section 1), independently of
+The two baselines are written here from the definition (docs/METHOD.md section 1), independently of
 the engine. The dot products of the engine and of vmap are checked against the naive ones.
 """
 from __future__ import annotations
@@ -217,7 +217,7 @@ def main(argv=None) -> int:
           f"amp={'bf16' if cfg.amp else 'off'} grad_ckpt={'on' if cfg.grad_ckpt else 'off'} "
           f"attn={cfg.attn_impl} device={cfg.device} threads={torch.get_num_threads()}")
     print(f"median of {args.reps} interleaved steps; peak memory: {rows[0]['mem_metric']}; "
-          f"analytic floor (DESIGN.md section 3) = {rows[0]['floor_ratio']:.3f} x Regular")
+          f"analytic floor (docs/METHOD.md section 3) = {rows[0]['floor_ratio']:.3f} x Regular")
     print(format_table(rows, TABLE_COLUMNS))
     print(f"CSV: {args.out}")
 

@@ -1,4 +1,4 @@
-"""What one GradDotProd step costs against a Regular step, next to the analytic floor (DESIGN.md section 3).
+"""What one GradDotProd step costs against a Regular step, next to the analytic floor (docs/METHOD.md section 3).
 
     python -m benchmarks.engine_overhead --config cpu-small [--reps 7]
 

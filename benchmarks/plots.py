@@ -79,7 +79,7 @@ def _line_plot(plt, path, rows, x_key, y_key, by, xlabel, ylabel, title, floor=N
         axes.plot(xs, ys, marker="o", label=label)
     if floor is not None:
         xs, ys = floor
-        axes.plot(xs, ys, linestyle="--", color="black", label="analytic floor (DESIGN.md s.3)")
+        axes.plot(xs, ys, linestyle="--", color="black", label="analytic floor (docs/METHOD.md s.3)")
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.set_title(title, fontsize=9)

@@ -1,4 +1,4 @@
-"""The cost floor of an exact engine (DESIGN.md section 3) and flop counting of whole steps.
+"""The cost floor of an exact engine (docs/METHOD.md section 3) and flop counting of whole steps.
 
 Relative to Regular training on the B training rows alone, an exact engine costs at least
 (B+Bv)/B of Regular's flops for the extra rows plus, per linear map (d -> p),

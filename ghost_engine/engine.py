@@ -1,6 +1,6 @@
 """GradDotProdEngine: per-sample <grad l_i, grad L_val> and the Regular training gradient from one backward.
 
-How it works (DESIGN.md sections 1-2). The caller stacks the validation rows under the training rows.
+How it works (docs/METHOD.md sections 1-2). The caller stacks the validation rows under the training rows.
 Forward hooks keep each supported layer's input; a hook on the layer's output gradient hands
 (input, output gradient) to the layer's rule, which returns the layer's validation gradient and the
 per-sample dot products without forming per-sample gradients. A hook on every parameter removes the

@@ -67,6 +67,11 @@ class LayerPath:
     flops: float  # extra flops of the per-sample dot products for this layer
 
 
+def module_input(args, kwargs, name="input") -> torch.Tensor:
+    """The tensor a module was called with (first positional argument, or the keyword `name`)."""
+    return args[0] if args else kwargs[name]
+
+
 def row_dot(x: torch.Tensor, y: torch.Tensor, rows: int) -> torch.Tensor:
     """Per row, the sum of x ⊙ y over everything after the first `rows` split: [rows].
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ghost_engine.layers import LayerPath, RowSparse, register_layer, row_dot
+from ghost_engine.layers import LayerPath, RowSparse, module_input, register_layer, row_dot
 
 
 def _check_supported(module: nn.Embedding):
@@ -33,7 +33,7 @@ class EmbeddingRule:
 
     @staticmethod
     def capture(module, args, kwargs, output, rows):
-        ids = args[0] if args else kwargs["input"]
+        ids = module_input(args, kwargs)
         if ids.shape[0] == rows or ids.dim() == 0:
             return ids, None
         if ids.shape[0] == 1 and output.shape[0] == 1:  # broadcast over the batch, e.g. GPT-2 position ids

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ghost_engine.layers import register_layer
+from ghost_engine.layers import module_input, register_layer
 from ghost_engine.layers._affine import accum, affine_path, affine_per_sample_dots, affine_val_grads
 
 
@@ -15,7 +15,7 @@ def _x_hat(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 class LayerNormRule:
     @staticmethod
     def capture(module, args, kwargs, output, rows):
-        return args[0] if args else kwargs["input"], None
+        return module_input(args, kwargs), None
 
     @staticmethod
     def val_grads(module, act_v, grad_v):

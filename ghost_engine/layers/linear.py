@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ghost_engine.layers import LayerPath, RowSparse, register_layer, row_dot, row_sum
+from ghost_engine.layers import LayerPath, RowSparse, module_input, register_layer, row_dot, row_sum
 
 try:  # Hugging Face GPT-2 uses a transposed linear layer
     from transformers.pytorch_utils import Conv1D
@@ -69,7 +69,7 @@ def _use_gram(n_tr: int, n_v: int, d: int, p: int) -> bool:
 class LinearRule:
     @staticmethod
     def capture(module, args, kwargs, output, rows):
-        return args[0] if args else kwargs["input"], None
+        return module_input(args, kwargs), None
 
     @staticmethod
     def val_grads(module, act_v, grad_v):

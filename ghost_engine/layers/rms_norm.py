@@ -6,7 +6,7 @@ the rule reproduces that rounding so the per-sample gradients match the layer's 
 import torch
 from torch import nn
 
-from ghost_engine.layers import register_layer
+from ghost_engine.layers import module_input, register_layer
 from ghost_engine.layers._affine import accum, affine_path, affine_per_sample_dots, affine_val_grads
 
 try:
@@ -36,7 +36,7 @@ class _RMSNormRule:
 
     @classmethod
     def capture(cls, module, args, kwargs, output, rows):
-        return args[0] if args else kwargs["hidden_states" if "hidden_states" in kwargs else "input"], None
+        return module_input(args, kwargs, "hidden_states" if "hidden_states" in kwargs else "input"), None
 
     @classmethod
     def val_grads(cls, module, act_v, grad_v):

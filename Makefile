@@ -8,8 +8,9 @@ PLOTS ?= Results/plots
 
 COMPARE_ARGS ?=
 SWEEP_ARGS ?=
-DEMO_ARGS ?= --architecture GPT2-Tiny --batch_size 4 --val_batch_size 1 --seq_len 128 --max_steps 20 \
-	--warmup_step 2 --eval_interval 10 --eval_iter 2 --dot_prod_save_interval 5 --run_name demo
+DEMO_ARGS ?= --architecture GPT2-Tiny --max_steps 50 --batch_size 8 --seq_len 64 --warmup_step 5 \
+	--learning_rate 1e-3 --eval_interval 25 --eval_iter 2 --eval_bs 4 --val_domain "DM Mathematics" \
+	--run_name quickstart
 
 .PHONY: install test demo compare profile-len profile-batch profile-amp profile-val profile-ckpt profile-attn \
 	profile-all plots clean

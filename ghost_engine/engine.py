@@ -281,6 +281,8 @@ class GradDotProdEngine:
             return replacement
         device_type = out.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        if dtype is not None and getattr(layer.rule, "autocast_input", False):
+            act = act.to(dtype)  # what autocast multiplies with; frees the fp32 input (e.g. a norm's output)
         mb.acts[layer.name] = (act, dtype)
         for pname in layer.params.values():
             mb.pending.setdefault(pname, []).append(layer.name)

@@ -16,6 +16,7 @@ The interface of a rule (see ``linear.py`` for the reference implementation)::
         -> {local_param_name: Tensor [B_train]}
     path(module, act_tr, act_v) -> LayerPath      (which exact path runs, and its flops)
 
+A rule may set ``autocast_input = True`` to have the engine keep its input in the autocast dtype.
 Rules that can take part in parameter ties (GPT-2's wte/lm_head) also implement
 ``val_support``, ``make_stash`` and ``stash_dots``.
 """

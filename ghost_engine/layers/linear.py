@@ -67,6 +67,10 @@ def _use_gram(n_tr: int, n_v: int, d: int, p: int) -> bool:
 
 @register_layer(nn.Linear, *(() if Conv1D is None else (Conv1D,)))
 class LinearRule:
+    # Under autocast the layer multiplies a half-precision copy of its input, and autograd keeps only
+    # that copy; the engine keeps one too instead of holding on to an fp32 input.
+    autocast_input = True
+
     @staticmethod
     def capture(module, args, kwargs, output, rows):
         return module_input(args, kwargs), None

@@ -66,7 +66,7 @@ def main(argv=None):
         f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"\n{device} | torch {torch.__version__} | train flags: {' '.join(train_flags)}")
     print(f"{args.rounds} rounds x {args.steps} steps, first {args.skip} of each run skipped; medians over steps")
-    print(f"| method | tokens/s | step ms | CPU s per run | peak GPU GiB | time vs Regular |")
+    print("| method | tokens/s | step ms | CPU s per run | peak GPU GiB | time vs Regular |")
     print("|---|---|---|---|---|---|")
     regular_ms = np.median([t for r in runs["Regular"] for t in r["step_time_s"][args.skip:]]) * 1e3
     for method in METHODS:

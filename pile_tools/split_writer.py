@@ -64,7 +64,7 @@ class SplitWriter:
 
     def _truncate_to_checkpoint(self) -> None:
         """Drop whatever a killed run appended after its last checkpoint."""
-        for domain, info in self.state["domains"].items():
+        for info in self.state["domains"].values():
             paths = domain_paths(self.split_dir, info["slug"])
             lengths = {
                 "tokens": info["num_tokens"] * 2,

@@ -1,5 +1,4 @@
 """Independent ground truth for the engine tests: float64 per-sample gradients from torch.func."""
-import torch
 from torch.func import functional_call, grad, vmap
 
 

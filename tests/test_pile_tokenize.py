@@ -78,7 +78,7 @@ def test_round_trip_tokens_counts_offsets(tmp_path, tok):
         tokens, starts, origin = got[domain]
         texts = [(line, text) for line, (d, text) in enumerate(DOCS, start=1) if d == domain]
         expected = []
-        for line, text in texts:
+        for _, text in texts:
             assert tok.encode(text) == slow.encode(text)
             expected += tok.encode(text) + [EOT_ID]
         assert tokens.tolist() == expected
@@ -180,7 +180,7 @@ def test_truncated_zst_names_file_and_keeps_output_consistent(tmp_path, tok):
     # What was kept is exactly the tokenization of the first lines_done records.
     kept = records[: state["inputs"][0]["lines_done"]]
     assert 0 < len(kept) < len(records)
-    for domain, (tokens, starts, _) in got.items():
+    for domain, (tokens, _, _) in got.items():
         expected = [t for r in kept if r["meta"]["pile_set_name"] == domain for t in tok.encode(r["text"]) + [EOT_ID]]
         assert tokens.tolist() == expected
 

@@ -261,8 +261,9 @@ class GradDotProdEngine:
         self._mb = _MicroBatch(n_train=X_train.shape[0], rows=X_train.shape[0] + self.X_val.shape[0],
                                counts=counts, n_train_targets=n_train, dot_scale=dot_scale,
                                grad_scale=s_train / s)
-        device = X_train.device
-        return (torch.cat([X_train, self.X_val.to(device)]), torch.cat([Y_train, self.Y_val.to(device)]))
+        if self.X_val.device != X_train.device:  # move the fixed validation batch once, not every step
+            self.X_val, self.Y_val = self.X_val.to(X_train.device), self.Y_val.to(Y_train.device)
+        return torch.cat([X_train, self.X_val]), torch.cat([Y_train, self.Y_val])
 
     def _on_forward(self, layer, module, args, kwargs, output):
         mb = self._mb

@@ -38,8 +38,9 @@ def tiny_bert_classifier():
 class MLPClassifier(nn.Module):
     """Features [R, F] -> class logits; returns an object with .loss (mean CE over rows) and .logits."""
 
-    def __init__(self, features=16, hidden=64, classes=5, norm=True):
+    def __init__(self, features=16, hidden=64, classes=5, norm=True, reduction="mean"):
         super().__init__()
+        self.reduction = reduction
         self.fc1 = nn.Linear(features, hidden)
         self.norm = nn.LayerNorm(hidden) if norm else nn.Identity()
         self.fc2 = nn.Linear(hidden, hidden)
@@ -49,7 +50,7 @@ class MLPClassifier(nn.Module):
     def forward(self, input_ids, labels=None):
         h = self.norm(torch.tanh(self.fc1(input_ids)))
         logits = self.out(self.rms(torch.tanh(self.fc2(h))))
-        loss = None if labels is None else F.cross_entropy(logits, labels)
+        loss = None if labels is None else F.cross_entropy(logits, labels, reduction=self.reduction)
         return SimpleNamespace(loss=loss, logits=logits)
 
 

@@ -271,3 +271,36 @@ def test_gradient_checkpointing_gives_the_same_numbers():
     torch.testing.assert_close(result_ckpt.dot_products, result_plain.dot_products)
     for name, grad in grads_plain.items():
         torch.testing.assert_close(grads_ckpt[name], grad, msg=name)
+
+
+def test_loss_multiplier_scales_the_gradient_not_the_dot_products():
+    """A scaled loss (GradScaler, 1/grad_accum) scales .grad as in Regular training; dot products are unchanged."""
+    g = torch.Generator().manual_seed(14)
+    model = tiny_gpt2()
+    X, Y = lm_batch(3, 16, g)
+    Xv, Yv = lm_batch(1, 16, g)
+    ref_model = copy.deepcopy(model).double()
+    ref = sum(reference_dot_products(ref_model, X, Y, Xv, Yv).values())
+    ref_grad = reference_train_grad(ref_model, X, Y)
+    engine = GradDotProdEngine(model, val_batch=(Xv, Yv)).attach()
+    Xc, Yc = engine.prepare_forward_input(X, Y, loss_multiplier=1024.0)
+    (model(input_ids=Xc, labels=Yc).loss * 1024.0).backward()
+    assert rel_err(engine.aggregate_and_log().dot_products, ref) <= TOL
+    for name, p in model.named_parameters():
+        assert rel_err(p.grad / 1024.0, ref_grad[name]) <= TOL, name
+
+
+def test_sum_reduction():
+    """A model whose loss is a sum over rows: l_i is still the row's loss, .grad is Regular's sum."""
+    torch.manual_seed(15)
+    model = MLPClassifier(reduction="sum")
+    X, Y = torch.randn(5, 16), torch.randint(0, 5, (5,))
+    Xv, Yv = torch.randn(2, 16), torch.randint(0, 5, (2,))
+    ref_model = copy.deepcopy(model).double()
+    ref_model.reduction = "mean"  # reference_dot_products differentiates each row's own (mean) loss
+    ref = reference_dot_products(ref_model, X, Y, Xv, Yv, task="classification")
+    result, grads = run_engine(model, X, Y, Xv, Yv, task="classification", loss_reduction="sum")
+    assert rel_err(result.dot_products, sum(ref.values())) <= TOL
+    ref_model.reduction = "sum"
+    for name, r in reference_train_grad(ref_model, X, Y, task="classification").items():
+        assert rel_err(grads[name], r) <= TOL, name

@@ -105,8 +105,9 @@ class GradDotProdEngine:
             raise ValueError("the model has no trainable parameters")
         self.layers, self.excluded_modules = self._inspect(model, unsupported)
         self.excluded_parameters = sorted(
-            self.param_names[id(p)] for _, m in self.excluded_modules for p in m.parameters() if p.requires_grad)
-        self._params = {name: p for name, p in model.named_parameters() if name in set(self.param_names.values())}
+            {self.param_names[id(p)] for _, m in self.excluded_modules for p in m.parameters() if p.requires_grad})
+        trainable = set(self.param_names.values())
+        self._params = {name: p for name, p in model.named_parameters() if name in trainable}
         self._by_module = {id(layer.module): layer for layer in self.layers}
         self._handles = []
         self._optimizer = None

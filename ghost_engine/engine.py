@@ -246,12 +246,12 @@ class GradDotProdEngine:
         self._check_labels(Y_train, X_train, "training")
         if not loss_multiplier > 0:
             raise ValueError(f"loss_multiplier={loss_multiplier} must be positive")
-        if self._mb is not None:
-            self._finish_micro_batch()
         counts = target_counts(Y_train, self.task, self.ignore_index)
         n_train = int(counts.sum())
         if n_train == 0:
             raise ValueError(f"the training batch has no targets (every label is {self.ignore_index})")
+        if self._mb is not None:
+            self._finish_micro_batch()
         n_all = n_train + self.n_val_targets
         s, s_train = (1.0 / n_all, 1.0 / n_train) if self.loss_reduction == "mean" else (1.0, 1.0)
         c = loss_multiplier * s

@@ -293,6 +293,9 @@ class GradDotProdEngine:
 
     def _on_output_grad(self, layer, grad):
         mb = self._mb
+        if mb is None or layer.name not in mb.acts:
+            raise RuntimeError("backward ran after its micro-batch was filed: call backward() before "
+                               "prepare_gradients(), aggregate_and_log() or the next prepare_forward_input()")
         act, dtype = mb.acts.pop(layer.name)
         dtype = dtype or grad.dtype
         if act.is_floating_point():

@@ -207,7 +207,15 @@ def test_bad_input_is_rejected_before_state_changes():
         engine.prepare_forward_input(X[:0], Y[:0])
     with pytest.raises(ValueError, match="already attached"):
         engine.attach()
-    engine.set_val_batch(*lm_batch(1, 16, g))  # the engine still works after the errors
+    engine.set_val_batch(*lm_batch(1, 16, g))
+    Xc, Yc = engine.prepare_forward_input(X, Y)
+    loss = model(input_ids=Xc, labels=Yc).loss
+    with pytest.raises(RuntimeError, match="no gradient reached"):
+        engine.prepare_gradients()  # called before backward
+    with pytest.raises(RuntimeError, match="after its micro-batch was filed"):
+        loss.backward()
+    model.zero_grad()
+    # the engine still works after the errors
     Xc, Yc = engine.prepare_forward_input(X, Y)
     model(input_ids=Xc, labels=Yc).loss.backward()
     assert engine.aggregate_and_log().dot_products.shape == (2,)

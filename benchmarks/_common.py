@@ -432,6 +432,23 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def add_timing_arguments(parser: argparse.ArgumentParser, reps: int):
+    """--reps and --warmup, shared by every benchmark that times interleaved steps."""
+    group = parser.add_argument_group("timing")
+    group.add_argument("--reps", type=positive_int, default=reps, help="timed repetitions per method (median kept)")
+    group.add_argument("--warmup", type=non_negative_int, default=1, help="untimed steps per method before timing")
+
+
 def on_off(text: str) -> bool:
     choices = {"on": True, "off": False, "1": True, "0": False}
     if text.lower() not in choices:

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from benchmarks._common import (CORE_METHODS, GRADDOTPROD, REGULAR, BenchConfig, Method,
-                                add_config_arguments, autocast, config_from_args, format_table, measure_config,
+from benchmarks._common import (CORE_METHODS, GRADDOTPROD, REGULAR, BenchConfig, Method, add_config_arguments,
+                                add_timing_arguments, autocast, config_from_args, format_table, measure_config,
                                 positive_int, skipped_row, write_csv)
 
 NAIVE = "NaivePerSample"
@@ -171,8 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(parser, DEFAULTS)
     parser.add_argument("--methods", default=",".join(METHOD_NAMES),
                         help=f"comma-separated subset of {','.join(METHOD_NAMES)}")
-    parser.add_argument("--reps", type=positive_int, default=5, help="timed repetitions per method (median kept)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method before timing")
+    add_timing_arguments(parser, reps=5)
     parser.add_argument("--vmap-chunk", type=positive_int, default=8, help="samples per vmap call")
     parser.add_argument("--tol", type=float, default=None,
                         help=f"largest accepted rel_err (default {DEFAULT_TOL[False]:g}, "
@@ -193,8 +192,6 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = config_from_args(parser, args)
-    if args.warmup < 0:
-        parser.error(f"--warmup {args.warmup}: must be >= 0")
     tolerance = args.tol if args.tol is not None else DEFAULT_TOL[cfg.amp]
     factories = {**CORE_METHODS, NAIVE: naive_method, VMAP: partial(vmap_method, chunk_size=args.vmap_chunk)}
     selected = {name: factories[name] for name in parse_methods(parser, args.methods)}

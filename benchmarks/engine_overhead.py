@@ -15,8 +15,9 @@ from dataclasses import replace
 
 import torch
 
-from benchmarks._common import (BenchConfig, GRADDOTPROD, PeakMemory, REGULAR, build_bench_model, format_table,
-                                graddotprod_method, make_batches, regular_method, run_interleaved)
+from benchmarks._common import (BenchConfig, GRADDOTPROD, PeakMemory, REGULAR, add_timing_arguments,
+                                build_bench_model, format_table, graddotprod_method, make_batches, regular_method,
+                                run_interleaved)
 from ghost_engine.cost import analytic_floor_ratio, count_step_flops
 
 CONFIGS = {
@@ -55,8 +56,7 @@ def measure(cfg: BenchConfig, reps: int, warmup: int):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu-small")
-    parser.add_argument("--reps", type=int, default=7, help="timed repetitions per method (interleaved)")
-    parser.add_argument("--warmup", type=int, default=1)
+    add_timing_arguments(parser, reps=7)
     args = parser.parse_args(argv)
     cfg = CONFIGS[args.config]
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():

@@ -16,8 +16,8 @@ import argparse
 import sys
 from dataclasses import replace
 
-from benchmarks._common import (CORE_METHODS, BenchConfig, add_config_arguments, config_from_args, format_table,
-                                measure_config, on_off, positive_int, write_csv)
+from benchmarks._common import (CORE_METHODS, BenchConfig, add_config_arguments, add_timing_arguments,
+                                config_from_args, format_table, measure_config, on_off, positive_int, write_csv)
 
 # sweep name -> (how one value is parsed, default values on CPU)
 SWEEPS = {
@@ -48,8 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--amp-settings", choices=sorted(AMP_SETTINGS), default=None,
                         help="also cross the sweep with AMP off/on/both (overrides --amp; not for --sweep amp)")
     add_config_arguments(parser, DEFAULTS)
-    parser.add_argument("--reps", type=positive_int, default=3, help="timed repetitions per method (median kept)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method before timing")
+    add_timing_arguments(parser, reps=3)
     parser.add_argument("--out", default=None, help="CSV path (default Results/logs/profile_<sweep>.csv)")
     return parser
 
@@ -80,8 +79,6 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     base = config_from_args(parser, args)
-    if args.warmup < 0:
-        parser.error(f"--warmup {args.warmup}: must be >= 0")
     if args.sweep == "amp" and args.amp_settings is not None:
         parser.error("--amp-settings crosses a sweep with AMP; --sweep amp already varies it")
     values = parse_values(parser, args.sweep, args.values or SWEEPS[args.sweep][1])

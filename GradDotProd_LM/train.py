@@ -251,7 +251,7 @@ def _run(cfg, argv, rank, world_size, device, master, stop):
             group["lr"] = lr
         t0 = time.perf_counter()
         batch = train_reader.get_batch(step, B, T, rank=rank, world_size=world_size)  # this rank's B/W rows
-        row_losses, val_loss = [], None
+        train_loss_sum, val_loss = 0.0, None  # sum over this rank's rows of the row losses (a tensor)
         for micro in range(A):
             rows = slice(micro * micro_rows, (micro + 1) * micro_rows)
             X = torch.from_numpy(batch.tokens[rows, :T]).to(device, non_blocking=True)  # [b, T], labels = X
@@ -263,19 +263,26 @@ def _run(cfg, argv, rank, world_size, device, master, stop):
                 with autocast:
                     out = step_model(input_ids=X_in, labels=X_in)
                 (out.loss / A).backward()
-            row_losses.append(per_sample_loss(out.logits[:micro_rows].detach(), X))  # [b], mean CE per row
-            if graddotprod and micro == 0:
-                val_loss = per_sample_loss(out.logits[micro_rows:].detach(), X_in[micro_rows:]).mean().item()
+            micro_loss = out.loss.detach()  # mean CE over every row's seq_len - 1 targets
+            if graddotprod:
+                # out.loss also averages the validation rows (the same rows, hence the same loss, in
+                # every micro-batch): take their mean out rather than recomputing the training rows' CE
+                if micro == 0:
+                    val_loss = per_sample_loss(out.logits[micro_rows:].detach(), X_in[micro_rows:]).mean()
+                Bv = engine.val_batch_size
+                micro_loss = (micro_loss * (micro_rows + Bv) - val_loss * Bv) / micro_rows
+            train_loss_sum = train_loss_sum + micro_loss.double() * micro_rows
             del out
         if graddotprod:
             engine.prepare_gradients()  # .grad = Regular gradient of the train rows (DDP-averaged)
+            val_loss = val_loss.item()
         grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"]).item()
                      if cfg["grad_clip"] > 0 else None)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         # every row has T - 1 targets, so the step's loss is the mean of the row losses over all ranks
-        loss_sum = torch.stack([torch.cat(row_losses).double().sum(),
+        loss_sum = torch.stack([train_loss_sum,
                                 torch.tensor(float(B // world_size), dtype=torch.float64, device=device)])
         if world_size > 1:
             dist.all_reduce(loss_sum)

@@ -292,6 +292,7 @@ def _run(cfg, argv, rank, world_size, device, master, stop):
 
         if graddotprod:
             result = engine.aggregate_and_log()
+            per_layer = torch.stack(list(result.per_parameter.values())).float().cpu().numpy()  # one copy to host
             local = {
                 "dot_products": result.dot_products.float().cpu().numpy(),  # [B/W], rows in batch order
                 "batch_weights": (result.weights.double() / (A * world_size)).float().cpu().numpy(),
@@ -300,7 +301,7 @@ def _run(cfg, argv, rank, world_size, device, master, stop):
                 "token_offset": np.asarray(batch.token_offset, dtype=np.int64),
                 "doc_id": np.asarray(batch.doc_id, dtype=np.int64),
                 "sample_index": np.asarray(batch.sample_index, dtype=np.int64),
-                "per_layer": {name: v.float().cpu().numpy() for name, v in result.per_parameter.items()},
+                "per_layer": dict(zip(result.per_parameter, per_layer)),
             }
             rows_all = gather_rows(local, world_size)
             record["val_loss"] = val_loss

@@ -108,9 +108,8 @@ class GradDotProdEngine:
             {self.param_names[id(p)] for _, m in self.excluded_modules for p in m.parameters() if p.requires_grad})
         trainable = set(self.param_names.values())
         self._params = {name: p for name, p in model.named_parameters() if name in trainable}
-        self._by_module = {id(layer.module): layer for layer in self.layers}
+        self._layers_by_name = {layer.name: layer for layer in self.layers}
         self._handles = []
-        self._optimizer = None
         self._mb = None
         self._finished = []  # finalised micro-batches of the current step
         self._paths = {}
@@ -178,7 +177,6 @@ class GradDotProdEngine:
                        if id(p) not in model_params]
             if foreign:
                 raise ValueError(f"the optimizer holds {len(foreign)} parameter(s) that are not the model's")
-        self._optimizer = optimizer
         for layer in self.layers:
             self._handles.append(layer.module.register_forward_hook(
                 partial(self._on_forward, layer), with_kwargs=True))
@@ -193,7 +191,6 @@ class GradDotProdEngine:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._optimizer = None
         self._mb = None
         self._finished = []
 
@@ -326,16 +323,13 @@ class GradDotProdEngine:
         """Union of the weight rows the later uses' validation gradients can touch (None: dense)."""
         rows = []
         for name in layer_names:
-            layer = self._layer_named(name)
+            layer = self._layers_by_name[name]
             act = mb.acts[name][0]
             support = layer.rule.val_support(layer.module, act[mb.n_train:])
             if support is None:
                 return None
             rows.append(support)
         return torch.unique(torch.cat(rows), sorted=True)
-
-    def _layer_named(self, name):
-        return next(layer for layer in self.layers if layer.name == name)
 
     def _add_val_grad(self, mb, pname, val_grad):
         total = mb.val_total.get(pname)

@@ -24,12 +24,14 @@ DEFAULTS = dict(
     eval_only=False, eval_interval=500, eval_iter=10, eval_bs=8, dot_prod_save_interval=10,
     checkpoint_interval=1000, model_dtype="float32", train_dtype="auto", seq_len=1024,
     data_dir=None, results_dir=None, run_name=None, resume=False, compile=False, grad_ckpt=False,
-    init_from=None,
+    init_from=None, vocab_pad_multiple=64,
 )
+# What a run saved before a setting existed used (its config.json lacks the key).
+LEGACY_DEFAULTS = dict(vocab_pad_multiple=1)
 
 # These define which samples are seen and how they are valued; a resumed run must keep them.
 RUN_IDENTITY = ("method", "architecture", "batch_size", "val_batch_size", "val_domain", "train_domains",
-                "seq_len", "seed", "model_dtype", "data_dir", "init_from")
+                "seq_len", "seed", "model_dtype", "data_dir", "init_from", "vocab_pad_multiple")
 
 
 def _positive_int(text):
@@ -117,6 +119,9 @@ def build_parser():
     g.add_argument("--model_dtype", choices=DTYPES, help=f"parameter dtype [{d['model_dtype']}]")
     g.add_argument("--train_dtype", choices=("auto",) + DTYPES,
                    help="autocast dtype; auto = bfloat16 on GPU, float32 on CPU [auto]")
+    g.add_argument("--vocab_pad_multiple", type=_positive_int,
+                   help=f"pad the embedding/head rows to a multiple of this (fast GPU kernels; 1 = off) "
+                        f"[{d['vocab_pad_multiple']}]")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (activation recomputation)")
     g = p.add_argument_group("evaluation, checkpoints, dot products")
@@ -186,12 +191,13 @@ def parse_config(argv, world_size=1):
             saved = json.load(f)
         if given.get("data_dir") is not None:
             given["data_dir"] = os.path.abspath(given["data_dir"])
+        saved = {k: saved.get(k, LEGACY_DEFAULTS.get(k, DEFAULTS.get(k))) for k in set(saved) | set(DEFAULTS)}
         changed = [k for k in RUN_IDENTITY if k in given and given[k] != saved.get(k)]
         if changed:
             parser.error(f"--resume: {', '.join('--' + k for k in changed)} differ from the saved run "
                          f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); they define the run, "
                          "start a new --run_name to change them")
-        cfg = {k: saved.get(k, DEFAULTS[k]) for k in DEFAULTS}
+        cfg = {k: saved[k] for k in DEFAULTS}
         cfg.update(given)
         cfg["results_dir"] = os.path.abspath(given.get("results_dir") or saved.get("results_dir"))
         cfg["resume"] = True

@@ -184,7 +184,8 @@ def _run(cfg, argv, rank, world_size, device, master, stop):
 
     # ---------------------------------------------------------------- model, optimizer, engine
     torch.manual_seed(cfg["seed"])  # same initial weights on every rank and in every run of this seed
-    model = build_model(cfg["architecture"], init_from=cfg["init_from"], gradient_checkpointing=cfg["grad_ckpt"])
+    model = build_model(cfg["architecture"], init_from=cfg["init_from"], gradient_checkpointing=cfg["grad_ckpt"],
+                        vocab_pad_multiple=cfg["vocab_pad_multiple"])
     model.to(device=device, dtype=DTYPES[cfg["model_dtype"]])
     model.train()
     optimizer = build_optimizer(model, cfg, device)

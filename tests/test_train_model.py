@@ -11,7 +11,7 @@ def test_sizes_match_gpt2(name, millions):
     with torch.device("meta"):  # shapes only: no memory, no time
         model = GPT2LMHeadModel(build_config(name))
     assert round(count_parameters(model) / 1e6) == millions
-    assert model.config.vocab_size == 50257 and model.config.n_positions == 1024
+    assert model.config.vocab_size == 50304 and model.config.n_positions == 1024  # 50257 padded to 64
 
 
 def test_tiny_model_is_deterministic_tied_dropout_free_sdpa():

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ghost_engine.layers import LayerPath, RowSparse, module_input, register_layer, row_dot, row_sum
+from ghost_engine.layers import (LayerPath, RowSparse, accum_dtype, matmul_accum, module_input, register_layer,
+                                row_dot, row_sum)
 
 try:  # Hugging Face GPT-2 uses a transposed linear layer
     from transformers.pytorch_utils import Conv1D
@@ -23,10 +24,6 @@ GRAM_CHUNK_ELEMENTS = 1 << 24  # bound on the [tokens, Nv] Gram blocks held at o
 
 def _is_conv1d(module: nn.Module) -> bool:
     return Conv1D is not None and isinstance(module, Conv1D)
-
-
-def _accum_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -77,12 +74,11 @@ class LinearRule:
 
     @staticmethod
     def val_grads(module, act_v, grad_v):
-        dtype = _accum_dtype(act_v)
-        av, gv = _flat(act_v).to(dtype), _flat(grad_v).to(dtype)
-        weight = av.t() @ gv if _is_conv1d(module) else gv.t() @ av  # parameter layout
+        av, gv = _flat(act_v), _flat(grad_v)
+        weight = matmul_accum(av.t(), gv) if _is_conv1d(module) else matmul_accum(gv.t(), av)  # parameter layout
         grads = {"weight": weight}
         if module.bias is not None:
-            grads["bias"] = gv.sum(0)
+            grads["bias"] = gv.sum(0, dtype=accum_dtype(gv))
         return grads
 
     @staticmethod

@@ -96,8 +96,9 @@ def measure(args, compiled: bool):
     step_model = torch.compile(model) if compiled else model
     methods = make_methods(model, step_model, optimizer, (x_train, x_val), engine, autocast, args.clip)
 
-    with autocast:  # Regular's flops in the same precision; the floor uses them
-        regular_flops = count_step_flops(methods[0].step)
+    eager_regular = make_methods(model, model, optimizer, (x_train, x_val), engine, autocast, args.clip)[0]
+    regular_flops = count_step_flops(eager_regular.step)  # eager: a compiled module first run under
+    # FlopCounterMode is never compiled afterwards
     floor = analytic_floor_ratio(model, args.batch_size, args.val_batch_size, args.seq_len, regular_flops)
     meter = PeakMemory(args.device)
     results = run_interleaved(methods, args.reps, args.device, warmup=args.warmup, meter=meter)

@@ -91,8 +91,8 @@ class LinearRule:
         else:
             out["weight"] = _projection_dots(act_tr, grad_tr, _weight_in_out(module, total), rows)
         if "bias" in val_totals:
-            bias = val_totals["bias"]
-            out["bias"] = row_sum(_flat(grad_tr).to(bias.dtype) @ bias, rows)
+            g = _flat(grad_tr)
+            out["bias"] = row_sum(matmul_accum(g, val_totals["bias"].to(g.dtype)[:, None]), rows)
         return out
 
     @staticmethod

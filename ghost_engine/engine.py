@@ -1,11 +1,23 @@
 """GradDotProdEngine: per-sample <grad l_i, grad L_val> and the Regular training gradient from one backward.
 
 How it works (docs/METHOD.md sections 1-2). The caller stacks the validation rows under the training rows.
-Forward hooks keep each supported layer's input; a hook on the layer's output gradient hands
-(input, output gradient) to the layer's rule, which returns the layer's validation gradient and the
-per-sample dot products without forming per-sample gradients. A hook on every parameter removes the
-validation rows' share from the gradient before it is accumulated into ``.grad`` (and before DDP's
-reducer sees it) and rescales it to what Regular training on the training rows alone would produce.
+A forward hook on each supported layer wraps the layer's output in a *tap*: a custom autograd Function
+that is the identity in the forward and saves the layer's input. Its backward receives the layer's
+output gradient and hands (input, output gradient) to the layer's rule, which returns the validation
+gradient G_val and the per-sample dot products without forming per-sample gradients. The tap returns
+both *as gradients*:
+- the raw dot products as the gradient of the parameter's "sink", a [B] leaf made per micro-batch;
+- -G_val as a gradient of the layer's parameters, so that autograd's own sum leaves only the training
+  rows' share in ``.grad`` (before DDP's reducer sees it); a hook on each parameter rescales it to
+  what Regular training would produce.
+The backward touches no Python state, so torch.compile traces the taps into the model's one
+forward/backward graph (no graph break per layer), and the same code runs eagerly.
+
+A parameter shared by an embedding and a later linear layer (GPT-2's wte/lm_head) has cross terms
+<G_i(one use), G_val(other use)>. The embedding's tap outputs "channel" tensors that the linear's tap
+takes as inputs; the linear's backward, which runs first, returns through them its G_val and its
+training input and output gradient restricted to the weight rows of the validation tokens; the
+embedding's backward then adds the cross terms.
 
 Scaling. With the model's loss L = s·Σ_all ce_t (s = 1/N_all for a mean, 1 for a sum) multiplied by
 ``loss_multiplier`` m before backward, every hooked output gradient carries the factor c = m·s, so
@@ -20,10 +32,11 @@ from functools import partial
 import torch
 from torch import nn
 
-from ghost_engine.layers import RowSparse, rule_for
+from ghost_engine.layers import accum_dtype, rule_for
 from ghost_engine.losses import IGNORE_INDEX, TASKS, target_counts
 
 LOSS_REDUCTIONS = ("mean", "sum")
+FIRST, SECOND = "first", "second"  # roles of the two uses of a tied parameter, in forward order
 
 
 @dataclass
@@ -38,29 +51,32 @@ class DotProductResult:
     micro_batches: int = 1
 
 
-@dataclass
+@dataclass(eq=False)
 class _Layer:
     name: str
     module: nn.Module
     rule: type
     params: dict  # local name -> global parameter name
     tied: dict  # local name -> whether the parameter is shared with another module
+    tensors: tuple = ()  # the parameters, in the order of `params`
 
 
-@dataclass
+@dataclass(eq=False)
 class _MicroBatch:
-    n_train: int
-    rows: int
-    counts: torch.Tensor  # [B] n_i
-    n_train_targets: int
-    dot_scale: torch.Tensor  # [B] 1 / (c²·n_i·N_val), 0 where n_i = 0
-    grad_scale: float  # s_train / s
-    acts: dict = field(default_factory=dict)  # layer name -> (captured input, compute dtype)
-    pending: dict = field(default_factory=dict)  # parameter -> layer names whose gradient has not arrived
-    val_total: dict = field(default_factory=dict)  # parameter -> dense validation gradient so far
-    stashes: dict = field(default_factory=dict)  # parameter -> [(rule, stash)] of uses awaiting later ones
-    raw_dots: dict = field(default_factory=dict)  # parameter -> [B] unscaled <G_i, G_val>
-    grads_seen: int = 0
+    """The armed micro-batch. One object for the engine's lifetime, refilled by prepare_forward_input:
+    torch.compile guards on the identity of the objects its traced hooks read."""
+
+    armed: bool = False
+    generation: int = 0  # counts prepared micro-batches: a tap of an earlier one must not run its backward
+    n_train: int = 0
+    rows: int = 0
+    counts: torch.Tensor = None  # [B] n_i
+    n_train_targets: int = 0
+    dot_scale: torch.Tensor = None  # [B] 1 / (c²·n_i·N_val), 0 where n_i = 0
+    grad_scale: float = 1.0  # s_train / s
+    sinks: dict = field(default_factory=dict)  # parameter name -> [B] leaf; .grad collects raw <G_i, G_val>
+    seen: dict = field(default_factory=dict)  # layer name -> (training, validation) input shapes
+    channels: dict = field(default_factory=dict)  # tied parameter -> (support, first, channel tensors)
 
 
 def _autocast_dtype(device_type: str):
@@ -69,15 +85,86 @@ def _autocast_dtype(device_type: str):
 
 
 def _in_backward() -> bool:
-    """True while autograd runs a backward pass (e.g. recomputing a checkpointed forward)."""
+    """True while autograd runs a backward pass (e.g. recomputing a checkpointed forward). A forward that
+    torch.compile traces is never a recomputation (compiled graphs recompute inside their own backward)."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
+
+
+def _support(ids: torch.Tensor):
+    """The validation tokens' rows of a tied weight, sorted with repeats, and a mask of each row's first
+    occurrence. Static shapes (no torch.unique): nothing waits for the device, torch.compile traces it."""
+    support, _ = torch.sort(ids.reshape(-1))
+    first = torch.ones_like(support, dtype=torch.bool)
+    first[1:] = support[1:] != support[:-1]
+    return support, first
+
+
+class _Tap(torch.autograd.Function):
+    """apply(engine, layer, meta, out, act, support, first, *params, *sinks, *channels_in) -> out[, *channels_out]
+
+    meta = (n_train, compute dtype or None, generation or -1, roles: one of None/FIRST/SECOND per parameter).
+    """
+
+    @staticmethod
+    def forward(ctx, engine, layer, meta, out, act, support, first, *rest):
+        ctx.engine, ctx.layer, ctx.meta = engine, layer, meta
+        ctx.save_for_backward(act, support, first)
+        ctx.set_materialize_grads(False)
+        n_params = len(layer.params)
+        channels_in = rest[2 * n_params:]
+        ctx.channel_dtypes = tuple(c.dtype for c in channels_in)
+        out = out.view_as(out)
+        if FIRST not in meta[3]:
+            return out
+        # placeholders the later linear use fills with its gradients: zero-stride, no memory
+        shapes = engine._channel_shapes(layer, meta, act, support)
+        return (out,) + tuple(out.new_zeros((), dtype=dtype).expand(shape) for shape, dtype in shapes)
+
+    @staticmethod
+    def backward(ctx, grad, *channel_grads):
+        engine, layer = ctx.engine, ctx.layer
+        n_train, dtype, generation, roles = ctx.meta
+        act, support, first = ctx.saved_tensors
+        n_params = len(layer.params)
+        if not torch.compiler.is_compiling():
+            engine._check_generation(generation)
+        if grad is None:
+            return (None,) * (7 + 2 * n_params + len(ctx.channel_dtypes))
+        dtype = dtype or grad.dtype
+        grad_out = grad
+        if act.is_floating_point():
+            act = act.to(dtype)
+        grad = grad.to(dtype)
+        module, rule = layer.module, layer.rule
+        act_tr, act_v, grad_tr, grad_v = act[:n_train], act[n_train:], grad[:n_train], grad[n_train:]
+        val_grads = rule.val_grads(module, act_v, grad_v)
+        later = channel_grads[0] if channel_grads else None  # G_val of the later (linear) use, if it ran
+        totals = {local: val_grads[local] if role != FIRST or later is None else val_grads[local] + later
+                  for local, role in zip(layer.params, roles)}
+        own_only = {local: role is None for local, role in zip(layer.params, roles)}
+        dots = rule.per_sample_dots(module, act_tr, grad_tr, act_v, grad_v, totals, own_only)
+        param_grads, sink_grads, channels_in = [], [], []
+        for local, role, p in zip(layer.params, roles, layer.tensors):
+            raw = dots[local]
+            if role == FIRST and later is not None:  # <G_i(linear use), G_val(this use)>
+                second_rule = engine._tie_partner[layer.params[local]].rule
+                raw = raw + second_rule.stash_dots(channel_grads[1:], val_grads[local], support, first, n_train)
+            if role == SECOND:
+                stash = rule.make_stash(module, local, act_tr, grad_tr, support)
+                channels_in = [c.to(d) for c, d in zip((val_grads[local], *stash), ctx.channel_dtypes)]
+            sink_grads.append(raw)
+            param_grads.append(-val_grads[local].to(p.dtype))
+        channels_in = channels_in or [None] * len(ctx.channel_dtypes)
+        return (None, None, None, grad_out, None, None, None, *param_grads, *sink_grads, *channels_in)
 
 
 class GradDotProdEngine:
     """Exact <grad l_i, grad L_val> for every training sample i, from one ordinary backward pass.
 
     Args:
-        model: the model (un-wrapped; wrap it in DDP after constructing the engine).
+        model: the model (un-wrapped; wrap it in DDP or torch.compile after constructing the engine).
         val_batch: (X_val, Y_val), the fixed validation batch, in the model's input format.
         task: "causal_lm" (labels [R, T], shifted inside the model, -100 ignored) or "classification"
             (labels [R]).
@@ -108,16 +195,17 @@ class GradDotProdEngine:
                 self.param_names.setdefault(id(p), name)
         if not self.param_names:
             raise ValueError("the model has no trainable parameters")
+        self._tie_partner = {}  # tied parameter name -> its later (linear) use's _Layer
         self.layers, self.excluded_modules = self._inspect(model, unsupported)
         self.excluded_parameters = sorted(
             {self.param_names[id(p)] for _, m in self.excluded_modules for p in m.parameters() if p.requires_grad})
         trainable = set(self.param_names.values())
         self._params = {name: p for name, p in model.named_parameters() if name in trainable}
-        self._layers_by_name = {layer.name: layer for layer in self.layers}
+        self._hooked_params = sorted({pname for layer in self.layers for pname in layer.params.values()})
         self._handles = []
-        self._mb = None
+        self._mb = _MicroBatch()
         self._finished = []  # finalised micro-batches of the current step
-        self._paths = {}
+        self._shapes = {}  # layer name -> (training, validation) input shapes of its last forward
         self._replaying = False
         self.set_val_batch(*val_batch)
 
@@ -138,7 +226,7 @@ class GradDotProdEngine:
             if hasattr(rule, "check_supported"):
                 rule.check_supported(module)
             params = {local: self.param_names[id(p)] for local, p in own.items()}
-            layers.append(_Layer(mod_name or "<model>", module, rule, params, {}))
+            layers.append(_Layer(mod_name or "<model>", module, rule, params, {}, tuple(own.values())))
         for layer in layers:
             for local, p in layer.module.named_parameters(recurse=False):
                 if p.requires_grad:
@@ -161,16 +249,19 @@ class GradDotProdEngine:
         return layers, excluded
 
     def _check_ties(self, layers, owners):
+        """A shared parameter must be one embedding's weight and one linear layer's (looked up in that order)."""
+        by_module = {id(layer.module): layer for layer in layers}
         for pid, mods in owners.items():
             if len(mods) < 2:
                 continue
-            rules = [rule_for(m) for m in mods]
-            stashable = all(r is not None and hasattr(r, "make_stash") for r in rules)
-            dense = [m for m, r in zip(mods, rules) if not getattr(r, "row_sparse", False)]
-            if not stashable or len(dense) > 1:
+            uses = [by_module.get(id(m)) for m in mods]
+            sparse = [u for u in uses if u is not None and getattr(u.rule, "row_sparse", False)]
+            dense = [u for u in uses if u is not None and hasattr(u.rule, "make_stash")]
+            if len(mods) != 2 or len(sparse) != 1 or len(dense) != 1 or sum(dense[0].tied.values()) != 1:
                 names = [type(m).__name__ for m in mods]
                 raise ValueError(f"parameter {self.param_names.get(pid, '?')} is shared by modules {names}; "
-                                 "ties are supported between embeddings and at most one linear layer")
+                                 "ties are supported between one embedding and one linear layer")
+            self._tie_partner[self.param_names[pid]] = dense[0]
 
     def attach(self, optimizer=None):
         """Register the hooks. ``optimizer`` (optional) must only hold this model's parameters."""
@@ -198,7 +289,7 @@ class GradDotProdEngine:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._mb = None
+        self._disarm()
         self._finished = []
 
     @property
@@ -254,20 +345,26 @@ class GradDotProdEngine:
         n_train = int(counts.sum())
         if n_train == 0:
             raise ValueError(f"the training batch has no targets (every label is {self.ignore_index})")
-        if self._mb is not None:
+        if self._mb.armed:
             self._finish_micro_batch()
         n_all = n_train + self.n_val_targets
         s, s_train = (1.0 / n_all, 1.0 / n_train) if self.loss_reduction == "mean" else (1.0, 1.0)
         c = loss_multiplier * s
-        dtype = torch.float64 if self._params[next(iter(self._params))].dtype == torch.float64 else torch.float32
+        dtype = accum_dtype(self._params[next(iter(self._params))])
         counts_f = counts.to(dtype)
         dot_scale = torch.where(counts > 0, 1.0 / (c * c * self.n_val_targets * counts_f.clamp(min=1)),
                                 torch.zeros_like(counts_f))
-        self._mb = _MicroBatch(n_train=X_train.shape[0], rows=X_train.shape[0] + self.X_val.shape[0],
-                               counts=counts, n_train_targets=n_train, dot_scale=dot_scale,
-                               grad_scale=s_train / s)
         if self.X_val.device != X_train.device:  # move the fixed validation batch once, not every step
             self.X_val, self.Y_val = self.X_val.to(X_train.device), self.Y_val.to(Y_train.device)
+        mb = self._mb
+        mb.generation += 1
+        mb.n_train, mb.rows = X_train.shape[0], X_train.shape[0] + self.X_val.shape[0]
+        mb.counts, mb.n_train_targets, mb.dot_scale, mb.grad_scale = counts, n_train, dot_scale, s_train / s
+        mb.sinks = {name: torch.zeros(mb.n_train, dtype=dtype, device=X_train.device, requires_grad=True)
+                    for name in self._hooked_params}
+        mb.seen.clear()
+        mb.channels.clear()
+        mb.armed = True
         return torch.cat([X_train, self.X_val]), torch.cat([Y_train, self.Y_val])
 
     @staticmethod
@@ -284,9 +381,10 @@ class GradDotProdEngine:
 
     def _on_forward(self, layer, module, args, kwargs, output):
         mb = self._mb
-        if mb is None or not torch.is_grad_enabled() or _in_backward():
+        if not mb.armed or not torch.is_grad_enabled():
             return None
-        if layer.name in mb.acts:
+        recompute = _in_backward()  # a checkpointed forward run again: same taps, no bookkeeping
+        if not recompute and layer.name in mb.seen:
             raise RuntimeError(f"{layer.name} ({type(module).__name__}) ran twice in one forward pass; a layer "
                                "may be called once per forward (share parameters between modules instead)")
         act, replacement = layer.rule.capture(module, args, kwargs, output, mb.rows)
@@ -300,82 +398,65 @@ class GradDotProdEngine:
         dtype = _autocast_dtype(out.device.type) if getattr(layer.rule, "autocast_input", False) else None
         if dtype is not None:
             act = act.to(dtype)  # a no-op after _on_forward_pre; kept for inputs passed by keyword
-        mb.acts[layer.name] = (act, dtype)
-        for pname in layer.params.values():
-            mb.pending.setdefault(pname, []).append(layer.name)
-        out.register_hook(partial(self._on_output_grad, layer))
-        return replacement
+        roles, support, first, channels_in = [], None, None, ()
+        for local, pname in layer.params.items():
+            role = None
+            if layer.tied[local] and not recompute:
+                if pname not in mb.channels:
+                    if self._tie_partner[pname] is layer:
+                        raise ValueError(f"{layer.name} uses the shared parameter {pname} before its embedding "
+                                         "does; ties are supported when the embedding runs first")
+                    role = FIRST
+                    support, first = _support(act[mb.n_train:])
+                else:
+                    role = SECOND
+                    support, first, channels_in = mb.channels[pname]
+                    self._check_channels(layer, pname, act, channels_in)
+            roles.append(role)
+        meta = (mb.n_train, dtype, -1 if torch.compiler.is_compiling() else mb.generation, tuple(roles))
+        sinks = [mb.sinks[pname] for pname in layer.params.values()]
+        result = _Tap.apply(self, layer, meta, out, act, support, first, *layer.tensors, *sinks, *channels_in)
+        if FIRST in roles:
+            result, *channels = result
+            mb.channels[layer.params[list(layer.params)[roles.index(FIRST)]]] = (support, first, tuple(channels))
+        if not recompute:
+            mb.seen[layer.name] = (tuple(act[:mb.n_train].shape), tuple(act[mb.n_train:].shape))
+        return result
 
-    def _on_output_grad(self, layer, grad):
+    def _channel_shapes(self, layer, meta, act, support):
+        """(shape, dtype) of the channels the FIRST (embedding) use of a tied parameter opens: the later
+        linear use's G_val (parameter shape) and its stash restricted to `support`."""
+        pname = layer.params[list(layer.params)[meta[3].index(FIRST)]]
+        second = self._tie_partner[pname]
+        param = self._params[pname]
+        n_tokens = act[:meta[0]].numel()
+        compute = _autocast_dtype(act.device.type) or param.dtype
+        stash = second.rule.stash_shapes(second.module, n_tokens, support.shape[0])
+        return [(tuple(param.shape), accum_dtype(param))] + [(shape, compute) for shape in stash]
+
+    def _check_channels(self, layer, pname, act, channels):
+        n_tokens = act[:self._mb.n_train].numel() // act.shape[-1]
+        if channels[1].shape[0] != n_tokens:
+            raise ValueError(f"{layer.name} sees {n_tokens} training tokens but the embedding sharing {pname} "
+                             f"saw {channels[1].shape[0]}; tied layers must see the same tokens")
+
+    def _check_generation(self, generation):
         mb = self._mb
-        if mb is None or layer.name not in mb.acts:
+        if not mb.armed or generation != mb.generation:
             raise RuntimeError("backward ran after its micro-batch was filed: call backward() before "
                                "prepare_gradients(), aggregate_and_log() or the next prepare_forward_input()")
-        act, dtype = mb.acts.pop(layer.name)
-        dtype = dtype or grad.dtype
-        if act.is_floating_point():
-            act = act.to(dtype)
-        grad = grad.to(dtype)
-        B, module, rule = mb.n_train, layer.module, layer.rule
-        act_tr, act_v, grad_tr, grad_v = act[:B], act[B:], grad[:B], grad[B:]
-        val_grads = rule.val_grads(module, act_v, grad_v)
-        totals = {}
-        for local, pname in layer.params.items():
-            totals[local] = self._add_val_grad(mb, pname, val_grads[local])
-        own_only = {local: not layer.tied[local] for local in layer.params}
-        dots = rule.per_sample_dots(module, act_tr, grad_tr, act_v, grad_v, totals, own_only)
-        self._paths[layer.name] = rule.path(module, act_tr, act_v, all(own_only.values()))
-        for local, pname in layer.params.items():
-            raw = dots[local]
-            for earlier_rule, stash in mb.stashes.pop(pname, []) if layer.tied[local] else []:
-                raw = raw + earlier_rule.stash_dots(stash, val_grads[local])
-            mb.raw_dots[pname] = mb.raw_dots.get(pname, 0) + raw
-            mb.pending[pname].remove(layer.name)
-            if layer.tied[local] and mb.pending[pname]:
-                rows = self._later_rows(mb, mb.pending[pname])
-                mb.stashes.setdefault(pname, []).append((rule, rule.make_stash(module, local, act_tr, grad_tr, rows)))
-        mb.grads_seen += 1
-        return None
-
-    def _later_rows(self, mb, layer_names):
-        """Union of the weight rows the later uses' validation gradients can touch (None: dense)."""
-        rows = []
-        for name in layer_names:
-            layer = self._layers_by_name[name]
-            act = mb.acts[name][0]
-            support = layer.rule.val_support(layer.module, act[mb.n_train:])
-            if support is None:
-                return None
-            rows.append(support)
-        return torch.unique(torch.cat(rows), sorted=True)
-
-    def _add_val_grad(self, mb, pname, val_grad):
-        total = mb.val_total.get(pname)
-        if isinstance(val_grad, RowSparse):
-            if total is None:
-                return mb.val_total.setdefault(pname, val_grad.to_dense(self._params[pname].shape))
-            total.index_add_(0, val_grad.rows, val_grad.values.to(total.dtype))
-            return total
-        mb.val_total[pname] = val_grad if total is None else total + val_grad
-        return mb.val_total[pname]
 
     def _on_param_grad(self, name, grad):
         mb = self._mb
-        if mb is None:
+        if not mb.armed or mb.grad_scale == 1.0:
             return None
-        if mb.pending.get(name):
-            raise RuntimeError(f"the gradient of {name} arrived before its layers' output gradients "
-                               f"({mb.pending[name]}); is the parameter also used outside its module?")
-        val_total = mb.val_total.pop(name, None)
-        if val_total is None:
-            return grad * mb.grad_scale
-        return torch.sub(grad, val_total.to(grad.dtype)).mul_(mb.grad_scale)
+        return grad * mb.grad_scale
 
     def _on_excluded_forward(self, module, args, kwargs, output):
         """Recompute the validation rows with detached parameters, so the module's own parameters get
         gradient from the training rows only while gradient still flows to its inputs."""
         mb = self._mb
-        if mb is None or self._replaying or not torch.is_grad_enabled() or _in_backward():
+        if not mb.armed or self._replaying or not torch.is_grad_enabled() or _in_backward():
             return None
         if not torch.is_tensor(output) or output.shape[0] != mb.rows:
             raise ValueError(f"excluded module {type(module).__name__} must return one tensor with "
@@ -394,34 +475,44 @@ class GradDotProdEngine:
             self._replaying = False
         return torch.cat([output[:B], val_out])
 
+    def _disarm(self):
+        mb = self._mb
+        mb.armed = False
+        mb.sinks, mb.counts, mb.dot_scale = {}, None, None
+        mb.seen.clear()
+        mb.channels.clear()
+
     def _finish_micro_batch(self):
         mb = self._mb
-        self._mb = None
-        if mb.grads_seen == 0:
+        raw_dots = {name: sink.grad for name, sink in mb.sinks.items()}
+        counts, n_train_targets, dot_scale, seen = mb.counts, mb.n_train_targets, mb.dot_scale, dict(mb.seen)
+        self._disarm()
+        if all(raw is None for raw in raw_dots.values()):
             raise RuntimeError("no gradient reached the engine since prepare_forward_input(): run the forward "
                                "on its output and call backward() before preparing the next batch or the gradients")
-        dtype = mb.dot_scale.dtype
+        self._shapes.update(seen)
+        dtype = dot_scale.dtype
         per_param = {}
         for name in self._params:
-            raw = mb.raw_dots.get(name)
             if name in self.excluded_parameters:
                 continue
-            per_param[name] = (torch.zeros_like(mb.dot_scale) if raw is None else raw.to(dtype) * mb.dot_scale)
-        weights = mb.counts.to(dtype) / mb.n_train_targets
-        self._finished.append((per_param, mb.counts, weights))
+            raw = raw_dots.get(name)
+            per_param[name] = torch.zeros_like(dot_scale) if raw is None else raw.to(dtype) * dot_scale
+        weights = counts.to(dtype) / n_train_targets
+        self._finished.append((per_param, counts, weights))
 
     def prepare_gradients(self):
         """Finish the step's backward passes. ``.grad`` already holds the Regular training gradient of the
-        training rows (the hooks correct it inside autograd); this checks the backward ran and files
-        the micro-batch's dot products."""
-        if self._mb is not None:
+        training rows (the taps and parameter hooks correct it inside autograd); this checks the backward
+        ran and files the micro-batch's dot products."""
+        if self._mb.armed:
             self._finish_micro_batch()
         if not self._finished:
             raise RuntimeError("prepare_gradients() without a prepared and back-propagated batch")
 
     def aggregate_and_log(self) -> DotProductResult:
         """The dot products of every micro-batch since the last call; clears them."""
-        if self._mb is not None:
+        if self._mb.armed:
             self._finish_micro_batch()
         if not self._finished:
             raise RuntimeError("aggregate_and_log() without a prepared and back-propagated batch")
@@ -437,8 +528,12 @@ class GradDotProdEngine:
     def path_report(self) -> list:
         """Per hooked layer: name, type, exact path used in the last step and its extra flops."""
         rows = []
+        shapes = {**self._shapes, **self._mb.seen}
         for layer in self.layers:
-            path = self._paths.get(layer.name)
+            path = None
+            if layer.name in shapes:
+                act_tr, act_v = (torch.empty(shape, device="meta") for shape in shapes[layer.name])
+                path = layer.rule.path(layer.module, act_tr, act_v, not any(layer.tied.values()))
             rows.append({"layer": layer.name, "type": type(layer.module).__name__,
                          "parameters": sorted(layer.params.values()),
                          "tied": any(layer.tied.values()),

@@ -11,14 +11,18 @@ per-sample losses.
 The interface of a rule (see ``linear.py`` for the reference implementation)::
 
     capture(module, args, kwargs, output, rows) -> (act, replacement_output or None)
-    val_grads(module, act_v, grad_v) -> {local_param_name: Tensor | RowSparse}
+    val_grads(module, act_v, grad_v) -> {local_param_name: Tensor (parameter layout, fp32 or fp64)}
     per_sample_dots(module, act_tr, grad_tr, act_v, grad_v, val_totals, own_only)
         -> {local_param_name: Tensor [B_train]}
     path(module, act_tr, act_v) -> LayerPath      (which exact path runs, and its flops)
 
 A rule may set ``autocast_input = True`` to have the engine keep its input in the autocast dtype.
-Rules that can take part in parameter ties (GPT-2's wte/lm_head) also implement
-``val_support``, ``make_stash`` and ``stash_dots``.
+A parameter may be shared by one embedding-like rule (``row_sparse = True``: its validation gradient
+lives on the looked-up rows) and one later linear-like rule, which implements ``stash_shapes``,
+``make_stash`` and ``stash_dots`` (see ``linear.py`` and ghost_engine.engine).
+
+Rules run inside autograd's backward and may be traced by torch.compile: no host synchronisation and no
+data-dependent shapes (no ``torch.unique``, boolean-mask indexing or ``.item()``).
 """
 from dataclasses import dataclass
 
@@ -45,19 +49,6 @@ def rule_for(module: nn.Module):
         if klass in LAYER_RULES:
             return LAYER_RULES[klass]
     return None
-
-
-@dataclass
-class RowSparse:
-    """A gradient that is zero except at ``rows`` (sorted, unique) of the parameter's dim 0."""
-
-    rows: torch.Tensor  # [U] int64
-    values: torch.Tensor  # [U, *param.shape[1:]]
-
-    def to_dense(self, shape, dtype=None) -> torch.Tensor:
-        dense = torch.zeros(shape, dtype=dtype or self.values.dtype, device=self.values.device)
-        dense.index_put_((self.rows,), self.values.to(dense.dtype), accumulate=True)
-        return dense
 
 
 @dataclass

@@ -5,12 +5,10 @@ Positional embeddings looked up once for the whole batch (ids of shape [1, T], b
 rows by the model's addition) are expanded to one row per sample at capture time: the values are
 unchanged, but the gradient of the expanded output is per sample.
 """
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from ghost_engine.layers import LayerPath, RowSparse, module_input, register_layer, row_dot
+from ghost_engine.layers import LayerPath, accum_dtype, module_input, register_layer, row_dot
 
 
 def _check_supported(module: nn.Embedding):
@@ -28,7 +26,7 @@ def _keep(module, ids: torch.Tensor) -> torch.Tensor:
 
 @register_layer(nn.Embedding)
 class EmbeddingRule:
-    row_sparse = True  # validation gradients live on the looked-up rows only (see val_support)
+    row_sparse = True  # validation gradients live on the looked-up rows only: can open a tie (engine)
     check_supported = staticmethod(_check_supported)
 
     @staticmethod
@@ -43,15 +41,14 @@ class EmbeddingRule:
 
     @staticmethod
     def val_grads(module, act_v, grad_v):
-        dtype = torch.float64 if grad_v.dtype == torch.float64 else torch.float32
+        """The dense weight-shaped validation gradient: a scatter-add of the output gradients (static
+        shapes: padding_idx positions add zeros instead of being filtered out)."""
         ids = act_v.reshape(-1)
-        grads = grad_v.reshape(ids.shape[0], -1).to(dtype)
-        keep = _keep(module, ids)
-        ids, grads = ids[keep], grads[keep]
-        rows, inverse = torch.unique(ids, sorted=True, return_inverse=True)
-        values = torch.zeros(rows.shape[0], grads.shape[1], dtype=dtype, device=grads.device)
-        values.index_add_(0, inverse, grads)
-        return {"weight": RowSparse(rows, values)}
+        grads = grad_v.reshape(ids.shape[0], -1).to(accum_dtype(grad_v))
+        if module.padding_idx is not None:
+            grads = grads * _keep(module, ids)[:, None].to(grads.dtype)
+        dense = torch.zeros(module.weight.shape, dtype=grads.dtype, device=grads.device)
+        return {"weight": dense.index_add_(0, ids, grads)}
 
     @staticmethod
     def per_sample_dots(module, act_tr, grad_tr, act_v, grad_v, val_totals, own_only):
@@ -60,23 +57,6 @@ class EmbeddingRule:
     @staticmethod
     def path(module, act_tr, act_v, own_only):
         return LayerPath("gather", 2.0 * grad_tr_numel(act_tr, module))
-
-    # ---- ties ----
-    @staticmethod
-    def val_support(module, act_v):
-        ids = act_v.reshape(-1)
-        return torch.unique(ids[_keep(module, ids)], sorted=True)
-
-    @staticmethod
-    def make_stash(module, local, act_tr, grad_tr, rows):
-        return _Stash(module, act_tr, grad_tr)
-
-    @staticmethod
-    def stash_dots(stash, later_val_grad):
-        dense = later_val_grad
-        if isinstance(later_val_grad, RowSparse):
-            dense = later_val_grad.to_dense(stash.module.weight.shape)
-        return _gather_dots(stash.module, stash.ids, stash.grad, dense)
 
 
 def grad_tr_numel(act_tr, module) -> int:
@@ -89,12 +69,5 @@ def _gather_dots(module, ids, grad, dense_val) -> torch.Tensor:
     flat_ids = ids.reshape(-1)
     picked = dense_val[flat_ids]  # [N, d]
     if module.padding_idx is not None:
-        picked.masked_fill_(~_keep(module, flat_ids)[:, None], 0)
-    return row_dot(picked, grad.to(dense_val.dtype), rows)
-
-
-@dataclass
-class _Stash:
-    module: nn.Embedding
-    ids: torch.Tensor
-    grad: torch.Tensor
+        picked = picked * _keep(module, flat_ids)[:, None].to(picked.dtype)
+    return row_dot(picked, grad, rows)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ghost_engine.layers import (LayerPath, RowSparse, accum_dtype, matmul_accum, module_input, register_layer,
+from ghost_engine.layers import (LayerPath, accum_dtype, matmul_accum, module_input, register_layer,
                                 row_dot, row_sum)
 
 try:  # Hugging Face GPT-2 uses a transposed linear layer
@@ -104,38 +104,26 @@ class LinearRule:
             return LayerPath("gram", 2.0 * n_tr * n_v * (d + p))
         return LayerPath("projection", 2.0 * n_tr * d * p)
 
-    # ---- ties with an embedding (GPT-2's lm_head shares wte.weight) ----
+    # ---- ties with an embedding (GPT-2's lm_head shares wte.weight), see ghost_engine.engine ----
     @staticmethod
-    def val_support(module, act_v):
-        return None  # dense: every weight row gets a validation gradient
+    def stash_shapes(module, n_tokens, n_support):
+        """Shapes of make_stash's tensors for `n_tokens` training tokens and `n_support` weight rows."""
+        other = module.weight.shape[1]  # Linear [p, d]: d; Conv1D [d, p]: p
+        return [(n_tokens, other), (n_tokens, n_support)]
 
     @staticmethod
-    def make_stash(module, local, act_tr, grad_tr, rows):
-        """Keep what <G_i, X> needs for a later use whose gradient X lives on weight `rows` only."""
-        if local != "weight" or rows is None:
-            raise ValueError(f"{type(module).__name__}.{local} is tied to another dense use; only ties "
-                             "between one linear layer and embeddings are supported")
+    def make_stash(module, local, act_tr, grad_tr, support):
+        """(M, R): what <G_i, X> needs for an X living on the weight rows `support` (sorted, with repeats)
+        only: G_i's rows there are Σ_t R_t[u] ⊗ M_t."""
         a, g = _flat(act_tr), _flat(grad_tr)
-        if _is_conv1d(module):
-            return _Stash(a[:, rows], g, rows, act_tr.shape[0], transposed=True)
-        return _Stash(a, g[:, rows], rows, act_tr.shape[0], transposed=False)
+        if _is_conv1d(module):  # rows index the input features
+            return g, a[:, support]
+        return a, g[:, support]
 
     @staticmethod
-    def stash_dots(stash, later_val_grad):
-        if not isinstance(later_val_grad, RowSparse):
-            raise ValueError("a linear layer can only be tied to later embedding uses")
-        cols = torch.searchsorted(stash.rows, later_val_grad.rows)
-        values = later_val_grad.values.to(stash.a.dtype)
-        if stash.transposed:  # Conv1D: rows index the input features
-            return row_dot(stash.a[:, cols] @ values, stash.g, stash.n_rows)
-        return row_dot(stash.g[:, cols] @ values, stash.a, stash.n_rows)
-
-
-@dataclass
-class _Stash:
-    a: torch.Tensor  # [N, d] (or [N, U] restricted, Conv1D)
-    g: torch.Tensor  # [N, U] restricted (or [N, p], Conv1D)
-    rows: torch.Tensor  # [U] sorted weight rows the later use can touch
-    n_rows: int
-    transposed: bool
-
+    def stash_dots(stash, val_grad, support, first, rows):
+        """<G_i, X> per training row for X = `val_grad` (dense, the other use's validation gradient, zero off
+        `support`); each row of `support` counted once (`first`: its first occurrence)."""
+        m, r = stash
+        x = val_grad[support] * first[:, None].to(val_grad.dtype)  # [U, other]
+        return row_dot(r @ x.to(r.dtype), m, rows)

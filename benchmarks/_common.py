@@ -57,6 +57,12 @@ class BenchConfig:
     device: str = "cpu"
     seed: int = 0
 
+    def token_vocab_size(self) -> int:
+        """Token ids are drawn below this: the real vocabulary, never the padded rows of the model's."""
+        from GradDotProd_LM.model import GPT2_VOCAB_SIZE
+
+        return self.vocab_size or GPT2_VOCAB_SIZE
+
     def model_overrides(self) -> dict:
         names = ("n_layer", "n_head", "n_embd", "vocab_size")
         overrides = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
@@ -102,7 +108,8 @@ def build_bench_model(cfg: BenchConfig) -> torch.nn.Module:
 
 
 def make_batches(cfg: BenchConfig, vocab_size: int):
-    """Random token rows (seeded). Labels are the inputs: the HF model shifts them itself."""
+    """Random token rows (seeded) with ids below `vocab_size`. Labels are the inputs: the HF model shifts
+    them itself."""
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     x_train = torch.randint(0, vocab_size, (cfg.batch_size, cfg.seq_len), generator=generator)
     x_val = torch.randint(0, vocab_size, (cfg.val_batch_size, cfg.seq_len), generator=generator)
@@ -324,7 +331,7 @@ def measure_config(cfg: BenchConfig, method_factories: dict, reps: int, warmup: 
     try:
         model = build_bench_model(cfg)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-        batch = make_batches(cfg, model.config.vocab_size)
+        batch = make_batches(cfg, cfg.token_vocab_size())
         floor = floor_ratio(model, optimizer, batch, cfg)
         methods = [factory(model, optimizer, batch, cfg) for factory in method_factories.values()]
         results = run_interleaved(methods, reps, cfg.device, warmup=warmup, meter=meter)

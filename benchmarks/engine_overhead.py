@@ -36,7 +36,7 @@ REGULAR_ALL_ROWS = "Regular (B+Bv rows)"
 def measure(cfg: BenchConfig, reps: int, warmup: int):
     model = build_bench_model(cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    batch = make_batches(cfg, model.config.vocab_size)
+    batch = make_batches(cfg, cfg.token_vocab_size())
     x_train, y_train, x_val, y_val = batch
     all_rows = (torch.cat([x_train, x_val]), torch.cat([y_train, y_val]), x_val, y_val)
     methods = [regular_method(model, optimizer, batch, cfg), graddotprod_method(model, optimizer, batch, cfg),

@@ -139,24 +139,26 @@ class _Tap(torch.autograd.Function):
         grad = grad.to(dtype)
         module, rule = layer.module, layer.rule
         act_tr, act_v, grad_tr, grad_v = act[:n_train], act[n_train:], grad[:n_train], grad[n_train:]
-        val_grads = rule.val_grads(module, act_v, grad_v)
+        val_grads = rule.val_grads(module, act_v, grad_v)  # fresh tensors, owned here
         later = channel_grads[0] if channel_grads else None  # G_val of the later (linear) use, if it ran
-        totals = {local: val_grads[local] if role != FIRST or later is None else val_grads[local] + later
-                  for local, role in zip(layer.params, roles)}
-        own_only = {local: role is None for local, role in zip(layer.params, roles)}
-        dots = rule.per_sample_dots(module, act_tr, grad_tr, act_v, grad_v, totals, own_only)
-        param_grads, sink_grads, channels_in = [], [], []
-        for local, role, p in zip(layer.params, roles, layer.tensors):
-            raw = dots[local]
-            if role == FIRST and later is not None:  # <G_i(linear use), G_val(this use)>
+        cross = None
+        for local, role in zip(layer.params, roles):
+            if role == FIRST and later is not None:
+                # <G_i(linear use), G_val(this use)> from the linear's stash, then G_val of both uses
                 second_rule = engine._tie_partner[layer.params[local]].rule
-                raw = raw + second_rule.stash_dots(channel_grads[1:], val_grads[local], support, first, n_train)
-            if role == SECOND:
+                cross = second_rule.stash_dots(channel_grads[1:], val_grads[local], support, first, n_train)
+                val_grads[local].add_(later)
+        own_only = {local: role is None for local, role in zip(layer.params, roles)}
+        dots = rule.per_sample_dots(module, act_tr, grad_tr, act_v, grad_v, val_grads, own_only)
+        param_grads, sink_grads, channels_in = [], [], [None] * len(ctx.channel_dtypes)
+        for local, role, p in zip(layer.params, roles, layer.tensors):
+            sink_grads.append(dots[local] if cross is None or role != FIRST else dots[local] + cross)
+            if role == SECOND:  # G_val travels to the embedding, which removes both uses' share from .grad
                 stash = rule.make_stash(module, local, act_tr, grad_tr, support)
                 channels_in = [c.to(d) for c, d in zip((val_grads[local], *stash), ctx.channel_dtypes)]
-            sink_grads.append(raw)
-            param_grads.append(-val_grads[local].to(p.dtype))
-        channels_in = channels_in or [None] * len(ctx.channel_dtypes)
+                param_grads.append(None)
+            else:
+                param_grads.append(val_grads[local].neg_().to(p.dtype))
         return (None, None, None, grad_out, None, None, None, *param_grads, *sink_grads, *channels_in)
 
 
@@ -403,9 +405,13 @@ class GradDotProdEngine:
             role = None
             if layer.tied[local] and not recompute:
                 if pname not in mb.channels:
-                    if self._tie_partner[pname] is layer:
-                        raise ValueError(f"{layer.name} uses the shared parameter {pname} before its embedding "
-                                         "does; ties are supported when the embedding runs first")
+                    partner = self._tie_partner[pname]
+                    if partner is layer:  # the embedding did not run (e.g. inputs_embeds): the only use
+                        roles.append(None)
+                        continue
+                    if partner.name in mb.seen:
+                        raise ValueError(f"{partner.name} used the shared parameter {pname} before {layer.name} "
+                                         "did; ties are supported when the embedding runs first")
                     role = FIRST
                     support, first = _support(act[mb.n_train:])
                 else:

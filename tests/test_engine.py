@@ -17,13 +17,14 @@ def rel_err(got, ref, scale=0.0):
     return float((got.double() - ref).abs().max() / max(float(ref.abs().max()), scale, 1e-30))
 
 
-def run_engine(model, X, Y, Xv, Yv, task="causal_lm", micro_batches=1, **engine_kwargs):
+def run_engine(model, X, Y, Xv, Yv, task="causal_lm", micro_batches=1, compile_backend=None, **engine_kwargs):
     engine = GradDotProdEngine(model, val_batch=(Xv, Yv), task=task, **engine_kwargs)
     engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    step_model = model if compile_backend is None else torch.compile(model, backend=compile_backend)
     model.zero_grad()
     for Xm, Ym in zip(X.chunk(micro_batches), Y.chunk(micro_batches)):
         Xc, Yc = engine.prepare_forward_input(Xm, Ym, loss_multiplier=1.0 / micro_batches)
-        (model(input_ids=Xc, labels=Yc).loss / micro_batches).backward()
+        (step_model(input_ids=Xc, labels=Yc).loss / micro_batches).backward()
     engine.prepare_gradients()
     result = engine.aggregate_and_log()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
@@ -31,10 +32,11 @@ def run_engine(model, X, Y, Xv, Yv, task="causal_lm", micro_batches=1, **engine_
     return result, grads
 
 
-def check_against_reference(model, X, Y, Xv, Yv, task="causal_lm", micro_batches=1, **engine_kwargs):
+def check_against_reference(model, X, Y, Xv, Yv, task="causal_lm", micro_batches=1, compile_backend=None,
+                            **engine_kwargs):
     reference_model = copy.deepcopy(model).double()
     ref = reference_dot_products(reference_model, X, Y, Xv, Yv, task)
-    result, grads = run_engine(model, X, Y, Xv, Yv, task, micro_batches, **engine_kwargs)
+    result, grads = run_engine(model, X, Y, Xv, Yv, task, micro_batches, compile_backend, **engine_kwargs)
     assert result.dot_products.shape == (X.shape[0],)
     assert set(result.per_parameter) == set(ref)
     total = sum(ref.values())
@@ -312,3 +314,62 @@ def test_sum_reduction():
     ref_model.reduction = "sum"
     for name, r in reference_train_grad(ref_model, X, Y, task="classification").items():
         assert rel_err(grads[name], r) <= TOL, name
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+def _graph_breaks(model, X, Y):
+    explanation = torch._dynamo.explain(model)(input_ids=X, labels=Y)
+    torch._dynamo.reset()
+    return explanation.graph_break_count, [str(r.reason).splitlines()[0] for r in explanation.break_reasons]
+
+
+@pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama])
+def test_compiled_forward_has_no_graph_break(build):
+    """The taps trace into the model's one graph: torch.compile needs no break per hooked layer."""
+    torch.manual_seed(15)
+    g = torch.Generator().manual_seed(15)
+    model = build()
+    model.loss_type = "ForCausalLM"  # transformers logs a warning (a graph break of its own) otherwise
+    X, Y = lm_batch(2, 12, g)
+    Xv, Yv = lm_batch(1, 12, g)
+    engine = GradDotProdEngine(model, val_batch=(Xv, Yv)).attach()
+    Xc, Yc = engine.prepare_forward_input(X, Y)
+    breaks, reasons = _graph_breaks(model, Xc, Yc)
+    engine.detach()
+    assert breaks == 0, reasons
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_gpt2_is_exact(backend):
+    """Forward and backward compiled (AOT autograd traces the taps' backward; inductor generates the kernels):
+    tied embeddings, padding, every parameter and .grad against the float64 reference, two steps, one graph."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(16)
+    g = torch.Generator().manual_seed(16)
+    model = tiny_gpt2()
+    X, Y = lm_batch(3, 16, g, pad_row=1)
+    Xv, Yv = lm_batch(2, 16, g)
+    torch._dynamo.reset()
+    counters.clear()
+    check_against_reference(model, X, Y, Xv, Yv, compile_backend=backend)
+    graphs = counters["stats"]["unique_graphs"]
+    check_against_reference(model, X, Y, Xv, Yv, compile_backend=backend)  # a new micro-batch: no recompile
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()
+
+
+def test_compiled_micro_batches_llama_and_classifier_are_exact():
+    torch.manual_seed(17)
+    g = torch.Generator().manual_seed(17)
+    X, Y = lm_batch(4, 12, g, pad_row=0)
+    Xv, Yv = lm_batch(2, 12, g)
+    check_against_reference(tiny_llama(), X, Y, Xv, Yv, compile_backend="aot_eager")
+    check_against_reference(tiny_gpt2(), X, Y, Xv, Yv, micro_batches=2, compile_backend="aot_eager")
+    model = MLPClassifier()
+    Xf, Yf = torch.randn(6, 16, generator=g), torch.randint(0, 5, (6,), generator=g)
+    Xvf, Yvf = torch.randn(2, 16, generator=g), torch.randint(0, 5, (2,), generator=g)
+    check_against_reference(model, Xf, Yf, Xvf, Yvf, task="classification", compile_backend="aot_eager")
+    torch._dynamo.reset()

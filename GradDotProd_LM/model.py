@@ -5,7 +5,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 GPT2_VOCAB_SIZE = 50257
 
-# GPT2Config kwargs per size (docs/METHOD.md section 4); GPT2-Tiny is for CPU runs and tests.
+# GPT2Config kwargs per size (docs/METHOD.md section 5); GPT2-Tiny is for CPU runs and tests.
 ARCHITECTURES = {
     "GPT2-Tiny": dict(n_layer=2, n_head=2, n_embd=128),
     "GPT2-Small": dict(n_layer=12, n_head=12, n_embd=768),

@@ -1,4 +1,4 @@
-"""GPT-2 models of the training app: sizes of docs/METHOD.md section 4, dropout 0, tied head, SDPA, local init."""
+"""GPT-2 models of the training app: sizes of docs/METHOD.md section 5, dropout 0, tied head, SDPA, local init."""
 import pytest
 import torch
 from transformers import GPT2LMHeadModel

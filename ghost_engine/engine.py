@@ -426,7 +426,8 @@ class GradDotProdEngine:
             result, *channels = result
             mb.channels[layer.params[list(layer.params)[roles.index(FIRST)]]] = (support, first, tuple(channels))
         if not recompute:
-            mb.seen[layer.name] = (tuple(act[:mb.n_train].shape), tuple(act[mb.n_train:].shape))
+            rest = tuple(act.shape[1:])
+            mb.seen[layer.name] = ((mb.n_train,) + rest, (act.shape[0] - mb.n_train,) + rest)
         return result
 
     def _channel_shapes(self, layer, meta, act, support):

@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from _models import MLPClassifier, MLPWithScale, lm_batch, tiny_bert_classifier, tiny_gpt2, tiny_llama
+from _models import VOCAB, MLPClassifier, MLPWithScale, lm_batch, tiny_bert_classifier, tiny_gpt2, tiny_llama
 from _reference import reference_dot_products, reference_train_grad
 from ghost_engine import GradDotProdEngine
 
@@ -77,6 +77,20 @@ def test_gpt2_gram_and_projection_paths_and_padding():
     model(input_ids=Xc, labels=Yc).loss.backward()
     paths = {r["layer"]: r["path"] for r in engine.path_report()}
     assert paths["transformer.h.0.mlp.c_fc"] == "gram" and paths["lm_head"] == "projection"
+
+
+def test_app_gpt2_with_padded_vocabulary():
+    """The app's GPT-2 (fused tanh-GELU, head padded 97 -> 128 rows, ids below 97): exact."""
+    from GradDotProd_LM.model import build_model
+
+    torch.manual_seed(18)
+    g = torch.Generator().manual_seed(18)
+    model = build_model("GPT2-Tiny", n_positions=32, n_layer=1, n_embd=32, n_head=4, vocab_size=VOCAB,
+                        bos_token_id=0, eos_token_id=0)
+    assert model.config.vocab_size == 128
+    X, Y = lm_batch(3, 16, g, pad_row=2)
+    Xv, Yv = lm_batch(2, 16, g)
+    check_against_reference(model, X, Y, Xv, Yv)
 
 
 def test_llama_rmsnorm_rope_swiglu():

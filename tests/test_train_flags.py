@@ -32,6 +32,7 @@ def dirs(tmp_path):
     (["--method", "GradDotProd", "--val_batch_size", "0"], "--val_batch_size must be >= 1"),
     (["--data_dir", "/nonexistent/pile"], "--data_dir /nonexistent/pile: no such directory"),
     (["--resume", "--run_name", "never-ran"], "--resume: no run at"),
+    (["--vocab_pad_multiple", "0"], "--vocab_pad_multiple: must be a positive integer"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(flags, message, dirs, capsys, tmp_path):
     results_before = os.path.exists(tmp_path / "results")
@@ -81,6 +82,19 @@ def test_existing_run_needs_resume_and_keeps_its_identity(tmp_path, dirs, capsys
     resumed = parse_config(dirs + ["--run_name", "r1", "--resume", "--max_steps", "20000"])
     assert resumed["batch_size"] == 8 and resumed["max_steps"] == 20000
     assert resumed["lr_decay_steps"] == saved["lr_decay_steps"]  # extending a run keeps its schedule
+
+
+def test_vocabulary_padding_is_part_of_a_runs_identity(tmp_path, dirs, capsys):
+    """New runs pad to 64 unless told; a run saved before the flag existed resumes unpadded."""
+    assert parse_config(dirs + ["--run_name", "new"])["vocab_pad_multiple"] == 64
+    run_dir = tmp_path / "results" / "old"
+    run_dir.mkdir(parents=True)
+    saved = parse_config(dirs + ["--run_name", "old"])
+    del saved["vocab_pad_multiple"]
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    assert parse_config(dirs + ["--run_name", "old", "--resume"])["vocab_pad_multiple"] == 1
+    assert main(dirs + ["--run_name", "old", "--resume", "--vocab_pad_multiple", "64"]) == 2
+    assert "--vocab_pad_multiple differ from the saved run" in capsys.readouterr().err
 
 
 def test_unknown_domain_is_a_usage_error(tmp_path, capsys):

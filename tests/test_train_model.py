@@ -43,3 +43,24 @@ def test_bad_names_are_value_errors(tmp_path):
     with pytest.raises(ValueError, match="not a local directory"):
         build_model("GPT2-Tiny", init_from="gpt2")  # a hub name: refused, nothing is downloaded
     assert set(ARCHITECTURES) == {"GPT2-Tiny", "GPT2-Small", "GPT2-Medium", "GPT2-Large"}
+
+
+def test_vocabulary_padding_keeps_token_ids_and_the_tie(tmp_path):
+    """GPT-2's 50257 rows padded to 50304 (a multiple of 64); 1 turns it off; an unpadded checkpoint is padded
+    on load with its own rows unchanged."""
+    from GradDotProd_LM.model import padded_vocab_size
+
+    assert padded_vocab_size(50257) == 50304 and padded_vocab_size(50257, 1) == 50257
+    assert padded_vocab_size(128, 64) == 128
+    with pytest.raises(ValueError, match="vocab_pad_multiple=0"):
+        padded_vocab_size(50257, 0)
+    assert build_config("GPT2-Small").activation_function == "gelu_pytorch_tanh"
+    unpadded = build_model("GPT2-Tiny", vocab_pad_multiple=1)
+    assert unpadded.config.vocab_size == 50257
+    unpadded.save_pretrained(tmp_path)
+    padded = build_model("GPT2-Tiny", init_from=str(tmp_path))
+    assert padded.config.vocab_size == 50304 and padded.lm_head.weight is padded.transformer.wte.weight
+    assert torch.equal(padded.transformer.wte.weight[:50257], unpadded.transformer.wte.weight)
+    x = torch.randint(0, 50257, (2, 8))
+    with torch.no_grad():  # the real rows give the same logits; the padded rows only add columns
+        torch.testing.assert_close(padded(input_ids=x).logits[..., :50257], unpadded(input_ids=x).logits)

@@ -6,7 +6,6 @@ validation gradient is G_val = Σ_{v,u} a_vu ⊗ b_vu. Two exact ways to get <G_
 - projection: Σ_t a_it · (G_val b_it)             ≈ 2·N·d·p flops (G_val is formed anyway)
 and the cheaper one runs. Per-sample weight gradients are never formed.
 """
-from dataclasses import dataclass
 
 import torch
 from torch import nn

@@ -9,6 +9,8 @@ import random
 import numpy as np
 import torch
 
+from ghost_engine.durable import write_atomically
+
 CHECKPOINT_FORMAT = 1
 
 
@@ -40,7 +42,7 @@ def set_rng_state(state):
 
 
 def save_checkpoint(run_dir, model, optimizer, step, config):
-    """Atomically write checkpoints/latest.pt (temporary file, then rename)."""
+    """Durably write checkpoints/latest.pt (ghost_engine.durable: temporary file, fsync, rename)."""
     path = checkpoint_path(run_dir)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     state = {
@@ -51,13 +53,7 @@ def save_checkpoint(run_dir, model, optimizer, step, config):
         "rng": rng_state(),
         "config": {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool, type(None)))},
     }
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomically(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(run_dir, map_location="cpu"):

@@ -6,7 +6,8 @@
     grad_dotprods/iter_XXXXXX.pkl   steps (previous file, XXXXXX], schema in ghost_engine.results_io
     checkpoints/latest.pt
 
-Every file is written to a temporary name and renamed, so a reader never sees half a file.
+Every file is written durably (ghost_engine.durable: temporary file, fsync, rename, fsync of the directory),
+so a reader never sees half a file and a written file survives a crash.
 """
 import json
 import os
@@ -15,6 +16,7 @@ import re
 
 import numpy as np
 
+from ghost_engine.durable import write_atomically
 from ghost_engine.results_io import DOTPROD_DIR, SCHEMA_NAME, SCHEMA_VERSION, save_dotprod_pickle
 
 VALSET_SCHEMA = "graddotprod.valset"
@@ -22,21 +24,8 @@ VALSET_SCHEMA_VERSION = 1
 _ITER_FILE = re.compile(r"^iter_(\d+)\.pkl$")
 
 
-def _replace_atomically(path, write):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_json(path, obj):
-    _replace_atomically(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+    write_atomically(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def read_json(path):
@@ -55,7 +44,7 @@ def write_valset(run_dir, val_batch, config):
         "doc_id": np.asarray(val_batch.doc_id, dtype=np.int64),
         "sample_index": np.asarray(val_batch.sample_index, dtype=np.int64),
     }
-    _replace_atomically(os.path.join(run_dir, "valset.pkl"), lambda f: pickle.dump(payload, f, protocol=4))
+    write_atomically(os.path.join(run_dir, "valset.pkl"), lambda f: pickle.dump(payload, f, protocol=4))
 
 
 def dotprod_file(run_dir, last_step):

@@ -1,14 +1,21 @@
-"""ghost_engine: exact per-sample training/validation gradient dot products in one backward pass."""
-from ghost_engine.engine import DotProductResult, GradDotProdEngine
-from ghost_engine.layers import register_layer
-from ghost_engine.losses import per_sample_loss
+"""ghost_engine: exact per-sample training/validation gradient dot products in one backward pass.
 
-__all__ = ["GradDotProdEngine", "DotProductResult", "register_layer", "per_sample_loss", "load_dotprods"]
+Names are imported on first use, so that torch-free parts (ghost_engine.durable, used by pile_tools)
+can be imported without torch.
+"""
+import importlib
+
+_EXPORTS = {
+    "GradDotProdEngine": "ghost_engine.engine",
+    "DotProductResult": "ghost_engine.engine",
+    "register_layer": "ghost_engine.layers",
+    "per_sample_loss": "ghost_engine.losses",
+    "load_dotprods": "ghost_engine.results_io",
+}
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name):
-    if name == "load_dotprods":  # results IO pulls in numpy/pickle machinery only when asked for
-        from ghost_engine.results_io import load_dotprods
-
-        return load_dotprods
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'ghost_engine' has no attribute {name!r}")

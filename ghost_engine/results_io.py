@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ghost_engine.durable import write_atomically
+
 SCHEMA_NAME = "graddotprod.dotprods"
 SCHEMA_VERSION = 1
 DOTPROD_DIR = "grad_dotprods"
@@ -234,38 +236,13 @@ def validate_payload(payload, where: str = "payload") -> None:
 def save_dotprod_pickle(path, payload) -> None:
     """Validate and atomically write one dot-product file.
 
-    Writes `<path>.tmp-<pid>`, flushes and fsyncs it, then `os.replace`s it onto
-    path: a reader sees the old file or the complete new one, never a partial one.
+    ghost_engine.durable.write_atomically: a reader sees the old file or the complete new one, never a
+    partial one, and the new one survives a crash once this returns.
     """
     path = os.fspath(path)
     _check_plain(payload, path)
     validate_payload(payload, path)
-    tmp_path = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp_path, "wb") as f:
-            pickle.dump(payload, f, protocol=4)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    _fsync_directory(os.path.dirname(os.path.abspath(path)))
-
-
-def _fsync_directory(directory: str) -> None:
-    """Make the rename durable; some file systems do not allow fsync on a directory."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    write_atomically(path, lambda f: pickle.dump(payload, f, protocol=4))
 
 
 # ---------------------------------------------------------------------------
@@ -312,7 +289,7 @@ def _dotprod_files(run_dir: str) -> list:
 
 
 def _read_file(path: str):
-    """Load and validate one file; returns (schema_version, step records)."""
+    """Load and validate one file; returns (schema_version, run_name, step records)."""
     try:
         payload = safe_load_pickle(path)
     except UnsafePickleError:
@@ -328,7 +305,7 @@ def _read_file(path: str):
             f"{path}: schema_version {version!r} is unknown to this reader (knows {sorted(_READERS)}); "
             "upgrade the package or load the run with the version that wrote it"
         )
-    return version, reader(payload, path)
+    return version, payload.get("run_name"), reader(payload, path)
 
 
 def _read_v1(payload, path: str) -> list:
@@ -355,7 +332,8 @@ def _expected_steps(config: dict, seen_steps: list) -> list:
 def load_run(run_dir, per_layer: bool = False, strict: bool = False) -> Run:
     """Merge every `grad_dotprods/iter_*.pkl` of a run into columns.
 
-    strict=False skips unreadable/corrupt/unknown-version files with a warning
+    Only files whose `run_name` is the run's (config.json's, else the directory's name) are merged.
+    strict=False skips unreadable/corrupt/unknown-version/foreign files with a warning
     and lists them in `Run.skipped`; strict=True raises naming the file. Unsafe
     pickles always raise. A step present in several files (crash + resume) is
     kept once, from the last file in iteration order, with a warning.
@@ -364,20 +342,34 @@ def load_run(run_dir, per_layer: bool = False, strict: bool = False) -> Run:
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"run directory {run_dir!r} does not exist")
     config = _read_json(os.path.join(run_dir, "config.json"))
-    paths = _dotprod_files(run_dir)
     skipped, files, versions = [], [], {}
     records_by_step = {}
     duplicates = set()
-    for path in paths:
+
+    def skip(err):
+        if strict:
+            raise err
+        warnings.warn(f"skipping {err}", stacklevel=3)
+        skipped.append((err.path, str(err)))
+
+    readable = []
+    for path in _dotprod_files(run_dir):
         try:
-            version, records = _read_file(path)
+            readable.append((path, *_read_file(path)))
         except UnsafePickleError:
             raise
         except ResultsFormatError as err:
-            if strict:
-                raise
-            warnings.warn(f"skipping {err}", stacklevel=2)
-            skipped.append((path, str(err)))
+            err.path = path
+            skip(err)
+    # the run's name: config.json's, else the one most files carry; a file of another run is never merged
+    names = collections.Counter(name for _, _, name, _ in readable)
+    run_name = config.get("run_name") or (names.most_common(1)[0][0] if names else None)
+    for path, version, name, records in readable:
+        if name != run_name:
+            err = ResultsFormatError(f"{path}: written by run {name!r}, not {run_name!r}; files of another "
+                                     "run are not merged")
+            err.path = path
+            skip(err)
             continue
         files.append(path)
         versions[path] = version

@@ -13,6 +13,8 @@ from typing import Iterable, Iterator
 
 import zstandard
 
+from ghost_engine.durable import write_atomically
+
 READ_CHUNK_BYTES = 1 << 20
 FINGERPRINT_BLOCK_BYTES = 1 << 20
 
@@ -156,12 +158,12 @@ class HFDatasetSource:
 
 def write_jsonl_zst(path: str, records: Iterable[dict], level: int = 10) -> None:
     """Write records as one zstd-compressed JSON object per line (same bytes for the same records)."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as fh:
+    def write(fh):
         with zstandard.ZstdCompressor(level=level).stream_writer(fh, closefd=False) as writer:
             text = io.TextIOWrapper(writer, encoding="utf-8", newline="\n")
             for record in records:
                 text.write(json.dumps(record, ensure_ascii=False) + "\n")
             text.flush()
             text.detach()
-    os.replace(tmp, path)
+
+    write_atomically(path, write)

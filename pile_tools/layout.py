@@ -15,6 +15,8 @@ import json
 import os
 import re
 
+from ghost_engine.durable import write_atomically
+
 SPLITS = ("train", "validation", "test")
 TOKEN_DTYPE = "uint16"
 INGEST_FILE = "ingest.json"
@@ -38,18 +40,8 @@ def domain_paths(split_dir: str, slug: str) -> dict[str, str]:
 
 
 def write_json_atomic(path: str, obj) -> None:
-    """Write JSON to `path` so that a reader sees either the old or the new file, never a partial one."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Write JSON to `path` durably: a reader sees either the old or the new file, never a partial one."""
+    write_atomically(path, lambda f: f.write(json.dumps(obj, indent=1, ensure_ascii=False).encode("utf-8")))
 
 
 def read_json(path: str):

@@ -1,4 +1,5 @@
 """results_io: atomic writes, the restricted unpickler, and merging a run's files."""
+import json
 import os
 import pickle
 
@@ -201,3 +202,19 @@ def test_per_layer_columns_and_missing_steps(tmp_path):
     np.testing.assert_array_equal(cols["per_layer/wte.weight"], [0.5, 1.5, np.nan])
     assert cols.missing_steps == [2, 4]
     assert "per_layer/wte.weight" not in load_dotprods(run_dir)
+
+
+def test_files_of_another_run_are_not_merged(tmp_path):
+    """A pickle copied in from another run (its run_name differs from config.json's) is skipped, not merged."""
+    run_dir = tmp_path / "run"
+    write_run(run_dir, {2: [step_record(1, [1.0, 2.0], ["A", "B"]), step_record(2, [3.0, 4.0], ["A", "B"])]})
+    (run_dir / "config.json").write_text(json.dumps({"run_name": "t", "max_steps": 3}))
+    foreign = payload([step_record(3, [7.0, 8.0], ["A", "B"])])
+    foreign["run_name"] = "other"
+    save_dotprod_pickle(run_dir / "grad_dotprods" / "iter_000003.pkl", foreign)
+    with pytest.warns(UserWarning, match="written by run 'other', not 't'"):
+        run = load_run(run_dir)
+    assert run.columns["step"].tolist() == [1, 1, 2, 2] and run.missing_steps == [3]
+    assert [os.path.basename(p) for p, _ in run.skipped] == ["iter_000003.pkl"]
+    with pytest.raises(ResultsFormatError, match="files of another run are not merged"):
+        load_run(run_dir, strict=True)

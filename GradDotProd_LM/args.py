@@ -11,6 +11,7 @@ import yaml
 
 import config_file
 from GradDotProd_LM.model import ARCHITECTURES
+from GradDotProd_LM.run_files import dotprod_steps_on_disk
 
 METHODS = ("GradDotProd", "Regular")
 OPTIMIZERS = ("AdamW", "SGD")
@@ -203,6 +204,12 @@ def parse_config(argv, world_size=1):
         cfg["resume"] = True
         if cfg["eval_only"] and not os.path.exists(checkpoint):
             parser.error(f"--eval_only --resume: {checkpoint} does not exist")
+        written = dotprod_steps_on_disk(run_dir_of(cfg))
+        if not os.path.exists(checkpoint) and written:
+            parser.error(f"--resume: {run_dir_of(cfg)} has no checkpoint ({checkpoint}) but holds "
+                         f"{len(written)} dot-product file(s) up to step {written[-1]}; resuming would redo "
+                         "those steps, so nothing was changed. Restore the checkpoint, or keep these results "
+                         "and start a new --run_name (or move the directory away to start this name afresh)")
     elif not cfg["eval_only"] and os.path.exists(saved_path):
         parser.error(f"{run_dir_of(cfg)} already holds a run: pass --resume to continue it, "
                      "or --run_name NEW (or another --results_dir) to start a new one")

@@ -5,18 +5,23 @@
     valset.pkl           validation tokens and their provenance (plain python/numpy)
     grad_dotprods/iter_XXXXXX.pkl   steps (previous file, XXXXXX], schema in ghost_engine.results_io
     checkpoints/latest.pt
+    run.lock             held by the process training the run (RunLock)
+    superseded/<time>/   files of steps after the checkpoint a resume started from, moved aside
 
 Every file is written durably (ghost_engine.durable: temporary file, fsync, rename, fsync of the directory),
 so a reader never sees half a file and a written file survives a crash.
 """
+import fcntl
 import json
 import os
 import pickle
 import re
+import socket
+import time
 
 import numpy as np
 
-from ghost_engine.durable import write_atomically
+from ghost_engine.durable import fsync_directory, write_atomically
 from ghost_engine.results_io import DOTPROD_DIR, SCHEMA_NAME, SCHEMA_VERSION, save_dotprod_pickle
 
 VALSET_SCHEMA = "graddotprod.valset"
@@ -63,19 +68,72 @@ def flush_dotprods(run_dir, run_name, world_size, pending):
     return path
 
 
-def drop_dotprods_after(run_dir, step):
-    """Remove dot-product files of steps after `step` (written after the checkpoint a run resumes
-    from; the resumed run writes them again) and stray temporary files. Returns the removed paths."""
+def dotprod_steps_on_disk(run_dir):
+    """Last steps of the run's iter_XXXXXX.pkl files, ascending."""
     directory = os.path.join(run_dir, DOTPROD_DIR)
     if not os.path.isdir(directory):
         return []
-    removed = []
-    for name in sorted(os.listdir(directory)):
-        match = _ITER_FILE.match(name)
-        if (match and int(match.group(1)) > step) or ".tmp-" in name:
-            os.remove(os.path.join(directory, name))
-            removed.append(name)
-    return removed
+    return sorted(int(m.group(1)) for m in map(_ITER_FILE.match, os.listdir(directory)) if m)
+
+
+def set_aside_after(run_dir, step):
+    """Move the dot-product files of steps after `step` (written after the checkpoint a run resumes from;
+    the resumed run writes those steps again) to superseded/<UTC time>/, and remove stray temporary
+    files of interrupted writes. Nothing complete is deleted. Returns (moved names, destination or None)."""
+    for sub in (DOTPROD_DIR, "checkpoints"):
+        directory = os.path.join(run_dir, sub)
+        for name in os.listdir(directory) if os.path.isdir(directory) else []:
+            if ".tmp-" in name:  # a write that never completed (kill -9, full disk): no data in it
+                os.remove(os.path.join(directory, name))
+    later = [s for s in dotprod_steps_on_disk(run_dir) if s > step]
+    if not later:
+        return [], None
+    destination = os.path.join(run_dir, "superseded", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
+                               DOTPROD_DIR)
+    os.makedirs(destination, exist_ok=True)
+    moved = []
+    for last_step in later:
+        name = os.path.basename(dotprod_file(run_dir, last_step))
+        os.replace(dotprod_file(run_dir, last_step), os.path.join(destination, name))
+        moved.append(name)
+    fsync_directory(destination)
+    fsync_directory(os.path.join(run_dir, DOTPROD_DIR))
+    return moved, destination
+
+
+class RunBusyError(RuntimeError):
+    """Another process holds the run directory."""
+
+
+class RunLock:
+    """A run directory is owned by one process (rank 0 of one launch) at a time: an exclusive fcntl
+    lock on <run_dir>/run.lock, which also names the holder. The OS releases it when the holder
+    exits, however it exits (kill -9 included), so a lock is never left stale."""
+
+    def __init__(self, run_dir):
+        self.path = os.path.join(run_dir, "run.lock")
+        self._fd = None
+
+    def acquire(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunBusyError(f"{os.path.dirname(self.path)} is in use by {holder}; wait for it to finish, "
+                               "stop it, or pick another --run_name") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self):
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
 
 
 def read_training_log(run_dir, up_to_step):

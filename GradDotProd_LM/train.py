@@ -27,8 +27,8 @@ from GradDotProd_LM.args import parse_config, run_dir_of
 from GradDotProd_LM.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, set_rng_state
 from GradDotProd_LM.evaluate import Evaluator, format_eval
 from GradDotProd_LM.model import build_model
-from GradDotProd_LM.run_files import (drop_dotprods_after, flush_dotprods, read_training_log, write_json,
-                                      write_valset)
+from GradDotProd_LM.run_files import (RunBusyError, RunLock, flush_dotprods, read_training_log, set_aside_after,
+                                      write_json, write_valset)
 from pile_tools import ensure_sample_dataset
 from pile_tools.reader import PileReader
 
@@ -73,6 +73,16 @@ def resolve_data_dir(cfg, master, world_size):
     if not master:
         data_dir = ensure_sample_dataset(config_file.SAMPLE_DATA_DIR)
     return os.path.abspath(data_dir)
+
+
+class NonFiniteStep(RuntimeError):
+    """A step produced a non-finite loss, gradient norm or dot product; it was not applied."""
+
+    def __init__(self, step, loss, grad_norm):
+        super().__init__(f"step {step}: the training loss is {loss}, the gradient norm {grad_norm}, or a dot "
+                         "product is not finite (the run diverged: lower --learning_rate, or check the data); "
+                         "the step was not applied")
+        self.step = step
 
 
 class StopRequest:
@@ -154,6 +164,10 @@ def main(argv=None) -> int:
     stop.install()
     try:
         return _run(cfg, argv, rank, world_size, device, master, stop)
+    except NonFiniteStep as err:
+        if master:
+            print(f"train.sh: error: {err}", file=sys.stderr, flush=True)
+        return 1
     finally:
         stop.restore()
         if ddp:
@@ -161,6 +175,29 @@ def main(argv=None) -> int:
 
 
 def _run(cfg, argv, rank, world_size, device, master, stop):
+    """Train while holding the run directory (eval-only runs read it without holding it)."""
+    lock = RunLock(run_dir_of(cfg))
+    if not cfg["eval_only"]:
+        busy = None
+        if master:
+            try:
+                lock.acquire()
+            except RunBusyError as err:
+                busy = err
+        flag = torch.tensor([0.0 if busy is None else 1.0], device=device)
+        if world_size > 1:  # every rank leaves together
+            dist.all_reduce(flag)
+        if flag.item():
+            if master:
+                print(f"train.sh: error: {busy}", file=sys.stderr, flush=True)
+            return 2
+    try:
+        return _train(cfg, argv, rank, world_size, device, master, stop)
+    finally:
+        lock.release()
+
+
+def _train(cfg, argv, rank, world_size, device, master, stop):
     graddotprod = cfg["method"] == "GradDotProd"
     train_dtype = cfg["train_dtype"] if cfg["train_dtype"] != "auto" else (
         "bfloat16" if device.type == "cuda" else "float32")
@@ -222,10 +259,10 @@ def _run(cfg, argv, rank, world_size, device, master, stop):
         config_record = dict(cfg, world_size=world_size, train_dtype_resolved=train_dtype, device=str(device),
                              torch=torch.__version__, transformers=transformers.__version__,
                              python=platform.python_version(), argv=argv)
-        removed = drop_dotprods_after(run_dir, start_step)  # files of steps the run is about to redo
+        moved, destination = set_aside_after(run_dir, start_step)  # files of steps the run is about to redo
         if cfg["resume"]:
             print(f"Resuming {run_dir} from step {start_step}" + ("" if start_step else " (no checkpoint yet)")
-                  + (f"; removed files written after that checkpoint: {removed}" if removed else ""), flush=True)
+                  + (f"; moved {len(moved)} file(s) of later steps to {destination}" if moved else ""), flush=True)
         log = read_training_log(run_dir, start_step)
         write_json(os.path.join(run_dir, "config.json"), config_record)
         if val_batch is not None:
@@ -245,93 +282,119 @@ def _run(cfg, argv, rank, world_size, device, master, stop):
               f"steps {start_step + 1}..{cfg['max_steps']} | results {run_dir}", flush=True)
     started = time.perf_counter()
     step = start_step
-    while step < cfg["max_steps"]:
-        step += 1
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        t0 = time.perf_counter()
-        batch = train_reader.get_batch(step, B, T, rank=rank, world_size=world_size)  # this rank's B/W rows
-        train_loss_sum, val_loss = 0.0, None  # sum over this rank's rows of the row losses (a tensor)
-        for micro in range(A):
-            rows = slice(micro * micro_rows, (micro + 1) * micro_rows)
-            X = torch.from_numpy(batch.tokens[rows, :T]).to(device, non_blocking=True)  # [b, T], labels = X
-            last_micro = micro == A - 1
-            with nullcontext() if last_micro or world_size == 1 else step_model.no_sync():
-                X_in = X
+    done = start_step  # last step whose update and dot products are complete
+    try:
+        while step < cfg["max_steps"]:
+            step += 1
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.perf_counter()
+            batch = train_reader.get_batch(step, B, T, rank=rank, world_size=world_size)  # this rank's B/W rows
+            train_loss_sum, val_loss = 0.0, None  # sum over this rank's rows of the row losses (a tensor)
+            for micro in range(A):
+                rows = slice(micro * micro_rows, (micro + 1) * micro_rows)
+                X = torch.from_numpy(batch.tokens[rows, :T]).to(device, non_blocking=True)  # [b, T], labels = X
+                last_micro = micro == A - 1
+                with nullcontext() if last_micro or world_size == 1 else step_model.no_sync():
+                    X_in = X
+                    if graddotprod:
+                        X_in, _ = engine.prepare_forward_input(X, X, loss_multiplier=1.0 / A)  # [b + Bv, T]
+                    with autocast:
+                        out = step_model(input_ids=X_in, labels=X_in)
+                    (out.loss / A).backward()
+                micro_loss = out.loss.detach()  # mean CE over every row's seq_len - 1 targets
                 if graddotprod:
-                    X_in, _ = engine.prepare_forward_input(X, X, loss_multiplier=1.0 / A)  # [b + Bv, T]
-                with autocast:
-                    out = step_model(input_ids=X_in, labels=X_in)
-                (out.loss / A).backward()
-            micro_loss = out.loss.detach()  # mean CE over every row's seq_len - 1 targets
+                    # out.loss also averages the validation rows (the same rows, hence the same loss, in
+                    # every micro-batch): take their mean out rather than recomputing the training rows' CE
+                    if micro == 0:
+                        val_loss = per_sample_loss(out.logits[micro_rows:].detach(), X_in[micro_rows:]).mean()
+                    Bv = engine.val_batch_size
+                    micro_loss = (micro_loss * (micro_rows + Bv) - val_loss * Bv) / micro_rows
+                train_loss_sum = train_loss_sum + micro_loss.double() * micro_rows
+                del out
             if graddotprod:
-                # out.loss also averages the validation rows (the same rows, hence the same loss, in
-                # every micro-batch): take their mean out rather than recomputing the training rows' CE
-                if micro == 0:
-                    val_loss = per_sample_loss(out.logits[micro_rows:].detach(), X_in[micro_rows:]).mean()
-                Bv = engine.val_batch_size
-                micro_loss = (micro_loss * (micro_rows + Bv) - val_loss * Bv) / micro_rows
-            train_loss_sum = train_loss_sum + micro_loss.double() * micro_rows
-            del out
-        if graddotprod:
-            engine.prepare_gradients()  # .grad = Regular gradient of the train rows (DDP-averaged)
-            val_loss = val_loss.item()
-        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"]).item()
-                     if cfg["grad_clip"] > 0 else None)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+                engine.prepare_gradients()  # .grad = Regular gradient of the train rows (DDP-averaged)
+                val_loss = val_loss.item()
+            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"]).item()
+                         if cfg["grad_clip"] > 0 else None)
+            result = engine.aggregate_and_log() if graddotprod else None
+            nonfinite = (grad_norm is not None and not math.isfinite(grad_norm)) or (
+                result is not None and not bool(torch.isfinite(result.dot_products).all()))
 
-        # every row has T - 1 targets, so the step's loss is the mean of the row losses over all ranks
-        loss_sum = torch.stack([train_loss_sum,
-                                torch.tensor(float(B // world_size), dtype=torch.float64, device=device)])
-        if world_size > 1:
-            dist.all_reduce(loss_sum)
-        step_time = time.perf_counter() - t0
-        record = {"step": step, "loss": (loss_sum[0] / loss_sum[1]).item(), "lr": lr, "grad_norm": grad_norm,
-                  "tokens_per_s": B * T / step_time, "step_time_s": step_time}
+            # every row has T - 1 targets, so the step's loss is the mean of the row losses over all ranks;
+            # the third entry makes every rank see a non-finite value any rank saw
+            loss_sum = torch.stack([train_loss_sum, torch.tensor(float(B // world_size), dtype=torch.float64,
+                                                                 device=device),
+                                    torch.tensor(float(nonfinite), dtype=torch.float64, device=device)])
+            if world_size > 1:
+                dist.all_reduce(loss_sum)
+            loss = (loss_sum[0] / loss_sum[1]).item()
+            if loss_sum[2].item() > 0 or not math.isfinite(loss):
+                raise NonFiniteStep(step, loss, grad_norm)  # before the update: steps 1..step-1 are saved
 
-        if graddotprod:
-            result = engine.aggregate_and_log()
-            per_layer = torch.stack(list(result.per_parameter.values())).float().cpu().numpy()  # one copy to host
-            local = {
-                "dot_products": result.dot_products.float().cpu().numpy(),  # [B/W], rows in batch order
-                "batch_weights": (result.weights.double() / (A * world_size)).float().cpu().numpy(),
-                "token_counts": result.token_counts.long().cpu().numpy(),
-                "domain": [str(d) for d in batch.domain],
-                "token_offset": np.asarray(batch.token_offset, dtype=np.int64),
-                "doc_id": np.asarray(batch.doc_id, dtype=np.int64),
-                "sample_index": np.asarray(batch.sample_index, dtype=np.int64),
-                "per_layer": dict(zip(result.per_parameter, per_layer)),
-            }
-            rows_all = gather_rows(local, world_size)
-            record["val_loss"] = val_loss
-            if master:
-                pending.append(dict(step=step, lr=lr, train_loss=record["loss"], val_loss=val_loss, **rows_all))
-                if step % cfg["dot_prod_save_interval"] == 0:
+            if graddotprod:
+                per_layer = torch.stack(list(result.per_parameter.values())).float().cpu().numpy()  # one copy to host
+                local = {
+                    "dot_products": result.dot_products.float().cpu().numpy(),  # [B/W], rows in batch order
+                    "batch_weights": (result.weights.double() / (A * world_size)).float().cpu().numpy(),
+                    "token_counts": result.token_counts.long().cpu().numpy(),
+                    "domain": [str(d) for d in batch.domain],
+                    "token_offset": np.asarray(batch.token_offset, dtype=np.int64),
+                    "doc_id": np.asarray(batch.doc_id, dtype=np.int64),
+                    "sample_index": np.asarray(batch.sample_index, dtype=np.int64),
+                    "per_layer": dict(zip(result.per_parameter, per_layer)),
+                }
+                rows_all = gather_rows(local, world_size)
+                if master:
+                    pending.append(dict(step=step, lr=lr, train_loss=loss, val_loss=val_loss, **rows_all))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step  # the update and the step's dot products are complete
+
+            step_time = time.perf_counter() - t0
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                      "tokens_per_s": B * T / step_time, "step_time_s": step_time}
+            if graddotprod:
+                record["val_loss"] = val_loss
+                if master and step % cfg["dot_prod_save_interval"] == 0:
                     flush_dotprods(run_dir, cfg["run_name"], world_size, pending)
+            if master:
+                log["steps"].append(record)
+                report_progress(step, cfg["max_steps"], record, started, start_step + 1)
+
+            if step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]:
+                result = evaluator.evaluate(model, device, autocast)
+                if master:
+                    log["evals"].append({"step": step, **result})
+                    print(format_eval(step, result), flush=True)
+
+            # every rank must agree to stop at the same step, or the next collective would hang
+            stop_now = torch.tensor([1.0 if stop.signal_name else 0.0], device=device)
+            if world_size > 1:
+                dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
+            if stop_now.item() or step % cfg["checkpoint_interval"] == 0 or step == cfg["max_steps"]:
+                save_all(step)
+            if stop_now.item():
+                if master:
+                    print(f"Stopped by {stop.signal_name or 'a signal on another rank'} after step {step}; "
+                          f"checkpoint written. Continue with: ./train.sh --run_name {cfg['run_name']} --resume",
+                          flush=True)
+                break
+    except Exception:
+        # keep what was complete: its dot products, log and a checkpoint at that step, as a SIGTERM would
+        pending[:] = [record for record in pending if record["step"] <= done]
         if master:
-            log["steps"].append(record)
-            report_progress(step, cfg["max_steps"], record, started, start_step + 1)
-
-        if step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]:
-            result = evaluator.evaluate(model, device, autocast)
+            log["steps"] = [r for r in log["steps"] if r["step"] <= done]
+        try:
+            save_all(done)
             if master:
-                log["evals"].append({"step": step, **result})
-                print(format_eval(step, result), flush=True)
-
-        # every rank must agree to stop at the same step, or the next collective would hang
-        stop_now = torch.tensor([1.0 if stop.signal_name else 0.0], device=device)
-        if world_size > 1:
-            dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
-        if stop_now.item() or step % cfg["checkpoint_interval"] == 0 or step == cfg["max_steps"]:
-            save_all(step)
-        if stop_now.item():
-            if master:
-                print(f"Stopped by {stop.signal_name or 'a signal on another rank'} after step {step}; "
-                      f"checkpoint written. Continue with: ./train.sh --run_name {cfg['run_name']} --resume",
+                print(f"train.sh: steps {start_step + 1}..{done} are saved (dot products, log, checkpoint); "
+                      f"continue with: ./train.sh --run_name {cfg['run_name']} --resume", file=sys.stderr,
                       flush=True)
-            break
+        except Exception as save_error:  # e.g. the disk is still full: report both, lose nothing more
+            print(f"train.sh: could not save after the failure: {save_error}", file=sys.stderr, flush=True)
+        raise
 
     if graddotprod:
         engine.detach()

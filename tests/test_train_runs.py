@@ -1,5 +1,6 @@
 """Short GPT2-Tiny runs of the training app on the bundled sample, checked against independent references:
-plain autograd per-sample gradients, a Regular run, micro-batching, a crash + resume, eval-only."""
+plain autograd per-sample gradients, a Regular run, micro-batching, a crash + resume, eval-only, and the
+faults of a run directory: an exception in the loop, divergence, a missing checkpoint, a second launch."""
 import json
 import os
 
@@ -122,8 +123,8 @@ def test_micro_batches_give_the_same_run(baseline, data_dir, results_dir):
     np.testing.assert_allclose(step_losses(os.path.join(results_dir, "accum")), step_losses(baseline), rtol=1e-5)
 
 
-class HardCrash(Exception):
-    pass
+class HardCrash(BaseException):
+    """Like kill -9: no exception handler of the app runs (it catches Exception only)."""
 
 
 def test_crash_then_resume_equals_uninterrupted_run(baseline, data_dir, results_dir, monkeypatch):
@@ -146,6 +147,9 @@ def test_crash_then_resume_equals_uninterrupted_run(baseline, data_dir, results_
 
     monkeypatch.setattr(train, "report_progress", real_report)
     assert train.main(flags + ["--resume"]) == 0
+    set_aside = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(run_dir, "superseded"))
+                 for name in names]
+    assert [os.path.basename(p) for p in set_aside] == ["iter_000004.pkl"]  # moved aside, not deleted
     resumed, ref = load_run(run_dir, strict=True), load_run(baseline, strict=True)
     assert resumed.duplicate_steps == [] and resumed.missing_steps == []
     for key in ("step", "sample_index", "dot_products", "lr", "train_loss", "val_loss", "doc_id"):
@@ -177,3 +181,82 @@ def test_eval_only_on_a_fresh_model_prints_losses_near_log_vocab(data_dir, resul
     assert not os.path.exists(os.path.join(results_dir, "fresh-eval"))  # nothing to record for a fresh model
     first = float(out.split("eval @ step 0: train ")[1].split()[0])
     assert abs(first - np.log(50257)) < 0.5  # an untrained GPT-2 predicts about uniformly
+
+
+def assert_same_as_baseline(run_dir, baseline):
+    resumed, ref = load_run(run_dir, strict=True), load_run(baseline, strict=True)
+    assert resumed.duplicate_steps == [] and resumed.missing_steps == []
+    for key in ("step", "sample_index", "dot_products", "train_loss"):
+        np.testing.assert_allclose(resumed.columns[key], ref.columns[key], rtol=1e-6, atol=0, err_msg=key)
+    np.testing.assert_allclose(step_losses(run_dir), step_losses(baseline), rtol=1e-6)
+
+
+def test_an_exception_in_the_loop_saves_the_completed_steps(baseline, data_dir, results_dir, monkeypatch, capsys):
+    """An error after step 5 (here in the progress report) saves steps 1..5 like a SIGTERM would:
+    dot products, log and a checkpoint at 5; --resume then ends equal to the uninterrupted run."""
+    real_report = train.report_progress
+
+    def fail_in_step_5(step, *args):
+        if step == 5:
+            raise OSError("simulated I/O error")
+        real_report(step, *args)
+
+    flags = tiny_flags(data_dir, results_dir, "excepted", "--checkpoint_interval", "100")
+    monkeypatch.setattr(train, "report_progress", fail_in_step_5)
+    with pytest.raises(OSError, match="simulated"):
+        train.main(flags)
+    run_dir = os.path.join(results_dir, "excepted")
+    assert "steps 1..5 are saved" in capsys.readouterr().err
+    assert torch.load(os.path.join(run_dir, "checkpoints", "latest.pt"), weights_only=True)["step"] == 5
+    assert sorted(set(load_run(run_dir, strict=True).columns["step"])) == [1, 2, 3, 4, 5]
+    monkeypatch.setattr(train, "report_progress", real_report)
+    assert train.main(flags + ["--resume"]) == 0
+    assert_same_as_baseline(run_dir, baseline)
+
+
+def test_divergence_stops_before_the_bad_update(data_dir, results_dir, capsys):
+    """An infinite learning rate makes step 2 non-finite: exit 1 naming the step, step 1 kept and checkpointed,
+    no NaN saved anywhere."""
+    flags = tiny_flags(data_dir, results_dir, "diverged", "--learning_rate", "inf", "--optimizer", "SGD",
+                       "--min_lr", "0", "--grad_clip", "0")
+    assert train.main(flags) == 1
+    err = capsys.readouterr().err
+    assert "step 2:" in err and "not finite" in err and "steps 1..1 are saved" in err
+    run_dir = os.path.join(results_dir, "diverged")
+    assert torch.load(os.path.join(run_dir, "checkpoints", "latest.pt"), weights_only=True)["step"] == 1
+    run = load_run(run_dir, strict=True)
+    assert sorted(set(run.columns["step"])) == [1] and np.isfinite(run.columns["dot_products"]).all()
+    with open(os.path.join(run_dir, "training_log.json")) as f:
+        assert [r["step"] for r in json.load(f)["steps"]] == [1]
+
+
+def test_resume_without_a_checkpoint_refuses_and_deletes_nothing(baseline, data_dir, results_dir, capsys):
+    """The checkpoint is gone but the run's dot products are there: --resume exits 2 and touches nothing."""
+    import shutil
+
+    run_dir = os.path.join(results_dir, "no-checkpoint")
+    shutil.copytree(baseline, run_dir)
+    with open(os.path.join(run_dir, "config.json")) as f:
+        config = json.load(f)
+    config["run_name"] = "no-checkpoint"
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(config, f)
+    os.remove(os.path.join(run_dir, "checkpoints", "latest.pt"))
+    before = sorted(os.listdir(os.path.join(run_dir, "grad_dotprods")))
+    assert train.main(tiny_flags(data_dir, results_dir, "no-checkpoint", "--resume", "--max_steps", "2")) == 2
+    err = capsys.readouterr().err
+    assert "has no checkpoint" in err and "3 dot-product file(s) up to step 6" in err
+    assert sorted(os.listdir(os.path.join(run_dir, "grad_dotprods"))) == before
+
+
+def test_a_second_launch_of_a_held_run_exits_2(baseline, data_dir, results_dir, capsys):
+    """While one process trains a run (holds run.lock), another launch of it exits 2 naming the holder."""
+    from GradDotProd_LM.run_files import RunLock
+
+    holder = RunLock(baseline).acquire()
+    try:
+        assert train.main(tiny_flags(data_dir, results_dir, "baseline", "--resume", "--max_steps", "8")) == 2
+        assert f"is in use by pid {os.getpid()}" in capsys.readouterr().err
+    finally:
+        holder.release()
+    assert sorted(set(load_run(baseline, strict=True).columns["step"])) == list(range(1, STEPS + 1))

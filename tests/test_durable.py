@@ -1,0 +1,48 @@
+"""ghost_engine.durable.write_atomically: the old file or the whole new one, never a part; full disks named."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ghost_engine.durable import write_atomically
+
+
+def test_replaces_the_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "f.bin"
+    write_atomically(path, lambda f: f.write(b"old"))
+    write_atomically(path, lambda f: f.write(b"new contents"))
+    assert path.read_bytes() == b"new contents"
+    assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_a_failing_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "f.bin"
+    write_atomically(path, lambda f: f.write(b"old"))
+
+    def half_then_fail(f):
+        f.write(b"partial")
+        raise KeyboardInterrupt  # a signal in the middle of the write
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(path, half_then_fail)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_a_full_disk_is_named_and_keeps_the_old_file(tmp_path):
+    """RLIMIT_FSIZE stands in for a full disk (EFBIG, as ENOSPC would be): a clear error naming the file."""
+    path = tmp_path / "latest.pt"
+    path.write_bytes(b"old checkpoint")
+    script = f"""
+import resource, signal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # report EFBIG instead of killing the process
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+from ghost_engine.durable import write_atomically
+try:
+    write_atomically({str(path)!r}, lambda f: f.write(b"x" * 100_000))
+except OSError as err:
+    print(err)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert f"no space left to write {path}" in out.stdout, out.stderr
+    assert path.read_bytes() == b"old checkpoint" and os.listdir(tmp_path) == ["latest.pt"]

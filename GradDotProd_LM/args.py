@@ -79,6 +79,7 @@ def build_parser():
     # argument_default=SUPPRESS: the namespace holds only what the user gave, so the layers can be merged.
     p = argparse.ArgumentParser(
         prog="train.sh", argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,  # a typo such as --max_step must not silently become --max_steps
         description="GPT-2 pretraining on the Pile; with --method GradDotProd every training sample's "
                     "gradient dot product with the validation gradient is saved (first-order In-Run Data "
                     "Shapley). Defaults in brackets.")

@@ -25,8 +25,12 @@ class Evaluator:
                 print(f"evaluation: skipping split {split!r} ({err})", flush=True)
                 continue
             for domain in domains:
-                self.readers[split, domain] = PileReader(data_dir, split=split, domains=[domain],
-                                                         seed=seed + EVAL_SEED_OFFSET)
+                reader = PileReader(data_dir, split=split, domains=[domain], seed=seed + EVAL_SEED_OFFSET)
+                try:  # fail at start-up, not at the first evaluation after hours of training
+                    reader.get_batch(0, 1, seq_len)
+                except ValueError as err:
+                    raise ValueError(f"evaluation split {split!r}: {err}") from None
+                self.readers[split, domain] = reader
 
     @torch.no_grad()
     def evaluate(self, model, device, autocast):

@@ -195,6 +195,10 @@ def _run(cfg, argv, rank, world_size, device, master, stop):
         return _train(cfg, argv, rank, world_size, device, master, stop)
     finally:
         lock.release()
+        run_dir = run_dir_of(cfg)
+        if master and not cfg["eval_only"] and sorted(os.listdir(run_dir)) == ["run.lock"]:
+            os.remove(lock.path)  # stopped before writing anything: leave no trace
+            os.rmdir(run_dir)
 
 
 def _train(cfg, argv, rank, world_size, device, master, stop):
@@ -213,11 +217,12 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
         val_reader = PileReader(cfg["data_dir"], split="validation",
                                 domains=None if cfg["val_domain"] is None else [cfg["val_domain"]], seed=cfg["seed"])
         val_batch = val_reader.fixed_batch(cfg["val_batch_size"], T) if cfg["val_batch_size"] else None
+        train_reader.get_batch(1, B, T, rank=rank, world_size=world_size)  # every domain holds a window
+        evaluator = Evaluator(cfg["data_dir"], T, cfg["eval_iter"], cfg["eval_bs"], cfg["seed"], rank, world_size)
     except (FileNotFoundError, ValueError) as err:
         if master:
             print(f"train.sh: error: data in {cfg['data_dir']}: {err}", file=sys.stderr, flush=True)
         return 2
-    evaluator = Evaluator(cfg["data_dir"], T, cfg["eval_iter"], cfg["eval_bs"], cfg["seed"], rank, world_size)
 
     # ---------------------------------------------------------------- model, optimizer, engine
     torch.manual_seed(cfg["seed"])  # same initial weights on every rank and in every run of this seed

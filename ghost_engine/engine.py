@@ -26,6 +26,7 @@ Scaling. With the model's loss L = s·Σ_all ce_t (s = 1/N_all for a mean, 1 for
     dot_i        = <G_i, G_val> / (c²·n_i·N_val)
     Regular grad = m·s_train·Σ_train ∇ce = (full − G_val)·(s_train / s).
 """
+import weakref
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -77,6 +78,17 @@ class _MicroBatch:
     sinks: dict = field(default_factory=dict)  # parameter name -> [B] leaf; .grad collects raw <G_i, G_val>
     seen: dict = field(default_factory=dict)  # layer name -> (training, validation) input shapes
     channels: dict = field(default_factory=dict)  # tied parameter -> (support, first, channel tensors)
+
+
+_ATTACHED = weakref.WeakKeyDictionary()  # model -> its attached engine (one at a time)
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support has no DTensor
+        return False
+    return isinstance(t, DTensor)
 
 
 def _autocast_dtype(device_type: str):
@@ -197,6 +209,11 @@ class GradDotProdEngine:
                 self.param_names.setdefault(id(p), name)
         if not self.param_names:
             raise ValueError("the model has no trainable parameters")
+        sharded = [name for name, p in model.named_parameters() if _is_dtensor(p)]
+        if sharded:
+            raise ValueError(f"parameters {sharded[:3]}{'...' if len(sharded) > 3 else ''} are sharded (FSDP2 / "
+                             "DTensor); the engine cannot keep the validation rows' share out of their .grad. "
+                             "Use DDP (construct the engine before wrapping the model)")
         self._tie_partner = {}  # tied parameter name -> its later (linear) use's _Layer
         self.layers, self.excluded_modules = self._inspect(model, unsupported)
         self.excluded_parameters = sorted(
@@ -269,6 +286,10 @@ class GradDotProdEngine:
         """Register the hooks. ``optimizer`` (optional) must only hold this model's parameters."""
         if self._handles:
             raise ValueError("the engine is already attached; call detach() first")
+        other = _ATTACHED.get(self.model)
+        if other is not None and other is not self:
+            raise ValueError("another GradDotProdEngine is attached to this model; call its detach() first "
+                             "(two engines would each remove the validation rows' share from .grad)")
         if optimizer is not None:
             model_params = {id(p) for p in self.model.parameters()}
             foreign = [i for group in optimizer.param_groups for i, p in enumerate(group["params"])
@@ -284,6 +305,7 @@ class GradDotProdEngine:
             self._handles.append(module.register_forward_hook(self._on_excluded_forward, with_kwargs=True))
         for name, p in self._params.items():
             self._handles.append(p.register_hook(partial(self._on_param_grad, name)))
+        _ATTACHED[self.model] = self
         return self
 
     def detach(self):
@@ -291,6 +313,8 @@ class GradDotProdEngine:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if _ATTACHED.get(self.model) is self:
+            del _ATTACHED[self.model]
         self._disarm()
         self._finished = []
 

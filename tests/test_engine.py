@@ -387,3 +387,68 @@ def test_compiled_micro_batches_llama_and_classifier_are_exact():
     Xvf, Yvf = torch.randn(2, 16, generator=g), torch.randint(0, 5, (2,), generator=g)
     check_against_reference(model, Xf, Yf, Xvf, Yvf, task="classification", compile_backend="aot_eager")
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------- refusing what it cannot do exactly
+
+
+class ScaledEmbedding(torch.nn.Embedding):
+    """Gemma-style: an nn.Embedding subclass whose forward scales the looked-up rows."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 4.0
+
+
+class PlainLinearSubclass(torch.nn.Linear):
+    """A subclass that keeps nn.Linear's forward (like torch's NonDynamicallyQuantizableLinear)."""
+
+
+def test_a_subclass_with_its_own_forward_has_no_rule():
+    """Rules match subclasses only when they compute what the base computes: a scaled embedding is refused
+    instead of valued 4x off; a subclass that keeps the forward is valued exactly."""
+    model = torch.nn.ModuleDict({"emb": ScaledEmbedding(10, 4), "head": PlainLinearSubclass(4, 3)})
+    with pytest.raises(ValueError, match=r"no layer rule.*emb.*ScaledEmbedding"):
+        GradDotProdEngine(model, val_batch=(torch.randn(1, 4), torch.tensor([0])), task="classification")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = PlainLinearSubclass(16, 5)
+
+        def forward(self, input_ids, labels=None):
+            from types import SimpleNamespace
+            logits = self.fc(input_ids)
+            return SimpleNamespace(logits=logits, loss=torch.nn.functional.cross_entropy(logits, labels))
+
+    torch.manual_seed(19)
+    X, Y = torch.randn(4, 16), torch.randint(0, 5, (4,))
+    check_against_reference(Net(), X, Y, torch.randn(2, 16), torch.randint(0, 5, (2,)), task="classification")
+
+
+def test_a_second_engine_on_one_model_is_refused():
+    g = torch.Generator().manual_seed(20)
+    model = tiny_gpt2()
+    Xv, Yv = lm_batch(1, 8, g)
+    first = GradDotProdEngine(model, val_batch=(Xv, Yv)).attach()
+    second = GradDotProdEngine(model, val_batch=(Xv, Yv))
+    with pytest.raises(ValueError, match="another GradDotProdEngine is attached"):
+        second.attach()
+    first.detach()
+    second.attach().detach()  # free again once the first is detached
+
+
+def test_sharded_parameters_are_refused(tmp_path):
+    """FSDP2 keeps parameters as DTensors; the engine cannot correct their .grad, so it refuses them."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        model = torch.nn.Linear(4, 3)
+        model.weight = torch.nn.Parameter(distribute_tensor(model.weight.detach(), mesh, [Shard(0)]))
+        with pytest.raises(ValueError, match=r"\[.weight.\] are sharded \(FSDP2 / DTensor\)"):
+            GradDotProdEngine(model, val_batch=(torch.randn(1, 4), torch.tensor([0])), task="classification")
+    finally:
+        dist.destroy_process_group()

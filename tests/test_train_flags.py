@@ -33,6 +33,7 @@ def dirs(tmp_path):
     (["--data_dir", "/nonexistent/pile"], "--data_dir /nonexistent/pile: no such directory"),
     (["--resume", "--run_name", "never-ran"], "--resume: no run at"),
     (["--vocab_pad_multiple", "0"], "--vocab_pad_multiple: must be a positive integer"),
+    (["--max_step", "5"], "unrecognized arguments: --max_step 5"),  # no prefix matching
 ])
 def test_bad_flags_exit_2_naming_the_flag(flags, message, dirs, capsys, tmp_path):
     results_before = os.path.exists(tmp_path / "results")
@@ -119,3 +120,31 @@ def test_train_sh_rejects_bad_flags_with_exit_2():
         result = subprocess.run([os.path.join(REPO, "train.sh"), *flags], capture_output=True, text=True)
         assert result.returncode == 2, result.stderr
         assert "error" in result.stderr
+
+
+def test_a_too_short_evaluation_domain_is_a_start_up_error(tmp_path, capsys):
+    """A test-split domain shorter than seq_len + 1 tokens: exit 2 naming it before any step, and nothing
+    left behind (the same command works once the data is fixed)."""
+    import zstandard
+
+    from pile_tools.jsonl_io import ShardSource
+    from pile_tools.tokenize_corpus import tokenize_sources
+
+    def shard(path, docs):
+        lines = "".join(json.dumps({"text": t, "meta": {"pile_set_name": d}}) + "\n" for d, t in docs)
+        path.write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+        return ShardSource(str(path))
+
+    long_docs = [("Alpha", f"def f{i}():\n    return {i}\n" * 8) for i in range(30)]
+    data = str(tmp_path / "tok")
+    tokenize_sources([shard(tmp_path / "train.jsonl.zst", long_docs)], data, progress=False)
+    tokenize_sources([shard(tmp_path / "val.jsonl.zst", long_docs)], data, split="validation", progress=False)
+    tokenize_sources([shard(tmp_path / "test.jsonl.zst", long_docs + [("Beta", "too short")])], data, split="test",
+                     progress=False)
+    results = tmp_path / "r"
+    flags = ["--architecture", "GPT2-Tiny", "--data_dir", data, "--results_dir", str(results), "--seq_len", "32",
+             "--batch_size", "2", "--max_steps", "2", "--run_name", "short"]
+    assert main(flags) == 2
+    err = capsys.readouterr().err
+    assert "evaluation split 'test'" in err and "Beta" in err and "seq_len+1=33" in err
+    assert not os.path.exists(results / "short")

@@ -33,7 +33,7 @@ LAYER_RULES: dict[type, type] = {}
 
 
 def register_layer(*module_types: type):
-    """Class decorator: register a rule for ``module_types`` (exact type or subclasses)."""
+    """Class decorator: register a rule for ``module_types`` (and their subclasses that keep their forward)."""
 
     def wrap(rule):
         for module_type in module_types:
@@ -44,10 +44,12 @@ def register_layer(*module_types: type):
 
 
 def rule_for(module: nn.Module):
-    """The rule registered for ``type(module)`` or its nearest registered base class."""
+    """The rule registered for ``type(module)``, or for its nearest registered base class when the subclass
+    computes what the base computes (it does not override ``forward``). A subclass with its own forward
+    (e.g. an embedding that scales its output) has no rule until one is registered for it."""
     for klass in type(module).__mro__:
         if klass in LAYER_RULES:
-            return LAYER_RULES[klass]
+            return LAYER_RULES[klass] if type(module).forward is klass.forward else None
     return None
 
 

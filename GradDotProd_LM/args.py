@@ -25,7 +25,7 @@ DEFAULTS = dict(
     eval_only=False, eval_interval=500, eval_iter=10, eval_bs=8, dot_prod_save_interval=10,
     checkpoint_interval=1000, model_dtype="float32", train_dtype="auto", seq_len=1024,
     data_dir=None, results_dir=None, run_name=None, resume=False, compile=False, grad_ckpt=False,
-    init_from=None, vocab_pad_multiple=64,
+    init_from=None, vocab_pad_multiple=64, accept_data_change=False,
 )
 # What a run saved before a setting existed used (its config.json lacks the key).
 LEGACY_DEFAULTS = dict(vocab_pad_multiple=1)
@@ -95,6 +95,9 @@ def build_parser():
     g.add_argument("--data_dir", help="tokenized Pile written by pile_tools [$GRADDOTPROD_PILE_DATA_DIR or "
                    f"{config_file.PILE_DATA_DIR}; if absent, the bundled sample]")
     g.add_argument("--resume", action="store_true", help="continue Results/<run_name> from its last checkpoint")
+    g.add_argument("--accept_data_change", action="store_true",
+                   help="with --resume: continue although the data under --data_dir changed since the run started "
+                        "(the change is recorded in config.json; valset.pkl is kept)")
     g.add_argument("--eval_only", action="store_true",
                    help="evaluate the fresh model (or with --resume the run's checkpoint) and exit")
     g.add_argument("--init_from", help="local directory written by save_pretrained() to initialise the weights")

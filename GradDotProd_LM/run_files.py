@@ -12,6 +12,7 @@ Every file is written durably (ghost_engine.durable: temporary file, fsync, rena
 so a reader never sees half a file and a written file survives a crash.
 """
 import fcntl
+import hashlib
 import json
 import os
 import pickle
@@ -38,7 +39,7 @@ def read_json(path):
         return json.load(f)
 
 
-def write_valset(run_dir, val_batch, config):
+def write_valset(run_dir, val_batch, config, name="valset.pkl"):
     """valset.pkl: the validation rows the dot products were taken against."""
     payload = {
         "schema": VALSET_SCHEMA, "schema_version": VALSET_SCHEMA_VERSION,
@@ -49,7 +50,42 @@ def write_valset(run_dir, val_batch, config):
         "doc_id": np.asarray(val_batch.doc_id, dtype=np.int64),
         "sample_index": np.asarray(val_batch.sample_index, dtype=np.int64),
     }
-    write_atomically(os.path.join(run_dir, "valset.pkl"), lambda f: pickle.dump(payload, f, protocol=4))
+    write_atomically(os.path.join(run_dir, name), lambda f: pickle.dump(payload, f, protocol=4))
+
+
+def data_identity(data_dir):
+    """What the run's data is: {relative path: sha256} of every manifest (ingest.json and the per-domain
+    .json files) and {relative path: size} of every token file. Cheap to compute (no token file is read);
+    any ingest, added domain or changed split changes it."""
+    identity = {}
+    for root, _, names in sorted(os.walk(data_dir)):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, data_dir)
+            if name.endswith(".json"):
+                with open(path, "rb") as f:
+                    identity[rel] = hashlib.sha256(f.read()).hexdigest()
+            elif name.endswith(".bin"):
+                identity[rel] = os.path.getsize(path)
+    return identity
+
+
+def describe_data_change(saved, now):
+    """One line naming what differs between two data identities."""
+    added = sorted(set(now) - set(saved))
+    removed = sorted(set(saved) - set(now))
+    changed = sorted(k for k in set(now) & set(saved) if now[k] != saved[k])
+    parts = [f"{label} {names[:4]}{'...' if len(names) > 4 else ''}"
+             for label, names in (("added", added), ("removed", removed), ("changed", changed)) if names]
+    return "; ".join(parts)
+
+
+def read_valset_tokens(run_dir):
+    """The validation rows saved with the run (None if it has no valset.pkl)."""
+    from ghost_engine.results_io import safe_load_pickle
+
+    path = os.path.join(run_dir, "valset.pkl")
+    return safe_load_pickle(path)["tokens"] if os.path.exists(path) else None
 
 
 def dotprod_file(run_dir, last_step):

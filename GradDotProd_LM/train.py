@@ -27,7 +27,8 @@ from GradDotProd_LM.args import parse_config, run_dir_of
 from GradDotProd_LM.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, set_rng_state
 from GradDotProd_LM.evaluate import Evaluator, format_eval
 from GradDotProd_LM.model import build_model
-from GradDotProd_LM.run_files import (RunBusyError, RunLock, flush_dotprods, read_training_log, set_aside_after,
+from GradDotProd_LM.run_files import (RunBusyError, RunLock, data_identity, describe_data_change, flush_dotprods,
+                                      read_json, read_training_log, read_valset_tokens, set_aside_after,
                                       write_json, write_valset)
 from pile_tools import ensure_sample_dataset
 from pile_tools.reader import PileReader
@@ -223,6 +224,20 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
         if master:
             print(f"train.sh: error: data in {cfg['data_dir']}: {err}", file=sys.stderr, flush=True)
         return 2
+    # a resumed run continues on the data it started with, against the same validation rows
+    identity = data_identity(cfg["data_dir"])
+    saved_config = read_json(os.path.join(run_dir, "config.json")) if cfg["resume"] and not cfg["eval_only"] else {}
+    data_change = describe_data_change(saved_config["data_identity"], identity) if "data_identity" in saved_config \
+        else ""
+    saved_val = read_valset_tokens(run_dir) if saved_config and val_batch is not None else None
+    val_changed = saved_val is not None and not np.array_equal(saved_val, val_batch.tokens)
+    if (data_change or val_changed) and not cfg["accept_data_change"]:
+        if master:
+            print(f"train.sh: error: --resume: the data under {cfg['data_dir']} changed since {run_dir} started ("
+                  f"{data_change or 'the validation rows differ from valset.pkl'}); the run would continue on "
+                  "another mixture. Restore the data, start a new --run_name, or pass --accept_data_change to "
+                  "continue anyway (recorded in config.json; valset.pkl is kept)", file=sys.stderr, flush=True)
+        return 2
 
     # ---------------------------------------------------------------- model, optimizer, engine
     torch.manual_seed(cfg["seed"])  # same initial weights on every rank and in every run of this seed
@@ -263,15 +278,21 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
         os.makedirs(run_dir, exist_ok=True)
         config_record = dict(cfg, world_size=world_size, train_dtype_resolved=train_dtype, device=str(device),
                              torch=torch.__version__, transformers=transformers.__version__,
-                             python=platform.python_version(), argv=argv)
+                             python=platform.python_version(), argv=argv, data_identity=identity,
+                             data_changes=saved_config.get("data_changes", []))
+        if data_change or val_changed:
+            config_record["data_changes"].append({"from_step": start_step + 1, "change": data_change,
+                                                  "validation_rows_changed": bool(val_changed)})
         moved, destination = set_aside_after(run_dir, start_step)  # files of steps the run is about to redo
         if cfg["resume"]:
             print(f"Resuming {run_dir} from step {start_step}" + ("" if start_step else " (no checkpoint yet)")
                   + (f"; moved {len(moved)} file(s) of later steps to {destination}" if moved else ""), flush=True)
         log = read_training_log(run_dir, start_step)
         write_json(os.path.join(run_dir, "config.json"), config_record)
-        if val_batch is not None:
+        if val_batch is not None and not os.path.exists(os.path.join(run_dir, "valset.pkl")):
             write_valset(run_dir, val_batch, cfg)
+        elif val_changed:  # --accept_data_change: the record of the earlier rows stays
+            write_valset(run_dir, val_batch, cfg, name=f"valset_from_step_{start_step + 1:06d}.pkl")
     pending = []  # step records of dot products not yet written
 
     def save_all(step):  # dot products first: a checkpoint at step s implies files cover steps 1..s

@@ -260,3 +260,35 @@ def test_a_second_launch_of_a_held_run_exits_2(baseline, data_dir, results_dir, 
     finally:
         holder.release()
     assert sorted(set(load_run(baseline, strict=True).columns["step"])) == list(range(1, STEPS + 1))
+
+
+def test_resume_refuses_changed_data_unless_told(data_dir, results_dir, tmp_path, capsys):
+    """A domain added under --data_dir mid-run: --resume exits 2 naming the change; --accept_data_change
+    continues, records the change in config.json and keeps valset.pkl as it was."""
+    import shutil
+
+    import zstandard
+
+    from pile_tools.jsonl_io import ShardSource
+    from pile_tools.tokenize_corpus import tokenize_sources
+
+    data = str(tmp_path / "data")
+    shutil.copytree(data_dir, data)
+    flags = tiny_flags(data, results_dir, "data-change", "--max_steps", "2")
+    assert train.main(flags) == 0
+    run_dir = os.path.join(results_dir, "data-change")
+    valset = open(os.path.join(run_dir, "valset.pkl"), "rb").read()
+    lines = "".join(json.dumps({"text": f"Subject: note {i}\n\nMeet at {i} pm. " * 20,
+                                "meta": {"pile_set_name": "Enron Emails"}}) + "\n" for i in range(20))
+    (tmp_path / "more.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    tokenize_sources([ShardSource(str(tmp_path / "more.jsonl.zst"))], data, progress=False)
+
+    assert train.main(flags + ["--resume", "--max_steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "changed since" in err and "added" in err and "enron_emails" in err
+    assert train.main(flags + ["--resume", "--max_steps", "4", "--accept_data_change"]) == 0
+    with open(os.path.join(run_dir, "config.json")) as f:
+        changes = json.load(f)["data_changes"]
+    assert len(changes) == 1 and changes[0]["from_step"] == 3 and "enron_emails" in changes[0]["change"]
+    assert open(os.path.join(run_dir, "valset.pkl"), "rb").read() == valset
+    assert sorted(set(load_run(run_dir, strict=True).columns["step"])) == [1, 2, 3, 4]

@@ -11,18 +11,16 @@
 Every file is written durably (ghost_engine.durable: temporary file, fsync, rename, fsync of the directory),
 so a reader never sees half a file and a written file survives a crash.
 """
-import fcntl
 import hashlib
 import json
 import os
 import pickle
 import re
-import socket
 import time
 
 import numpy as np
 
-from ghost_engine.durable import fsync_directory, write_atomically
+from ghost_engine.durable import FileLock, fsync_directory, write_atomically
 from ghost_engine.results_io import DOTPROD_DIR, SCHEMA_NAME, SCHEMA_VERSION, save_dotprod_pickle
 
 VALSET_SCHEMA = "graddotprod.valset"
@@ -142,34 +140,20 @@ class RunBusyError(RuntimeError):
 
 
 class RunLock:
-    """A run directory is owned by one process (rank 0 of one launch) at a time: an exclusive fcntl
-    lock on <run_dir>/run.lock, which also names the holder. The OS releases it when the holder
-    exits, however it exits (kill -9 included), so a lock is never left stale."""
+    """A run directory is owned by one process (rank 0 of one launch) at a time: <run_dir>/run.lock."""
 
     def __init__(self, run_dir):
-        self.path = os.path.join(run_dir, "run.lock")
-        self._fd = None
+        self._lock = FileLock(os.path.join(run_dir, "run.lock"))
+        self.path = self._lock.path
 
     def acquire(self):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise RunBusyError(f"{os.path.dirname(self.path)} is in use by {holder}; wait for it to finish, "
-                               "stop it, or pick another --run_name") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode(), 0)
-        self._fd = fd
+        if not self._lock.acquire(blocking=False):
+            raise RunBusyError(f"{os.path.dirname(self.path)} is in use by {self._lock.holder()}; wait for it to "
+                               "finish, stop it, or pick another --run_name")
         return self
 
     def release(self):
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the lock
-            self._fd = None
+        self._lock.release()
 
 
 def read_training_log(run_dir, up_to_step):

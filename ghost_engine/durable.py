@@ -4,10 +4,13 @@ the new one survives a crash or a power cut.
     temporary file beside the target -> write -> flush -> fsync -> rename onto the target -> fsync the directory
 
 The temporary file is removed if anything fails (a full disk, a kill signal turned into an exception).
-A full disk is reported as such, naming the file.
+A full disk is reported as such, naming the file. FileLock gives a directory one owner at a time.
 """
 import errno
+import fcntl
 import os
+import socket
+import time
 
 
 def write_atomically(path, write) -> None:
@@ -51,3 +54,41 @@ def _remove_quietly(path) -> None:
         os.remove(path)
     except FileNotFoundError:
         pass
+
+
+class FileLock:
+    """An exclusive lock on `path` (fcntl.flock) that names its holder inside the file. The operating system
+    releases it when the holder exits, however it exits (kill -9 included), so it is never left stale.
+    Between machines it is only as good as the file system's flock (local disks: yes; NFS: check)."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self._fd = None
+
+    def acquire(self, blocking: bool = False) -> bool:
+        """Take the lock; without `blocking`, return False at once if another process holds it."""
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode(), 0)
+        self._fd = fd
+        return True
+
+    def holder(self) -> str:
+        """Who holds the lock, as its holder wrote it."""
+        try:
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                return f.read().strip() or "another process"
+        except OSError:
+            return "another process"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None

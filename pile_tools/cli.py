@@ -38,8 +38,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     source.add_argument("--input", nargs="+", metavar="PATH", help="*.jsonl.zst / *.jsonl files or directories of them")
     source.add_argument("--hf_dataset", metavar="PATH", help="a dataset on local disk, read with the datasets library (no downloads)")
     tok.add_argument("--output", required=True, metavar="DIR", help="output directory; files go to DIR/<split>/")
-    tok.add_argument("--split", default="train", choices=SPLITS,
-                     help="split the inputs belong to (the Pile's 00..29.jsonl.zst: train, val.jsonl.zst: validation, test.jsonl.zst: test)")
+    tok.add_argument("--split", default=None, choices=SPLITS,
+                     help="split the inputs belong to; without it, inferred from the Pile's file names "
+                          "(00..29.jsonl.zst: train, val.jsonl.zst: validation, test.jsonl.zst: test) or an error")
     tok.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes used for tokenization (default: all cores)")
     tok.add_argument("--max_tokens", type=int, default=None, help="stop once the split holds at least this many tokens")
     tok.add_argument("--domains", nargs="+", default=None, metavar="NAME",
@@ -67,9 +68,15 @@ def _run_tokenize(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if args.hf_dataset is not None:
         if not os.path.isdir(args.hf_dataset):
             parser.error(f"--hf_dataset {args.hf_dataset}: not a local directory (nothing is downloaded)")
+        if args.split is None:
+            parser.error("--hf_dataset needs --split (train, validation or test)")
         sources = [HFDatasetSource(args.hf_dataset, args.split)]
     else:
-        sources = [ShardSource(path) for path in _expand_inputs(parser, args.input)]
+        paths = _expand_inputs(parser, args.input)
+        if args.split is None:
+            args.split = _infer_split(parser, paths)
+            print(f"split: {args.split} (from the input file names; pass --split to choose)", flush=True)
+        sources = [ShardSource(path) for path in paths]
     try:
         summary = tokenize_sources(
             sources, args.output, split=args.split, workers=args.workers, max_tokens=args.max_tokens,
@@ -79,7 +86,29 @@ def _run_tokenize(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     except ValueError as err:
         parser.error(str(err))
     print(summary.report())
+    if summary.documents == 0 and summary.skipped_count:
+        print(f"error: no document was written: all {summary.skipped_count:,} records read were bad (see above); "
+              "the input is not in the Pile's format ({\"text\": ..., \"meta\": {\"pile_set_name\": ...}})",
+              file=sys.stderr)
+        return 1
     return 1 if summary.corrupt_input is not None else 0
+
+
+_PILE_SPLIT_NAMES = {"val": "validation", "validation": "validation", "test": "test"}
+
+
+def _infer_split(parser: argparse.ArgumentParser, paths: list[str]) -> str:
+    """The split the Pile's file names say: NN.jsonl.zst is train, val.jsonl.zst validation, test.jsonl.zst test."""
+    splits = set()
+    for path in paths:
+        stem = os.path.basename(path).split(".")[0].lower()
+        split = "train" if stem.isdigit() else _PILE_SPLIT_NAMES.get(stem)
+        if split is None:
+            parser.error(f"--input {path}: cannot tell its split from the name; pass --split train, validation or test")
+        splits.add(split)
+    if len(splits) > 1:
+        parser.error(f"--input mixes splits {sorted(splits)} (by file name); tokenize each split with its own --split")
+    return splits.pop()
 
 
 def _run_sample(args: argparse.Namespace) -> int:

@@ -11,12 +11,15 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 
 from tqdm import tqdm
+
+from ghost_engine.durable import FileLock
 
 from pile_tools.encode_worker import EncodedChunk, encode_chunk, init_worker
 from pile_tools.jsonl_io import CorruptInputError
@@ -121,16 +124,26 @@ def tokenize_sources(
     if workers < 1:
         raise ValueError(f"workers={workers}: need at least 1")
     split_dir = os.path.join(output_dir, split)
-    if overwrite and os.path.isdir(split_dir):
-        shutil.rmtree(split_dir)
-    tokenizer_identity = load_gpt2_tokenizer(vocab_dir).identity
-    writer = SplitWriter(split_dir, split, tokenizer_identity, domains)
-    keep_domains = frozenset(domains) if domains else None
-    summary = TokenizeSummary(split)
-    start = time.perf_counter()
-    with _chunk_encoder(workers, keep_domains, vocab_dir) as encode_chunks:
-        _ingest(sources, writer, encode_chunks, max_tokens, checkpoint_docs, summary, progress)
-    summary.seconds = time.perf_counter() - start
+    # one job writes a split at a time; others wait their turn (one job per shard into a shared output
+    # is safe: each input's documents stay together and every ingest is recorded)
+    lock = FileLock(os.path.join(output_dir, f".{split}.lock"))
+    if not lock.acquire(blocking=False):
+        print(f"[{split}] waiting for another tokenize job writing {split_dir} ({lock.holder()})",
+              file=sys.stderr, flush=True)
+        lock.acquire(blocking=True)
+    try:
+        if overwrite and os.path.isdir(split_dir):
+            shutil.rmtree(split_dir)
+        tokenizer_identity = load_gpt2_tokenizer(vocab_dir).identity
+        writer = SplitWriter(split_dir, split, tokenizer_identity, domains)
+        keep_domains = frozenset(domains) if domains else None
+        summary = TokenizeSummary(split)
+        start = time.perf_counter()
+        with _chunk_encoder(workers, keep_domains, vocab_dir) as encode_chunks:
+            _ingest(sources, writer, encode_chunks, max_tokens, checkpoint_docs, summary, progress)
+        summary.seconds = time.perf_counter() - start
+    finally:
+        lock.release()
     return summary
 
 

@@ -154,7 +154,8 @@ def test_malformed_lines_are_counted_and_named(tmp_path):
     lines = [good[0], "{not json", json.dumps({"meta": {"pile_set_name": "Github"}}), good[1],
              json.dumps({"text": 7, "meta": {"pile_set_name": "Github"}}), json.dumps({"text": "no meta"}), good[2]]
     shard = write_shard(tmp_path / "bad.jsonl.zst", lines)
-    result = run_cli("tokenize", "--input", shard, "--output", str(tmp_path / "out"), "--workers", "1", "--no_progress")
+    result = run_cli("tokenize", "--input", shard, "--output", str(tmp_path / "out"), "--workers", "1", "--no_progress",
+                     "--split", "train")
     assert result.returncode == 0, result.stderr
     assert "skipped 4 bad records" in result.stdout
     for line in (2, 3, 5, 6):
@@ -172,7 +173,8 @@ def test_truncated_zst_names_file_and_keeps_output_consistent(tmp_path, tok):
     data = open(shard, "rb").read()
     truncated = tmp_path / "cut.jsonl.zst"
     truncated.write_bytes(data[: len(data) * 2 // 3])
-    result = run_cli("tokenize", "--input", str(truncated), "--output", str(tmp_path / "out"), "--workers", "1", "--no_progress")
+    result = run_cli("tokenize", "--input", str(truncated), "--output", str(tmp_path / "out"), "--workers", "1",
+                     "--no_progress", "--split", "train")
     assert result.returncode == 1
     assert "cut.jsonl.zst is truncated or corrupt" in result.stdout and "compressed bytes" in result.stdout
     got, state = read_split(tmp_path / "out")
@@ -202,3 +204,53 @@ def test_cli_errors_exit_2(tmp_path):
     assert bad_flag.returncode == 2
     no_output = run_cli("tokenize", "--input", "x")
     assert no_output.returncode == 2 and "--output" in no_output.stderr
+
+
+def test_split_is_inferred_from_pile_names_or_required(tmp_path):
+    """val.jsonl.zst without --split goes to the validation split (said on stdout), not into train; a name
+    that says nothing, or inputs of two splits, are usage errors."""
+    lines = [json.dumps(r) for r in _records(DOCS)]
+    val = write_shard(tmp_path / "val.jsonl.zst", lines)
+    result = run_cli("tokenize", "--input", val, "--output", str(tmp_path / "out"), "--workers", "1", "--no_progress")
+    assert result.returncode == 0, result.stderr
+    assert "split: validation (from the input file names" in result.stdout
+    assert os.path.exists(tmp_path / "out" / "validation" / "ingest.json")
+    assert not os.path.exists(tmp_path / "out" / "train")
+    other = write_shard(tmp_path / "shard.jsonl.zst", lines)
+    unnamed = run_cli("tokenize", "--input", other, "--output", str(tmp_path / "o2"))
+    assert unnamed.returncode == 2 and "cannot tell its split" in unnamed.stderr
+    mixed = run_cli("tokenize", "--input", val, write_shard(tmp_path / "00.jsonl.zst", lines),
+                    "--output", str(tmp_path / "o3"))
+    assert mixed.returncode == 2 and "mixes splits ['train', 'validation']" in mixed.stderr
+
+
+def test_an_input_with_no_valid_record_is_an_error(tmp_path):
+    """Records without meta.pile_set_name (or with a string meta) are all skipped: exit 1, not 'wrote 0'."""
+    lines = [json.dumps({"text": t, "meta": "Github"}) for _, t in DOCS] + [json.dumps({"text": "x"})]
+    shard = write_shard(tmp_path / "00.jsonl.zst", lines)
+    result = run_cli("tokenize", "--input", shard, "--output", str(tmp_path / "out"), "--workers", "1", "--no_progress")
+    assert result.returncode == 1
+    assert f"all {len(lines)} records read were bad" in result.stderr
+
+
+def test_concurrent_jobs_into_one_output_take_turns(tmp_path):
+    """Two tokenize jobs into the same split at once (whichever is second waits for the lock): every input's
+    documents stay whole and in order, and the split equals ingesting the inputs one after the other."""
+    shards = []
+    for k in range(2):
+        records = _records([(d, f"{t} job{k} #{i}") for i, (d, t) in enumerate(DOCS * 60)])
+        shards.append(write_shard(tmp_path / f"{k:02d}.jsonl.zst", [json.dumps(r) for r in records]))
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, "-m", "pile_tools", "tokenize", "--output", out, "--workers", "1", "--no_progress",
+           "--checkpoint_docs", "10", "--input"]
+    jobs = [subprocess.Popen(cmd + [shard], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for shard in shards]
+    results = [job.communicate(timeout=300) for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], results
+    got, state = read_split(out)
+    assert state["status"] == "complete" and sorted(i["name"] for i in state["inputs"]) == ["00.jsonl.zst",
+                                                                                           "01.jsonl.zst"]
+    first = state["inputs"][0]["name"]
+    order = [s for s in shards if os.path.basename(s) == first] + [s for s in shards if os.path.basename(s) != first]
+    tokenize_sources([ShardSource(p) for p in order], str(tmp_path / "serial"), progress=False)
+    assert split_bytes(out) == split_bytes(str(tmp_path / "serial"))

@@ -32,7 +32,7 @@ LEGACY_DEFAULTS = dict(vocab_pad_multiple=1)
 
 # These define which samples are seen and how they are valued; a resumed run must keep them.
 RUN_IDENTITY = ("method", "architecture", "batch_size", "val_batch_size", "val_domain", "train_domains",
-                "seq_len", "seed", "model_dtype", "data_dir", "init_from", "vocab_pad_multiple")
+                "seq_len", "seed", "model_dtype", "data_dir", "init_from", "vocab_pad_multiple", "optimizer")
 
 
 def _positive_int(text):
@@ -226,6 +226,11 @@ def parse_config(argv, world_size=1):
     return cfg
 
 
+def eval_only_without_writes(cfg):
+    """--eval_only without --resume evaluates the fresh model and writes nothing."""
+    return cfg["eval_only"] and not cfg["resume"]
+
+
 def _check_values(cfg, parser, world_size):
     rows_per_micro_batch = world_size * cfg["grad_accum"]
     if cfg["batch_size"] % rows_per_micro_batch:
@@ -248,6 +253,17 @@ def _check_values(cfg, parser, world_size):
             parser.error(f"--{flag} {cfg[flag]}: no such directory")
     if os.sep in cfg["run_name"] or cfg["run_name"] in ("", ".", ".."):
         parser.error(f"--run_name {cfg['run_name']!r} must be a plain directory name")
+    if len(cfg["run_name"].encode()) > 200:
+        parser.error(f"--run_name is {len(cfg['run_name'].encode())} bytes long; use at most 200 (file names "
+                     "under it get longer)")
+    results = cfg["results_dir"]
+    if os.path.exists(results) and not os.path.isdir(results):
+        parser.error(f"--results_dir {results}: exists and is not a directory")
+    existing = results
+    while not os.path.exists(existing):  # the nearest existing ancestor must be writable
+        existing = os.path.dirname(existing)
+    if not eval_only_without_writes(cfg) and not os.access(existing, os.W_OK | os.X_OK):
+        parser.error(f"--results_dir {results}: {existing} is not writable")
 
 
 if __name__ == "__main__":  # `python -m GradDotProd_LM.args FLAGS`: check flags only (train.sh before torchrun)

@@ -26,7 +26,7 @@ from ghost_engine import GradDotProdEngine, per_sample_loss
 from GradDotProd_LM.args import parse_config, run_dir_of
 from GradDotProd_LM.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, set_rng_state
 from GradDotProd_LM.evaluate import Evaluator, format_eval
-from GradDotProd_LM.model import build_model
+from GradDotProd_LM.model import GPT2_VOCAB_SIZE, build_model
 from GradDotProd_LM.run_files import (RunBusyError, RunLock, data_identity, describe_data_change, flush_dotprods,
                                       read_json, read_training_log, read_valset_tokens, set_aside_after,
                                       write_json, write_valset)
@@ -76,14 +76,34 @@ def resolve_data_dir(cfg, master, world_size):
     return os.path.abspath(data_dir)
 
 
-class NonFiniteStep(RuntimeError):
+class RunStopped(RuntimeError):
+    """The run cannot go on; the steps before it are saved (main prints the message and exits 1)."""
+
+
+class NonFiniteStep(RunStopped):
     """A step produced a non-finite loss, gradient norm or dot product; it was not applied."""
 
     def __init__(self, step, loss, grad_norm):
         super().__init__(f"step {step}: the training loss is {loss}, the gradient norm {grad_norm}, or a dot "
                          "product is not finite (the run diverged: lower --learning_rate, or check the data); "
                          "the step was not applied")
-        self.step = step
+
+
+def check_token_ids(batch, step, data_dir, world_size, device):
+    """Token ids must lie in GPT-2's vocabulary: an id beyond it means corrupt token files. Every rank
+    stops together (one small all-reduce), naming what the rank that saw it saw."""
+    largest = int(batch.tokens.max())
+    bad = torch.tensor([float(largest >= GPT2_VOCAB_SIZE)], device=device)
+    if world_size > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if largest >= GPT2_VOCAB_SIZE:
+        row = int(np.argmax(batch.tokens.max(axis=1)))
+        raise RunStopped(f"step {step}: token id {largest} >= {GPT2_VOCAB_SIZE} in domain {batch.domain[row]!r} "
+                         f"at token offset {batch.token_offset[row]} of {data_dir}: the token files are corrupt "
+                         "or not GPT-2 tokens written by pile_tools; re-tokenize that domain")
+    if bad.item():
+        raise RunStopped(f"step {step}: another process found a token id outside GPT-2's vocabulary (see its "
+                         "message)")
 
 
 class StopRequest:
@@ -165,7 +185,7 @@ def main(argv=None) -> int:
     stop.install()
     try:
         return _run(cfg, argv, rank, world_size, device, master, stop)
-    except NonFiniteStep as err:
+    except RunStopped as err:
         if master:
             print(f"train.sh: error: {err}", file=sys.stderr, flush=True)
         return 1
@@ -248,7 +268,14 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
     optimizer = build_optimizer(model, cfg, device)
     start_step = 0
     if cfg["resume"] and os.path.exists(checkpoint_path(run_dir)):
-        state = load_checkpoint(run_dir)
+        try:
+            state = load_checkpoint(run_dir)
+        except Exception as err:  # truncated or corrupt: torch raises several types
+            if master:
+                print(f"train.sh: error: cannot read the checkpoint {checkpoint_path(run_dir)} "
+                      f"({type(err).__name__}: {err}); restore it from a backup, or keep this run's results and "
+                      "start a new --run_name", file=sys.stderr, flush=True)
+            return 2
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
@@ -317,6 +344,7 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
                 group["lr"] = lr
             t0 = time.perf_counter()
             batch = train_reader.get_batch(step, B, T, rank=rank, world_size=world_size)  # this rank's B/W rows
+            check_token_ids(batch, step, cfg["data_dir"], world_size, device)
             train_loss_sum, val_loss = 0.0, None  # sum over this rank's rows of the row losses (a tensor)
             for micro in range(A):
                 rows = slice(micro * micro_rows, (micro + 1) * micro_rows)

@@ -34,6 +34,7 @@ def dirs(tmp_path):
     (["--resume", "--run_name", "never-ran"], "--resume: no run at"),
     (["--vocab_pad_multiple", "0"], "--vocab_pad_multiple: must be a positive integer"),
     (["--max_step", "5"], "unrecognized arguments: --max_step 5"),  # no prefix matching
+    (["--run_name", "r" * 300], "--run_name is 300 bytes long"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(flags, message, dirs, capsys, tmp_path):
     results_before = os.path.exists(tmp_path / "results")
@@ -148,3 +149,24 @@ def test_a_too_short_evaluation_domain_is_a_start_up_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "evaluation split 'test'" in err and "Beta" in err and "seq_len+1=33" in err
     assert not os.path.exists(results / "short")
+
+
+def test_an_unusable_results_dir_is_a_usage_error(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("not a directory")
+    with pytest.raises(SystemExit) as exit_request:
+        parse_config(["--data_dir", str(data), "--results_dir", str(a_file)])
+    assert exit_request.value.code == 2 and "exists and is not a directory" in capsys.readouterr().err
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    try:
+        if os.access(read_only, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root): no read-only directory to test")
+        with pytest.raises(SystemExit):
+            parse_config(["--data_dir", str(data), "--results_dir", str(read_only / "results")])
+        assert "is not writable" in capsys.readouterr().err
+    finally:
+        read_only.chmod(0o755)

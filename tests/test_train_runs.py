@@ -292,3 +292,34 @@ def test_resume_refuses_changed_data_unless_told(data_dir, results_dir, tmp_path
     assert len(changes) == 1 and changes[0]["from_step"] == 3 and "enron_emails" in changes[0]["change"]
     assert open(os.path.join(run_dir, "valset.pkl"), "rb").read() == valset
     assert sorted(set(load_run(run_dir, strict=True).columns["step"])) == [1, 2, 3, 4]
+
+
+def test_corrupt_inputs_stop_with_the_file_named(baseline, data_dir, results_dir, tmp_path, capsys):
+    """A truncated checkpoint: --resume exits 2 naming it. Token files with ids beyond the vocabulary:
+    exit 1 naming the domain, not an IndexError inside the embedding. A changed optimizer: exit 2."""
+    import shutil
+
+    run_dir = os.path.join(results_dir, "truncated")
+    shutil.copytree(baseline, run_dir)
+    with open(os.path.join(run_dir, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(dict(config, run_name="truncated"), f)
+    checkpoint = os.path.join(run_dir, "checkpoints", "latest.pt")
+    with open(checkpoint, "r+b") as f:
+        f.truncate(os.path.getsize(checkpoint) // 2)
+    assert train.main(tiny_flags(data_dir, results_dir, "truncated", "--resume", "--max_steps", "8")) == 2
+    assert f"cannot read the checkpoint {checkpoint}" in capsys.readouterr().err
+    assert train.main(tiny_flags(data_dir, results_dir, "truncated", "--resume", "--optimizer", "SGD")) == 2
+    assert "--optimizer differ from the saved run" in capsys.readouterr().err
+
+    data = str(tmp_path / "data")
+    shutil.copytree(data_dir, data)
+    token_file = os.path.join(data, "train", "github.bin")
+    ids = np.memmap(token_file, dtype=np.uint16, mode="r+")
+    ids[:] = 65000  # beyond GPT-2's 50257 tokens
+    ids.flush()
+    del ids
+    assert train.main(tiny_flags(data, results_dir, "bad-tokens", "--train_domains", "Github")) == 1
+    err = capsys.readouterr().err
+    assert "step 1: token id 65000 >= 50257 in domain 'Github'" in err

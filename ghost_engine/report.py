@@ -284,8 +284,13 @@ def render_markdown(report: Report, top: int, text: TextSource, tables: list, pl
         lines += [f"Note: {val_note}.", ""]
 
     lines += ["## Completeness", ""]
-    if not run.skipped and not run.missing_steps and not run.duplicate_steps:
-        lines.append(f"Complete: {len(run.files)} dot-product files, no gaps.")
+    steps_found = sorted({int(s) for s in run.columns["step"]}) if len(run.columns["step"]) else []
+    if not run.config:
+        lines.append(f"- No config.json: the run's length is unknown; steps after the last one found "
+                     f"({steps_found[-1] if steps_found else 'none'}) cannot be checked.")
+    elif not run.skipped and not run.missing_steps and not run.duplicate_steps:
+        lines.append(f"Complete: steps 1..{steps_found[-1] if steps_found else 0} in {len(run.files)} dot-product "
+                     "files, no gaps.")
     for path, reason in run.skipped:
         lines.append(f"- Skipped unreadable file `{os.path.basename(path)}`: {shorten(reason, 300)}")
     if run.missing_steps:

@@ -320,13 +320,13 @@ _READERS = {1: _read_v1}
 
 def _expected_steps(config: dict, seen_steps: list) -> list:
     """Steps a complete run would have: training counts steps from 1, so with
-    config.json's max_steps that is 1..max_steps; without it, the range seen."""
+    config.json's max_steps that is 1..max_steps; without it, 1..the last step seen."""
     max_steps = config.get("max_steps")
     if isinstance(max_steps, int) and not isinstance(max_steps, bool):
         return list(range(1, max(max_steps, max(seen_steps, default=0)) + 1))
     if not seen_steps:
         return []
-    return list(range(min(seen_steps), max(seen_steps) + 1))
+    return list(range(1, max(seen_steps) + 1))  # steps count from 1; the end is unknown without config.json
 
 
 def load_run(run_dir, per_layer: bool = False, strict: bool = False) -> Run:

@@ -139,7 +139,7 @@ def test_report_command_writes_tables_plots_and_markdown(run_dir, tmp_path):
     for png in ("value_distribution.png", "cumulative_value.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (out / "report.md").read_text()
-    assert "Complete: 2 dot-product files" in text
+    assert "Complete: steps 1..2 in 2 dot-product files, no gaps." in text
     recall_table = text.split("| k | normalised recall@k |")[1].split("\n\n")[0]
     # recall@1 = 2; k = 10, 100, 1000 clamp to the 4 samples: recall@4 = 1
     assert recall_table.strip().splitlines()[1:] == ["| 1 | 2 |", "| 4 | 1 |"]
@@ -169,6 +169,19 @@ def test_partial_run_and_corrupt_file_are_reported(tmp_path):
     assert len(read_csv(out / "samples.csv")) == 4
     with pytest.raises(ValueError, match="iter_000003.pkl"):
         report.main([str(run_dir), "--out", str(out), "--strict"])
+
+
+def test_completeness_without_config_json_is_not_claimed(tmp_path):
+    """No config.json and steps 1 missing: the gap is found (steps count from 1) and the report says the
+    run's end cannot be checked instead of calling it complete."""
+    run_dir = make_run(tmp_path / "noconfig", {2: [STEPS[1]]}, config={"val_domain": "ArXiv"})
+    os.remove(run_dir / "config.json")
+    out = tmp_path / "out"
+    assert report.main([str(run_dir), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "Complete" not in text.split("## Completeness")[1].split("##")[0]
+    assert "No config.json: the run's length is unknown; steps after the last one found (2)" in text
+    assert "Partial run: 1 expected steps have no data (1)" in text
 
 
 def test_plots_skipped_without_matplotlib(run_dir, tmp_path, monkeypatch):

@@ -78,11 +78,9 @@ def _numpy_core_module(submodule: str):
     raise ImportError(f"numpy has neither numpy._core.{submodule} nor numpy.core.{submodule}")
 
 
-_ALLOWED_BUILTINS = {
-    "dict": dict, "list": list, "tuple": tuple, "set": set, "frozenset": frozenset,
-    "str": str, "bytes": bytes, "bytearray": bytearray, "int": int, "float": float,
-    "complex": complex, "bool": bool,
-}
+# Builtins a results pickle may call: protocol 2 writes sets through these. Everything else a results
+# file holds has its own opcodes; callables such as bytes/bytearray would let 90 bytes allocate gigabytes.
+_ALLOWED_BUILTINS = {"set": set, "frozenset": frozenset}
 # numpy globals that array/dtype/scalar pickles name, keyed by (submodule, name);
 # numpy 1 writes them under numpy.core, numpy 2 under numpy._core.
 _ALLOWED_NUMPY_CORE = {
@@ -93,9 +91,10 @@ _ALLOWED_NUMPY_CORE = {
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, source: str):
+    def __init__(self, file, source: str, size: int):
         super().__init__(file)
         self._source = source
+        self._size = size  # bytes in the file: no array built while loading may be larger
 
     def find_class(self, module: str, name: str):
         if module in ("builtins", "__builtin__") and name in _ALLOWED_BUILTINS:
@@ -110,12 +109,26 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return getattr(np, name)
         for base in ("numpy._core.", "numpy.core."):
             if module.startswith(base) and (module[len(base):], name) in _ALLOWED_NUMPY_CORE:
-                return getattr(_numpy_core_module(module[len(base):]), name)
+                found = getattr(_numpy_core_module(module[len(base):]), name)
+                return self._bounded_reconstruct(found) if name == "_reconstruct" else found
         raise UnsafePickleError(
             f"{self._source}: refusing to load global '{module}.{name}'; results pickles may only "
             "hold builtin containers/scalars and numpy arrays, dtypes and scalars. Do not load "
             "this file unless you trust where it came from."
         )
+
+
+    def _bounded_reconstruct(self, reconstruct):
+        """numpy's _reconstruct allocates the shape it is given; a real array pickle passes (0,)."""
+
+        def bounded(subtype, shape, dtype):
+            elements = int(np.prod(shape, dtype=np.float64)) if np.ndim(shape) else int(shape)
+            if elements > self._size:
+                raise UnsafePickleError(f"{self._source}: an array of {elements:,} elements in a file of "
+                                        f"{self._size:,} bytes; refusing to allocate it")
+            return reconstruct(subtype, shape, dtype)
+
+        return bounded
 
 
 def safe_load_pickle(path):
@@ -127,7 +140,7 @@ def safe_load_pickle(path):
     path = os.fspath(path)
     with open(path, "rb") as f:
         data = f.read()
-    return _RestrictedUnpickler(io.BytesIO(data), source=path).load()
+    return _RestrictedUnpickler(io.BytesIO(data), source=path, size=len(data)).load()
 
 
 # ---------------------------------------------------------------------------

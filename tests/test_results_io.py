@@ -120,6 +120,37 @@ def test_malicious_pickle_is_rejected_without_running(tmp_path):
     assert not marker.exists()
 
 
+class _Allocates:
+    def __init__(self, builder, args):
+        self.builder, self.args = builder, args
+
+    def __reduce__(self):
+        return (self.builder, self.args)
+
+
+def test_pickles_that_allocate_are_refused_before_allocating(tmp_path):
+    """A few dozen bytes asking for a 1.5 GB bytearray, or an ndarray of 10^12 elements, are refused;
+    protocol 2, 4 and 5 pickles of real results (sets, bytes, arrays, scalars) still load."""
+    from numpy._core.multiarray import _reconstruct
+
+    for builder, args, message in [(bytearray, (1_500_000_000,), "builtins.bytearray"),
+                                   (bytes, (1_500_000_000,), "builtins.bytes"),
+                                   (_reconstruct, (np.ndarray, (10**12,), b"b"), "refusing to allocate")]:
+        path = tmp_path / "hostile.pkl"
+        path.write_bytes(pickle.dumps({"x": _Allocates(builder, args)}, protocol=4))
+        assert path.stat().st_size < 200
+        with pytest.raises(UnsafePickleError, match=message.replace(".", r"\.")):
+            safe_load_pickle(path)
+    real = {"steps": [{"a": np.arange(5, dtype=np.float32), "s": {1, 2}, "b": b"xy", "f": np.float32(2.5),
+                       "u": np.zeros((2, 3), dtype=np.uint16)}]}
+    for protocol in (2, 4, 5):
+        path = tmp_path / f"real{protocol}.pkl"
+        path.write_bytes(pickle.dumps(real, protocol=protocol))
+        loaded = safe_load_pickle(path)["steps"][0]
+        np.testing.assert_array_equal(loaded["a"], real["steps"][0]["a"])
+        assert loaded["s"] == {1, 2} and loaded["b"] == b"xy" and loaded["u"].shape == (2, 3)
+
+
 def test_numpy2_and_numpy1_module_paths_load(tmp_path):
     data = {"a": np.arange(4, dtype=np.float32), "s": np.float32(2.5), "dt": np.dtype("int64"),
             "u": np.array(["Github", "ArXiv"])}

@@ -16,7 +16,8 @@ def _expand_inputs(parser: argparse.ArgumentParser, paths: list[str]) -> list[st
     files = []
     for path in paths:
         if os.path.isdir(path):
-            found = sorted(f for pattern in SHARD_PATTERNS for f in glob.glob(os.path.join(path, pattern)))
+            found = sorted(f for pattern in SHARD_PATTERNS for f in glob.glob(os.path.join(path, pattern))
+                           if os.path.isfile(f))  # a directory named like a shard is not one
             if not found:
                 parser.error(f"--input {path}: directory holds no *.jsonl.zst or *.jsonl files")
             files += found

@@ -43,7 +43,17 @@ def parse_record(payload) -> tuple[str | None, str | None, str | None]:
     domain = meta.get("pile_set_name") if isinstance(meta, dict) else None
     if not isinstance(domain, str) or not domain:
         return None, None, "no 'meta.pile_set_name'"
+    if not domain.isprintable() or _has_surrogates(domain):
+        return None, None, f"'meta.pile_set_name' {domain!r} is not a printable name"
     return text, domain, None
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def encode_chunk(items: list, keep_domains: frozenset | None, tokenizer: GPT2BPE | None = None) -> EncodedChunk:
@@ -59,5 +69,9 @@ def encode_chunk(items: list, keep_domains: frozenset | None, tokenizer: GPT2BPE
         elif keep_domains is not None and domain not in keep_domains:
             chunk.filtered += 1
         else:
-            chunk.docs.append((line_no, domain, tokenizer.encode_document(text)))
+            try:
+                chunk.docs.append((line_no, domain, tokenizer.encode_document(text)))
+            except UnicodeEncodeError as err:  # an escaped lone surrogate ("\ud800"): not Unicode text
+                chunk.skipped.append((line_no, f"'text' is not valid Unicode ({err.reason} at character "
+                                               f"{err.start})"))
     return chunk

@@ -11,6 +11,7 @@ describes is final. The reader refuses a split whose status is anything else.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -22,11 +23,13 @@ TOKEN_DTYPE = "uint16"
 INGEST_FILE = "ingest.json"
 
 
-def domain_slug(domain: str) -> str:
-    """File-name form of a Pile domain name: "Gutenberg (PG-19)" -> "gutenberg_pg_19"."""
-    slug = re.sub(r"[^a-z0-9]+", "_", domain.lower()).strip("_")
-    if not slug:
-        raise ValueError(f"domain name {domain!r} has no letters or digits to name its files by")
+def domain_slug(domain: str, taken=()) -> str:
+    """File-name form of a Pile domain name: "Gutenberg (PG-19)" -> "gutenberg_pg_19". A name with no
+    letters or digits, or one whose form is `taken` by another domain ("Alpha" and "alpha"), gets a
+    suffix from a hash of the exact name, so every domain has its own files."""
+    slug = re.sub(r"[^a-z0-9]+", "_", domain.lower()).strip("_")[:80] or "domain"
+    if slug in taken or slug == "domain":
+        slug = f"{slug}_{hashlib.sha1(domain.encode('utf-8')).hexdigest()[:8]}"
     return slug
 
 

@@ -99,10 +99,7 @@ class SplitWriter:
     def _open(self, domain: str) -> dict:
         if domain not in self._files:
             if domain not in self.state["domains"]:
-                slug = domain_slug(domain)
-                clash = [d for d, info in self.state["domains"].items() if info["slug"] == slug]
-                if clash:
-                    raise ValueError(f"domains {clash[0]!r} and {domain!r} map to the same file name {slug!r}")
+                slug = domain_slug(domain, taken={info["slug"] for info in self.state["domains"].values()})
                 self.state["domains"][domain] = {"slug": slug, "num_tokens": 0, "num_documents": 0}
             paths = domain_paths(self.split_dir, self.state["domains"][domain]["slug"])
             self._files[domain] = {key: open(paths[key], "ab") for key in ("tokens", "doc_starts", "doc_origin")}

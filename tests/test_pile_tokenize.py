@@ -254,3 +254,41 @@ def test_concurrent_jobs_into_one_output_take_turns(tmp_path):
     order = [s for s in shards if os.path.basename(s) == first] + [s for s in shards if os.path.basename(s) != first]
     tokenize_sources([ShardSource(p) for p in order], str(tmp_path / "serial"), progress=False)
     assert split_bytes(out) == split_bytes(str(tmp_path / "serial"))
+
+
+def test_one_bad_record_is_skipped_not_the_shard(tmp_path):
+    """An escaped lone surrogate in one record's text (not Unicode) and a non-printable domain name skip
+    those records, named by line; the rest of the shard is ingested. A directory named *.jsonl.zst inside
+    an --input directory is not taken for a shard."""
+    good = [json.dumps(r) for r in _records(DOCS[:3])]
+    lines = [good[0], json.dumps({"text": "bad \ud800 text", "meta": {"pile_set_name": "Github"}}), good[1],
+             json.dumps({"text": "x", "meta": {"pile_set_name": "Git\x00hub"}}), good[2]]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_shard(inputs / "00.jsonl.zst", lines)
+    (inputs / "01.jsonl.zst").mkdir()
+    result = run_cli("tokenize", "--input", str(inputs), "--output", str(tmp_path / "out"), "--workers", "1",
+                     "--no_progress")
+    assert result.returncode == 0, result.stderr
+    assert "skipped 2 bad records" in result.stdout
+    assert "00.jsonl.zst:2: 'text' is not valid Unicode" in result.stdout
+    assert "00.jsonl.zst:4: 'meta.pile_set_name'" in result.stdout
+    got, state = read_split(tmp_path / "out")
+    assert sum(s.size for _, s, _ in got.values()) == 3 and [i["name"] for i in state["inputs"]] == ["00.jsonl.zst"]
+
+
+def test_domains_whose_names_fold_to_one_file_name_get_their_own_files(tmp_path, tok):
+    """'Alpha' and 'alpha' (and a name with no letters) each keep their own token files; the reader
+    serves each by its exact name."""
+    from pile_tools.reader import PileReader
+
+    docs = [("Alpha", "upper case domain " * 30), ("alpha", "lower case domain " * 30), ("++", "symbols " * 30)]
+    shard = write_shard(tmp_path / "00.jsonl.zst", [json.dumps(r) for r in _records(docs)])
+    result = run_cli("tokenize", "--input", shard, "--output", str(tmp_path / "out"), "--workers", "1", "--no_progress")
+    assert result.returncode == 0, result.stderr
+    got, state = read_split(tmp_path / "out")
+    slugs = {d: info["slug"] for d, info in state["domains"].items()}
+    assert len(set(slugs.values())) == 3 and slugs["Alpha"] == "alpha"
+    for domain, text in docs:
+        assert got[domain][0].tolist() == tok.encode(text) + [EOT_ID]
+    assert PileReader(str(tmp_path / "out")).domains == sorted(slugs)

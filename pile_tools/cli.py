@@ -86,6 +86,10 @@ def _run_tokenize(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         )
     except ValueError as err:
         parser.error(str(err))
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.output}/{args.split} keeps what its last checkpoint holds; run the same "
+              "command again to continue", file=sys.stderr, flush=True)
+        return 130
     print(summary.report())
     if summary.documents == 0 and summary.skipped_count:
         print(f"error: no document was written: all {summary.skipped_count:,} records read were bad (see above); "

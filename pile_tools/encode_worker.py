@@ -1,7 +1,9 @@
 """Turning raw Pile records into token arrays: the part of tokenization that runs in worker processes."""
 from __future__ import annotations
 
+import ctypes
 import json
+import signal
 from dataclasses import dataclass, field
 
 from pile_tools.tokenizer import GPT2BPE, load_gpt2_tokenizer
@@ -18,9 +20,25 @@ class EncodedChunk:
 
 
 def init_worker(vocab_dir: str | None) -> None:
-    """Process-pool initializer: one single-threaded tokenizer per worker, so --workers bounds the cores used."""
+    """Process-pool initializer: one single-threaded tokenizer per worker, so --workers bounds the cores used.
+
+    A worker ignores SIGINT (Ctrl-C reaches the whole process group; the parent alone handles it and shuts
+    the pool down) and, on Linux, is killed when its parent dies however the parent dies (kill -9
+    included), so no worker outlives an interrupted job."""
     global _worker_tokenizer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     _worker_tokenizer = load_gpt2_tokenizer(vocab_dir)
+
+
+def _die_with_parent() -> None:
+    """prctl(PR_SET_PDEATHSIG, SIGKILL) where the C library offers it (Linux); elsewhere nothing."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def parse_record(payload) -> tuple[str | None, str | None, str | None]:

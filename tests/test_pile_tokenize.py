@@ -292,3 +292,65 @@ def test_domains_whose_names_fold_to_one_file_name_get_their_own_files(tmp_path,
     for domain, text in docs:
         assert got[domain][0].tolist() == tok.encode(text) + [EOT_ID]
     assert PileReader(str(tmp_path / "out")).domains == sorted(slugs)
+
+
+def _processes_mentioning(text):
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    with open(f"/proc/{pid}/stat") as stat:
+                        if stat.read().split(")")[-1].split()[0] != "Z":  # zombies hold no resources
+                            found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_killed_job_leaves_no_worker_processes(tmp_path):
+    """kill -9 of a tokenize job with 2 workers: its workers die with it (none left after 5 s)."""
+    import time
+
+    lines = [json.dumps(r) for r in _records(DOCS * 400)]
+    shard = write_shard(tmp_path / "00.jsonl.zst", lines)
+    out = str(tmp_path / "out-killed-with-workers")
+    killed = run_cli("tokenize", "--input", shard, "--output", out, "--workers", "2", "--no_progress",
+                     "--checkpoint_docs", "40", env_extra={KILL_AFTER_DOCS_ENV: "300"})
+    assert killed.returncode == -9
+    deadline = time.time() + 5
+    while _processes_mentioning(out) and time.time() < deadline:
+        time.sleep(0.1)
+    assert _processes_mentioning(out) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_ctrl_c_stops_cleanly_and_a_rerun_completes(tmp_path):
+    """SIGINT to the job's process group (Ctrl-C) while 2 workers run: exit 130 with a message and no
+    worker tracebacks, no process left; the same command then completes with the clean output."""
+    import signal
+    import time
+
+    lines = [json.dumps(r) for r in _records([(d, f"{t} #{i}") for i, (d, t) in enumerate(DOCS * 3000)])]
+    shard = write_shard(tmp_path / "00.jsonl.zst", lines)
+    tokenize_sources([ShardSource(shard)], str(tmp_path / "clean"), progress=False)
+    out = str(tmp_path / "out-interrupted")
+    cmd = [sys.executable, "-m", "pile_tools", "tokenize", "--input", shard, "--output", out, "--workers", "2",
+           "--no_progress", "--checkpoint_docs", "200"]
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    ingest = os.path.join(out, "train", "ingest.json")
+    deadline = time.time() + 60
+    while not os.path.exists(ingest) and job.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    if job.poll() is not None:
+        pytest.skip("the job finished before it could be interrupted on this machine")
+    os.killpg(job.pid, signal.SIGINT)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err and "un-acquired lock" not in err
+    assert _processes_mentioning(out) == []
+    again = run_cli("tokenize", "--input", shard, "--output", out, "--workers", "2", "--no_progress")
+    assert again.returncode == 0, again.stderr
+    assert split_bytes(out) == split_bytes(str(tmp_path / "clean"))

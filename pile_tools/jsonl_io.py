@@ -75,6 +75,7 @@ class ShardSource:
         self.total_bytes = os.path.getsize(path)
         self._fh = None
         self._finished = False
+        self.error = None  # CorruptInputError once items() met a truncated or corrupt compressed stream
 
     @property
     def bytes_done(self) -> int:
@@ -92,6 +93,10 @@ class ShardSource:
         return digest.hexdigest()
 
     def items(self, skip_lines: int = 0) -> Iterator[tuple[int, bytes]]:
+        """(line number, line) of every complete line. A truncated or corrupt compressed stream ends the
+        iteration normally after the last complete line, with `self.error` set: a consumer that batches
+        lines sees every one of them before it learns of the damage."""
+        self.error = None
         with open(self.path, "rb") as fh:
             self._fh = fh
             chunks = _zst_chunks(self.path, fh) if self.path.endswith(".zst") else iter(lambda: fh.read(READ_CHUNK_BYTES), b"")
@@ -103,7 +108,7 @@ class ShardSource:
                         yield line_no, line
                 self._finished = True
             except CorruptInputError as err:
-                raise CorruptInputError(self.path, err.compressed_bytes, line_no, err.reason) from err
+                self.error = CorruptInputError(self.path, err.compressed_bytes, line_no, err.reason)
 
 
 class HFDatasetSource:

@@ -183,6 +183,8 @@ def _ingest(sources, writer: SplitWriter, encode_chunks, max_tokens: int | None,
                     bar.set_postfix_str(_rates(summary, start), refresh=False)
                     if summary.stopped_by_max_tokens:
                         break
+                if getattr(source, "error", None) is not None:  # every complete line before it is in
+                    raise source.error
             except CorruptInputError as err:
                 summary.corrupt_input = err
                 record["error"] = str(err)

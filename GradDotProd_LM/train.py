@@ -10,6 +10,7 @@ step t trains on the reader's global batch t and is the t-th optimizer update.
 import math
 import os
 import platform
+import shutil
 import signal
 import sys
 import time
@@ -87,6 +88,25 @@ class NonFiniteStep(RunStopped):
         super().__init__(f"step {step}: the training loss is {loss}, the gradient norm {grad_norm}, or a dot "
                          "product is not finite (the run diverged: lower --learning_rate, or check the data); "
                          "the step was not applied")
+
+
+def checkpoint_space_shortfall(run_dir, model, optimizer):
+    """None if the results file system has room for a checkpoint (model + optimizer state, with 10% to
+    spare), else the error to print: better now than at the first checkpoint after hours of training."""
+    tensors = list(model.state_dict().values()) + [
+        v for state in optimizer.state_dict()["state"].values() for v in state.values() if torch.is_tensor(v)]
+    needed = sum(t.numel() * t.element_size() for t in tensors)
+    if not optimizer.state_dict()["state"] and isinstance(optimizer, torch.optim.AdamW):
+        needed += 2 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)  # moments to come
+    needed = int(needed * 1.1)
+    existing = run_dir
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    free = shutil.disk_usage(existing).free
+    if free >= needed:
+        return None
+    return (f"{existing} has {free / 2**20:,.0f} MiB free but a checkpoint of this run needs about "
+            f"{needed / 2**20:,.0f} MiB; free space or pass another --results_dir")
 
 
 def check_token_ids(batch, step, data_dir, world_size, device):
@@ -301,6 +321,14 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
         step_model = DDP(step_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # ---------------------------------------------------------------- run directory
+    short = checkpoint_space_shortfall(run_dir, model, optimizer) if master else None
+    flag = torch.tensor([0.0 if short is None else 1.0], device=device)
+    if world_size > 1:  # every rank leaves together
+        dist.all_reduce(flag)
+    if flag.item():
+        if master:
+            print(f"train.sh: error: {short}", file=sys.stderr, flush=True)
+        return 2
     if master:
         os.makedirs(run_dir, exist_ok=True)
         config_record = dict(cfg, world_size=world_size, train_dtype_resolved=train_dtype, device=str(device),

@@ -146,7 +146,11 @@ def test_crash_then_resume_equals_uninterrupted_run(baseline, data_dir, results_
     assert "iter_000004.pkl" in os.listdir(os.path.join(run_dir, "grad_dotprods"))
 
     monkeypatch.setattr(train, "report_progress", real_report)
+    stray = os.path.join(run_dir, "checkpoints", "latest.pt.tmp-99999")  # a kill during a checkpoint write
+    with open(stray, "wb") as f:
+        f.write(b"partial checkpoint")
     assert train.main(flags + ["--resume"]) == 0
+    assert not os.path.exists(stray)
     set_aside = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(run_dir, "superseded"))
                  for name in names]
     assert [os.path.basename(p) for p in set_aside] == ["iter_000004.pkl"]  # moved aside, not deleted
@@ -323,3 +327,14 @@ def test_corrupt_inputs_stop_with_the_file_named(baseline, data_dir, results_dir
     assert train.main(tiny_flags(data, results_dir, "bad-tokens", "--train_domains", "Github")) == 1
     err = capsys.readouterr().err
     assert "step 1: token id 65000 >= 50257 in domain 'Github'" in err
+
+
+def test_too_little_space_for_a_checkpoint_is_a_start_up_error(data_dir, results_dir, monkeypatch, capsys):
+    """The results file system cannot hold a checkpoint: exit 2 before the first step, nothing written."""
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    assert train.main(tiny_flags(data_dir, results_dir, "no-space")) == 2
+    assert "MiB free but a checkpoint of this run needs about" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(results_dir, "no-space"))

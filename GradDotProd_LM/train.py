@@ -90,6 +90,17 @@ class NonFiniteStep(RunStopped):
                          "the step was not applied")
 
 
+def rank0_error_stops_all(error, world_size, device) -> bool:
+    """True on every rank when rank 0 found `error` (None: no error), which rank 0 prints; every rank
+    must leave together or the others would wait in the next collective forever."""
+    flag = torch.tensor([0.0 if error is None else 1.0], device=device)
+    if world_size > 1:
+        dist.all_reduce(flag)
+    if error is not None:
+        print(f"train.sh: error: {error}", file=sys.stderr, flush=True)
+    return bool(flag.item())
+
+
 def checkpoint_space_shortfall(run_dir, model, optimizer):
     """None if the results file system has room for a checkpoint (model + optimizer state, with 10% to
     spare), else the error to print: better now than at the first checkpoint after hours of training."""
@@ -225,12 +236,7 @@ def _run(cfg, argv, rank, world_size, device, master, stop):
                 lock.acquire()
             except RunBusyError as err:
                 busy = err
-        flag = torch.tensor([0.0 if busy is None else 1.0], device=device)
-        if world_size > 1:  # every rank leaves together
-            dist.all_reduce(flag)
-        if flag.item():
-            if master:
-                print(f"train.sh: error: {busy}", file=sys.stderr, flush=True)
+        if rank0_error_stops_all(busy, world_size, device):
             return 2
     try:
         return _train(cfg, argv, rank, world_size, device, master, stop)
@@ -321,13 +327,8 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
         step_model = DDP(step_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # ---------------------------------------------------------------- run directory
-    short = checkpoint_space_shortfall(run_dir, model, optimizer) if master else None
-    flag = torch.tensor([0.0 if short is None else 1.0], device=device)
-    if world_size > 1:  # every rank leaves together
-        dist.all_reduce(flag)
-    if flag.item():
-        if master:
-            print(f"train.sh: error: {short}", file=sys.stderr, flush=True)
+    if rank0_error_stops_all(checkpoint_space_shortfall(run_dir, model, optimizer) if master else None,
+                             world_size, device):
         return 2
     if master:
         os.makedirs(run_dir, exist_ok=True)

@@ -17,22 +17,44 @@ def write_atomically(path, write) -> None:
     """Call ``write(binary_file)`` on a temporary file, then durably replace ``path`` with it."""
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
+    f = None
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb") as raw:
+            f = _RecordingFile(raw)
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
-    except OSError as err:
+    except BaseException as err:
         _remove_quietly(tmp)
-        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise OSError(err.errno, f"no space left to write {path} ({os.strerror(err.errno)}); free space "
-                                     "on that file system and run again") from err
-        raise
-    except BaseException:
-        _remove_quietly(tmp)
+        # a writer may wrap the OSError in its own error (torch.save: "unexpected pos ...")
+        cause = err if isinstance(err, OSError) else (f.error if f is not None else None)
+        if cause is not None and cause.errno in _NO_SPACE:
+            raise OSError(cause.errno, f"no space left to write {path} ({os.strerror(cause.errno)}); free "
+                                       "space on that file system and run again") from err
         raise
     fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class _RecordingFile:
+    """A binary file that remembers the OSError its write() raised, whatever the caller turns it into."""
+
+    def __init__(self, raw):
+        self._raw = raw
+        self.error = None
+
+    def write(self, data):
+        try:
+            return self._raw.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._raw, name)
 
 
 def fsync_directory(directory) -> None:

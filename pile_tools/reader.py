@@ -58,6 +58,21 @@ class _Domain:
         return int(origin[doc_id, 0]), int(origin[doc_id, 1])
 
 
+def _read_manifest(path: str, keys) -> dict:
+    """A JSON manifest of a tokenized split, or a ValueError naming the file (damaged, foreign, missing)."""
+    try:
+        state = read_json(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing: the split is incomplete; re-tokenize it") from None
+    except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
+        raise ValueError(f"{path} is not a readable manifest ({type(err).__name__}: {err}); the file is damaged: "
+                         "re-tokenize this split") from None
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}; it was not written by pile_tools or is damaged: re-tokenize")
+    return state
+
+
 class PileReader:
     def __init__(self, data_dir: str, split: str = "train", domains=None, seed: int = 0):
         check_split(split)
@@ -66,13 +81,17 @@ class PileReader:
         state_path = os.path.join(self.split_dir, INGEST_FILE)
         if not os.path.exists(state_path):
             raise ValueError(f"{self.split_dir} is not a tokenized split (no {INGEST_FILE}); run `python -m pile_tools tokenize`")
-        self._state = read_json(state_path)
+        self._state = _read_manifest(state_path, ("status", "domains"))
         if self._state["status"] != "complete":
             raise ValueError(f"tokenization of {self.split_dir} did not finish; re-run the same tokenize command to resume it")
-        available = {
-            name: _Domain(self.split_dir, read_json(domain_paths(self.split_dir, info["slug"])["manifest"]))
-            for name, info in self._state["domains"].items()
-        }
+        available = {}
+        for name, info in self._state["domains"].items():
+            slug = info.get("slug") if isinstance(info, dict) else None
+            if not isinstance(slug, str) or not slug or os.path.basename(slug) != slug or slug.startswith("."):
+                raise ValueError(f"{state_path}: domain {name!r} has no valid file name ({slug!r}); the file is "
+                                 "damaged or was not written by pile_tools: re-tokenize this split")
+            manifest = domain_paths(self.split_dir, slug)["manifest"]
+            available[name] = _Domain(self.split_dir, _read_manifest(manifest, ()))
         self._domains = available
         self.mixture = self._resolve_mixture(domains, available)  # {domain: probability}, sorted by name
         self.domains = list(self.mixture)

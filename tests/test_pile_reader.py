@@ -124,3 +124,25 @@ def test_fixed_validation_batch(corpus):
     assert (first.token_offset + SEQ + 1 <= v.num_tokens("Github")).all()
     with pytest.raises(ValueError, match="room for"):
         v.fixed_batch(v.num_tokens("Github"), SEQ)
+
+
+def test_damaged_or_hostile_manifests_are_named(corpus, tmp_path):
+    """Random bytes as ingest.json, a domain file name that walks out of the split, a manifest without its
+    keys: a ValueError naming the file, never a traceback from deep inside or a file outside the split."""
+    import os
+    import shutil
+
+    data_dir, _ = corpus
+    copy = tmp_path / "tok"
+    shutil.copytree(data_dir, copy)
+    ingest = copy / "train" / "ingest.json"
+    ingest.write_bytes(bytes(range(256)) * 2)
+    with pytest.raises(ValueError, match=r"ingest.json is not a readable manifest"):
+        PileReader(str(copy))
+    ingest.write_text(json.dumps({"status": "complete", "domains": {"X": {"slug": "../../etc/passwd"}}}))
+    with pytest.raises(ValueError, match=r"domain 'X' has no valid file name"):
+        PileReader(str(copy))
+    ingest.write_text(json.dumps({"domains": {}}))
+    with pytest.raises(ValueError, match=r"lacks \['status'\]"):
+        PileReader(str(copy))
+    assert os.path.exists(copy / "validation" / "ingest.json")

@@ -243,7 +243,7 @@ def _run(cfg, argv, rank, world_size, device, master, stop):
     finally:
         lock.release()
         run_dir = run_dir_of(cfg)
-        if master and not cfg["eval_only"] and sorted(os.listdir(run_dir)) == ["run.lock"]:
+        if master and not cfg["eval_only"] and os.path.isdir(run_dir) and os.listdir(run_dir) == ["run.lock"]:
             os.remove(lock.path)  # stopped before writing anything: leave no trace
             os.rmdir(run_dir)
 

@@ -75,7 +75,8 @@ class _MicroBatch:
     n_train_targets: int = 0
     dot_scale: torch.Tensor = None  # [B] 1 / (c²·n_i·N_val), 0 where n_i = 0
     grad_scale: float = 1.0  # s_train / s
-    sinks: dict = field(default_factory=dict)  # parameter name -> [B] leaf; .grad collects raw <G_i, G_val>
+    sink: torch.Tensor = None  # [P, B] leaf, one row per hooked parameter; .grad collects raw <G_i, G_val>
+    sinks: dict = field(default_factory=dict)  # parameter name -> its row of `sink` (a view)
     seen: dict = field(default_factory=dict)  # layer name -> (training, validation) input shapes
     channels: dict = field(default_factory=dict)  # tied parameter -> (support, first, channel tensors)
 
@@ -220,7 +221,8 @@ class GradDotProdEngine:
             {self.param_names[id(p)] for _, m in self.excluded_modules for p in m.parameters() if p.requires_grad})
         trainable = set(self.param_names.values())
         self._params = {name: p for name, p in model.named_parameters() if name in trainable}
-        self._hooked_params = sorted({pname for layer in self.layers for pname in layer.params.values()})
+        hooked = {pname for layer in self.layers for pname in layer.params.values()}
+        self._hooked_params = [name for name in self._params if name in hooked]  # model order
         self._handles = []
         self._mb = _MicroBatch()
         self._finished = []  # finalised micro-batches of the current step
@@ -386,8 +388,10 @@ class GradDotProdEngine:
         mb.generation += 1
         mb.n_train, mb.rows = X_train.shape[0], X_train.shape[0] + self.X_val.shape[0]
         mb.counts, mb.n_train_targets, mb.dot_scale, mb.grad_scale = counts, n_train, dot_scale, s_train / s
-        mb.sinks = {name: torch.zeros(mb.n_train, dtype=dtype, device=X_train.device, requires_grad=True)
-                    for name in self._hooked_params}
+        # one leaf for every parameter's dot products: one allocation and one accumulation per micro-batch
+        mb.sink = torch.zeros(len(self._hooked_params), mb.n_train, dtype=dtype, device=X_train.device,
+                              requires_grad=True)
+        mb.sinks = dict(zip(self._hooked_params, mb.sink.unbind(0)))
         mb.seen.clear()
         mb.channels.clear()
         mb.armed = True
@@ -509,28 +513,22 @@ class GradDotProdEngine:
     def _disarm(self):
         mb = self._mb
         mb.armed = False
-        mb.sinks, mb.counts, mb.dot_scale = {}, None, None
+        mb.sink, mb.sinks, mb.counts, mb.dot_scale = None, {}, None, None
         mb.seen.clear()
         mb.channels.clear()
 
     def _finish_micro_batch(self):
         mb = self._mb
-        raw_dots = {name: sink.grad for name, sink in mb.sinks.items()}
+        raw = mb.sink.grad  # [P, B]
         counts, n_train_targets, dot_scale, seen = mb.counts, mb.n_train_targets, mb.dot_scale, dict(mb.seen)
         self._disarm()
-        if all(raw is None for raw in raw_dots.values()):
+        if raw is None:
             raise RuntimeError("no gradient reached the engine since prepare_forward_input(): run the forward "
                                "on its output and call backward() before preparing the next batch or the gradients")
         self._shapes.update(seen)
         dtype = dot_scale.dtype
-        per_param = {}
-        for name in self._params:
-            if name in self.excluded_parameters:
-                continue
-            raw = raw_dots.get(name)
-            per_param[name] = torch.zeros_like(dot_scale) if raw is None else raw.to(dtype) * dot_scale
         weights = counts.to(dtype) / n_train_targets
-        self._finished.append((per_param, counts, weights))
+        self._finished.append((raw.to(dtype) * dot_scale, counts, weights))  # [P, B] per-parameter dots
 
     def prepare_gradients(self):
         """Finish the step's backward passes. ``.grad`` already holds the Regular training gradient of the
@@ -548,9 +546,9 @@ class GradDotProdEngine:
         if not self._finished:
             raise RuntimeError("aggregate_and_log() without a prepared and back-propagated batch")
         finished, self._finished = self._finished, []
-        per_param = {name: torch.cat([f[0][name] for f in finished]) for name in finished[0][0]}
-        total = torch.stack(list(per_param.values())).sum(0)
-        return DotProductResult(dot_products=total, per_parameter=per_param,
+        per_param = torch.cat([f[0] for f in finished], dim=1)  # [P, B_step]
+        return DotProductResult(dot_products=per_param.sum(0),
+                                per_parameter=dict(zip(self._hooked_params, per_param.unbind(0))),
                                 token_counts=torch.cat([f[1] for f in finished]),
                                 weights=torch.cat([f[2] for f in finished]),
                                 excluded_parameters=list(self.excluded_parameters), micro_batches=len(finished))

@@ -359,11 +359,11 @@ def load_run(run_dir, per_layer: bool = False, strict: bool = False) -> Run:
     records_by_step = {}
     duplicates = set()
 
-    def skip(err):
+    def skip(path, err):
         if strict:
             raise err
         warnings.warn(f"skipping {err}", stacklevel=3)
-        skipped.append((err.path, str(err)))
+        skipped.append((path, str(err)))
 
     readable = []
     for path in _dotprod_files(run_dir):
@@ -372,8 +372,7 @@ def load_run(run_dir, per_layer: bool = False, strict: bool = False) -> Run:
         except UnsafePickleError:
             raise
         except ResultsFormatError as err:
-            err.path = path
-            skip(err)
+            skip(path, err)
     # the run's name: config.json's, else the one most files carry; a file of another run is never merged
     names = collections.Counter(name for _, _, name, _ in readable)
     run_name = config.get("run_name") or (names.most_common(1)[0][0] if names else None)
@@ -381,8 +380,7 @@ def load_run(run_dir, per_layer: bool = False, strict: bool = False) -> Run:
         if name != run_name:
             err = ResultsFormatError(f"{path}: written by run {name!r}, not {run_name!r}; files of another "
                                      "run are not merged")
-            err.path = path
-            skip(err)
+            skip(path, err)
             continue
         files.append(path)
         versions[path] = version

@@ -6,7 +6,8 @@ that is the identity in the forward and saves the layer's input. Its backward re
 output gradient and hands (input, output gradient) to the layer's rule, which returns the validation
 gradient G_val and the per-sample dot products without forming per-sample gradients. The tap returns
 both *as gradients*:
-- the raw dot products as the gradient of the parameter's "sink", a [B] leaf made per micro-batch;
+- the raw dot products as the gradient of the parameter's row of the "sink", a [parameters, B] leaf made
+  per micro-batch;
 - -G_val as a gradient of the layer's parameters, so that autograd's own sum leaves only the training
   rows' share in ``.grad`` (before DDP's reducer sees it); a hook on each parameter rescales it to
   what Regular training would produce.

@@ -266,6 +266,8 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
         val_batch = val_reader.fixed_batch(cfg["val_batch_size"], T) if cfg["val_batch_size"] else None
         train_reader.get_batch(1, B, T, rank=rank, world_size=world_size)  # every domain holds a window
         evaluator = Evaluator(cfg["data_dir"], T, cfg["eval_iter"], cfg["eval_bs"], cfg["seed"], rank, world_size)
+        for reader in (train_reader, val_reader, *evaluator.readers.values()):
+            reader.check_vocabulary(GPT2_VOCAB_SIZE)  # the maxima recorded at ingest; every batch is checked too
     except (FileNotFoundError, ValueError) as err:
         if master:
             print(f"train.sh: error: data in {cfg['data_dir']}: {err}", file=sys.stderr, flush=True)
@@ -385,6 +387,8 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
                         X_in, _ = engine.prepare_forward_input(X, X, loss_multiplier=1.0 / A)  # [b + Bv, T]
                     with autocast:
                         out = step_model(input_ids=X_in, labels=X_in)
+                    if graddotprod and not engine.loss_checked:  # eager checks by itself; compiled does not
+                        engine.check_loss(out.loss, out.logits, X_in)
                     (out.loss / A).backward()
                 micro_loss = out.loss.detach()  # mean CE over every row's seq_len - 1 targets
                 if graddotprod:

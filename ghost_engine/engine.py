@@ -27,6 +27,7 @@ Scaling. With the model's loss L = s·Σ_all ce_t (s = 1/N_all for a mean, 1 for
     dot_i        = <G_i, G_val> / (c²·n_i·N_val)
     Regular grad = m·s_train·Σ_train ∇ce = (full − G_val)·(s_train / s).
 """
+import math
 import weakref
 from dataclasses import dataclass, field
 from functools import partial
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from ghost_engine.layers import accum_dtype, rule_for
-from ghost_engine.losses import IGNORE_INDEX, TASKS, target_counts
+from ghost_engine.losses import IGNORE_INDEX, TASKS, per_sample_loss, target_counts
 
 LOSS_REDUCTIONS = ("mean", "sum")
 FIRST, SECOND = "first", "second"  # roles of the two uses of a tied parameter, in forward order
@@ -104,6 +105,13 @@ def _in_backward() -> bool:
     if torch.compiler.is_compiling():
         return False
     return torch._C._current_graph_task_id() != -1
+
+
+def _field(output, name):
+    """``output.name`` or ``output[name]`` of a model output (ModelOutput, dict, object), else None."""
+    if isinstance(output, dict):
+        return output.get(name)
+    return getattr(output, name, None)
 
 
 def _support(ids: torch.Tensor):
@@ -229,6 +237,7 @@ class GradDotProdEngine:
         self._finished = []  # finalised micro-batches of the current step
         self._shapes = {}  # layer name -> (training, validation) input shapes of its last forward
         self._replaying = False
+        self._loss_checked = False  # the model's loss has been checked against loss_reduction
         self.set_val_batch(*val_batch)
 
     # ------------------------------------------------------------------ set-up
@@ -308,6 +317,7 @@ class GradDotProdEngine:
             self._handles.append(module.register_forward_hook(self._on_excluded_forward, with_kwargs=True))
         for name, p in self._params.items():
             self._handles.append(p.register_hook(partial(self._on_param_grad, name)))
+        self._handles.append(self.model.register_forward_hook(self._on_model_forward, with_kwargs=True))
         _ATTACHED[self.model] = self
         return self
 
@@ -345,6 +355,11 @@ class GradDotProdEngine:
                              f"matching inputs {tuple(X.shape)}")
         if self.task == "classification" and Y.dim() != 1:
             raise ValueError(f"{which} labels have shape {tuple(Y.shape)}; classification needs [rows]")
+
+    @property
+    def loss_checked(self) -> bool:
+        """Whether the model's loss has been checked against ``loss_reduction`` (see check_loss)."""
+        return self._loss_checked
 
     @property
     def val_batch_size(self) -> int:
@@ -510,6 +525,51 @@ class GradDotProdEngine:
         finally:
             self._replaying = False
         return torch.cat([output[:B], val_out])
+
+    def _on_model_forward(self, module, args, kwargs, output):
+        """On the first armed eager forward whose output carries ``loss`` and ``logits`` and whose call got
+        ``labels``, check the loss against ``loss_reduction`` (check_loss). Under torch.compile the hook does
+        nothing, so the compiled graph has no break: call check_loss yourself there."""
+        if torch.compiler.is_compiling() or self._loss_checked or not self._mb.armed or not torch.is_grad_enabled():
+            return None
+        loss, logits, labels = _field(output, "loss"), _field(output, "logits"), kwargs.get("labels")
+        if torch.is_tensor(loss) and torch.is_tensor(logits) and torch.is_tensor(labels):
+            try:
+                self.check_loss(loss, logits, labels)
+            except ValueError:
+                self._disarm()  # the micro-batch is void: prepare it again after fixing the loss
+                raise
+        return None
+
+    @torch.no_grad()
+    def check_loss(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> bool:
+        """Check that ``loss`` (the model's loss on the prepared [train; val] rows, before any multiplier)
+        is the cross-entropy of ``logits`` reduced as ``loss_reduction`` says: the mean over every counted
+        target of the concatenated batch, or the sum. Any other scale (a divisor counting the training
+        rows' targets only, such as Trainer's ``num_items_in_batch``; a per-row mean; extra loss terms)
+        would make the dot products and ``.grad`` silently wrong, so it raises a ValueError. Runs by itself on
+        the first eager forward of a Hugging Face-style model; returns True if it checked, False if the
+        loss or logits are not finite, or the task's loss is not a cross-entropy over class logits."""
+        if logits.shape[-1] < 2 or labels.is_floating_point() or labels.shape[0] != logits.shape[0]:
+            return False  # regression or multi-label heads: not a cross-entropy over classes
+        loss = loss.detach().double()
+        ce = per_sample_loss(logits.detach(), labels, self.task, self.ignore_index).double()
+        counts = target_counts(labels, self.task, self.ignore_index)
+        total, n_all = float((ce * counts).sum()), int(counts.sum())
+        if not (math.isfinite(float(loss)) and math.isfinite(total)) or n_all == 0:
+            return False
+        expected = total / n_all if self.loss_reduction == "mean" else total
+        tol = 1e-9 if logits.dtype == torch.float64 else 1e-5 if logits.dtype == torch.float32 else 2e-3
+        if abs(float(loss) - expected) > tol * max(abs(expected), 1e-12):
+            raise ValueError(
+                f"the model's loss is {float(loss):.6g}, but loss_reduction={self.loss_reduction!r} means "
+                f"{expected:.6g} ({'mean' if self.loss_reduction == 'mean' else 'sum'} of the cross-entropy over "
+                f"all {n_all} targets of the [train; val] batch; the sum is {total:.6g}, the mean "
+                f"{total / n_all:.6g}). The dot products and .grad would be scaled wrongly. Pass the "
+                "loss_reduction the model uses, and do not divide the loss by a count of the training rows' "
+                "targets alone (Trainer's num_items_in_batch) or add other terms to it")
+        self._loss_checked = True
+        return True
 
     def _disarm(self):
         mb = self._mb

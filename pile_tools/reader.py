@@ -36,6 +36,8 @@ class _Domain:
         self.name = manifest["domain"]
         self.num_tokens = int(manifest["num_tokens"])
         self.num_documents = int(manifest["num_documents"])
+        largest = manifest.get("max_token_id")  # recorded at ingest; None for splits written before it was
+        self.max_token_id = largest if isinstance(largest, int) else None
         self._paths = {key: os.path.join(split_dir, manifest[f"{key}_file"]) for key in ("token", "doc_starts", "doc_origin")}
         if os.path.getsize(self._paths["token"]) != 2 * self.num_tokens:
             raise ValueError(f"{self._paths['token']} does not hold the {self.num_tokens} tokens its manifest says; re-tokenize")
@@ -121,6 +123,17 @@ class PileReader:
 
     def num_tokens(self, domain: str) -> int:
         return self._domain(domain).num_tokens
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """A ValueError naming every selected domain whose recorded largest token id is >= vocab_size (its
+        tokens came from another vocabulary). Domains tokenized before the maximum was recorded pass here;
+        training still checks every batch it reads."""
+        recorded = {name: self._domains[name].max_token_id for name in self.domains}
+        bad = {name: largest for name, largest in recorded.items() if largest is not None and largest >= vocab_size}
+        if bad:
+            raise ValueError(f"split {self.split!r}: token ids up to {bad} (domain: largest id) do not fit a "
+                             f"vocabulary of {vocab_size}; these files were tokenized with another vocabulary: "
+                             "re-tokenize them")
 
     def num_documents(self, domain: str) -> int:
         return self._domain(domain).num_documents

@@ -78,6 +78,9 @@ class SplitWriter:
                         "damaged; re-run with --overwrite"
                     )
                 os.truncate(paths[key], length)
+            if "max_token_id" not in info:  # a split begun before the maximum was recorded: read it once
+                tokens = np.memmap(paths["tokens"], dtype=TOKEN_DTYPE, mode="r") if info["num_tokens"] else None
+                info["max_token_id"] = int(tokens.max()) if tokens is not None else -1
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -100,7 +103,8 @@ class SplitWriter:
         if domain not in self._files:
             if domain not in self.state["domains"]:
                 slug = domain_slug(domain, taken={info["slug"] for info in self.state["domains"].values()})
-                self.state["domains"][domain] = {"slug": slug, "num_tokens": 0, "num_documents": 0}
+                self.state["domains"][domain] = {"slug": slug, "num_tokens": 0, "num_documents": 0,
+                                                 "max_token_id": -1}
             paths = domain_paths(self.split_dir, self.state["domains"][domain]["slug"])
             self._files[domain] = {key: open(paths[key], "ab") for key in ("tokens", "doc_starts", "doc_origin")}
         return self._files[domain]
@@ -115,6 +119,7 @@ class SplitWriter:
         files["doc_origin"].write(np.array([input_index, line_no], dtype=np.int64).tobytes())
         info["num_tokens"] += int(tokens.size)
         info["num_documents"] += 1
+        info["max_token_id"] = max(info["max_token_id"], int(tokens.max()))  # checked against the vocabulary
 
     def record_skipped(self, input_name: str, line_no: int, reason: str) -> None:
         self.state["skipped_count"] += 1
@@ -146,6 +151,7 @@ class SplitWriter:
                     "dtype": TOKEN_DTYPE,
                     "num_tokens": info["num_tokens"],
                     "num_documents": info["num_documents"],
+                    "max_token_id": info["max_token_id"],
                     "token_file": os.path.basename(paths["tokens"]),
                     "doc_starts_file": os.path.basename(paths["doc_starts"]),
                     "doc_origin_file": os.path.basename(paths["doc_origin"]),

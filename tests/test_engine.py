@@ -330,6 +330,51 @@ def test_sum_reduction():
         assert rel_err(grads[name], r) <= TOL, name
 
 
+def test_a_loss_whose_scale_contradicts_loss_reduction_raises_on_the_first_forward():
+    """A mean loss declared as a sum, or a sum divided by the training rows' targets alone (Trainer's
+    num_items_in_batch), would scale every dot product and .grad wrongly: the first forward raises."""
+    g = torch.Generator().manual_seed(16)
+    X, Y = lm_batch(3, 16, g)
+    Xv, Yv = lm_batch(1, 16, g)
+    model = tiny_gpt2()
+    engine = GradDotProdEngine(model, val_batch=(Xv, Yv), loss_reduction="sum").attach()
+    Xc, Yc = engine.prepare_forward_input(X, Y)
+    with pytest.raises(ValueError, match="loss_reduction='sum'"):
+        model(input_ids=Xc, labels=Yc)
+    engine.detach()
+
+    engine = GradDotProdEngine(model, val_batch=(Xv, Yv)).attach()
+    Xc, Yc = engine.prepare_forward_input(X, Y)
+    n_train = int((Y[:, 1:] != -100).sum())
+    with pytest.raises(ValueError, match="num_items_in_batch"):
+        model(input_ids=Xc, labels=Yc, num_items_in_batch=n_train)
+    assert not engine.loss_checked
+    Xc, Yc = engine.prepare_forward_input(X, Y)
+    out = model(input_ids=Xc, labels=Yc)  # the model's own mean: accepted, and checked once
+    assert engine.loss_checked
+    out.loss.backward()
+    engine.prepare_gradients()
+    engine.detach()
+
+
+def test_check_loss_is_independent_of_the_hook():
+    """check_loss (what a compiled model, whose hook does not check, calls itself) against a hand-made loss."""
+    g = torch.Generator().manual_seed(17)
+    X, Y = lm_batch(2, 12, g)
+    Xv, Yv = lm_batch(1, 12, g)
+    model = tiny_gpt2()
+    engine = GradDotProdEngine(model, val_batch=(Xv, Yv))
+    Xc, Yc = torch.cat([X, Xv]), torch.cat([Y, Yv])
+    with torch.no_grad():
+        logits = model(input_ids=Xc).logits
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), Yc[:, 1:].reshape(-1),
+                                           reduction="none")
+    assert engine.check_loss(ce.mean(), logits, Yc)
+    with pytest.raises(ValueError, match="the mean"):
+        engine.check_loss(ce.sum() / (X.shape[0] * 11), logits, Yc)  # per training-target divisor
+    assert not engine.check_loss(torch.tensor(float("nan")), logits, Yc)  # not finite: nothing to check
+
+
 # ---------------------------------------------------------------- torch.compile
 
 

@@ -49,6 +49,7 @@ def read_split(out_dir, split="train"):
         starts = np.fromfile(os.path.join(split_dir, manifest["doc_starts_file"]), dtype=np.int64)
         origin = np.fromfile(os.path.join(split_dir, manifest["doc_origin_file"]), dtype=np.int64).reshape(-1, 2)
         assert manifest["num_tokens"] == tokens.size and manifest["num_documents"] == starts.size
+        assert manifest["max_token_id"] == (int(tokens.max()) if tokens.size else -1)
         result[domain] = (tokens, starts, origin)
     return result, state
 
@@ -364,3 +365,28 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_completes(tmp_path):
     again = run_cli("tokenize", "--input", shard, "--output", out, "--workers", "2", "--no_progress")
     assert again.returncode == 0, again.stderr
     assert split_bytes(out) == split_bytes(str(tmp_path / "clean"))
+
+
+def test_a_split_begun_before_maxima_were_recorded_gets_them_from_its_files(tmp_path):
+    """ingest.json of an older in-progress split has no max_token_id: resuming it reads the maximum from the
+    committed token file, so the manifest written at the end covers the old documents too."""
+    from pile_tools.split_writer import SplitWriter
+
+    split_dir = str(tmp_path / "train")
+    writer = SplitWriter(split_dir, "train", {"vocab": "test"}, None)
+    index, _ = writer.input_record("fp", "in.jsonl.zst", "in.jsonl.zst")
+    writer.append_document("A", np.array([7, 40000, EOT_ID], dtype=np.uint16), index, 1)
+    writer.checkpoint()
+    writer.close()
+    state_path = os.path.join(split_dir, "ingest.json")
+    with open(state_path) as f:
+        state = json.load(f)
+    del state["domains"]["A"]["max_token_id"]
+    with open(state_path, "w") as f:
+        json.dump(state, f)
+    writer = SplitWriter(split_dir, "train", {"vocab": "test"}, None)
+    writer.append_document("A", np.array([3, 5], dtype=np.uint16), index, 2)  # below the old maximum
+    writer.complete()
+    writer.close()
+    with open(os.path.join(split_dir, state["domains"]["A"]["slug"] + ".json")) as f:
+        assert json.load(f)["max_token_id"] == EOT_ID  # from the document written before the resume

@@ -328,6 +328,17 @@ def test_corrupt_inputs_stop_with_the_file_named(baseline, data_dir, results_dir
     err = capsys.readouterr().err
     assert "step 1: token id 65000 >= 50257 in domain 'Github'" in err
 
+    # a split tokenized with a larger vocabulary says so in its manifests: refused before any step
+    manifest_path = os.path.join(data, "train", "github.json")
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    with open(manifest_path, "w") as f:
+        json.dump(dict(manifest, max_token_id=65000), f)
+    assert train.main(tiny_flags(data, results_dir, "foreign-vocab")) == 2
+    err = capsys.readouterr().err
+    assert "split 'train': token ids up to {'Github': 65000}" in err and "re-tokenize" in err
+    assert not os.path.exists(os.path.join(results_dir, "foreign-vocab"))
+
 
 def test_too_little_space_for_a_checkpoint_is_a_start_up_error(data_dir, results_dir, monkeypatch, capsys):
     """The results file system cannot hold a checkpoint: exit 2 before the first step, nothing written."""

@@ -10,13 +10,12 @@ import os
 import yaml
 
 import config_file
-from GradDotProd_LM.model import ARCHITECTURES
+from GradDotProd_LM.model import MODEL_ARCHITECTURES, load_model_config, max_seq_len
 from GradDotProd_LM.run_files import dotprod_steps_on_disk
 
 METHODS = ("GradDotProd", "Regular")
 OPTIMIZERS = ("AdamW", "SGD")
 DTYPES = ("float32", "bfloat16")
-MAX_SEQ_LEN = 1024  # GPT-2's position table
 
 DEFAULTS = dict(
     method="GradDotProd", architecture="GPT2-Small", batch_size=16, val_batch_size=1,
@@ -25,14 +24,14 @@ DEFAULTS = dict(
     eval_only=False, eval_interval=500, eval_iter=10, eval_bs=8, dot_prod_save_interval=10,
     checkpoint_interval=1000, model_dtype="float32", train_dtype="auto", seq_len=1024,
     data_dir=None, results_dir=None, run_name=None, resume=False, compile=False, grad_ckpt=False,
-    init_from=None, vocab_pad_multiple=64, accept_data_change=False,
+    init_from=None, vocab_pad_multiple=64, accept_data_change=False, model_config=None,
 )
 # What a run saved before a setting existed used (its config.json lacks the key).
 LEGACY_DEFAULTS = dict(vocab_pad_multiple=1)
 
 # These define which samples are seen and how they are valued; a resumed run must keep them.
 RUN_IDENTITY = ("method", "architecture", "batch_size", "val_batch_size", "val_domain", "train_domains",
-                "seq_len", "seed", "model_dtype", "data_dir", "init_from", "vocab_pad_multiple", "optimizer")
+                "seq_len", "seed", "model_dtype", "data_dir", "init_from", "vocab_pad_multiple", "optimizer", "model_config")
 
 
 def _positive_int(text):
@@ -54,6 +53,13 @@ def _non_negative_float(text):
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
+
+
+def _model_config(path):
+    try:
+        return load_model_config(path)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_domains(text):
@@ -88,7 +94,11 @@ def build_parser():
                    help="YAML file of flag values (keys = flag names); flags override it")
     g = p.add_argument_group("run")
     g.add_argument("--method", choices=METHODS, help=f"[{d['method']}]")
-    g.add_argument("--architecture", choices=tuple(ARCHITECTURES), help=f"[{d['architecture']}]")
+    g.add_argument("--architecture", choices=tuple(MODEL_ARCHITECTURES),
+                   help=f"GPT-2, Llama-style or Pythia size (docs/MODELS.md) [{d['architecture']}]")
+    g.add_argument("--model_config", metavar="FILE.json", type=_model_config,
+                   help="a Hugging Face causal-LM config.json to build the model from instead of --architecture "
+                        "(its contents are saved with the run)")
     g.add_argument("--run_name",
                    help="directory name under --results_dir [<method>-<architecture>-bs<B>-seq<T>-seed<S>]")
     g.add_argument("--results_dir", help=f"[$GRADDOTPROD_RESULTS_DIR or {config_file.RESULTS_DIR}]")
@@ -110,7 +120,7 @@ def build_parser():
     g.add_argument("--val_domain", help="Pile domain of the validation rows, e.g. 'Github' [all domains]")
     g.add_argument("--train_domains", type=parse_domains,
                    help="'Github,ArXiv' or weighted 'Github:0.7,ArXiv:0.3' [all domains]")
-    g.add_argument("--seq_len", type=_positive_int, help=f"tokens per row, at most {MAX_SEQ_LEN} [{d['seq_len']}]")
+    g.add_argument("--seq_len", type=_positive_int, help=f"tokens per row, at most 1024 for GPT-2, 2048 for the RoPE sizes [{d['seq_len']}]")
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", choices=OPTIMIZERS, help=f"[{d['optimizer']}]")
     g.add_argument("--learning_rate", type=_non_negative_float, help=f"peak learning rate [{d['learning_rate']}]")
@@ -169,8 +179,13 @@ def run_dir_of(cfg):
     return os.path.join(cfg["results_dir"], cfg["run_name"])
 
 
+def model_name(cfg):
+    """--architecture, or "config-<model_type>" for a run built from --model_config."""
+    return cfg["architecture"] if cfg.get("model_config") is None else f"config-{cfg['model_config']['model_type']}"
+
+
 def default_run_name(cfg):
-    return f"{cfg['method']}-{cfg['architecture']}-bs{cfg['batch_size']}-seq{cfg['seq_len']}-seed{cfg['seed']}"
+    return f"{cfg['method']}-{model_name(cfg)}-bs{cfg['batch_size']}-seq{cfg['seq_len']}-seed{cfg['seed']}"
 
 
 def parse_config(argv, world_size=1):
@@ -182,6 +197,8 @@ def parse_config(argv, world_size=1):
         from_yaml.update(given)
         given = from_yaml
 
+    if given.get("model_config") is not None and "architecture" in given:
+        parser.error("--model_config and --architecture both name the model; give one")
     cfg = dict(DEFAULTS)
     cfg.update(given)
     cfg["results_dir"] = os.path.abspath(cfg["results_dir"] or config_file.RESULTS_DIR)
@@ -238,8 +255,9 @@ def _check_values(cfg, parser, world_size):
                      f"{world_size} x {cfg['grad_accum']} (every micro-batch of every rank has the same rows)")
     if cfg["eval_bs"] % world_size:
         parser.error(f"--eval_bs {cfg['eval_bs']} must be divisible by the {world_size} processes")
-    if cfg["seq_len"] < 2 or cfg["seq_len"] > MAX_SEQ_LEN:
-        parser.error(f"--seq_len {cfg['seq_len']}: must be between 2 and {MAX_SEQ_LEN}")
+    longest = max_seq_len(cfg["architecture"], cfg["model_config"])
+    if cfg["seq_len"] < 2 or cfg["seq_len"] > longest:
+        parser.error(f"--seq_len {cfg['seq_len']}: must be between 2 and {longest} ({model_name(cfg)})")
     if cfg["method"] == "GradDotProd" and cfg["val_batch_size"] < 1:
         parser.error("--val_batch_size must be >= 1 with --method GradDotProd")
     if cfg["learning_rate"] <= 0:

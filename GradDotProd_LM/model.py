@@ -1,7 +1,9 @@
-"""GPT-2 models built from configuration only (no weight download)."""
+"""Models built from configuration only (no weight download): GPT-2, Llama-style and Pythia sizes, or any
+Hugging Face causal-LM config the engine supports (`--model_config FILE.json`). All read GPT-2 tokens."""
+import json
 import os
 
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, LlamaConfig
 
 GPT2_VOCAB_SIZE = 50257
 
@@ -12,6 +14,39 @@ ARCHITECTURES = {
     "GPT2-Medium": dict(n_layer=24, n_head=16, n_embd=1024),
     "GPT2-Large": dict(n_layer=36, n_head=20, n_embd=1280),
 }
+
+# Llama-style (RoPE, RMSNorm, SwiGLU, grouped-query attention), embeddings tied as in Llama 3.2 1B and SmolLM.
+# Sizes are the total parameter count with the padded GPT-2 vocabulary (docs/MODELS.md).
+LLAMA_ARCHITECTURES = {
+    "Llama-Tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=344),
+    "Llama-20M": dict(num_hidden_layers=8, hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=688),
+    "Llama-60M": dict(num_hidden_layers=12, hidden_size=512, num_attention_heads=8, num_key_value_heads=4,
+                      intermediate_size=1376),
+    "Llama-150M": dict(num_hidden_layers=18, hidden_size=768, num_attention_heads=12, num_key_value_heads=4,
+                       intermediate_size=2048),
+    "Llama-350M": dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, num_key_value_heads=4,
+                       intermediate_size=3072),
+    "Llama-1B": dict(num_hidden_layers=16, hidden_size=2048, num_attention_heads=32, num_key_value_heads=8,
+                     intermediate_size=8192),
+}
+# The Pythia suite's shapes (GPT-NeoX: parallel attention/MLP, partial rotary, untied head); Pythia's own
+# vocabulary has 50304 rows, as GPT-2's padded to 64 does here.
+PYTHIA_ARCHITECTURES = {
+    "Pythia-14M": dict(num_hidden_layers=6, hidden_size=128, num_attention_heads=4, intermediate_size=512),
+    "Pythia-70M": dict(num_hidden_layers=6, hidden_size=512, num_attention_heads=8, intermediate_size=2048),
+    "Pythia-160M": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
+    "Pythia-410M": dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=4096),
+    "Pythia-1B": dict(num_hidden_layers=16, hidden_size=2048, num_attention_heads=8, intermediate_size=8192),
+}
+# every --architecture: name -> (config class, its kwargs)
+MODEL_ARCHITECTURES = {
+    **{name: (GPT2Config, kwargs) for name, kwargs in ARCHITECTURES.items()},
+    **{name: (LlamaConfig, kwargs) for name, kwargs in LLAMA_ARCHITECTURES.items()},
+    **{name: (GPTNeoXConfig, kwargs) for name, kwargs in PYTHIA_ARCHITECTURES.items()},
+}
+ROPE_MAX_SEQ_LEN = 2048  # positions the RoPE models are built for (GPT-2's learned table holds 1024)
 
 _NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0)
 
@@ -29,41 +64,88 @@ def padded_vocab_size(vocab_size, multiple=VOCAB_PAD_MULTIPLE):
     return -(-vocab_size // multiple) * multiple
 
 
-def build_config(architecture, n_positions=1024, vocab_pad_multiple=VOCAB_PAD_MULTIPLE, **overrides):
-    """GPT2Config for a named size; `overrides` replace any config field (e.g. vocab_size, before padding).
+def max_seq_len(architecture, model_config=None):
+    """Longest row the model takes: GPT-2's position table, else the RoPE models' position count."""
+    if model_config is not None:
+        config = AutoConfig.for_model(**model_config)
+        return int(getattr(config, "n_positions", None) or config.max_position_embeddings)
+    return 1024 if MODEL_ARCHITECTURES[architecture][0] is GPT2Config else ROPE_MAX_SEQ_LEN
 
-    GELU is transformers' fused "gelu_pytorch_tanh": the same tanh approximation as GPT-2's
+
+def load_model_config(path):
+    """The dict of a Hugging Face config.json (`model_type` + fields), checked to hold GPT-2's tokens."""
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ValueError(f"{path} is not a Hugging Face model config (no \"model_type\")")
+    try:
+        built = AutoConfig.for_model(**config)
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"{path}: {err}") from None
+    if type(built) not in AutoModelForCausalLM._model_mapping:
+        raise ValueError(f"{path}: model_type {config['model_type']!r} has no causal-LM class in transformers")
+    if config.get("vocab_size", GPT2_VOCAB_SIZE) < GPT2_VOCAB_SIZE:  # absent: GPT-2's, padded
+        raise ValueError(f"{path}: vocab_size {config['vocab_size']} is smaller than GPT-2's {GPT2_VOCAB_SIZE} "
+                         "tokens, which the data holds")
+    return config
+
+
+def build_config(architecture, n_positions=1024, vocab_pad_multiple=VOCAB_PAD_MULTIPLE, model_config=None,
+                 **overrides):
+    """The Hugging Face config of a named size (or of `model_config`, a config.json dict); `overrides`
+    replace any field (e.g. vocab_size, before padding). Dropout is 0 and the KV cache off.
+
+    GPT-2's GELU is transformers' fused "gelu_pytorch_tanh": the same tanh approximation as GPT-2's
     "gelu_new", one kernel instead of five.
     """
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {architecture!r}: choose one of {sorted(ARCHITECTURES)}")
-    kwargs = dict(vocab_size=GPT2_VOCAB_SIZE, n_positions=n_positions, tie_word_embeddings=True,
-                  use_cache=False, activation_function="gelu_pytorch_tanh", **_NO_DROPOUT,
-                  **ARCHITECTURES[architecture])
+    if model_config is not None:
+        kwargs = dict(model_config, use_cache=False, **overrides)
+        kwargs["vocab_size"] = padded_vocab_size(kwargs.get("vocab_size", GPT2_VOCAB_SIZE), vocab_pad_multiple)
+        return AutoConfig.for_model(**kwargs)
+    if architecture not in MODEL_ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}: choose one of {sorted(MODEL_ARCHITECTURES)}")
+    config_class, sizes = MODEL_ARCHITECTURES[architecture]
+    if config_class is GPT2Config:
+        kwargs = dict(n_positions=n_positions, tie_word_embeddings=True, activation_function="gelu_pytorch_tanh",
+                      **_NO_DROPOUT)
+    else:
+        kwargs = dict(max_position_embeddings=max(n_positions, ROPE_MAX_SEQ_LEN),
+                      tie_word_embeddings=config_class is LlamaConfig, attention_dropout=0.0)
+        if config_class is GPTNeoXConfig:
+            kwargs.update(hidden_dropout=0.0, classifier_dropout=0.0)
+    kwargs.update(vocab_size=GPT2_VOCAB_SIZE, use_cache=False, **sizes)
     kwargs.update(overrides)
     kwargs["vocab_size"] = padded_vocab_size(kwargs["vocab_size"], vocab_pad_multiple)
-    return GPT2Config(**kwargs)
+    return config_class(**kwargs)
 
 
 def build_model(architecture, n_positions=1024, attn_implementation="sdpa", init_from=None,
-                gradient_checkpointing=False, vocab_pad_multiple=VOCAB_PAD_MULTIPLE, **overrides):
-    """A GPT2LMHeadModel with dropout 0, tied wte/lm_head and the vocabulary padded to `vocab_pad_multiple`.
+                gradient_checkpointing=False, vocab_pad_multiple=VOCAB_PAD_MULTIPLE, model_config=None, **overrides):
+    """A causal LM built from config: dropout 0, the vocabulary padded to `vocab_pad_multiple`, GPT-2's
+    wte/lm_head tied (and the Llama sizes' embedding and head).
 
+    model_config: a Hugging Face config.json dict (any causal-LM family); then `architecture` is ignored.
     init_from: optional local directory written by `save_pretrained` (never a hub name: nothing is
     downloaded); its weights are loaded into the model built from our config, so the checkpoint's
-    shapes must match `architecture` (a checkpoint with the unpadded vocabulary is padded on load).
+    shapes must match (a checkpoint with the unpadded vocabulary is padded on load).
     """
     config = build_config(architecture, n_positions=n_positions, vocab_pad_multiple=vocab_pad_multiple,
-                          **overrides)
-    config._attn_implementation = attn_implementation
+                          model_config=model_config, **overrides)
+    model_class = GPT2LMHeadModel if isinstance(config, GPT2Config) else AutoModelForCausalLM
     if init_from is None:
-        model = GPT2LMHeadModel(config)
+        model = (GPT2LMHeadModel(config) if model_class is GPT2LMHeadModel
+                 else AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation))
+        config._attn_implementation = attn_implementation
+        model.config._attn_implementation = attn_implementation
     else:
         if not os.path.isdir(init_from):
             raise ValueError(f"init_from={init_from!r} is not a local directory: pass a directory written "
                              "by model.save_pretrained() (hub downloads are not used)")
-        saved_vocab = GPT2Config.from_pretrained(init_from, local_files_only=True).vocab_size
-        model = GPT2LMHeadModel.from_pretrained(init_from, config=config.__class__(
+        saved_vocab = AutoConfig.from_pretrained(init_from, local_files_only=True).vocab_size
+        model = model_class.from_pretrained(init_from, config=config.__class__(
             **{**config.to_dict(), "vocab_size": saved_vocab}), local_files_only=True,
             attn_implementation=attn_implementation)
         if saved_vocab != config.vocab_size:
@@ -74,7 +156,7 @@ def build_model(architecture, n_positions=1024, attn_implementation="sdpa", init
     # transformers infers the loss from the class name, which GPT2LMHeadModel does not match; name the
     # causal-LM loss it falls back to anyway (mean over shifted targets), so it is chosen without a warning.
     model.loss_type = "ForCausalLM"
-    if model.lm_head.weight is not model.transformer.wte.weight:
+    if config.tie_word_embeddings and model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
         model.tie_weights()
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

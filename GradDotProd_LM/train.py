@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import config_file
 from ghost_engine import GradDotProdEngine, per_sample_loss
-from GradDotProd_LM.args import parse_config, run_dir_of
+from GradDotProd_LM.args import model_name, parse_config, run_dir_of
 from GradDotProd_LM.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, set_rng_state
 from GradDotProd_LM.evaluate import Evaluator, format_eval
 from GradDotProd_LM.model import GPT2_VOCAB_SIZE, build_model
@@ -289,8 +289,9 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
 
     # ---------------------------------------------------------------- model, optimizer, engine
     torch.manual_seed(cfg["seed"])  # same initial weights on every rank and in every run of this seed
-    model = build_model(cfg["architecture"], init_from=cfg["init_from"], gradient_checkpointing=cfg["grad_ckpt"],
-                        vocab_pad_multiple=cfg["vocab_pad_multiple"])
+    model = build_model(cfg["architecture"], n_positions=max(1024, T), init_from=cfg["init_from"],
+                        gradient_checkpointing=cfg["grad_ckpt"], vocab_pad_multiple=cfg["vocab_pad_multiple"],
+                        model_config=cfg["model_config"])
     model.to(device=device, dtype=DTYPES[cfg["model_dtype"]])
     model.train()
     optimizer = build_optimizer(model, cfg, device)
@@ -361,7 +362,7 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
 
     # ---------------------------------------------------------------- training loop
     if master:
-        print(f"{cfg['method']} | {cfg['architecture']} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+        print(f"{cfg['method']} | {model_name(cfg)} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
               f"params | global batch {B} x {T} tokens | {world_size} process(es) on {device} | {train_dtype} | "
               f"steps {start_step + 1}..{cfg['max_steps']} | results {run_dir}", flush=True)
     started = time.perf_counter()

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from ghost_engine.results_io import load_run
@@ -16,26 +17,27 @@ B, STEPS = 4, 3
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # config_file.py lives here
 
 
-def flags(data_dir, results_dir, run_name):
+def flags(data_dir, results_dir, run_name, architecture="GPT2-Tiny"):
     # SGD with a large step: the parameters then move by the summed gradients, so comparing them compares
     # the DDP-averaged training gradients directly (Adam's first steps would amplify round-off near g = 0).
-    return ["--architecture", "GPT2-Tiny", "--batch_size", str(B), "--seq_len", "32", "--val_batch_size", "2",
+    return ["--architecture", architecture, "--batch_size", str(B), "--seq_len", "32", "--val_batch_size", "2",
             "--max_steps", str(STEPS), "--optimizer", "SGD", "--learning_rate", "0.5", "--min_lr", "0.05",
             "--warmup_step", "0", "--grad_clip", "0", "--eval_interval", str(STEPS), "--eval_iter", "1",
             "--eval_bs", "2", "--dot_prod_save_interval", "2", "--data_dir", data_dir,
             "--results_dir", results_dir, "--run_name", run_name]
 
 
-def test_two_gloo_processes_equal_one_process(tmp_path):
+@pytest.mark.parametrize("architecture", ["GPT2-Tiny", "Llama-Tiny"])
+def test_two_gloo_processes_equal_one_process(architecture, tmp_path):
     data_dir = ensure_sample_dataset(str(tmp_path / "sample"))
     results = str(tmp_path / "results")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              "-m", "GradDotProd_LM.train", *flags(data_dir, results, "two")]
+              "-m", "GradDotProd_LM.train", *flags(data_dir, results, "two", architecture)]
     done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 process(es)" in done.stdout
-    assert train.main(flags(data_dir, results, "one")) == 0
+    assert train.main(flags(data_dir, results, "one", architecture)) == 0
 
     two, one = load_run(os.path.join(results, "two"), strict=True), load_run(os.path.join(results, "one"), strict=True)
     assert two.missing_steps == [] and two.duplicate_steps == []
@@ -52,7 +54,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
 
     p_two, p_one = params("two"), params("one")
     torch.manual_seed(42)  # the runs' seed: their initial weights
-    initial = build_model("GPT2-Tiny").state_dict()
+    initial = build_model(architecture).state_dict()
     assert max((p_one[k] - initial[k]).abs().max().item() for k in p_one) > 1e-2  # training moved them
     for name, value in p_one.items():
         torch.testing.assert_close(p_two[name], value, rtol=1e-5, atol=1e-5, msg=name)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from _reference import app_first_step_reference
 from ghost_engine.results_io import load_run, safe_load_pickle
 from GradDotProd_LM import train
 from GradDotProd_LM.model import build_model
@@ -87,22 +88,11 @@ def test_first_step_matches_plain_autograd(baseline, data_dir):
     """Step 1 runs at the initial weights: rebuild them and take every gradient separately in float64."""
     torch.manual_seed(SEED)
     model = build_model("GPT2-Tiny").double()
-    params = [p for p in model.parameters() if p.requires_grad]
-    X_train = torch.from_numpy(PileReader(data_dir, split="train", seed=SEED).get_batch(1, B, T).tokens[:, :T])
-    X_val = torch.from_numpy(PileReader(data_dir, split="validation", seed=SEED).fixed_batch(BV, T).tokens[:, :T])
-
-    def grad_and_loss(X):
-        loss = model(input_ids=X, labels=X).loss
-        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]), loss.item()
-
-    val_grad, val_loss = grad_and_loss(X_val)
-    per_sample = [grad_and_loss(X_train[i:i + 1]) for i in range(B)]
-    expected = torch.stack([g @ val_grad for g, _ in per_sample]).numpy()
-
+    expected, train_losses, val_loss = app_first_step_reference(model, data_dir, SEED, B, T, BV)
     cols = load_run(baseline).columns
     first = cols["step"] == 1
     np.testing.assert_allclose(cols["dot_products"][first], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
-    np.testing.assert_allclose(cols["train_loss"][first], np.mean([l for _, l in per_sample]), rtol=1e-5)
+    np.testing.assert_allclose(cols["train_loss"][first], np.mean(train_losses), rtol=1e-5)
     np.testing.assert_allclose(cols["val_loss"][first], val_loss, rtol=1e-5)
     np.testing.assert_allclose(cols["lr"][first], 1e-3 / 2)  # step 1 of a 2-step linear warmup
 

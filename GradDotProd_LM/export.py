@@ -65,13 +65,23 @@ def kept_checkpoints(run_dir: str) -> dict[int, str]:
     for name in names:
         if not name.endswith(".pt"):
             continue
-        try:  # mmap: only the small header is read, not the tensors
-            state = torch.load(os.path.join(directory, name), map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # truncated or foreign files are not candidates
+        try:
+            state = read_checkpoint(os.path.join(directory, name))
+        except ValueError:  # truncated or foreign files are not candidates
             continue
-        if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
-            found.setdefault(int(state["step"]), os.path.join(directory, name))
+        found.setdefault(int(state["step"]), os.path.join(directory, name))
     return found
+
+
+def read_checkpoint(path: str) -> dict:
+    """A checkpoint written by GradDotProd_LM.checkpoint, memory-mapped (tensors are read when used)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # truncated or corrupt: torch raises several types
+        raise ValueError(f"cannot read the checkpoint {path} ({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a checkpoint of this app (format {CHECKPOINT_FORMAT})")
+    return state
 
 
 def hf_model_from_checkpoint(state: dict):
@@ -85,6 +95,7 @@ def hf_model_from_checkpoint(state: dict):
     config = build_config(state["config"]["architecture"], n_positions=weights["transformer.wpe.weight"].shape[0],
                           vocab_pad_multiple=1)
     config.use_cache = True  # the app trains without a KV cache; generation wants one
+    config.loss_type = "ForCausalLM"  # what GPT-2's loss is; unnamed, transformers warns on every loss
     model = GPT2LMHeadModel(config).to(wte.dtype)
     real = {name: t[:GPT2_VOCAB_SIZE] if name in TIED_ROWS else t for name, t in weights.items()}
     missing, unexpected = model.load_state_dict(real, strict=False)
@@ -129,7 +140,7 @@ def _write_json(path, value):
 
 def export(checkpoint: str, out: str, overwrite: bool = False) -> str:
     """Write the model directory `out` from `checkpoint` (a checkpoints/*.pt file); returns its absolute path."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    state = read_checkpoint(checkpoint)
     model = hf_model_from_checkpoint(state)
     out = os.path.abspath(out)
     parent = os.path.dirname(out)
@@ -168,7 +179,10 @@ def export(checkpoint: str, out: str, overwrite: bool = False) -> str:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    run_dir = resolve_run_dir(args.run)
+    try:
+        run_dir = resolve_run_dir(args.run)
+    except (OSError, ValueError) as err:  # the settings file named or found cannot be read
+        parser.error(str(err))
     if run_dir is None:
         parser.error(f"RUN {args.run!r}: neither a directory nor a run under {load_settings().results_dir}")
     kept = kept_checkpoints(run_dir)
@@ -185,7 +199,13 @@ def main(argv=None) -> int:
                      "The app keeps checkpoints/latest.pt only (overwritten every --checkpoint_interval steps)")
     if os.path.lexists(args.out) and not args.overwrite:
         parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
-    out = export(checkpoint, args.out, overwrite=args.overwrite)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # one shard: a progress bar says nothing
+    try:
+        out = export(checkpoint, args.out, overwrite=args.overwrite)
+    except ValueError as err:  # an unreadable checkpoint, or one of another architecture
+        parser.error(str(err))
     print(f"wrote {out}: load it with AutoModelForCausalLM.from_pretrained({out!r}) and "
           f"AutoTokenizer.from_pretrained({out!r})")
     return 0

@@ -108,3 +108,13 @@ def test_run_name_resolves_under_the_results_directory(run_dir, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     assert export.resolve_run_dir(os.path.basename(run_dir)) == run_dir
     assert export.resolve_run_dir("no-such-run") is None
+
+
+def test_unreadable_checkpoint_exits_2_naming_it(tmp_path, capsys):
+    checkpoint = tmp_path / "run" / "checkpoints" / "latest.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        export.main([str(tmp_path / "run"), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and str(checkpoint) in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["run"]

@@ -1,6 +1,6 @@
 # Common tasks. Each target is a thin wrapper over a Python entry point that works without make;
 # the command it runs is printed. Override the variables on the command line, e.g.
-#   make compare COMPARE_ARGS="--device cuda --architecture GPT2-Small --seq-len 1024 --amp on"
+#   make compare COMPARE_ARGS="--device cuda --architecture GPT2-Small --seq_len 1024 --amp on"
 
 PYTHON ?= python
 LOGS ?= Results/logs
@@ -32,7 +32,7 @@ profile-len:
 	$(PYTHON) -m benchmarks.profile_sweep --sweep seq_len --out $(LOGS)/profile_seq_len.csv $(SWEEP_ARGS)
 
 profile-batch:
-	$(PYTHON) -m benchmarks.profile_sweep --sweep batch_size --amp-settings both \
+	$(PYTHON) -m benchmarks.profile_sweep --sweep batch_size --amp_settings both \
 		--out $(LOGS)/profile_batch_size.csv $(SWEEP_ARGS)
 
 profile-amp:

@@ -1,17 +1,16 @@
-"""Where training reads data and writes results.
+"""This repository's settings: where training writes results and reads data.
 
-Each path is taken from an environment variable if set, else a default inside this
-repository; `./train.sh --data_dir ... --results_dir ...` overrides both.
+Not a module of the package: the app reads this file (GradDotProd_LM/settings.py) when it runs in this
+directory, or from anywhere through ./train.sh. Relative paths are relative to this file's directory.
+Environment variables override each setting (GRADDOTPROD_RESULTS_DIR, GRADDOTPROD_PILE_DATA_DIR,
+GRADDOTPROD_SAMPLE_DATA_DIR) and flags override both (--results_dir, --data_dir).
 """
-import os
-
-REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # Results/<run_name>/ holds config.json, training_log.json, valset.pkl, grad_dotprods/, checkpoints/.
-RESULTS_DIR = os.environ.get("GRADDOTPROD_RESULTS_DIR", os.path.join(REPO_ROOT, "Results"))
+RESULTS_DIR = "Results"
 
 # Tokenized Pile written by pile_tools (per-split, per-domain uint16 token files).
-PILE_DATA_DIR = os.environ.get("GRADDOTPROD_PILE_DATA_DIR", os.path.join(REPO_ROOT, "data", "pile_tokenized"))
+PILE_DATA_DIR = "data/pile_tokenized"
 
 # Where the bundled sample corpus is built and tokenized when no tokenized Pile is found.
-SAMPLE_DATA_DIR = os.environ.get("GRADDOTPROD_SAMPLE_DATA_DIR", os.path.join(REPO_ROOT, "data", "sample"))
+SAMPLE_DATA_DIR = "data/sample"

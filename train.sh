@@ -3,16 +3,20 @@
 # several (or with --nproc_per_node N). Every other flag goes to GradDotProd_LM.train (./train.sh -h).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"  # config_file.py and the packages, without installing
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"  # the packages, without installing
+if [[ -z "${GRADDOTPROD_CONFIG_FILE:-}" && -f "$repo/config_file.py" ]]; then
+  export GRADDOTPROD_CONFIG_FILE="$repo/config_file.py"  # this repository's settings, from any directory
+fi
 python="${PYTHON:-python}"
 
 nproc=""
 args=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --nproc_per_node) [[ $# -ge 2 ]] || { echo "train.sh: error: --nproc_per_node needs a value" >&2; exit 2; }
-                      nproc="$2"; shift 2 ;;
-    --nproc_per_node=*) nproc="${1#*=}"; shift ;;
+    --nproc_per_node|--nproc-per-node)
+      [[ $# -ge 2 ]] || { echo "train.sh: error: --nproc_per_node needs a value" >&2; exit 2; }
+      nproc="$2"; shift 2 ;;
+    --nproc_per_node=*|--nproc-per-node=*) nproc="${1#*=}"; shift ;;
     *) args+=("$1"); shift ;;
   esac
 done

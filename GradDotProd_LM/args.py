@@ -9,9 +9,10 @@ import os
 
 import yaml
 
-import config_file
+from ghost_engine.flags import FlagParser
 from GradDotProd_LM.model import MODEL_ARCHITECTURES, load_model_config, max_seq_len
 from GradDotProd_LM.run_files import dotprod_steps_on_disk
+from GradDotProd_LM.settings import load_settings
 
 METHODS = ("GradDotProd", "Regular")
 OPTIMIZERS = ("AdamW", "SGD")
@@ -83,9 +84,10 @@ def parse_domains(text):
 
 def build_parser():
     # argument_default=SUPPRESS: the namespace holds only what the user gave, so the layers can be merged.
-    p = argparse.ArgumentParser(
+    # FlagParser: no abbreviations (a typo such as --max_step must not silently become --max_steps), and
+    # every flag also accepts its dashed spelling (--seq-len).
+    p = FlagParser(
         prog="train.sh", argument_default=argparse.SUPPRESS,
-        allow_abbrev=False,  # a typo such as --max_step must not silently become --max_steps
         description="GPT-2 pretraining on the Pile; with --method GradDotProd every training sample's "
                     "gradient dot product with the validation gradient is saved (first-order In-Run Data "
                     "Shapley). Defaults in brackets.")
@@ -101,9 +103,10 @@ def build_parser():
                         "(its contents are saved with the run)")
     g.add_argument("--run_name",
                    help="directory name under --results_dir [<method>-<architecture>-bs<B>-seq<T>-seed<S>]")
-    g.add_argument("--results_dir", help=f"[$GRADDOTPROD_RESULTS_DIR or {config_file.RESULTS_DIR}]")
-    g.add_argument("--data_dir", help="tokenized Pile written by pile_tools [$GRADDOTPROD_PILE_DATA_DIR or "
-                   f"{config_file.PILE_DATA_DIR}; if absent, the bundled sample]")
+    g.add_argument("--results_dir", help="[$GRADDOTPROD_RESULTS_DIR, else RESULTS_DIR of the settings file "
+                   "(./config_file.py), else ./Results]")
+    g.add_argument("--data_dir", help="tokenized Pile written by pile_tools [$GRADDOTPROD_PILE_DATA_DIR, else "
+                   "PILE_DATA_DIR of the settings file, else ./data/pile_tokenized; if absent, the bundled sample]")
     g.add_argument("--resume", action="store_true", help="continue Results/<run_name> from its last checkpoint")
     g.add_argument("--accept_data_change", action="store_true",
                    help="with --resume: continue although the data under --data_dir changed since the run started "
@@ -160,6 +163,7 @@ def _yaml_to_argv(path, parser):
         parser.error(f"--config {path}: expected a mapping of flag names to values")
     argv = []
     for key, value in values.items():
+        key = key.replace("-", "_") if isinstance(key, str) else key  # the dashed spelling, as on the command line
         if key not in DEFAULTS:
             parser.error(f"--config {path}: unknown key {key!r}; keys are the flag names: {', '.join(DEFAULTS)}")
         if value is None or value is False:
@@ -201,7 +205,11 @@ def parse_config(argv, world_size=1):
         parser.error("--model_config and --architecture both name the model; give one")
     cfg = dict(DEFAULTS)
     cfg.update(given)
-    cfg["results_dir"] = os.path.abspath(cfg["results_dir"] or config_file.RESULTS_DIR)
+    try:
+        dirs = load_settings()
+    except (OSError, ValueError) as err:
+        parser.error(str(err))
+    cfg["results_dir"] = os.path.abspath(cfg["results_dir"] or dirs.results_dir)
     cfg["run_name"] = cfg["run_name"] or default_run_name(cfg)
     checkpoint = os.path.join(run_dir_of(cfg), "checkpoints", "latest.pt")
     saved_path = os.path.join(run_dir_of(cfg), "config.json")

@@ -9,7 +9,6 @@ Each round runs both methods through `GradDotProd_LM.train.main` (same code path
 --steps steps and reads the per-step times from training_log.json; the first --skip steps of every run
 (warm-up, compilation) are left out. Prints a table; numbers are measurements, nothing is asserted.
 """
-import argparse
 import json
 import os
 import platform
@@ -19,6 +18,7 @@ import tempfile
 import numpy as np
 import torch
 
+from ghost_engine.flags import FlagParser
 from GradDotProd_LM import train
 
 METHODS = ("Regular", "GradDotProd")
@@ -45,12 +45,17 @@ def run_once(method, round_index, steps, results_dir, train_flags):
     }
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     usage="%(prog)s [--rounds N] [--steps N] [--skip N] -- TRAIN FLAGS")
+def build_parser() -> FlagParser:
+    parser = FlagParser(description=__doc__.split("\n")[0],
+                        usage="%(prog)s [--rounds N] [--steps N] [--skip N] -- TRAIN FLAGS")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--skip", type=int, default=3, help="first steps of every run left out (warm-up)")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args, train_flags = parser.parse_known_args(argv)
     train_flags = [f for f in train_flags if f != "--"]
     if args.steps <= args.skip:

@@ -51,7 +51,8 @@ def save_checkpoint(run_dir, model, optimizer, step, config):
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "rng": rng_state(),
-        "config": {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool, type(None)))},
+        "config": {k: v for k, v in config.items()
+                   if isinstance(v, (int, float, str, bool, type(None))) or k == "model_config"},  # a JSON dict
     }
     write_atomically(path, lambda f: torch.save(state, f))
 

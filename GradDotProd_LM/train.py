@@ -22,7 +22,6 @@ import torch.distributed as dist
 import transformers
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import config_file
 from ghost_engine import GradDotProdEngine, per_sample_loss
 from GradDotProd_LM.args import model_name, parse_config, run_dir_of
 from GradDotProd_LM.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, set_rng_state
@@ -31,6 +30,7 @@ from GradDotProd_LM.model import GPT2_VOCAB_SIZE, build_model
 from GradDotProd_LM.run_files import (RunBusyError, RunLock, data_identity, describe_data_change, flush_dotprods,
                                       read_json, read_training_log, read_valset_tokens, set_aside_after,
                                       write_json, write_valset)
+from GradDotProd_LM.settings import load_settings
 from pile_tools import ensure_sample_dataset
 from pile_tools.reader import PileReader
 
@@ -60,20 +60,21 @@ def build_optimizer(model, cfg, device):
 
 
 def resolve_data_dir(cfg, master, world_size):
-    """--data_dir, else the tokenized Pile at config_file.PILE_DATA_DIR, else the bundled sample (built once)."""
+    """--data_dir, else the tokenized Pile at the settings' pile_data_dir, else the bundled sample (built once)."""
     if cfg["data_dir"] is not None:
         return cfg["data_dir"]
-    if os.path.exists(os.path.join(config_file.PILE_DATA_DIR, "train", "ingest.json")):
-        return os.path.abspath(config_file.PILE_DATA_DIR)
+    dirs = load_settings()
+    if os.path.exists(os.path.join(dirs.pile_data_dir, "train", "ingest.json")):
+        return dirs.pile_data_dir
     if master:
-        print(f"No tokenized Pile at {config_file.PILE_DATA_DIR} (give --data_dir or set "
+        print(f"No tokenized Pile at {dirs.pile_data_dir} (give --data_dir or set "
               f"GRADDOTPROD_PILE_DATA_DIR): training on the bundled sample, tokenized once into "
-              f"{config_file.SAMPLE_DATA_DIR}", flush=True)
-        data_dir = ensure_sample_dataset(config_file.SAMPLE_DATA_DIR)
+              f"{dirs.sample_data_dir}", flush=True)
+        data_dir = ensure_sample_dataset(dirs.sample_data_dir)
     if world_size > 1:
         dist.barrier()  # rank 0 builds the sample; the others then only find it
     if not master:
-        data_dir = ensure_sample_dataset(config_file.SAMPLE_DATA_DIR)
+        data_dir = ensure_sample_dataset(dirs.sample_data_dir)
     return os.path.abspath(data_dir)
 
 

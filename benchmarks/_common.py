@@ -469,19 +469,19 @@ def add_config_arguments(parser: argparse.ArgumentParser, defaults: BenchConfig)
 
     group = parser.add_argument_group("model and batch")
     group.add_argument("--architecture", default=defaults.architecture, choices=sorted(ARCHITECTURES))
-    group.add_argument("--n-layer", type=positive_int, default=defaults.n_layer, help="override the architecture")
-    group.add_argument("--n-head", type=positive_int, default=defaults.n_head, help="override the architecture")
-    group.add_argument("--n-embd", type=positive_int, default=defaults.n_embd, help="override the architecture")
-    group.add_argument("--vocab-size", type=positive_int, default=defaults.vocab_size,
+    group.add_argument("--n_layer", type=positive_int, default=defaults.n_layer, help="override the architecture")
+    group.add_argument("--n_head", type=positive_int, default=defaults.n_head, help="override the architecture")
+    group.add_argument("--n_embd", type=positive_int, default=defaults.n_embd, help="override the architecture")
+    group.add_argument("--vocab_size", type=positive_int, default=defaults.vocab_size,
                        help="override GPT-2's 50257 (smaller heads for quick CPU runs)")
-    group.add_argument("--seq-len", type=positive_int, default=defaults.seq_len, help="tokens per row (T)")
-    group.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="training rows (B)")
-    group.add_argument("--val-batch-size", type=positive_int, default=defaults.val_batch_size,
+    group.add_argument("--seq_len", type=positive_int, default=defaults.seq_len, help="tokens per row (T)")
+    group.add_argument("--batch_size", type=positive_int, default=defaults.batch_size, help="training rows (B)")
+    group.add_argument("--val_batch_size", type=positive_int, default=defaults.val_batch_size,
                        help="validation rows (Bv)")
     group.add_argument("--amp", type=on_off, default=defaults.amp,
                        help="on: bf16 autocast (CUDA autocast on GPU, CPU autocast on CPU)")
-    group.add_argument("--grad-ckpt", type=on_off, default=defaults.grad_ckpt, help="gradient checkpointing on/off")
-    group.add_argument("--attn-impl", default=defaults.attn_impl, choices=ATTN_IMPLS)
+    group.add_argument("--grad_ckpt", type=on_off, default=defaults.grad_ckpt, help="gradient checkpointing on/off")
+    group.add_argument("--attn_impl", default=defaults.attn_impl, choices=ATTN_IMPLS)
     group.add_argument("--device", default=defaults.device, help="cpu, cuda or cuda:N")
     group.add_argument("--seed", type=int, default=defaults.seed)
     group.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
@@ -503,7 +503,7 @@ def check_config(parser: argparse.ArgumentParser, cfg: BenchConfig):
     from GradDotProd_LM.model import ARCHITECTURES
 
     if cfg.seq_len < 2:
-        parser.error(f"--seq-len {cfg.seq_len}: a causal LM row needs at least 2 tokens (one target)")
+        parser.error(f"--seq_len {cfg.seq_len}: a causal LM row needs at least 2 tokens (one target)")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {cfg.device}: CUDA is not available here; use --device cpu")
     if not (cfg.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", cfg.device)):
@@ -511,4 +511,4 @@ def check_config(parser: argparse.ArgumentParser, cfg: BenchConfig):
     n_embd = cfg.n_embd or ARCHITECTURES[cfg.architecture]["n_embd"]
     n_head = cfg.n_head or ARCHITECTURES[cfg.architecture]["n_head"]
     if n_embd % n_head:
-        parser.error(f"n_embd={n_embd} is not divisible by n_head={n_head}: pass --n-head dividing --n-embd")
+        parser.error(f"n_embd={n_embd} is not divisible by n_head={n_head}: pass --n_head dividing --n_embd")

@@ -1,6 +1,6 @@
 """Side-by-side cost of Regular training, GradDotProd and two per-sample baselines.
 
-    python -m benchmarks.compare --seq-len 64 --batch-size 16 --val-batch-size 1 --out Results/logs/compare.csv
+    python -m benchmarks.compare --seq_len 64 --batch_size 16 --val_batch_size 1 --out Results/logs/compare.csv
 
 On one model, training batch and validation batch, in one process, with repetitions
 interleaved (for rep: for method: one step), it measures step time, tokens/s and peak memory of
@@ -29,6 +29,7 @@ from torch.func import functional_call, grad, vmap
 from benchmarks._common import (CORE_METHODS, GRADDOTPROD, REGULAR, BenchConfig, Method, add_config_arguments,
                                 add_timing_arguments, autocast, config_from_args, format_table, measure_config,
                                 positive_int, skipped_row, write_csv)
+from ghost_engine.flags import FlagParser
 
 NAIVE = "NaivePerSample"
 VMAP = "VmapPerSample"
@@ -165,14 +166,14 @@ TABLE_COLUMNS = [("method", "method", ""), ("step s", "step_time_s", ".4f"), ("t
                  ("x floor", "time_vs_floor", ".2f"), ("rel err", "rel_err", ".1e"), ("status", "status", "")]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> FlagParser:
+    parser = FlagParser(prog="python -m benchmarks.compare", description=__doc__.split("\n\n")[0],
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_arguments(parser, DEFAULTS)
     parser.add_argument("--methods", default=",".join(METHOD_NAMES),
                         help=f"comma-separated subset of {','.join(METHOD_NAMES)}")
     add_timing_arguments(parser, reps=5)
-    parser.add_argument("--vmap-chunk", type=positive_int, default=8, help="samples per vmap call")
+    parser.add_argument("--vmap_chunk", type=positive_int, default=8, help="samples per vmap call")
     parser.add_argument("--tol", type=float, default=None,
                         help=f"largest accepted rel_err (default {DEFAULT_TOL[False]:g}, "
                              f"{DEFAULT_TOL[True]:g} with --amp on)")
@@ -202,7 +203,7 @@ def main(argv=None) -> int:
         unsupported[VMAP] = "skipped (torch.func cannot run with gradient checkpointing)"
         del selected[VMAP]
         if not selected:
-            parser.error("--grad-ckpt on: VmapPerSample cannot run with gradient checkpointing; add other --methods")
+            parser.error("--grad_ckpt on: VmapPerSample cannot run with gradient checkpointing; add other --methods")
 
     rows, results = measure_config(cfg, selected, reps=args.reps, warmup=args.warmup)
     reference = add_agreement(rows, results)

@@ -19,6 +19,7 @@ from benchmarks._common import (BenchConfig, GRADDOTPROD, PeakMemory, REGULAR, a
                                 build_bench_model, format_table, graddotprod_method, make_batches, regular_method,
                                 run_interleaved)
 from ghost_engine.cost import analytic_floor_ratio, count_step_flops
+from ghost_engine.flags import FlagParser
 
 CONFIGS = {
     # the CPU configuration: floor ≈ 1.45
@@ -53,10 +54,15 @@ def measure(cfg: BenchConfig, reps: int, warmup: int):
     return results, flops, floor, largest_param_mb, meter.metric
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> FlagParser:
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu-small")
     add_timing_arguments(parser, reps=7)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     cfg = CONFIGS[args.config]
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():

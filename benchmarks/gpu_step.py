@@ -1,8 +1,8 @@
 """Training-step cost of Regular and GradDotProd as the app trains: bf16 autocast, fused AdamW, clipping,
 eager and torch.compile, with MFU, peak memory, the analytic floor and the top kernels of a profiled step.
 
-    python -m benchmarks.gpu_step --architecture GPT2-Small --batch-size 16 --compile off,on --profile
-    python -m benchmarks.gpu_step --architecture GPT2-Tiny --seq-len 64 --batch-size 4 --device cpu --amp off
+    python -m benchmarks.gpu_step --architecture GPT2-Small --batch_size 16 --compile off,on --profile
+    python -m benchmarks.gpu_step --architecture GPT2-Tiny --seq_len 64 --batch_size 4 --device cpu --amp off
 
 Methods, interleaved in one process (for rep: for method: one step):
 - Regular: forward and backward of the B training rows, clip, AdamW step.
@@ -11,7 +11,7 @@ Methods, interleaved in one process (for rep: for method: one step):
 - Regular (B+Bv rows): the memory reference; GradDotProd's peak must stay under it plus the largest parameter.
 
 MFU = training tokens/s x (6·N + 12·L·H·Q·T) / peak bf16 flop/s (nanoGPT's estimate; N: parameters
-without the position table; peak 989 TFLOP/s for an H100 SXM unless --peak-tflops says otherwise).
+without the position table; peak 989 TFLOP/s for an H100 SXM unless --peak_tflops says otherwise).
 The floor is docs/METHOD.md section 3 from Regular's counted flops.
 """
 import argparse
@@ -25,6 +25,7 @@ from benchmarks._common import (PeakMemory, add_timing_arguments, format_table, 
                                 run_interleaved, Method)
 from ghost_engine import GradDotProdEngine
 from ghost_engine.cost import analytic_floor_ratio, count_step_flops
+from ghost_engine.flags import FlagParser
 from GradDotProd_LM.model import ARCHITECTURES, VOCAB_PAD_MULTIPLE, build_model
 
 REGULAR, GRADDOTPROD, REGULAR_ALL = "Regular", "GradDotProd", "Regular (B+Bv rows)"
@@ -119,21 +120,26 @@ def measure(args, compiled: bool):
     return results, floor, largest_mb, flops_per_token, profiles, meter.metric
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> FlagParser:
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--architecture", default="GPT2-Small", choices=sorted(ARCHITECTURES))
-    parser.add_argument("--seq-len", type=positive_int, default=1024)
-    parser.add_argument("--batch-size", type=positive_int, default=16, help="training rows B")
-    parser.add_argument("--val-batch-size", type=positive_int, default=1, help="validation rows Bv")
-    parser.add_argument("--vocab-pad-multiple", type=positive_int, default=VOCAB_PAD_MULTIPLE, help="1: no padding")
+    parser.add_argument("--seq_len", type=positive_int, default=1024)
+    parser.add_argument("--batch_size", type=positive_int, default=16, help="training rows B")
+    parser.add_argument("--val_batch_size", type=positive_int, default=1, help="validation rows Bv")
+    parser.add_argument("--vocab_pad_multiple", type=positive_int, default=VOCAB_PAD_MULTIPLE, help="1: no padding")
     parser.add_argument("--amp", type=on_off, default=True, help="bf16 autocast on/off")
     parser.add_argument("--compile", default="off,on", help="comma list of off/on")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--clip", type=float, default=1.0)
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the device")
+    parser.add_argument("--peak_tflops", type=float, default=989.0, help="dense bf16 peak of the device")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of one step per method")
-    parser.add_argument("--profile-rows", type=positive_int, default=12)
+    parser.add_argument("--profile_rows", type=positive_int, default=12)
     add_timing_arguments(parser, reps=10)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("CUDA is not available here; pass --device cpu")

@@ -13,10 +13,11 @@ Needs matplotlib (`pip install -e ".[plot]"`); without it, prints a notice and e
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import sys
+
+from ghost_engine.flags import FlagParser
 
 GRADDOTPROD = "GradDotProd"
 REGULAR = "Regular"
@@ -173,10 +174,15 @@ def make_plots(logs: str, out: str) -> list:
     return written
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.plots", description=__doc__.split("\n\n")[0])
+def build_parser() -> FlagParser:
+    parser = FlagParser(prog="python -m benchmarks.plots", description=__doc__.split("\n\n")[0])
     parser.add_argument("--logs", default="Results/logs", help="folder with the benchmark CSVs")
     parser.add_argument("--out", default="Results/plots", help="folder for the PNGs")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not os.path.isdir(args.logs):
         parser.error(f"--logs {args.logs!r} is not a folder: run `make profile-len` (or benchmarks.profile_sweep) first")

@@ -18,6 +18,7 @@ from dataclasses import replace
 
 from benchmarks._common import (CORE_METHODS, BenchConfig, add_config_arguments, add_timing_arguments,
                                 config_from_args, format_table, measure_config, on_off, positive_int, write_csv)
+from ghost_engine.flags import FlagParser
 
 # sweep name -> (how one value is parsed, default values on CPU)
 SWEEPS = {
@@ -38,14 +39,14 @@ TABLE_COLUMNS = [("method", "method", ""), ("T", "seq_len", "d"), ("B", "batch_s
                  ("floor", "floor_ratio", ".2f"), ("status", "status", "")]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_sweep", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> FlagParser:
+    parser = FlagParser(prog="python -m benchmarks.profile_sweep", description=__doc__.split("\n\n")[0],
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--sweep", required=True, choices=sorted(SWEEPS), help="the setting that varies")
     parser.add_argument("--values", default=None,
                         help="comma-separated values of the swept setting (default per sweep: "
                              + "; ".join(f"{name}: {values}" for name, (_, values) in SWEEPS.items()) + ")")
-    parser.add_argument("--amp-settings", choices=sorted(AMP_SETTINGS), default=None,
+    parser.add_argument("--amp_settings", choices=sorted(AMP_SETTINGS), default=None,
                         help="also cross the sweep with AMP off/on/both (overrides --amp; not for --sweep amp)")
     add_config_arguments(parser, DEFAULTS)
     add_timing_arguments(parser, reps=3)
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     base = config_from_args(parser, args)
     if args.sweep == "amp" and args.amp_settings is not None:
-        parser.error("--amp-settings crosses a sweep with AMP; --sweep amp already varies it")
+        parser.error("--amp_settings crosses a sweep with AMP; --sweep amp already varies it")
     values = parse_values(parser, args.sweep, args.values or SWEEPS[args.sweep][1])
     amp_settings = AMP_SETTINGS[args.amp_settings] if args.amp_settings else (base.amp,)
     configs = sweep_configs(base, args.sweep, values, amp_settings)

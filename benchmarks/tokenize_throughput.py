@@ -32,6 +32,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+from ghost_engine.flags import FlagParser
 from pile_tools.jsonl_io import ShardSource, write_jsonl_zst
 from pile_tools.sample_data import SAMPLE_FILES, write_sample_dataset
 from pile_tools.tokenize_corpus import tokenize_sources
@@ -95,12 +96,16 @@ def run_project(shard: str, workers: int) -> tuple[int, float, float]:
     return summary.tokens, wall, cpu
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> FlagParser:
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, os.cpu_count() or 1])
     parser.add_argument("--repeats", type=int, default=2, help="best of this many runs per row")
     parser.add_argument("--copies", type=int, default=1, help="times the sample's train documents are repeated")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     with tempfile.TemporaryDirectory() as sample_dir:
         sample = write_sample_dataset(sample_dir)["train"]

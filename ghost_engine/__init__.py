@@ -5,6 +5,8 @@ can be imported without torch.
 """
 import importlib
 
+__version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
+
 _EXPORTS = {
     "GradDotProdEngine": "ghost_engine.engine",
     "DotProductResult": "ghost_engine.engine",

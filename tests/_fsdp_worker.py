@@ -1,0 +1,60 @@
+"""One rank of the FSDP2 check (tests/test_engine_fsdp.py): `torchrun --nproc_per_node 2 _fsdp_worker.py
+MODEL RESHARD MICRO_BATCHES OUT.json`. Every rank trains on its own rows of one global batch through a
+fully_shard-ed model with the engine attached; rank 0 compares the gathered dot products and the full
+.grad with the float64 torch.func reference of the unsharded model on the whole batch."""
+import copy
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+
+from _models import lm_batch, tiny_gpt2, tiny_llama
+from _reference import reference_dot_products, reference_train_grad
+from ghost_engine import GradDotProdEngine
+
+ROWS_PER_RANK, T = 2, 12
+
+
+def main(model_name, reshard, micro_batches, out_path):
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = tiny_gpt2() if model_name == "gpt2" else tiny_llama()
+    reference = copy.deepcopy(model).double()
+    g = torch.Generator().manual_seed(1)
+    X, Y = lm_batch(ROWS_PER_RANK * world, T, g)
+    Xv, Yv = lm_batch(2, T, g)
+    blocks = model.transformer.h if model_name == "gpt2" else model.model.layers
+    for block in blocks:
+        fully_shard(block, reshard_after_forward=reshard)
+    fully_shard(model, reshard_after_forward=reshard)
+
+    engine = GradDotProdEngine(model, val_batch=(Xv, Yv)).attach()
+    mine = slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
+    for Xm, Ym in zip(X[mine].chunk(micro_batches), Y[mine].chunk(micro_batches)):
+        Xc, Yc = engine.prepare_forward_input(Xm, Ym, loss_multiplier=1.0 / micro_batches)
+        (model(input_ids=Xc, labels=Yc).loss / micro_batches).backward()
+    engine.prepare_gradients()
+    dots = engine.aggregate_and_log().dot_products
+    gathered = [torch.empty_like(dots) for _ in range(world)]
+    dist.all_gather(gathered, dots)
+    grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}  # collective
+    if rank == 0:
+        ref_dots = sum(reference_dot_products(reference, X, Y, Xv, Yv).values())
+        ref_grads = reference_train_grad(reference, X, Y)
+        got = torch.cat(gathered).double()
+        scale = max(float(r.abs().max()) for r in ref_grads.values())
+        report = {"dots": float((got - ref_dots).abs().max() / ref_dots.abs().max()),
+                  "grads": {name: float((grads[name].double() - r).abs().max() / max(float(r.abs().max()),
+                                                                                     1e-6 * scale))
+                            for name, r in ref_grads.items()},
+                  "sharded": [name for name, p in model.named_parameters() if type(p).__name__ == "DTensor"]}
+        with open(out_path, "w") as f:
+            json.dump(report, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2] == "reshard", int(sys.argv[3]), sys.argv[4])

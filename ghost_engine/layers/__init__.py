@@ -75,24 +75,26 @@ def rule_for(module: nn.Module):
     return None
 
 
-def probe_generator(device) -> torch.Generator:
-    """A fixed-seed generator for the random inputs and parameters of a recognition check."""
-    return torch.Generator(device=device).manual_seed(0)
+def probe_generator() -> torch.Generator:
+    """A fixed-seed CPU generator for the random inputs and parameters of a recognition check."""
+    return torch.Generator().manual_seed(0)
 
 
 def probe_forward(module: nn.Module, replacements: dict, *args, **kwargs):
-    """The module's forward with `replacements` (name -> tensor) in place of its own parameters or buffers,
-    without autograd; None where the forward raises (the module does not compute what was tried)."""
+    """The module's forward on the CPU, without autograd, with `replacements` (name -> CPU tensor) in place of
+    its parameters and CPU copies of its other buffers; None where the forward raises (the module does not
+    compute what was tried). On the CPU a probe never waits for a GPU nor trips a device-side assert."""
     try:
         with torch.no_grad():
-            return torch.func.functional_call(module, replacements, args, kwargs)
+            tensors = {name: b.detach().cpu() for name, b in module.named_buffers()}
+            return torch.func.functional_call(module, {**tensors, **replacements}, args, kwargs)
     except Exception:  # any failure means "not this formula": the module is then refused, never guessed
         return None
 
 
 def same_values(got, expected, rtol: float) -> bool:
     """True when `got` is a tensor of `expected`'s shape within max |got - expected| <= rtol * max |expected|."""
-    if not torch.is_tensor(got) or got.shape != expected.shape or not got.dtype.is_floating_point:
+    if not torch.is_tensor(got) or got.shape != expected.shape or not got.dtype.is_floating_point or got.is_meta:
         return False
     err = (got.double() - expected.double()).abs().max()
     return bool(err <= rtol * expected.double().abs().max())

@@ -105,7 +105,8 @@ class EmbeddingRule:
 
     @classmethod
     def recognise(cls, module):
-        if not isinstance(module, nn.Embedding) or len(dict(module.named_parameters())) != 1:
+        if (not isinstance(module, nn.Embedding) or len(dict(module.named_parameters())) != 1
+                or module.weight.is_meta):
             return None
         params = list(inspect.signature(module.forward).parameters.values())
         positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -127,21 +128,20 @@ class EmbeddingRule:
 def _computes(module, positional, ids_arg, offset_attr, scale_buffer) -> bool:
     """Whether the forward returns weight[ids + offset] · scale for random ids and a random small weight
     (for a scale, with the buffer's own value and another one: the forward must read the buffer)."""
-    weight = module.weight
-    gen = probe_generator(weight.device)
+    gen = probe_generator()
     offset = getattr(module, offset_attr) if offset_attr else 0
     vocab = min(PROBE_VOCAB, module.num_embeddings)
     if not 0 <= offset < vocab:
         return False
-    w = torch.randn((vocab, module.embedding_dim), generator=gen, device=weight.device, dtype=torch.float64)
-    ids = torch.randint(0, vocab - offset, (PROBE_ROWS, 3), generator=gen, device=weight.device)
+    w = torch.randn((vocab, module.embedding_dim), generator=gen, dtype=torch.float64)
+    ids = torch.randint(0, vocab - offset, (PROBE_ROWS, 3), generator=gen)
     position, name = ids_arg
     # ids passed where the model passes them; required arguments before them get ones (OPT's attention mask)
     args = [ids] if position == 0 else [torch.ones_like(ids) for p in positional[:position] if p.default is p.empty]
     kwargs = {} if position == 0 else {name: ids}
     scale_values = [None]
     if scale_buffer is not None:
-        own = getattr(module, scale_buffer)
+        own = getattr(module, scale_buffer).detach().cpu()
         scale_values = [own, own * 1.5 + 0.25]
     for value in scale_values:
         replacements = {"weight": w} if value is None else {"weight": w, scale_buffer: value}

@@ -32,11 +32,7 @@ def _normalize(x: torch.Tensor, n_dims: int, eps: float) -> torch.Tensor:
 
 
 class _RMSNormRule:
-    n_dims = None  # set by subclasses
-
-    @classmethod
-    def x_hat(cls, module, x):
-        raise NotImplementedError
+    """The affine math of an RMSNorm; subclasses define ``x_hat(module, x)`` and ``n_dims(module)``."""
 
     @classmethod
     def capture(cls, module, args, kwargs, output, rows):
@@ -83,18 +79,19 @@ class RMSNormRule(_RMSNormRule):
     def recognise(cls, module):
         params = dict(module.named_parameters())
         weight = params.get("weight")
-        if len(params) != 1 or weight is None or weight.dim() == 0 or not weight.dtype.is_floating_point:
+        if (len(params) != 1 or weight is None or weight.dim() == 0 or not weight.dtype.is_floating_point
+                or weight.is_meta):
             return None
         eps_attrs = [a for a in EPS_ATTRIBUTES if type(getattr(module, a, None)) in (float, int)]
         if not eps_attrs:
             return None
-        gen = probe_generator(weight.device)
-        w = torch.randn(weight.shape, generator=gen, device=weight.device, dtype=torch.float64)
-        x = torch.randn((PROBE_ROWS, *weight.shape), generator=gen, device=weight.device, dtype=torch.float64)
+        gen = probe_generator()
+        w = torch.randn(weight.shape, generator=gen, dtype=torch.float64)
+        x = torch.randn((PROBE_ROWS, *weight.shape), generator=gen, dtype=torch.float64)
         got = probe_forward(module, {"weight": w}, x)
         for eps_attr in eps_attrs:
             eps = float(getattr(module, eps_attr))
-            if eps > 0:  # half the rows with mean(x²) ≈ eps: there a wrong epsilon changes x̂ by ~40%
+            if eps > 0:  # half the rows with mean(x²) ≈ eps, where x̂ depends on eps as much as on x
                 x_eps = x[: PROBE_ROWS // 2] * eps ** 0.5
                 got_eps = probe_forward(module, {"weight": w}, x_eps)
             for offset in (0.0, 1.0):

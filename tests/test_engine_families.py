@@ -58,8 +58,8 @@ def test_causal_lm_family_is_exact(family, tie):
     g = torch.Generator().manual_seed(0)
     model = FAMILIES[family](tie).double().eval()
     assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tie
-    X, Y = lm_batch(3, 12, g, pad_row=1)
-    Xv, Yv = lm_batch(2, 12, g)
+    X, Y = lm_batch(3, 8, g, pad_row=1)
+    Xv, Yv = lm_batch(2, 8, g)
     X[0, 3], Xv[1, 4] = PAD, PAD
     check_against_reference(model, X, Y, Xv, Yv)
 

@@ -11,6 +11,7 @@ _EXPORTS = {
     "GradDotProdEngine": "ghost_engine.engine",
     "DotProductResult": "ghost_engine.engine",
     "register_layer": "ghost_engine.layers",
+    "register_recogniser": "ghost_engine.layers",
     "per_sample_loss": "ghost_engine.losses",
     "load_dotprods": "ghost_engine.results_io",
 }

@@ -16,6 +16,15 @@ The interface of a rule (see ``linear.py`` for the reference implementation)::
         -> {local_param_name: Tensor [B_train]}
     path(module, act_tr, act_v) -> LayerPath      (which exact path runs, and its flops)
 
+Rules are found for a module in two ways (``rule_for``):
+- by type: ``@register_layer(nn.Linear)`` registers a rule for a module type and its subclasses that keep
+  its forward;
+- by computation: ``@register_recogniser`` registers a rule class whose ``recognise(module)`` returns a rule
+  for a module it has *verified* to compute that rule's formula (its forward run once on a small random
+  input with random parameters and compared with the formula), or None. This is how the RMSNorm classes
+  of every model family, scaled embeddings (Gemma) and offset positional embeddings (OPT) are valued.
+A module matched by neither is refused by the engine, never valued with a guessed formula.
+
 A rule may set ``autocast_input = True`` to have the engine keep its input in the autocast dtype.
 A parameter may be shared by one embedding-like rule (``row_sparse = True``: its validation gradient
 lives on the looked-up rows) and one later linear-like rule, which implements ``stash_shapes``,
@@ -30,6 +39,7 @@ import torch
 from torch import nn
 
 LAYER_RULES: dict[type, type] = {}
+RECOGNISERS: list = []  # rule classes with a recognise(module) classmethod, tried in registration order
 
 
 def register_layer(*module_types: type):
@@ -43,14 +53,51 @@ def register_layer(*module_types: type):
     return wrap
 
 
+def register_recogniser(rule):
+    """Class decorator: ``rule.recognise(module)`` returns a rule for modules it verifies numerically."""
+    RECOGNISERS.append(rule)
+    return rule
+
+
 def rule_for(module: nn.Module):
     """The rule registered for ``type(module)``, or for its nearest registered base class when the subclass
-    computes what the base computes (it does not override ``forward``). A subclass with its own forward
-    (e.g. an embedding that scales its output) has no rule until one is registered for it."""
+    computes what the base computes (it does not override ``forward``); otherwise the first rule whose
+    ``recognise`` verifies the module's forward against its formula; otherwise None."""
     for klass in type(module).__mro__:
         if klass in LAYER_RULES:
-            return LAYER_RULES[klass] if type(module).forward is klass.forward else None
+            if type(module).forward is klass.forward:
+                return LAYER_RULES[klass]
+            break
+    for recogniser in RECOGNISERS:
+        rule = recogniser.recognise(module)
+        if rule is not None:
+            return rule
     return None
+
+
+def probe_generator() -> torch.Generator:
+    """A fixed-seed CPU generator for the random inputs and parameters of a recognition check."""
+    return torch.Generator().manual_seed(0)
+
+
+def probe_forward(module: nn.Module, replacements: dict, *args, **kwargs):
+    """The module's forward on the CPU, without autograd, with `replacements` (name -> CPU tensor) in place of
+    its parameters and CPU copies of its other buffers; None where the forward raises (the module does not
+    compute what was tried). On the CPU a probe never waits for a GPU nor trips a device-side assert."""
+    try:
+        with torch.no_grad():
+            tensors = {name: b.detach().cpu() for name, b in module.named_buffers()}
+            return torch.func.functional_call(module, {**tensors, **replacements}, args, kwargs)
+    except Exception:  # any failure means "not this formula": the module is then refused, never guessed
+        return None
+
+
+def same_values(got, expected, rtol: float) -> bool:
+    """True when `got` is a tensor of `expected`'s shape within max |got - expected| <= rtol * max |expected|."""
+    if not torch.is_tensor(got) or got.shape != expected.shape or not got.dtype.is_floating_point or got.is_meta:
+        return False
+    err = (got.double() - expected.double()).abs().max()
+    return bool(err <= rtol * expected.double().abs().max())
 
 
 @dataclass

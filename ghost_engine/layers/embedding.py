@@ -4,11 +4,26 @@ rows of the tokens it looked up, so <G_i, X> only needs X's rows at sample i's t
 Positional embeddings looked up once for the whole batch (ids of shape [1, T], broadcast over the
 rows by the model's addition) are expanded to one row per sample at capture time: the values are
 unchanged, but the gradient of the expanded output is per sample.
+
+Subclasses with their own forward are recognised by what they compute (``EmbeddingRule.recognise``):
+y = weight[ids + offset] · scale, where ids is one argument of the forward (the first, or
+``position_ids``), offset an integer attribute ``offset`` (OPT's learned positions) or 0, and scale a
+0-dim buffer of the module cast to the weight's dtype (Gemma's ``embed_scale`` = sqrt(hidden)) or 1.
+The candidate is accepted only when the forward, run on random ids with a small random weight (and, for
+a scale, two values of the buffer), returns exactly that; the rule then scales G_val and the dot products.
 """
+import functools
+import inspect
+
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from ghost_engine.layers import LayerPath, accum_dtype, module_input, register_layer, row_dot
+from ghost_engine.layers import (LayerPath, accum_dtype, module_input, probe_forward, probe_generator,
+                                 register_layer, register_recogniser, row_dot, same_values)
+
+PROBE_ROWS, PROBE_VOCAB = 4, 64
+PROBE_RTOL = 1e-12  # the probe repeats the forward's own fp64 operations
 
 
 def _check_supported(module: nn.Embedding):
@@ -24,39 +39,126 @@ def _keep(module, ids: torch.Tensor) -> torch.Tensor:
     return ids != module.padding_idx
 
 
+def _per_row_ids(ids: torch.Tensor, output: torch.Tensor, rows: int):
+    """(ids, replacement output): ids shared by the whole batch ([1, ...]) are expanded to every row."""
+    if ids.shape[0] == rows or ids.dim() == 0:
+        return ids, None
+    if ids.shape[0] == 1 and output.shape[0] == 1:  # broadcast over the batch, e.g. GPT-2 position ids
+        return ids.expand(rows, *ids.shape[1:]), output.expand(rows, *output.shape[1:])
+    raise ValueError(f"embedding input has {ids.shape[0]} rows but the batch has {rows}; "
+                     "only per-row ids or ids shared by the whole batch ([1, ...]) are supported")
+
+
 @register_layer(nn.Embedding)
+@register_recogniser
 class EmbeddingRule:
     row_sparse = True  # validation gradients live on the looked-up rows only: can open a tie (engine)
     check_supported = staticmethod(_check_supported)
+    # the form a recognised subclass computes (see `recognise`); nn.Embedding itself: weight[input]
+    ids_arg = None  # (position after self, name) of the forward argument holding the ids
+    offset_attr = None  # integer attribute added to the ids
+    scale_buffer = None  # 0-dim buffer multiplying the looked-up rows
 
-    @staticmethod
-    def capture(module, args, kwargs, output, rows):
-        ids = module_input(args, kwargs)
-        if ids.shape[0] == rows or ids.dim() == 0:
-            return ids, None
-        if ids.shape[0] == 1 and output.shape[0] == 1:  # broadcast over the batch, e.g. GPT-2 position ids
-            return ids.expand(rows, *ids.shape[1:]), output.expand(rows, *output.shape[1:])
-        raise ValueError(f"embedding input has {ids.shape[0]} rows but the batch has {rows}; "
-                         "only per-row ids or ids shared by the whole batch ([1, ...]) are supported")
+    @classmethod
+    def capture(cls, module, args, kwargs, output, rows):
+        if cls.ids_arg is None:
+            return _per_row_ids(module_input(args, kwargs), output, rows)
+        position, name = cls.ids_arg
+        ids = args[position] if len(args) > position else kwargs.get(name)
+        if not torch.is_tensor(ids):
+            raise ValueError(f"{type(module).__name__} was called without {name!r}: the engine takes the ids "
+                             f"it looks up from that argument")
+        if cls.offset_attr is not None:
+            ids = ids + getattr(module, cls.offset_attr)
+        return _per_row_ids(ids, output, rows)
 
-    @staticmethod
-    def val_grads(module, act_v, grad_v):
+    @classmethod
+    def scale(cls, module, dtype):
+        """The factor the looked-up rows are multiplied by, in `dtype` (None: 1)."""
+        if cls.scale_buffer is None:
+            return None
+        return getattr(module, cls.scale_buffer).to(module.weight.dtype).to(dtype)
+
+    @classmethod
+    def val_grads(cls, module, act_v, grad_v):
         """The dense weight-shaped validation gradient: a scatter-add of the output gradients (static
         shapes: padding_idx positions add zeros instead of being filtered out)."""
         ids = act_v.reshape(-1)
         grads = grad_v.reshape(ids.shape[0], -1).to(accum_dtype(grad_v))
         if module.padding_idx is not None:
             grads = grads * _keep(module, ids)[:, None].to(grads.dtype)
+        scale = cls.scale(module, grads.dtype)
+        if scale is not None:
+            grads = grads * scale
         dense = torch.zeros(module.weight.shape, dtype=grads.dtype, device=grads.device)
         return {"weight": dense.index_add_(0, ids, grads)}
 
-    @staticmethod
-    def per_sample_dots(module, act_tr, grad_tr, act_v, grad_v, val_totals, own_only):
-        return {"weight": _gather_dots(module, act_tr, grad_tr, val_totals["weight"])}
+    @classmethod
+    def per_sample_dots(cls, module, act_tr, grad_tr, act_v, grad_v, val_totals, own_only):
+        dots = _gather_dots(module, act_tr, grad_tr, val_totals["weight"])
+        scale = cls.scale(module, dots.dtype)
+        return {"weight": dots if scale is None else dots * scale}
 
     @staticmethod
     def path(module, act_tr, act_v, own_only):
         return LayerPath("gather", 2.0 * grad_tr_numel(act_tr, module))
+
+    @classmethod
+    def recognise(cls, module):
+        if (not isinstance(module, nn.Embedding) or len(dict(module.named_parameters())) != 1
+                or module.weight.is_meta):
+            return None
+        params = list(inspect.signature(module.forward).parameters.values())
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if not positional:
+            return None
+        id_args = [(0, positional[0].name)]
+        id_args += [(i, p.name) for i, p in enumerate(positional) if p.name == "position_ids" and i > 0]
+        offsets = [None] + (["offset"] if type(getattr(module, "offset", None)) is int else [])
+        scales = [None] + [name for name, b in module.named_buffers(recurse=False)
+                           if b.dim() == 0 and b.dtype.is_floating_point]
+        for ids_arg in id_args:
+            for offset_attr in offsets:
+                for scale_buffer in scales:
+                    if _computes(module, positional, ids_arg, offset_attr, scale_buffer):
+                        return _rule(ids_arg, offset_attr, scale_buffer)
+        return None
+
+
+def _computes(module, positional, ids_arg, offset_attr, scale_buffer) -> bool:
+    """Whether the forward returns weight[ids + offset] · scale for random ids and a random small weight
+    (for a scale, with the buffer's own value and another one: the forward must read the buffer)."""
+    gen = probe_generator()
+    offset = getattr(module, offset_attr) if offset_attr else 0
+    vocab = min(PROBE_VOCAB, module.num_embeddings)
+    if not 0 <= offset < vocab:
+        return False
+    w = torch.randn((vocab, module.embedding_dim), generator=gen, dtype=torch.float64)
+    ids = torch.randint(0, vocab - offset, (PROBE_ROWS, 3), generator=gen)
+    position, name = ids_arg
+    # ids passed where the model passes them; required arguments before them get ones (OPT's attention mask)
+    args = [ids] if position == 0 else [torch.ones_like(ids) for p in positional[:position] if p.default is p.empty]
+    kwargs = {} if position == 0 else {name: ids}
+    scale_values = [None]
+    if scale_buffer is not None:
+        own = getattr(module, scale_buffer).detach().cpu()
+        scale_values = [own, own * 1.5 + 0.25]
+    for value in scale_values:
+        replacements = {"weight": w} if value is None else {"weight": w, scale_buffer: value}
+        expected = F.embedding(ids + offset, w)
+        if value is not None:
+            expected = expected * value.to(w.dtype)
+        if not same_values(probe_forward(module, replacements, *args, **kwargs), expected, PROBE_RTOL):
+            return False
+    return True
+
+
+@functools.cache
+def _rule(ids_arg, offset_attr, scale_buffer):
+    """One rule class per recognised form."""
+    parts = [f"ids={ids_arg[1]}"] + [f"+{offset_attr}"] * bool(offset_attr) + [f"*{scale_buffer}"] * bool(scale_buffer)
+    return type(f"EmbeddingRule[{', '.join(parts)}]", (EmbeddingRule,),
+                {"ids_arg": ids_arg, "offset_attr": offset_attr, "scale_buffer": scale_buffer})
 
 
 def grad_tr_numel(act_tr, module) -> int:

@@ -1,18 +1,28 @@
-"""RMSNorm: y = x / sqrt(mean(x²) + eps) ⊙ weight (torch.nn.RMSNorm and Hugging Face's LlamaRMSNorm).
+"""RMSNorm: y = x̂ ⊙ (c + weight), x̂ = x / sqrt(mean(x²) + eps) over the weight's dims, c = 0 or 1.
 
-LlamaRMSNorm normalises in fp32 and casts x̂ back to the input dtype before the weight multiply;
-the rule reproduces that rounding so the per-sample gradients match the layer's own.
+``torch.nn.RMSNorm`` is registered by type. Every model family's own RMSNorm class (Llama, Mistral, Qwen2,
+Qwen3, Phi3, OLMo2: weight · x̂; Gemma, Gemma2, Gemma3: (1 + weight) · x̂) is recognised by what it computes:
+``RMSNormRule.recognise`` runs the module's forward on a small random input with a random weight and accepts
+the module only when the output matches the formula for one epsilon attribute (``eps``, ``variance_epsilon``
+or ``epsilon``) and one c. Rows whose mean square is close to eps make a wrong epsilon visible.
+
+Since y is x̂ ⊙ (c + weight), the weight's gradient is Σ_t b_t ⊙ x̂_t whatever c is. Half-precision layers
+differ in where x̂ is rounded: Llama casts x̂ back to the input dtype before the weight multiply, Gemma and
+OLMo2 multiply in fp32 and cast the product. The recogniser runs the forward in bfloat16 too and keeps the
+rounding that reproduces it, so the per-sample gradients use the x̂ the layer used.
 """
+import functools
+
 import torch
 from torch import nn
 
-from ghost_engine.layers import module_input, register_layer
+from ghost_engine.layers import (module_input, probe_forward, probe_generator, register_layer, register_recogniser,
+                                 same_values)
 from ghost_engine.layers._affine import accum, affine_path, affine_per_sample_dots, affine_val_grads
 
-try:
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-except ImportError:
-    LlamaRMSNorm = None
+EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon")
+PROBE_ROWS = 8
+PROBE_RTOL = 1e-5  # fp64 probe against a layer that may normalise in fp32: rounding is ~1e-7
 
 
 def _normalize(x: torch.Tensor, n_dims: int, eps: float) -> torch.Tensor:
@@ -21,18 +31,8 @@ def _normalize(x: torch.Tensor, n_dims: int, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
 
 
-def _torch_x_hat(module: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
-    return _normalize(x, len(module.normalized_shape), eps)
-
-
-def _llama_x_hat(module, x: torch.Tensor) -> torch.Tensor:
-    return accum(_normalize(x, 1, module.variance_epsilon).to(x.dtype))
-
-
 class _RMSNormRule:
-    x_hat = None  # set by subclasses
-    n_dims = None
+    """The affine math of an RMSNorm; subclasses define ``x_hat(module, x)`` and ``n_dims(module)``."""
 
     @classmethod
     def capture(cls, module, args, kwargs, output, rows):
@@ -54,13 +54,70 @@ class _RMSNormRule:
 
 @register_layer(nn.RMSNorm)
 class TorchRMSNormRule(_RMSNormRule):
-    x_hat = staticmethod(_torch_x_hat)
     n_dims = staticmethod(lambda module: len(module.normalized_shape))
 
+    @classmethod
+    def x_hat(cls, module, x):
+        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+        return _normalize(x, len(module.normalized_shape), eps)
 
-if LlamaRMSNorm is not None:
 
-    @register_layer(LlamaRMSNorm)
-    class LlamaRMSNormRule(_RMSNormRule):
-        x_hat = staticmethod(_llama_x_hat)
-        n_dims = staticmethod(lambda module: 1)
+@register_recogniser
+class RMSNormRule(_RMSNormRule):
+    """Any module whose only parameter is ``weight`` and whose forward is x̂ ⊙ (c + weight) (verified)."""
+
+    eps_attr = None  # the module attribute holding epsilon
+    round_x_hat = False  # x̂ is cast to the input dtype before the weight multiply (Llama)
+    n_dims = staticmethod(lambda module: module.weight.dim())
+
+    @classmethod
+    def x_hat(cls, module, x):
+        x_hat = _normalize(x, module.weight.dim(), getattr(module, cls.eps_attr))
+        return accum(x_hat.to(x.dtype)) if cls.round_x_hat else x_hat
+
+    @classmethod
+    def recognise(cls, module):
+        params = dict(module.named_parameters())
+        weight = params.get("weight")
+        if (len(params) != 1 or weight is None or weight.dim() == 0 or not weight.dtype.is_floating_point
+                or weight.is_meta):
+            return None
+        eps_attrs = [a for a in EPS_ATTRIBUTES if type(getattr(module, a, None)) in (float, int)]
+        if not eps_attrs:
+            return None
+        gen = probe_generator()
+        w = torch.randn(weight.shape, generator=gen, dtype=torch.float64)
+        x = torch.randn((PROBE_ROWS, *weight.shape), generator=gen, dtype=torch.float64)
+        got = probe_forward(module, {"weight": w}, x)
+        for eps_attr in eps_attrs:
+            eps = float(getattr(module, eps_attr))
+            if eps > 0:  # half the rows with mean(x²) ≈ eps, where x̂ depends on eps as much as on x
+                x_eps = x[: PROBE_ROWS // 2] * eps ** 0.5
+                got_eps = probe_forward(module, {"weight": w}, x_eps)
+            for offset in (0.0, 1.0):
+                if not same_values(got, _normalize(x, w.dim(), eps) * (offset + w), PROBE_RTOL):
+                    continue
+                if eps > 0 and not same_values(got_eps, _normalize(x_eps, w.dim(), eps) * (offset + w), PROBE_RTOL):
+                    continue
+                return _rule(eps_attr, _rounds_x_hat(module, x, w, eps, offset))
+        return None
+
+
+def _rounds_x_hat(module, x, w, eps, offset) -> bool:
+    """Whether the layer rounds x̂ to the input dtype before multiplying by the weight: the rounding whose
+    bfloat16 output is closer to the layer's own (False if the layer does not run in bfloat16)."""
+    xb, wb = x.bfloat16(), w.bfloat16()
+    got = probe_forward(module, {"weight": wb}, xb)
+    if not torch.is_tensor(got) or got.shape != xb.shape:
+        return False
+    x_hat = _normalize(xb, w.dim(), eps).float()
+    rounded = (offset + wb) * x_hat.bfloat16()  # Llama: weight * x̂.to(input_dtype)
+    unrounded = (x_hat * (offset + wb.float())).bfloat16()  # Gemma, OLMo2: (x̂ * weight).to(input_dtype)
+    return bool((got.float() - rounded.float()).abs().max() < (got.float() - unrounded.float()).abs().max())
+
+
+@functools.cache
+def _rule(eps_attr: str, round_x_hat: bool):
+    """One rule class per recognised form (shared by every layer of that form)."""
+    name = f"RMSNormRule[{eps_attr}{', rounded' if round_x_hat else ''}]"
+    return type(name, (RMSNormRule,), {"eps_attr": eps_attr, "round_x_hat": round_x_hat})

@@ -1,0 +1,211 @@
+"""Every common model family, tiny and float64, against float64 per-sample gradients from torch.func.
+
+Each family's layers are found by type (nn.Linear, nn.LayerNorm, nn.Embedding, GPT-2's Conv1D) or
+recognised by what they compute (every RMSNorm class, Gemma's scaled embedding, OPT's positional
+embedding); OPT also feeds its feed-forward block rows flattened with the tokens. Models are built from
+configs (nothing is downloaded) and run in eval mode (no dropout).
+"""
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers
+from torch import nn
+from torch.nn import functional as F
+
+from _models import VOCAB, MLPClassifier, lm_batch, tiny_bert_classifier, tiny_gpt2
+from ghost_engine import GradDotProdEngine
+from ghost_engine.layers import rule_for
+from test_engine import check_against_reference, run_engine
+
+PAD = 0  # the padding id of the families that have one (its embedding row gets no gradient)
+DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+               bos_token_id=0, eos_token_id=0, pad_token_id=None)
+
+
+def _decoder(config_name, model_name, **overrides):
+    def build(tie):
+        config = getattr(transformers, config_name)(**{**DECODER, **overrides, "tie_word_embeddings": tie})
+        return getattr(transformers, model_name)(config)
+    return build
+
+
+FAMILIES = {
+    "llama": _decoder("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": _decoder("MistralConfig", "MistralForCausalLM", head_dim=8),
+    "qwen2": _decoder("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": _decoder("Qwen3Config", "Qwen3ForCausalLM", head_dim=8),  # q_norm/k_norm over [rows, T, heads, 8]
+    "phi3": _decoder("Phi3Config", "Phi3ForCausalLM", pad_token_id=PAD),
+    "olmo2": _decoder("Olmo2Config", "Olmo2ForCausalLM", pad_token_id=PAD),
+    "gemma": _decoder("GemmaConfig", "GemmaForCausalLM", head_dim=8, pad_token_id=PAD),
+    "gemma2": _decoder("Gemma2Config", "Gemma2ForCausalLM", head_dim=8, pad_token_id=PAD),
+    "gemma3": _decoder("Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=8, pad_token_id=PAD),
+    "gpt_neox": _decoder("GPTNeoXConfig", "GPTNeoXForCausalLM"),
+    "opt": lambda tie: transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, word_embed_proj_dim=32, bos_token_id=0, eos_token_id=0, pad_token_id=PAD,
+        tie_word_embeddings=tie)),
+    "gpt2": lambda tie: tiny_gpt2(tie=tie),
+}
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_causal_lm_family_is_exact(family, tie):
+    """Every parameter's per-sample dot product and every .grad, against the float64 reference."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = FAMILIES[family](tie).double().eval()
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tie
+    X, Y = lm_batch(3, 8, g, pad_row=1)
+    Xv, Yv = lm_batch(2, 8, g)
+    X[0, 3], Xv[1, 4] = PAD, PAD
+    check_against_reference(model, X, Y, Xv, Yv)
+
+
+def test_bert_sequence_classifier_is_exact():
+    torch.manual_seed(3)
+    g = torch.Generator().manual_seed(3)
+    model = tiny_bert_classifier().double().eval()
+    X, Xv = torch.randint(1, VOCAB, (3, 10), generator=g), torch.randint(1, VOCAB, (2, 10), generator=g)
+    check_against_reference(model, X, torch.tensor([0, 2, 1]), Xv, torch.tensor([1, 0]), task="classification")
+
+
+def test_recognised_forms():
+    """The recognised rules carry each family's epsilon attribute, and the rounding of x̂ its source code
+    uses in half precision (Llama: x̂ cast to the input dtype before the weight multiply; OLMo2 and Gemma:
+    the product in fp32, cast after), and Gemma's and OPT's embeddings their scale and offset."""
+    llama, olmo2, gemma, opt = (FAMILIES[name](False) for name in ("llama", "olmo2", "gemma", "opt"))
+    for norm, eps_attr, rounded in [(llama.model.norm, "variance_epsilon", True),
+                                    (olmo2.model.norm, "variance_epsilon", False), (gemma.model.norm, "eps", False)]:
+        rule = rule_for(norm)
+        assert (rule.eps_attr, rule.round_x_hat) == (eps_attr, rounded), type(norm).__name__
+    assert rule_for(gemma.model.embed_tokens).scale_buffer == "embed_scale"
+    assert rule_for(opt.model.decoder.embed_positions).offset_attr == "offset"
+
+
+# ---------------------------------------------------------------- a family the engine has never seen
+
+
+class CustomRMSNorm(nn.Module):
+    """An RMSNorm class of a new family: ``epsilon`` attribute, (1 + weight), normalised over the last dim."""
+
+    def __init__(self, dim, epsilon=1e-5):
+        super().__init__()
+        self.epsilon = epsilon
+        self.weight = nn.Parameter(torch.randn(dim) * 0.1)
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.epsilon) * (1 + self.weight)
+
+
+class ImpostorNorm(CustomRMSNorm):
+    """Looks like an RMSNorm (one weight, an epsilon attribute) but computes something else."""
+
+    def __init__(self, dim, kind):
+        super().__init__(dim, epsilon=1e-6)
+        self.kind = kind
+
+    def forward(self, x):
+        if self.kind == "eps ignored":
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)) * self.weight
+        if self.kind == "eps hard-coded":
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * self.weight
+        if self.kind == "mean removed":  # a LayerNorm without bias
+            return F.layer_norm(x, x.shape[-1:], eps=self.epsilon) * self.weight
+        return super().forward(x) * self.weight  # "weight squared"
+
+
+class NormNet(MLPClassifier):
+    def __init__(self, norm):
+        super().__init__()
+        self.rms = norm
+
+
+def test_an_unseen_rmsnorm_class_is_recognised_and_exact():
+    torch.manual_seed(21)
+    X, Y = torch.randn(5, 16), torch.randint(0, 5, (5,))
+    Xv, Yv = torch.randn(2, 16), torch.randint(0, 5, (2,))
+    check_against_reference(NormNet(CustomRMSNorm(64)), X, Y, Xv, Yv, task="classification")
+
+
+@pytest.mark.parametrize("kind", ["eps ignored", "eps hard-coded", "mean removed", "weight squared"])
+def test_an_impostor_norm_is_refused(kind):
+    """A module that does not compute a rule's formula is refused by name, never valued with a wrong one."""
+    with pytest.raises(ValueError, match=r"no layer rule.*rms \(.*ImpostorNorm: weight\)"):
+        GradDotProdEngine(NormNet(ImpostorNorm(64, kind)), val_batch=(torch.randn(1, 16), torch.tensor([0])),
+                          task="classification")
+
+
+class ConstantScaledEmbedding(nn.Embedding):
+    """Has a scale buffer but does not read it: its scale is a constant."""
+
+    def __init__(self, vocab, dim):
+        super().__init__(vocab, dim)
+        self.embed_scale = nn.Buffer(torch.tensor(4.0), persistent=False)
+
+    def forward(self, ids):
+        return super().forward(ids) * 4.0
+
+
+def test_an_embedding_whose_scale_is_not_its_buffer_is_refused():
+    model = nn.ModuleDict({"emb": ConstantScaledEmbedding(10, 4)})
+    with pytest.raises(ValueError, match=r"no layer rule.*emb \(.*ConstantScaledEmbedding"):
+        GradDotProdEngine(model, val_batch=(torch.randn(1, 4), torch.tensor([0])), task="classification")
+
+
+# ---------------------------------------------------------------- rows flattened with the tokens
+
+
+class FlatLM(nn.Module):
+    """Gemma's scaled embedding, then a block that works on rows flattened with the tokens ([rows·T, d],
+    as OPT's feed-forward block does) with an unseen RMSNorm class, then a head."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        from transformers.models.gemma.modeling_gemma import GemmaTextScaledWordEmbedding
+
+        self.emb = GemmaTextScaledWordEmbedding(VOCAB, width, padding_idx=PAD, embed_scale=width ** 0.5)
+        self.norm = CustomRMSNorm(width)
+        self.fc = nn.Linear(width, width)
+        self.head = nn.Linear(width, VOCAB)
+
+    def forward(self, input_ids, labels=None):
+        h = self.emb(input_ids)
+        h = h + torch.tanh(self.fc(self.norm(h.reshape(-1, h.shape[-1])))).view(h.shape)
+        logits = self.head(h)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        return SimpleNamespace(loss=loss, logits=logits)
+
+
+@pytest.mark.parametrize("backend", [None, "aot_eager"], ids=["eager", "compiled"])
+def test_flattened_rows_and_recognised_layers_are_exact(backend):
+    """Also under torch.compile: the recognised rules and the flattened rows trace into the graph."""
+    torch.manual_seed(23)
+    g = torch.Generator().manual_seed(23)
+    X, Y = lm_batch(3, 8, g, pad_row=2)
+    Xv, Yv = lm_batch(2, 8, g)
+    X[0, 1] = PAD
+    check_against_reference(FlatLM(), X, Y, Xv, Yv, compile_backend=backend)
+    torch._dynamo.reset()
+
+
+class PairedTokens(nn.Module):
+    """Feeds a linear layer [rows·T/2, 2d]: two tokens per row of the flat tensor, neither layout the engine reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 8)
+        self.fc = nn.Linear(16, VOCAB)
+
+    def forward(self, input_ids, labels=None):
+        logits = self.fc(self.emb(input_ids).reshape(-1, 16))
+        return SimpleNamespace(loss=F.cross_entropy(logits, labels[:, 1::2].flatten()))
+
+
+def test_a_flat_layout_other_than_rows_by_tokens_is_refused():
+    g = torch.Generator().manual_seed(22)
+    X, Y = lm_batch(3, 8, g)
+    with pytest.raises(ValueError, match=r"fc \(Linear\) returned \(20, 97\); expected 5 rows .*5·8 = 40"):
+        run_engine(PairedTokens(), X, Y, *lm_batch(2, 8, g))

@@ -52,7 +52,7 @@ def save_checkpoint(run_dir, model, optimizer, step, config):
         "optimizer": optimizer.state_dict(),
         "rng": rng_state(),
         "config": {k: v for k, v in config.items()
-                   if isinstance(v, (int, float, str, bool, type(None))) or k == "model_config"},  # a JSON dict
+                   if isinstance(v, (int, float, str, bool, type(None))) or k in ("model_config", "data_tokenizer")},
     }
     write_atomically(path, lambda f: torch.save(state, f))
 

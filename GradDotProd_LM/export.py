@@ -88,6 +88,10 @@ def hf_model_from_checkpoint(state: dict):
     --model_config family) with GPT-2's 50257-token vocabulary; the padded embedding/head rows are dropped."""
     config = state["config"]
     weights = state["model"]
+    tokenizer = config.get("data_tokenizer") or {"name": "gpt2-bpe"}  # runs saved before it was recorded
+    if tokenizer.get("name") != "gpt2-bpe":
+        raise ValueError(f"the run's data was tokenized with {tokenizer.get('name')} (sha256 "
+                         f"{tokenizer.get('sha256')}); export writes GPT-2's tokenizer files only")
     positions = weights.get("transformer.wpe.weight")
     try:
         model = build_model(config["architecture"], n_positions=1024 if positions is None else positions.shape[0],

@@ -87,10 +87,9 @@ def load_model_config(path):
         raise ValueError(f"{path}: {err}") from None
     if type(built) not in AutoModelForCausalLM._model_mapping:
         raise ValueError(f"{path}: model_type {config['model_type']!r} has no causal-LM class in transformers")
-    if config.get("vocab_size", GPT2_VOCAB_SIZE) < GPT2_VOCAB_SIZE:  # absent: GPT-2's, padded
-        raise ValueError(f"{path}: vocab_size {config['vocab_size']} is smaller than GPT-2's {GPT2_VOCAB_SIZE} "
-                         "tokens, which the data holds")
-    return config
+    if not isinstance(config.get("vocab_size", 1), int) or config.get("vocab_size", 1) < 1:
+        raise ValueError(f"{path}: vocab_size {config['vocab_size']!r} is not a positive integer")
+    return config  # its vocab_size (the data's when absent) must hold the data's ids: checked at start-up
 
 
 def build_config(architecture, n_positions=1024, vocab_pad_multiple=VOCAB_PAD_MULTIPLE, model_config=None,

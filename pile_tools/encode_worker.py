@@ -6,21 +6,50 @@ import json
 import signal
 from dataclasses import dataclass, field
 
-from pile_tools.tokenizer import GPT2BPE, load_gpt2_tokenizer
+from pile_tools.tokenizer import load_tokenizer
 
-_worker_tokenizer: GPT2BPE | None = None
+_worker_tokenizer = None  # GPT2BPE or HFTokenizerFile
+
+
+@dataclass(frozen=True)
+class RecordSchema:
+    """Where a JSON record keeps its text and its domain. Fields are dotted paths ("meta.pile_set_name");
+    an object met on the way may also be a JSON string (some corpora store "meta" that way). A record
+    without the domain field gets `default_domain` if one is set, else it is skipped and named."""
+
+    text_field: str = "text"
+    domain_field: str = "meta.pile_set_name"
+    default_domain: str | None = None
+
+
+PILE_SCHEMA = RecordSchema()
+
+
+def _lookup(payload, path: str):
+    value = payload
+    for key in path.split("."):
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                return None
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
 
 
 @dataclass
 class EncodedChunk:
-    docs: list = field(default_factory=list)  # (line_no, domain, uint16 tokens ending with EOT)
+    docs: list = field(default_factory=list)  # (line_no, domain, tokens ending with EOT)
     skipped: list = field(default_factory=list)  # (line_no, reason)
     filtered: int = 0  # records of domains not asked for
     last_line: int = 0
 
 
-def init_worker(vocab_dir: str | None) -> None:
-    """Process-pool initializer: one single-threaded tokenizer per worker, so --workers bounds the cores used.
+def init_worker(tokenizer_spec: tuple) -> None:
+    """Process-pool initializer: one single-threaded tokenizer per worker (``load_tokenizer(*tokenizer_spec)``),
+    so --workers bounds the cores used.
 
     A worker ignores SIGINT (Ctrl-C reaches the whole process group; the parent alone handles it and shuts
     the pool down) and, on Linux, is killed when its parent dies however the parent dies (kill -9
@@ -28,7 +57,7 @@ def init_worker(vocab_dir: str | None) -> None:
     global _worker_tokenizer
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
-    _worker_tokenizer = load_gpt2_tokenizer(vocab_dir)
+    _worker_tokenizer = load_tokenizer(*tokenizer_spec)
 
 
 def _die_with_parent() -> None:
@@ -41,7 +70,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def parse_record(payload) -> tuple[str | None, str | None, str | None]:
+def parse_record(payload, schema: RecordSchema = PILE_SCHEMA) -> tuple[str | None, str | None, str | None]:
     """(text, domain, None) for a usable record, else (None, None, reason)."""
     if isinstance(payload, (bytes, str)):
         try:
@@ -50,19 +79,20 @@ def parse_record(payload) -> tuple[str | None, str | None, str | None]:
             return None, None, f"malformed JSON ({err})"
     if not isinstance(payload, dict):
         return None, None, "not a JSON object"
-    text = payload.get("text")
+    text = _lookup(payload, schema.text_field)
     if text is None:
-        return None, None, "no 'text' field"
+        return None, None, f"no '{schema.text_field}' field"
     if not isinstance(text, str):
-        return None, None, f"'text' is a {type(text).__name__}, not a string"
+        return None, None, f"'{schema.text_field}' is a {type(text).__name__}, not a string"
     if not text:
-        return None, None, "empty 'text'"
-    meta = payload.get("meta")
-    domain = meta.get("pile_set_name") if isinstance(meta, dict) else None
+        return None, None, f"empty '{schema.text_field}'"
+    domain = _lookup(payload, schema.domain_field)
+    if domain is None and schema.default_domain is not None:
+        domain = schema.default_domain
     if not isinstance(domain, str) or not domain:
-        return None, None, "no 'meta.pile_set_name'"
+        return None, None, f"no '{schema.domain_field}'"
     if not domain.isprintable() or _has_surrogates(domain):
-        return None, None, f"'meta.pile_set_name' {domain!r} is not a printable name"
+        return None, None, f"'{schema.domain_field}' {domain!r} is not a printable name"
     return text, domain, None
 
 
@@ -74,14 +104,15 @@ def _has_surrogates(text: str) -> bool:
     return False
 
 
-def encode_chunk(items: list, keep_domains: frozenset | None, tokenizer: GPT2BPE | None = None) -> EncodedChunk:
+def encode_chunk(items: list, keep_domains: frozenset | None, tokenizer=None,
+                 schema: RecordSchema = PILE_SCHEMA) -> EncodedChunk:
     """items: [(line_no, raw JSON line or record dict)] -> token arrays for the usable records, in order."""
     tokenizer = tokenizer or _worker_tokenizer
     chunk = EncodedChunk(last_line=items[-1][0] if items else 0)
     for line_no, payload in items:
         if isinstance(payload, bytes) and not payload.strip():
             continue  # blank lines (e.g. a trailing newline) are not records
-        text, domain, reason = parse_record(payload)
+        text, domain, reason = parse_record(payload, schema)
         if reason is not None:
             chunk.skipped.append((line_no, reason))
         elif keep_domains is not None and domain not in keep_domains:

@@ -1,7 +1,7 @@
 """On-disk layout of a tokenized corpus.
 
     DIR/<split>/ingest.json           state of the split: status, tokenizer, inputs seen, domains, skipped records
-    DIR/<split>/<slug>.bin            uint16 tokens of one domain, every document followed by EOT (50256)
+    DIR/<split>/<slug>.bin            uint16 (or uint32) tokens of one domain, every document followed by EOT
     DIR/<split>/<slug>.docs.bin       int64 [num_documents]: token offset where each document starts
     DIR/<split>/<slug>.origin.bin     int64 [num_documents, 2]: (index into ingest.json "inputs", line number)
     DIR/<split>/<slug>.json           domain manifest: counts, file names, tokenizer identity

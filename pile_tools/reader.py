@@ -39,14 +39,19 @@ class _Domain:
         largest = manifest.get("max_token_id")  # recorded at ingest; None for splits written before it was
         self.max_token_id = largest if isinstance(largest, int) else None
         self._paths = {key: os.path.join(split_dir, manifest[f"{key}_file"]) for key in ("token", "doc_starts", "doc_origin")}
-        if os.path.getsize(self._paths["token"]) != 2 * self.num_tokens:
+        dtype = manifest.get("dtype", "uint16")
+        if dtype not in ("uint16", "uint32"):
+            raise ValueError(f"{self._paths['token']}: its manifest gives token dtype {dtype!r}; expected uint16 "
+                             "or uint32: re-tokenize")
+        self.dtype = np.dtype(dtype)
+        if os.path.getsize(self._paths["token"]) != self.dtype.itemsize * self.num_tokens:
             raise ValueError(f"{self._paths['token']} does not hold the {self.num_tokens} tokens its manifest says; re-tokenize")
         self._tokens = self._doc_starts = None
 
     @property
     def tokens(self) -> np.ndarray:
         if self._tokens is None:
-            self._tokens = np.memmap(self._paths["token"], dtype=np.uint16, mode="r", shape=(self.num_tokens,))
+            self._tokens = np.memmap(self._paths["token"], dtype=self.dtype, mode="r", shape=(self.num_tokens,))
         return self._tokens
 
     @property
@@ -123,6 +128,14 @@ class PileReader:
 
     def num_tokens(self, domain: str) -> int:
         return self._domain(domain).num_tokens
+
+    @property
+    def tokenizer(self) -> dict:
+        """The identity of the vocabulary the split was tokenized with (name, vocab_size, eot_id, hashes)."""
+        identity = self._state.get("tokenizer")
+        if not isinstance(identity, dict) or not isinstance(identity.get("vocab_size"), int):
+            raise ValueError(f"{self.split_dir}/{INGEST_FILE} names no tokenizer vocabulary; re-tokenize this split")
+        return identity
 
     def check_vocabulary(self, vocab_size: int) -> None:
         """A ValueError naming every selected domain whose recorded largest token id is >= vocab_size (its

@@ -18,13 +18,15 @@ STATE_VERSION = 1
 
 
 class SplitWriter:
-    def __init__(self, split_dir: str, split: str, tokenizer_identity: dict, domain_filter: list[str] | None):
+    def __init__(self, split_dir: str, split: str, tokenizer_identity: dict, domain_filter: list[str] | None,
+                 token_dtype: str = TOKEN_DTYPE):
         self.split_dir = split_dir
         os.makedirs(split_dir, exist_ok=True)
         self.state_path = os.path.join(split_dir, INGEST_FILE)
         options = {"domains": sorted(domain_filter) if domain_filter else None}
         if os.path.exists(self.state_path):
             self.state = read_json(self.state_path)
+            self.state.setdefault("dtype", TOKEN_DTYPE)  # splits written before the dtype was recorded
             self._check_compatible(tokenizer_identity, options)
             self._truncate_to_checkpoint()
         else:
@@ -39,6 +41,7 @@ class SplitWriter:
                 "split": split,
                 "status": "in_progress",
                 "tokenizer": tokenizer_identity,
+                "dtype": token_dtype,
                 "options": options,
                 "inputs": [],
                 "domains": {},
@@ -67,7 +70,7 @@ class SplitWriter:
         for info in self.state["domains"].values():
             paths = domain_paths(self.split_dir, info["slug"])
             lengths = {
-                "tokens": info["num_tokens"] * 2,
+                "tokens": info["num_tokens"] * np.dtype(self.dtype).itemsize,
                 "doc_starts": info["num_documents"] * 8,
                 "doc_origin": info["num_documents"] * 16,
             }
@@ -79,8 +82,13 @@ class SplitWriter:
                     )
                 os.truncate(paths[key], length)
             if "max_token_id" not in info:  # a split begun before the maximum was recorded: read it once
-                tokens = np.memmap(paths["tokens"], dtype=TOKEN_DTYPE, mode="r") if info["num_tokens"] else None
+                tokens = np.memmap(paths["tokens"], dtype=self.dtype, mode="r") if info["num_tokens"] else None
                 info["max_token_id"] = int(tokens.max()) if tokens is not None else -1
+
+    @property
+    def dtype(self) -> str:
+        """Token file dtype: uint16, or uint32 for a vocabulary over 65536 ids."""
+        return self.state["dtype"]
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -110,11 +118,11 @@ class SplitWriter:
         return self._files[domain]
 
     def append_document(self, domain: str, tokens: np.ndarray, input_index: int, line_no: int) -> None:
-        """tokens: uint16 [n] ending with EOT."""
+        """tokens: [n] ids ending with EOT."""
         files = self._open(domain)
         self._dirty.add(domain)
         info = self.state["domains"][domain]
-        files["tokens"].write(tokens.astype(TOKEN_DTYPE, copy=False).tobytes())
+        files["tokens"].write(tokens.astype(self.dtype, copy=False).tobytes())
         files["doc_starts"].write(np.int64(info["num_tokens"]).tobytes())
         files["doc_origin"].write(np.array([input_index, line_no], dtype=np.int64).tobytes())
         info["num_tokens"] += int(tokens.size)
@@ -148,7 +156,7 @@ class SplitWriter:
                 {
                     "domain": domain,
                     "split": self.state["split"],
-                    "dtype": TOKEN_DTYPE,
+                    "dtype": self.dtype,
                     "num_tokens": info["num_tokens"],
                     "num_documents": info["num_documents"],
                     "max_token_id": info["max_token_id"],

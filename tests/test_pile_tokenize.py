@@ -45,7 +45,7 @@ def read_split(out_dir, split="train"):
     for domain, info in state["domains"].items():
         with open(os.path.join(split_dir, info["slug"] + ".json")) as f:
             manifest = json.load(f)
-        tokens = np.fromfile(os.path.join(split_dir, manifest["token_file"]), dtype=np.uint16)
+        tokens = np.fromfile(os.path.join(split_dir, manifest["token_file"]), dtype=manifest["dtype"])
         starts = np.fromfile(os.path.join(split_dir, manifest["doc_starts_file"]), dtype=np.int64)
         origin = np.fromfile(os.path.join(split_dir, manifest["doc_origin_file"]), dtype=np.int64).reshape(-1, 2)
         assert manifest["num_tokens"] == tokens.size and manifest["num_documents"] == starts.size

@@ -88,13 +88,16 @@ def test_first_step_is_exact_and_resume_continues(model_flags, data_dir, tmp_pat
 def test_bad_model_configs_are_usage_errors(data_dir, tmp_path, capsys):
     results = str(tmp_path / "results")
     cases = {"not json": "{", "no model_type": json.dumps({"hidden_size": 8}),
-             "unknown model_type": json.dumps({"model_type": "no-such-model"}),
-             "too small a vocabulary": json.dumps(dict(LLAMA_JSON, vocab_size=1000))}
+             "unknown model_type": json.dumps({"model_type": "no-such-model"})}
     for i, (case, text) in enumerate(cases.items()):
         path = tmp_path / f"c{i}.json"
         path.write_text(text)
         assert train.main(flags(data_dir, results, f"bad{i}", "--model_config", str(path))) == 2, case
         assert str(path) in capsys.readouterr().err, case
+    path = tmp_path / "small-vocab.json"
+    path.write_text(json.dumps(dict(LLAMA_JSON, vocab_size=1000)))
+    assert train.main(flags(data_dir, results, "small", "--model_config", str(path))) == 2
+    assert "--model_config has vocab_size 1000, fewer than the data's 50257 token ids" in capsys.readouterr().err
     path = tmp_path / "ok.json"
     path.write_text(json.dumps(LLAMA_JSON))
     assert train.main(flags(data_dir, results, "both", "--model_config", str(path), "--architecture",

@@ -10,8 +10,8 @@ import os
 import yaml
 
 import config_file
+from ghost_engine.results_io import dotprod_steps_on_disk
 from GradDotProd_LM.model import ARCHITECTURES
-from GradDotProd_LM.run_files import dotprod_steps_on_disk
 
 METHODS = ("GradDotProd", "Regular")
 OPTIMIZERS = ("AdamW", "SGD")

@@ -1,4 +1,5 @@
-"""Install the project: `pip install -e .` (add `[test]` for the test tools, `[plot]` for plots)."""
+"""Install the project: `pip install -e .` (add `[test]` for the test tools, `[plot]` for plots, `[hf]` / `[lightning]`
+for the Trainer / Lightning integrations)."""
 from setuptools import find_packages, setup
 
 setup(
@@ -22,9 +23,10 @@ setup(
         "tiktoken>=0.7",  # Rust BPE core used by pile_tools.tokenizer (built from the local GPT-2 files)
     ],
     extras_require={
-        "test": ["pytest>=7.4", "matplotlib>=3.7", "datasets>=2.18"],
+        "test": ["pytest>=7.4", "matplotlib>=3.7", "datasets>=2.18", "accelerate>=1.1", "lightning>=2.2"],
         "plot": ["matplotlib>=3.7"],
-        "hf": ["datasets>=2.18"],
+        "hf": ["datasets>=2.18", "accelerate>=1.1"],  # accelerate: transformers.Trainer (integrations.hf)
+        "lightning": ["lightning>=2.2"],  # ghost_engine.integrations.lightning
     },
     package_data={"pile_tools": ["data/*"]},
 )

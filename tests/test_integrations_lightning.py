@@ -27,7 +27,7 @@ class LitLM(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss = training_loss(self, self.model, batch)
         self.log("train_loss", loss)
-        self.logged.append(float(loss))
+        self.logged.append(loss.item())
         return loss
 
     def configure_optimizers(self):
@@ -97,8 +97,10 @@ def test_bf16_mixed_equals_the_engine_driven_by_hand(tmp_path):
         assert rel_err(module.first_grads["model." + name], grad) <= 1e-5, name
 
 
-def test_unsupported_use_raises(tmp_path):
+def test_unsupported_use_raises_and_outside_a_trainer_the_loss_is_the_models(tmp_path):
     model, X, Y, X_val, Y_val = model_and_rows(7)
+    batch = {"input_ids": X[:2], "labels": Y[:2], "sample_index": torch.arange(2)}
+    torch.testing.assert_close(training_loss(LitLM(model), model, batch), model(input_ids=X[:2], labels=Y[:2]).loss)
     val_batch = {"input_ids": X_val, "labels": Y_val}
     with pytest.raises(ValueError, match="manual optimization"):
         fit(LitLM(model, manual=True), train_items(X, Y), tmp_path, GradDotProdCallback(val_batch), accumulate=1)

@@ -167,8 +167,8 @@ class ValuationRun:
 
     # ------------------------------------------------------------------ run
     def begin(self, start_step, max_steps, settings):
-        """Attach the engine; rank 0 writes config.json and sets aside files of steps after `start_step`
-        (a resumed run writes them again)."""
+        """Attach the engine; rank 0 writes config.json (`settings`: the framework's, then the user's
+        `config`) and sets aside files of steps after `start_step` (a resumed run writes them again)."""
         if dist.is_available() and dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         if not self.engine.attached:
@@ -176,16 +176,13 @@ class ValuationRun:
         self._reset_step()
         if self.rank != 0:
             return
-        import transformers
-
         os.makedirs(self.run_dir, exist_ok=True)
         set_aside_after(self.run_dir, start_step)
         X_val = self._val["input_ids"]
         config = {"run_name": self.run_name, "method": "GradDotProd", "start_step": start_step,
                   "world_size": self.world_size, "val_batch_size": int(X_val.shape[0]),
                   "val_seq_len": int(X_val.shape[1]), "dot_prod_save_interval": self.save_interval,
-                  "torch": torch.__version__, "transformers": transformers.__version__,
-                  "python": platform.python_version(), **settings, **self.config}
+                  "torch": torch.__version__, "python": platform.python_version(), **settings, **self.config}
         if max_steps is not None and max_steps > 0:
             config["max_steps"] = int(max_steps)
         write_atomically(os.path.join(self.run_dir, "config.json"),

@@ -20,6 +20,7 @@ Evaluation and prediction run the plain Trainer code on the rows they are given.
 import os
 
 import torch
+import transformers
 from transformers import Trainer, TrainerCallback
 
 from ghost_engine.integrations.core import (PROVENANCE_KEY, IndexedDataset, ProvenanceCollator, ValuationRun, split_batch,
@@ -52,8 +53,6 @@ class GradDotProdTrainer(Trainer):
 
     def _check_supported(self):
         if not hasattr(Trainer, "loss_is_scaled_for_ga"):
-            import transformers
-
             raise ValueError(f"GradDotProdTrainer needs a transformers whose Trainer has loss_is_scaled_for_ga (5.x; "
                              f"tested with 5.23), not {transformers.__version__}: it says how the Trainer scales the "
                              "loss for gradient accumulation")
@@ -120,7 +119,8 @@ class _StepRecorder(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         trainer = self.trainer
-        settings = {"integration": "transformers.Trainer", "model": type(trainer.model).__name__,
+        settings = {"integration": "transformers.Trainer", "transformers": transformers.__version__,
+                    "model": type(trainer.model).__name__,
                     "per_device_train_batch_size": args.per_device_train_batch_size,
                     "gradient_accumulation_steps": args.gradient_accumulation_steps,
                     "learning_rate": args.learning_rate, "seed": args.seed, "bf16": bool(args.bf16),

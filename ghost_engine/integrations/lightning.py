@@ -55,7 +55,7 @@ class GradDotProdCallback(pl.Callback):
         self.valuation = ValuationRun(pl_module, self.val_batch, run_dir, run_name, self.config, self.save_interval)
         self._trainer = trainer
         max_steps = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
-        settings = {"integration": "lightning", "module": type(pl_module).__name__,
+        settings = {"integration": "lightning", "lightning": pl.__version__, "module": type(pl_module).__name__,
                     "accumulate_grad_batches": trainer.accumulate_grad_batches, "precision": str(trainer.precision),
                     "default_root_dir": trainer.default_root_dir}
         self.valuation.begin(trainer.global_step, max_steps if max_steps != float("inf") else None, settings)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -208,3 +209,28 @@ def test_two_processes_gather_every_row_on_rank_0(tmp_path):
         assert abs(json.load(f)[0]["loss"] - ref_loss) <= 1e-5 * ref_loss
     counts = (Y[:, 1:] != -100).sum(1).double()
     np.testing.assert_allclose(run.columns["batch_weight"][:8], counts / counts.sum(), rtol=1e-6)
+
+
+def test_resume_from_checkpoint_sets_aside_later_steps_and_writes_them_again(tmp_path):
+    """Resuming from the step-2 checkpoint of a 4-step run: the files of steps 3-4 move to superseded/, the
+    resumed run writes them again, equal to the uninterrupted run's, and no step is read twice."""
+    model, X, Y, X_val, Y_val = model_and_rows(8)
+
+    def trainer():
+        args = training_args(tmp_path, max_steps=4, gradient_accumulation_steps=1, save_strategy="steps",
+                             save_steps=2)
+        return GradDotProdTrainer(model=copy.deepcopy(model), args=args, train_dataset=train_items(X, Y),
+                                  val_batch={"input_ids": X_val, "labels": Y_val}, save_interval=1)
+
+    trainer().train()
+    uninterrupted = load_run(tmp_path / "graddotprod", strict=True).columns
+    trainer().train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a step in two files would warn
+        resumed = load_run(tmp_path / "graddotprod", strict=True)
+    assert resumed.duplicate_steps == [] and resumed.missing_steps == []
+    superseded = os.listdir(tmp_path / "graddotprod" / "superseded")
+    assert sorted(os.listdir(tmp_path / "graddotprod" / "superseded" / superseded[0] / "grad_dotprods")) == [
+        "iter_000003.pkl", "iter_000004.pkl"]
+    np.testing.assert_array_equal(resumed.columns["step"], uninterrupted["step"])
+    np.testing.assert_allclose(resumed.columns["dot_products"], uninterrupted["dot_products"], rtol=1e-6)

@@ -49,7 +49,7 @@ def main(argv=None) -> str:
     print("validation row 0:", repr(load_gpt2_tokenizer().decode(val_batch["input_ids"][0].tolist())[:120]))
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ_LEN,
                                          bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=False))
     run_dir = os.path.join(args.results_dir, args.run_name)

@@ -4,6 +4,7 @@
     training_log.json    {"steps": [per-step records], "evals": [evaluation records]}
     valset.pkl           validation tokens and their provenance (plain python/numpy)
     grad_dotprods/iter_XXXXXX.pkl   steps (previous file, XXXXXX], schema in ghost_engine.results_io
+                         (which also writes them and sets aside those of steps a resume redoes)
     checkpoints/latest.pt
     run.lock             held by the process training the run (RunLock)
     superseded/<time>/   files of steps after the checkpoint a resume started from, moved aside
@@ -15,17 +16,13 @@ import hashlib
 import json
 import os
 import pickle
-import re
-import time
 
 import numpy as np
 
-from ghost_engine.durable import FileLock, fsync_directory, write_atomically
-from ghost_engine.results_io import DOTPROD_DIR, SCHEMA_NAME, SCHEMA_VERSION, save_dotprod_pickle
+from ghost_engine.durable import FileLock, write_atomically
 
 VALSET_SCHEMA = "graddotprod.valset"
 VALSET_SCHEMA_VERSION = 1
-_ITER_FILE = re.compile(r"^iter_(\d+)\.pkl$")
 
 
 def write_json(path, obj):
@@ -84,55 +81,6 @@ def read_valset_tokens(run_dir):
 
     path = os.path.join(run_dir, "valset.pkl")
     return safe_load_pickle(path)["tokens"] if os.path.exists(path) else None
-
-
-def dotprod_file(run_dir, last_step):
-    return os.path.join(run_dir, DOTPROD_DIR, f"iter_{last_step:06d}.pkl")
-
-
-def flush_dotprods(run_dir, run_name, world_size, pending):
-    """Write the pending step records (ascending steps) as iter_<last step>.pkl; empties `pending`."""
-    if not pending:
-        return None
-    os.makedirs(os.path.join(run_dir, DOTPROD_DIR), exist_ok=True)
-    path = dotprod_file(run_dir, pending[-1]["step"])
-    save_dotprod_pickle(path, {"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "run_name": run_name,
-                               "world_size": world_size, "steps": list(pending)})
-    pending.clear()
-    return path
-
-
-def dotprod_steps_on_disk(run_dir):
-    """Last steps of the run's iter_XXXXXX.pkl files, ascending."""
-    directory = os.path.join(run_dir, DOTPROD_DIR)
-    if not os.path.isdir(directory):
-        return []
-    return sorted(int(m.group(1)) for m in map(_ITER_FILE.match, os.listdir(directory)) if m)
-
-
-def set_aside_after(run_dir, step):
-    """Move the dot-product files of steps after `step` (written after the checkpoint a run resumes from;
-    the resumed run writes those steps again) to superseded/<UTC time>/, and remove stray temporary
-    files of interrupted writes. Nothing complete is deleted. Returns (moved names, destination or None)."""
-    for sub in (DOTPROD_DIR, "checkpoints"):
-        directory = os.path.join(run_dir, sub)
-        for name in os.listdir(directory) if os.path.isdir(directory) else []:
-            if ".tmp-" in name:  # a write that never completed (kill -9, full disk): no data in it
-                os.remove(os.path.join(directory, name))
-    later = [s for s in dotprod_steps_on_disk(run_dir) if s > step]
-    if not later:
-        return [], None
-    destination = os.path.join(run_dir, "superseded", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
-                               DOTPROD_DIR)
-    os.makedirs(destination, exist_ok=True)
-    moved = []
-    for last_step in later:
-        name = os.path.basename(dotprod_file(run_dir, last_step))
-        os.replace(dotprod_file(run_dir, last_step), os.path.join(destination, name))
-        moved.append(name)
-    fsync_directory(destination)
-    fsync_directory(os.path.join(run_dir, DOTPROD_DIR))
-    return moved, destination
 
 
 class RunBusyError(RuntimeError):

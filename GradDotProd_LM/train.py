@@ -23,13 +23,14 @@ import transformers
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ghost_engine import GradDotProdEngine, per_sample_loss
+from ghost_engine.recording import gather_rows, local_rows
+from ghost_engine.results_io import flush_dotprods, set_aside_after
 from GradDotProd_LM.args import model_name, parse_config, run_dir_of
 from GradDotProd_LM.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, set_rng_state
 from GradDotProd_LM.evaluate import Evaluator, format_eval
 from GradDotProd_LM.model import build_model
-from GradDotProd_LM.run_files import (RunBusyError, RunLock, data_identity, describe_data_change, flush_dotprods,
-                                      read_json, read_training_log, read_valset_tokens, set_aside_after,
-                                      write_json, write_valset)
+from GradDotProd_LM.run_files import (RunBusyError, RunLock, data_identity, describe_data_change, read_json,
+                                      read_training_log, read_valset_tokens, write_json, write_valset)
 from GradDotProd_LM.settings import load_settings
 from pile_tools import ensure_sample_dataset
 from pile_tools.reader import PileReader
@@ -180,33 +181,6 @@ def report_progress(step, max_steps, record, started, first_step):
     val = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
     print(f"step {step}/{max_steps} | loss {record['loss']:.4f}{val} | lr {record['lr']:.2e} | "
           f"{record['tokens_per_s']:,.0f} tok/s | {record['step_time_s'] * 1e3:.0f} ms | eta {eta:.0f}s", flush=True)
-
-
-def gather_rows(local, world_size):
-    """Concatenate every rank's per-row dict on rank 0 (None on the other ranks), ordered by sample_index."""
-    parts = [local]
-    if world_size > 1:
-        parts = [None] * world_size if dist.get_rank() == 0 else None
-        dist.gather_object(local, parts, dst=0)
-        if dist.get_rank() != 0:
-            return None
-    merged = {}
-    for key in local:
-        if key == "per_layer":
-            merged[key] = {name: np.concatenate([p[key][name] for p in parts]) for name in local[key]}
-        elif key == "domain":
-            merged[key] = [d for p in parts for d in p[key]]
-        else:
-            merged[key] = np.concatenate([p[key] for p in parts])
-    order = np.argsort(merged["sample_index"], kind="stable")
-    for key, value in merged.items():
-        if key == "per_layer":
-            merged[key] = {name: v[order] for name, v in value.items()}
-        elif key == "domain":
-            merged[key] = [value[i] for i in order]
-        else:
-            merged[key] = value[order]
-    return merged
 
 
 def main(argv=None) -> int:
@@ -440,17 +414,7 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
                 raise NonFiniteStep(step, loss, grad_norm)  # before the update: steps 1..step-1 are saved
 
             if graddotprod:
-                per_layer = torch.stack(list(result.per_parameter.values())).float().cpu().numpy()  # one copy to host
-                local = {
-                    "dot_products": result.dot_products.float().cpu().numpy(),  # [B/W], rows in batch order
-                    "batch_weights": (result.weights.double() / (A * world_size)).float().cpu().numpy(),
-                    "token_counts": result.token_counts.long().cpu().numpy(),
-                    "domain": [str(d) for d in batch.domain],
-                    "token_offset": np.asarray(batch.token_offset, dtype=np.int64),
-                    "doc_id": np.asarray(batch.doc_id, dtype=np.int64),
-                    "sample_index": np.asarray(batch.sample_index, dtype=np.int64),
-                    "per_layer": dict(zip(result.per_parameter, per_layer)),
-                }
+                local = local_rows(result, result.weights.double() / (A * world_size), vars(batch))  # [B/W] rows
                 rows_all = gather_rows(local, world_size)
                 if master:
                     pending.append(dict(step=step, lr=lr, train_loss=loss, val_loss=val_loss, **rows_all))

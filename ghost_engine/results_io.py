@@ -25,17 +25,19 @@ import json
 import os
 import pickle
 import re
+import time
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ghost_engine.durable import write_atomically
+from ghost_engine.durable import fsync_directory, write_atomically
 
 SCHEMA_NAME = "graddotprod.dotprods"
 SCHEMA_VERSION = 1
 DOTPROD_DIR = "grad_dotprods"
 DOTPROD_FILE_PATTERN = "iter_*.pkl"
+_ITER_FILE = re.compile(r"^iter_(\d+)\.pkl$")
 
 # Fields of a v1 step record, by kind. Arrays are 1-D with one entry per training row.
 _V1_SCALAR_INT = ("step",)
@@ -256,6 +258,56 @@ def save_dotprod_pickle(path, payload) -> None:
     _check_plain(payload, path)
     validate_payload(payload, path)
     write_atomically(path, lambda f: pickle.dump(payload, f, protocol=4))
+
+
+def dotprod_file(run_dir, last_step) -> str:
+    return os.path.join(run_dir, DOTPROD_DIR, f"iter_{last_step:06d}.pkl")
+
+
+def flush_dotprods(run_dir, run_name, world_size, pending):
+    """Write the pending step records (ascending steps) as iter_<last step>.pkl; empties `pending`.
+    Returns the file's path (None when nothing was pending)."""
+    if not pending:
+        return None
+    os.makedirs(os.path.join(run_dir, DOTPROD_DIR), exist_ok=True)
+    path = dotprod_file(run_dir, pending[-1]["step"])
+    save_dotprod_pickle(path, {"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "run_name": run_name,
+                               "world_size": world_size, "steps": list(pending)})
+    pending.clear()
+    return path
+
+
+def dotprod_steps_on_disk(run_dir) -> list:
+    """Last steps of the run's iter_XXXXXX.pkl files, ascending."""
+    directory = os.path.join(run_dir, DOTPROD_DIR)
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(m.group(1)) for m in map(_ITER_FILE.match, os.listdir(directory)) if m)
+
+
+def set_aside_after(run_dir, step):
+    """Move the dot-product files of steps after `step` (written after the checkpoint a run resumes from;
+    the resumed run writes those steps again) to superseded/<UTC time>/, and remove stray temporary
+    files of interrupted writes. Nothing complete is deleted. Returns (moved names, destination or None)."""
+    for sub in (DOTPROD_DIR, "checkpoints"):
+        directory = os.path.join(run_dir, sub)
+        for name in os.listdir(directory) if os.path.isdir(directory) else []:
+            if ".tmp-" in name:  # a write that never completed (kill -9, full disk): no data in it
+                os.remove(os.path.join(directory, name))
+    later = [s for s in dotprod_steps_on_disk(run_dir) if s > step]
+    if not later:
+        return [], None
+    destination = os.path.join(run_dir, "superseded", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
+                               DOTPROD_DIR)
+    os.makedirs(destination, exist_ok=True)
+    moved = []
+    for last_step in later:
+        name = os.path.basename(dotprod_file(run_dir, last_step))
+        os.replace(dotprod_file(run_dir, last_step), os.path.join(destination, name))
+        moved.append(name)
+    fsync_directory(destination)
+    fsync_directory(os.path.join(run_dir, DOTPROD_DIR))
+    return moved, destination
 
 
 # ---------------------------------------------------------------------------

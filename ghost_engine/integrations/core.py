@@ -1,0 +1,307 @@
+"""What every training-framework integration shares (docs/INTEGRATIONS.md).
+
+`ValuationRun` owns the engine of one training run and does, for a framework's training loop:
+- per micro-batch, `forward(model, batch, loss_multiplier)`: stack the fixed validation rows under the
+  batch's rows (padding the shorter side on the right when their lengths differ), run the model's own
+  loss on [train; val] and return it with the training rows' loss alone, for logging;
+- per optimizer step, `end_step(step, lr)`: the engine's dot products, every process's rows gathered on
+  rank 0, written every `save_interval` steps as `grad_dotprods/iter_XXXXXX.pkl` by the app's writer
+  (ghost_engine.results_io), so `python -m ghost_engine.report RUN_DIR` reads an integration's run as it
+  reads the app's.
+
+The integrations only translate their framework's loss scaling into `loss_multiplier`: the factor the
+model's loss is multiplied by before backward, relative to the mean over the micro-batch's targets. The
+engine then leaves in `.grad` exactly what Regular training on the training rows leaves.
+
+Rows carry provenance: `sample_index` (required: the row's index in the training set), `domain`,
+`doc_id` and `token_offset` (defaults: "train", the sample index, the sample index). A sample of the report
+is a (domain, token_offset) pair. `IndexedDataset` adds them to any map-style dataset of dicts.
+"""
+import json
+import os
+import platform
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ghost_engine.durable import write_atomically
+from ghost_engine.engine import GradDotProdEngine
+from ghost_engine.losses import IGNORE_INDEX, per_sample_loss, target_counts
+from ghost_engine.recording import gather_rows, local_rows
+from ghost_engine.results_io import flush_dotprods, set_aside_after
+
+PROVENANCE_KEY = "graddotprod_rows"  # a batch's provenance, {field: [B] values}
+PROVENANCE_FIELDS = ("sample_index", "domain", "doc_id", "token_offset")
+DEFAULT_DOMAIN = "train"
+
+
+# ---------------------------------------------------------------------------------------------- provenance
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """A map-style dataset of dicts whose items also carry their provenance under PROVENANCE_KEY.
+
+    The item's own "sample_index", "domain", "doc_id" and "token_offset" entries are moved there; missing
+    ones default to the item's index (sample_index, doc_id, token_offset) and "train" (domain).
+    """
+
+    def __init__(self, dataset):
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+            raise ValueError(f"{type(dataset).__name__} is not a map-style dataset (no __len__ / indexing): the "
+                             "integrations identify a training row by its index in the dataset")
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        item = self.dataset[index]
+        if not isinstance(item, Mapping):
+            raise TypeError(f"item {index} of the training set is a {type(item).__name__}; the integrations need "
+                            "dicts (input_ids, labels, ...)")
+        item = dict(item)
+        rows = {"sample_index": index, "domain": DEFAULT_DOMAIN, "doc_id": None, "token_offset": None}
+        for name in PROVENANCE_FIELDS:
+            if name in item:
+                rows[name] = item.pop(name)
+        rows["sample_index"] = int(rows["sample_index"])
+        for name in ("doc_id", "token_offset"):
+            rows[name] = rows["sample_index"] if rows[name] is None else int(rows[name])
+        rows["domain"] = str(rows["domain"])
+        item[PROVENANCE_KEY] = rows
+        return item
+
+
+class ProvenanceCollator:
+    """Wraps a collator: it collates the items without their provenance, which joins the batch as
+    {field: [B] tensor (list of str for domain)} under PROVENANCE_KEY."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        rows = [f.get(PROVENANCE_KEY) if isinstance(f, Mapping) else None for f in features]
+        if any(r is None for r in rows):
+            return self.collator(features)
+        batch = self.collator([{k: v for k, v in f.items() if k != PROVENANCE_KEY} for f in features])
+        batch[PROVENANCE_KEY] = {name: [r[name] for r in rows] if name == "domain"
+                                 else torch.tensor([r[name] for r in rows], dtype=torch.int64)
+                                 for name in PROVENANCE_FIELDS}
+        return batch
+
+
+def split_batch(batch):
+    """(model inputs, provenance or None): provenance from PROVENANCE_KEY or from top-level fields."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"the training batch is a {type(batch).__name__}; the integrations need a dict "
+                        "(input_ids, labels, attention_mask, ...)")
+    inputs = dict(batch)
+    rows = inputs.pop(PROVENANCE_KEY, None)
+    if rows is None and "sample_index" in inputs:
+        rows = {name: inputs.pop(name) for name in PROVENANCE_FIELDS if name in inputs}
+    if rows is None:
+        return inputs, None
+    sample_index = _ints(rows["sample_index"])
+    provenance = {
+        "sample_index": sample_index,
+        "domain": [str(d) for d in rows["domain"]] if "domain" in rows else [DEFAULT_DOMAIN] * len(sample_index),
+        "doc_id": _ints(rows["doc_id"]) if "doc_id" in rows else sample_index,
+        "token_offset": _ints(rows["token_offset"]) if "token_offset" in rows else sample_index,
+    }
+    return inputs, provenance
+
+
+def _ints(values) -> np.ndarray:
+    if torch.is_tensor(values):
+        values = values.cpu()
+    return np.asarray(values, dtype=np.int64).reshape(-1)
+
+
+def with_value(loss: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """`loss`'s gradient, `value`'s value: what a framework back-propagates and what it logs."""
+    return loss + (value.to(loss.dtype) - loss).detach()
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+class ValuationRun:
+    """The engine of one training run, its per-step bookkeeping and its run directory.
+
+    Args:
+        model: the module whose trainable parameters the optimizer updates (un-wrapped).
+        val_batch: {"input_ids": [Bv, T], "labels": [Bv, T] (default: input_ids), "attention_mask": ...}: the
+            fixed validation rows, in the model's input format (the model shifts the labels).
+        run_dir, run_name: where the results go and the name their files carry.
+        config: extra entries for config.json (e.g. data_dir, seq_len, val_domain for the report).
+        save_interval: write the records every this many steps (and at the end).
+    """
+
+    def __init__(self, model, val_batch, run_dir, run_name, config=None, save_interval=10):
+        if not isinstance(val_batch, Mapping) or "input_ids" not in val_batch:
+            raise ValueError("val_batch must be a dict with 'input_ids' (and 'labels', default: the input_ids)")
+        if save_interval < 1:
+            raise ValueError(f"save_interval={save_interval} must be >= 1")
+        val = dict(val_batch)
+        X_val = val.pop("input_ids")
+        Y_val = val.pop("labels", None)
+        Y_val = X_val.clone() if Y_val is None else Y_val
+        for name, value in val.items():
+            if not torch.is_tensor(value) or value.shape[:1] != X_val.shape[:1]:
+                raise ValueError(f"val_batch[{name!r}] must be a tensor with {X_val.shape[0]} rows")
+        self.engine = GradDotProdEngine(model, val_batch=(X_val, Y_val), task="causal_lm", loss_reduction="mean")
+        self._val = {"input_ids": X_val, "labels": Y_val, **val}  # the validation rows as given
+        self._val_on = {}  # (device, T) -> the validation rows there, padded to T
+        self.run_dir, self.run_name = os.fspath(run_dir), str(run_name)
+        self.config = dict(config or {})
+        self.save_interval = save_interval
+        self.rank, self.world_size = 0, 1
+        self.pending = []  # step records not yet written (rank 0)
+        self._reset_step()
+
+    def _reset_step(self):
+        self._multipliers, self._provenance = [], []  # per micro-batch
+        self._train_ce, self._train_targets, self._val_loss, self._device = 0.0, 0, None, None
+
+    # ------------------------------------------------------------------ run
+    def begin(self, start_step, max_steps, settings):
+        """Attach the engine; rank 0 writes config.json (`settings`: the framework's, then the user's
+        `config`) and sets aside files of steps after `start_step` (a resumed run writes them again)."""
+        if dist.is_available() and dist.is_initialized():
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        if not self.engine.attached:
+            self.engine.attach()
+        self._reset_step()
+        if self.rank != 0:
+            return
+        os.makedirs(self.run_dir, exist_ok=True)
+        set_aside_after(self.run_dir, start_step)
+        X_val = self._val["input_ids"]
+        config = {"run_name": self.run_name, "method": "GradDotProd", "start_step": start_step,
+                  "world_size": self.world_size, "val_batch_size": int(X_val.shape[0]),
+                  "val_seq_len": int(X_val.shape[1]), "dot_prod_save_interval": self.save_interval,
+                  "torch": torch.__version__, "python": platform.python_version(), **settings, **self.config}
+        if max_steps is not None and max_steps > 0:
+            config["max_steps"] = int(max_steps)
+        write_atomically(os.path.join(self.run_dir, "config.json"),
+                         lambda f: f.write(json.dumps(config, indent=1, default=str).encode()))
+
+    def finish(self):
+        """Write the pending records and detach the engine (safe to call twice)."""
+        if self.rank == 0:
+            flush_dotprods(self.run_dir, self.run_name, self.world_size, self.pending)
+        self.engine.detach()
+
+    # ------------------------------------------------------------------ micro-batch
+    def forward(self, model, batch, loss_multiplier):
+        """Run `model` on [train; val] rows of one micro-batch.
+
+        Returns (loss, train_loss): the model's loss over every row (mean over all targets, with its graph;
+        back-propagate it times `loss_multiplier`) and the training rows' mean loss (detached).
+        """
+        inputs, provenance = split_batch(batch)
+        if provenance is None:
+            raise ValueError("the training batch carries no 'sample_index' (the rows' indices in the training set): "
+                             "wrap the training set in ghost_engine.integrations.IndexedDataset, or give every "
+                             "item a 'sample_index'")
+        if "input_ids" not in inputs or "labels" not in inputs:
+            raise ValueError(f"the training batch has keys {sorted(inputs)}; it needs 'input_ids' and 'labels'")
+        if "shift_labels" in inputs:
+            raise ValueError("batches with 'shift_labels' are not supported; give unshifted 'labels'")
+        X, Y = inputs.pop("input_ids"), inputs.pop("labels")
+        B = X.shape[0]
+        if len(provenance["sample_index"]) != B:
+            raise ValueError(f"the batch has {B} rows but provenance for {len(provenance['sample_index'])}")
+        train, val = self._common_length(X, Y, inputs)
+        Xc, Yc = self.engine.prepare_forward_input(train.pop("input_ids"), train.pop("labels"), loss_multiplier)
+        stacked = {"input_ids": Xc, "labels": Yc}
+        for name, value in train.items():
+            stacked[name] = torch.cat([value, val[name]]) if name in val else value
+        out = model(**stacked)
+        loss, logits = _field(out, "loss"), _field(out, "logits")
+        if loss is None or logits is None:
+            raise ValueError("the model returned no loss or no logits; the integrations need both")
+        # the training rows' loss, from the model's mean over all rows less the validation rows' share
+        n_train = int(target_counts(Yc[:B], "causal_lm").sum())
+        n_val = self.engine.n_val_targets
+        val_counts = target_counts(Yc[B:], "causal_lm")
+        val_ce = (per_sample_loss(logits[B:].detach(), Yc[B:]).double() * val_counts).sum()
+        train_ce = loss.detach().double() * (n_train + n_val) - val_ce
+        if self._val_loss is None:
+            self._val_loss = float(val_ce) / n_val  # at the step's parameters: same in every micro-batch
+        self._train_ce += train_ce
+        self._train_targets += n_train
+        self._device = loss.device
+        self._multipliers.append((B, float(loss_multiplier)))
+        self._provenance.append(provenance)
+        return loss, train_ce / n_train
+
+    def _common_length(self, X, Y, extra):
+        """Training and validation rows padded on the right to a common length: exact for a causal LM (no
+        earlier position sees a later one; padded positions are no targets, attention_mask 0 there)."""
+        T = max(X.shape[1], self._val["input_ids"].shape[1])
+        key = (X.device, T)
+        if key not in self._val_on:
+            self._val_on[key] = {name: _pad(name, value.to(X.device), T) for name, value in self._val.items()}
+        val = self._val_on[key]
+        if self.engine.X_val is not val["input_ids"]:
+            self.engine.set_val_batch(val["input_ids"], val["labels"])
+        train = {"input_ids": _pad("input_ids", X, T), "labels": _pad("labels", Y, T)}
+        for name, value in extra.items():
+            rowwise = torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == X.shape[0]
+            if not rowwise:
+                train[name] = value
+                continue
+            if name not in val:
+                if name != "attention_mask":
+                    raise ValueError(f"the training batch has {name!r} but the validation batch does not; add it "
+                                     "to val_batch")
+                val[name] = torch.ones_like(val["input_ids"])
+            train[name] = _pad(name, value, T)
+        return train, val
+
+    # ------------------------------------------------------------------ step
+    def end_step(self, step, lr):
+        """File the step's dot products (every rank must call it: rows are gathered on rank 0)."""
+        if not self._provenance:
+            raise RuntimeError(f"step {step}: no micro-batch went through ValuationRun.forward since the last step")
+        result = self.engine.aggregate_and_log()
+        # a row's weight in the step's loss: n_i / N_mb (the engine) times its micro-batch's multiplier, over
+        # the processes whose gradients DDP averages
+        multipliers = torch.cat([torch.full((rows,), m, dtype=torch.float64) for rows, m in self._multipliers])
+        weights = result.weights.double().cpu() * multipliers / self.world_size
+        provenance = {name: [v for p in self._provenance for v in p[name]] for name in PROVENANCE_FIELDS}
+        local = local_rows(result, weights, provenance)
+        sums = torch.stack([torch.as_tensor(self._train_ce, dtype=torch.float64, device=self._device),
+                            torch.tensor(float(self._train_targets), dtype=torch.float64, device=self._device)])
+        if self.world_size > 1:
+            dist.all_reduce(sums)
+        rows = gather_rows(local, self.world_size)
+        val_loss = self._val_loss
+        self._reset_step()
+        if self.rank != 0:
+            return
+        self.pending.append(dict(step=int(step), lr=float(lr), train_loss=float(sums[0] / sums[1]),
+                                 val_loss=float(val_loss), **rows))
+        if step % self.save_interval == 0:
+            flush_dotprods(self.run_dir, self.run_name, self.world_size, self.pending)
+
+
+def _field(out, name):
+    return out.get(name) if isinstance(out, Mapping) else getattr(out, name, None)
+
+
+def _pad(name, value, T):
+    """Right-pad [R, t, ...] to [R, T, ...]: labels with IGNORE_INDEX, everything else with 0."""
+    missing = T - value.shape[1]
+    if missing == 0:
+        return value
+    if name not in ("input_ids", "labels", "attention_mask"):
+        raise ValueError(f"training rows of length {value.shape[1]} and validation rows of another length need "
+                         f"padding, which is defined for input_ids, labels and attention_mask only, not {name!r}; "
+                         "give the validation rows the training rows' length")
+    fill = IGNORE_INDEX if name == "labels" else 0
+    pad = value.new_full((value.shape[0], missing, *value.shape[2:]), fill)
+    return torch.cat([value, pad], dim=1)

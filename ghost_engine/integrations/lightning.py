@@ -1,0 +1,111 @@
+"""`GradDotProdCallback`: a Lightning callback that values every training row at every optimizer step.
+
+The glue is one line in the LightningModule's training_step, the loss:
+
+    from ghost_engine.integrations.lightning import GradDotProdCallback, training_loss
+
+    class LitLM(lightning.LightningModule):
+        def training_step(self, batch, batch_idx):
+            loss = training_loss(self, self.model, batch)   # was: self.model(**batch).loss
+            self.log("train_loss", loss)                    # the training rows' loss
+            return loss
+
+    trainer = lightning.Trainer(callbacks=[GradDotProdCallback(val_batch, run_dir="Results/my_run")], ...)
+    trainer.fit(LitLM(model), DataLoader(IndexedDataset(train_set), batch_size=8))
+
+`training_loss` stacks the validation rows under the batch's rows, runs the model's own loss on all of them
+and returns a tensor whose gradient is that loss's and whose value is the training rows' mean loss, so what
+training_step logs and returns is what it was without the callback. Lightning divides the returned loss by
+`accumulate_grad_batches` before backward; the callback tells the engine, which then leaves in `.grad`
+exactly Lightning's gradient of the training rows. Without the callback (or outside training)
+`training_loss` is `model(**batch).loss`. The callback hooks the whole LightningModule: every trainable
+parameter must be in a supported layer.
+"""
+import os
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+from ghost_engine.integrations.core import ValuationRun, split_batch, with_value
+
+
+class GradDotProdCallback(pl.Callback):
+    """Records, at every optimizer step, each training row's <grad l_i, grad L_val> (docs/INTEGRATIONS.md).
+
+    Args:
+        val_batch: {"input_ids": [Bv, T], "labels": (default input_ids), "attention_mask": ...}, the fixed
+            validation rows.
+        run_dir: results directory (default: <trainer.default_root_dir>/graddotprod).
+        run_name: the name the result files carry (default: run_dir's name).
+        config: extra entries for config.json (e.g. data_dir, seq_len, val_domain for the report).
+        save_interval: write the records every this many steps (and at the end of fitting).
+    """
+
+    def __init__(self, val_batch, run_dir=None, run_name=None, config=None, save_interval=10):
+        self.val_batch, self.run_dir, self.run_name = val_batch, run_dir, run_name
+        self.config, self.save_interval = config, save_interval
+        self.valuation = None
+        self._trainer = None
+
+    def on_fit_start(self, trainer, pl_module):
+        self._check_supported(trainer, pl_module)
+        run_dir = os.fspath(self.run_dir or os.path.join(trainer.default_root_dir, "graddotprod"))
+        run_name = self.run_name or os.path.basename(os.path.normpath(run_dir))
+        self.valuation = ValuationRun(pl_module, self.val_batch, run_dir, run_name, self.config, self.save_interval)
+        self._trainer = trainer
+        max_steps = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        settings = {"integration": "lightning", "lightning": pl.__version__, "module": type(pl_module).__name__,
+                    "accumulate_grad_batches": trainer.accumulate_grad_batches, "precision": str(trainer.precision),
+                    "default_root_dir": trainer.default_root_dir}
+        self.valuation.begin(trainer.global_step, max_steps if max_steps != float("inf") else None, settings)
+
+    @staticmethod
+    def _check_supported(trainer, pl_module):
+        problems = [
+            (not pl_module.automatic_optimization, "manual optimization (the loss scaling before backward is "
+                                                   "unknown)"),
+            (type(trainer.strategy) not in (SingleDeviceStrategy, DDPStrategy),
+             f"strategy {type(trainer.strategy).__name__} (use a single device or DDP)"),
+            (getattr(trainer.precision_plugin, "scaler", None) is not None,
+             "precision with a gradient scaler (16-mixed; use bf16-mixed)"),
+        ]
+        unsupported = [what for bad, what in problems if bad]
+        if unsupported:
+            raise ValueError(f"GradDotProdCallback does not support {'; '.join(unsupported)}")
+
+    def loss(self, model, batch):
+        """The stacked loss of one micro-batch with the training rows' loss as its value (see module doc)."""
+        if self.valuation is None:
+            raise RuntimeError("GradDotProdCallback.loss() before the fit started")
+        loss, train_loss = self.valuation.forward(model, batch, 1.0 / self._trainer.accumulate_grad_batches)
+        return with_value(loss, train_loss)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.valuation.end_step(trainer.global_step + 1, optimizer.param_groups[0]["lr"])
+
+    def on_fit_end(self, trainer, pl_module):
+        self._finish()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._finish()  # the steps completed so far are written
+
+    def _finish(self):
+        if self.valuation is not None:
+            self.valuation.finish()
+            self.valuation = None
+
+
+def training_loss(module, model, batch):
+    """The loss a LightningModule's training_step returns: with a GradDotProdCallback in the trainer and in
+    training, the callback's stacked loss; otherwise `model(**batch).loss` (provenance entries removed)."""
+    try:
+        callbacks = [c for c in module.trainer.callbacks if isinstance(c, GradDotProdCallback)]
+    except RuntimeError:  # the module is used outside a Trainer
+        callbacks = []
+    if len(callbacks) > 1:
+        raise ValueError("the trainer has more than one GradDotProdCallback")
+    if callbacks and callbacks[0].valuation is not None and model.training and torch.is_grad_enabled():
+        return callbacks[0].loss(model, batch)
+    inputs, _ = split_batch(batch)
+    return model(**inputs).loss

@@ -1,0 +1,236 @@
+"""GradDotProdTrainer (ghost_engine.integrations.hf) against the float64 torch.func reference, the plain
+Trainer and the engine driven by hand: dot products, .grad, the logged loss, the files it writes."""
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+from _integrations import (GradCapture, assert_grads_close, check_step, engine_by_hand, model_and_rows, reference_step,
+                           rel_err, train_items)
+from _reference import reference_dot_products, reference_train_grad
+from ghost_engine.integrations.hf import GradDotProdTrainer
+from ghost_engine.results_io import load_run
+from pile_tools import ensure_sample_dataset
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+
+
+def training_args(output_dir, **overrides):
+    settings = dict(output_dir=str(output_dir), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                    max_steps=2, learning_rate=1e-3, max_grad_norm=0.0, use_cpu=True, report_to=[],
+                    save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0)
+    return TrainingArguments(**{**settings, **overrides})
+
+
+def run_dir_of(args):
+    return os.path.join(args.output_dir, "graddotprod")
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_step_equals_reference_and_regular_trainer(tmp_path, accumulation):
+    """num_items_in_batch on (the Trainer's default for a causal LM), rows with different target counts,
+    random order: step 1's dot products and .grad are the float64 reference's, the logged loss is the
+    training rows' loss, and .grad and the logged loss are the plain Trainer's."""
+    model, X, Y, X_val, Y_val = model_and_rows(0)
+    initial = copy.deepcopy(model)
+    args = training_args(tmp_path / "graddotprod", per_device_train_batch_size=4 // accumulation,
+                         gradient_accumulation_steps=accumulation)
+    capture = GradCapture(model)
+    trainer = GradDotProdTrainer(model=model, args=args, train_dataset=train_items(X, Y), callbacks=[capture],
+                                 val_batch={"input_ids": X_val, "labels": Y_val}, save_interval=1)
+    assert trainer.model_accepts_loss_kwargs  # so the Trainer passes num_items_in_batch
+    trainer.train()
+
+    run = load_run(run_dir_of(args), per_layer=True, strict=True)
+    assert run.config["run_name"] == "graddotprod" and run.config["max_steps"] == 2
+    assert run.missing_steps == [] and len(run.files) == 2
+    np.testing.assert_array_equal(run.columns["step"], np.repeat([1, 2], 4))
+    index, ref_grads, ref_loss = check_step(run.columns, 1, initial, X, Y, X_val, Y_val)
+    assert_grads_close(capture.grads, ref_grads)  # the gradient of the mean over all the step's targets
+    assert abs(trainer.state.log_history[0]["loss"] - ref_loss) <= 1e-5 * ref_loss
+    counts = (Y[index, 1:] != -100).sum(1).double()
+    np.testing.assert_allclose(run.columns["batch_weight"][:4], counts / counts.sum(), rtol=1e-6)
+    assert run.columns["lr"][0] == pytest.approx(1e-3)
+
+    regular_model = copy.deepcopy(initial)
+    regular_capture = GradCapture(regular_model)
+    regular = Trainer(model=regular_model, args=training_args(tmp_path / "regular", max_steps=1,
+                                                              per_device_train_batch_size=4 // accumulation,
+                                                              gradient_accumulation_steps=accumulation),
+                      train_dataset=train_items(X, Y), callbacks=[regular_capture])
+    regular.train()
+    for name, grad in regular_capture.grads.items():
+        torch.testing.assert_close(capture.grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(regular.state.log_history[0]["loss"], rel=1e-6)
+
+
+def test_bf16_equals_the_engine_driven_by_hand(tmp_path):
+    """bf16 autocast, gradient accumulation 2: the Trainer's numbers are those of the README's loop on the
+    same micro-batches with the same loss multipliers, and close to the float64 reference."""
+    model, X, Y, X_val, Y_val = model_and_rows(1)
+    initial = copy.deepcopy(model)
+    args = training_args(tmp_path, bf16=True, max_steps=1, train_sampling_strategy="sequential")
+    capture = GradCapture(model)
+    trainer = GradDotProdTrainer(model=model, args=args, train_dataset=train_items(X, Y), callbacks=[capture],
+                                 val_batch={"input_ids": X_val, "labels": Y_val}, run_name="bf16")
+    trainer.train()
+
+    run = load_run(run_dir_of(args), strict=True)
+    assert run.config["run_name"] == "bf16" and run.config["bf16"]
+    np.testing.assert_array_equal(run.columns["sample_index"], [0, 1, 2, 3])  # micro-batches 0-1, 2-3
+    counts = (Y[:4, 1:] != -100).sum(1)
+    multipliers = [float(counts[:2].sum() / counts.sum()), float(counts[2:].sum() / counts.sum())]
+    result, grads = engine_by_hand(initial, [(X[0:2], Y[0:2], multipliers[0]), (X[2:4], Y[2:4], multipliers[1])],
+                                   X_val, Y_val, autocast=True)
+    got = torch.from_numpy(run.columns["dot_products"])
+    assert rel_err(got, result.dot_products) <= 1e-5
+    for name, grad in grads.items():
+        assert rel_err(capture.grads[name], grad) <= 1e-5, name
+    ref_dots, ref_grads, _, _ = reference_step(initial, X[:4], Y[:4], X_val, Y_val)
+    assert rel_err(got, sum(ref_dots.values())) < 5e-2
+    assert max(rel_err(capture.grads[n], ref_grads[n]) for n in ref_grads) < 5e-2
+
+
+def test_the_example_runs_and_the_report_reads_its_run(tmp_path):
+    """examples/hf_trainer_llama.py for 2 steps on the bundled sample: the report decodes the windows'
+    text from the provenance the Trainer recorded."""
+    spec = importlib.util.spec_from_file_location("hf_trainer_llama", os.path.join(REPO, "examples",
+                                                                                   "hf_trainer_llama.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    data_dir = ensure_sample_dataset(str(tmp_path / "sample"))
+    path = example.main(["--steps", "2", "--results_dir", str(tmp_path / "results"), "--data_dir", data_dir])
+
+    run = load_run(tmp_path / "results" / "hf_llama_example", strict=True)
+    assert run.missing_steps == [] and run.num_rows == 16 and run.config["data_dir"] == data_dir
+    assert set(run.columns["domain"]) <= {"Github", "DM Mathematics", "Python Documentation", "Software Licenses"}
+    with open(path) as f:
+        text = f.read()
+    assert "Complete: steps 1..2 in 1 dot-product file" in text and "Validation domain: DM Mathematics" in text
+    top = text.split("## Top 5 samples")[1].split("##")[0]
+    assert top.count("`") >= 10  # five rows, each with its text snippet
+
+
+def pad_collator(features):
+    """Pads to the longest row of the batch: input_ids 0, labels -100, attention_mask 0."""
+    T = max(len(f["input_ids"]) for f in features)
+    batch = {"input_ids": torch.zeros(len(features), T, dtype=torch.long),
+             "labels": torch.full((len(features), T), -100, dtype=torch.long),
+             "attention_mask": torch.zeros(len(features), T, dtype=torch.long)}
+    for i, f in enumerate(features):
+        length = len(f["input_ids"])
+        batch["input_ids"][i, :length] = torch.as_tensor(f["input_ids"])
+        batch["labels"][i, :length] = torch.as_tensor(f["labels"])
+        batch["attention_mask"][i, :length] = 1
+    return batch
+
+
+def test_rows_of_other_lengths_than_the_validation_rows(tmp_path):
+    """A `datasets.Dataset` with columns the model does not take (one of them the rows' domain) and a collator
+    padding to the longest row: micro-batches longer (16) and shorter (10) than the validation rows (12).
+    Each row's dot product equals the reference on the row alone, unpadded; the domains are recorded."""
+    import datasets
+
+    model, X, Y, X_val, Y_val = model_and_rows(2)
+    X_val, Y_val = X_val[:, :12], Y_val[:, :12]
+    lengths = [16, 9, 8, 10]
+    domains = ["Github", "ArXiv", "Github", "FreeLaw"]
+    items = datasets.Dataset.from_list([{"input_ids": X[i, :n].tolist(), "labels": Y[i, :n].tolist(),
+                                         "domain": domains[i], "text": f"row {i}"} for i, n in enumerate(lengths)])
+    initial = copy.deepcopy(model)
+    args = training_args(tmp_path, max_steps=1, train_sampling_strategy="sequential")
+    capture = GradCapture(model)
+    trainer = GradDotProdTrainer(model=model, args=args, train_dataset=items, data_collator=pad_collator,
+                                 callbacks=[capture], val_batch={"input_ids": X_val, "labels": Y_val})
+    trainer.train()
+
+    columns = load_run(run_dir_of(args), strict=True).columns
+    np.testing.assert_array_equal(columns["sample_index"], [0, 1, 2, 3])
+    assert list(columns["domain"]) == domains and list(columns["token_offset"]) == [0, 1, 2, 3]
+    ref_model = copy.deepcopy(initial).double()
+    rows = [(X[i:i + 1, :n], Y[i:i + 1, :n]) for i, n in enumerate(lengths)]
+    ref = torch.cat([sum(reference_dot_products(ref_model, x, y, X_val, Y_val).values()) for x, y in rows])
+    assert rel_err(columns["dot_products"], ref) <= 1e-4
+    counts = [int((y[:, 1:] != -100).sum()) for _, y in rows]
+    ref_grads = {}
+    for (x, y), n in zip(rows, counts):
+        for name, grad in reference_train_grad(ref_model, x, y).items():
+            ref_grads[name] = ref_grads.get(name, 0) + grad * n / sum(counts)
+    assert_grads_close(capture.grads, ref_grads)
+
+
+def test_unsupported_settings_raise_and_evaluation_is_the_plain_trainers(tmp_path):
+    model, X, Y, X_val, Y_val = model_and_rows(3)
+    val_batch = {"input_ids": X_val, "labels": Y_val}
+    with pytest.raises(ValueError, match="label_smoothing_factor"):
+        GradDotProdTrainer(model=model, args=training_args(tmp_path, label_smoothing_factor=0.1),
+                           train_dataset=train_items(X, Y), val_batch=val_batch)
+    with pytest.raises(ValueError, match="model_init"):
+        GradDotProdTrainer(model_init=lambda: copy.deepcopy(model), args=training_args(tmp_path),
+                           train_dataset=train_items(X, Y), val_batch=val_batch)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(train_items(X, Y))
+
+    trainer = GradDotProdTrainer(model=model, args=training_args(tmp_path), train_dataset=Stream(),
+                                 val_batch=val_batch)
+    with pytest.raises(ValueError, match="not a map-style dataset"):
+        trainer.get_train_dataloader()
+    plain = Trainer(model=model, args=training_args(tmp_path), eval_dataset=train_items(X, Y))
+    assert trainer.evaluate(train_items(X, Y))["eval_loss"] == pytest.approx(plain.evaluate()["eval_loss"], rel=1e-6)
+
+
+def test_two_processes_gather_every_row_on_rank_0(tmp_path):
+    """torchrun, 2 CPU processes (gloo), 2 micro-batches of 2 rows each: step 1 holds all 8 rows; their dot
+    products, the DDP-averaged .grad and the logged loss are the float64 reference's over the 8 rows."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([REPO, TESTS]))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              os.path.join(TESTS, "_hf_ddp_worker.py"), str(tmp_path)]
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    model, X, Y, X_val, Y_val = model_and_rows(4)
+    run = load_run(os.path.join(tmp_path, "graddotprod"), per_layer=True, strict=True)
+    assert run.config["world_size"] == 2 and run.missing_steps == []
+    np.testing.assert_array_equal(run.columns["sample_index"][run.columns["step"] == 1], np.arange(8))
+    index, ref_grads, ref_loss = check_step(run.columns, 1, model, X, Y, X_val, Y_val)
+    assert_grads_close(torch.load(os.path.join(tmp_path, "grads.pt")), ref_grads)
+    with open(os.path.join(tmp_path, "log_history.json")) as f:
+        assert abs(json.load(f)[0]["loss"] - ref_loss) <= 1e-5 * ref_loss
+    counts = (Y[:, 1:] != -100).sum(1).double()
+    np.testing.assert_allclose(run.columns["batch_weight"][:8], counts / counts.sum(), rtol=1e-6)
+
+
+def test_resume_from_checkpoint_sets_aside_later_steps_and_writes_them_again(tmp_path):
+    """Resuming from the step-2 checkpoint of a 4-step run: the files of steps 3-4 move to superseded/, the
+    resumed run writes them again, equal to the uninterrupted run's, and no step is read twice."""
+    model, X, Y, X_val, Y_val = model_and_rows(8)
+
+    def trainer():
+        args = training_args(tmp_path, max_steps=4, gradient_accumulation_steps=1, save_strategy="steps",
+                             save_steps=2)
+        return GradDotProdTrainer(model=copy.deepcopy(model), args=args, train_dataset=train_items(X, Y),
+                                  val_batch={"input_ids": X_val, "labels": Y_val}, save_interval=1)
+
+    trainer().train()
+    uninterrupted = load_run(tmp_path / "graddotprod", strict=True).columns
+    trainer().train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a step in two files would warn
+        resumed = load_run(tmp_path / "graddotprod", strict=True)
+    assert resumed.duplicate_steps == [] and resumed.missing_steps == []
+    superseded = os.listdir(tmp_path / "graddotprod" / "superseded")
+    assert sorted(os.listdir(tmp_path / "graddotprod" / "superseded" / superseded[0] / "grad_dotprods")) == [
+        "iter_000003.pkl", "iter_000004.pkl"]
+    np.testing.assert_array_equal(resumed.columns["step"], uninterrupted["step"])
+    np.testing.assert_allclose(resumed.columns["dot_products"], uninterrupted["dot_products"], rtol=1e-6)

@@ -1,0 +1,108 @@
+"""GradDotProdCallback (ghost_engine.integrations.lightning) against the float64 torch.func reference, plain
+Lightning and the engine driven by hand: dot products, .grad, the logged loss, the files it writes."""
+import copy
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from _integrations import assert_grads_close, check_step, engine_by_hand, model_and_rows, rel_err, train_items
+from _reference import reference_train_grad
+from ghost_engine.integrations import IndexedDataset
+from ghost_engine.integrations.lightning import GradDotProdCallback, training_loss
+from ghost_engine.results_io import load_run
+
+
+class LitLM(L.LightningModule):
+    """The user's module: the one line of glue is training_loss(...) in place of self.model(**batch).loss."""
+
+    def __init__(self, model, manual=False):
+        super().__init__()
+        self.model = model
+        self.automatic_optimization = not manual
+        self.logged, self.first_grads = [], None
+
+    def training_step(self, batch, batch_idx):
+        loss = training_loss(self, self.model, batch)
+        self.log("train_loss", loss)
+        self.logged.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def on_before_optimizer_step(self, optimizer):
+        if self.first_grads is None:
+            self.first_grads = {n: p.grad.detach().clone() for n, p in self.named_parameters()}
+
+
+def fit(module, items, tmp_path, callback=None, steps=2, precision="32-true", indexed=True, accumulate=2):
+    trainer = L.Trainer(max_steps=steps, accumulate_grad_batches=accumulate, precision=precision, accelerator="cpu", devices=1,
+                        callbacks=[callback] if callback else [], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    data = IndexedDataset(items) if indexed else items
+    trainer.fit(module, DataLoader(data, batch_size=2, shuffle=False))
+    return trainer
+
+
+def test_accumulated_step_equals_reference_and_plain_lightning(tmp_path):
+    """accumulate_grad_batches=2, rows with different target counts: step 1's dot products are the float64
+    reference's, .grad is plain Lightning's (the mean of the micro-batch means, halved), the loss
+    training_step logs is the training rows' loss, and the run is in the app's format."""
+    model, X, Y, X_val, Y_val = model_and_rows(5)
+    initial = copy.deepcopy(model)
+    module = LitLM(model)
+    callback = GradDotProdCallback({"input_ids": X_val, "labels": Y_val}, run_dir=tmp_path / "run", save_interval=1)
+    fit(module, train_items(X, Y), tmp_path, callback)
+
+    run = load_run(tmp_path / "run", per_layer=True, strict=True)
+    assert run.config["run_name"] == "run" and run.config["max_steps"] == 2 and len(run.files) == 2
+    assert run.missing_steps == []
+    np.testing.assert_array_equal(run.columns["sample_index"], np.arange(8))  # micro-batches 0-1, 2-3 | 4-5, 6-7
+    check_step(run.columns, 1, initial, X, Y, X_val, Y_val, prefix="model.")
+    micro = [(X[0:2], Y[0:2]), (X[2:4], Y[2:4])]
+    ref_model = copy.deepcopy(initial).double()
+    ref_grads = [reference_train_grad(ref_model, x, y) for x, y in micro]
+    assert_grads_close(module.first_grads, {n: (ref_grads[0][n] + ref_grads[1][n]) / 2 for n in ref_grads[0]},
+                       prefix="model.")
+    with torch.no_grad():
+        ref_losses = [float(ref_model(input_ids=x, labels=y).loss) for x, y in micro]
+    np.testing.assert_allclose(module.logged[:2], ref_losses, rtol=1e-5)
+    counts = (Y[:4, 1:] != -100).sum(1).double()
+    weights = torch.cat([counts[:2] / counts[:2].sum(), counts[2:] / counts[2:].sum()]) / 2
+    np.testing.assert_allclose(run.columns["batch_weight"][:4], weights, rtol=1e-6)
+    assert run.columns["lr"][0] == pytest.approx(0.1)
+
+    plain = LitLM(copy.deepcopy(initial))  # no callback: training_loss is the model's loss
+    fit(plain, train_items(X, Y), tmp_path / "plain", steps=1)
+    for name, grad in plain.first_grads.items():
+        torch.testing.assert_close(module.first_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    np.testing.assert_allclose(module.logged[:2], plain.logged[:2], rtol=1e-6)
+
+
+def test_bf16_mixed_equals_the_engine_driven_by_hand(tmp_path):
+    model, X, Y, X_val, Y_val = model_and_rows(6)
+    initial = copy.deepcopy(model)
+    module = LitLM(model)
+    callback = GradDotProdCallback({"input_ids": X_val, "labels": Y_val}, run_dir=tmp_path / "run")
+    fit(module, train_items(X, Y), tmp_path, callback, steps=1, precision="bf16-mixed")
+
+    columns = load_run(tmp_path / "run", strict=True).columns
+    result, grads = engine_by_hand(initial, [(X[0:2], Y[0:2], 0.5), (X[2:4], Y[2:4], 0.5)], X_val, Y_val,
+                                   autocast=True)
+    assert rel_err(columns["dot_products"], result.dot_products) <= 1e-5
+    for name, grad in grads.items():
+        assert rel_err(module.first_grads["model." + name], grad) <= 1e-5, name
+
+
+def test_unsupported_use_raises_and_outside_a_trainer_the_loss_is_the_models(tmp_path):
+    model, X, Y, X_val, Y_val = model_and_rows(7)
+    batch = {"input_ids": X[:2], "labels": Y[:2], "sample_index": torch.arange(2)}
+    torch.testing.assert_close(training_loss(LitLM(model), model, batch), model(input_ids=X[:2], labels=Y[:2]).loss)
+    val_batch = {"input_ids": X_val, "labels": Y_val}
+    with pytest.raises(ValueError, match="manual optimization"):
+        fit(LitLM(model, manual=True), train_items(X, Y), tmp_path, GradDotProdCallback(val_batch), accumulate=1)
+    with pytest.raises(ValueError, match="sample_index"):  # rows without their index in the training set
+        fit(LitLM(model), train_items(X, Y), tmp_path, GradDotProdCallback(val_batch), indexed=False)

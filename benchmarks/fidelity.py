@@ -36,6 +36,7 @@ import argparse
 import copy
 import csv
 import hashlib
+import itertools
 import math
 import os
 import platform
@@ -75,7 +76,7 @@ class HarnessConfig:
     batch_size: int = 10
     val_batch_size: int = 4
     domains: int = 4
-    steps: tuple = (5, 150)  # valued steps (1-based); the run trains up to the last
+    steps: tuple = (5, 300)  # valued steps (1-based); the run trains up to the last
     batches_per_step: int = 2  # the run's batch plus other batches drawn at the same state, pooled
     permutations: int = 200  # when B > MAX_EXACT_B or --shapley permutation
     shapley: str = "auto"  # auto | exact | permutation
@@ -83,7 +84,7 @@ class HarnessConfig:
     seed: int = 0
 
 
-DEFAULT_LRS = {"sgd": (0.03, 0.3), "momentum": (0.003, 0.03), "adamw": (3e-4, 3e-3)}
+DEFAULT_LRS = {"sgd": (0.1, 1.0), "momentum": (0.01, 0.1), "adamw": (3e-4, 3e-3)}
 QUICK = dict(vocab_size=64, n_embd=32, n_head=2, seq_len=16, batch_size=6, val_batch_size=2, steps=(2, 6),
              batches_per_step=1, domains=3)
 QUICK_LRS = {"sgd": (0.3,), "momentum": (0.03,), "adamw": (3e-3,)}
@@ -317,8 +318,9 @@ def value_step(fm, spec, state, theta, x, y, x_val, y_val, *, shapley: str, perm
     val_grad = fm.grad(theta, x_val, y_val)
     result = StepResult(spec.kind, spec.lr, step, batch, weights,
                         estimates(fm, spec, state, theta, per_sample, weights, x_val, y_val, val_grad))
-    batch_grad_error = (weights @ per_sample - fm.grad(theta, x, y)).abs().max()
-    result.checks["batch_grad_max_abs_err"] = float(batch_grad_error)
+    batch_grad = weights @ per_sample
+    result.checks["batch_grad_max_abs_err"] = float((batch_grad - fm.grad(theta, x, y)).abs().max())
+    result.checks["grad_norm"] = float(torch.linalg.vector_norm(batch_grad))  # > --clip: clipping active
     if engine:
         recorded = engine_first_order(fm.model, spec.lr, x, y, x_val, y_val)
         first = result.estimates["first_order"]
@@ -440,6 +442,7 @@ def summarise_checks(group: list) -> dict:
     worst = lambda key: max((abs(r.checks[key]) for r in group if key in r.checks), default=math.nan)  # noqa: E731
     se = [float(r.shapley_se.max()) for r in group if r.shapley_se is not None]
     return dict(val_loss=group[0].checks["val_loss"], train_loss=group[0].checks["train_loss"],
+                grad_norm=min(r.checks["grad_norm"] for r in group),
                 u_full=group[0].checks.get("u_full", math.nan), u_empty=group[0].checks.get("u_empty", math.nan),
                 shapley_max_se=max(se, default=math.nan),
                 efficiency_residual=worst("efficiency_residual"), step_max_abs_err=worst("step_max_abs_err"),
@@ -449,7 +452,7 @@ def summarise_checks(group: list) -> dict:
 CSV_COLUMNS = ["optimizer", "lr", "step", "estimator", "samples", "shapley_method",
                "pearson_shapley", "spearman_shapley", "slope_shapley", "rel_err_shapley",
                "pearson_loo", "spearman_loo", "slope_loo", "rel_err_loo",
-               "val_loss", "train_loss", "u_full", "u_empty", "shapley_max_se", "efficiency_residual",
+               "val_loss", "train_loss", "grad_norm", "u_full", "u_empty", "shapley_max_se", "efficiency_residual",
                "step_max_abs_err", "engine_rel_err", "batch_grad_max_abs_err"]
 TABLE_COLUMNS = [("optimizer", "optimizer", ""), ("lr", "lr", "g"), ("step", "step", "d"),
                  ("estimator", "estimator", ""), ("Pearson Sh", "pearson_shapley", ".3f"),
@@ -457,7 +460,7 @@ TABLE_COLUMNS = [("optimizer", "optimizer", ""), ("lr", "lr", "g"), ("step", "st
                  ("rel err Sh", "rel_err_shapley", ".3g"), ("Pearson LOO", "pearson_loo", ".3f"),
                  ("Spearman LOO", "spearman_loo", ".3f"), ("slope LOO", "slope_loo", ".3g")]
 CHECK_COLUMNS = [("optimizer", "optimizer", ""), ("lr", "lr", "g"), ("step", "step", "d"),
-                 ("val loss", "val_loss", ".3f"), ("U(N)", "u_full", ".3g"), ("U(empty)", "u_empty", ".3g"),
+                 ("val loss", "val_loss", ".3f"), ("min |g_B|", "grad_norm", ".3g"), ("U(N)", "u_full", ".3g"), ("U(empty)", "u_empty", ".3g"),
                  ("efficiency resid", "efficiency_residual", ".1e"), ("max SE", "shapley_max_se", ".1e"),
                  ("step vs torch", "step_max_abs_err", ".1e"), ("engine rel err", "engine_rel_err", ".1e"),
                  ("sum w g_i vs batch grad", "batch_grad_max_abs_err", ".1e")]
@@ -501,8 +504,8 @@ BEST_COLUMNS = [("optimizer", "optimizer", ""), ("lr", "lr", "g"), ("step", "ste
 
 
 def plot(rows: list, path: str) -> Optional[str]:
-    """Pearson, Spearman and slope of each estimator against Shapley and against leave-one-out, per
-    configuration. Returns a notice instead when matplotlib is missing."""
+    """Heat maps of Pearson, Spearman and slope of each estimator (rows) per configuration (columns),
+    against exact Shapley and against leave-one-out. Returns a notice instead when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -516,21 +519,26 @@ def plot(rows: list, path: str) -> Optional[str]:
     panels = [(f"{metric}_{ref}", f"{label} vs {ref_label}") for ref, ref_label in ((SHAPLEY, "exact Shapley"),
                                                                                    (LOO, "leave-one-out"))
               for metric, label in (("pearson", "Pearson"), ("spearman", "Spearman"), ("slope", "slope"))]
-    fig, axes = plt.subplots(2, 3, figsize=(max(12, 1.1 * len(configs) * 3), 8), squeeze=False)
-    width = 0.8 / len(names)
+    fig, axes = plt.subplots(2, 3, figsize=(3 * (1.5 + 0.55 * len(configs)), 2 * (1.6 + 0.35 * len(names))),
+                             squeeze=False)
     for ax, (key, title) in zip(axes.flat, panels):
-        for k, name in enumerate(names):
-            heights = [by_key.get(c + (name,), {}).get(key, math.nan) for c in configs]
-            ax.bar([i + (k - (len(names) - 1) / 2) * width for i in range(len(configs))], heights, width, label=name)
-        ax.set_title(title)
-        ax.axhline(1.0 if key.startswith("slope") else 0.0, color="black", linewidth=0.6)
+        shown = [n for n in names if not (key.endswith(LOO) and n == "loo")]
+        grid = torch.tensor([[by_key.get(c + (name,), {}).get(key, math.nan) for c in configs] for name in shown])
+        slope = key.startswith("slope")
+        # slopes: 1 = the reference's scale, shown white; correlations: 1 blue, -1 red
+        centre = 1.0 if slope else 0.0
+        image = ax.imshow(grid.numpy(), cmap="RdBu", vmin=centre - 1, vmax=centre + 1, aspect="auto")
+        for i, j in itertools.product(range(len(shown)), range(len(configs))):
+            value = grid[i, j].item()
+            if not math.isnan(value):
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if abs(value - centre) > 0.6 else "black")
+        ax.set_title(title, fontsize=9)
         ax.set_xticks(range(len(configs)))
-        ax.set_xticklabels([f"{o}\nlr={lr:g}\nstep {s}" for o, lr, s in configs], fontsize=7)
-        if key.startswith("slope"):
-            ax.set_ylim(-0.5, 2.5)
-        else:
-            ax.set_ylim(-1.05, 1.05)
-    axes[0][0].legend(fontsize=7)
+        ax.set_xticklabels([f"{o}\n{lr:g}\nstep {s}" for o, lr, s in configs], fontsize=6)
+        ax.set_yticks(range(len(shown)))
+        ax.set_yticklabels(shown, fontsize=7)
+        fig.colorbar(image, ax=ax, shrink=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -744,7 +752,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shift", type=int, default=None,
                         help="--planted: the planted window starts this many tokens before the passage (default T/4)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="torch CPU threads (the matrices are tiny: more threads do not help)")
     parser.add_argument("--out", default="Results/fidelity", help="directory for the CSV files and the plot")
     return parser
 
@@ -804,18 +813,29 @@ def optimizer_specs(args, lrs_default: dict, kinds: tuple, clip) -> list:
 
 
 def describe_machine() -> str:
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-            f"torch {torch.__version__}, Python {platform.python_version()}")
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{cpu} ({os.cpu_count()} cores), {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return main_planted(parser, args) if args.planted else main_table(parser, args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def main_table(parser, args) -> int:
     started = time.perf_counter()
-    if args.planted:
-        return main_planted(parser, args, started)
     cfg = harness_config(parser, args)
     specs = optimizer_specs(args, QUICK_LRS if args.quick else DEFAULT_LRS, args.optimizers or OPTIMIZERS, cfg.clip)
     data = MarkovDomains(cfg.vocab_size, cfg.domains, cfg.seed)
@@ -845,7 +865,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def main_planted(parser, args, started) -> int:
+def main_planted(parser, args) -> int:
+    started = time.perf_counter()
     cfg = planted_config(parser, args)
     specs = optimizer_specs(args, PLANTED_LRS, args.optimizers or ("adamw",), cfg.clip)
     print(f"planted copy: GPT-2 n_layer={cfg.n_layer} n_embd={cfg.n_embd} n_head={cfg.n_head} vocab={cfg.vocab_size} "

@@ -18,11 +18,11 @@ values come from all 2^B coalitions (B <= 10), otherwise from permutation sampli
 errors; leave-one-out is U(N) - U(N - i). The estimators compared with them (docs/FIDELITY.md derives
 each):
 
-    first_order        eta w_i <g_i, g_val>                      what the app records (SGD form)
-    second_order       eta w_i <g_i, g_val - (eta/2) H_val g_B>  Shapley of the game's 2nd-order Taylor expansion (SGD)
-    adamw_fixed_state  -w_i <g_val, J_fixed g_i>                 AdamW's update linearised with v held at v_{t-1}
-    adamw_through_v    -w_i <g_val, J(g_B) g_i>                  derivative of AdamW's actual update at the batch gradient
-    midpoint           -w_i <g_i, d L_val(theta_{t+1}(g)) / dg at g = g_B / 2>   any optimizer; exact for quadratic games
+    first_order        eta w_i <g_i, g_val>                        what the app records (SGD form)
+    second_order       eta w_i <g_i, g_val - (eta/2) H_val g_B>    Shapley value of the SGD game's 2nd-order expansion
+    adamw_fixed_state  -w_i <g_val, J_fixed g_i>                   AdamW's update linearised with v held at v_{t-1}
+    adamw_through_v    -w_i <g_val, J(g_B) g_i>                    derivative of AdamW's actual update at g_B
+    midpoint           -w_i <g_i, d L_val(theta_{t+1}(g)) / dg>    at g = g_B / 2; any optimizer, exact if quadratic
     cosine             <g_i, g_val> / (|g_i| |g_val|)
 
 g_i, g_val and H_val are dense float64 per-sample gradients, validation gradient and validation
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import hashlib
 import itertools
 import math
@@ -48,7 +47,7 @@ from typing import Optional
 import torch
 from torch.func import functional_call, grad, vmap
 
-from benchmarks._common import format_table, positive_int
+from benchmarks._common import format_table, positive_float, positive_int, write_csv
 from benchmarks._functional_optim import (OPTIMIZERS, FlatState, OptimizerSpec, adamw_fixed_state_jacobian,
                                           build_torch_optimizer, capture_state, functional_step)
 from benchmarks._shapley import (exact_shapley, leave_one_out, pearson, permutation_shapley, rank_descending,
@@ -56,7 +55,6 @@ from benchmarks._shapley import (exact_shapley, leave_one_out, pearson, permutat
 
 MAX_EXACT_B = 10  # exact enumeration (2^B coalitions) up to this batch size, permutation sampling above
 ESTIMATORS = ("first_order", "second_order", "adamw_fixed_state", "adamw_through_v", "midpoint", "cosine")
-ADAMW_ONLY = ("adamw_fixed_state", "adamw_through_v")
 UNITLESS = ("cosine",)  # no scale to compare
 SHAPLEY, LOO = "shapley", "loo"
 CHUNK_BYTES = 2 ** 27  # memory for one chunk of coalition parameter vectors (larger chunks run no faster)
@@ -269,11 +267,10 @@ def step_game(fm: FlatModel, spec: OptimizerSpec, state: FlatState, theta, per_s
     return value
 
 
-def estimates(fm: FlatModel, spec: OptimizerSpec, state: FlatState, theta, per_sample, weights, x_val, y_val,
-              val_grad) -> dict:
+def estimates(fm: FlatModel, spec: OptimizerSpec, state: FlatState, theta, per_sample, weights, batch_grad,
+              val_grad, x_val, y_val) -> dict:
     """Every estimator of ESTIMATORS that applies to the optimizer: {name: float64 [B]}."""
     lr = spec.lr
-    batch_grad = weights @ per_sample
     dots = per_sample @ val_grad
     out = {"first_order": lr * weights * dots}
     h_batch = fm.hvp(theta, x_val, y_val, batch_grad)
@@ -315,10 +312,10 @@ def value_step(fm, spec, state, theta, x, y, x_val, y_val, *, shapley: str, perm
     """Everything measured at one (state, batch). shapley: "exact", "permutation" or "none"."""
     weights = sample_weights(y)
     per_sample = fm.per_sample_grads(theta, x, y)
+    batch_grad = weights @ per_sample
     val_grad = fm.grad(theta, x_val, y_val)
     result = StepResult(spec.kind, spec.lr, step, batch, weights,
-                        estimates(fm, spec, state, theta, per_sample, weights, x_val, y_val, val_grad))
-    batch_grad = weights @ per_sample
+                        estimates(fm, spec, state, theta, per_sample, weights, batch_grad, val_grad, x_val, y_val))
     result.checks["batch_grad_max_abs_err"] = float((batch_grad - fm.grad(theta, x, y)).abs().max())
     result.checks["grad_norm"] = float(torch.linalg.vector_norm(batch_grad))  # > --clip: clipping active
     if engine:
@@ -460,25 +457,11 @@ TABLE_COLUMNS = [("optimizer", "optimizer", ""), ("lr", "lr", "g"), ("step", "st
                  ("rel err Sh", "rel_err_shapley", ".3g"), ("Pearson LOO", "pearson_loo", ".3f"),
                  ("Spearman LOO", "spearman_loo", ".3f"), ("slope LOO", "slope_loo", ".3g")]
 CHECK_COLUMNS = [("optimizer", "optimizer", ""), ("lr", "lr", "g"), ("step", "step", "d"),
-                 ("val loss", "val_loss", ".3f"), ("min |g_B|", "grad_norm", ".3g"), ("U(N)", "u_full", ".3g"), ("U(empty)", "u_empty", ".3g"),
+                 ("val loss", "val_loss", ".3f"), ("min |g_B|", "grad_norm", ".3g"), ("U(N)", "u_full", ".3g"),
+                 ("U(empty)", "u_empty", ".3g"),
                  ("efficiency resid", "efficiency_residual", ".1e"), ("max SE", "shapley_max_se", ".1e"),
                  ("step vs torch", "step_max_abs_err", ".1e"), ("engine rel err", "engine_rel_err", ".1e"),
                  ("sum w g_i vs batch grad", "batch_grad_max_abs_err", ".1e")]
-
-
-def write_csv(path: str, rows: list, columns: list):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: csv_value(row.get(c)) for c in columns})
-
-
-def csv_value(value):
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return f"{value:.6g}" if isinstance(value, float) else value
 
 
 def best_rows(rows: list) -> list:
@@ -498,7 +481,8 @@ def best_rows(rows: list) -> list:
 
 
 BEST_COLUMNS = [("optimizer", "optimizer", ""), ("lr", "lr", "g"), ("step", "step", "d"),
-                ("first_order Pearson", "first_order_pearson", ".3f"), ("first_order slope", "first_order_slope", ".3g"),
+                ("first_order Pearson", "first_order_pearson", ".3f"),
+                ("first_order slope", "first_order_slope", ".3g"),
                 ("best estimator", "best", ""), ("its Pearson", "best_pearson", ".3f"),
                 ("its Spearman", "best_spearman", ".3f"), ("its slope", "best_slope", ".3g")]
 
@@ -682,11 +666,8 @@ OCCURRENCE_COLUMNS = ["optimizer", "lr", "step", "row", "domain", "doc", "offset
 # ---------------------------------------------------------------- command line
 
 def float_list(text: str) -> tuple:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
-    if not values or any(not v > 0 for v in values):
+    values = tuple(positive_float(v) for v in text.split(",") if v.strip())
+    if not values:
         raise argparse.ArgumentTypeError(f"{text!r}: give one or more learning rates > 0")
     return values
 
@@ -709,16 +690,6 @@ def optimizer_list(text: str) -> tuple:
     return values
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fidelity", allow_abbrev=False,
                                      description=__doc__.split("\n\n")[0])
@@ -728,14 +699,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--optimizers", type=optimizer_list, default=None,
                         help="comma list of sgd,momentum,adamw (default: all three; --planted: adamw)")
     for kind in OPTIMIZERS:
+        defaults = ",".join(map(str, DEFAULT_LRS[kind]))
         parser.add_argument(f"--{kind}-lrs", type=float_list, default=None,
-                            help=f"comma list of learning rates for {kind} (default {','.join(map(str, DEFAULT_LRS[kind]))}"
-                                 f"; --planted {PLANTED_LRS[kind][0]})")
+                            help=f"comma list of learning rates for {kind} (default {defaults}; "
+                                 f"--planted {PLANTED_LRS[kind][0]})")
     parser.add_argument("--steps", type=step_list, default=None,
                         help=f"valued steps, 1-based (default {','.join(map(str, HarnessConfig.steps))}; "
                              f"--planted: the steps the planted window is sampled, default "
                              f"{','.join(map(str, PlantedConfig.steps))})")
-    parser.add_argument("--clip", type=positive_float, default=None, help="clip the gradient to this norm (default off)")
+    parser.add_argument("--clip", type=positive_float, default=None,
+                        help="clip the gradient to this norm (default off)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help=f"B (default {HarnessConfig.batch_size}; exact Shapley up to {MAX_EXACT_B})")
     parser.add_argument("--val-batch-size", type=positive_int, default=None, help="validation rows")
@@ -790,7 +763,7 @@ def planted_config(parser, args) -> PlantedConfig:
     check_model_flags(parser, cfg)
     if not 2 <= cfg.batch_size <= MAX_EXACT_B:
         parser.error(f"--batch-size {cfg.batch_size}: --planted values its batches exactly; use 2..{MAX_EXACT_B}")
-    if len(cfg.steps) < 1 or not 0 <= planted_shift(cfg) < cfg.seq_len:
+    if not 0 <= planted_shift(cfg) < cfg.seq_len:
         parser.error(f"--shift {cfg.shift}: must be in 0..{cfg.seq_len - 1}")
     return cfg
 

@@ -3,7 +3,6 @@ definitions computed another way, first order against exact Shapley where theory
 engine's recorded value against a hand-written float64 one, and the command line."""
 import csv
 import itertools
-import math
 
 import pytest
 import torch

@@ -8,12 +8,13 @@ PLOTS ?= Results/plots
 
 COMPARE_ARGS ?=
 SWEEP_ARGS ?=
+FIDELITY_ARGS ?=
 DEMO_ARGS ?= --architecture GPT2-Tiny --max_steps 50 --batch_size 8 --seq_len 64 --warmup_step 5 \
 	--learning_rate 1e-3 --eval_interval 25 --eval_iter 2 --eval_bs 4 --val_domain "DM Mathematics" \
 	--run_name quickstart
 
 .PHONY: install test demo compare profile-len profile-batch profile-amp profile-val profile-ckpt profile-attn \
-	profile-all plots clean
+	profile-all plots fidelity clean
 
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
@@ -52,6 +53,9 @@ profile-all: profile-len profile-batch profile-amp profile-val profile-ckpt prof
 plots:
 	$(PYTHON) -m benchmarks.plots --logs $(LOGS) --out $(PLOTS)
 
+fidelity:
+	$(PYTHON) -m benchmarks.fidelity --out Results/fidelity $(FIDELITY_ARGS)
+
 # Benchmark outputs only: training runs under Results/ are never touched.
 clean:
-	rm -rf Results/logs Results/plots
+	rm -rf Results/logs Results/plots Results/fidelity

@@ -388,15 +388,16 @@ def _row(config_fields: dict, result: MethodResult, results: dict, floor: float,
 
 # ---------------------------------------------------------------- output
 
-def write_csv(path: str, rows: list):
+def write_csv(path: str, rows: list, columns: list = CSV_COLUMNS):
+    """rows (dicts) as CSV with `columns`; NaN and None as empty cells, floats to 6 significant digits."""
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, exist_ok=True)
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({name: _csv_value(row.get(name)) for name in CSV_COLUMNS})
+            writer.writerow({name: _csv_value(row.get(name)) for name in columns})
 
 
 def _csv_value(value):
@@ -436,6 +437,16 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
     return value
 
 

@@ -1,31 +1,34 @@
 """Files of one run directory, Results/<run_name>/ (layout in docs/training.md).
 
     config.json          resolved flags + environment: everything needed to rerun
-    training_log.json    {"steps": [per-step records], "evals": [evaluation records]}
+    training_log.json    {"steps": [per-step records], "evals": [evaluation records]}, at checkpoints
+    training_log.jsonl   the same records, one line each, appended every step (GradDotProd_LM.experiment_log)
     valset.pkl           validation tokens and their provenance (plain python/numpy)
-    grad_dotprods/iter_XXXXXX.pkl   steps (previous file, XXXXXX], schema in ghost_engine.results_io
+    grad_dotprods/iter_XXXXXX.pkl, .parquet   steps (previous file, XXXXXX], schema in ghost_engine.results_io
     checkpoints/latest.pt
     run.lock             held by the process training the run (RunLock)
-    superseded/<time>/   files of steps after the checkpoint a resume started from, moved aside
+    superseded/<time>/   files and log lines of steps after the checkpoint a resume started from, moved aside
 
-Every file is written durably (ghost_engine.durable: temporary file, fsync, rename, fsync of the directory),
-so a reader never sees half a file and a written file survives a crash.
+Every file but the appended training_log.jsonl is written durably (ghost_engine.durable: temporary file,
+fsync, rename, fsync of the directory), so a reader never sees half a file and a written file survives a
+crash. training_log.jsonl is flushed every step and fsynced before every checkpoint.
 """
 import hashlib
 import json
 import os
 import pickle
-import re
 import time
 
 import numpy as np
 
 from ghost_engine.durable import FileLock, fsync_directory, write_atomically
-from ghost_engine.results_io import DOTPROD_DIR, SCHEMA_NAME, SCHEMA_VERSION, save_dotprod_pickle
+from ghost_engine.results_io import (DOTPROD_DIR, ITER_FILE, RESULTS_FORMATS, SCHEMA_NAME, SCHEMA_VERSION,
+                                     save_dotprod_parquet, save_dotprod_pickle)
 
 VALSET_SCHEMA = "graddotprod.valset"
 VALSET_SCHEMA_VERSION = 1
-_ITER_FILE = re.compile(r"^iter_(\d+)\.pkl$")
+TRAINING_LOG_JSONL = "training_log.jsonl"
+_SAVERS = {"pickle": save_dotprod_pickle, "parquet": save_dotprod_parquet}
 
 
 def write_json(path, obj):
@@ -86,52 +89,89 @@ def read_valset_tokens(run_dir):
     return safe_load_pickle(path)["tokens"] if os.path.exists(path) else None
 
 
-def dotprod_file(run_dir, last_step):
-    return os.path.join(run_dir, DOTPROD_DIR, f"iter_{last_step:06d}.pkl")
+def dotprod_file(run_dir, last_step, results_format="pickle"):
+    return os.path.join(run_dir, DOTPROD_DIR, f"iter_{last_step:06d}{RESULTS_FORMATS[results_format]}")
 
 
-def flush_dotprods(run_dir, run_name, world_size, pending):
-    """Write the pending step records (ascending steps) as iter_<last step>.pkl; empties `pending`."""
+def flush_dotprods(run_dir, run_name, world_size, pending, formats=("pickle",)):
+    """Write the pending step records (ascending steps) as iter_<last step>.pkl and/or .parquet (the same
+    rows; `formats` from --results_format); empties `pending`. Returns the paths written."""
     if not pending:
-        return None
+        return []
     os.makedirs(os.path.join(run_dir, DOTPROD_DIR), exist_ok=True)
-    path = dotprod_file(run_dir, pending[-1]["step"])
-    save_dotprod_pickle(path, {"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "run_name": run_name,
-                               "world_size": world_size, "steps": list(pending)})
+    payload = {"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "run_name": run_name,
+               "world_size": world_size, "steps": list(pending)}
+    paths = []
+    for results_format in formats:
+        paths.append(dotprod_file(run_dir, pending[-1]["step"], results_format))
+        _SAVERS[results_format](paths[-1], payload)
     pending.clear()
-    return path
+    return paths
 
 
 def dotprod_steps_on_disk(run_dir):
-    """Last steps of the run's iter_XXXXXX.pkl files, ascending."""
+    """Last steps of the run's iter_XXXXXX.pkl / .parquet files, ascending, each once."""
     directory = os.path.join(run_dir, DOTPROD_DIR)
     if not os.path.isdir(directory):
         return []
-    return sorted(int(m.group(1)) for m in map(_ITER_FILE.match, os.listdir(directory)) if m)
+    return sorted({int(m.group(1)) for m in map(ITER_FILE.match, os.listdir(directory)) if m})
+
+
+def split_log_lines(data, step):
+    """training_log.jsonl's bytes -> (kept, later): the leading complete lines of steps <= `step`, and the
+    rest from the first line that is later, torn (no newline: a kill in the middle of a write) or not JSON."""
+    kept = 0
+    for line in data.splitlines(keepends=True):
+        try:
+            record = json.loads(line) if line.endswith(b"\n") else None
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int) or record["step"] > step:
+            break
+        kept += len(line)
+    return data[:kept], data[kept:]
 
 
 def set_aside_after(run_dir, step):
-    """Move the dot-product files of steps after `step` (written after the checkpoint a run resumes from;
-    the resumed run writes those steps again) to superseded/<UTC time>/, and remove stray temporary
+    """Move what a resumed run is about to redo, everything of steps after `step` (the checkpoint it resumes
+    from), to superseded/<UTC time>/: the dot-product files (both formats) and the lines of
+    training_log.jsonl (the file is cut after the last line of step <= `step`). Removes stray temporary
     files of interrupted writes. Nothing complete is deleted. Returns (moved names, destination or None)."""
     for sub in (DOTPROD_DIR, "checkpoints"):
         directory = os.path.join(run_dir, sub)
         for name in os.listdir(directory) if os.path.isdir(directory) else []:
             if ".tmp-" in name:  # a write that never completed (kill -9, full disk): no data in it
                 os.remove(os.path.join(directory, name))
-    later = [s for s in dotprod_steps_on_disk(run_dir) if s > step]
-    if not later:
+    directory = os.path.join(run_dir, DOTPROD_DIR)
+    later = sorted(name for name in (os.listdir(directory) if os.path.isdir(directory) else [])
+                   if ITER_FILE.match(name) and int(ITER_FILE.match(name).group(1)) > step)
+    log_path = os.path.join(run_dir, TRAINING_LOG_JSONL)
+    kept_lines, later_lines = b"", b""
+    if os.path.exists(log_path):
+        with open(log_path, "rb") as f:
+            kept_lines, later_lines = split_log_lines(f.read(), step)
+    if not later and not later_lines:
         return [], None
-    destination = os.path.join(run_dir, "superseded", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
-                               DOTPROD_DIR)
-    os.makedirs(destination, exist_ok=True)
+    destination = base = os.path.join(run_dir, "superseded", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    attempt = 1
+    while os.path.exists(destination):  # two resumes within a second: the earlier one's files stay
+        destination, attempt = f"{base}-{attempt}", attempt + 1
     moved = []
-    for last_step in later:
-        name = os.path.basename(dotprod_file(run_dir, last_step))
-        os.replace(dotprod_file(run_dir, last_step), os.path.join(destination, name))
-        moved.append(name)
-    fsync_directory(destination)
-    fsync_directory(os.path.join(run_dir, DOTPROD_DIR))
+    if later:
+        os.makedirs(os.path.join(destination, DOTPROD_DIR), exist_ok=True)
+        for name in later:
+            os.replace(os.path.join(directory, name), os.path.join(destination, DOTPROD_DIR, name))
+            moved.append(name)
+        fsync_directory(os.path.join(destination, DOTPROD_DIR))
+        fsync_directory(directory)
+    if later_lines:
+        # the copy first: a crash before the cut leaves the lines in both places, never in neither
+        os.makedirs(destination, exist_ok=True)
+        write_atomically(os.path.join(destination, TRAINING_LOG_JSONL), lambda f: f.write(later_lines))
+        with open(log_path, "r+b") as f:
+            f.truncate(len(kept_lines))
+            os.fsync(f.fileno())
+        moved.append(TRAINING_LOG_JSONL)
     return moved, destination
 
 

@@ -1,4 +1,5 @@
-"""Install the project: `pip install -e .` (add `[test]` for the test tools, `[plot]` for plots)."""
+"""Install the project: `pip install -e .` (add `[test]` for the test tools, `[plot]` for plots, `[logging]` for
+`--report_to tensorboard,wandb`)."""
 from setuptools import find_packages, setup
 
 setup(
@@ -20,11 +21,14 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "tiktoken>=0.7",  # Rust BPE core used by pile_tools.tokenizer (built from the local GPT-2 files)
+        "pandas>=2.0",  # ghost_engine.analysis and load_run(..., as_frame=True)
+        "pyarrow>=14",  # grad_dotprods/iter_XXXXXX.parquet
     ],
     extras_require={
-        "test": ["pytest>=7.4", "matplotlib>=3.7", "datasets>=2.18"],
+        "test": ["pytest>=7.4", "matplotlib>=3.7", "datasets>=2.18", "tensorboard>=2.14", "wandb>=0.16"],
         "plot": ["matplotlib>=3.7"],
         "hf": ["datasets>=2.18"],
+        "logging": ["tensorboard>=2.14", "wandb>=0.16"],  # --report_to tensorboard, wandb
     },
     package_data={"pile_tools": ["data/*"]},
 )

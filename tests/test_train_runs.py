@@ -11,15 +11,9 @@ import torch
 from ghost_engine.results_io import load_run, safe_load_pickle
 from GradDotProd_LM import train
 from GradDotProd_LM.model import build_model
-from pile_tools import ensure_sample_dataset
 from pile_tools.reader import PileReader
 
 SEED, B, T, BV, STEPS = 42, 4, 32, 2, 6
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return ensure_sample_dataset(str(tmp_path_factory.mktemp("sample")))
 
 
 @pytest.fixture(scope="module")

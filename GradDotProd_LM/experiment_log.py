@@ -90,7 +90,8 @@ class ExperimentLog:
         seed = not os.path.exists(self.path)
         records = []  # the records of steps <= start_step (set_aside_after has cut the .jsonl there)
         if seed:
-            records = [dict(kind="step", **r) for r in earlier["steps"]] + [dict(kind="eval", **r) for r in earlier["evals"]]
+            records = [dict(kind="step", **r) for r in earlier["steps"]]
+            records += [dict(kind="eval", **r) for r in earlier["evals"]]
             records.sort(key=lambda r: (r["step"], r["kind"] == "eval"))  # a step's evaluation follows it
         elif "csv" in sinks:
             records = read_log_records(self.path)
@@ -103,7 +104,7 @@ class ExperimentLog:
                 raise SinkError(f"--report_to {sink}: cannot start it ({type(err).__name__}: {err})") from err
         if seed and records:
             write_atomically(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "ab", buffering=0)  # every write goes to the operating system at once
 
     def step(self, record, dot_products_by_domain=None):
         """Append a step's record (the keys of training_log.json's steps) with its time and domain sums."""
@@ -117,14 +118,14 @@ class ExperimentLog:
         self._write({"kind": "eval", "step": step, "time": time.time(), **result})
 
     def _write(self, line):
-        self._file.write(json.dumps(line) + "\n")  # one write of one whole line
-        self._file.flush()
+        data = memoryview((json.dumps(line) + "\n").encode())
+        while data:  # one write of the whole line (a regular file takes it whole unless the disk is full)
+            data = data[self._file.write(data):]
         for sink in self._sinks:
             sink.write(line)
 
     def sync(self):
         """Make every line written so far durable (before a checkpoint: the checkpoint implies its lines)."""
-        self._file.flush()
         os.fsync(self._file.fileno())
         for sink in self._sinks:
             sink.flush()
@@ -189,8 +190,8 @@ class TensorBoardSink:
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step: TensorBoard drops the events of steps >= it that an interrupted launch had written
-        self._writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=start_step + 1 if start_step else None,
-                                     flush_secs=10)
+        self._writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), flush_secs=10,
+                                     purge_step=start_step + 1 if start_step else None)
 
     def write(self, record):
         for name, value in flat_scalars(record).items():

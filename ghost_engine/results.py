@@ -14,7 +14,7 @@ import sys
 from ghost_engine.results_io import DOTPROD_DIR, ITER_FILE, safe_load_pickle, save_dotprod_parquet
 
 
-def convert(run_dir, out=sys.stdout):
+def convert(run_dir):
     """Write the missing Parquet files of one run; returns (written paths, [(pickle path, error)])."""
     directory = os.path.join(run_dir, DOTPROD_DIR)
     written, failed = [], []
@@ -33,9 +33,9 @@ def convert(run_dir, out=sys.stdout):
             continue
         written.append(target)
     print(f"{run_dir}: wrote {len(written)} Parquet file(s)" + (f", {len(failed)} failed" if failed else ""),
-          file=out, flush=True)
+          flush=True)
     for source, reason in failed:
-        print(f"  {source}: {reason}", file=out, flush=True)
+        print(f"  {source}: {reason}", flush=True)
     return written, failed
 
 

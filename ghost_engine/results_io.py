@@ -33,6 +33,7 @@ import os
 import pickle
 import re
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -355,6 +356,19 @@ def _dotprod_files(run_dir: str) -> list:
     return [(step, sorted(paths, key=lambda p: not p.endswith(".parquet"))) for step, paths in sorted(by_step.items())]
 
 
+def _read_iteration(paths: list, per_layer: bool) -> list:
+    """Read the first readable of one iteration's files (Parquet first; the pickle of the same steps only if
+    the Parquet file is unreadable): [(path, what _read_file returned, or its ResultsFormatError)]."""
+    attempt = []
+    for path in paths:
+        try:
+            attempt.append((path, _read_file(path, per_layer)))
+            break
+        except ResultsFormatError as err:
+            attempt.append((path, err))
+    return attempt
+
+
 def _read_file(path: str, per_layer: bool):
     """Load and validate one file; returns (schema_version, run_name, columns, steps repeated in the file)."""
     if path.endswith(".parquet"):
@@ -473,15 +487,17 @@ def load_run(run_dir, per_layer: bool = False, strict: bool = False, as_frame: b
         skipped.append((path, str(err)))
 
     readable = []
-    for _, paths in _dotprod_files(run_dir):
-        for path in paths:  # Parquet first; the pickle of the same steps only if the Parquet file is unreadable
-            try:
-                readable.append((path, *_read_file(path, per_layer)))
-                break
-            except UnsafePickleError:
-                raise
-            except ResultsFormatError as err:
-                skip(path, err)
+    iterations = [paths for _, paths in _dotprod_files(run_dir)]
+    # Parquet reads release the GIL; unpickling does not, and threads would only add malloc arenas
+    threads = min(8, os.cpu_count() or 1) if any(paths[0].endswith(".parquet") for paths in iterations) else 1
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        attempts = list(pool.map(lambda paths: _read_iteration(paths, per_layer), iterations))
+    for attempt in attempts:
+        for path, result in attempt:
+            if isinstance(result, ResultsFormatError):
+                skip(path, result)
+            else:
+                readable.append((path, *result))
     # the run's name: config.json's, else the one most files carry; a file of another run is never merged
     names = collections.Counter(name for _, _, name, _, _ in readable)
     run_name = config.get("run_name") or (names.most_common(1)[0][0] if names else None)

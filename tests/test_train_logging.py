@@ -19,7 +19,7 @@ import torch
 from ghost_engine.results_io import load_run
 from GradDotProd_LM import experiment_log, train
 from GradDotProd_LM.run_files import set_aside_after
-from test_faults import STEPS, launch, run
+from test_faults import launch, run
 from test_faults import flags as fault_flags
 from test_train_runs import HardCrash, tiny_flags
 
@@ -37,8 +37,8 @@ def test_kill_9_keeps_every_completed_step_line_and_resume_logs_each_step_once(d
     """SIGKILL right after the progress line of step 5 (printed after that step's log line): every step up
     to 5 has its complete line. --resume moves the lines after its checkpoint aside and logs steps 1..N
     once each; the per-domain sums equal the sums of the saved dot products, the CSV equals the log."""
-    results = str(tmp_path / "results")
-    args = fault_flags(data_dir, results, "killed", "--report_to", "csv")  # checkpoints at 3, 6, ...
+    results, steps_in_run = str(tmp_path / "results"), 7
+    args = fault_flags(data_dir, results, "killed", "--report_to", "csv", "--max_steps", str(steps_in_run))
     proc = launch(args)
     output = []
     for line in proc.stdout:
@@ -62,8 +62,8 @@ def test_kill_9_keeps_every_completed_step_line_and_resume_logs_each_step_once(d
     code, out = run(args + ["--resume"])
     assert code == 0, out
     records = read_jsonl(path)
-    assert [r["step"] for r in of_kind(records, "step")] == list(range(1, STEPS + 1))
-    assert [r["step"] for r in of_kind(records, "eval")] == [5, 10, 12]
+    assert [r["step"] for r in of_kind(records, "step")] == list(range(1, steps_in_run + 1))
+    assert [r["step"] for r in of_kind(records, "eval")] == [5, 7]  # every 5 steps and the last
     # the lines of steps the resumed run redid were moved aside, not lost
     later = b"".join(line for line, r in zip(before.splitlines(keepends=True), killed) if r["step"] > checkpoint)
     set_aside = glob.glob(os.path.join(run_dir, "superseded", "*", "training_log.jsonl"))
@@ -84,7 +84,7 @@ def test_kill_9_keeps_every_completed_step_line_and_resume_logs_each_step_once(d
                                    rtol=1e-6, atol=1e-6 * np.abs(columns["dot_products"]).max())
     with open(os.path.join(run_dir, "training_log.csv"), newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [int(row["step"]) for row in rows] == list(range(1, STEPS + 1))
+    assert [int(row["step"]) for row in rows] == list(range(1, steps_in_run + 1))
     for row, record in zip(rows, of_kind(records, "step")):
         assert (float(row["loss"]), float(row["lr"])) == (record["loss"], record["lr"])
         assert {d: float(row[f"dot_products/{d}"]) for d in record["dot_products_by_domain"]} == \
@@ -187,14 +187,13 @@ def test_csv_tensorboard_and_wandb_get_every_step_once_across_a_resume(data_dir,
 def test_a_run_started_before_the_jsonl_gets_one_on_resume(data_dir, tmp_path):
     """A run directory without training_log.jsonl (written by an older version): --resume seeds it from
     training_log.json, so the .jsonl still holds every step once."""
-    flags = tiny_flags(data_dir, str(tmp_path), "old", "--max_steps", "2", "--eval_interval", "2")
+    flags = tiny_flags(data_dir, str(tmp_path), "old", "--max_steps", "1")
     assert train.main(flags) == 0
     run_dir = str(tmp_path / "old")
     os.remove(os.path.join(run_dir, "training_log.jsonl"))
-    assert train.main(flags + ["--resume", "--max_steps", "3"]) == 0
+    assert train.main(flags + ["--resume", "--max_steps", "2"]) == 0
     records = read_jsonl(os.path.join(run_dir, "training_log.jsonl"))
-    assert [(r["kind"], r["step"]) for r in records] == [("step", 1), ("step", 2), ("eval", 2), ("step", 3),
-                                                        ("eval", 3)]
+    assert [(r["kind"], r["step"]) for r in records] == [("step", 1), ("eval", 1), ("step", 2), ("eval", 2)]
     with open(os.path.join(run_dir, "training_log.json")) as f:
         summary = json.load(f)
     assert [{k: r[k] for k in saved} for r, saved in zip(of_kind(records, "step"), summary["steps"])] == \

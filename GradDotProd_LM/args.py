@@ -11,12 +11,14 @@ import yaml
 
 from ghost_engine.flags import FlagParser
 from ghost_engine.results_io import dotprod_steps_on_disk
+from GradDotProd_LM.experiment_log import SINKS, missing_packages
 from GradDotProd_LM.model import MODEL_ARCHITECTURES, load_model_config, max_seq_len
 from GradDotProd_LM.settings import load_settings
 
 METHODS = ("GradDotProd", "Regular")
 OPTIMIZERS = ("AdamW", "SGD")
 DTYPES = ("float32", "bfloat16")
+RESULTS_FORMATS = ("pickle", "parquet", "both")
 
 DEFAULTS = dict(
     method="GradDotProd", architecture="GPT2-Small", batch_size=16, val_batch_size=1,
@@ -25,7 +27,8 @@ DEFAULTS = dict(
     eval_only=False, eval_interval=500, eval_iter=10, eval_bs=8, dot_prod_save_interval=10,
     checkpoint_interval=1000, model_dtype="float32", train_dtype="auto", seq_len=1024,
     data_dir=None, results_dir=None, run_name=None, resume=False, compile=False, grad_ckpt=False,
-    init_from=None, vocab_pad_multiple=64, accept_data_change=False, model_config=None,
+    init_from=None, vocab_pad_multiple=64, accept_data_change=False, model_config=None, report_to=[],
+    results_format="both",
 )
 # What a run saved before a setting existed used (its config.json lacks the key).
 LEGACY_DEFAULTS = dict(vocab_pad_multiple=1)
@@ -80,6 +83,20 @@ def parse_domains(text):
         if not sep or not name or not weights[name] > 0:
             raise argparse.ArgumentTypeError(f"{part!r}: write every entry as Domain:weight with weight > 0")
     return weights
+
+
+def parse_report_to(text):
+    """'csv,tensorboard' -> ['csv', 'tensorboard']; 'none' (or nothing) -> []."""
+    sinks = [p.strip() for p in text.split(",") if p.strip()]
+    if sinks == ["none"]:
+        return []
+    if "none" in sinks:
+        raise argparse.ArgumentTypeError(f"{text!r}: none cannot be combined with other sinks")
+    unknown = [s for s in sinks if s not in SINKS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown)}: choose from none or a comma-separated list of "
+                                         f"{', '.join(SINKS)}")
+    return list(dict.fromkeys(sinks))
 
 
 def build_parser():
@@ -148,7 +165,13 @@ def build_parser():
     g.add_argument("--eval_bs", type=_positive_int, help=f"rows per evaluation batch [{d['eval_bs']}]")
     g.add_argument("--checkpoint_interval", type=_positive_int, help=f"[{d['checkpoint_interval']}]")
     g.add_argument("--dot_prod_save_interval", type=_positive_int,
-                   help=f"steps per grad_dotprods/iter_XXXXXX.pkl [{d['dot_prod_save_interval']}]")
+                   help=f"steps per grad_dotprods/iter_XXXXXX file [{d['dot_prod_save_interval']}]")
+    g.add_argument("--results_format", choices=RESULTS_FORMATS,
+                   help="dot-product files as iter_XXXXXX.pkl, .parquet (the same rows as a table), or both "
+                        f"[{d['results_format']}]")
+    g.add_argument("--report_to", type=parse_report_to, metavar="{none,csv,tensorboard,wandb}",
+                   help="also send loss, lr, tokens/s and per-domain dot-product sums of every step to these "
+                        "(comma-separated; training_log.jsonl is always written) [none]")
     return p
 
 
@@ -277,6 +300,10 @@ def _check_values(cfg, parser, world_size):
     for flag in ("data_dir", "init_from"):
         if cfg[flag] is not None and not os.path.isdir(cfg[flag]):
             parser.error(f"--{flag} {cfg[flag]}: no such directory")
+    missing = missing_packages(cfg["report_to"])
+    if missing and not cfg["eval_only"]:
+        parser.error(f"--report_to {','.join(missing)}: needs the package(s) {', '.join(missing.values())}; "
+                     "install them with pip install -e \".[logging]\" (or pass --report_to none)")
     if os.sep in cfg["run_name"] or cfg["run_name"] in ("", ".", ".."):
         parser.error(f"--run_name {cfg['run_name']!r} must be a plain directory name")
     if len(cfg["run_name"].encode()) > 200:

@@ -1,16 +1,18 @@
 """Files of one run directory, Results/<run_name>/ (layout in docs/training.md).
 
     config.json          resolved flags + environment: everything needed to rerun
-    training_log.json    {"steps": [per-step records], "evals": [evaluation records]}
+    training_log.json    {"steps": [per-step records], "evals": [evaluation records]}, at checkpoints
+    training_log.jsonl   the same records, one line each, appended every step (GradDotProd_LM.experiment_log)
     valset.pkl           validation tokens and their provenance (plain python/numpy)
-    grad_dotprods/iter_XXXXXX.pkl   steps (previous file, XXXXXX], schema in ghost_engine.results_io
+    grad_dotprods/iter_XXXXXX.pkl, .parquet   steps (previous file, XXXXXX], schema in ghost_engine.results_io
                          (which also writes them and sets aside those of steps a resume redoes)
     checkpoints/latest.pt
     run.lock             held by the process training the run (RunLock)
-    superseded/<time>/   files of steps after the checkpoint a resume started from, moved aside
+    superseded/<time>/   files and log lines of steps after the checkpoint a resume started from, moved aside
 
-Every file is written durably (ghost_engine.durable: temporary file, fsync, rename, fsync of the directory),
-so a reader never sees half a file and a written file survives a crash.
+Every file but the appended training_log.jsonl is written durably (ghost_engine.durable: temporary file,
+fsync, rename, fsync of the directory), so a reader never sees half a file and a written file survives a
+crash. training_log.jsonl is flushed every step and fsynced before every checkpoint.
 """
 import hashlib
 import json

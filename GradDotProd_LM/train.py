@@ -28,6 +28,7 @@ from ghost_engine.results_io import flush_dotprods, set_aside_after
 from GradDotProd_LM.args import model_name, parse_config, run_dir_of
 from GradDotProd_LM.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, set_rng_state
 from GradDotProd_LM.evaluate import Evaluator, format_eval
+from GradDotProd_LM.experiment_log import ExperimentLog, SinkError, domain_sums
 from GradDotProd_LM.model import build_model
 from GradDotProd_LM.run_files import (RunBusyError, RunLock, data_identity, describe_data_change, read_json,
                                       read_training_log, read_valset_tokens, write_json, write_valset)
@@ -325,8 +326,22 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
     if rank0_error_stops_all(checkpoint_space_shortfall(run_dir, model, optimizer) if master else None,
                              world_size, device):
         return 2
+    experiment_log = sink_error = None  # rank 0 writes training_log.jsonl and the --report_to sinks
     if master:
         os.makedirs(run_dir, exist_ok=True)
+        moved, destination = set_aside_after(run_dir, start_step)  # files and log lines of steps to redo
+        if cfg["resume"]:
+            print(f"Resuming {run_dir} from step {start_step}" + ("" if start_step else " (no checkpoint yet)")
+                  + (f"; moved {len(moved)} file(s) of later steps to {destination}" if moved else ""), flush=True)
+        log = read_training_log(run_dir, start_step)
+        try:
+            experiment_log = ExperimentLog(run_dir, cfg["report_to"], cfg, start_step, log)
+        except SinkError as err:
+            sink_error = err
+    if rank0_error_stops_all(sink_error, world_size, device):
+        return 2
+    results_formats = ("pickle", "parquet") if cfg["results_format"] == "both" else (cfg["results_format"],)
+    if master:
         config_record = dict(cfg, world_size=world_size, train_dtype_resolved=train_dtype, device=str(device),
                              torch=torch.__version__, transformers=transformers.__version__,
                              python=platform.python_version(), argv=argv, data_identity=identity,
@@ -334,11 +349,6 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
         if data_change or val_changed:
             config_record["data_changes"].append({"from_step": start_step + 1, "change": data_change,
                                                   "validation_rows_changed": bool(val_changed)})
-        moved, destination = set_aside_after(run_dir, start_step)  # files of steps the run is about to redo
-        if cfg["resume"]:
-            print(f"Resuming {run_dir} from step {start_step}" + ("" if start_step else " (no checkpoint yet)")
-                  + (f"; moved {len(moved)} file(s) of later steps to {destination}" if moved else ""), flush=True)
-        log = read_training_log(run_dir, start_step)
         write_json(os.path.join(run_dir, "config.json"), config_record)
         if val_batch is not None and not os.path.exists(os.path.join(run_dir, "valset.pkl")):
             write_valset(run_dir, val_batch, cfg)
@@ -346,10 +356,11 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
             write_valset(run_dir, val_batch, cfg, name=f"valset_from_step_{start_step + 1:06d}.pkl")
     pending = []  # step records of dot products not yet written
 
-    def save_all(step):  # dot products first: a checkpoint at step s implies files cover steps 1..s
+    def save_all(step):  # dot products and log first: a checkpoint at step s implies they cover steps 1..s
         if master:
-            flush_dotprods(run_dir, cfg["run_name"], world_size, pending)
+            flush_dotprods(run_dir, cfg["run_name"], world_size, pending, results_formats)
             write_json(os.path.join(run_dir, "training_log.json"), log)
+            experiment_log.sync()
         save_checkpoint(run_dir, model, optimizer, step, cfg) if master else None
 
     # ---------------------------------------------------------------- training loop
@@ -360,6 +371,7 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
     started = time.perf_counter()
     step = start_step
     done = start_step  # last step whose update and dot products are complete
+    finished = False
     try:
         while step < cfg["max_steps"]:
             step += 1
@@ -418,6 +430,7 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
                 rows_all = gather_rows(local, world_size)
                 if master:
                     pending.append(dict(step=step, lr=lr, train_loss=loss, val_loss=val_loss, **rows_all))
+                    by_domain = domain_sums(rows_all["domain"], rows_all["dot_products"], train_reader.domains)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step  # the update and the step's dot products are complete
@@ -428,15 +441,17 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
             if graddotprod:
                 record["val_loss"] = val_loss
                 if master and step % cfg["dot_prod_save_interval"] == 0:
-                    flush_dotprods(run_dir, cfg["run_name"], world_size, pending)
+                    flush_dotprods(run_dir, cfg["run_name"], world_size, pending, results_formats)
             if master:
                 log["steps"].append(record)
+                experiment_log.step(record, by_domain if graddotprod else None)  # before the progress line
                 report_progress(step, cfg["max_steps"], record, started, start_step + 1)
 
             if step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]:
                 result = evaluator.evaluate(model, device, autocast)
                 if master:
                     log["evals"].append({"step": step, **result})
+                    experiment_log.eval(step, result)
                     print(format_eval(step, result), flush=True)
 
             # every rank must agree to stop at the same step, or the next collective would hang
@@ -451,6 +466,7 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
                           f"checkpoint written. Continue with: ./train.sh --run_name {cfg['run_name']} --resume",
                           flush=True)
                 break
+        finished = True
     except Exception:
         # keep what was complete: its dot products, log and a checkpoint at that step, as a SIGTERM would
         pending[:] = [record for record in pending if record["step"] <= done]
@@ -465,6 +481,9 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
         except Exception as save_error:  # e.g. the disk is still full: report both, lose nothing more
             print(f"train.sh: could not save after the failure: {save_error}", file=sys.stderr, flush=True)
         raise
+    finally:
+        if master:
+            experiment_log.close(failed=not finished)
 
     if graddotprod:
         engine.detach()

@@ -12,6 +12,14 @@ pickle of a plain dict (schema in docs/report.md):
                    "token_offset": int64[B], "doc_id": int64[B], "sample_index": int64[B],
                    "per_layer": optional {param_name: float32[B]}}
 
+Beside it (or instead of it, `--results_format`) the same steps as a Parquet
+table, `iter_XXXXXX.parquet`: one row per (step, training row), the columns of
+`load_run` (step, lr, train_loss, val_loss, dot_products, batch_weight,
+token_count, domain, token_offset, doc_id, sample_index, per_layer/<param name>)
+in the dtypes `load_run` returns, and the file's schema, schema_version,
+run_name and world_size as JSON under the key "graddotprod" of the Parquet
+key-value metadata. Any Parquet reader reads it (polars, DuckDB, pandas, Spark).
+
 Pickles are read with a restricted unpickler (`safe_load_pickle`): only builtin
 containers/scalars and numpy arrays, dtypes and scalars may be rebuilt, so a
 results directory from someone else cannot run code on load.
@@ -19,7 +27,6 @@ results directory from someone else cannot run code on load.
 from __future__ import annotations
 
 import collections
-import glob
 import io
 import json
 import os
@@ -27,17 +34,23 @@ import pickle
 import re
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ghost_engine.durable import fsync_directory, write_atomically
 
 SCHEMA_NAME = "graddotprod.dotprods"
 SCHEMA_VERSION = 1
 DOTPROD_DIR = "grad_dotprods"
-DOTPROD_FILE_PATTERN = "iter_*.pkl"
-_ITER_FILE = re.compile(r"^iter_(\d+)\.pkl$")
+RESULTS_FORMATS = {"pickle": ".pkl", "parquet": ".parquet"}  # format -> file suffix, read in reverse order
+ITER_FILE = re.compile(r"^iter_(\d+)\.(pkl|parquet)$")  # grad_dotprods/iter_<last step>.<suffix>
+PER_LAYER_PREFIX = "per_layer/"
+PARQUET_METADATA_KEY = "graddotprod"
+TRAINING_LOG_JSONL = "training_log.jsonl"  # the app's per-step log; a resume cuts it like the files
 
 # Fields of a v1 step record, by kind. Arrays are 1-D with one entry per training row.
 _V1_SCALAR_INT = ("step",)
@@ -53,6 +66,12 @@ _V1_COLUMN_NAMES = {
     "token_offset": "token_offset",
     "doc_id": "doc_id",
     "sample_index": "sample_index",
+}
+# The columns of `load_run` and of a Parquet file, in order, with their dtypes (per_layer/<name>: float32).
+COLUMN_DTYPES = {
+    "step": np.int64, "lr": np.float64, "train_loss": np.float64, "val_loss": np.float64,
+    "dot_products": np.float32, "batch_weight": np.float32, "token_count": np.int64, "domain": np.str_,
+    "token_offset": np.int64, "doc_id": np.int64, "sample_index": np.int64,
 }
 
 
@@ -260,53 +279,119 @@ def save_dotprod_pickle(path, payload) -> None:
     write_atomically(path, lambda f: pickle.dump(payload, f, protocol=4))
 
 
-def dotprod_file(run_dir, last_step) -> str:
-    return os.path.join(run_dir, DOTPROD_DIR, f"iter_{last_step:06d}.pkl")
+def save_dotprod_parquet(path, payload) -> None:
+    """Validate and atomically write one dot-product file's steps as a Parquet table (module docstring).
+
+    The rows equal what `load_run` makes of the same payload written as a pickle, column for column and
+    dtype for dtype; the table is built in memory and written through write_atomically like the pickle.
+    """
+    path = os.fspath(path)
+    _check_plain(payload, path)
+    validate_payload(payload, path)
+    columns = _records_to_columns(payload["steps"], per_layer=True)
+    arrays = {name: pa.array(values) for name, values in columns.items() if name != "domain"}
+    arrays["domain"] = pa.array(columns["domain"].tolist(), type=pa.string()).dictionary_encode()
+    metadata = {"schema": payload["schema"], "schema_version": payload["schema_version"],
+                "run_name": payload["run_name"], "world_size": int(payload["world_size"])}
+    table = pa.table({name: arrays[name] for name in columns})
+    sink = pa.BufferOutputStream()
+    # Loading speed over size: floats stored plainly (a dictionary of distinct float32 values only makes them
+    # larger) with snappy (zstd saves ~5% on these values and reads ~3x slower); statistics of `step` only
+    # and no Arrow schema copy, so that the footer of a file with ~150 per-layer columns stays small.
+    with pq.ParquetWriter(sink, table.schema, compression="snappy", use_dictionary=["domain"],
+                          write_statistics=["step"], store_schema=False) as writer:
+        writer.write_table(table)
+        writer.add_key_value_metadata({PARQUET_METADATA_KEY: json.dumps(metadata)})
+    data = sink.getvalue()
+    write_atomically(path, lambda f: f.write(memoryview(data)))
 
 
-def flush_dotprods(run_dir, run_name, world_size, pending):
-    """Write the pending step records (ascending steps) as iter_<last step>.pkl; empties `pending`.
-    Returns the file's path (None when nothing was pending)."""
+_SAVERS = {"pickle": save_dotprod_pickle, "parquet": save_dotprod_parquet}
+
+
+def dotprod_file(run_dir, last_step, results_format="pickle"):
+    return os.path.join(run_dir, DOTPROD_DIR, f"iter_{last_step:06d}{RESULTS_FORMATS[results_format]}")
+
+
+def flush_dotprods(run_dir, run_name, world_size, pending, formats=("pickle",)):
+    """Write the pending step records (ascending steps) as iter_<last step>.pkl and/or .parquet (the same
+    rows; `formats` from --results_format); empties `pending`. Returns the paths written."""
     if not pending:
-        return None
+        return []
     os.makedirs(os.path.join(run_dir, DOTPROD_DIR), exist_ok=True)
-    path = dotprod_file(run_dir, pending[-1]["step"])
-    save_dotprod_pickle(path, {"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "run_name": run_name,
-                               "world_size": world_size, "steps": list(pending)})
+    payload = {"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "run_name": run_name,
+               "world_size": world_size, "steps": list(pending)}
+    paths = []
+    for results_format in formats:
+        paths.append(dotprod_file(run_dir, pending[-1]["step"], results_format))
+        _SAVERS[results_format](paths[-1], payload)
     pending.clear()
-    return path
+    return paths
 
 
-def dotprod_steps_on_disk(run_dir) -> list:
-    """Last steps of the run's iter_XXXXXX.pkl files, ascending."""
+def dotprod_steps_on_disk(run_dir):
+    """Last steps of the run's iter_XXXXXX.pkl / .parquet files, ascending, each once."""
     directory = os.path.join(run_dir, DOTPROD_DIR)
     if not os.path.isdir(directory):
         return []
-    return sorted(int(m.group(1)) for m in map(_ITER_FILE.match, os.listdir(directory)) if m)
+    return sorted({int(m.group(1)) for m in map(ITER_FILE.match, os.listdir(directory)) if m})
+
+
+def split_log_lines(data, step):
+    """training_log.jsonl's bytes -> (kept, later): the leading complete lines of steps <= `step`, and the
+    rest from the first line that is later, torn (no newline: a kill in the middle of a write) or not JSON."""
+    kept = 0
+    for line in data.splitlines(keepends=True):
+        try:
+            record = json.loads(line) if line.endswith(b"\n") else None
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int) or record["step"] > step:
+            break
+        kept += len(line)
+    return data[:kept], data[kept:]
 
 
 def set_aside_after(run_dir, step):
-    """Move the dot-product files of steps after `step` (written after the checkpoint a run resumes from;
-    the resumed run writes those steps again) to superseded/<UTC time>/, and remove stray temporary
+    """Move what a resumed run is about to redo, everything of steps after `step` (the checkpoint it resumes
+    from), to superseded/<UTC time>/: the dot-product files (both formats) and the lines of
+    training_log.jsonl (the file is cut after the last line of step <= `step`). Removes stray temporary
     files of interrupted writes. Nothing complete is deleted. Returns (moved names, destination or None)."""
     for sub in (DOTPROD_DIR, "checkpoints"):
         directory = os.path.join(run_dir, sub)
         for name in os.listdir(directory) if os.path.isdir(directory) else []:
             if ".tmp-" in name:  # a write that never completed (kill -9, full disk): no data in it
                 os.remove(os.path.join(directory, name))
-    later = [s for s in dotprod_steps_on_disk(run_dir) if s > step]
-    if not later:
+    directory = os.path.join(run_dir, DOTPROD_DIR)
+    later = sorted(name for name in (os.listdir(directory) if os.path.isdir(directory) else [])
+                   if ITER_FILE.match(name) and int(ITER_FILE.match(name).group(1)) > step)
+    log_path = os.path.join(run_dir, TRAINING_LOG_JSONL)
+    kept_lines, later_lines = b"", b""
+    if os.path.exists(log_path):
+        with open(log_path, "rb") as f:
+            kept_lines, later_lines = split_log_lines(f.read(), step)
+    if not later and not later_lines:
         return [], None
-    destination = os.path.join(run_dir, "superseded", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()),
-                               DOTPROD_DIR)
-    os.makedirs(destination, exist_ok=True)
+    destination = base = os.path.join(run_dir, "superseded", time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    attempt = 1
+    while os.path.exists(destination):  # two resumes within a second: the earlier one's files stay
+        destination, attempt = f"{base}-{attempt}", attempt + 1
     moved = []
-    for last_step in later:
-        name = os.path.basename(dotprod_file(run_dir, last_step))
-        os.replace(dotprod_file(run_dir, last_step), os.path.join(destination, name))
-        moved.append(name)
-    fsync_directory(destination)
-    fsync_directory(os.path.join(run_dir, DOTPROD_DIR))
+    if later:
+        os.makedirs(os.path.join(destination, DOTPROD_DIR), exist_ok=True)
+        for name in later:
+            os.replace(os.path.join(directory, name), os.path.join(destination, DOTPROD_DIR, name))
+            moved.append(name)
+        fsync_directory(os.path.join(destination, DOTPROD_DIR))
+        fsync_directory(directory)
+    if later_lines:
+        # the copy first: a crash before the cut leaves the lines in both places, never in neither
+        os.makedirs(destination, exist_ok=True)
+        write_atomically(os.path.join(destination, TRAINING_LOG_JSONL), lambda f: f.write(later_lines))
+        with open(log_path, "r+b") as f:
+            f.truncate(len(kept_lines))
+            os.fsync(f.fileno())
+        moved.append(TRAINING_LOG_JSONL)
     return moved, destination
 
 
@@ -331,11 +416,17 @@ class Run:
     def num_rows(self) -> int:
         return len(self.columns["step"])
 
-    def to_pandas(self):
-        """The columns as a pandas DataFrame (needs pandas; per-layer columns included)."""
+    def to_frame(self):
+        """The columns as a pandas DataFrame (per-layer columns included); `.attrs` holds run_dir, config,
+        files, skipped, missing_steps and duplicate_steps."""
         import pandas as pd
 
-        return pd.DataFrame(self.columns)
+        frame = pd.DataFrame(self.columns)
+        frame.attrs.update(run_dir=self.run_dir, config=self.config, files=self.files, skipped=self.skipped,
+                           missing_steps=self.missing_steps, duplicate_steps=self.duplicate_steps)
+        return frame
+
+    to_pandas = to_frame
 
 
 class Columns(dict):
@@ -346,15 +437,33 @@ class Columns(dict):
 
 
 def _dotprod_files(run_dir: str) -> list:
-    def iteration(path):
-        match = re.search(r"iter_(\d+)\.pkl$", path)
-        return (int(match.group(1)) if match else -1, path)
+    """[(last step, [paths])] in step order; per step the Parquet file first, then the pickle."""
+    directory = os.path.join(run_dir, DOTPROD_DIR)
+    by_step = collections.defaultdict(list)
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
+        match = ITER_FILE.match(name)
+        if match:
+            by_step[int(match.group(1))].append(os.path.join(directory, name))
+    return [(step, sorted(paths, key=lambda p: not p.endswith(".parquet"))) for step, paths in sorted(by_step.items())]
 
-    return sorted(glob.glob(os.path.join(run_dir, DOTPROD_DIR, DOTPROD_FILE_PATTERN)), key=iteration)
+
+def _read_iteration(paths: list, per_layer: bool) -> list:
+    """Read the first readable of one iteration's files (Parquet first; the pickle of the same steps only if
+    the Parquet file is unreadable): [(path, what _read_file returned, or its ResultsFormatError)]."""
+    attempt = []
+    for path in paths:
+        try:
+            attempt.append((path, _read_file(path, per_layer)))
+            break
+        except ResultsFormatError as err:
+            attempt.append((path, err))
+    return attempt
 
 
-def _read_file(path: str):
-    """Load and validate one file; returns (schema_version, run_name, step records)."""
+def _read_file(path: str, per_layer: bool):
+    """Load and validate one file; returns (schema_version, run_name, columns, steps repeated in the file)."""
+    if path.endswith(".parquet"):
+        return _read_parquet(path, per_layer)
     try:
         payload = safe_load_pickle(path)
     except UnsafePickleError:
@@ -370,7 +479,13 @@ def _read_file(path: str):
             f"{path}: schema_version {version!r} is unknown to this reader (knows {sorted(_READERS)}); "
             "upgrade the package or load the run with the version that wrote it"
         )
-    return version, payload.get("run_name"), reader(payload, path)
+    by_step, repeated = {}, set()
+    for record in reader(payload, path):
+        step = int(record["step"])
+        if step in by_step:
+            repeated.add(step)
+        by_step[step] = record  # the later record of a step wins
+    return version, payload.get("run_name"), _records_to_columns(list(by_step.values()), per_layer), repeated
 
 
 def _read_v1(payload, path: str) -> list:
@@ -381,6 +496,50 @@ def _read_v1(payload, path: str) -> list:
 # schema_version -> reader returning step records in the current (v1) field layout.
 # A future v2 adds its reader here and converts to the newest layout.
 _READERS = {1: _read_v1}
+
+
+_ARROW_KINDS = {np.int64: pa.types.is_integer, np.float64: pa.types.is_floating, np.float32: pa.types.is_floating,
+                np.str_: pa.types.is_string}  # column dtype -> test of the Arrow type that may hold it
+
+
+def _read_parquet(path: str, per_layer: bool):
+    """A Parquet dot-product file -> (schema_version, run_name, columns, set()); only the per-layer
+    columns are left unread when not asked for."""
+    try:
+        file = pq.ParquetFile(path)
+        schema = file.schema_arrow
+        metadata = json.loads((schema.metadata or {}).get(PARQUET_METADATA_KEY.encode(), b"null"))
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise ResultsFormatError(f"{path}: cannot read Parquet ({type(err).__name__}: {err})") from err
+    if not isinstance(metadata, dict) or metadata.get("schema") != SCHEMA_NAME:
+        raise ResultsFormatError(f"{path}: not a dot-product file (no schema {SCHEMA_NAME!r} in its metadata)")
+    version = metadata.get("schema_version")
+    if version not in _READERS:
+        raise ResultsFormatError(
+            f"{path}: schema_version {version!r} is unknown to this reader (knows {sorted(_READERS)}); "
+            "upgrade the package or load the run with the version that wrote it"
+        )
+    missing = [name for name in COLUMN_DTYPES if name not in schema.names]
+    if missing:
+        raise ResultsFormatError(f"{path}: lacks the columns {missing}")
+    names = list(COLUMN_DTYPES) + [n for n in schema.names if per_layer and n.startswith(PER_LAYER_PREFIX)]
+    try:
+        table = file.read(columns=names, use_threads=False)  # small files: threads cost more than they save
+    except (pa.ArrowException, OSError) as err:
+        raise ResultsFormatError(f"{path}: cannot read Parquet ({type(err).__name__}: {err})") from err
+    columns = {}
+    for name in names:
+        column = table.column(name)
+        dtype = COLUMN_DTYPES.get(name, np.float32)
+        kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+        if column.null_count or not _ARROW_KINDS[dtype](kind):
+            raise ResultsFormatError(f"{path}: column {name!r} must be {np.dtype(dtype).name} without nulls, got "
+                                     f"{column.type} with {column.null_count} null(s)")
+        if dtype is np.str_:
+            columns[name] = np.asarray(column.cast(pa.string()).to_pylist(), dtype=str)
+        else:
+            columns[name] = column.to_numpy().astype(dtype, copy=False)
+    return version, metadata.get("run_name"), columns, set()
 
 
 def _expected_steps(config: dict, seen_steps: list) -> list:
@@ -394,9 +553,12 @@ def _expected_steps(config: dict, seen_steps: list) -> list:
     return list(range(1, max(seen_steps) + 1))  # steps count from 1; the end is unknown without config.json
 
 
-def load_run(run_dir, per_layer: bool = False, strict: bool = False) -> Run:
-    """Merge every `grad_dotprods/iter_*.pkl` of a run into columns.
+def load_run(run_dir, per_layer: bool = False, strict: bool = False, as_frame: bool = False):
+    """Merge every `grad_dotprods/iter_*` file of a run into columns: a `Run`, or with as_frame=True a
+    pandas DataFrame of the same columns whose `.attrs` hold the Run's other fields.
 
+    For every iteration the Parquet file is read if there is one (per-layer columns only when
+    per_layer=True), else the pickle; the pickle also when the Parquet file cannot be read.
     Only files whose `run_name` is the run's (config.json's, else the directory's name) are merged.
     strict=False skips unreadable/corrupt/unknown-version/foreign files with a warning
     and lists them in `Run.skipped`; strict=True raises naming the file. Unsafe
@@ -407,9 +569,7 @@ def load_run(run_dir, per_layer: bool = False, strict: bool = False) -> Run:
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"run directory {run_dir!r} does not exist")
     config = _read_json(os.path.join(run_dir, "config.json"))
-    skipped, files, versions = [], [], {}
-    records_by_step = {}
-    duplicates = set()
+    skipped = []
 
     def skip(path, err):
         if strict:
@@ -418,55 +578,70 @@ def load_run(run_dir, per_layer: bool = False, strict: bool = False) -> Run:
         skipped.append((path, str(err)))
 
     readable = []
-    for path in _dotprod_files(run_dir):
-        try:
-            readable.append((path, *_read_file(path)))
-        except UnsafePickleError:
-            raise
-        except ResultsFormatError as err:
-            skip(path, err)
+    iterations = [paths for _, paths in _dotprod_files(run_dir)]
+    # Parquet reads release the GIL; unpickling does not, and threads would only add malloc arenas
+    threads = min(8, os.cpu_count() or 1) if any(paths[0].endswith(".parquet") for paths in iterations) else 1
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        attempts = list(pool.map(lambda paths: _read_iteration(paths, per_layer), iterations))
+    for attempt in attempts:
+        for path, result in attempt:
+            if isinstance(result, ResultsFormatError):
+                skip(path, result)
+            else:
+                readable.append((path, *result))
     # the run's name: config.json's, else the one most files carry; a file of another run is never merged
-    names = collections.Counter(name for _, _, name, _ in readable)
+    names = collections.Counter(name for _, _, name, _, _ in readable)
     run_name = config.get("run_name") or (names.most_common(1)[0][0] if names else None)
-    for path, version, name, records in readable:
+    kept = []
+    for path, version, name, columns, repeated in readable:
         if name != run_name:
-            err = ResultsFormatError(f"{path}: written by run {name!r}, not {run_name!r}; files of another "
-                                     "run are not merged")
-            skip(path, err)
-            continue
-        files.append(path)
-        versions[path] = version
-        for record in records:
-            step = int(record["step"])
-            if step in records_by_step:
-                duplicates.add(step)
-            records_by_step[step] = record
+            skip(path, ResultsFormatError(f"{path}: written by run {name!r}, not {run_name!r}; files of another "
+                                          "run are not merged"))
+        else:
+            kept.append((path, version, columns, repeated))
+    # a step in several files is kept from the last one: walk the files backwards, claiming steps
+    claimed, duplicates, chunks = set(), set(), []
+    for _, _, columns, repeated in reversed(kept):
+        steps_here = set(np.unique(columns["step"]).tolist())
+        again = steps_here & claimed
+        if again:
+            keep = ~np.isin(columns["step"], sorted(again))
+            columns = {name: values[keep] for name, values in columns.items()}
+        duplicates |= again | repeated
+        claimed |= steps_here
+        chunks.append(columns)
     if duplicates:
         warnings.warn(
             f"{run_dir}: steps {sorted(duplicates)} appear in more than one file (resumed run?); "
             "keeping the copy from the last file",
             stacklevel=2,
         )
-    steps = sorted(records_by_step)
-    missing = sorted(set(_expected_steps(config, steps)) - set(steps))
-    columns = _merge_records([records_by_step[s] for s in steps], per_layer)
-    return Run(run_dir=run_dir, columns=columns, config=config, files=files, skipped=skipped,
-               missing_steps=missing, duplicate_steps=sorted(duplicates), schema_versions=versions)
+    columns = _concatenate(chunks[::-1])
+    missing = sorted(set(_expected_steps(config, sorted(claimed))) - claimed)
+    run = Run(run_dir=run_dir, columns=columns, config=config, files=[path for path, *_ in kept], skipped=skipped,
+              missing_steps=missing, duplicate_steps=sorted(duplicates),
+              schema_versions={path: version for path, version, _, _ in kept})
+    return run.to_frame() if as_frame else run
 
 
-def load_dotprods(run_dir, per_layer: bool = False, strict: bool = False) -> Columns:
+def load_dotprods(run_dir, per_layer: bool = False, strict: bool = False, as_frame: bool = False) -> Columns:
     """Columns of a run (see `load_run`): step, lr, train_loss, val_loss,
     dot_products, batch_weight, token_count, domain, token_offset, doc_id,
     sample_index (+ "per_layer/<name>" if per_layer). `.skipped` lists the
-    files that were skipped, `.missing_steps` the steps not found."""
+    files that were skipped, `.missing_steps` the steps not found.
+    as_frame=True: the same as `load_run(..., as_frame=True)`, a pandas DataFrame."""
     run = load_run(run_dir, per_layer=per_layer, strict=strict)
+    if as_frame:
+        return run.to_frame()
     columns = Columns(run.columns)
     columns.skipped = run.skipped
     columns.missing_steps = run.missing_steps
     return columns
 
 
-def _merge_records(records: list, per_layer: bool) -> dict:
+def _records_to_columns(records: list, per_layer: bool) -> dict:
+    """Step records -> columns in record order (COLUMN_DTYPES, + per_layer/<name> float32, NaN where a
+    record lacks that parameter)."""
     n_rows = [len(r["dot_products"]) for r in records]
     total = sum(n_rows)
 
@@ -488,13 +663,29 @@ def _merge_records(records: list, per_layer: bool) -> dict:
         dtype = np.float32 if field_name in _V1_FLOAT_ARRAYS else np.int64
         columns[column] = concat(field_name, dtype)
     columns["domain"] = np.array([d for r in records for d in r["domain"]], dtype=str) if total else np.zeros(0, dtype="<U1")
+    columns = {name: columns[name] for name in COLUMN_DTYPES}
     if per_layer:
         names = sorted({name for r in records for name in (r.get("per_layer") or {})})
         for name in names:
             parts = [np.asarray(r["per_layer"][name], dtype=np.float32) if name in (r.get("per_layer") or {})
                      else np.full(n, np.nan, dtype=np.float32) for r, n in zip(records, n_rows)]
-            columns[f"per_layer/{name}"] = np.concatenate(parts)
+            columns[f"{PER_LAYER_PREFIX}{name}"] = np.concatenate(parts)
+    return columns
+
+
+def _concatenate(chunks: list) -> dict:
+    """Column chunks of files -> one set of columns sorted by (step, sample_index); a per-layer column that
+    a chunk lacks is NaN there."""
+    if not chunks:
+        return _records_to_columns([], per_layer=False)
+    layer_names = sorted({name for chunk in chunks for name in chunk if name.startswith(PER_LAYER_PREFIX)})
+    columns = {name: np.concatenate([chunk[name] for chunk in chunks]) for name in COLUMN_DTYPES}
+    for name in layer_names:
+        columns[name] = np.concatenate([chunk[name] if name in chunk else
+                                        np.full(len(chunk["step"]), np.nan, dtype=np.float32) for chunk in chunks])
     order = np.lexsort((columns["sample_index"], columns["step"]))
+    if (order[1:] > order[:-1]).all():  # already in order (files written by the app): no copy
+        return columns
     return {name: values[order] for name, values in columns.items()}
 
 

@@ -14,15 +14,9 @@ import numpy as np
 import pytest
 
 from ghost_engine.results_io import load_run
-from pile_tools import ensure_sample_dataset
 
 B, STEPS = 4, 12
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return ensure_sample_dataset(str(tmp_path_factory.mktemp("sample")))
 
 
 def flags(data_dir, results, run_name, *extra):

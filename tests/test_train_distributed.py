@@ -11,7 +11,6 @@ import torch
 from ghost_engine.results_io import load_run
 from GradDotProd_LM import train
 from GradDotProd_LM.model import build_model
-from pile_tools import ensure_sample_dataset
 
 B, STEPS = 4, 3
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # config_file.py lives here
@@ -28,8 +27,7 @@ def flags(data_dir, results_dir, run_name, architecture="GPT2-Tiny"):
 
 
 @pytest.mark.parametrize("architecture", ["GPT2-Tiny", "Llama-Tiny"])
-def test_two_gloo_processes_equal_one_process(architecture, tmp_path):
-    data_dir = ensure_sample_dataset(str(tmp_path / "sample"))
+def test_two_gloo_processes_equal_one_process(architecture, data_dir, tmp_path):
     results = str(tmp_path / "results")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

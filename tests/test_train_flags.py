@@ -35,6 +35,9 @@ def dirs(tmp_path):
     (["--vocab_pad_multiple", "0"], "--vocab_pad_multiple: must be a positive integer"),
     (["--max_step", "5"], "unrecognized arguments: --max_step 5"),  # no prefix matching
     (["--run_name", "r" * 300], "--run_name is 300 bytes long"),
+    (["--report_to", "csv,mlflow"], "--report_to: mlflow: choose from none or a comma-separated list of csv"),
+    (["--report_to", "none,csv"], "none cannot be combined"),
+    (["--results_format", "hdf5"], "--results_format: invalid choice: 'hdf5'"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(flags, message, dirs, capsys, tmp_path):
     results_before = os.path.exists(tmp_path / "results")
@@ -99,9 +102,7 @@ def test_vocabulary_padding_is_part_of_a_runs_identity(tmp_path, dirs, capsys):
     assert "--vocab_pad_multiple differ from the saved run" in capsys.readouterr().err
 
 
-def test_unknown_domain_is_a_usage_error(tmp_path, capsys):
-    from pile_tools import ensure_sample_dataset
-    data_dir = ensure_sample_dataset(str(tmp_path / "sample"))
+def test_unknown_domain_is_a_usage_error(data_dir, tmp_path, capsys):
     flags = ["--architecture", "GPT2-Tiny", "--data_dir", data_dir, "--results_dir", str(tmp_path / "r"),
              "--val_domain", "Nonexistent Domain"]
     assert main(flags) == 2

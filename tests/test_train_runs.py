@@ -12,15 +12,9 @@ from _reference import app_first_step_reference
 from ghost_engine.results_io import load_run, safe_load_pickle
 from GradDotProd_LM import train
 from GradDotProd_LM.model import build_model
-from pile_tools import ensure_sample_dataset
 from pile_tools.reader import PileReader
 
 SEED, B, T, BV, STEPS = 42, 4, 32, 2, 6
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return ensure_sample_dataset(str(tmp_path_factory.mktemp("sample")))
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +42,8 @@ def baseline(data_dir, results_dir):
 
 
 def test_run_directory_is_complete_and_loadable(baseline, data_dir):
-    assert sorted(os.listdir(os.path.join(baseline, "grad_dotprods"))) == [
-        "iter_000002.pkl", "iter_000004.pkl", "iter_000006.pkl"]
+    assert sorted(os.listdir(os.path.join(baseline, "grad_dotprods"))) == [  # --results_format both
+        f"iter_{step:06d}.{suffix}" for step in (2, 4, 6) for suffix in ("parquet", "pkl")]
     run = load_run(baseline, strict=True)
     cols = run.columns
     assert run.missing_steps == [] and run.duplicate_steps == [] and run.skipped == []
@@ -143,7 +137,8 @@ def test_crash_then_resume_equals_uninterrupted_run(baseline, data_dir, results_
     assert not os.path.exists(stray)
     set_aside = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(run_dir, "superseded"))
                  for name in names]
-    assert [os.path.basename(p) for p in set_aside] == ["iter_000004.pkl"]  # moved aside, not deleted
+    assert sorted(os.path.basename(p) for p in set_aside) == [  # moved aside, not deleted
+        "iter_000004.parquet", "iter_000004.pkl", "training_log.jsonl"]
     resumed, ref = load_run(run_dir, strict=True), load_run(baseline, strict=True)
     assert resumed.duplicate_steps == [] and resumed.missing_steps == []
     for key in ("step", "sample_index", "dot_products", "lr", "train_loss", "val_loss", "doc_id"):

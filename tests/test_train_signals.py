@@ -10,14 +10,12 @@ import torch
 
 from ghost_engine.results_io import load_run
 from GradDotProd_LM import train
-from pile_tools import ensure_sample_dataset
 
 B = 4
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # config_file.py lives here
 
 
-def test_sigterm_leaves_a_complete_resumable_run(tmp_path):
-    data_dir = ensure_sample_dataset(str(tmp_path / "sample"))
+def test_sigterm_leaves_a_complete_resumable_run(data_dir, tmp_path):
     results = str(tmp_path / "results")
     flags = ["--architecture", "GPT2-Tiny", "--batch_size", str(B), "--seq_len", "32", "--val_batch_size", "1",
              "--max_steps", "500", "--warmup_step", "2", "--eval_interval", "1000", "--eval_iter", "1",

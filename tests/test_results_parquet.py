@@ -1,0 +1,224 @@
+"""Parquet dot-product files: the app writes the same rows as its pickles (read back with plain pyarrow and
+the restricted unpickler, column by column), load_run prefers them and returns a DataFrame on request,
+`python -m ghost_engine.results convert` round-trips a pickle-only run, and ghost_engine.analysis gives the
+same answers on a DataFrame as on column dicts."""
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from ghost_engine import analysis, results
+from ghost_engine.results_io import (ResultsFormatError, load_dotprods, load_run, safe_load_pickle,
+                                     save_dotprod_parquet)
+from GradDotProd_LM import train
+from test_results_io import payload, step_record, write_run
+from test_train_runs import tiny_flags
+
+# pickle step-record field -> Parquet column
+FIELD_COLUMNS = {"step": "step", "lr": "lr", "train_loss": "train_loss", "val_loss": "val_loss",
+                 "dot_products": "dot_products", "batch_weights": "batch_weight", "token_counts": "token_count",
+                 "domain": "domain", "token_offset": "token_offset", "doc_id": "doc_id", "sample_index": "sample_index"}
+
+
+def assert_parquet_equals_pickle(pickle_path, parquet_path):
+    """Every field of every step record of the pickle equals the Parquet rows of that step, dtype included."""
+    payload_ = safe_load_pickle(pickle_path)
+    table = pq.read_table(parquet_path)
+    metadata = pq.read_schema(parquet_path).metadata[b"graddotprod"]
+    assert b'"run_name": "%s"' % payload_["run_name"].encode() in metadata
+    frame = {name: table.column(name).to_pylist() for name in table.column_names}
+    layer_names = {name for record in payload_["steps"] for name in record.get("per_layer") or {}}
+    start = 0
+    for record in payload_["steps"]:
+        rows = slice(start, start + len(record["dot_products"]))
+        start = rows.stop
+        for field, column in FIELD_COLUMNS.items():
+            values = np.asarray(frame[column][rows])
+            expected = record[field]
+            if np.ndim(expected) == 0:
+                assert (values == expected).all(), field
+            else:
+                np.testing.assert_array_equal(values, np.asarray(expected), err_msg=field)
+                if field != "domain":
+                    assert table.schema.field(column).type.to_pandas_dtype() == np.asarray(expected).dtype, field
+        for name in layer_names:  # a step without a parameter's values has NaN there
+            expected = (record.get("per_layer") or {}).get(name, np.full(rows.stop - rows.start, np.nan, np.float32))
+            np.testing.assert_array_equal(np.asarray(frame[f"per_layer/{name}"][rows], dtype=np.float32), expected)
+            assert str(table.schema.field(f"per_layer/{name}").type) == "float"
+    assert start == table.num_rows
+    assert sorted(table.column_names) == sorted(list(FIELD_COLUMNS.values()) + [f"per_layer/{n}" for n in layer_names])
+
+
+def test_the_app_writes_the_same_rows_as_parquet_and_as_pickle(data_dir, tmp_path):
+    """--results_format both (the default): iter_XXXXXX.parquet beside every .pkl with exactly its rows,
+    per-parameter columns included; --results_format parquet writes Parquet only and loads the same."""
+    assert train.main(tiny_flags(data_dir, str(tmp_path), "both", "--max_steps", "3", "--eval_interval", "3")) == 0
+    directory = tmp_path / "both" / "grad_dotprods"
+    assert sorted(os.listdir(directory)) == ["iter_000002.parquet", "iter_000002.pkl", "iter_000003.parquet",
+                                             "iter_000003.pkl"]
+    for step in (2, 3):
+        assert_parquet_equals_pickle(directory / f"iter_{step:06d}.pkl", directory / f"iter_{step:06d}.parquet")
+    assert len(safe_load_pickle(directory / "iter_000002.pkl")["steps"][0]["per_layer"]) > 10
+
+    flags = tiny_flags(data_dir, str(tmp_path), "parquet", "--max_steps", "1", "--eval_interval", "1",
+                       "--results_format", "parquet")
+    assert train.main(flags) == 0
+    assert os.listdir(tmp_path / "parquet" / "grad_dotprods") == ["iter_000001.parquet"]
+    only_parquet = load_run(tmp_path / "parquet", per_layer=True, strict=True).columns
+    both = load_run(tmp_path / "both", per_layer=True, strict=True).columns
+    first = both["step"] == 1
+    assert list(only_parquet) == list(both)
+    for name in ("step", "sample_index", "domain", "token_offset", "batch_weight", "lr"):
+        np.testing.assert_array_equal(only_parquet[name], both[name][first], err_msg=name)
+    np.testing.assert_allclose(only_parquet["dot_products"], both["dot_products"][first], rtol=1e-5)
+
+
+def per_layer_run(run_dir, parquet=True):
+    """A synthetic run: 3 files, two domains, per-layer values (one step without them: NaN columns)."""
+    rng = np.random.default_rng(0)
+
+    def record(step, n):
+        layers = None if step == 3 else {name: rng.standard_normal(n).astype(np.float32)
+                                         for name in ("wte.weight", "h.0.attn.c_attn.weight")}
+        return step_record(step, rng.standard_normal(n), rng.choice(["Github", "ArXiv"], n).tolist(),
+                           lr=1e-3 / step, per_layer=layers)
+
+    write_run(run_dir, {2: [record(1, 4), record(2, 4)], 4: [record(3, 4), record(4, 4)], 5: [record(5, 3)]})
+    if parquet:
+        assert results.main(["convert", str(run_dir)]) == 0
+
+
+def assert_same_columns(got, expected):
+    assert list(got) == list(expected)
+    for name, values in expected.items():
+        np.testing.assert_array_equal(got[name], values, err_msg=name)
+        assert got[name].dtype.kind == values.dtype.kind, name
+
+
+def test_convert_round_trips_and_load_run_prefers_parquet(tmp_path, capsys):
+    """convert writes Parquet beside every pickle; a run of only those Parquet files loads to the same
+    columns as the pickles (every column, per-layer ones with their NaN gaps); a second convert writes
+    nothing; load_run reads the Parquet files when both exist."""
+    pickles = tmp_path / "pickles"
+    per_layer_run(pickles, parquet=False)
+    converted = tmp_path / "converted"
+    shutil.copytree(pickles, converted)
+    assert results.main(["convert", str(converted)]) == 0
+    assert "wrote 3 Parquet file(s)" in capsys.readouterr().out
+    for step in (2, 4, 5):
+        assert_parquet_equals_pickle(converted / "grad_dotprods" / f"iter_{step:06d}.pkl",
+                                     converted / "grad_dotprods" / f"iter_{step:06d}.parquet")
+    assert results.main(["convert", str(converted)]) == 0
+    assert "wrote 0 Parquet file(s)" in capsys.readouterr().out
+
+    run = load_run(converted, per_layer=True, strict=True)
+    assert [os.path.basename(p) for p in run.files] == ["iter_000002.parquet", "iter_000004.parquet",
+                                                        "iter_000005.parquet"]
+    reference = load_run(pickles, per_layer=True, strict=True).columns
+    assert np.isnan(reference["per_layer/wte.weight"][reference["step"] == 3]).all()
+    assert_same_columns(run.columns, reference)
+    assert_same_columns(load_run(converted).columns, load_run(pickles).columns)  # per-layer columns not read
+    parquet_only = tmp_path / "parquet-only"
+    shutil.copytree(converted, parquet_only)
+    for name in os.listdir(parquet_only / "grad_dotprods"):
+        if name.endswith(".pkl"):
+            os.remove(parquet_only / "grad_dotprods" / name)
+    assert_same_columns(load_run(parquet_only, per_layer=True, strict=True).columns, reference)
+
+
+def test_a_damaged_parquet_file_falls_back_to_its_pickle(tmp_path):
+    """A truncated Parquet file is named and skipped, and the pickle of the same steps is read instead
+    (strict=True: an error naming it). A Parquet file of another run is not merged."""
+    run_dir = tmp_path / "run"
+    per_layer_run(run_dir)
+    reference = load_run(run_dir, per_layer=True).columns
+    bad = run_dir / "grad_dotprods" / "iter_000004.parquet"
+    intact = bad.read_bytes()
+    bad.write_bytes(intact[:100])
+    with pytest.warns(UserWarning, match="iter_000004.parquet"):
+        run = load_run(run_dir, per_layer=True)
+    assert [p for p, _ in run.skipped] == [str(bad)]
+    assert os.path.basename(run.files[1]) == "iter_000004.pkl"
+    assert_same_columns(run.columns, reference)
+    with pytest.raises(ResultsFormatError, match="iter_000004.parquet"):
+        load_run(run_dir, strict=True)
+
+    bad.write_bytes(intact)
+    foreign = payload([step_record(6, [1.0], ["Github"])])
+    foreign["run_name"] = "other"
+    save_dotprod_parquet(run_dir / "grad_dotprods" / "iter_000006.parquet", foreign)
+    with pytest.warns(UserWarning, match="written by run 'other', not 't'"):
+        assert 6 not in load_run(run_dir).columns["step"]
+
+
+def test_load_run_returns_a_dataframe_on_request(tmp_path):
+    run_dir = tmp_path / "run"
+    per_layer_run(run_dir)
+    (run_dir / "config.json").write_text('{"run_name": "t", "max_steps": 6}')
+    run = load_run(run_dir, per_layer=True)
+    frame = load_run(run_dir, per_layer=True, as_frame=True)
+    assert isinstance(frame, pd.DataFrame) and list(frame.columns) == list(run.columns)
+    for name, values in run.columns.items():
+        np.testing.assert_array_equal(frame[name].to_numpy(), values, err_msg=name)
+    assert frame.attrs["missing_steps"] == [6] and frame.attrs["config"]["run_name"] == "t"
+    assert frame.attrs["files"] == run.files
+    pd.testing.assert_frame_equal(load_dotprods(run_dir, per_layer=True, as_frame=True), frame)
+
+
+def test_convert_names_unreadable_pickles_and_bad_arguments(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    per_layer_run(run_dir, parquet=False)
+    bad = run_dir / "grad_dotprods" / "iter_000004.pkl"
+    bad.write_bytes(bad.read_bytes()[:50])
+    assert results.main(["convert", str(run_dir)]) == 1
+    out = capsys.readouterr().out
+    assert "wrote 2 Parquet file(s), 1 failed" in out and str(bad) in out
+    assert sorted(n for n in os.listdir(run_dir / "grad_dotprods") if n.endswith(".parquet")) == [
+        "iter_000002.parquet", "iter_000005.parquet"]
+    with pytest.raises(SystemExit) as exit_info:
+        results.main(["convert", str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 2 and "has no grad_dotprods/ directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        results.main(["conv", str(run_dir)])  # no abbreviations
+    assert exit_info.value.code == 2
+
+
+def test_analysis_on_a_dataframe_equals_analysis_on_column_dicts(tmp_path):
+    run_dir = tmp_path / "run"
+    per_layer_run(run_dir)
+    columns = load_run(run_dir).columns
+    frame = load_run(run_dir, as_frame=True)
+    frame.index = frame.index * 10 + 7  # a frame selected from a larger one keeps its index
+
+    def assert_table_equal(got, expected):
+        assert isinstance(got, pd.DataFrame) and list(got.columns) == list(expected)
+        for name, values in expected.items():
+            np.testing.assert_array_equal(got[name].to_numpy(dtype=np.asarray(values).dtype), values, err_msg=name)
+
+    for convention in analysis.CONVENTIONS:
+        values = analysis.compute_values(columns, convention)
+        frame_values = analysis.compute_values(frame, convention)
+        assert isinstance(frame_values, pd.Series) and (frame_values.index == frame.index).all()
+        np.testing.assert_array_equal(frame_values.to_numpy(), values)
+        for by in ("sample", "document"):
+            table = analysis.aggregate(columns, values, by=by)
+            frame_table = analysis.aggregate(frame, frame_values, by=by)
+            assert_table_equal(frame_table, table)
+            ranked = analysis.rank(table, 3)
+            np.testing.assert_array_equal(analysis.rank(frame_table, 3), ranked)
+            assert_table_equal(analysis.take(frame_table, ranked), analysis.take(table, ranked))
+        samples, frame_samples = (analysis.aggregate(columns, values), analysis.aggregate(frame, frame_values))
+        assert_table_equal(analysis.domain_summary(frame_samples), analysis.domain_summary(samples))
+        for domain in ("Github", "ArXiv"):
+            assert analysis.normalised_recall_at_k(frame_samples, domain, 2) == \
+                analysis.normalised_recall_at_k(samples, domain, 2)
+        steps, curves = analysis.cumulative_by_domain(columns, values)
+        frame_curves = analysis.cumulative_by_domain(frame, frame_values)
+        np.testing.assert_array_equal(frame_curves.index.to_numpy(), steps)
+        assert_table_equal(frame_curves, curves)
+    mask = analysis.rows_in_steps(frame, [2, 5])
+    np.testing.assert_array_equal(mask.to_numpy(), analysis.rows_in_steps(columns, [2, 5]))
+    assert sorted(set(frame[mask]["step"])) == [2, 5]

@@ -10,7 +10,7 @@ import os
 import yaml
 
 from ghost_engine.flags import FlagParser
-from ghost_engine.results_io import dotprod_steps_on_disk
+from ghost_results.results_io import dotprod_steps_on_disk
 from GradDotProd_LM.experiment_log import SINKS, missing_packages
 from GradDotProd_LM.model import MODEL_ARCHITECTURES, load_model_config, max_seq_len
 from GradDotProd_LM.settings import load_settings

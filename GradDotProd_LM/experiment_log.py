@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 from ghost_engine.durable import write_atomically
-from ghost_engine.results_io import TRAINING_LOG_JSONL
+from ghost_results.results_io import TRAINING_LOG_JSONL
 
 SINKS = ("csv", "tensorboard", "wandb")
 # sink -> the package it needs, installed by `pip install -e ".[logging]"`

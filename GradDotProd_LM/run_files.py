@@ -4,7 +4,7 @@
     training_log.json    {"steps": [per-step records], "evals": [evaluation records]}, at checkpoints
     training_log.jsonl   the same records, one line each, appended every step (GradDotProd_LM.experiment_log)
     valset.pkl           validation tokens and their provenance (plain python/numpy)
-    grad_dotprods/iter_XXXXXX.pkl, .parquet   steps (previous file, XXXXXX], schema in ghost_engine.results_io
+    grad_dotprods/iter_XXXXXX.pkl, .parquet   steps (previous file, XXXXXX], schema in ghost_results.results_io
                          (which also writes them and sets aside those of steps a resume redoes)
     checkpoints/latest.pt
     run.lock             held by the process training the run (RunLock)
@@ -79,7 +79,7 @@ def describe_data_change(saved, now):
 
 def read_valset_tokens(run_dir):
     """The validation rows saved with the run (None if it has no valset.pkl)."""
-    from ghost_engine.results_io import safe_load_pickle
+    from ghost_results.results_io import safe_load_pickle
 
     path = os.path.join(run_dir, "valset.pkl")
     return safe_load_pickle(path)["tokens"] if os.path.exists(path) else None

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ghost_engine import GradDotProdEngine, per_sample_loss
 from ghost_engine.recording import gather_rows, local_rows
-from ghost_engine.results_io import flush_dotprods, set_aside_after
+from ghost_results.results_io import flush_dotprods, set_aside_after
 from GradDotProd_LM.args import model_name, parse_config, run_dir_of
 from GradDotProd_LM.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, set_rng_state
 from GradDotProd_LM.evaluate import Evaluator, format_eval

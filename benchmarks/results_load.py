@@ -4,12 +4,11 @@
 
 Synthesises one run the size of a GPT-2 Small valuation run (--steps steps x --rows rows, per-parameter
 values for GPT-2 Small's 148 parameters, one file per --interval steps, the 22 Pile domains) twice: as the
-app's pickles and as its Parquet files (the writers of ghost_engine.results_io). Each (format, columns) is
-then loaded --reps times, every time in a fresh Python process, with ghost_engine.results_io.load_run;
+app's pickles and as its Parquet files (the writers of ghost_results.results_io). Each (format, columns) is
+then loaded --reps times, every time in a fresh Python process, with ghost_results.results_io.load_run;
 the table gives the median load time and the largest peak RSS of the loading process (ru_maxrss, imports
 included), and the RSS after the imports alone.
 """
-import argparse
 import json
 import os
 import shutil
@@ -21,7 +20,8 @@ import time
 
 import numpy as np
 
-from ghost_engine.results_io import SCHEMA_NAME, SCHEMA_VERSION, save_dotprod_parquet, save_dotprod_pickle
+from ghost_engine.flags import FlagParser
+from ghost_results.results_io import SCHEMA_NAME, SCHEMA_VERSION, save_dotprod_parquet, save_dotprod_pickle
 
 PILE_DOMAINS = ("Pile-CC", "PubMed Central", "Books3", "OpenWebText2", "ArXiv", "Github", "FreeLaw", "StackExchange",
                 "USPTO Backgrounds", "PubMed Abstracts", "Gutenberg (PG-19)", "OpenSubtitles", "Wikipedia (en)",
@@ -72,7 +72,7 @@ def synthesise(root, steps, rows, interval, seed=0):
 
 LOADER = """
 import json, resource, sys, time
-from ghost_engine.results_io import load_run
+from ghost_results.results_io import load_run
 imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 run = load_run(sys.argv[1], per_layer=sys.argv[2] == "1", strict=True)
@@ -99,15 +99,18 @@ def disk_mib(run_dir):
     return sum(os.path.getsize(os.path.join(directory, n)) for n in os.listdir(directory)) / 2**20
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.results_load", allow_abbrev=False,
-                                     description=__doc__.split("\n")[0])
+def build_parser():
+    parser = FlagParser(prog="python -m benchmarks.results_load", description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--rows", type=int, default=64, help="training rows per step (the global batch)")
     parser.add_argument("--interval", type=int, default=10, help="steps per file (--dot_prod_save_interval)")
     parser.add_argument("--reps", type=int, default=3, help="fresh processes per measurement")
     parser.add_argument("--dir", default=None, help="where to write the run (default: a temporary directory)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     root = tempfile.mkdtemp(prefix="results_load_", dir=args.dir)
     try:
         start = time.perf_counter()

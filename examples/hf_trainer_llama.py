@@ -12,7 +12,7 @@ import os
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
-from ghost_engine import report
+from ghost_results import report
 from ghost_engine.flags import FlagParser
 from ghost_engine.integrations.hf import GradDotProdTrainer
 from GradDotProd_LM.settings import load_settings

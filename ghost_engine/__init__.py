@@ -13,7 +13,7 @@ _EXPORTS = {
     "register_layer": "ghost_engine.layers",
     "register_recogniser": "ghost_engine.layers",
     "per_sample_loss": "ghost_engine.losses",
-    "load_dotprods": "ghost_engine.results_io",
+    "load_dotprods": "ghost_results.results_io",
 }
 __all__ = list(_EXPORTS)
 

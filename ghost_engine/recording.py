@@ -1,4 +1,4 @@
-"""One optimizer step's rows of a dot-product file (schema in ghost_engine.results_io): this process's rows
+"""One optimizer step's rows of a dot-product file (schema in ghost_results.results_io): this process's rows
 as plain numpy, then every process's rows gathered on rank 0. Used by the training app and the integrations."""
 import numpy as np
 import torch

@@ -1,59 +1,10 @@
-"""Results files of a run, from the command line.
-
-    python -m ghost_engine.results convert Results/<run> [Results/<run2> ...]
-
-convert: writes grad_dotprods/iter_XXXXXX.parquet beside every iter_XXXXXX.pkl that has none (runs trained
-before the app wrote Parquet, or with --results_format pickle). The pickles are read with the restricted
-unpickler and kept; a Parquet file that exists is left as it is. Exit 0 when every pickle has its Parquet
-file, 1 if a pickle could not be read or converted (named; the others are converted), 2 on bad arguments.
-"""
-import argparse
-import os
+"""Deprecated: moved to ghost_results.convert (import that). The old path gives the same module, with a warning."""
+import importlib
 import sys
+import warnings
 
-from ghost_engine.results_io import DOTPROD_DIR, ITER_FILE, safe_load_pickle, save_dotprod_parquet
-
-
-def convert(run_dir):
-    """Write the missing Parquet files of one run; returns (written paths, [(pickle path, error)])."""
-    directory = os.path.join(run_dir, DOTPROD_DIR)
-    written, failed = [], []
-    for name in sorted(os.listdir(directory)):
-        match = ITER_FILE.match(name)
-        if not match or match.group(2) != "pkl":
-            continue
-        source = os.path.join(directory, name)
-        target = source[:-len(".pkl")] + ".parquet"
-        if os.path.exists(target):
-            continue
-        try:
-            save_dotprod_parquet(target, safe_load_pickle(source))
-        except Exception as err:  # unsafe, truncated or off-schema pickles raise many types: name it, go on
-            failed.append((source, f"{type(err).__name__}: {err}"))
-            continue
-        written.append(target)
-    print(f"{run_dir}: wrote {len(written)} Parquet file(s)" + (f", {len(failed)} failed" if failed else ""),
-          flush=True)
-    for source, reason in failed:
-        print(f"  {source}: {reason}", flush=True)
-    return written, failed
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ghost_engine.results", allow_abbrev=False,
-                                     description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    convert_parser = commands.add_parser("convert", allow_abbrev=False,
-                                         help="write iter_XXXXXX.parquet beside every iter_XXXXXX.pkl lacking one")
-    convert_parser.add_argument("run_dirs", nargs="+", metavar="RUN", help="a run directory, e.g. Results/<run>")
-    args = parser.parse_args(argv)
-    for run_dir in args.run_dirs:
-        if not os.path.isdir(os.path.join(run_dir, DOTPROD_DIR)):
-            parser.error(f"{run_dir!r} has no {DOTPROD_DIR}/ directory; give a run directory of a "
-                         "--method GradDotProd run")
-    failures = sum(len(convert(run_dir)[1]) for run_dir in args.run_dirs)
-    return 1 if failures else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+warnings.warn("ghost_engine.results moved to ghost_results.convert; import it from there (the old path will be removed)",
+              DeprecationWarning, stacklevel=2)
+if __name__ == "__main__":  # python -m ghost_engine.results ...: run the new command
+    sys.exit(importlib.import_module("ghost_results.convert").main())
+sys.modules[__name__] = importlib.import_module("ghost_results.convert")

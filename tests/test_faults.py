@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from ghost_engine.results_io import load_run
+from ghost_results.results_io import load_run
 
 B, STEPS = 4, 12
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

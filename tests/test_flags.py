@@ -8,10 +8,11 @@ import pytest
 from ghost_engine.flags import FlagParser
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-CODE_DIRS = ("ghost_engine", "GradDotProd_LM", "pile_tools", "benchmarks")
-CLI_MODULES = ("GradDotProd_LM.args", "GradDotProd_LM.export", "GradDotProd_LM.bench_throughput", "ghost_engine.report",
+CODE_DIRS = ("ghost_engine", "ghost_results", "GradDotProd_LM", "pile_tools", "benchmarks")
+CLI_MODULES = ("GradDotProd_LM.args", "GradDotProd_LM.export", "GradDotProd_LM.bench_throughput", "ghost_results.report",
                "pile_tools.cli", "benchmarks.compare", "benchmarks.engine_overhead", "benchmarks.fidelity", "benchmarks.gpu_step",
-               "benchmarks.plots", "benchmarks.profile_sweep", "benchmarks.tokenize_throughput")
+               "benchmarks.plots", "benchmarks.profile_sweep", "benchmarks.results_load", "benchmarks.tokenize_throughput",
+               "ghost_results.convert")
 
 
 def _sources():
@@ -50,7 +51,7 @@ def test_flags_are_spelled_with_underscores(module):
 @pytest.mark.parametrize("module, underscored, dashed", [
     ("GradDotProd_LM.args", ["--seq_len", "64", "--val_domain", "Github", "--eval_only"],
      ["--seq-len", "64", "--val-domain=Github", "--eval-only"]),
-    ("ghost_engine.report", ["run", "--val_domain", "Github"], ["run", "--val-domain", "Github"]),
+    ("ghost_results.report", ["run", "--val_domain", "Github"], ["run", "--val-domain", "Github"]),
     ("benchmarks.compare", ["--seq_len", "12", "--val_batch_size", "2", "--grad_ckpt", "on"],
      ["--seq-len", "12", "--val-batch-size=2", "--grad-ckpt", "on"]),
     ("pile_tools.cli", ["tokenize", "--input", "a.jsonl", "--output", "o", "--max_tokens", "5", "--no_progress"],

@@ -17,7 +17,7 @@ from _integrations import (GradCapture, assert_grads_close, check_step, engine_b
                            rel_err, train_items)
 from _reference import reference_dot_products, reference_train_grad
 from ghost_engine.integrations.hf import GradDotProdTrainer
-from ghost_engine.results_io import load_run
+from ghost_results.results_io import load_run
 from pile_tools import ensure_sample_dataset
 
 TESTS = os.path.dirname(os.path.abspath(__file__))

@@ -12,7 +12,7 @@ from _integrations import assert_grads_close, check_step, engine_by_hand, model_
 from _reference import reference_train_grad
 from ghost_engine.integrations import IndexedDataset
 from ghost_engine.integrations.lightning import GradDotProdCallback, training_loss
-from ghost_engine.results_io import load_run
+from ghost_results.results_io import load_run
 
 
 class LitLM(L.LightningModule):

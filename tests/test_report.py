@@ -25,8 +25,8 @@ import sys
 import numpy as np
 import pytest
 
-from ghost_engine import analysis, report
-from ghost_engine.results_io import SCHEMA_VERSION, load_dotprods, load_run, save_dotprod_pickle
+from ghost_results import analysis, report
+from ghost_results.results_io import SCHEMA_VERSION, load_dotprods, load_run, save_dotprod_pickle
 
 STEPS = [
     {"step": 1, "lr": 0.5, "domain": ["Github", "ArXiv", "Github"], "token_offset": [0, 100, 50],

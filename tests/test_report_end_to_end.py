@@ -8,8 +8,8 @@ import random
 
 import numpy as np
 
-from ghost_engine import analysis, report
-from ghost_engine.results_io import load_run
+from ghost_results import analysis, report
+from ghost_results.results_io import load_run
 
 
 SEQ_LEN = 32

@@ -6,8 +6,8 @@ import pickle
 import numpy as np
 import pytest
 
-from ghost_engine import results_io
-from ghost_engine.results_io import (
+from ghost_results import results_io
+from ghost_results.results_io import (
     SCHEMA_VERSION,
     ResultsFormatError,
     UnsafePickleError,
@@ -249,3 +249,21 @@ def test_files_of_another_run_are_not_merged(tmp_path):
     assert [os.path.basename(p) for p, _ in run.skipped] == ["iter_000003.pkl"]
     with pytest.raises(ResultsFormatError, match="files of another run are not merged"):
         load_run(run_dir, strict=True)
+
+
+def test_the_old_import_paths_give_the_same_modules_with_a_warning():
+    """The results format, analysis and report moved from ghost_engine to ghost_results; old code keeps working."""
+    import importlib
+    import sys
+
+    import ghost_results.analysis
+    import ghost_results.convert
+    import ghost_results.report
+    for old, new in (("results_io", results_io), ("analysis", ghost_results.analysis),
+                     ("report", ghost_results.report), ("results", ghost_results.convert)):
+        sys.modules.pop(f"ghost_engine.{old}", None)
+        with pytest.warns(DeprecationWarning, match=f"ghost_engine.{old} moved to ghost_results"):
+            module = importlib.import_module(f"ghost_engine.{old}")
+        assert module is new
+    import ghost_engine
+    assert ghost_engine.load_dotprods is results_io.load_dotprods

@@ -1,6 +1,6 @@
 """Parquet dot-product files: the app writes the same rows as its pickles (read back with plain pyarrow and
 the restricted unpickler, column by column), load_run prefers them and returns a DataFrame on request,
-`python -m ghost_engine.results convert` round-trips a pickle-only run, and ghost_engine.analysis gives the
+`python -m ghost_results convert` round-trips a pickle-only run, and ghost_results.analysis gives the
 same answers on a DataFrame as on column dicts."""
 import os
 import shutil
@@ -10,8 +10,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from ghost_engine import analysis, results
-from ghost_engine.results_io import (ResultsFormatError, load_dotprods, load_run, safe_load_pickle,
+from ghost_results import analysis, convert
+from ghost_results.results_io import (ResultsFormatError, load_dotprods, load_run, safe_load_pickle,
                                      save_dotprod_parquet)
 from GradDotProd_LM import train
 from test_results_io import payload, step_record, write_run
@@ -88,7 +88,7 @@ def per_layer_run(run_dir, parquet=True):
 
     write_run(run_dir, {2: [record(1, 4), record(2, 4)], 4: [record(3, 4), record(4, 4)], 5: [record(5, 3)]})
     if parquet:
-        assert results.main(["convert", str(run_dir)]) == 0
+        assert convert.main(["convert", str(run_dir)]) == 0
 
 
 def assert_same_columns(got, expected):
@@ -106,12 +106,12 @@ def test_convert_round_trips_and_load_run_prefers_parquet(tmp_path, capsys):
     per_layer_run(pickles, parquet=False)
     converted = tmp_path / "converted"
     shutil.copytree(pickles, converted)
-    assert results.main(["convert", str(converted)]) == 0
+    assert convert.main(["convert", str(converted)]) == 0
     assert "wrote 3 Parquet file(s)" in capsys.readouterr().out
     for step in (2, 4, 5):
         assert_parquet_equals_pickle(converted / "grad_dotprods" / f"iter_{step:06d}.pkl",
                                      converted / "grad_dotprods" / f"iter_{step:06d}.parquet")
-    assert results.main(["convert", str(converted)]) == 0
+    assert convert.main(["convert", str(converted)]) == 0
     assert "wrote 0 Parquet file(s)" in capsys.readouterr().out
 
     run = load_run(converted, per_layer=True, strict=True)
@@ -173,16 +173,16 @@ def test_convert_names_unreadable_pickles_and_bad_arguments(tmp_path, capsys):
     per_layer_run(run_dir, parquet=False)
     bad = run_dir / "grad_dotprods" / "iter_000004.pkl"
     bad.write_bytes(bad.read_bytes()[:50])
-    assert results.main(["convert", str(run_dir)]) == 1
+    assert convert.main(["convert", str(run_dir)]) == 1
     out = capsys.readouterr().out
     assert "wrote 2 Parquet file(s), 1 failed" in out and str(bad) in out
     assert sorted(n for n in os.listdir(run_dir / "grad_dotprods") if n.endswith(".parquet")) == [
         "iter_000002.parquet", "iter_000005.parquet"]
     with pytest.raises(SystemExit) as exit_info:
-        results.main(["convert", str(tmp_path / "nowhere")])
+        convert.main(["convert", str(tmp_path / "nowhere")])
     assert exit_info.value.code == 2 and "has no grad_dotprods/ directory" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        results.main(["conv", str(run_dir)])  # no abbreviations
+        convert.main(["conv", str(run_dir)])  # no abbreviations
     assert exit_info.value.code == 2
 
 

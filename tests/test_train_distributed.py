@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ghost_engine.results_io import load_run
+from ghost_results.results_io import load_run
 from GradDotProd_LM import train
 from GradDotProd_LM.model import build_model
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from _reference import app_first_step_reference
-from ghost_engine import report
-from ghost_engine.results_io import load_run
+from ghost_results import report
+from ghost_results.results_io import load_run
 from GradDotProd_LM import train
 from GradDotProd_LM.model import (LLAMA_ARCHITECTURES, MODEL_ARCHITECTURES, PYTHIA_ARCHITECTURES, build_model,
                                   count_parameters)

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from ghost_engine.results_io import load_run
+from ghost_results.results_io import load_run
 from GradDotProd_LM import experiment_log, train
-from ghost_engine.results_io import set_aside_after
+from ghost_results.results_io import set_aside_after
 from test_faults import launch, run
 from test_faults import flags as fault_flags
 from test_train_runs import HardCrash, tiny_flags

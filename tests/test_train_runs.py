@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from _reference import app_first_step_reference
-from ghost_engine.results_io import load_run, safe_load_pickle
+from ghost_results.results_io import load_run, safe_load_pickle
 from GradDotProd_LM import train
 from GradDotProd_LM.model import build_model
 from pile_tools.reader import PileReader

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import torch
 
-from ghost_engine.results_io import load_run
+from ghost_results.results_io import load_run
 from GradDotProd_LM import train
 
 B = 4

@@ -4,7 +4,7 @@
     ghost_engine.integrations.lightning.GradDotProdCallback  Lightning callback (+ training_loss in training_step)
 
 Both write a run directory in the training app's format (config.json, grad_dotprods/iter_XXXXXX.pkl), read by
-ghost_engine.results_io.load_run and `python -m ghost_engine.report`. Shared logic: ghost_engine.integrations.core.
+ghost_results.results_io.load_run and `python -m ghost_results.report`. Shared logic: ghost_engine.integrations.core.
 Each framework module imports its framework; importing this package imports neither.
 """
 from ghost_engine.integrations.core import IndexedDataset, ProvenanceCollator, ValuationRun

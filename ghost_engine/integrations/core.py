@@ -6,7 +6,7 @@
   loss on [train; val] and return it with the training rows' loss alone, for logging;
 - per optimizer step, `end_step(step, lr)`: the engine's dot products, every process's rows gathered on
   rank 0, written every `save_interval` steps as `grad_dotprods/iter_XXXXXX.pkl` by the app's writer
-  (ghost_engine.results_io), so `python -m ghost_engine.report RUN_DIR` reads an integration's run as it
+  (ghost_results.results_io), so `python -m ghost_results.report RUN_DIR` reads an integration's run as it
   reads the app's.
 
 The integrations only translate their framework's loss scaling into `loss_multiplier`: the factor the
@@ -30,7 +30,7 @@ from ghost_engine.durable import write_atomically
 from ghost_engine.engine import GradDotProdEngine
 from ghost_engine.losses import IGNORE_INDEX, per_sample_loss, target_counts
 from ghost_engine.recording import gather_rows, local_rows
-from ghost_engine.results_io import flush_dotprods, set_aside_after
+from ghost_results.results_io import flush_dotprods, set_aside_after
 
 PROVENANCE_KEY = "graddotprod_rows"  # a batch's provenance, {field: [B] values}
 PROVENANCE_FIELDS = ("sample_index", "domain", "doc_id", "token_offset")

@@ -2,7 +2,7 @@
 
     trainer = GradDotProdTrainer(model=model, args=TrainingArguments(...), train_dataset=train_set,
                                  val_batch={"input_ids": X_val, "labels": X_val})
-    trainer.train()        # results in <output_dir>/graddotprod: python -m ghost_engine.report <that dir>
+    trainer.train()        # results in <output_dir>/graddotprod: python -m ghost_results.report <that dir>
 
 Where the Trainer is changed, and why:
 - the training set is wrapped in `IndexedDataset` and the collator in `ProvenanceCollator`, so every row

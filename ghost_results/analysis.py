@@ -1,0 +1,172 @@
+"""In-Run Data Shapley from a run's stored dot products: values, ranking, domains.
+
+Everything works on plain column dicts (name -> 1-D numpy array, one entry per
+row) as returned by `ghost_results.results_io.load_dotprods` / `load_run`, and
+on pandas DataFrames with the same columns (`load_run(..., as_frame=True)`):
+given a DataFrame, a function returns a DataFrame where it would return a
+column dict, and a Series (on the frame's index) where it would return a
+per-row array.
+
+Sign convention: dot_i = <grad l_i, grad L_val>. An SGD step on sample i moves
+the validation loss by about -lr * w_i * dot_i, so a positive value means the
+sample lowered the validation loss.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+CONVENTIONS = ("first_order", "raw", "step_normalised")
+
+# Key columns: a "sample" is one training window, the same (domain, token_offset)
+# seen at several steps sums; a "document" is (domain, doc_id).
+SAMPLE_KEY = ("domain", "token_offset")
+DOCUMENT_KEY = ("domain", "doc_id")
+
+
+def _like(columns, table: dict):
+    """`table` as a DataFrame if the input `columns` was one, else as it is."""
+    return pd.DataFrame(table) if isinstance(columns, pd.DataFrame) else table
+
+
+def _per_row(columns, values: np.ndarray):
+    """Per-row `values` as a Series on the frame's index if `columns` is a DataFrame, else as they are."""
+    return pd.Series(values, index=columns.index) if isinstance(columns, pd.DataFrame) else values
+
+
+def compute_values(columns, convention: str = "first_order"):
+    """Per-row (per occurrence) value, float64 [rows].
+
+    first_order:     lr_t * w_i * dot_i   (first-order In-Run Data Shapley)
+    raw:             dot_i
+    step_normalised: dot_i / sum_j |dot_j| over the rows of the same step, so
+                     every step weighs the same whatever its learning rate or
+                     gradient scale.
+    """
+    dots = np.asarray(columns["dot_products"], dtype=np.float64)
+    if convention == "first_order":
+        lr, weight = np.asarray(columns["lr"], dtype=np.float64), np.asarray(columns["batch_weight"], np.float64)
+        return _per_row(columns, lr * weight * dots)
+    if convention == "raw":
+        return _per_row(columns, dots)
+    if convention == "step_normalised":
+        _, step_of_row = np.unique(np.asarray(columns["step"]), return_inverse=True)
+        abs_sum = np.bincount(step_of_row, weights=np.abs(dots))
+        scale = abs_sum[step_of_row]
+        return _per_row(columns, np.divide(dots, scale, out=np.zeros_like(dots), where=scale > 0))
+    raise ValueError(f"unknown value convention {convention!r}; choose one of {CONVENTIONS}")
+
+
+def _group_index(columns: dict, key: tuple):
+    """(group id per row [rows], first row of every group [groups])."""
+    if len(columns["step"]) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    domain_codes = np.unique(np.asarray(columns[key[0]]), return_inverse=True)[1]
+    key_matrix = np.stack([domain_codes, np.asarray(columns[key[1]], dtype=np.int64)], axis=1)
+    _, first_row, group_of_row = np.unique(key_matrix, axis=0, return_index=True, return_inverse=True)
+    return group_of_row.reshape(-1), first_row
+
+
+def aggregate(columns, values, by: str = "sample"):
+    """Sum per-row values per training sample or per document.
+
+    Returns columns, one entry per group, in key order: the key columns, "value"
+    (sum over occurrences), "occurrences", "first_step", "last_step",
+    "best_step" (the step of the group's highest-valued occurrence) and, for
+    samples, "token_count"; for documents "best_token_offset" / "best_token_count"
+    (the window of that highest occurrence, for showing text).
+    """
+    key = {"sample": SAMPLE_KEY, "document": DOCUMENT_KEY}.get(by)
+    if key is None:
+        raise ValueError(f"aggregate(by={by!r}): choose 'sample' or 'document'")
+    values = np.asarray(values, dtype=np.float64)
+    group_of_row, first_row = _group_index(columns, key)
+    n_groups = len(first_row)
+    steps = np.asarray(columns["step"], dtype=np.int64)
+    # the highest-valued row of each group: sort rows by value, last write per group wins
+    best_row = np.zeros(n_groups, dtype=np.int64)
+    order = np.argsort(values, kind="stable")
+    best_row[group_of_row[order]] = order
+    table = {name: np.asarray(columns[name])[first_row] for name in key}
+    table["value"] = np.bincount(group_of_row, weights=values, minlength=n_groups)
+    table["occurrences"] = np.bincount(group_of_row, minlength=n_groups).astype(np.int64)
+    first_step = np.full(n_groups, np.iinfo(np.int64).max)
+    np.minimum.at(first_step, group_of_row, steps)
+    last_step = np.full(n_groups, np.iinfo(np.int64).min)
+    np.maximum.at(last_step, group_of_row, steps)
+    table["first_step"], table["last_step"] = first_step, last_step
+    table["best_step"] = steps[best_row]
+    if by == "sample":
+        table["token_count"] = np.asarray(columns["token_count"])[first_row]
+        table["doc_id"] = np.asarray(columns["doc_id"])[first_row]
+    else:
+        table["best_token_offset"] = np.asarray(columns["token_offset"])[best_row]
+        table["best_token_count"] = np.asarray(columns["token_count"])[best_row]
+    return _like(columns, table)
+
+
+def rank(table, k: int | None = None, column: str = "value", lowest: bool = False) -> np.ndarray:
+    """Positions of the k highest (or lowest) entries of table[column], best first.
+    Ties keep table order, so rankings are reproducible."""
+    values = np.asarray(table[column], dtype=np.float64)
+    order = np.argsort(values if lowest else -values, kind="stable")
+    return order if k is None else order[:k]
+
+
+def take(table, indices):
+    """The rows at positions `indices` of a column table (of a DataFrame: `.iloc[indices]`)."""
+    if isinstance(table, pd.DataFrame):
+        return table.iloc[np.asarray(indices)]
+    return {name: np.asarray(col)[indices] for name, col in table.items()}
+
+
+def domain_summary(samples):
+    """Per domain over a sample table (see `aggregate`): samples, total value,
+    mean value per sample, share of samples with a positive value.
+    Returns columns sorted by total value, highest first."""
+    domains, group = np.unique(np.asarray(samples["domain"]), return_inverse=True)
+    values = np.asarray(samples["value"], dtype=np.float64)
+    count = np.bincount(group, minlength=len(domains))
+    total = np.bincount(group, weights=values, minlength=len(domains))
+    positive = np.bincount(group, weights=(values > 0).astype(np.float64), minlength=len(domains))
+    table = {"domain": domains, "samples": count.astype(np.int64), "total": total,
+             "mean": total / np.maximum(count, 1), "share_positive": positive / np.maximum(count, 1)}
+    return _like(samples, take(table, np.argsort(-total, kind="stable")))
+
+
+def cumulative_by_domain(columns, values):
+    """Cumulative value per domain after each recorded step.
+
+    Returns (steps [S], {domain: cumulative value [S]}): the stage-dependence view
+    (which domains help early, which late). Given a DataFrame: a DataFrame indexed
+    by step with one column per domain."""
+    steps, step_of_row = np.unique(np.asarray(columns["step"]), return_inverse=True)
+    domains = np.asarray(columns["domain"])
+    values = np.asarray(values, dtype=np.float64)
+    curves = {}
+    for domain in np.unique(domains):
+        in_domain = domains == domain
+        per_step = np.bincount(step_of_row[in_domain], weights=values[in_domain], minlength=len(steps))
+        curves[str(domain)] = np.cumsum(per_step)
+    if isinstance(columns, pd.DataFrame):
+        return pd.DataFrame(curves, index=pd.Index(steps, name="step"))
+    return steps, curves
+
+
+def normalised_recall_at_k(samples, domain: str, k: int) -> float:
+    """Share of `domain` among the top-k samples by value, divided by that
+    domain's share of all samples seen. 1 = no better than chance; NaN when
+    the domain never appears in the training samples."""
+    if k < 1:
+        raise ValueError(f"normalised_recall_at_k: k must be >= 1, got {k}")
+    in_domain = np.asarray(samples["domain"]) == domain
+    base_share = in_domain.mean() if len(in_domain) else 0.0
+    if base_share == 0:
+        return float("nan")
+    top = rank(samples, k)
+    return float(in_domain[top].mean() / base_share)
+
+
+def rows_in_steps(columns, steps):
+    """Boolean mask [rows] of the rows recorded at any of `steps`."""
+    return _per_row(columns, np.isin(np.asarray(columns["step"]), np.asarray(list(steps))))

@@ -1,0 +1,63 @@
+"""Results files of a run, from the command line.
+
+    python -m ghost_results convert Results/<run> [Results/<run2> ...]
+
+convert: writes grad_dotprods/iter_XXXXXX.parquet beside every iter_XXXXXX.pkl that has none (runs trained
+before the app wrote Parquet, or with --results_format pickle). The pickles are read with the restricted
+unpickler and kept; a Parquet file that exists is left as it is. Exit 0 when every pickle has its Parquet
+file, 1 if a pickle could not be read or converted (named; the others are converted), 2 on bad arguments.
+"""
+import os
+import sys
+
+from ghost_engine.flags import FlagParser
+from ghost_results.results_io import DOTPROD_DIR, ITER_FILE, safe_load_pickle, save_dotprod_parquet
+
+
+def convert(run_dir):
+    """Write the missing Parquet files of one run; returns (written paths, [(pickle path, error)])."""
+    directory = os.path.join(run_dir, DOTPROD_DIR)
+    written, failed = [], []
+    for name in sorted(os.listdir(directory)):
+        match = ITER_FILE.match(name)
+        if not match or match.group(2) != "pkl":
+            continue
+        source = os.path.join(directory, name)
+        target = source[:-len(".pkl")] + ".parquet"
+        if os.path.exists(target):
+            continue
+        try:
+            save_dotprod_parquet(target, safe_load_pickle(source))
+        except Exception as err:  # unsafe, truncated or off-schema pickles raise many types: name it, go on
+            failed.append((source, f"{type(err).__name__}: {err}"))
+            continue
+        written.append(target)
+    print(f"{run_dir}: wrote {len(written)} Parquet file(s)" + (f", {len(failed)} failed" if failed else ""),
+          flush=True)
+    for source, reason in failed:
+        print(f"  {source}: {reason}", flush=True)
+    return written, failed
+
+
+def build_parser():
+    parser = FlagParser(prog="python -m ghost_results", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    convert_parser = commands.add_parser("convert",
+                                         help="write iter_XXXXXX.parquet beside every iter_XXXXXX.pkl lacking one")
+    convert_parser.add_argument("run_dirs", nargs="+", metavar="RUN", help="a run directory, e.g. Results/<run>")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for run_dir in args.run_dirs:
+        if not os.path.isdir(os.path.join(run_dir, DOTPROD_DIR)):
+            parser.error(f"{run_dir!r} has no {DOTPROD_DIR}/ directory; give a run directory of a "
+                         "--method GradDotProd run")
+    failures = sum(len(convert(run_dir)[1]) for run_dir in args.run_dirs)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,408 @@
+"""In-Run Data Shapley report of a training run.
+
+    python -m ghost_results.report Results/<run> [--top 20] [--out DIR]
+
+Writes DIR/report.md, the values as CSV tables (samples.csv, documents.csv,
+domains.csv, cumulative_by_domain.csv) and, when matplotlib is installed, PNG
+plots. The computations live in `ghost_results.analysis`; this module loads,
+decodes text snippets and writes files.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import pickle
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ghost_results import analysis
+from ghost_engine.flags import FlagParser
+from ghost_results.results_io import load_run, safe_load_pickle
+
+SNIPPET_CHARS = 160
+DEFAULT_RECALL_KS = (1, 10, 100, 1000)
+
+
+# ---------------------------------------------------------------------------
+# Text snippets
+
+
+class TextSource:
+    """Decodes training windows from the tokenized corpus named in config.json.
+
+    `available` is False (and `reason` says why) when pile_tools or the data
+    directory is missing; the report then runs without snippets."""
+
+    def __init__(self, config: dict):
+        self.available, self.reason = False, ""
+        self._reader = self._tokenizer = None
+        # the model sees seq_len tokens from token_offset; token_count counts the targets (seq_len - 1)
+        self._window = config.get("seq_len")
+        data_dir = config.get("data_dir")
+        if not data_dir:
+            self.reason = "config.json names no data_dir"
+            return
+        if not os.path.isdir(data_dir):
+            self.reason = f"data directory {data_dir!r} not found"
+            return
+        try:
+            from pile_tools.reader import PileReader
+            from pile_tools.tokenizer import load_gpt2_tokenizer
+
+            self._reader = PileReader(data_dir, split="train")
+            self._tokenizer = load_gpt2_tokenizer()
+        except Exception as err:  # report without snippets rather than fail on a reader problem
+            self.reason = f"cannot open {data_dir!r} ({type(err).__name__}: {err})"
+            return
+        self.available = True
+
+    def snippet(self, domain: str, token_offset: int, token_count: int) -> str:
+        if not self.available:
+            return ""
+        length = int(self._window) if self._window else int(token_count) + 1
+        try:
+            ids = self._reader.read_tokens(str(domain), int(token_offset), length)
+            text = self._tokenizer.decode([int(t) for t in ids])
+        except Exception as err:
+            return f"(cannot decode: {type(err).__name__}: {err})"
+        return shorten(text)
+
+
+def validation_rows(run_dir: str, limit: int = 5):
+    """Rows of the run's valset.pkl as (domain, doc_id, token_offset, text), at most `limit`,
+    plus a note (why text or rows are missing, or how many rows were left out)."""
+    path = os.path.join(run_dir, "valset.pkl")
+    if not os.path.exists(path):
+        return [], "the run has no valset.pkl"
+    try:
+        valset = safe_load_pickle(path)
+        tokens = np.asarray(valset["tokens"])  # [Bv, seq_len + 1]
+        seq_len = int(valset.get("seq_len", tokens.shape[1] - 1))
+        domains, doc_ids, offsets = valset["domain"], valset["doc_id"], valset["token_offset"]
+    except (ValueError, KeyError, TypeError, OSError, EOFError, pickle.UnpicklingError) as err:
+        return [], f"cannot read valset.pkl ({type(err).__name__}: {err})"
+    try:
+        from pile_tools.tokenizer import load_gpt2_tokenizer
+
+        decode = load_gpt2_tokenizer().decode
+        note = ""
+    except Exception as err:  # the table is still useful without the text
+        decode, note = None, f"text not decoded ({type(err).__name__}: {err})"
+    rows = [(domains[i], int(doc_ids[i]), int(offsets[i]), shorten(decode(tokens[i, :seq_len])) if decode else "")
+            for i in range(min(limit, len(domains)))]
+    if len(domains) > limit:
+        note = (note + "; " if note else "") + f"{len(domains) - limit} more rows not shown"
+    return rows, note
+
+
+def shorten(text: str, limit: int = SNIPPET_CHARS) -> str:
+    """One line, at most `limit` characters, safe inside a markdown table cell;
+    GPT-2's end-of-text token (a document boundary) shows as [EOT]."""
+    text = re.sub(r"\s+", " ", text.replace("<|endoftext|>", " [EOT] ")).strip()
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text.replace("|", "\\|").replace("`", "'")
+
+
+def code_cell(snippet: str) -> str:
+    """A snippet as a code span, so corpus text (`**`, `_`, `<tag>`) is shown, not rendered."""
+    return f"`{snippet}`" if snippet else ""
+
+
+# ---------------------------------------------------------------------------
+# Report data
+
+
+@dataclass
+class Report:
+    run: object
+    convention: str
+    values: np.ndarray  # per row
+    samples: dict
+    documents: dict
+    domains: dict
+    steps: np.ndarray
+    cumulative: dict
+    val_domain: str | None
+    recall: list = field(default_factory=list)  # [(k, recall)]
+
+
+def build_report(run, convention: str = "first_order", val_domain: str | None = None,
+                 recall_ks=DEFAULT_RECALL_KS) -> Report:
+    values = analysis.compute_values(run.columns, convention)
+    samples = analysis.aggregate(run.columns, values, by="sample")
+    documents = analysis.aggregate(run.columns, values, by="document")
+    steps, cumulative = analysis.cumulative_by_domain(run.columns, values)
+    val_domain = val_domain if val_domain is not None else run.config.get("val_domain")
+    recall = []
+    n_samples = len(samples["value"])
+    if val_domain and n_samples:
+        for k in sorted({min(k, n_samples) for k in recall_ks}):
+            recall.append((k, analysis.normalised_recall_at_k(samples, val_domain, k)))
+    return Report(run=run, convention=convention, values=values, samples=samples, documents=documents,
+                  domains=analysis.domain_summary(samples), steps=steps, cumulative=cumulative,
+                  val_domain=val_domain, recall=recall)
+
+
+# ---------------------------------------------------------------------------
+# Writing
+
+
+def _fmt(x) -> str:
+    return f"{x:.4g}" if isinstance(x, (float, np.floating)) else str(x)
+
+
+def write_csv(path: str, table: dict, names: list, ranked=None) -> None:
+    """Columns `names` of table, full float precision; rows in `ranked` order."""
+    order = np.arange(len(table[names[0]])) if ranked is None else ranked
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow((["rank"] if ranked is not None else []) + names)
+        for position, i in enumerate(order, start=1):
+            row = [repr(float(table[n][i])) if np.asarray(table[n]).dtype.kind == "f" else str(table[n][i])
+                   for n in names]
+            writer.writerow(([position] if ranked is not None else []) + row)
+
+
+SAMPLE_CSV_COLUMNS = ["value", "domain", "token_offset", "token_count", "doc_id", "occurrences",
+                      "first_step", "last_step", "best_step"]
+DOCUMENT_CSV_COLUMNS = ["value", "domain", "doc_id", "occurrences", "first_step", "last_step", "best_step"]
+DOMAIN_CSV_COLUMNS = ["domain", "samples", "total", "mean", "share_positive"]
+
+
+def write_tables(report: Report, out_dir: str) -> list:
+    write_csv(os.path.join(out_dir, "samples.csv"), report.samples, SAMPLE_CSV_COLUMNS,
+              ranked=analysis.rank(report.samples))
+    write_csv(os.path.join(out_dir, "documents.csv"), report.documents, DOCUMENT_CSV_COLUMNS,
+              ranked=analysis.rank(report.documents))
+    write_csv(os.path.join(out_dir, "domains.csv"), report.domains, DOMAIN_CSV_COLUMNS)
+    cumulative = {"step": report.steps, **report.cumulative}
+    write_csv(os.path.join(out_dir, "cumulative_by_domain.csv"), cumulative, list(cumulative))
+    return ["samples.csv", "documents.csv", "domains.csv", "cumulative_by_domain.csv"]
+
+
+def write_plots(report: Report, out_dir: str):
+    """PNG plots; returns (file names, None) or ([], reason they were skipped)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [], "matplotlib is not installed (pip install 'graddotprod[plot]')"
+    if len(report.samples["value"]) == 0:
+        return [], "the run has no recorded steps"
+    value_label = f"value per sample ({report.convention})"
+
+    # one colour per domain (by name) in both plots
+    colour = {d: f"C{i % 10}" for i, d in enumerate(sorted(report.cumulative))}
+    domains = [str(d) for d in report.domains["domain"]]  # highest total first, drawn at the top
+    per_domain = [report.samples["value"][report.samples["domain"] == d] for d in domains]
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(domains)))
+    jitter = np.random.default_rng(0)  # fixed: the same run gives the same picture
+    for row, (domain, values) in enumerate(zip(domains, per_domain)):
+        ax.scatter(values, row + jitter.uniform(-0.25, 0.25, len(values)), s=6, alpha=0.4, color=colour[domain])
+        ax.plot([np.median(values)] * 2, [row - 0.35, row + 0.35], color="black", linewidth=1.5)
+    ax.set_yticks(range(len(domains)), domains)
+    ax.invert_yaxis()
+    ax.axvline(0.0, color="grey", linewidth=0.8)
+    ax.set_xscale("symlog", linthresh=_linthresh(report.samples["value"]), linscale=2)
+    ax.set_xlabel(value_label + ", symlog; bar = median; > 0 lowers validation loss")
+    ax.set_title("Value distribution per domain")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "value_distribution.png"), dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for domain, curve in report.cumulative.items():
+        is_val = domain == report.val_domain
+        ax.plot(report.steps, curve, label=domain + (" (validation domain)" if is_val else ""),
+                linewidth=2.5 if is_val else 1.2, color=colour[domain])
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"cumulative value ({report.convention})")
+    ax.set_title("Cumulative value per domain")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "cumulative_value.png"), dpi=110)
+    plt.close(fig)
+    return ["value_distribution.png", "cumulative_value.png"], None
+
+
+def _linthresh(values) -> float:
+    """Linear range of the symlog axis: the 10th percentile of |value| (> 0)."""
+    nonzero = np.abs(values[values != 0])
+    return float(np.percentile(nonzero, 10)) if len(nonzero) else 1.0
+
+
+CONVENTION_TEXT = {
+    "first_order": "first-order In-Run Data Shapley, φ = η_t · w_i · dot_i per occurrence",
+    "raw": "raw dot products dot_i = ⟨∇ℓ_i, ∇L_val⟩",
+    "step_normalised": "dot_i / Σ_j |dot_j| within each step",
+}
+
+
+def _sample_rows(report: Report, indices, text: TextSource) -> list:
+    s = report.samples
+    rows = []
+    for position, i in enumerate(indices, start=1):
+        steps = {1: f"{s['first_step'][i]}", 2: f"{s['first_step'][i]}, {s['last_step'][i]}"}.get(
+            int(s["occurrences"][i]), f"{s['first_step'][i]}–{s['last_step'][i]} (×{s['occurrences'][i]})")
+        cells = [position, _fmt(s["value"][i]), s["domain"][i], s["doc_id"][i], s["token_offset"][i], steps]
+        if text.available:
+            cells.append(code_cell(text.snippet(s["domain"][i], s["token_offset"][i], s["token_count"][i])))
+        rows.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return rows
+
+
+def render_markdown(report: Report, top: int, text: TextSource, tables: list, plots: list,
+                    plots_skipped: str | None) -> str:
+    run, s = report.run, report.samples
+    lines = [f"# In-Run Data Shapley report: `{os.path.basename(os.path.normpath(run.run_dir))}`", ""]
+    lines += [f"- Value: {CONVENTION_TEXT[report.convention]}, summed over the steps where a sample "
+              "appeared. Positive = the sample lowered the validation loss.",
+              "- Sample = one training window (domain, token offset); the same window seen twice sums. "
+              "Document = (domain, doc_id).",
+              f"- Rows: {run.num_rows} occurrences, {len(s['value'])} samples, "
+              f"{len(report.documents['value'])} documents, {len(report.steps)} steps"
+              + (f" ({report.steps[0]}–{report.steps[-1]})" if len(report.steps) else "") + "."]
+    if report.val_domain:
+        lines.append(f"- Validation domain: {report.val_domain}.")
+    lines.append("")
+
+    val_rows, val_note = validation_rows(run.run_dir)
+    lines += ["## Validation batch", ""]
+    if val_rows:
+        lines += ["| domain | doc | token offset | text |", "|---|---:|---:|---|"]
+        lines += [f"| {d} | {doc} | {off} | {code_cell(t)} |" for d, doc, off, t in val_rows]
+        lines.append("")
+    if val_note:
+        lines += [f"Note: {val_note}.", ""]
+
+    lines += ["## Completeness", ""]
+    steps_found = sorted({int(s) for s in run.columns["step"]}) if len(run.columns["step"]) else []
+    if not run.config:
+        lines.append(f"- No config.json: the run's length is unknown; steps after the last one found "
+                     f"({steps_found[-1] if steps_found else 'none'}) cannot be checked.")
+    elif not run.skipped and not run.missing_steps and not run.duplicate_steps:
+        lines.append(f"Complete: steps 1..{steps_found[-1] if steps_found else 0} in {len(run.files)} dot-product "
+                     "files, no gaps.")
+    for path, reason in run.skipped:
+        lines.append(f"- Skipped unreadable file `{os.path.basename(path)}`: {shorten(reason, 300)}")
+    if run.missing_steps:
+        lines.append(f"- Partial run: {len(run.missing_steps)} expected steps have no data "
+                     f"({_ranges(run.missing_steps)}).")
+    if run.duplicate_steps:
+        lines.append(f"- Steps recorded twice (resumed run), kept once: {_ranges(run.duplicate_steps)}.")
+    lines.append("")
+
+    lines += ["## Domains", "", "| domain | samples | total value | mean per sample | share positive |",
+              "|---|---:|---:|---:|---:|"]
+    d = report.domains
+    for i in range(len(d["domain"])):
+        lines.append(f"| {d['domain'][i]} | {d['samples'][i]} | {_fmt(d['total'][i])} | {_fmt(d['mean'][i])} | "
+                     f"{d['share_positive'][i]:.1%} |")
+    lines.append("")
+    if report.recall:
+        lines += [f"Normalised recall@k of the validation domain ({report.val_domain}): share of its samples "
+                  "among the top k by value, divided by its share of all samples seen (1 = chance).", "",
+                  "| k | normalised recall@k |", "|---:|---:|"]
+        lines += [f"| {k} | {r:.3g} |" for k, r in report.recall]
+        lines.append("")
+
+    text_header = (" text |", "---|") if text.available else ("", "")
+    for title, lowest in ((f"Top {top} samples", False), (f"Bottom {top} samples", True)):
+        lines += [f"## {title}", ""]
+        if not text.available:
+            lines += [f"Text snippets skipped: {text.reason}.", ""]
+        lines += ["| # | value | domain | doc | token offset | step(s) |" + text_header[0],
+                  "|---:|---:|---|---:|---:|---|" + text_header[1]]
+        lines += _sample_rows(report, analysis.rank(s, top, lowest=lowest), text)
+        lines.append("")
+
+    lines += [f"## Top {top} documents", "",
+              "| # | value | domain | doc | occurrences | best step |" + (" text of best window |" if text.available else ""),
+              "|---:|---:|---|---:|---:|---:|" + text_header[1]]
+    doc = report.documents
+    for position, i in enumerate(analysis.rank(doc, top), start=1):
+        cells = [position, _fmt(doc["value"][i]), doc["domain"][i], doc["doc_id"][i], doc["occurrences"][i],
+                 doc["best_step"][i]]
+        if text.available:
+            cells.append(code_cell(text.snippet(doc["domain"][i], doc["best_token_offset"][i],
+                                                doc["best_token_count"][i])))
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines.append("")
+
+    lines += ["## Files", ""] + [f"- [`{name}`]({name})" for name in tables]
+    if plots:
+        lines += [""] + [f"![{name}]({name})" for name in plots]
+    else:
+        lines += ["", f"Plots skipped: {plots_skipped}."]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _ranges(steps) -> str:
+    """[1,2,3,7] -> '1–3, 7'."""
+    parts, start = [], None
+    for i, step in enumerate(steps):
+        if start is None:
+            start = step
+        if i + 1 == len(steps) or steps[i + 1] != step + 1:
+            parts.append(str(start) if start == step else f"{start}–{step}")
+            start = None
+    return ", ".join(parts)
+
+
+def write_report(run_dir, out_dir=None, top: int = 20, convention: str = "first_order",
+                 val_domain: str | None = None, strict: bool = False) -> str:
+    """Load a run, write the report into out_dir (default <run_dir>/report); returns report.md's path."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # skipped files and duplicates are listed in the report itself
+        run = load_run(run_dir, strict=strict)
+    out_dir = out_dir if out_dir is not None else os.path.join(os.fspath(run_dir), "report")
+    os.makedirs(out_dir, exist_ok=True)
+    report = build_report(run, convention=convention, val_domain=val_domain)
+    tables = write_tables(report, out_dir)
+    plots, plots_skipped = write_plots(report, out_dir)
+    markdown = render_markdown(report, top, TextSource(run.config), tables, plots, plots_skipped)
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write(markdown)
+    return path
+
+
+def build_parser() -> FlagParser:
+    parser = FlagParser(prog="python -m ghost_results.report", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", help="a run directory, e.g. Results/<run>")
+    parser.add_argument("--top", type=int, default=20, help="how many top/bottom samples to list (default 20)")
+    parser.add_argument("--out", default=None, help="output directory (default <run_dir>/report)")
+    parser.add_argument("--convention", choices=analysis.CONVENTIONS, default="first_order",
+                        help="value convention (default first_order: lr * batch weight * dot product)")
+    parser.add_argument("--val_domain", default=None,
+                        help="domain for normalised recall@k (default: val_domain in config.json)")
+    parser.add_argument("--strict", action="store_true", help="fail on an unreadable results file instead of skipping it")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.top < 1:
+        parser.error(f"--top must be >= 1, got {args.top}")
+    if not os.path.isdir(args.run_dir):
+        parser.error(f"run directory {args.run_dir!r} does not exist")
+    if not os.path.isdir(os.path.join(args.run_dir, "grad_dotprods")):
+        parser.error(f"{args.run_dir!r} has no grad_dotprods/ directory; was the run trained with --method GradDotProd?")
+    path = write_report(args.run_dir, args.out, top=args.top, convention=args.convention,
+                        val_domain=args.val_domain, strict=args.strict)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

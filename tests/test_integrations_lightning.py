@@ -106,3 +106,30 @@ def test_unsupported_use_raises_and_outside_a_trainer_the_loss_is_the_models(tmp
         fit(LitLM(model, manual=True), train_items(X, Y), tmp_path, GradDotProdCallback(val_batch), accumulate=1)
     with pytest.raises(ValueError, match="sample_index"):  # rows without their index in the training set
         fit(LitLM(model), train_items(X, Y), tmp_path, GradDotProdCallback(val_batch), indexed=False)
+
+
+def test_ddp_on_two_processes_gathers_every_row_on_rank_0(tmp_path):
+    """Lightning's DDP strategy under torchrun (2 CPU processes, gloo), 2 micro-batches of 2 rows per rank:
+    step 1 holds all 8 rows on rank 0, equal to the float64 reference over those rows, and .grad is plain
+    Lightning DDP's (the same script without the callback)."""
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    repo = os.path.dirname(tests)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([repo, tests]))
+    for extra in ([], ["plain"]):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               "2", os.path.join(tests, "_lightning_ddp_worker.py"), str(tmp_path), *extra],
+                              env=env, capture_output=True, text=True, timeout=300, cwd=repo)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    model, X, Y, X_val, Y_val = model_and_rows(4)
+    run = load_run(tmp_path / "run", per_layer=True, strict=True)
+    assert run.config["world_size"] == 2 and run.missing_steps == []
+    assert sorted(run.columns["sample_index"][run.columns["step"] == 1]) == list(range(8))
+    check_step(run.columns, 1, model, X, Y, X_val, Y_val, prefix="model.")
+    grads, plain = torch.load(tmp_path / "grads.pt"), torch.load(tmp_path / "grads_plain.pt")
+    assert set(grads) == set(plain)
+    for name, grad in plain.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)

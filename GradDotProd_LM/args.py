@@ -34,8 +34,8 @@ LEGACY_DEFAULTS = dict(vocab_pad_multiple=1)
 
 # These define which samples are seen and how they are valued; a resumed run must keep them.
 RUN_IDENTITY = ("method", "architecture", "batch_size", "val_batch_size", "val_domain", "train_domains",
-                "seq_len", "seed", "model_dtype", "data_dir", "init_from", "vocab_pad_multiple", "optimizer", "model_config",
-                "attention", "attention_rank", "attention_block")
+                "seq_len", "seed", "model_dtype", "data_dir", "init_from", "vocab_pad_multiple", "optimizer",
+                "model_config", "attention", "attention_rank", "attention_block")
 
 
 def _positive_int(text):

@@ -129,8 +129,10 @@ def lowrank_causal_attention(query, key, value, compression, scaling):
         seen = (last - 1) * r  # summaries of blocks before the chunk's last block
         args = (q[:, :, :, first:last], k[:, :, first:last], v[:, :, first:last], k_sum[:, :, :seen],
                 v_sum[:, :, :seen], first, r, scaling)
-        outputs.append(checkpoint(_chunk_attention, *args, use_reentrant=False) if recompute
-                       else _chunk_attention(*args))
+        if recompute:  # nothing random inside: no RNG state to keep
+            outputs.append(checkpoint(_chunk_attention, *args, use_reentrant=False, preserve_rng_state=False))
+        else:
+            outputs.append(_chunk_attention(*args))
     out = torch.cat(outputs, dim=3) if len(outputs) > 1 else outputs[0]  # [B, Hkv, groups, blocks, c, Dv]
     return out.reshape(B, H, blocks * c, Dv)[:, :, :T]
 

@@ -388,15 +388,15 @@ def _row(config_fields: dict, result: MethodResult, results: dict, floor: float,
 
 # ---------------------------------------------------------------- output
 
-def write_csv(path: str, rows: list):
+def write_csv(path: str, rows: list, columns: list = CSV_COLUMNS):
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, exist_ok=True)
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({name: _csv_value(row.get(name)) for name in CSV_COLUMNS})
+            writer.writerow({name: _csv_value(row.get(name)) for name in columns})
 
 
 def _csv_value(value):

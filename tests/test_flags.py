@@ -11,7 +11,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 CODE_DIRS = ("ghost_engine", "GradDotProd_LM", "pile_tools", "benchmarks")
 CLI_MODULES = ("GradDotProd_LM.args", "GradDotProd_LM.export", "GradDotProd_LM.bench_throughput", "ghost_engine.report",
                "pile_tools.cli", "benchmarks.compare", "benchmarks.engine_overhead", "benchmarks.gpu_step",
-               "benchmarks.plots", "benchmarks.profile_sweep", "benchmarks.tokenize_throughput")
+               "benchmarks.lowrank_attention", "benchmarks.plots", "benchmarks.profile_sweep", "benchmarks.tokenize_throughput")
 
 
 def _sources():

@@ -12,7 +12,8 @@ import yaml
 from ghost_engine.flags import FlagParser
 from ghost_results.results_io import dotprod_steps_on_disk
 from GradDotProd_LM.experiment_log import SINKS, missing_packages
-from GradDotProd_LM.model import MODEL_ARCHITECTURES, load_model_config, max_seq_len
+from GradDotProd_LM.model import (ATTENTIONS, MODEL_ARCHITECTURES, load_model_config, max_seq_len,
+                                  supports_lowrank_attention)
 from GradDotProd_LM.settings import load_settings
 
 METHODS = ("GradDotProd", "Regular")
@@ -28,14 +29,15 @@ DEFAULTS = dict(
     checkpoint_interval=1000, model_dtype="float32", train_dtype="auto", seq_len=1024,
     data_dir=None, results_dir=None, run_name=None, resume=False, compile=False, grad_ckpt=False,
     init_from=None, vocab_pad_multiple=64, accept_data_change=False, model_config=None, report_to=[],
-    results_format="both",
+    results_format="both", attention="standard", attention_rank=16, attention_block=64,
 )
 # What a run saved before a setting existed used (its config.json lacks the key).
 LEGACY_DEFAULTS = dict(vocab_pad_multiple=1)
 
 # These define which samples are seen and how they are valued; a resumed run must keep them.
 RUN_IDENTITY = ("method", "architecture", "batch_size", "val_batch_size", "val_domain", "train_domains",
-                "seq_len", "seed", "model_dtype", "data_dir", "init_from", "vocab_pad_multiple", "optimizer", "model_config")
+                "seq_len", "seed", "model_dtype", "data_dir", "init_from", "vocab_pad_multiple", "optimizer",
+                "model_config", "attention", "attention_rank", "attention_block")
 
 
 def _positive_int(text):
@@ -118,8 +120,18 @@ def build_parser():
     g.add_argument("--model_config", metavar="FILE.json", type=_model_config,
                    help="a Hugging Face causal-LM config.json to build the model from instead of --architecture "
                         "(its contents are saved with the run)")
+    g.add_argument("--attention", choices=ATTENTIONS,
+                   help="lowrank: exact attention within blocks of --attention_block positions plus "
+                        "--attention_rank learned summaries of every earlier block (Llama family only; "
+                        f"docs/MODELS.md) [{d['attention']}]")
+    g.add_argument("--attention_rank", type=_positive_int,
+                   help=f"with --attention lowrank: summaries per block, at most --attention_block "
+                        f"[{d['attention_rank']}]")
+    g.add_argument("--attention_block", type=_positive_int,
+                   help=f"with --attention lowrank: positions per block [{d['attention_block']}]")
     g.add_argument("--run_name",
-                   help="directory name under --results_dir [<method>-<architecture>-bs<B>-seq<T>-seed<S>]")
+                   help="directory name under --results_dir [<method>-<architecture>-bs<B>-seq<T>-seed<S>, "
+                        "with -lowrank<r>x<c> appended for --attention lowrank]")
     g.add_argument("--results_dir", help="[$GRADDOTPROD_RESULTS_DIR, else RESULTS_DIR of the settings file "
                    "(./config_file.py), else ./Results]")
     g.add_argument("--data_dir", help="tokenized Pile written by pile_tools [$GRADDOTPROD_PILE_DATA_DIR, else "
@@ -212,7 +224,10 @@ def model_name(cfg):
 
 
 def default_run_name(cfg):
-    return f"{cfg['method']}-{model_name(cfg)}-bs{cfg['batch_size']}-seq{cfg['seq_len']}-seed{cfg['seed']}"
+    name = f"{cfg['method']}-{model_name(cfg)}-bs{cfg['batch_size']}-seq{cfg['seq_len']}-seed{cfg['seed']}"
+    if cfg["attention"] == "lowrank":
+        name += f"-lowrank{cfg['attention_rank']}x{cfg['attention_block']}"
+    return name
 
 
 def parse_config(argv, world_size=1):
@@ -266,6 +281,9 @@ def parse_config(argv, world_size=1):
         parser.error(f"{run_dir_of(cfg)} already holds a run: pass --resume to continue it, "
                      "or --run_name NEW (or another --results_dir) to start a new one")
 
+    for flag in ("attention_rank", "attention_block"):
+        if flag in given and cfg["attention"] != "lowrank":
+            parser.error(f"--{flag} applies to --attention lowrank only (this run's attention is {cfg['attention']})")
     _check_values(cfg, parser, world_size)
     if cfg["lr_decay_steps"] is None:
         cfg["lr_decay_steps"] = cfg["max_steps"]
@@ -289,6 +307,13 @@ def _check_values(cfg, parser, world_size):
     longest = max_seq_len(cfg["architecture"], cfg["model_config"])
     if cfg["seq_len"] < 2 or cfg["seq_len"] > longest:
         parser.error(f"--seq_len {cfg['seq_len']}: must be between 2 and {longest} ({model_name(cfg)})")
+    if cfg["attention"] == "lowrank":
+        if not supports_lowrank_attention(cfg["architecture"], cfg["model_config"]):
+            parser.error(f"--attention lowrank: available for the Llama-style sizes and --model_config files of "
+                         f"model_type llama only, not {model_name(cfg)}")
+        if cfg["attention_rank"] > cfg["attention_block"]:
+            parser.error(f"--attention_rank {cfg['attention_rank']} must not exceed --attention_block "
+                         f"{cfg['attention_block']} (summaries of a block of that many positions)")
     if cfg["method"] == "GradDotProd" and cfg["val_batch_size"] < 1:
         parser.error("--val_batch_size must be >= 1 with --method GradDotProd")
     if cfg["learning_rate"] <= 0:

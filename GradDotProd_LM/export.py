@@ -87,6 +87,10 @@ def hf_model_from_checkpoint(state: dict):
     """(model, rows it was trained with): the checkpoint's model (GPT-2, Llama-style, Pythia or a
     --model_config family) with GPT-2's 50257-token vocabulary; the padded embedding/head rows are dropped."""
     config = state["config"]
+    if config.get("attention", "standard") != "standard":
+        raise ValueError(f"the run uses --attention {config['attention']}, which no standard Hugging Face model "
+                         "class computes: a directory written from it would load into plain attention and give "
+                         "other outputs, so it is not exported (evaluate it in the app with --eval_only --resume)")
     weights = state["model"]
     tokenizer = config.get("data_tokenizer") or {"name": "gpt2-bpe"}  # runs saved before it was recorded
     if tokenizer.get("name") != "gpt2-bpe":

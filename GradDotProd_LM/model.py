@@ -5,6 +5,8 @@ import os
 
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, LlamaConfig
 
+from GradDotProd_LM.lowrank_attention import add_lowrank_attention
+
 GPT2_VOCAB_SIZE = 50257
 
 # GPT2Config kwargs per size (docs/METHOD.md section 5); GPT2-Tiny is for CPU runs and tests.
@@ -47,6 +49,8 @@ MODEL_ARCHITECTURES = {
     **{name: (GPTNeoXConfig, kwargs) for name, kwargs in PYTHIA_ARCHITECTURES.items()},
 }
 ROPE_MAX_SEQ_LEN = 2048  # positions the RoPE models are built for (GPT-2's learned table holds 1024)
+# --attention: transformers' own attention, or GradDotProd_LM/lowrank_attention.py (Llama family only)
+ATTENTIONS = ("standard", "lowrank")
 
 _NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0)
 
@@ -121,16 +125,29 @@ def build_config(architecture, n_positions=1024, vocab_pad_multiple=VOCAB_PAD_MU
     return config_class(**kwargs)
 
 
+def supports_lowrank_attention(architecture, model_config=None):
+    """Whether `--attention lowrank` applies: the Llama-style sizes and --model_config files of model_type llama."""
+    if model_config is not None:
+        return model_config.get("model_type") == "llama"
+    return architecture in LLAMA_ARCHITECTURES
+
+
 def build_model(architecture, n_positions=1024, attn_implementation="sdpa", init_from=None,
-                gradient_checkpointing=False, vocab_pad_multiple=VOCAB_PAD_MULTIPLE, model_config=None, **overrides):
+                gradient_checkpointing=False, vocab_pad_multiple=VOCAB_PAD_MULTIPLE, model_config=None,
+                attention="standard", attention_rank=16, attention_block=64, **overrides):
     """A causal LM built from config: dropout 0, the vocabulary padded to `vocab_pad_multiple`, GPT-2's
     wte/lm_head tied (and the Llama sizes' embedding and head).
 
     model_config: a Hugging Face config.json dict (any causal-LM family); then `architecture` is ignored.
+    attention: "standard" (transformers' `attn_implementation`) or "lowrank" (Llama family only:
+    GradDotProd_LM/lowrank_attention.py with `attention_rank` summaries per block of `attention_block`
+    positions; its maps start as segment averages, after the weights of `init_from` are loaded).
     init_from: optional local directory written by `save_pretrained` (never a hub name: nothing is
     downloaded); its weights are loaded into the model built from our config, so the checkpoint's
     shapes must match (a checkpoint with the unpadded vocabulary is padded on load).
     """
+    if attention not in ATTENTIONS:
+        raise ValueError(f"unknown attention {attention!r}: choose one of {ATTENTIONS}")
     config = build_config(architecture, n_positions=n_positions, vocab_pad_multiple=vocab_pad_multiple,
                           model_config=model_config, **overrides)
     model_class = GPT2LMHeadModel if isinstance(config, GPT2Config) else AutoModelForCausalLM
@@ -157,6 +174,8 @@ def build_model(architecture, n_positions=1024, attn_implementation="sdpa", init
     model.loss_type = "ForCausalLM"
     if config.tie_word_embeddings and model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
         model.tie_weights()
+    if attention == "lowrank":
+        add_lowrank_attention(model, attention_rank, attention_block)  # raises for a non-Llama model
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

@@ -283,7 +283,8 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
     torch.manual_seed(cfg["seed"])  # same initial weights on every rank and in every run of this seed
     model = build_model(cfg["architecture"], n_positions=max(1024, T), init_from=cfg["init_from"],
                         gradient_checkpointing=cfg["grad_ckpt"], vocab_pad_multiple=cfg["vocab_pad_multiple"],
-                        model_config=cfg["model_config"],
+                        model_config=cfg["model_config"], attention=cfg["attention"],
+                        attention_rank=cfg["attention_rank"], attention_block=cfg["attention_block"],
                         **({} if "vocab_size" in (cfg["model_config"] or {}) else {"vocab_size": vocab}))
     model.to(device=device, dtype=DTYPES[cfg["model_dtype"]])
     model.train()

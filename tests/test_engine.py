@@ -33,8 +33,9 @@ def run_engine(model, X, Y, Xv, Yv, task="causal_lm", micro_batches=1, compile_b
 
 
 def check_against_reference(model, X, Y, Xv, Yv, task="causal_lm", micro_batches=1, compile_backend=None,
-                            **engine_kwargs):
-    reference_model = copy.deepcopy(model).double()
+                            reference_model=None, **engine_kwargs):
+    """reference_model: the float64 model of the reference [a float64 copy of `model`]."""
+    reference_model = copy.deepcopy(model).double() if reference_model is None else reference_model
     ref = reference_dot_products(reference_model, X, Y, Xv, Yv, task)
     result, grads = run_engine(model, X, Y, Xv, Yv, task, micro_batches, compile_backend, **engine_kwargs)
     assert result.dot_products.shape == (X.shape[0],)

@@ -462,11 +462,13 @@ class GradDotProdEngine:
                 if name is None:
                     continue
                 state = optimizer.state.get(p, {})
-                t = float(state["step"]) + 1 if "step" in state else 1.0
                 dtype = accum_dtype(p)
+                # t as a tensor: fused/capturable AdamW keep `step` on the GPU, and reading it would synchronise
+                step = torch.as_tensor(state.get("step", 0.0)).to(device=p.device, dtype=dtype)
+                t = step + 1
                 if "exp_avg_sq" in state:
                     v = state["exp_avg_sq"].detach().to(device=p.device, dtype=dtype)
-                    denom = v.sqrt().div_(math.sqrt(1 - beta2 ** t)).add_(eps)
+                    denom = v.sqrt().div_(torch.sqrt(1 - beta2 ** t)).add_(eps)
                 else:
                     fresh.append(name)
                     denom = torch.full(p.shape, eps, dtype=dtype, device=p.device)

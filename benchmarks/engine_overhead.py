@@ -49,7 +49,7 @@ def measure(cfg: BenchConfig, reps: int, warmup: int, value: str = "first_order"
     if value != "first_order":
         methods.append(graddotprod_method(model, optimizer, batch, cfg, value=value))
     flops = {}
-    for method in methods[:2]:
+    for method in methods[:2] + methods[3:]:
         method.setup()
         flops[method.name] = count_step_flops(method.step)
         method.teardown()
@@ -98,7 +98,9 @@ def main(argv=None) -> int:
           f"(Regular on B+Bv rows + largest parameter {largest_param_mb:,.0f} MB)")
     if args.value != "first_order":
         other = median[f"{GRADDOTPROD} ({args.value})"]
-        print(f"GradDotProd ({args.value}) / Regular time ratio : {other / median[REGULAR]:.3f}")
+        name = f"{GRADDOTPROD} ({args.value})"
+        print(f"GradDotProd ({args.value}) / Regular time ratio : {other / median[REGULAR]:.3f}, flop ratio "
+              f"{flops[name] / flops[REGULAR]:.3f} ({flops[name] / 1e9:.1f} GFLOP)")
         print(f"GradDotProd ({args.value}) / GradDotProd (first_order) time ratio : {other / median[GRADDOTPROD]:.3f}")
     return 0
 

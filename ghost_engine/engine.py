@@ -331,7 +331,7 @@ class GradDotProdEngine:
             if missing:
                 raise ValueError(f"value='cosine' needs per-sample gradient norms, which the rules of {missing} "
                                  "do not provide")
-        self._optimizer = None
+        self._optimizer, self._precond = None, None  # value="adamw": the optimizer; (hyper-parameters, D)
         self._handles = []
         self._mb = _MicroBatch()
         self._finished = []  # finalised micro-batches of the current step
@@ -410,7 +410,6 @@ class GradDotProdEngine:
                 raise ValueError(f"the optimizer holds {len(foreign)} parameter(s) that are not the model's")
         if self.value == ADAMW:
             self._check_adam(optimizer)
-        self._optimizer = optimizer
         current = {name: p for name, p in self.model.named_parameters() if name in self._params}
         moved = [name for name, p in self._params.items() if current.get(name) is not p]
         if moved:
@@ -429,6 +428,10 @@ class GradDotProdEngine:
             for name, p in self._params.items():
                 self._handles.append(p.register_hook(partial(self._on_param_grad, name)))
         self._handles.append(self.model.register_forward_hook(self._on_model_forward, with_kwargs=True))
+        self._optimizer, self._precond = optimizer, None
+        if self.value == ADAMW:  # D is recomputed after each optimizer step or state load (and lr change)
+            self._handles.append(optimizer.register_step_post_hook(self._on_optimizer_change))
+            self._handles.append(optimizer.register_load_state_dict_post_hook(self._on_optimizer_change))
         _ATTACHED[self.model] = self
         return self
 
@@ -448,6 +451,15 @@ class GradDotProdEngine:
             raise ValueError(f"value='adamw': the optimizer does not hold parameters {missing[:3]}"
                              f"{'...' if len(missing) > 3 else ''}, so their update is unknown")
 
+    def _on_optimizer_change(self, *args):
+        self._precond = None
+
+    def _adam_hyperparameters(self):
+        """The groups' (lr, betas, eps), or None where one is a tensor (then D is recomputed every micro-batch:
+        comparing device tensors would synchronise)."""
+        key = tuple((group["lr"], *group["betas"], group["eps"]) for group in self._optimizer.param_groups)
+        return None if any(torch.is_tensor(x) for group in key for x in group) else key
+
     def _adam_preconditioner(self) -> dict:
         """{parameter name: D} for the optimizer's coming step t = state["step"] + 1, in the accumulation dtype:
         D = lr · ((1 - β1) / (1 - β1^t)) / (sqrt(v_{t-1}) / sqrt(1 - β2^t) + eps), the derivative of AdamW's
@@ -466,13 +478,15 @@ class GradDotProdEngine:
                 # t as a tensor: fused/capturable AdamW keep `step` on the GPU, and reading it would synchronise
                 step = torch.as_tensor(state.get("step", 0.0)).to(device=p.device, dtype=dtype)
                 t = step + 1
+                # D = c / (√v + eps·√(1-β2^t)) with c = lr·(1-β1)/(1-β1^t)·√(1-β2^t): three passes over v
+                sqrt_bc2 = torch.sqrt(1 - beta2 ** t)
+                c = lr * (1 - beta1) / (1 - beta1 ** t) * sqrt_bc2
                 if "exp_avg_sq" in state:
-                    v = state["exp_avg_sq"].detach().to(device=p.device, dtype=dtype)
-                    denom = v.sqrt().div_(torch.sqrt(1 - beta2 ** t)).add_(eps)
+                    denom = state["exp_avg_sq"].detach().to(device=p.device, dtype=dtype).sqrt()
                 else:
                     fresh.append(name)
-                    denom = torch.full(p.shape, eps, dtype=dtype, device=p.device)
-                out[name] = denom.reciprocal_().mul_(lr * (1 - beta1) / (1 - beta1 ** t))
+                    denom = torch.zeros(p.shape, dtype=dtype, device=p.device)
+                out[name] = torch.div(c, denom.add_(eps * sqrt_bc2), out=denom)
         if fresh:
             warnings.warn(f"value='adamw' before the optimizer's first step: v_0 = 0 for {len(fresh)} parameter(s), "
                           "so D = lr/eps there and the values are about 1/eps times the first-order ones (exactly "
@@ -568,7 +582,10 @@ class GradDotProdEngine:
                               requires_grad=True)
         mb.sinks = dict(zip(self._hooked_params, mb.sink.unbind(0)))
         if self.value == ADAMW:
-            mb.precond = self._adam_preconditioner()
+            key = self._adam_hyperparameters()  # once per optimizer step (and lr), shared by its micro-batches
+            if self._precond is None or key is None or self._precond[0] != key:
+                self._precond = (key, self._adam_preconditioner())
+            mb.precond = self._precond[1]
         elif self.value == COSINE:
             mb.norm_sink = torch.zeros(len(self._hooked_params), mb.n_train + 1, dtype=dtype, device=X_train.device,
                                        requires_grad=True)

@@ -131,6 +131,29 @@ def test_classifier_without_a_token_dimension(value):
     check_values(result, ref)
 
 
+def test_adamw_follows_the_optimizer_from_step_to_step():
+    """D is read again after optimizer.step() and after an lr change (a scheduler)."""
+    torch.manual_seed(38)
+    g = torch.Generator().manual_seed(38)
+    model = tiny_gpt2()
+    optimizer = adamw_with_state(model, g, steps=1)
+    Xv, Yv = lm_batch(1, 8, g)
+    engine = GradDotProdEngine(model, val_batch=(Xv, Yv), value="adamw").attach(optimizer)
+    for lr in (3e-3, 3e-3, 1e-3):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        X, Y = lm_batch(2, 8, g)
+        ref = reference_adamw_values(copy.deepcopy(model).double(), X, Y, Xv, Yv,
+                                     adamw_sensitivity(optimizer, dict(model.named_parameters())))
+        model.zero_grad()
+        Xc, Yc = engine.prepare_forward_input(X, Y)
+        model(input_ids=Xc, labels=Yc).loss.backward()
+        engine.prepare_gradients()
+        optimizer.step()
+        check_values(engine.aggregate_and_log(), ref)
+    engine.detach()
+
+
 def test_adamw_before_the_first_step_warns_and_uses_v_zero():
     torch.manual_seed(33)
     g = torch.Generator().manual_seed(33)

@@ -9,6 +9,7 @@ import os
 
 import yaml
 
+from ghost_engine.engine import VALUES
 from ghost_engine.flags import FlagParser
 from GradDotProd_LM.model import MODEL_ARCHITECTURES, load_model_config, max_seq_len
 from GradDotProd_LM.run_files import dotprod_steps_on_disk
@@ -25,14 +26,15 @@ DEFAULTS = dict(
     eval_only=False, eval_interval=500, eval_iter=10, eval_bs=8, dot_prod_save_interval=10,
     checkpoint_interval=1000, model_dtype="float32", train_dtype="auto", seq_len=1024,
     data_dir=None, results_dir=None, run_name=None, resume=False, compile=False, grad_ckpt=False,
-    init_from=None, vocab_pad_multiple=64, accept_data_change=False, model_config=None,
+    init_from=None, vocab_pad_multiple=64, accept_data_change=False, model_config=None, value="first_order",
 )
 # What a run saved before a setting existed used (its config.json lacks the key).
 LEGACY_DEFAULTS = dict(vocab_pad_multiple=1)
 
 # These define which samples are seen and how they are valued; a resumed run must keep them.
 RUN_IDENTITY = ("method", "architecture", "batch_size", "val_batch_size", "val_domain", "train_domains",
-                "seq_len", "seed", "model_dtype", "data_dir", "init_from", "vocab_pad_multiple", "optimizer", "model_config")
+                "seq_len", "seed", "model_dtype", "data_dir", "init_from", "vocab_pad_multiple", "optimizer", "model_config",
+                "value")
 
 
 def _positive_int(text):
@@ -96,6 +98,10 @@ def build_parser():
                    help="YAML file of flag values (keys = flag names); flags override it")
     g = p.add_argument_group("run")
     g.add_argument("--method", choices=METHODS, help=f"[{d['method']}]")
+    g.add_argument("--value", choices=VALUES,
+                   help="what is saved per sample (GradDotProdEngine's value, docs/METHOD.md section 2.1): the "
+                        "first-order dot product, the AdamW-aware one (needs --optimizer AdamW) or the cosine "
+                        f"[{d['value']}]")
     g.add_argument("--architecture", choices=tuple(MODEL_ARCHITECTURES),
                    help=f"GPT-2, Llama-style or Pythia size (docs/MODELS.md) [{d['architecture']}]")
     g.add_argument("--model_config", metavar="FILE.json", type=_model_config,
@@ -266,6 +272,10 @@ def _check_values(cfg, parser, world_size):
     longest = max_seq_len(cfg["architecture"], cfg["model_config"])
     if cfg["seq_len"] < 2 or cfg["seq_len"] > longest:
         parser.error(f"--seq_len {cfg['seq_len']}: must be between 2 and {longest} ({model_name(cfg)})")
+    if cfg["value"] != "first_order" and cfg["method"] != "GradDotProd":
+        parser.error(f"--value {cfg['value']} needs --method GradDotProd")
+    if cfg["value"] == "adamw" and cfg["optimizer"] != "AdamW":
+        parser.error(f"--value adamw needs --optimizer AdamW (got {cfg['optimizer']})")
     if cfg["method"] == "GradDotProd" and cfg["val_batch_size"] < 1:
         parser.error("--val_batch_size must be >= 1 with --method GradDotProd")
     if cfg["learning_rate"] <= 0:

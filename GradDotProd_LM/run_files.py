@@ -90,14 +90,15 @@ def dotprod_file(run_dir, last_step):
     return os.path.join(run_dir, DOTPROD_DIR, f"iter_{last_step:06d}.pkl")
 
 
-def flush_dotprods(run_dir, run_name, world_size, pending):
-    """Write the pending step records (ascending steps) as iter_<last step>.pkl; empties `pending`."""
+def flush_dotprods(run_dir, run_name, world_size, pending, value="first_order"):
+    """Write the pending step records (ascending steps) as iter_<last step>.pkl; empties `pending`. `value`: the
+    engine's estimator, what the records' dot_products hold."""
     if not pending:
         return None
     os.makedirs(os.path.join(run_dir, DOTPROD_DIR), exist_ok=True)
     path = dotprod_file(run_dir, pending[-1]["step"])
     save_dotprod_pickle(path, {"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "run_name": run_name,
-                               "world_size": world_size, "steps": list(pending)})
+                               "world_size": world_size, "value": value, "steps": list(pending)})
     pending.clear()
     return path
 

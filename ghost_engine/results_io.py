@@ -4,7 +4,10 @@ A training run writes `Results/<run>/grad_dotprods/iter_XXXXXX.pkl`, each a
 pickle of a plain dict (schema in docs/report.md):
 
     {"schema": "graddotprod.dotprods", "schema_version": 1, "run_name": str,
-     "world_size": int, "steps": [step_record, ...]}
+     "world_size": int, "value": optional str, "steps": [step_record, ...]}
+
+"value" names what the records' "dot_products" hold (GradDotProdEngine's estimator: "first_order",
+"adamw" or "cosine", docs/METHOD.md section 2.1); absent means "first_order" (files written before it).
 
     step_record = {"step": int, "lr": float, "train_loss": float, "val_loss": float,
                    "dot_products": float32[B], "batch_weights": float32[B],
@@ -31,6 +34,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ghost_engine.durable import write_atomically
+
+VALUES = ("first_order", "adamw", "cosine")  # GradDotProdEngine's estimators (ghost_engine.engine.VALUES)
 
 SCHEMA_NAME = "graddotprod.dotprods"
 SCHEMA_VERSION = 1
@@ -239,6 +244,9 @@ def validate_payload(payload, where: str = "payload") -> None:
     world_size = payload.get("world_size")
     if isinstance(world_size, bool) or not isinstance(world_size, (int, np.integer)) or world_size < 1:
         raise ResultsFormatError(f"{where}: 'world_size' must be a positive int, got {world_size!r}")
+    value = payload.get("value", "first_order")
+    if value not in VALUES:
+        raise ResultsFormatError(f"{where}: 'value' is {value!r}, expected one of {VALUES}")
     steps = payload.get("steps")
     if not isinstance(steps, (list, tuple)):
         raise ResultsFormatError(f"{where}: 'steps' must be a list of step records")

@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from _models import MLPClassifier, lm_batch, tiny_gpt2, tiny_llama
+from _models import VOCAB, MLPClassifier, lm_batch, tiny_gpt2, tiny_llama
 from _reference import (adamw_sensitivity, reference_adamw_values, reference_cosine_values, reference_dot_products,
                         reference_train_grad)
 from ghost_engine import GradDotProdEngine
@@ -229,3 +229,49 @@ def test_compiled_tied_gpt2_is_exact(value):
     torch._dynamo.reset()
     check_values(result, ref)
     assert not graph_breaks and graphs == 1, (graph_breaks, graphs)
+
+
+class Conv1DTiedLM(torch.nn.Module):
+    """An embedding whose weight [V, d] a later Conv1D (input V, output d) shares: the tie's rows index the
+    linear layer's input features, the other orientation of GPT-2's wte/lm_head."""
+
+    def __init__(self, vocab=VOCAB, width=16):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.emb = torch.nn.Embedding(vocab, width)
+        self.up = torch.nn.Linear(width, vocab)
+        self.conv = Conv1D(width, vocab)
+        self.conv.weight = self.emb.weight
+        self.head = torch.nn.Linear(width, vocab)
+
+    def forward(self, input_ids, labels=None):
+        from types import SimpleNamespace
+
+        h = self.emb(input_ids)
+        logits = self.head(torch.tanh(self.conv(torch.tanh(self.up(h)))) + h)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        return SimpleNamespace(loss=loss, logits=logits)
+
+
+@pytest.mark.parametrize("value", ["first_order", "adamw", "cosine"])
+def test_tie_with_a_conv1d_layer(value):
+    torch.manual_seed(39)
+    g = torch.Generator().manual_seed(39)
+    model = Conv1DTiedLM()
+    assert model.conv.weight is model.emb.weight
+    optimizer = adamw_with_state(model, g, steps=2) if value == "adamw" else None
+    X = torch.randint(0, VOCAB, (3, 8), generator=g)
+    X[0, 4:] = X[0, 0]
+    Xv = torch.randint(0, VOCAB, (2, 8), generator=g)
+    reference_model = copy.deepcopy(model).double()
+    if value == "adamw":
+        ref = reference_adamw_values(reference_model, X, X, Xv, Xv,
+                                     adamw_sensitivity(optimizer, dict(model.named_parameters())))
+    elif value == "cosine":
+        ref, _, _ = reference_cosine_values(reference_model, X, X, Xv, Xv)
+    else:
+        ref = reference_dot_products(reference_model, X, X, Xv, Xv)
+    result, grads = run_engine(model, X, X, Xv, Xv, optimizer, value=value)
+    check_values(result, ref)
+    check_train_grad(grads, reference_model, X, X)

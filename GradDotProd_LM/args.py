@@ -9,6 +9,7 @@ import os
 
 import yaml
 
+from ghost_engine.engine import VALUES
 from ghost_engine.flags import FlagParser
 from ghost_results.results_io import dotprod_steps_on_disk
 from GradDotProd_LM.experiment_log import SINKS, missing_packages
@@ -29,7 +30,7 @@ DEFAULTS = dict(
     checkpoint_interval=1000, model_dtype="float32", train_dtype="auto", seq_len=1024,
     data_dir=None, results_dir=None, run_name=None, resume=False, compile=False, grad_ckpt=False,
     init_from=None, vocab_pad_multiple=64, accept_data_change=False, model_config=None, report_to=[],
-    results_format="both", attention="standard", attention_rank=16, attention_block=64,
+    results_format="both", attention="standard", attention_rank=16, attention_block=64, value="first_order",
 )
 # What a run saved before a setting existed used (its config.json lacks the key).
 LEGACY_DEFAULTS = dict(vocab_pad_multiple=1)
@@ -37,7 +38,7 @@ LEGACY_DEFAULTS = dict(vocab_pad_multiple=1)
 # These define which samples are seen and how they are valued; a resumed run must keep them.
 RUN_IDENTITY = ("method", "architecture", "batch_size", "val_batch_size", "val_domain", "train_domains",
                 "seq_len", "seed", "model_dtype", "data_dir", "init_from", "vocab_pad_multiple", "optimizer",
-                "model_config", "attention", "attention_rank", "attention_block")
+                "model_config", "attention", "attention_rank", "attention_block", "value")
 
 
 def _positive_int(text):
@@ -115,6 +116,10 @@ def build_parser():
                    help="YAML file of flag values (keys = flag names); flags override it")
     g = p.add_argument_group("run")
     g.add_argument("--method", choices=METHODS, help=f"[{d['method']}]")
+    g.add_argument("--value", choices=VALUES,
+                   help="what is saved per sample (GradDotProdEngine's value, docs/METHOD.md section 2.1): the "
+                        "first-order dot product, the AdamW-aware one (needs --optimizer AdamW) or the cosine "
+                        f"[{d['value']}]")
     g.add_argument("--architecture", choices=tuple(MODEL_ARCHITECTURES),
                    help=f"GPT-2, Llama-style or Pythia size (docs/MODELS.md) [{d['architecture']}]")
     g.add_argument("--model_config", metavar="FILE.json", type=_model_config,
@@ -314,6 +319,10 @@ def _check_values(cfg, parser, world_size):
         if cfg["attention_rank"] > cfg["attention_block"]:
             parser.error(f"--attention_rank {cfg['attention_rank']} must not exceed --attention_block "
                          f"{cfg['attention_block']} (summaries of a block of that many positions)")
+    if cfg["value"] != "first_order" and cfg["method"] != "GradDotProd":
+        parser.error(f"--value {cfg['value']} needs --method GradDotProd")
+    if cfg["value"] == "adamw" and cfg["optimizer"] != "AdamW":
+        parser.error(f"--value adamw needs --optimizer AdamW (got {cfg['optimizer']})")
     if cfg["method"] == "GradDotProd" and cfg["val_batch_size"] < 1:
         parser.error("--val_batch_size must be >= 1 with --method GradDotProd")
     if cfg["learning_rate"] <= 0:

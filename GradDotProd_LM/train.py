@@ -317,7 +317,8 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
     engine = None
     if graddotprod:
         X_val = torch.from_numpy(val_batch.tokens[:, :T]).to(device)  # [Bv, T]; labels = inputs, the model shifts
-        engine = GradDotProdEngine(model, val_batch=(X_val, X_val), task="causal_lm", loss_reduction="mean")
+        engine = GradDotProdEngine(model, val_batch=(X_val, X_val), task="causal_lm", loss_reduction="mean",
+                                   value=cfg["value"])
         engine.attach(optimizer)
     step_model = torch.compile(model) if cfg["compile"] else model  # engine first, then compile and DDP
     if world_size > 1:
@@ -359,7 +360,7 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
 
     def save_all(step):  # dot products and log first: a checkpoint at step s implies they cover steps 1..s
         if master:
-            flush_dotprods(run_dir, cfg["run_name"], world_size, pending, results_formats)
+            flush_dotprods(run_dir, cfg["run_name"], world_size, pending, results_formats, value=cfg["value"])
             write_json(os.path.join(run_dir, "training_log.json"), log)
             experiment_log.sync()
         save_checkpoint(run_dir, model, optimizer, step, cfg) if master else None
@@ -442,7 +443,8 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
             if graddotprod:
                 record["val_loss"] = val_loss
                 if master and step % cfg["dot_prod_save_interval"] == 0:
-                    flush_dotprods(run_dir, cfg["run_name"], world_size, pending, results_formats)
+                    flush_dotprods(run_dir, cfg["run_name"], world_size, pending, results_formats,
+                                   value=cfg["value"])
             if master:
                 log["steps"].append(record)
                 experiment_log.step(record, by_domain if graddotprod else None)  # before the progress line

@@ -140,11 +140,13 @@ def regular_method(model, optimizer, batch, cfg: BenchConfig) -> Method:
     return Method(REGULAR, step, setup=fresh_grads(optimizer))
 
 
-def graddotprod_method(model, optimizer, batch, cfg: BenchConfig) -> Method:
+def graddotprod_method(model, optimizer, batch, cfg: BenchConfig, value: str = "first_order") -> Method:
+    """The engine's step; ``value`` picks its estimator (GradDotProdEngine's ``value``); the method is named
+    GradDotProd, with the estimator in parentheses when it is not the first-order one."""
     from ghost_engine import GradDotProdEngine
 
     x_train, y_train, x_val, y_val = batch
-    engine = GradDotProdEngine(model, val_batch=(x_val, y_val), task="causal_lm", loss_reduction="mean")
+    engine = GradDotProdEngine(model, val_batch=(x_val, y_val), task="causal_lm", loss_reduction="mean", value=value)
 
     attached = []  # the engine's hooks live only inside GradDotProd's own steps
 
@@ -167,7 +169,8 @@ def graddotprod_method(model, optimizer, batch, cfg: BenchConfig) -> Method:
             attached.clear()
             engine.detach()
 
-    return Method(GRADDOTPROD, step, setup=setup, teardown=teardown)
+    name = GRADDOTPROD if value == "first_order" else f"{GRADDOTPROD} ({value})"
+    return Method(name, step, setup=setup, teardown=teardown)
 
 
 CORE_METHODS = {REGULAR: regular_method, GRADDOTPROD: graddotprod_method}

@@ -1,12 +1,14 @@
 """What one GradDotProd step costs against a Regular step, next to the analytic floor (docs/METHOD.md section 3).
 
-    python -m benchmarks.engine_overhead --config cpu-small [--reps 7]
+    python -m benchmarks.engine_overhead --config cpu-small [--reps 7] [--value cosine]
 
 Prints, for a named configuration: median step times of Regular (B training rows), GradDotProd
 (B + Bv rows through the engine) and Regular on B + Bv rows (the memory reference), measured in one
 process with the methods interleaved; the time ratio; the flop ratio counted by FlopCounterMode;
 the analytic floor ratio; and the peak memory of each, with the bound "Regular on B + Bv rows plus
-one weight-gradient-sized buffer (the largest parameter)".
+one weight-gradient-sized buffer (the largest parameter)". ``--value adamw|cosine`` adds the engine with that
+estimator to the same interleaved run (its time against Regular and against the first-order engine);
+``--value adamw`` makes every method's optimizer AdamW with lr 0 instead of SGD with lr 0.
 """
 import argparse
 import statistics
@@ -19,6 +21,7 @@ from benchmarks._common import (BenchConfig, GRADDOTPROD, PeakMemory, REGULAR, a
                                 build_bench_model, format_table, graddotprod_method, make_batches, regular_method,
                                 run_interleaved)
 from ghost_engine.cost import analytic_floor_ratio, count_step_flops
+from ghost_engine.engine import VALUES
 from ghost_engine.flags import FlagParser
 
 CONFIGS = {
@@ -34,16 +37,19 @@ CONFIGS = {
 REGULAR_ALL_ROWS = "Regular (B+Bv rows)"
 
 
-def measure(cfg: BenchConfig, reps: int, warmup: int):
+def measure(cfg: BenchConfig, reps: int, warmup: int, value: str = "first_order"):
     model = build_bench_model(cfg)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    optimizer = (torch.optim.AdamW(model.parameters(), lr=0.0) if value == "adamw"
+                 else torch.optim.SGD(model.parameters(), lr=0.0))
     batch = make_batches(cfg, cfg.token_vocab_size())
     x_train, y_train, x_val, y_val = batch
     all_rows = (torch.cat([x_train, x_val]), torch.cat([y_train, y_val]), x_val, y_val)
     methods = [regular_method(model, optimizer, batch, cfg), graddotprod_method(model, optimizer, batch, cfg),
                replace(regular_method(model, optimizer, all_rows, cfg), name=REGULAR_ALL_ROWS)]
+    if value != "first_order":
+        methods.append(graddotprod_method(model, optimizer, batch, cfg, value=value))
     flops = {}
-    for method in methods[:2]:
+    for method in methods[:2] + methods[3:]:
         method.setup()
         flops[method.name] = count_step_flops(method.step)
         method.teardown()
@@ -57,6 +63,8 @@ def measure(cfg: BenchConfig, reps: int, warmup: int):
 def build_parser() -> FlagParser:
     parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu-small")
+    parser.add_argument("--value", choices=VALUES, default="first_order",
+                        help="also time the engine with this value estimator (default: first_order only)")
     add_timing_arguments(parser, reps=7)
     return parser
 
@@ -67,7 +75,7 @@ def main(argv=None) -> int:
     cfg = CONFIGS[args.config]
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--config {args.config} needs a CUDA device")
-    results, flops, floor, largest_param_mb, metric = measure(cfg, args.reps, args.warmup)
+    results, flops, floor, largest_param_mb, metric = measure(cfg, args.reps, args.warmup, args.value)
 
     median = {name: statistics.median(r.times_s) for name, r in results.items()}
     time_ratio = median[GRADDOTPROD] / median[REGULAR]
@@ -88,6 +96,12 @@ def main(argv=None) -> int:
     print(f"time ratio / floor               : {time_ratio / floor:.3f}")
     print(f"memory: GradDotProd peak {results[GRADDOTPROD].peak_mem_mb:,.0f} MB vs bound {bound:,.0f} MB "
           f"(Regular on B+Bv rows + largest parameter {largest_param_mb:,.0f} MB)")
+    if args.value != "first_order":
+        other = median[f"{GRADDOTPROD} ({args.value})"]
+        name = f"{GRADDOTPROD} ({args.value})"
+        print(f"GradDotProd ({args.value}) / Regular time ratio : {other / median[REGULAR]:.3f}, flop ratio "
+              f"{flops[name] / flops[REGULAR]:.3f} ({flops[name] / 1e9:.1f} GFLOP)")
+        print(f"GradDotProd ({args.value}) / GradDotProd (first_order) time ratio : {other / median[GRADDOTPROD]:.3f}")
     return 0
 
 

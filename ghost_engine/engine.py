@@ -28,6 +28,7 @@ Scaling. With the model's loss L = s·Σ_all ce_t (s = 1/N_all for a mean, 1 for
     Regular grad = m·s_train·Σ_train ∇ce = (full − G_val)·(s_train / s).
 """
 import math
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from functools import partial
@@ -40,18 +41,35 @@ from ghost_engine.losses import IGNORE_INDEX, TASKS, per_sample_loss, target_cou
 
 LOSS_REDUCTIONS = ("mean", "sum")
 FIRST, SECOND = "first", "second"  # roles of the two uses of a tied parameter, in forward order
+FIRST_ORDER, ADAMW, COSINE = "first_order", "adamw", "cosine"
+VALUES = (FIRST_ORDER, ADAMW, COSINE)  # value estimators (docs/METHOD.md section 2.1)
+# estimators that need the batch gradient g_B, known only after the backward: a second pass (docs/METHOD.md)
+NEEDS_BATCH_GRADIENT = ("second_order", "adamw_vt")
 
 
 @dataclass
 class DotProductResult:
-    """Dot products of one optimizer step (all micro-batches since the last aggregate, in order)."""
+    """Per-sample values of one optimizer step (all micro-batches since the last aggregate, in order).
 
-    dot_products: torch.Tensor  # [B_train] total over all trainable parameters
+    ``value`` names the estimator the numbers are (docs/METHOD.md section 2.1):
+    - "first_order": dot_products[i] = <grad l_i, grad L_val>;
+    - "adamw": <D ⊙ grad L_val, grad l_i>, D the derivative of AdamW's update with respect to the gradient
+      with the second moment held at v_{t-1} (the learning rate is inside D: phi_i = w_i · dot_products[i]);
+    - "cosine": <grad l_i, grad L_val> / (||grad l_i|| · ||grad L_val||); ``grad_norms`` and
+      ``val_grad_norm`` hold the two norms.
+    ``per_parameter`` splits the same number over the parameters (it sums to ``dot_products``; for
+    "cosine" each parameter's dot product is divided by the two total norms).
+    """
+
+    dot_products: torch.Tensor  # [B_train] total over all hooked parameters
     per_parameter: dict  # {parameter name: Tensor [B_train]}
     token_counts: torch.Tensor  # [B_train] targets n_i of each sample
     weights: torch.Tensor  # [B_train] n_i / N_train of the sample's micro-batch (its weight in that batch loss)
     excluded_parameters: list = field(default_factory=list)
     micro_batches: int = 1
+    value: str = FIRST_ORDER
+    grad_norms: torch.Tensor = None  # cosine: [B_train] ||grad l_i|| over the hooked parameters
+    val_grad_norm: torch.Tensor = None  # cosine: 0-dim, ||grad L_val|| over the hooked parameters
 
 
 @dataclass(eq=False)
@@ -81,7 +99,12 @@ class _MicroBatch:
     sink: torch.Tensor = None  # [P, B] leaf, one row per hooked parameter; .grad collects raw <G_i, G_val>
     sinks: dict = field(default_factory=dict)  # parameter name -> its row of `sink` (a view)
     seen: dict = field(default_factory=dict)  # layer name -> (training, validation) input shapes
-    channels: dict = field(default_factory=dict)  # tied parameter -> (support, first, channel tensors)
+    channels: dict = field(default_factory=dict)  # tied parameter -> (support, first, channels, training ids)
+    precond: dict = field(default_factory=dict)  # adamw: parameter name -> D (parameter layout)
+    norm_sink: torch.Tensor = None  # cosine: [P, B + 1] leaf; .grad: raw ||G_i||², last column ||G_val||²
+    norm_sinks: dict = field(default_factory=dict)  # cosine: parameter name -> its row of `norm_sink`
+    norm_scale: torch.Tensor = None  # cosine: [B] 1 / (c·n_i), 0 where n_i = 0
+    val_norm_scale: float = 0.0  # cosine: 1 / (c·N_val)
 
 
 _ATTACHED = weakref.WeakKeyDictionary()  # model -> its attached engine (one at a time)
@@ -145,18 +168,25 @@ def _support(ids: torch.Tensor):
 
 
 class _Tap(torch.autograd.Function):
-    """apply(engine, layer, meta, out, act, support, first, *params, *sinks, *channels_in) -> out[, *channels_out]
+    """apply(engine, layer, meta, out, act, support, first, train_ids, *params, *sinks, *extras, *channels_in)
+    -> out[, *channels_out]
 
-    meta = (n_train, compute dtype or None, generation or -1, roles: one of None/FIRST/SECOND per parameter).
+    meta = (n_train, compute dtype or None, generation or -1, roles: one of None/FIRST/SECOND per parameter,
+    value estimator). extras: one per parameter, none for "first_order"; "adamw": the preconditioner D;
+    "cosine": the parameter's row of the norm sink. train_ids: the embedding's training ids, given to the later
+    (linear) use of a tied parameter under "cosine" (else None).
     """
 
     @staticmethod
-    def forward(ctx, engine, layer, meta, out, act, support, first, *rest):
+    def forward(ctx, engine, layer, meta, out, act, support, first, train_ids, *rest):
         ctx.engine, ctx.layer, ctx.meta = engine, layer, meta
-        ctx.save_for_backward(act, support, first)
-        ctx.set_materialize_grads(False)
         n_params = len(layer.params)
-        channels_in = rest[2 * n_params:]
+        n_extra = 0 if meta[4] == FIRST_ORDER else n_params
+        precond = rest[2 * n_params:2 * n_params + n_extra] if meta[4] == ADAMW else ()
+        ctx.save_for_backward(act, support, first, train_ids, *precond)
+        ctx.set_materialize_grads(False)
+        ctx.n_extra = n_extra
+        channels_in = rest[2 * n_params + n_extra:]
         ctx.channel_dtypes = tuple(c.dtype for c in channels_in)
         out = out.view_as(out)
         if FIRST not in meta[3]:
@@ -168,13 +198,13 @@ class _Tap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, *channel_grads):
         engine, layer = ctx.engine, ctx.layer
-        n_train, dtype, generation, roles = ctx.meta
-        act, support, first = ctx.saved_tensors
+        n_train, dtype, generation, roles, value = ctx.meta
+        act, support, first, train_ids, *precond = ctx.saved_tensors
         n_params = len(layer.params)
         if not torch.compiler.is_compiling():
             engine._check_generation(generation)
         if grad is None:
-            return (None,) * (7 + 2 * n_params + len(ctx.channel_dtypes))
+            return (None,) * (8 + 2 * n_params + ctx.n_extra + len(ctx.channel_dtypes))
         dtype = dtype or grad.dtype
         grad_out = grad
         if act.is_floating_point():
@@ -183,26 +213,52 @@ class _Tap(torch.autograd.Function):
         module, rule = layer.module, layer.rule
         act_tr, act_v, grad_tr, grad_v = act[:n_train], act[n_train:], grad[:n_train], grad[n_train:]
         val_grads = rule.val_grads(module, act_v, grad_v)  # fresh tensors, owned here
+        # adamw: the dot products are taken with D ⊙ G_val; .grad still gets the unpreconditioned -G_val
+        precond = dict(zip(layer.params, precond))
+
+        def against(local, val_grad):
+            return val_grad * precond[local] if precond else val_grad
+
         later = channel_grads[0] if channel_grads else None  # G_val of the later (linear) use, if it ran
-        cross = None
+        cross = norm_cross = None
         for local, role in zip(layer.params, roles):
             if role == FIRST and later is not None:
                 # <G_i(linear use), G_val(this use)> from the linear's stash, then G_val of both uses
                 second_rule = engine._tie_partner[layer.params[local]].rule
-                cross = second_rule.stash_dots(channel_grads[1:], val_grads[local], support, first, n_train)
+                cross = second_rule.stash_dots(channel_grads[1:3], against(local, val_grads[local]), support, first,
+                                               n_train)
                 val_grads[local].add_(later)
-        own_only = {local: role is None for local, role in zip(layer.params, roles)}
-        dots = rule.per_sample_dots(module, act_tr, grad_tr, act_v, grad_v, val_grads, own_only)
+                if value == COSINE:  # <G_i(this use), G_i(linear use)>, the cross term of ||G_i||²
+                    norm_cross = rule.tied_cross(module, act_tr, grad_tr, channel_grads[1], channel_grads[3])
+        if precond:  # D ⊙ G_val is not low-rank: the Gram path does not apply
+            totals = {local: against(local, v) for local, v in val_grads.items()}
+            own_only = dict.fromkeys(layer.params, False)
+        else:
+            totals = val_grads
+            own_only = {local: role is None for local, role in zip(layer.params, roles)}
+        dots = rule.per_sample_dots(module, act_tr, grad_tr, act_v, grad_v, totals, own_only)
+        extra_grads = [None] * ctx.n_extra
+        if value == COSINE:  # per parameter: raw ||G_i||² of this use (+ cross terms), then ||G_val||²
+            sq = rule.per_sample_sq_norms(module, act_tr, grad_tr)
+            extra_grads = []
+            for local, role in zip(layer.params, roles):
+                sq_i = sq[local] if norm_cross is None or role != FIRST else sq[local] + 2 * norm_cross
+                sq_val = (val_grads[local].square().sum() if role != SECOND  # the embedding counts both uses
+                          else sq_i.new_zeros(()))
+                extra_grads.append(torch.cat([sq_i, sq_val.to(sq_i.dtype).reshape(1)]))
         param_grads, sink_grads, channels_in = [], [], [None] * len(ctx.channel_dtypes)
         for local, role, p in zip(layer.params, roles, layer.tensors):
             sink_grads.append(dots[local] if cross is None or role != FIRST else dots[local] + cross)
             if role == SECOND:  # G_val travels to the embedding, which removes both uses' share from .grad
                 stash = rule.make_stash(module, local, act_tr, grad_tr, support)
+                if value == COSINE:
+                    stash = (*stash, rule.row_stash(module, act_tr, grad_tr, train_ids))
                 channels_in = [c.to(d) for c, d in zip((val_grads[local], *stash), ctx.channel_dtypes)]
                 param_grads.append(None)
             else:
                 param_grads.append(val_grads[local].neg_().to(p.dtype))
-        return (None, None, None, grad_out, None, None, None, *param_grads, *sink_grads, *channels_in)
+        return (None, None, None, grad_out, None, None, None, None, *param_grads, *sink_grads, *extra_grads,
+                *channels_in)
 
 
 class GradDotProdEngine:
@@ -220,10 +276,21 @@ class GradDotProdEngine:
             ``result.excluded_parameters``) and still get the exact Regular training gradient; their
             modules must not contain supported layers.
         ignore_index: label value that is not a target.
+        value: the per-sample estimator (docs/METHOD.md section 2.1, DotProductResult): "first_order" (default)
+            <grad l_i, grad L_val>; "adamw" <D ⊙ grad L_val, grad l_i> with D read from the Adam/AdamW optimizer
+            given to attach(); "cosine" the cosine of grad l_i and grad L_val.
     """
 
     def __init__(self, model: nn.Module, val_batch, *, task: str = "causal_lm", loss_reduction: str = "mean",
-                 unsupported: str = "error", ignore_index: int = IGNORE_INDEX):
+                 unsupported: str = "error", ignore_index: int = IGNORE_INDEX, value: str = FIRST_ORDER):
+        if value in NEEDS_BATCH_GRADIENT:
+            raise NotImplementedError(
+                f"value={value!r} needs the batch gradient g_B of the step, which is known only after the backward "
+                "pass that computes the per-sample terms; it takes a second pass, which the engine does not have "
+                f"(docs/METHOD.md section 2.1). Available: {VALUES}")
+        if value not in VALUES:
+            raise ValueError(f"value={value!r}; expected one of {VALUES}")
+        self.value = value
         if task not in TASKS:
             raise ValueError(f"task={task!r}; expected one of {TASKS}")
         if loss_reduction not in LOSS_REDUCTIONS:
@@ -246,6 +313,9 @@ class GradDotProdEngine:
         if self._sharded and unsupported == "exclude":
             raise ValueError("unsupported='exclude' is not supported with FSDP2 (the excluded modules' validation "
                              "rows are recomputed with their parameters, which FSDP holds sharded)")
+        if self._sharded and value != FIRST_ORDER:
+            raise ValueError(f"value={value!r} is not supported with FSDP2 (the optimizer state and the per-sample "
+                             "norms would be sharded); use value='first_order'")
         self._grad_hooked = {}  # FSDP2: id(unsharded parameter) -> weakref, once its gradient hook is registered
         self._tie_partner = {}  # tied parameter name -> its later (linear) use's _Layer
         self.layers, self.excluded_modules = self._inspect(model, unsupported)
@@ -255,6 +325,13 @@ class GradDotProdEngine:
         self._params = {name: p for name, p in model.named_parameters() if name in trainable}
         hooked = {pname for layer in self.layers for pname in layer.params.values()}
         self._hooked_params = [name for name in self._params if name in hooked]  # model order
+        if value == COSINE:
+            missing = [f"{layer.name} ({layer.rule.__name__})" for layer in self.layers
+                       if not hasattr(layer.rule, "per_sample_sq_norms")]
+            if missing:
+                raise ValueError(f"value='cosine' needs per-sample gradient norms, which the rules of {missing} "
+                                 "do not provide")
+        self._optimizer, self._precond = None, None  # value="adamw": the optimizer; (hyper-parameters, D)
         self._handles = []
         self._mb = _MicroBatch()
         self._finished = []  # finalised micro-batches of the current step
@@ -331,6 +408,8 @@ class GradDotProdEngine:
                        if id(p) not in model_params]
             if foreign:
                 raise ValueError(f"the optimizer holds {len(foreign)} parameter(s) that are not the model's")
+        if self.value == ADAMW:
+            self._check_adam(optimizer)
         current = {name: p for name, p in self.model.named_parameters() if name in self._params}
         moved = [name for name, p in self._params.items() if current.get(name) is not p]
         if moved:
@@ -349,8 +428,70 @@ class GradDotProdEngine:
             for name, p in self._params.items():
                 self._handles.append(p.register_hook(partial(self._on_param_grad, name)))
         self._handles.append(self.model.register_forward_hook(self._on_model_forward, with_kwargs=True))
+        self._optimizer, self._precond = optimizer, None
+        if self.value == ADAMW:  # D is recomputed after each optimizer step or state load (and lr change)
+            self._handles.append(optimizer.register_step_post_hook(self._on_optimizer_change))
+            self._handles.append(optimizer.register_load_state_dict_post_hook(self._on_optimizer_change))
         _ATTACHED[self.model] = self
         return self
+
+    def _check_adam(self, optimizer):
+        """value='adamw' reads D from a torch.optim.Adam/AdamW that holds every hooked parameter."""
+        if not isinstance(optimizer, torch.optim.Adam):  # torch.optim.AdamW is an Adam
+            got = "no optimizer" if optimizer is None else type(optimizer).__name__
+            raise ValueError(f"value='adamw' needs the torch.optim.AdamW (or Adam) that steps the model, passed to "
+                             f"attach(optimizer); got {got}")
+        held = {}
+        for group in optimizer.param_groups:
+            if group.get("amsgrad") or group.get("maximize"):
+                raise ValueError("value='adamw' supports AdamW/Adam with amsgrad=False and maximize=False")
+            held.update({id(p): group for p in group["params"]})
+        missing = [name for name in self._hooked_params if id(self._params[name]) not in held]
+        if missing:
+            raise ValueError(f"value='adamw': the optimizer does not hold parameters {missing[:3]}"
+                             f"{'...' if len(missing) > 3 else ''}, so their update is unknown")
+
+    def _on_optimizer_change(self, *args):
+        self._precond = None
+
+    def _adam_hyperparameters(self):
+        """The groups' (lr, betas, eps), or None where one is a tensor (then D is recomputed every micro-batch:
+        comparing device tensors would synchronise)."""
+        key = tuple((group["lr"], *group["betas"], group["eps"]) for group in self._optimizer.param_groups)
+        return None if any(torch.is_tensor(x) for group in key for x in group) else key
+
+    def _adam_preconditioner(self) -> dict:
+        """{parameter name: D} for the optimizer's coming step t = state["step"] + 1, in the accumulation dtype:
+        D = lr · ((1 - β1) / (1 - β1^t)) / (sqrt(v_{t-1}) / sqrt(1 - β2^t) + eps), the derivative of AdamW's
+        update with respect to the gradient with the second moment held at v_{t-1} (torch.optim.AdamW's formula;
+        the decoupled weight decay does not depend on the gradient). Before the first step v_{t-1} = 0."""
+        optimizer, wanted = self._optimizer, {id(self._params[name]): name for name in self._hooked_params}
+        out, fresh = {}, []
+        for group in optimizer.param_groups:
+            lr, (beta1, beta2), eps = float(group["lr"]), (float(b) for b in group["betas"]), float(group["eps"])
+            for p in group["params"]:
+                name = wanted.get(id(p))
+                if name is None:
+                    continue
+                state = optimizer.state.get(p, {})
+                dtype = accum_dtype(p)
+                # t as a tensor: fused/capturable AdamW keep `step` on the GPU, and reading it would synchronise
+                step = torch.as_tensor(state.get("step", 0.0)).to(device=p.device, dtype=dtype)
+                t = step + 1
+                # D = c / (√v + eps·√(1-β2^t)) with c = lr·(1-β1)/(1-β1^t)·√(1-β2^t): three passes over v
+                sqrt_bc2 = torch.sqrt(1 - beta2 ** t)
+                c = lr * (1 - beta1) / (1 - beta1 ** t) * sqrt_bc2
+                if "exp_avg_sq" in state:
+                    denom = state["exp_avg_sq"].detach().to(device=p.device, dtype=dtype).sqrt()
+                else:
+                    fresh.append(name)
+                    denom = torch.zeros(p.shape, dtype=dtype, device=p.device)
+                out[name] = torch.div(c, denom.add_(eps * sqrt_bc2), out=denom)
+        if fresh:
+            warnings.warn(f"value='adamw' before the optimizer's first step: v_0 = 0 for {len(fresh)} parameter(s), "
+                          "so D = lr/eps there and the values are about 1/eps times the first-order ones (exactly "
+                          "what the fixed-state formula says; see docs/METHOD.md section 2.1)", stacklevel=3)
+        return out
 
     def detach(self):
         """Remove every hook and drop all per-step state; the model and optimizer are as before attach()."""
@@ -440,6 +581,17 @@ class GradDotProdEngine:
         mb.sink = torch.zeros(len(self._hooked_params), mb.n_train, dtype=dtype, device=X_train.device,
                               requires_grad=True)
         mb.sinks = dict(zip(self._hooked_params, mb.sink.unbind(0)))
+        if self.value == ADAMW:
+            key = self._adam_hyperparameters()  # once per optimizer step (and lr), shared by its micro-batches
+            if self._precond is None or key is None or self._precond[0] != key:
+                self._precond = (key, self._adam_preconditioner())
+            mb.precond = self._precond[1]
+        elif self.value == COSINE:
+            mb.norm_sink = torch.zeros(len(self._hooked_params), mb.n_train + 1, dtype=dtype, device=X_train.device,
+                                       requires_grad=True)
+            mb.norm_sinks = dict(zip(self._hooked_params, mb.norm_sink.unbind(0)))
+            mb.norm_scale = torch.where(counts > 0, 1.0 / (c * counts_f.clamp(min=1)), torch.zeros_like(counts_f))
+            mb.val_norm_scale = 1.0 / (c * self.n_val_targets)
         mb.seen.clear()
         mb.channels.clear()
         mb.armed = True
@@ -475,7 +627,7 @@ class GradDotProdEngine:
         dtype = _autocast_dtype(out.device.type) if getattr(layer.rule, "autocast_input", False) else None
         if dtype is not None:
             act = act.to(dtype)  # a no-op after _on_forward_pre; kept for inputs passed by keyword
-        roles, support, first, channels_in = [], None, None, ()
+        roles, support, first, channels_in, train_ids = [], None, None, (), None
         for local, pname in layer.params.items():
             role = None
             if layer.tied[local] and not recompute:
@@ -491,16 +643,21 @@ class GradDotProdEngine:
                     support, first = _support(act[mb.n_train:])
                 else:
                     role = SECOND
-                    support, first, channels_in = mb.channels[pname]
+                    support, first, channels_in, ids = mb.channels[pname]
+                    train_ids = ids if self.value == COSINE else None
                     self._check_channels(layer, pname, act, channels_in)
             roles.append(role)
-        meta = (mb.n_train, dtype, -1 if torch.compiler.is_compiling() else mb.generation, tuple(roles))
+        meta = (mb.n_train, dtype, -1 if torch.compiler.is_compiling() else mb.generation, tuple(roles), self.value)
         sinks = [mb.sinks[pname] for pname in layer.params.values()]
+        extras = ([mb.precond[pname] for pname in layer.params.values()] if self.value == ADAMW else
+                  [mb.norm_sinks[pname] for pname in layer.params.values()] if self.value == COSINE else [])
         tensors = self._unsharded_tensors(layer, module) if self._sharded else layer.tensors
-        result = _Tap.apply(self, layer, meta, out, act, support, first, *tensors, *sinks, *channels_in)
+        result = _Tap.apply(self, layer, meta, out, act, support, first, train_ids, *tensors, *sinks, *extras,
+                            *channels_in)
         if FIRST in roles:
             result, *channels = result
-            mb.channels[layer.params[list(layer.params)[roles.index(FIRST)]]] = (support, first, tuple(channels))
+            mb.channels[layer.params[list(layer.params)[roles.index(FIRST)]]] = (support, first, tuple(channels),
+                                                                                 act[:mb.n_train])
         if flat:
             result = result.flatten(0, 1)
         if not recompute:
@@ -546,6 +703,9 @@ class GradDotProdEngine:
         n_tokens = act[:meta[0]].numel()
         compute = _autocast_dtype(act.device.type) or param.dtype
         stash = second.rule.stash_shapes(second.module, n_tokens, support.shape[0])
+        if meta[4] == COSINE:  # the linear's row_stash: [B, U, T]
+            per_row = n_tokens // max(1, meta[0])
+            stash = stash + [(meta[0], per_row, per_row)]
         return [(tuple(param.shape), accum_dtype(param))] + [(shape, compute) for shape in stash]
 
     def _check_channels(self, layer, pname, act, channels):
@@ -639,6 +799,7 @@ class GradDotProdEngine:
         mb = self._mb
         mb.armed = False
         mb.sink, mb.sinks, mb.counts, mb.dot_scale = None, {}, None, None
+        mb.precond, mb.norm_sink, mb.norm_sinks, mb.norm_scale = {}, None, {}, None
         mb.seen.clear()
         mb.channels.clear()
 
@@ -646,6 +807,8 @@ class GradDotProdEngine:
         mb = self._mb
         raw = mb.sink.grad  # [P, B]
         counts, n_train_targets, dot_scale, seen = mb.counts, mb.n_train_targets, mb.dot_scale, dict(mb.seen)
+        raw_norms = None if mb.norm_sink is None else mb.norm_sink.grad  # cosine: [P, B + 1]
+        norm_scale, val_norm_scale = mb.norm_scale, mb.val_norm_scale
         self._disarm()
         if raw is None:
             raise RuntimeError("no gradient reached the engine since prepare_forward_input(): run the forward "
@@ -653,7 +816,15 @@ class GradDotProdEngine:
         self._shapes.update(seen)
         dtype = dot_scale.dtype
         weights = counts.to(dtype) / n_train_targets
-        self._finished.append((raw.to(dtype) * dot_scale, counts, weights))  # [P, B] per-parameter dots
+        per_param = raw.to(dtype) * dot_scale  # [P, B] per-parameter dots
+        norms = None
+        if self.value == COSINE:
+            grad_norms = raw_norms[:, :-1].sum(0).clamp(min=0).sqrt() * norm_scale  # ||grad l_i||
+            val_norm = raw_norms[:, -1].sum().clamp(min=0).sqrt() * val_norm_scale  # ||grad L_val||
+            denom = grad_norms * val_norm
+            per_param = torch.where(denom > 0, per_param / torch.where(denom > 0, denom, 1.0), 0.0)
+            norms = (grad_norms, val_norm)
+        self._finished.append((per_param, counts, weights, norms))
 
     def prepare_gradients(self):
         """Finish the step's backward passes. ``.grad`` already holds the Regular training gradient of the
@@ -672,11 +843,15 @@ class GradDotProdEngine:
             raise RuntimeError("aggregate_and_log() without a prepared and back-propagated batch")
         finished, self._finished = self._finished, []
         per_param = torch.cat([f[0] for f in finished], dim=1)  # [P, B_step]
+        norms = {}
+        if self.value == COSINE:  # ||grad L_val|| is the same for every micro-batch: the first one's
+            norms = dict(grad_norms=torch.cat([f[3][0] for f in finished]), val_grad_norm=finished[0][3][1])
         return DotProductResult(dot_products=per_param.sum(0),
                                 per_parameter=dict(zip(self._hooked_params, per_param.unbind(0))),
                                 token_counts=torch.cat([f[1] for f in finished]),
                                 weights=torch.cat([f[2] for f in finished]),
-                                excluded_parameters=list(self.excluded_parameters), micro_batches=len(finished))
+                                excluded_parameters=list(self.excluded_parameters), micro_batches=len(finished),
+                                value=self.value, **norms)
 
     # ------------------------------------------------------------------ reporting
     def path_report(self) -> list:
@@ -687,7 +862,8 @@ class GradDotProdEngine:
             path = None
             if layer.name in shapes:
                 act_tr, act_v = (torch.empty(shape, device="meta") for shape in shapes[layer.name])
-                path = layer.rule.path(layer.module, act_tr, act_v, not any(layer.tied.values()))
+                own_only = not any(layer.tied.values()) and self.value != ADAMW  # D ⊙ G_val: no Gram path
+                path = layer.rule.path(layer.module, act_tr, act_v, own_only)
             rows.append({"layer": layer.name, "type": type(layer.module).__name__,
                          "parameters": sorted(layer.params.values()),
                          "tied": any(layer.tied.values()),

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 CONVENTIONS = ("first_order", "raw", "step_normalised")
+VALUE_ESTIMATORS = ("first_order", "adamw", "cosine")  # what a run's dot products hold (results_io.VALUES)
 
 # Key columns: a "sample" is one training window, the same (domain, token_offset)
 # seen at several steps sums; a "document" is (domain, doc_id).
@@ -34,18 +35,27 @@ def _per_row(columns, values: np.ndarray):
     return pd.Series(values, index=columns.index) if isinstance(columns, pd.DataFrame) else values
 
 
-def compute_values(columns, convention: str = "first_order"):
-    """Per-row (per occurrence) value, float64 [rows].
+def compute_values(columns, convention: str = "first_order", value: str = "first_order"):
+    """Per-row (per occurrence) value, float64 [rows]. `value` is the estimator the run's dot products hold
+    (`Run.value`, the files' "value"): first_order <grad l_i, grad L_val>, adamw <D ⊙ grad L_val, grad l_i>
+    (AdamW's update sensitivity D includes the learning rate), cosine (a cosine similarity).
 
-    first_order:     lr_t * w_i * dot_i   (first-order In-Run Data Shapley)
+    first_order:     lr_t * w_i * dot_i   (first-order In-Run Data Shapley); for adamw w_i * dot_i;
+                     not defined for cosine (use raw)
     raw:             dot_i
     step_normalised: dot_i / sum_j |dot_j| over the rows of the same step, so
                      every step weighs the same whatever its learning rate or
                      gradient scale.
     """
+    if value not in VALUE_ESTIMATORS:
+        raise ValueError(f"unknown estimator {value!r}; one of {VALUE_ESTIMATORS}")
     dots = np.asarray(columns["dot_products"], dtype=np.float64)
     if convention == "first_order":
-        lr, weight = np.asarray(columns["lr"], dtype=np.float64), np.asarray(columns["batch_weight"], np.float64)
+        if value == "cosine":
+            raise ValueError("a cosine run has no first-order value: use convention 'raw' (the cosines) or "
+                             "'step_normalised'")
+        weight = np.asarray(columns["batch_weight"], np.float64)
+        lr = 1.0 if value == "adamw" else np.asarray(columns["lr"], dtype=np.float64)  # adamw: lr inside D
         return _per_row(columns, lr * weight * dots)
     if convention == "raw":
         return _per_row(columns, dots)

@@ -133,7 +133,10 @@ class Report:
 
 def build_report(run, convention: str = "first_order", val_domain: str | None = None,
                  recall_ks=DEFAULT_RECALL_KS) -> Report:
-    values = analysis.compute_values(run.columns, convention)
+    value = getattr(run, "value", "first_order")
+    if value == "cosine" and convention == "first_order":
+        convention = "raw"  # a cosine run's values are its cosines; there is no learning-rate-weighted form
+    values = analysis.compute_values(run.columns, convention, value)
     samples = analysis.aggregate(run.columns, values, by="sample")
     documents = analysis.aggregate(run.columns, values, by="document")
     steps, cumulative = analysis.cumulative_by_domain(run.columns, values)
@@ -239,6 +242,12 @@ def _linthresh(values) -> float:
     return float(np.percentile(nonzero, 10)) if len(nonzero) else 1.0
 
 
+VALUE_TEXT = {  # (estimator, convention) -> what the value is, where the estimator changes it
+    ("adamw", "first_order"): "AdamW-aware first-order value, φ = w_i · ⟨D ⊙ ∇L_val, ∇ℓ_i⟩ per occurrence "
+                              "(D: AdamW's update sensitivity with v held at v_{t−1}, learning rate included)",
+    ("adamw", "raw"): "AdamW-preconditioned dot products ⟨D ⊙ ∇L_val, ∇ℓ_i⟩",
+    ("cosine", "raw"): "cosine similarity cos(∇ℓ_i, ∇L_val) per occurrence",
+}
 CONVENTION_TEXT = {
     "first_order": "first-order In-Run Data Shapley, φ = η_t · w_i · dot_i per occurrence",
     "raw": "raw dot products dot_i = ⟨∇ℓ_i, ∇L_val⟩",
@@ -263,7 +272,9 @@ def render_markdown(report: Report, top: int, text: TextSource, tables: list, pl
                     plots_skipped: str | None) -> str:
     run, s = report.run, report.samples
     lines = [f"# In-Run Data Shapley report: `{os.path.basename(os.path.normpath(run.run_dir))}`", ""]
-    lines += [f"- Value: {CONVENTION_TEXT[report.convention]}, summed over the steps where a sample "
+    meaning = VALUE_TEXT.get((report.run.value, report.convention), CONVENTION_TEXT[report.convention])
+    lines += [f"- Estimator: `{report.run.value}` (the engine's `value`, docs/METHOD.md section 2.1).",
+              f"- Value: {meaning}, summed over the steps where a sample "
               "appeared. Positive = the sample lowered the validation loss.",
               "- Sample = one training window (domain, token offset); the same window seen twice sums. "
               "Document = (domain, doc_id).",
@@ -382,7 +393,8 @@ def build_parser() -> FlagParser:
     parser.add_argument("--top", type=int, default=20, help="how many top/bottom samples to list (default 20)")
     parser.add_argument("--out", default=None, help="output directory (default <run_dir>/report)")
     parser.add_argument("--convention", choices=analysis.CONVENTIONS, default="first_order",
-                        help="value convention (default first_order: lr * batch weight * dot product)")
+                        help="value convention (default first_order: lr * batch weight * dot product; "
+                             "batch weight * dot product for an adamw run; a cosine run reports its cosines)")
     parser.add_argument("--val_domain", default=None,
                         help="domain for normalised recall@k (default: val_domain in config.json)")
     parser.add_argument("--strict", action="store_true", help="fail on an unreadable results file instead of skipping it")

@@ -4,7 +4,10 @@ A training run writes `Results/<run>/grad_dotprods/iter_XXXXXX.pkl`, each a
 pickle of a plain dict (schema in docs/report.md):
 
     {"schema": "graddotprod.dotprods", "schema_version": 1, "run_name": str,
-     "world_size": int, "steps": [step_record, ...]}
+     "world_size": int, "value": optional str, "steps": [step_record, ...]}
+
+"value" names what the records' "dot_products" hold (GradDotProdEngine's estimator: "first_order",
+"adamw" or "cosine", docs/METHOD.md section 2.1); absent means "first_order" (files written before it).
 
     step_record = {"step": int, "lr": float, "train_loss": float, "val_loss": float,
                    "dot_products": float32[B], "batch_weights": float32[B],
@@ -42,6 +45,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ghost_engine.durable import fsync_directory, write_atomically
+
+VALUES = ("first_order", "adamw", "cosine")  # GradDotProdEngine's estimators (ghost_engine.engine.VALUES)
 
 SCHEMA_NAME = "graddotprod.dotprods"
 SCHEMA_VERSION = 1
@@ -260,6 +265,9 @@ def validate_payload(payload, where: str = "payload") -> None:
     world_size = payload.get("world_size")
     if isinstance(world_size, bool) or not isinstance(world_size, (int, np.integer)) or world_size < 1:
         raise ResultsFormatError(f"{where}: 'world_size' must be a positive int, got {world_size!r}")
+    value = payload.get("value", "first_order")
+    if value not in VALUES:
+        raise ResultsFormatError(f"{where}: 'value' is {value!r}, expected one of {VALUES}")
     steps = payload.get("steps")
     if not isinstance(steps, (list, tuple)):
         raise ResultsFormatError(f"{where}: 'steps' must be a list of step records")
@@ -292,7 +300,8 @@ def save_dotprod_parquet(path, payload) -> None:
     arrays = {name: pa.array(values) for name, values in columns.items() if name != "domain"}
     arrays["domain"] = pa.array(columns["domain"].tolist(), type=pa.string()).dictionary_encode()
     metadata = {"schema": payload["schema"], "schema_version": payload["schema_version"],
-                "run_name": payload["run_name"], "world_size": int(payload["world_size"])}
+                "run_name": payload["run_name"], "world_size": int(payload["world_size"]),
+                "value": payload.get("value", "first_order")}
     table = pa.table({name: arrays[name] for name in columns})
     sink = pa.BufferOutputStream()
     # Loading speed over size: floats stored plainly (a dictionary of distinct float32 values only makes them
@@ -313,14 +322,14 @@ def dotprod_file(run_dir, last_step, results_format="pickle"):
     return os.path.join(run_dir, DOTPROD_DIR, f"iter_{last_step:06d}{RESULTS_FORMATS[results_format]}")
 
 
-def flush_dotprods(run_dir, run_name, world_size, pending, formats=("pickle",)):
+def flush_dotprods(run_dir, run_name, world_size, pending, formats=("pickle",), value="first_order"):
     """Write the pending step records (ascending steps) as iter_<last step>.pkl and/or .parquet (the same
     rows; `formats` from --results_format); empties `pending`. Returns the paths written."""
     if not pending:
         return []
     os.makedirs(os.path.join(run_dir, DOTPROD_DIR), exist_ok=True)
     payload = {"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "run_name": run_name,
-               "world_size": world_size, "steps": list(pending)}
+               "world_size": world_size, "value": value, "steps": list(pending)}
     paths = []
     for results_format in formats:
         paths.append(dotprod_file(run_dir, pending[-1]["step"], results_format))
@@ -415,6 +424,11 @@ class Run:
     @property
     def num_rows(self) -> int:
         return len(self.columns["step"])
+
+    @property
+    def value(self) -> str:
+        """The estimator the run's dot products hold (config.json's "value"; runs without it: first_order)."""
+        return self.config.get("value", "first_order")
 
     def to_frame(self):
         """The columns as a pandas DataFrame (per-layer columns included); `.attrs` holds run_dir, config,

@@ -14,7 +14,12 @@ The interface of a rule (see ``linear.py`` for the reference implementation)::
     val_grads(module, act_v, grad_v) -> {local_param_name: Tensor (parameter layout, fp32 or fp64)}
     per_sample_dots(module, act_tr, grad_tr, act_v, grad_v, val_totals, own_only)
         -> {local_param_name: Tensor [B_train]}
-    path(module, act_tr, act_v) -> LayerPath      (which exact path runs, and its flops)
+    path(module, act_tr, act_v, own_only) -> LayerPath      (which exact path runs, and its flops)
+    per_sample_sq_norms(module, act_tr, grad_tr) -> {local_param_name: Tensor [B_train]}   (||G_i||², optional:
+        needed by the engine's value="cosine")
+
+``per_sample_dots`` receives in ``val_totals`` the validation gradient, or under value="adamw" the preconditioned
+D ⊙ G_val with ``own_only`` all False (a rule must then use ``val_totals`` only, not a Gram form of act_v, grad_v).
 
 Rules are found for a module in two ways (``rule_for``):
 - by type: ``@register_layer(nn.Linear)`` registers a rule for a module type and its subclasses that keep
@@ -28,7 +33,8 @@ A module matched by neither is refused by the engine, never valued with a guesse
 A rule may set ``autocast_input = True`` to have the engine keep its input in the autocast dtype.
 A parameter may be shared by one embedding-like rule (``row_sparse = True``: its validation gradient
 lives on the looked-up rows) and one later linear-like rule, which implements ``stash_shapes``,
-``make_stash`` and ``stash_dots`` (see ``linear.py`` and ghost_engine.engine).
+``make_stash`` and ``stash_dots`` (see ``linear.py`` and ghost_engine.engine); for value="cosine" the linear-like
+rule also implements ``row_stash`` and the embedding-like one ``tied_cross`` (the per-sample cross term of the norm).
 
 Rules run inside autograd's backward and may be traced by torch.compile: no host synchronisation and no
 data-dependent shapes (no ``torch.unique``, boolean-mask indexing or ``.item()``).

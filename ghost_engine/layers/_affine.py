@@ -40,6 +40,19 @@ def affine_per_sample_dots(x_hat_tr, grad_tr, n_feature_dims, val_totals):
     return out
 
 
+def affine_per_sample_sq_norms(x_hat_tr, grad_tr, n_feature_dims, has_weight, has_bias):
+    """||G_i||² per row from the explicit per-sample gradients Σ_t b_it ⊙ x̂_it and Σ_t b_it ([B, d])."""
+    rows = grad_tr.shape[0]
+    g = _tokens(grad_tr, n_feature_dims)
+    g = g.reshape(rows, -1, g.shape[-1])
+    out = {}
+    if has_weight:
+        out["weight"] = (g * _tokens(x_hat_tr, n_feature_dims).reshape(g.shape)).sum(1).square().sum(1)
+    if has_bias:
+        out["bias"] = g.sum(1).square().sum(1)
+    return out
+
+
 def affine_path(act_tr, n_feature_dims) -> LayerPath:
     return LayerPath("explicit", 4.0 * act_tr.numel())
 

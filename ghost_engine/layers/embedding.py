@@ -99,6 +99,26 @@ class EmbeddingRule:
         scale = cls.scale(module, dots.dtype)
         return {"weight": dots if scale is None else dots * scale}
 
+    @classmethod
+    def per_sample_sq_norms(cls, module, act_tr, grad_tr):
+        """||G_i||² per training row: Σ_{t,u} [id_t = id_u] (b_t·b_u) over the positions that get gradient
+        (token co-occurrence; 2·N·T·d flops), times the scale²."""
+        ids, g = _kept_rows(module, act_tr, grad_tr)
+        same = (ids[:, :, None] == ids[:, None, :]).to(g.dtype)
+        sq = ((g @ g.transpose(1, 2)) * same).sum((1, 2))
+        scale = cls.scale(module, sq.dtype)
+        return {"weight": sq if scale is None else sq * scale * scale}
+
+    @classmethod
+    def tied_cross(cls, module, act_tr, grad_tr, m, r):
+        """<G_i(this use), G_i(the linear use)> per training row, = Σ_{t,u} r[i,u,t] (m_iu · b_it), from the
+        linear's factors m ([B·U, k] or [B, U, k]) and r [B, U, T] (LinearRule.make_stash, row_stash)."""
+        ids, g = _kept_rows(module, act_tr, grad_tr)
+        m = m.reshape(ids.shape[0], -1, m.shape[-1]).to(g.dtype)
+        cross = (r.to(g.dtype) * (m @ g.transpose(1, 2))).sum((1, 2))
+        scale = cls.scale(module, cross.dtype)
+        return cross if scale is None else cross * scale
+
     @staticmethod
     def path(module, act_tr, act_v, own_only):
         return LayerPath("gather", 2.0 * grad_tr_numel(act_tr, module))
@@ -163,6 +183,16 @@ def _rule(ids_arg, offset_attr, scale_buffer):
 
 def grad_tr_numel(act_tr, module) -> int:
     return act_tr.numel() * module.embedding_dim
+
+
+def _kept_rows(module, ids, grad):
+    """(ids [B, T], output gradients [B, T, d] in the accumulation dtype, zero where padding_idx was looked up)."""
+    rows = ids.shape[0]
+    ids = ids.reshape(rows, -1)
+    g = grad.reshape(rows, ids.shape[1], -1).to(accum_dtype(grad))
+    if module.padding_idx is not None:
+        g = g * _keep(module, ids)[..., None].to(g.dtype)
+    return ids, g
 
 
 def _gather_dots(module, ids, grad, dense_val) -> torch.Tensor:

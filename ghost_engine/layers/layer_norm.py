@@ -4,7 +4,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ghost_engine.layers import module_input, register_layer
-from ghost_engine.layers._affine import accum, affine_path, affine_per_sample_dots, affine_val_grads
+from ghost_engine.layers._affine import (accum, affine_path, affine_per_sample_dots, affine_per_sample_sq_norms,
+                                         affine_val_grads)
 
 
 def _x_hat(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -26,6 +27,11 @@ class LayerNormRule:
     def per_sample_dots(module, act_tr, grad_tr, act_v, grad_v, val_totals, own_only):
         return affine_per_sample_dots(_x_hat(module, act_tr), accum(grad_tr), len(module.normalized_shape),
                                       val_totals)
+
+    @staticmethod
+    def per_sample_sq_norms(module, act_tr, grad_tr):
+        return affine_per_sample_sq_norms(_x_hat(module, act_tr), accum(grad_tr), len(module.normalized_shape),
+                                          module.weight is not None, module.bias is not None)
 
     @staticmethod
     def path(module, act_tr, act_v, own_only):

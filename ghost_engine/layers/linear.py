@@ -57,6 +57,11 @@ def _projection_dots(a_tr, g_tr, val_in_out: torch.Tensor, rows: int) -> torch.T
     return row_dot(a @ m, g, rows)  # via [N, p]
 
 
+def _per_row(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """[rows, ..., k] -> [rows, tokens, k] in the accumulation dtype."""
+    return t.reshape(rows, -1, t.shape[-1]).to(accum_dtype(t))
+
+
 def _use_gram(n_tr: int, n_v: int, d: int, p: int) -> bool:
     return n_v * (d + p) < d * p
 
@@ -103,6 +108,17 @@ class LinearRule:
             return LayerPath("gram", 2.0 * n_tr * n_v * (d + p))
         return LayerPath("projection", 2.0 * n_tr * d * p)
 
+    @staticmethod
+    def per_sample_sq_norms(module, act_tr, grad_tr):
+        """||G_i||² per training row without forming G_i: Σ_{t,u} (a_t·a_u)(b_t·b_u) (the Gram form of ghost
+        clipping, 2·N·T·(d+p) flops); the bias's ||Σ_t b_t||²."""
+        rows = act_tr.shape[0]
+        a, g = _per_row(act_tr, rows), _per_row(grad_tr, rows)
+        out = {"weight": ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum((1, 2))}
+        if module.bias is not None:
+            out["bias"] = g.sum(1).square().sum(1)
+        return out
+
     # ---- ties with an embedding (GPT-2's lm_head shares wte.weight), see ghost_engine.engine ----
     @staticmethod
     def stash_shapes(module, n_tokens, n_support):
@@ -126,3 +142,13 @@ class LinearRule:
         m, r = stash
         x = val_grad[support] * first[:, None].to(val_grad.dtype)  # [U, other]
         return row_dot(r @ x.to(r.dtype), m, rows)
+
+    @staticmethod
+    def row_stash(module, act_tr, grad_tr, ids_tr):
+        """r [B, U, T]: for the training tokens u of each row and the ids ids_tr [B, T] the embedding looked up
+        in that row, r[i, u, t] = (row-indexed factor of token u)[ids_tr[i, t]], so that the rows of G_i at
+        those ids are Σ_u r[i, u, t] m_iu, with m the other factor (make_stash's first tensor)."""
+        rows = act_tr.shape[0]
+        indexed = (act_tr if _is_conv1d(module) else grad_tr).reshape(rows, -1, module.weight.shape[0])
+        ids = ids_tr.reshape(rows, 1, -1)
+        return torch.gather(indexed, 2, ids.expand(rows, indexed.shape[1], ids.shape[2]))

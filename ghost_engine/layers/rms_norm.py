@@ -18,7 +18,8 @@ from torch import nn
 
 from ghost_engine.layers import (module_input, probe_forward, probe_generator, register_layer, register_recogniser,
                                  same_values)
-from ghost_engine.layers._affine import accum, affine_path, affine_per_sample_dots, affine_val_grads
+from ghost_engine.layers._affine import (accum, affine_path, affine_per_sample_dots, affine_per_sample_sq_norms,
+                                         affine_val_grads)
 
 EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon")
 PROBE_ROWS = 8
@@ -46,6 +47,11 @@ class _RMSNormRule:
     @classmethod
     def per_sample_dots(cls, module, act_tr, grad_tr, act_v, grad_v, val_totals, own_only):
         return affine_per_sample_dots(cls.x_hat(module, act_tr), accum(grad_tr), cls.n_dims(module), val_totals)
+
+    @classmethod
+    def per_sample_sq_norms(cls, module, act_tr, grad_tr):
+        return affine_per_sample_sq_norms(cls.x_hat(module, act_tr), accum(grad_tr), cls.n_dims(module),
+                                          module.weight is not None, False)
 
     @classmethod
     def path(cls, module, act_tr, act_v, own_only):

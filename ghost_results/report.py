@@ -242,6 +242,23 @@ def _linthresh(values) -> float:
     return float(np.percentile(nonzero, 10)) if len(nonzero) else 1.0
 
 
+def dominant_steps(steps, values, share: float = 0.5, limit: int = 5) -> list:
+    """[(step, its share of the summed |value|)] for the fewest steps (at most `limit`, largest first) that
+    together hold more than `share` of it, when they are under a tenth of the steps; else []."""
+    steps, magnitude = np.asarray(steps), np.abs(np.asarray(values, dtype=np.float64))
+    unique, index = np.unique(steps, return_inverse=True)
+    per_step = np.bincount(index.reshape(-1), weights=magnitude, minlength=len(unique))
+    total = per_step.sum()
+    if total <= 0 or len(unique) < 10:
+        return []
+    order = np.argsort(per_step)[::-1]
+    shares = per_step[order] / total
+    count = int(np.searchsorted(np.cumsum(shares), share, side="right")) + 1
+    if count > min(limit, len(unique) // 10):
+        return []
+    return [(int(unique[i]), float(per_step[i] / total)) for i in order[:count]]
+
+
 VALUE_TEXT = {  # (estimator, convention) -> what the value is, where the estimator changes it
     ("adamw", "first_order"): "AdamW-aware first-order value, φ = w_i · ⟨D ⊙ ∇L_val, ∇ℓ_i⟩ per occurrence "
                               "(D: AdamW's update sensitivity with v held at v_{t−1}, learning rate included)",
@@ -283,6 +300,16 @@ def render_markdown(report: Report, top: int, text: TextSource, tables: list, pl
               + (f" ({report.steps[0]}–{report.steps[-1]})" if len(report.steps) else "") + "."]
     if report.val_domain:
         lines.append(f"- Validation domain: {report.val_domain}.")
+    dominant = dominant_steps(report.run.columns["step"], report.values)
+    if dominant:
+        early = (" For an `adamw` run this is the fixed-state sensitivity before AdamW's second moments exist "
+                 "(D ≈ lr/eps at step 1); docs/FIDELITY.md finds no per-step estimator reliable over AdamW's "
+                 "first steps." if report.run.value == "adamw" else "")
+        named = (f"step {dominant[0][0]} holds" if len(dominant) == 1
+                 else f"steps {', '.join(str(step) for step, _ in dominant)} hold")
+        lines.append(f"- Caution: {named} "
+                     f"{100 * sum(share for _, share in dominant):.1f}% of the summed |value| of "
+                     f"{len(report.steps)} steps, so sums and rankings mostly reflect them.{early}")
     lines.append("")
 
     val_rows, val_note = validation_rows(run.run_dir)

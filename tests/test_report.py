@@ -218,3 +218,17 @@ def test_text_snippets_use_the_text_source(run_dir, tmp_path, monkeypatch):
 def test_run_to_pandas(run_dir):
     frame = load_run(run_dir).to_pandas()
     assert frame["dot_products"].tolist() == [4.0, -2.0, 1.0, 2.0, 7.0]
+
+
+def test_steps_that_dominate_the_values_are_named():
+    """A step holding most of the summed |value| (AdamW's fixed-state form at step 1) is named; an even run is not."""
+    from ghost_results.report import dominant_steps
+
+    steps = np.repeat(np.arange(1, 21), 2)
+    even = np.ones(40)
+    assert dominant_steps(steps, even) == []
+    skewed = even.copy()
+    skewed[:2] = 1000.0  # step 1: 2000 of 2038
+    (step, share), = dominant_steps(steps, skewed)
+    assert step == 1 and abs(share - 2000 / 2038) < 1e-12
+    assert dominant_steps(steps[:8], skewed[:8]) == []  # too few steps to say

@@ -97,16 +97,17 @@ def load_model_config(path):
 
 
 def build_config(architecture, n_positions=1024, vocab_pad_multiple=VOCAB_PAD_MULTIPLE, model_config=None,
-                 **overrides):
+                 vocab_size=GPT2_VOCAB_SIZE, **overrides):
     """The Hugging Face config of a named size (or of `model_config`, a config.json dict); `overrides`
-    replace any field (e.g. vocab_size, before padding). Dropout is 0 and the KV cache off.
+    replace any field. `vocab_size` is the data's vocabulary (before padding); a `model_config` that names
+    its own keeps it. Dropout is 0 and the KV cache off.
 
     GPT-2's GELU is transformers' fused "gelu_pytorch_tanh": the same tanh approximation as GPT-2's
     "gelu_new", one kernel instead of five.
     """
     if model_config is not None:
         kwargs = dict(model_config, use_cache=False, **overrides)
-        kwargs["vocab_size"] = padded_vocab_size(kwargs.get("vocab_size", GPT2_VOCAB_SIZE), vocab_pad_multiple)
+        kwargs["vocab_size"] = padded_vocab_size(kwargs.get("vocab_size", vocab_size), vocab_pad_multiple)
         return AutoConfig.for_model(**kwargs)
     if architecture not in MODEL_ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}: choose one of {sorted(MODEL_ARCHITECTURES)}")
@@ -119,7 +120,7 @@ def build_config(architecture, n_positions=1024, vocab_pad_multiple=VOCAB_PAD_MU
                       tie_word_embeddings=config_class is LlamaConfig, attention_dropout=0.0)
         if config_class is GPTNeoXConfig:
             kwargs.update(hidden_dropout=0.0, classifier_dropout=0.0)
-    kwargs.update(vocab_size=GPT2_VOCAB_SIZE, use_cache=False, **sizes)
+    kwargs.update(vocab_size=vocab_size, use_cache=False, **sizes)
     kwargs.update(overrides)
     kwargs["vocab_size"] = padded_vocab_size(kwargs["vocab_size"], vocab_pad_multiple)
     return config_class(**kwargs)

@@ -285,7 +285,7 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
                         gradient_checkpointing=cfg["grad_ckpt"], vocab_pad_multiple=cfg["vocab_pad_multiple"],
                         model_config=cfg["model_config"], attention=cfg["attention"],
                         attention_rank=cfg["attention_rank"], attention_block=cfg["attention_block"],
-                        **({} if "vocab_size" in (cfg["model_config"] or {}) else {"vocab_size": vocab}))
+                        vocab_size=vocab)
     model.to(device=device, dtype=DTYPES[cfg["model_dtype"]])
     model.train()
     optimizer = build_optimizer(model, cfg, device)

@@ -16,8 +16,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ghost_results.results_io import VALUES  # what a run's dot products hold
+
 CONVENTIONS = ("first_order", "raw", "step_normalised")
-VALUE_ESTIMATORS = ("first_order", "adamw", "cosine")  # what a run's dot products hold (results_io.VALUES)
 
 # Key columns: a "sample" is one training window, the same (domain, token_offset)
 # seen at several steps sums; a "document" is (domain, doc_id).
@@ -47,8 +48,8 @@ def compute_values(columns, convention: str = "first_order", value: str = "first
                      every step weighs the same whatever its learning rate or
                      gradient scale.
     """
-    if value not in VALUE_ESTIMATORS:
-        raise ValueError(f"unknown estimator {value!r}; one of {VALUE_ESTIMATORS}")
+    if value not in VALUES:
+        raise ValueError(f"unknown estimator {value!r}; one of {VALUES}")
     dots = np.asarray(columns["dot_products"], dtype=np.float64)
     if convention == "first_order":
         if value == "cosine":

@@ -31,6 +31,9 @@ def main(out_dir):
         torch.save(capture.grads, os.path.join(out_dir, "grads.pt"))
         with open(os.path.join(out_dir, "log_history.json"), "w") as f:
             json.dump(trainer.state.log_history, f)
+    if torch.distributed.is_initialized():  # both ranks leave together (see _lightning_ddp_worker.py)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -31,6 +31,10 @@ def main(out_dir, plain):
     assert trainer.world_size == 2
     if trainer.global_rank == 0:
         torch.save(module.first_grads, os.path.join(out_dir, "grads_plain.pt" if plain else "grads.pt"))
+    # Lightning leaves the process group up; a rank that exits while the other still writes aborts in gloo's
+    # threads ("terminate called without an active exception"), so both leave together.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

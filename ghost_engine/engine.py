@@ -27,6 +27,7 @@ Scaling. With the model's loss L = s·Σ_all ce_t (s = 1/N_all for a mean, 1 for
     dot_i        = <G_i, G_val> / (c²·n_i·N_val)
     Regular grad = m·s_train·Σ_train ∇ce = (full − G_val)·(s_train / s).
 """
+import contextlib
 import math
 import warnings
 import weakref
@@ -36,15 +37,19 @@ from functools import partial
 import torch
 from torch import nn
 
+from ghost_engine import updates
 from ghost_engine.layers import accum_dtype, rule_for
 from ghost_engine.losses import IGNORE_INDEX, TASKS, per_sample_loss, target_counts
 
 LOSS_REDUCTIONS = ("mean", "sum")
 FIRST, SECOND = "first", "second"  # roles of the two uses of a tied parameter, in forward order
-FIRST_ORDER, ADAMW, COSINE = "first_order", "adamw", "cosine"
-VALUES = (FIRST_ORDER, ADAMW, COSINE)  # value estimators (docs/METHOD.md section 2.1)
-# estimators that need the batch gradient g_B, known only after the backward: a second pass (docs/METHOD.md)
-NEEDS_BATCH_GRADIENT = ("second_order", "adamw_vt")
+FIRST_ORDER, SECOND_ORDER, ADAMW, ADAMW_VT, MIDPOINT, COSINE = (
+    "first_order", "second_order", "adamw", "adamw_vt", "midpoint", "cosine")
+VALUES = (FIRST_ORDER, SECOND_ORDER, ADAMW, ADAMW_VT, MIDPOINT, COSINE)  # estimators (docs/METHOD.md section 2.1)
+# estimators whose validation-side vector needs the step's batch gradient g_B, known only after the last
+# backward: the taps keep each layer's training rows and aggregate_and_log() projects them on that vector
+DEFERRED = (SECOND_ORDER, ADAMW_VT, MIDPOINT)
+LR_INSIDE = (SECOND_ORDER, ADAMW, ADAMW_VT, MIDPOINT)  # phi_i = w_i·dot_i (first_order: lr·w_i·dot_i)
 
 
 @dataclass
@@ -53,8 +58,16 @@ class DotProductResult:
 
     ``value`` names the estimator the numbers are (docs/METHOD.md section 2.1):
     - "first_order": dot_products[i] = <grad l_i, grad L_val>;
+    - "second_order": <grad l_i, lr ⊙ (grad L_val - 1/2 H_val (lr ⊙ g_B))>, the Shapley value of the plain
+      gradient step's game expanded to second order (g_B the step's batch gradient, H_val the validation
+      Hessian);
     - "adamw": <D ⊙ grad L_val, grad l_i>, D the derivative of AdamW's update with respect to the gradient
-      with the second moment held at v_{t-1} (the learning rate is inside D: phi_i = w_i · dot_products[i]);
+      with the second moment held at v_{t-1};
+    - "adamw_vt": <S(g_B) ⊙ grad L_val, grad l_i>, S = -dθ_{t+1}/dg the derivative of AdamW's actual update
+      at g_B (through v_t as well);
+    - "midpoint": <S(g_B/2) ⊙ grad L_val(θ_{t+1}(g_B/2)), grad l_i>, the optimizer's (SGD or Adam/AdamW)
+      game differentiated at half the batch gradient (exact for a quadratic game);
+    for all four the learning rate is inside: phi_i = w_i · dot_products[i];
     - "cosine": <grad l_i, grad L_val> / (||grad l_i|| · ||grad L_val||); ``grad_norms`` and
       ``val_grad_norm`` hold the two norms.
     ``per_parameter`` splits the same number over the parameters (it sums to ``dot_products``; for
@@ -101,13 +114,34 @@ class _MicroBatch:
     seen: dict = field(default_factory=dict)  # layer name -> (training, validation) input shapes
     channels: dict = field(default_factory=dict)  # tied parameter -> (support, first, channels, training ids)
     precond: dict = field(default_factory=dict)  # adamw: parameter name -> D (parameter layout)
+    deferred: list = field(default_factory=list)  # DEFERRED: (layer, act_tr, grad_tr, act_v, grad_v) per tap
+    val_grads: dict = field(default_factory=dict)  # DEFERRED: parameter name -> grad L_val (from the taps)
+    autocast: tuple = None  # DEFERRED: (device type, dtype) of the autocast the forward ran under, or None
     norm_sink: torch.Tensor = None  # cosine: [P, B + 1] leaf; .grad: raw ||G_i||², last column ||G_val||²
     norm_sinks: dict = field(default_factory=dict)  # cosine: parameter name -> its row of `norm_sink`
-    norm_scale: torch.Tensor = None  # cosine: [B] 1 / (c·n_i), 0 where n_i = 0
-    val_norm_scale: float = 0.0  # cosine: 1 / (c·N_val)
+    norm_scale: torch.Tensor = None  # cosine, DEFERRED: [B] 1 / (c·n_i), 0 where n_i = 0
+    val_norm_scale: float = 0.0  # cosine, DEFERRED: 1 / (c·N_val)
 
 
 _ATTACHED = weakref.WeakKeyDictionary()  # model -> its attached engine (one at a time)
+
+
+def _default_val_forward(model, X_val):
+    """The logits of ``model(input_ids=X_val)`` (a tensor, or an output with ``logits``)."""
+    output = model(input_ids=X_val)
+    return output if torch.is_tensor(output) else _field(output, "logits")
+
+
+class _ValCall(nn.Module):
+    """``val_forward(model, X)`` as a module, so that torch.func.functional_call can swap the model's
+    parameters (its names prefixed with "model.") for one call."""
+
+    def __init__(self, model, val_forward):
+        super().__init__()
+        self.model, self.val_forward = model, val_forward
+
+    def forward(self, X):
+        return self.val_forward(self.model, X)
 
 
 def _is_dtensor(t) -> bool:
@@ -181,7 +215,7 @@ class _Tap(torch.autograd.Function):
     def forward(ctx, engine, layer, meta, out, act, support, first, train_ids, *rest):
         ctx.engine, ctx.layer, ctx.meta = engine, layer, meta
         n_params = len(layer.params)
-        n_extra = 0 if meta[4] == FIRST_ORDER else n_params
+        n_extra = n_params if meta[4] in (ADAMW, COSINE) else 0
         precond = rest[2 * n_params:2 * n_params + n_extra] if meta[4] == ADAMW else ()
         ctx.save_for_backward(act, support, first, train_ids, *precond)
         ctx.set_materialize_grads(False)
@@ -204,6 +238,8 @@ class _Tap(torch.autograd.Function):
         if not torch.compiler.is_compiling():
             engine._check_generation(generation)
         if grad is None:
+            if value in DEFERRED:
+                engine._defer(layer, roles)
             return (None,) * (8 + 2 * n_params + ctx.n_extra + len(ctx.channel_dtypes))
         dtype = dtype or grad.dtype
         grad_out = grad
@@ -237,6 +273,8 @@ class _Tap(torch.autograd.Function):
             totals = val_grads
             own_only = {local: role is None for local, role in zip(layer.params, roles)}
         dots = rule.per_sample_dots(module, act_tr, grad_tr, act_v, grad_v, totals, own_only)
+        if value in DEFERRED:
+            engine._defer(layer, roles, act_tr, grad_tr, act_v, grad_v, val_grads)
         extra_grads = [None] * ctx.n_extra
         if value == COSINE:  # per parameter: raw ||G_i||² of this use (+ cross terms), then ||G_val||²
             sq = rule.per_sample_sq_norms(module, act_tr, grad_tr)
@@ -278,16 +316,19 @@ class GradDotProdEngine:
         ignore_index: label value that is not a target.
         value: the per-sample estimator (docs/METHOD.md section 2.1, DotProductResult): "first_order" (default)
             <grad l_i, grad L_val>; "adamw" <D ⊙ grad L_val, grad l_i> with D read from the Adam/AdamW optimizer
-            given to attach(); "cosine" the cosine of grad l_i and grad L_val.
+            given to attach(); "cosine" the cosine of grad l_i and grad L_val; "second_order", "adamw_vt" and
+            "midpoint" need the step's batch gradient: the taps keep every hooked layer's training rows until
+            aggregate_and_log(), which must run after the step's last backward and before optimizer.step(),
+            with .grad holding the gradient the optimizer will use (unscaled); under torch.compile their hooks
+            run eagerly (a graph break per layer).
+        val_forward: for "second_order" and "midpoint", which evaluate the validation loss again (at θ_t for
+            a Hessian-vector product, at the midpoint parameters): a function (model, X_val) -> logits.
+            Default: ``model(input_ids=X_val)`` and its ``logits``.
     """
 
     def __init__(self, model: nn.Module, val_batch, *, task: str = "causal_lm", loss_reduction: str = "mean",
-                 unsupported: str = "error", ignore_index: int = IGNORE_INDEX, value: str = FIRST_ORDER):
-        if value in NEEDS_BATCH_GRADIENT:
-            raise NotImplementedError(
-                f"value={value!r} needs the batch gradient g_B of the step, which is known only after the backward "
-                "pass that computes the per-sample terms; it takes a second pass, which the engine does not have "
-                f"(docs/METHOD.md section 2.1). Available: {VALUES}")
+                 unsupported: str = "error", ignore_index: int = IGNORE_INDEX, value: str = FIRST_ORDER,
+                 val_forward=None):
         if value not in VALUES:
             raise ValueError(f"value={value!r}; expected one of {VALUES}")
         self.value = value
@@ -332,6 +373,10 @@ class GradDotProdEngine:
                 raise ValueError(f"value='cosine' needs per-sample gradient norms, which the rules of {missing} "
                                  "do not provide")
         self._optimizer, self._precond = None, None  # value="adamw": the optimizer; (hyper-parameters, D)
+        self._val_forward = val_forward or _default_val_forward
+        self._val_grads = {}  # DEFERRED: grad L_val of the step's micro-batches (the same for each)
+        self._val_autocast = None  # DEFERRED: the autocast (device type, dtype) of the step's forward
+        self._stepped = False  # DEFERRED: optimizer.step() ran between the step's backward and aggregate_and_log()
         self._handles = []
         self._mb = _MicroBatch()
         self._finished = []  # finalised micro-batches of the current step
@@ -408,8 +453,8 @@ class GradDotProdEngine:
                        if id(p) not in model_params]
             if foreign:
                 raise ValueError(f"the optimizer holds {len(foreign)} parameter(s) that are not the model's")
-        if self.value == ADAMW:
-            self._check_adam(optimizer)
+        if self.value in LR_INSIDE:
+            self._check_optimizer(optimizer)
         current = {name: p for name, p in self.model.named_parameters() if name in self._params}
         moved = [name for name, p in self._params.items() if current.get(name) is not p]
         if moved:
@@ -432,27 +477,34 @@ class GradDotProdEngine:
         if self.value == ADAMW:  # D is recomputed after each optimizer step or state load (and lr change)
             self._handles.append(optimizer.register_step_post_hook(self._on_optimizer_change))
             self._handles.append(optimizer.register_load_state_dict_post_hook(self._on_optimizer_change))
+        elif self.value in DEFERRED:
+            self._handles.append(optimizer.register_step_post_hook(self._on_deferred_step))
         _ATTACHED[self.model] = self
         return self
 
-    def _check_adam(self, optimizer):
-        """value='adamw' reads D from a torch.optim.Adam/AdamW that holds every hooked parameter."""
-        if not isinstance(optimizer, torch.optim.Adam):  # torch.optim.AdamW is an Adam
+    def _check_optimizer(self, optimizer):
+        """The update-aware estimators read the coming step from the optimizer, which must hold every hooked
+        parameter: "adamw" and "adamw_vt" an Adam/AdamW, "midpoint" an SGD or Adam/AdamW, "second_order" any
+        (its learning rates)."""
+        what = f"value={self.value!r}"
+        if optimizer is None or (self.value in (ADAMW, ADAMW_VT) and not isinstance(optimizer, torch.optim.Adam)):
             got = "no optimizer" if optimizer is None else type(optimizer).__name__
-            raise ValueError(f"value='adamw' needs the torch.optim.AdamW (or Adam) that steps the model, passed to "
-                             f"attach(optimizer); got {got}")
-        held = {}
-        for group in optimizer.param_groups:
-            if group.get("amsgrad") or group.get("maximize"):
-                raise ValueError("value='adamw' supports AdamW/Adam with amsgrad=False and maximize=False")
-            held.update({id(p): group for p in group["params"]})
+            needs = "torch.optim.AdamW (or Adam)" if self.value in (ADAMW, ADAMW_VT) else "optimizer"
+            raise ValueError(f"{what} needs the {needs} that steps the model, passed to attach(optimizer); got {got}")
+        if self.value != SECOND_ORDER:
+            updates.check_supported(optimizer, what)
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [name for name in self._hooked_params if id(self._params[name]) not in held]
         if missing:
-            raise ValueError(f"value='adamw': the optimizer does not hold parameters {missing[:3]}"
+            raise ValueError(f"{what}: the optimizer does not hold parameters {missing[:3]}"
                              f"{'...' if len(missing) > 3 else ''}, so their update is unknown")
 
     def _on_optimizer_change(self, *args):
         self._precond = None
+
+    def _on_deferred_step(self, *args):
+        if self._finished or self._mb.armed:
+            self._stepped = True
 
     def _adam_hyperparameters(self):
         """The groups' (lr, betas, eps), or None where one is a tensor (then D is recomputed every micro-batch:
@@ -563,6 +615,8 @@ class GradDotProdEngine:
             raise ValueError(f"the training batch has no targets (every label is {self.ignore_index})")
         if self._mb.armed:
             self._finish_micro_batch()
+        if not self._finished:  # the first micro-batch of an optimizer step
+            self._stepped = False
         n_all = n_train + self.n_val_targets
         s, s_train = (1.0 / n_all, 1.0 / n_train) if self.loss_reduction == "mean" else (1.0, 1.0)
         c = loss_multiplier * s
@@ -590,6 +644,7 @@ class GradDotProdEngine:
             mb.norm_sink = torch.zeros(len(self._hooked_params), mb.n_train + 1, dtype=dtype, device=X_train.device,
                                        requires_grad=True)
             mb.norm_sinks = dict(zip(self._hooked_params, mb.norm_sink.unbind(0)))
+        if self.value in (COSINE, *DEFERRED):  # grad l_i = G_i / (c·n_i), grad L_val = G_val / (c·N_val)
             mb.norm_scale = torch.where(counts > 0, 1.0 / (c * counts_f.clamp(min=1)), torch.zeros_like(counts_f))
             mb.val_norm_scale = 1.0 / (c * self.n_val_targets)
         mb.seen.clear()
@@ -613,6 +668,10 @@ class GradDotProdEngine:
         mb = self._mb
         if not mb.armed or not torch.is_grad_enabled():
             return None
+        if self.value in DEFERRED and torch.compiler.is_compiling():
+            # the taps keep each layer's rows in Python for aggregate_and_log(): Dynamo cannot trace that, and
+            # this raise makes it run the hook eagerly instead (a graph break per layer; fullgraph=True fails)
+            raise RuntimeError(f"value={self.value!r} runs its hooks eagerly, not under torch.compile")
         recompute = _in_backward()  # a checkpointed forward run again: same taps, no bookkeeping
         if not recompute and layer.name in mb.seen:
             raise RuntimeError(f"{layer.name} ({type(module).__name__}) ran twice in one forward pass; a layer "
@@ -753,7 +812,12 @@ class GradDotProdEngine:
         """On the first armed eager forward whose output carries ``loss`` and ``logits`` and whose call got
         ``labels``, check the loss against ``loss_reduction`` (check_loss). Under torch.compile the hook does
         nothing, so the compiled graph has no break: call check_loss yourself there."""
-        if torch.compiler.is_compiling() or self._loss_checked or not self._mb.armed or not torch.is_grad_enabled():
+        if torch.compiler.is_compiling() or not self._mb.armed or not torch.is_grad_enabled():
+            return None
+        if self.value in DEFERRED:  # the validation passes of aggregate_and_log() run under the same autocast
+            device = self.X_val.device.type
+            self._mb.autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
+        if self._loss_checked:
             return None
         loss, logits, labels = _field(output, "loss"), _field(output, "logits"), kwargs.get("labels")
         if torch.is_tensor(loss) and torch.is_tensor(logits) and torch.is_tensor(labels):
@@ -795,11 +859,22 @@ class GradDotProdEngine:
         self._loss_checked = True
         return True
 
+    def _defer(self, layer, roles, act_tr=None, grad_tr=None, act_v=None, grad_v=None, val_grads=None):
+        """A deferred estimator's tap backward (eager only): keep the layer's rows for aggregate_and_log() and
+        grad L_val of its parameters (a tied parameter's from its first use, which holds both uses' G_val)."""
+        mb = self._mb
+        mb.deferred.append((layer, act_tr, grad_tr, act_v, grad_v))
+        if val_grads is not None:
+            for local, role in zip(layer.params, roles):
+                if role != SECOND:
+                    mb.val_grads[layer.params[local]] = val_grads[local] * mb.val_norm_scale
+
     def _disarm(self):
         mb = self._mb
         mb.armed = False
         mb.sink, mb.sinks, mb.counts, mb.dot_scale = None, {}, None, None
         mb.precond, mb.norm_sink, mb.norm_sinks, mb.norm_scale = {}, None, {}, None
+        mb.deferred, mb.val_grads, mb.autocast = [], {}, None
         mb.seen.clear()
         mb.channels.clear()
 
@@ -809,10 +884,17 @@ class GradDotProdEngine:
         counts, n_train_targets, dot_scale, seen = mb.counts, mb.n_train_targets, mb.dot_scale, dict(mb.seen)
         raw_norms = None if mb.norm_sink is None else mb.norm_sink.grad  # cosine: [P, B + 1]
         norm_scale, val_norm_scale = mb.norm_scale, mb.val_norm_scale
+        deferred, val_grads, autocast = mb.deferred, mb.val_grads, mb.autocast
         self._disarm()
         if raw is None:
             raise RuntimeError("no gradient reached the engine since prepare_forward_input(): run the forward "
                                "on its output and call backward() before preparing the next batch or the gradients")
+        if self.value in DEFERRED:
+            missing = set(seen) - {entry[0].name for entry in deferred}
+            if missing:  # a compiled backward ran the taps where Python state cannot be kept
+                raise RuntimeError(f"value={self.value!r}: the backward of {sorted(missing)[:3]} kept no rows for "
+                                   "aggregate_and_log(); this estimator runs eagerly only, not under torch.compile")
+            self._val_grads, self._val_autocast = val_grads, autocast
         self._shapes.update(seen)
         dtype = dot_scale.dtype
         weights = counts.to(dtype) / n_train_targets
@@ -824,7 +906,7 @@ class GradDotProdEngine:
             denom = grad_norms * val_norm
             per_param = torch.where(denom > 0, per_param / torch.where(denom > 0, denom, 1.0), 0.0)
             norms = (grad_norms, val_norm)
-        self._finished.append((per_param, counts, weights, norms))
+        self._finished.append((per_param, counts, weights, norms, (deferred, norm_scale)))
 
     def prepare_gradients(self):
         """Finish the step's backward passes. ``.grad`` already holds the Regular training gradient of the
@@ -842,7 +924,10 @@ class GradDotProdEngine:
         if not self._finished:
             raise RuntimeError("aggregate_and_log() without a prepared and back-propagated batch")
         finished, self._finished = self._finished, []
-        per_param = torch.cat([f[0] for f in finished], dim=1)  # [P, B_step]
+        if self.value in DEFERRED:
+            per_param = self._deferred_dots(finished)
+        else:
+            per_param = torch.cat([f[0] for f in finished], dim=1)  # [P, B_step]
         norms = {}
         if self.value == COSINE:  # ||grad L_val|| is the same for every micro-batch: the first one's
             norms = dict(grad_norms=torch.cat([f[3][0] for f in finished]), val_grad_norm=finished[0][3][1])
@@ -852,6 +937,108 @@ class GradDotProdEngine:
                                 weights=torch.cat([f[2] for f in finished]),
                                 excluded_parameters=list(self.excluded_parameters), micro_batches=len(finished),
                                 value=self.value, **norms)
+
+    # ------------------------------------------------------------------ deferred estimators
+    @torch.no_grad()
+    def _deferred_dots(self, finished) -> torch.Tensor:
+        """[P, B_step] <grad l_i, u> per hooked parameter, u the estimator's vector (_deferred_vectors): every
+        kept layer use projected on u (the projection path of the layer rules; a tied parameter's two uses
+        add up to its per-sample gradient)."""
+        if self._stepped:
+            raise RuntimeError(f"value={self.value!r}: optimizer.step() ran before aggregate_and_log(); the "
+                               "estimator needs the step's gradient and the optimizer state before the update")
+        vectors = self._deferred_vectors()
+        row = {name: k for k, name in enumerate(self._hooked_params)}
+        out = []
+        for per_param, *_, (deferred, row_scale) in finished:
+            raw = torch.zeros_like(per_param)
+            for layer, act_tr, grad_tr, act_v, grad_v in deferred:
+                if act_tr is None:  # the layer's output got no gradient
+                    continue
+                totals = {local: vectors[pname] for local, pname in layer.params.items()}
+                dots = layer.rule.per_sample_dots(layer.module, act_tr, grad_tr, act_v, grad_v, totals,
+                                                  dict.fromkeys(layer.params, False))
+                for local, pname in layer.params.items():
+                    raw[row[pname]] += dots[local].to(raw.dtype)
+            out.append(raw * row_scale)
+        return torch.cat(out, dim=1)
+
+    def _deferred_vectors(self) -> dict:
+        """{hooked parameter: u} with phi_i = w_i·<grad l_i, u> (docs/METHOD.md section 2.1), from g_B = .grad
+        (the gradient the coming optimizer step uses) and grad L_val from the taps:
+            second_order  u = lr ⊙ (grad L_val - 1/2 H_val (lr ⊙ g_B))
+            adamw_vt      u = S(g_B) ⊙ grad L_val
+            midpoint      u = S(g_B / 2) ⊙ grad L_val(θ_{t+1}(g_B / 2))
+        with S = -dθ_{t+1}/dg the optimizer's update sensitivity (ghost_engine.updates)."""
+        optimizer = self._optimizer
+        group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        val_grads = self._val_grads
+        batch = {}
+        for name, p in self._params.items():
+            if p.grad is None and name in self._hooked_params:
+                raise RuntimeError(f"value={self.value!r} reads the step's batch gradient from .grad, but {name}.grad "
+                                   "is None: call aggregate_and_log() after the step's last backward and before "
+                                   "optimizer.zero_grad()")
+            dtype = val_grads[name].dtype if name in val_grads else accum_dtype(p)
+            batch[name] = torch.zeros(p.shape, dtype=dtype, device=p.device) if p.grad is None else p.grad.to(dtype)
+        if self.value == SECOND_ORDER:
+            lr = {name: group_of[id(p)]["lr"] if id(p) in group_of else 0.0 for name, p in self._params.items()}
+            hvp = self._val_hvp({name: lr[name] * g for name, g in batch.items()})
+            return {name: lr[name] * (val_grads[name] - 0.5 * hvp[name]) for name in self._hooked_params}
+        if self.value == ADAMW_VT:
+            return {name: updates.sensitivity(optimizer, group_of[id(self._params[name])], self._params[name],
+                                              batch[name]) * val_grads[name] for name in self._hooked_params}
+        half = {name: g / 2 for name, g in batch.items()}
+        moved = {name: updates.updated(optimizer, group_of[id(p)], p, half[name]).to(p.dtype)
+                 for name, p in self._params.items() if id(p) in group_of}
+        val_at_midpoint = self._val_grad_at(moved)
+        return {name: updates.sensitivity(optimizer, group_of[id(self._params[name])], self._params[name],
+                                          half[name]) * val_at_midpoint[name].to(half[name].dtype)
+                for name in self._hooked_params}
+
+    def _val_loss(self, params=None) -> torch.Tensor:
+        """L_val (the mean cross-entropy over the validation targets) from ``val_forward``, with the engine's
+        taps disarmed, the model in eval mode (no dropout, no activation recomputation; modes restored after)
+        and under the autocast of the step's forward; ``params``: {name: tensor} in place of the parameters."""
+        model, modes, autocast = self.model, {m: m.training for m in self.model.modules()}, self._val_autocast
+        model.eval()
+        try:
+            with torch.autocast(*autocast) if autocast else contextlib.nullcontext():
+                if params is None:
+                    logits = self._val_forward(model, self.X_val)
+                else:
+                    logits = torch.func.functional_call(_ValCall(model, self._val_forward),
+                                                        {f"model.{n}": t for n, t in params.items()}, (self.X_val,))
+        finally:
+            for module, training in modes.items():
+                module.training = training
+        ce = per_sample_loss(logits, self.Y_val, self.task, self.ignore_index)
+        counts = target_counts(self.Y_val, self.task, self.ignore_index).to(ce.dtype)
+        return (ce * counts).sum() / self.n_val_targets
+
+    def _val_grad_at(self, moved: dict) -> dict:
+        """grad L_val at the parameters ``moved`` ({name: tensor}; the others as they are), for the hooked ones."""
+        params = {name: moved.get(name, p.detach()).requires_grad_() for name, p in self._params.items()}
+        with torch.enable_grad():
+            loss = self._val_loss(params)
+            grads = torch.autograd.grad(loss, [params[name] for name in self._hooked_params], allow_unused=True)
+        return {name: torch.zeros_like(params[name]) if g is None else g
+                for name, g in zip(self._hooked_params, grads)}
+
+    def _val_hvp(self, direction: dict) -> dict:
+        """H_val·direction for the hooked parameters: the gradient of <grad L_val, direction> (double backward;
+        attention through PyTorch's math kernel, whose backward is differentiable)."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        names = list(self._params)
+        params = [self._params[name] for name in names]
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+            grads = torch.autograd.grad(self._val_loss(), params, create_graph=True, allow_unused=True)
+            inner = sum((g * direction[name].to(g.dtype)).sum() for name, g in zip(names, grads) if g is not None)
+            hooked = [self._params[name] for name in self._hooked_params]
+            hvp = torch.autograd.grad(inner, hooked, allow_unused=True)
+        return {name: torch.zeros_like(self._params[name]) if h is None else h
+                for name, h in zip(self._hooked_params, hvp)}
 
     # ------------------------------------------------------------------ reporting
     def path_report(self) -> list:

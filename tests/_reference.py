@@ -95,3 +95,91 @@ def reference_cosine_values(model, X_train, Y_train, X_val, Y_val, task="causal_
     val_norm = sum(g.square().sum() for g in val_grad.values()).sqrt()
     values = {n: per_sample[n].flatten(1) @ val_grad[n].flatten() / (norms * val_norm) for n in per_sample}
     return values, norms, val_norm
+
+
+# ---- the update-aware estimators (second_order, adamw_vt, midpoint): the real torch optimizer's step on a
+# float64 copy, differentiated by central differences, and validation gradients by autograd
+
+
+def float64_copy(model, optimizer):
+    """(model, optimizer) in float64: the same parameter groups and hyper-parameters, the state cast."""
+    import copy
+
+    model64 = copy.deepcopy(model).double()
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    params64 = list(model64.parameters())
+    groups = [{**{k: v for k, v in group.items() if k != "params"},
+               "params": [params64[index[id(p)]] for p in group["params"]]} for group in optimizer.param_groups]
+    optimizer64 = type(optimizer)(groups)
+    optimizer64.load_state_dict(optimizer.state_dict())
+    return model64, optimizer64
+
+
+def stepped(model, optimizer, grads):
+    """{name: θ_{t+1}}: the parameters after the optimizer's real step with .grad = grads, on copies."""
+    import copy
+
+    model, optimizer = copy.deepcopy((model, optimizer))
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.grad = grads[name].clone()
+    optimizer.step()
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def val_grad_at(model, params, X_val, Y_val, task="causal_lm"):
+    return grad(_loss_fn(model, task))(params, X_val, Y_val)
+
+
+def batch_gradient(model, X_train, Y_train, micro_batches=1, task="causal_lm"):
+    """g_B as .grad holds it: the mean over micro-batches of each micro-batch's mean loss gradient."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    parts = [grad(_loss_fn(model, task))(params, x, y)
+             for x, y in zip(X_train.chunk(micro_batches), Y_train.chunk(micro_batches))]
+    return {n: sum(part[n] for part in parts) / micro_batches for n in params}
+
+
+def update_derivative(model, optimizer, g, direction, rel_step=1e-6):
+    """{name: dθ_{t+1}(g + ε·direction)/dε at 0}, central differences of the real optimizer step."""
+    import math
+
+    scale = math.sqrt(sum(float(v.square().sum()) for v in g.values()))
+    size = math.sqrt(sum(float(v.square().sum()) for v in direction.values()))
+    eps = rel_step * scale / size
+    plus = stepped(model, optimizer, {n: g[n] + eps * direction[n] for n in g})
+    minus = stepped(model, optimizer, {n: g[n] - eps * direction[n] for n in g})
+    return {n: (plus[n] - minus[n]) / (2 * eps) for n in g}
+
+
+def reference_update_values(model, optimizer, X_train, Y_train, X_val, Y_val, value, micro_batches=1,
+                            task="causal_lm"):
+    """{param name: [B] <grad l_i, u>}, phi_i = w_i·<grad l_i, u> (docs/METHOD.md section 2.1):
+        second_order  lr ⊙ (grad L_val - 1/2 H_val (lr ⊙ g_B)),  H_val·v by central differences of grad L_val
+        adamw_vt      -(dθ_{t+1}/dg at g_B)^T grad L_val,        the derivative along each grad l_i
+        midpoint      -(dθ_{t+1}/dg at g_B/2)^T grad L_val(θ_{t+1}(g_B/2))
+    `model` and `optimizer` are the run's; the reference works on float64 copies."""
+    import torch
+
+    model, optimizer = float64_copy(model, optimizer)
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    per_sample, val_grad = reference_grads(model, X_train, Y_train, X_val, Y_val, task)
+    g_batch = batch_gradient(model, X_train, Y_train, micro_batches, task)
+    rows = X_train.shape[0]
+    if value == "second_order":
+        lr = {n: next(group["lr"] for group in optimizer.param_groups if any(p is q for q in group["params"]))
+              for n, p in model.named_parameters() if p.requires_grad}
+        v = {n: lr[n] * g_batch[n] for n in params}
+        eps = 1e-4 / max(float(t.abs().max()) for t in v.values())
+        plus = val_grad_at(model, {n: params[n] + eps * v[n] for n in params}, X_val, Y_val, task)
+        minus = val_grad_at(model, {n: params[n] - eps * v[n] for n in params}, X_val, Y_val, task)
+        u = {n: lr[n] * (val_grad[n] - 0.5 * (plus[n] - minus[n]) / (2 * eps)) for n in params}
+        return {n: per_sample[n].flatten(1) @ u[n].flatten() for n in params}
+    if value == "midpoint":
+        g_batch = {n: t / 2 for n, t in g_batch.items()}
+        val_grad = val_grad_at(model, stepped(model, optimizer, g_batch), X_val, Y_val, task)
+    out = {n: torch.zeros(rows, dtype=torch.float64) for n in params}
+    for i in range(rows):
+        moved = update_derivative(model, optimizer, g_batch, {n: per_sample[n][i] for n in params})
+        for n in params:
+            out[n][i] = -(moved[n] * val_grad[n]).sum()
+    return out

@@ -6,7 +6,7 @@ import torch
 
 from _models import VOCAB, MLPClassifier, lm_batch, tiny_gpt2, tiny_llama
 from _reference import (adamw_sensitivity, reference_adamw_values, reference_cosine_values, reference_dot_products,
-                        reference_train_grad)
+                        reference_train_grad, reference_update_values)
 from ghost_engine import GradDotProdEngine
 
 TOL = 1e-4
@@ -186,9 +186,6 @@ def test_bad_estimator_settings_are_refused():
     val = lm_batch(1, 8, g)
     with pytest.raises(ValueError, match="value='bogus'"):
         GradDotProdEngine(model, val_batch=val, value="bogus")
-    for value in ("second_order", "adamw_vt"):
-        with pytest.raises(NotImplementedError, match="batch gradient"):
-            GradDotProdEngine(model, val_batch=val, value=value)
     engine = GradDotProdEngine(model, val_batch=val, value="adamw")
     with pytest.raises(ValueError, match="got no optimizer"):
         engine.attach()
@@ -254,13 +251,13 @@ class Conv1DTiedLM(torch.nn.Module):
         return SimpleNamespace(loss=loss, logits=logits)
 
 
-@pytest.mark.parametrize("value", ["first_order", "adamw", "cosine"])
+@pytest.mark.parametrize("value", ["first_order", "adamw", "cosine", "midpoint"])
 def test_tie_with_a_conv1d_layer(value):
     torch.manual_seed(39)
     g = torch.Generator().manual_seed(39)
     model = Conv1DTiedLM()
     assert model.conv.weight is model.emb.weight
-    optimizer = adamw_with_state(model, g, steps=2) if value == "adamw" else None
+    optimizer = adamw_with_state(model, g, steps=2) if value in ("adamw", "midpoint") else None
     X = torch.randint(0, VOCAB, (3, 8), generator=g)
     X[0, 4:] = X[0, 0]
     Xv = torch.randint(0, VOCAB, (2, 8), generator=g)
@@ -270,8 +267,119 @@ def test_tie_with_a_conv1d_layer(value):
                                      adamw_sensitivity(optimizer, dict(model.named_parameters())))
     elif value == "cosine":
         ref, _, _ = reference_cosine_values(reference_model, X, X, Xv, Xv)
+    elif value == "midpoint":
+        ref = reference_update_values(model, optimizer, X, X, Xv, Xv, value)
     else:
         ref = reference_dot_products(reference_model, X, X, Xv, Xv)
-    result, grads = run_engine(model, X, X, Xv, Xv, optimizer, value=value)
+    result, grads = run_engine(model, X, X, Xv, Xv, optimizer, value=value,
+                               **({"val_forward": lambda m, x: m(x, x).logits} if value == "midpoint" else {}))
     check_values(result, ref)
     check_train_grad(grads, reference_model, X, X)
+
+
+# ---- the update-aware estimators that need the step's batch gradient (computed in aggregate_and_log)
+
+
+def sgd_with_state(model, generator, nesterov=True):
+    """A real torch.optim.SGD with momentum and weight decay after one step (its momentum buffer exists)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, nesterov=nesterov, weight_decay=0.01,
+                                dampening=0.0 if nesterov else 0.1)
+    X, Y = lm_batch(3, 12, generator)
+    model(input_ids=X, labels=Y).loss.backward()
+    optimizer.step()
+    model.zero_grad()
+    return optimizer
+
+
+@pytest.mark.parametrize("value, opt, name, micro_batches", [
+    ("second_order", "sgd", "gpt2-tied", 1), ("second_order", "sgd-dampened", "llama", 2),
+    ("second_order", "sgd", "gpt2-untied", 2),
+    ("adamw_vt", "adamw", "gpt2-tied", 1), ("adamw_vt", "adamw", "llama", 2),
+    ("midpoint", "adamw", "gpt2-tied", 2), ("midpoint", "sgd", "gpt2-untied", 1), ("midpoint", "sgd-dampened", "llama", 1),
+])
+def test_update_aware_value_is_exact(value, opt, name, micro_batches):
+    """The real optimizer's step (state, per-group lr and weight decay) differentiated by central differences on a
+    float64 copy, and the validation Hessian by differences of float64 gradients; .grad stays Regular's."""
+    torch.manual_seed(40)
+    g = torch.Generator().manual_seed(40)
+    model = MODELS[name]()
+    optimizer = (adamw_with_state(model, g) if opt == "adamw" else
+                 sgd_with_state(model, g, nesterov=opt == "sgd"))
+    X, Y = lm_batch(4, 12, g, pad_row=1)
+    Xv, Yv = lm_batch(2, 12, g)
+    ref = reference_update_values(model, optimizer, X, Y, Xv, Yv, value, micro_batches)
+    reference_model = copy.deepcopy(model).double()
+    result, grads = run_engine(model, X, Y, Xv, Yv, optimizer, micro_batches, value=value)
+    assert result.value == value and result.micro_batches == micro_batches
+    check_values(result, ref)
+    # a test that can tell: the values are not the first-order ones rescaled (by far more than the tolerance)
+    first_order = sum(reference_dot_products(reference_model, X, Y, Xv, Yv).values())
+    got = result.dot_products.double()
+    assert rel_err(got / got.abs().max(), first_order / first_order.abs().max()) > 100 * TOL
+    if micro_batches == 1:
+        check_train_grad(grads, reference_model, X, Y)
+
+
+@pytest.mark.parametrize("value", ["second_order", "adamw_vt", "midpoint"])
+def test_update_aware_values_on_a_classifier(value):
+    torch.manual_seed(41)
+    g = torch.Generator().manual_seed(41)
+    model = MLPClassifier()
+    optimizer = adamw_with_state(model, g, task="classification")
+    X, Y = torch.randn(6, 16, generator=g), torch.randint(0, 5, (6,), generator=g)
+    Xv, Yv = torch.randn(3, 16, generator=g), torch.randint(0, 5, (3,), generator=g)
+    ref = reference_update_values(model, optimizer, X, Y, Xv, Yv, value, task="classification")
+    result, _ = run_engine(model, X, Y, Xv, Yv, optimizer, task="classification", value=value)
+    check_values(result, ref)
+
+
+def test_update_aware_values_with_gradient_checkpointing_and_dropout_mode_kept():
+    """Activation recomputation re-runs the taps inside backward; the extra validation pass runs in eval mode
+    and leaves every module's mode as it was."""
+    torch.manual_seed(42)
+    g = torch.Generator().manual_seed(42)
+    model = tiny_gpt2()
+    optimizer = adamw_with_state(model, g)
+    X, Y = lm_batch(3, 12, g)
+    Xv, Yv = lm_batch(1, 12, g)
+    ref = reference_update_values(model, optimizer, X, Y, Xv, Yv, "midpoint")
+    model.gradient_checkpointing_enable()
+    model.train()
+    model.transformer.h[0].eval()  # a mixed mode, restored as it was
+    result, _ = run_engine(model, X, Y, Xv, Yv, optimizer, value="midpoint")
+    check_values(result, ref)
+    assert model.training and not model.transformer.h[0].training and model.transformer.h[1].training
+
+
+def test_update_aware_values_refuse_misuse():
+    torch.manual_seed(43)
+    g = torch.Generator().manual_seed(43)
+    model = tiny_gpt2()
+    val = lm_batch(1, 8, g)
+    with pytest.raises(ValueError, match="got no optimizer"):
+        GradDotProdEngine(model, val_batch=val, value="second_order").attach()
+    with pytest.raises(ValueError, match="got SGD"):
+        GradDotProdEngine(model, val_batch=val, value="adamw_vt").attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="got RMSprop"):
+        GradDotProdEngine(model, val_batch=val, value="midpoint").attach(torch.optim.RMSprop(model.parameters()))
+    with pytest.raises(ValueError, match="does not hold"):
+        GradDotProdEngine(model, val_batch=val, value="midpoint").attach(
+            torch.optim.SGD(list(model.parameters())[1:], lr=0.1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    engine = GradDotProdEngine(model, val_batch=val, value="midpoint").attach(optimizer)
+    X, Y = lm_batch(2, 8, g)
+    for misuse, match in ((lambda: optimizer.step(), "optimizer.step"),
+                          (lambda: model.zero_grad(set_to_none=True), "is None")):
+        model.zero_grad()
+        Xc, Yc = engine.prepare_forward_input(X, Y)
+        model(input_ids=Xc, labels=Yc).loss.backward()
+        engine.prepare_gradients()
+        misuse()
+        with pytest.raises(RuntimeError, match=match):
+            engine.aggregate_and_log()
+    # the next step starts afresh
+    model.zero_grad()
+    Xc, Yc = engine.prepare_forward_input(X, Y)
+    model(input_ids=Xc, labels=Yc).loss.backward()
+    assert torch.isfinite(engine.aggregate_and_log().dot_products).all()
+    engine.detach()

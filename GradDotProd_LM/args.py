@@ -9,7 +9,7 @@ import os
 
 import yaml
 
-from ghost_engine.engine import VALUES
+from ghost_engine.engine import DEFERRED, VALUES
 from ghost_engine.flags import FlagParser
 from ghost_results.results_io import dotprod_steps_on_disk
 from GradDotProd_LM.experiment_log import SINKS, missing_packages
@@ -118,8 +118,10 @@ def build_parser():
     g.add_argument("--method", choices=METHODS, help=f"[{d['method']}]")
     g.add_argument("--value", choices=VALUES,
                    help="what is saved per sample (GradDotProdEngine's value, docs/METHOD.md section 2.1): the "
-                        "first-order dot product, the AdamW-aware one (needs --optimizer AdamW) or the cosine "
-                        f"[{d['value']}]")
+                        "first-order dot product; its second-order expansion; AdamW's update sensitivity with v "
+                        "held (adamw) or through v_t (adamw_vt), both need --optimizer AdamW; the optimizer's "
+                        "step differentiated at half the batch gradient (midpoint); or the cosine. second_order, "
+                        f"adamw_vt and midpoint keep the step's activations until the update [{d['value']}]")
     g.add_argument("--architecture", choices=tuple(MODEL_ARCHITECTURES),
                    help=f"GPT-2, Llama-style or Pythia size (docs/MODELS.md) [{d['architecture']}]")
     g.add_argument("--model_config", metavar="FILE.json", type=_model_config,
@@ -321,8 +323,11 @@ def _check_values(cfg, parser, world_size):
                          f"{cfg['attention_block']} (summaries of a block of that many positions)")
     if cfg["value"] != "first_order" and cfg["method"] != "GradDotProd":
         parser.error(f"--value {cfg['value']} needs --method GradDotProd")
-    if cfg["value"] == "adamw" and cfg["optimizer"] != "AdamW":
-        parser.error(f"--value adamw needs --optimizer AdamW (got {cfg['optimizer']})")
+    if cfg["value"] in ("adamw", "adamw_vt") and cfg["optimizer"] != "AdamW":
+        parser.error(f"--value {cfg['value']} needs --optimizer AdamW (got {cfg['optimizer']})")
+    if cfg["value"] in DEFERRED and cfg["compile"]:
+        parser.error(f"--value {cfg['value']} runs the engine's hooks eagerly (they keep each layer's rows for "
+                     "the end of the step): drop --compile")
     if cfg["method"] == "GradDotProd" and cfg["val_batch_size"] < 1:
         parser.error("--val_batch_size must be >= 1 with --method GradDotProd")
     if cfg["learning_rate"] <= 0:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ghost_results.results_io import VALUES  # what a run's dot products hold
+from ghost_results.results_io import LR_INSIDE, VALUES  # what a run's dot products hold
 
 CONVENTIONS = ("first_order", "raw", "step_normalised")
 
@@ -38,11 +38,11 @@ def _per_row(columns, values: np.ndarray):
 
 def compute_values(columns, convention: str = "first_order", value: str = "first_order"):
     """Per-row (per occurrence) value, float64 [rows]. `value` is the estimator the run's dot products hold
-    (`Run.value`, the files' "value"): first_order <grad l_i, grad L_val>, adamw <D ⊙ grad L_val, grad l_i>
-    (AdamW's update sensitivity D includes the learning rate), cosine (a cosine similarity).
+    (`Run.value`, the files' "value"): first_order <grad l_i, grad L_val>; second_order, adamw, adamw_vt and
+    midpoint <grad l_i, u> with the learning rate inside u (docs/METHOD.md section 2.1); cosine a cosine.
 
-    first_order:     lr_t * w_i * dot_i   (first-order In-Run Data Shapley); for adamw w_i * dot_i;
-                     not defined for cosine (use raw)
+    first_order:     lr_t * w_i * dot_i   (In-Run Data Shapley of the step); w_i * dot_i for the estimators
+                     with the learning rate inside; not defined for cosine (use raw)
     raw:             dot_i
     step_normalised: dot_i / sum_j |dot_j| over the rows of the same step, so
                      every step weighs the same whatever its learning rate or
@@ -56,7 +56,7 @@ def compute_values(columns, convention: str = "first_order", value: str = "first
             raise ValueError("a cosine run has no first-order value: use convention 'raw' (the cosines) or "
                              "'step_normalised'")
         weight = np.asarray(columns["batch_weight"], np.float64)
-        lr = 1.0 if value == "adamw" else np.asarray(columns["lr"], dtype=np.float64)  # adamw: lr inside D
+        lr = 1.0 if value in LR_INSIDE else np.asarray(columns["lr"], dtype=np.float64)
         return _per_row(columns, lr * weight * dots)
     if convention == "raw":
         return _per_row(columns, dots)

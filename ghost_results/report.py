@@ -263,6 +263,17 @@ VALUE_TEXT = {  # (estimator, convention) -> what the value is, where the estima
     ("adamw", "first_order"): "AdamW-aware first-order value, φ = w_i · ⟨D ⊙ ∇L_val, ∇ℓ_i⟩ per occurrence "
                               "(D: AdamW's update sensitivity with v held at v_{t−1}, learning rate included)",
     ("adamw", "raw"): "AdamW-preconditioned dot products ⟨D ⊙ ∇L_val, ∇ℓ_i⟩",
+    ("adamw_vt", "first_order"): "AdamW-aware value through v_t, φ = w_i · ⟨S(g_B) ⊙ ∇L_val, ∇ℓ_i⟩ per occurrence "
+                                 "(S: the derivative of AdamW's actual update at the batch gradient, learning rate "
+                                 "included)",
+    ("adamw_vt", "raw"): "dot products ⟨S(g_B) ⊙ ∇L_val, ∇ℓ_i⟩ (AdamW's update sensitivity through v_t)",
+    ("midpoint", "first_order"): "midpoint value, φ = w_i · ⟨S(g_B/2) ⊙ ∇L_val(θ_{t+1}(g_B/2)), ∇ℓ_i⟩ per "
+                                 "occurrence (the optimizer's step differentiated at half the batch gradient; "
+                                 "exact for a quadratic step game)",
+    ("midpoint", "raw"): "dot products ⟨S(g_B/2) ⊙ ∇L_val(θ_{t+1}(g_B/2)), ∇ℓ_i⟩ (midpoint estimator)",
+    ("second_order", "first_order"): "second-order In-Run Data Shapley of the gradient step, "
+                                     "φ = w_i · ⟨η ⊙ (∇L_val − ½ H_val (η ⊙ g_B)), ∇ℓ_i⟩ per occurrence",
+    ("second_order", "raw"): "dot products ⟨η ⊙ (∇L_val − ½ H_val (η ⊙ g_B)), ∇ℓ_i⟩ (second order)",
     ("cosine", "raw"): "cosine similarity cos(∇ℓ_i, ∇L_val) per occurrence",
 }
 CONVENTION_TEXT = {
@@ -421,7 +432,8 @@ def build_parser() -> FlagParser:
     parser.add_argument("--out", default=None, help="output directory (default <run_dir>/report)")
     parser.add_argument("--convention", choices=analysis.CONVENTIONS, default="first_order",
                         help="value convention (default first_order: lr * batch weight * dot product; "
-                             "batch weight * dot product for an adamw run; a cosine run reports its cosines)")
+                             "batch weight * dot product for the estimators with the learning rate inside: "
+                             "second_order, adamw, adamw_vt, midpoint; a cosine run reports its cosines)")
     parser.add_argument("--val_domain", default=None,
                         help="domain for normalised recall@k (default: val_domain in config.json)")
     parser.add_argument("--strict", action="store_true", help="fail on an unreadable results file instead of skipping it")

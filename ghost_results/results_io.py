@@ -6,8 +6,8 @@ pickle of a plain dict (schema in docs/report.md):
     {"schema": "graddotprod.dotprods", "schema_version": 1, "run_name": str,
      "world_size": int, "value": optional str, "steps": [step_record, ...]}
 
-"value" names what the records' "dot_products" hold (GradDotProdEngine's estimator: "first_order",
-"adamw" or "cosine", docs/METHOD.md section 2.1); absent means "first_order" (files written before it).
+"value" names what the records' "dot_products" hold (GradDotProdEngine's estimator, one of VALUES,
+docs/METHOD.md section 2.1); absent means "first_order" (files written before it).
 
     step_record = {"step": int, "lr": float, "train_loss": float, "val_loss": float,
                    "dot_products": float32[B], "batch_weights": float32[B],
@@ -46,7 +46,10 @@ import pyarrow.parquet as pq
 
 from ghost_engine.durable import fsync_directory, write_atomically
 
-VALUES = ("first_order", "adamw", "cosine")  # GradDotProdEngine's estimators (ghost_engine.engine.VALUES)
+# GradDotProdEngine's estimators (ghost_engine.engine.VALUES, LR_INSIDE): the ones whose dot products carry the
+# learning rate give phi_i = w_i·dot_i, first_order phi_i = lr·w_i·dot_i, cosine none
+VALUES = ("first_order", "second_order", "adamw", "adamw_vt", "midpoint", "cosine")
+LR_INSIDE = ("second_order", "adamw", "adamw_vt", "midpoint")
 
 SCHEMA_NAME = "graddotprod.dotprods"
 SCHEMA_VERSION = 1

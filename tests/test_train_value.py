@@ -17,9 +17,11 @@ def test_results_io_knows_the_engine_estimators():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--value", "second_order"], "--value: invalid choice"),
+    (["--value", "shapley"], "--value: invalid choice"),
     (["--value", "cosine", "--method", "Regular"], "--value cosine needs --method GradDotProd"),
     (["--value", "adamw", "--optimizer", "SGD"], "--value adamw needs --optimizer AdamW"),
+    (["--value", "adamw_vt", "--optimizer", "SGD"], "--value adamw_vt needs --optimizer AdamW"),
+    (["--value", "midpoint", "--compile"], "--value midpoint runs the engine's hooks eagerly"),
 ])
 def test_bad_value_flags_exit_2(flags, message, tmp_path, capsys):
     (tmp_path / "data").mkdir()
@@ -52,7 +54,43 @@ def test_values_follow_the_estimator():
     columns = {"dot_products": np.array([2.0, -4.0]), "lr": np.array([0.5, 0.5]), "batch_weight": np.array([0.25, 0.75]),
                "step": np.array([1, 1])}
     np.testing.assert_allclose(analysis.compute_values(columns), [0.25, -1.5])
-    np.testing.assert_allclose(analysis.compute_values(columns, value="adamw"), [0.5, -3.0])
+    for value in ("adamw", "adamw_vt", "midpoint", "second_order"):
+        np.testing.assert_allclose(analysis.compute_values(columns, value=value), [0.5, -3.0])
     np.testing.assert_allclose(analysis.compute_values(columns, "raw", value="cosine"), [2.0, -4.0])
     with pytest.raises(ValueError, match="cosine run has no first-order value"):
         analysis.compute_values(columns, value="cosine")
+
+
+def test_a_midpoint_run_is_exact_at_step_1(tmp_path):
+    """--value midpoint with SGD: step 1's values against the real torch SGD step on a float64 copy of the
+    initial model, differentiated along each row's gradient (tests/_reference.py); the report names it."""
+    import torch
+    from _reference import reference_dot_products, reference_update_values
+
+    from GradDotProd_LM.model import build_model
+    from pile_tools.reader import PileReader
+
+    seed, rows, T, val_rows, lr = 7, 3, 16, 2, 0.5
+    data_dir = ensure_sample_dataset(str(tmp_path / "sample"))
+    flags = ["--architecture", "GPT2-Tiny", "--batch_size", str(rows), "--seq_len", str(T), "--val_batch_size",
+             str(val_rows), "--max_steps", "1", "--warmup_step", "1", "--learning_rate", str(lr), "--min_lr", "0",
+             "--grad_clip", "0", "--optimizer", "SGD", "--eval_interval", "100", "--dot_prod_save_interval", "1",
+             "--seed", str(seed), "--data_dir", data_dir, "--results_dir", str(tmp_path / "results"),
+             "--run_name", "mid", "--value", "midpoint"]
+    assert train.main(flags) == 0
+    run_dir = tmp_path / "results" / "mid"
+    run = load_run(str(run_dir), strict=True)
+    assert run.value == "midpoint"
+
+    torch.manual_seed(seed)
+    model = build_model("GPT2-Tiny")
+    X = torch.from_numpy(PileReader(data_dir, split="train", seed=seed).get_batch(1, rows, T).tokens[:, :T])
+    X_val = torch.from_numpy(PileReader(data_dir, split="validation", seed=seed).fixed_batch(val_rows, T).tokens[:, :T])
+    expected = sum(reference_update_values(model, torch.optim.SGD(model.parameters(), lr=lr), X, X, X_val, X_val,
+                                           "midpoint").values()).numpy()
+    np.testing.assert_allclose(run.columns["dot_products"], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    first_order = lr * sum(reference_dot_products(model.double(), X, X, X_val, X_val).values()).numpy()
+    assert np.abs(expected - first_order).max() > 1e-2 * np.abs(first_order).max()  # a test that can tell
+    assert report.main([str(run_dir), "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "Estimator: `midpoint`" in text and "half the batch gradient" in text

@@ -161,8 +161,9 @@ def graddotprod_method(model, optimizer, batch, cfg: BenchConfig, value: str = "
             loss = model(input_ids=x, labels=y).loss
         loss.backward()
         engine.prepare_gradients()
+        dots = engine.aggregate_and_log().dot_products  # before the update: some estimators read .grad
         optimizer.step()
-        return engine.aggregate_and_log().dot_products
+        return dots
 
     def teardown():
         if attached:

@@ -8,7 +8,7 @@ process with the methods interleaved; the time ratio; the flop ratio counted by 
 the analytic floor ratio; and the peak memory of each, with the bound "Regular on B + Bv rows plus
 one weight-gradient-sized buffer (the largest parameter)". ``--value adamw|cosine`` adds the engine with that
 estimator to the same interleaved run (its time against Regular and against the first-order engine);
-``--value adamw`` makes every method's optimizer AdamW with lr 0 instead of SGD with lr 0.
+``--value adamw|adamw_vt`` makes every method's optimizer AdamW with lr 0 instead of SGD with lr 0.
 """
 import argparse
 import statistics
@@ -39,7 +39,7 @@ REGULAR_ALL_ROWS = "Regular (B+Bv rows)"
 
 def measure(cfg: BenchConfig, reps: int, warmup: int, value: str = "first_order"):
     model = build_bench_model(cfg)
-    optimizer = (torch.optim.AdamW(model.parameters(), lr=0.0) if value == "adamw"
+    optimizer = (torch.optim.AdamW(model.parameters(), lr=0.0) if value in ("adamw", "adamw_vt")
                  else torch.optim.SGD(model.parameters(), lr=0.0))
     batch = make_batches(cfg, cfg.token_vocab_size())
     x_train, y_train, x_val, y_val = batch

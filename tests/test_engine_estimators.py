@@ -383,3 +383,25 @@ def test_update_aware_values_refuse_misuse():
     model(input_ids=Xc, labels=Yc).loss.backward()
     assert torch.isfinite(engine.aggregate_and_log().dot_products).all()
     engine.detach()
+
+
+def test_deferred_validation_pass_runs_under_the_steps_autocast():
+    """Under bf16 autocast the midpoint's validation pass runs under the same autocast; the values stay within
+    bf16 round-off of the float32 ones."""
+    torch.manual_seed(44)
+    g = torch.Generator().manual_seed(44)
+    model = tiny_gpt2()
+    optimizer = adamw_with_state(model, g)
+    X, Y = lm_batch(4, 12, g, pad_row=1)
+    Xv, Yv = lm_batch(2, 12, g)
+    values = {}
+    for amp in (False, True):
+        m, o = copy.deepcopy((model, optimizer))
+        engine = GradDotProdEngine(m, val_batch=(Xv, Yv), value="midpoint").attach(o)
+        Xc, Yc = engine.prepare_forward_input(X, Y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            m(input_ids=Xc, labels=Yc).loss.backward()
+        assert engine._mb.autocast == (("cpu", torch.bfloat16) if amp else None)
+        values[amp] = engine.aggregate_and_log().dot_products
+        engine.detach()
+    assert rel_err(values[True], values[False].double()) < 5e-2

@@ -26,16 +26,18 @@ def flags(data_dir, results_dir, run_name, architecture="GPT2-Tiny"):
             "--results_dir", results_dir, "--run_name", run_name]
 
 
-@pytest.mark.parametrize("architecture", ["GPT2-Tiny", "Llama-Tiny"])
-def test_two_gloo_processes_equal_one_process(architecture, data_dir, tmp_path):
+@pytest.mark.parametrize("architecture, value", [("GPT2-Tiny", "first_order"), ("Llama-Tiny", "first_order"),
+                                                 ("GPT2-Tiny", "midpoint")])
+def test_two_gloo_processes_equal_one_process(architecture, value, data_dir, tmp_path):
+    """midpoint: each rank projects its rows on a vector built from the all-reduced .grad."""
     results = str(tmp_path / "results")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              "-m", "GradDotProd_LM.train", *flags(data_dir, results, "two", architecture)]
+              "-m", "GradDotProd_LM.train", *flags(data_dir, results, "two", architecture), "--value", value]
     done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 process(es)" in done.stdout
-    assert train.main(flags(data_dir, results, "one", architecture)) == 0
+    assert train.main(flags(data_dir, results, "one", architecture) + ["--value", value]) == 0
 
     two, one = load_run(os.path.join(results, "two"), strict=True), load_run(os.path.join(results, "one"), strict=True)
     assert two.missing_steps == [] and two.duplicate_steps == []

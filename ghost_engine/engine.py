@@ -36,7 +36,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from ghost_engine.layers import accum_dtype, rule_for
+from ghost_engine.layers import accum_dtype, rule_for, to_dtype
 from ghost_engine.losses import IGNORE_INDEX, TASKS, per_sample_loss, target_counts
 
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -208,8 +208,8 @@ class _Tap(torch.autograd.Function):
         dtype = dtype or grad.dtype
         grad_out = grad
         if act.is_floating_point():
-            act = act.to(dtype)
-        grad = grad.to(dtype)
+            act = to_dtype(act, dtype)
+        grad = to_dtype(grad, dtype)
         module, rule = layer.module, layer.rule
         act_tr, act_v, grad_tr, grad_v = act[:n_train], act[n_train:], grad[:n_train], grad[n_train:]
         val_grads = rule.val_grads(module, act_v, grad_v)  # fresh tensors, owned here
@@ -256,7 +256,7 @@ class _Tap(torch.autograd.Function):
                 channels_in = [c.to(d) for c, d in zip((val_grads[local], *stash), ctx.channel_dtypes)]
                 param_grads.append(None)
             else:
-                param_grads.append(val_grads[local].neg_().to(p.dtype))
+                param_grads.append(to_dtype(val_grads[local].neg_(), p.dtype))
         return (None, None, None, grad_out, None, None, None, None, *param_grads, *sink_grads, *extra_grads,
                 *channels_in)
 

@@ -5,7 +5,7 @@ G_i(bias) = Σ_t b_it. They are formed explicitly, in fp32 (or fp64 for an fp64 
 """
 import torch
 
-from ghost_engine.layers import LayerPath, row_sum
+from ghost_engine.layers import LayerPath, row_sum, to_dtype
 
 
 def _tokens(t: torch.Tensor, n_feature_dims: int) -> torch.Tensor:
@@ -34,9 +34,9 @@ def affine_per_sample_dots(x_hat_tr, grad_tr, n_feature_dims, val_totals):
     out = {}
     if "weight" in val_totals:
         weighted = g * _tokens(x_hat_tr, n_feature_dims)
-        out["weight"] = row_sum(weighted @ val_totals["weight"].reshape(-1).to(g.dtype), rows)
+        out["weight"] = row_sum(weighted @ to_dtype(val_totals["weight"].reshape(-1), g.dtype), rows)
     if "bias" in val_totals:
-        out["bias"] = row_sum(g @ val_totals["bias"].reshape(-1).to(g.dtype), rows)
+        out["bias"] = row_sum(g @ to_dtype(val_totals["bias"].reshape(-1), g.dtype), rows)
     return out
 
 
@@ -59,4 +59,4 @@ def affine_path(act_tr, n_feature_dims) -> LayerPath:
 
 def accum(t: torch.Tensor) -> torch.Tensor:
     """Norm statistics in fp32 (fp64 for an fp64 model), as the layers themselves compute them."""
-    return t.double() if t.dtype == torch.float64 else t.float()
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()

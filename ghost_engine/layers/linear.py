@@ -61,7 +61,7 @@ def _projection_dots(a_tr, g_tr, val_in_out: torch.Tensor, rows: int) -> torch.T
 
 def _per_row(t: torch.Tensor, rows: int) -> torch.Tensor:
     """[rows, ..., k] -> [rows, tokens, k] in the accumulation dtype."""
-    return t.reshape(rows, -1, t.shape[-1]).to(accum_dtype(t))
+    return to_dtype(t.reshape(rows, -1, t.shape[-1]), accum_dtype(t))
 
 
 def _sizes(module, act_tr, act_v) -> tuple:

@@ -13,17 +13,20 @@ def _tokens(t: torch.Tensor, n_feature_dims: int) -> torch.Tensor:
     return t.reshape(-1, t.shape[t.dim() - n_feature_dims:].numel())
 
 
-def _column_sum(m: torch.Tensor) -> torch.Tensor:
-    return m.new_ones(m.shape[0]) @ m  # a matrix-vector product: one pass, no strided reduction
+def _column_sum(m: torch.Tensor, ones: torch.Tensor) -> torch.Tensor:
+    """The sum of m's rows as ``ones @ m``: a matrix-vector product, one pass, no strided reduction
+    (`ones`: a vector of m.shape[0] ones, shared by the weight's and the bias's sums)."""
+    return (ones if ones.dtype == m.dtype else m.new_ones(m.shape[0])) @ m
 
 
 def affine_val_grads(x_hat_v, grad_v, n_feature_dims, has_weight, has_bias, weight_shape):
     g = _tokens(grad_v, n_feature_dims)
+    ones = g.new_ones(g.shape[0])
     grads = {}
     if has_weight:
-        grads["weight"] = _column_sum(g * _tokens(x_hat_v, n_feature_dims)).reshape(weight_shape)
+        grads["weight"] = _column_sum(g * _tokens(x_hat_v, n_feature_dims), ones).reshape(weight_shape)
     if has_bias:
-        grads["bias"] = _column_sum(g).reshape(weight_shape)
+        grads["bias"] = _column_sum(g, ones).reshape(weight_shape)
     return grads
 
 

@@ -81,7 +81,6 @@ class _Layer:
     tied: dict  # local name -> whether the parameter is shared with another module
     tensors: tuple = ()  # the parameters, in the order of `params`
     # fixed at set-up, so that the forward hook does not work them out at every step:
-    pnames: tuple = ()  # the global parameter names, in the order of `params`
     roles: tuple = None  # (None, ...) when no parameter is tied; None when the roles depend on the step
     autocast_input: bool = False  # the rule's autocast_input
 
@@ -366,7 +365,6 @@ class GradDotProdEngine:
             for local, p in layer.module.named_parameters(recurse=False):
                 if p.requires_grad:
                     layer.tied[local] = len(owners[id(p)]) > 1
-            layer.pnames = tuple(layer.params.values())
             layer.roles = None if any(layer.tied.values()) else (None,) * len(layer.params)
             layer.autocast_input = getattr(layer.rule, "autocast_input", False)
         self._check_ties(layers, owners)
@@ -639,9 +637,9 @@ class GradDotProdEngine:
         else:
             roles, support, first, channels_in, train_ids = layer.roles, None, None, (), None
         meta = (mb.n_train, dtype, -1 if torch.compiler.is_compiling() else mb.generation, roles, self.value)
-        sinks = [mb.sinks[pname] for pname in layer.pnames]
-        extras = ([mb.precond[pname] for pname in layer.pnames] if self.value == ADAMW else
-                  [mb.norm_sinks[pname] for pname in layer.pnames] if self.value == COSINE else [])
+        sinks = [mb.sinks[pname] for pname in layer.params.values()]
+        extras = ([mb.precond[pname] for pname in layer.params.values()] if self.value == ADAMW else
+                  [mb.norm_sinks[pname] for pname in layer.params.values()] if self.value == COSINE else [])
         tensors = self._unsharded_tensors(layer, module) if self._sharded else layer.tensors
         result = _Tap.apply(self, layer, meta, out, act, support, first, train_ids, *tensors, *sinks, *extras,
                             *channels_in)

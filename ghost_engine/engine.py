@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ghost_engine import updates
-from ghost_engine.layers import accum_dtype, rule_for
+from ghost_engine.layers import accum_dtype, rule_for, to_dtype
 from ghost_engine.losses import IGNORE_INDEX, TASKS, per_sample_loss, target_counts
 
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -93,6 +93,9 @@ class _Layer:
     params: dict  # local name -> global parameter name
     tied: dict  # local name -> whether the parameter is shared with another module
     tensors: tuple = ()  # the parameters, in the order of `params`
+    # fixed at set-up, so that the forward hook does not work them out at every step:
+    roles: tuple = None  # (None, ...) when no parameter is tied; None when the roles depend on the step
+    autocast_input: bool = False  # the rule's autocast_input
 
 
 @dataclass(eq=False)
@@ -244,8 +247,8 @@ class _Tap(torch.autograd.Function):
         dtype = dtype or grad.dtype
         grad_out = grad
         if act.is_floating_point():
-            act = act.to(dtype)
-        grad = grad.to(dtype)
+            act = to_dtype(act, dtype)
+        grad = to_dtype(grad, dtype)
         module, rule = layer.module, layer.rule
         act_tr, act_v, grad_tr, grad_v = act[:n_train], act[n_train:], grad[:n_train], grad[n_train:]
         val_grads = rule.val_grads(module, act_v, grad_v)  # fresh tensors, owned here
@@ -294,7 +297,7 @@ class _Tap(torch.autograd.Function):
                 channels_in = [c.to(d) for c, d in zip((val_grads[local], *stash), ctx.channel_dtypes)]
                 param_grads.append(None)
             else:
-                param_grads.append(val_grads[local].neg_().to(p.dtype))
+                param_grads.append(to_dtype(val_grads[local].neg_(), p.dtype))
         return (None, None, None, grad_out, None, None, None, None, *param_grads, *sink_grads, *extra_grads,
                 *channels_in)
 
@@ -407,6 +410,8 @@ class GradDotProdEngine:
             for local, p in layer.module.named_parameters(recurse=False):
                 if p.requires_grad:
                     layer.tied[local] = len(owners[id(p)]) > 1
+            layer.roles = None if any(layer.tied.values()) else (None,) * len(layer.params)
+            layer.autocast_input = getattr(layer.rule, "autocast_input", False)
         self._check_ties(layers, owners)
         if problems and unsupported == "error":
             listing = "; ".join(f"{name or '<model>'} ({type(m).__module__}.{type(m).__name__}: "
@@ -683,9 +688,34 @@ class GradDotProdEngine:
             out, act = out.unflatten(0, (mb.rows, mb.row_len)), act.unflatten(0, (mb.rows, mb.row_len))
         if not out.requires_grad:
             return replacement
-        dtype = _autocast_dtype(out.device.type) if getattr(layer.rule, "autocast_input", False) else None
+        dtype = _autocast_dtype(out.device.type) if layer.autocast_input else None
         if dtype is not None:
             act = act.to(dtype)  # a no-op after _on_forward_pre; kept for inputs passed by keyword
+        if layer.roles is None:
+            roles, support, first, channels_in, train_ids = self._tie_roles(layer, act, recompute)
+        else:
+            roles, support, first, channels_in, train_ids = layer.roles, None, None, (), None
+        meta = (mb.n_train, dtype, -1 if torch.compiler.is_compiling() else mb.generation, roles, self.value)
+        sinks = [mb.sinks[pname] for pname in layer.params.values()]
+        extras = ([mb.precond[pname] for pname in layer.params.values()] if self.value == ADAMW else
+                  [mb.norm_sinks[pname] for pname in layer.params.values()] if self.value == COSINE else [])
+        tensors = self._unsharded_tensors(layer, module) if self._sharded else layer.tensors
+        result = _Tap.apply(self, layer, meta, out, act, support, first, train_ids, *tensors, *sinks, *extras,
+                            *channels_in)
+        if FIRST in roles:
+            result, *channels = result
+            mb.channels[layer.params[list(layer.params)[roles.index(FIRST)]]] = (support, first, tuple(channels),
+                                                                                 act[:mb.n_train])
+        if flat:
+            result = result.flatten(0, 1)
+        if not recompute:
+            rest = tuple(act.shape[1:])
+            mb.seen[layer.name] = ((mb.n_train,) + rest, (act.shape[0] - mb.n_train,) + rest)
+        return result
+
+    def _tie_roles(self, layer, act, recompute):
+        """(roles, support, first, channels_in, train_ids) of a layer with a tied parameter in this forward."""
+        mb = self._mb
         roles, support, first, channels_in, train_ids = [], None, None, (), None
         for local, pname in layer.params.items():
             role = None
@@ -706,23 +736,7 @@ class GradDotProdEngine:
                     train_ids = ids if self.value == COSINE else None
                     self._check_channels(layer, pname, act, channels_in)
             roles.append(role)
-        meta = (mb.n_train, dtype, -1 if torch.compiler.is_compiling() else mb.generation, tuple(roles), self.value)
-        sinks = [mb.sinks[pname] for pname in layer.params.values()]
-        extras = ([mb.precond[pname] for pname in layer.params.values()] if self.value == ADAMW else
-                  [mb.norm_sinks[pname] for pname in layer.params.values()] if self.value == COSINE else [])
-        tensors = self._unsharded_tensors(layer, module) if self._sharded else layer.tensors
-        result = _Tap.apply(self, layer, meta, out, act, support, first, train_ids, *tensors, *sinks, *extras,
-                            *channels_in)
-        if FIRST in roles:
-            result, *channels = result
-            mb.channels[layer.params[list(layer.params)[roles.index(FIRST)]]] = (support, first, tuple(channels),
-                                                                                 act[:mb.n_train])
-        if flat:
-            result = result.flatten(0, 1)
-        if not recompute:
-            rest = tuple(act.shape[1:])
-            mb.seen[layer.name] = ((mb.n_train,) + rest, (act.shape[0] - mb.n_train,) + rest)
-        return result
+        return tuple(roles), support, first, channels_in, train_ids
 
     def _unsharded_tensors(self, layer, module):
         """FSDP2: the parameters the module's forward just used (unsharded), each with the gradient hook."""

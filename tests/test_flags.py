@@ -11,6 +11,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 CODE_DIRS = ("ghost_engine", "ghost_results", "GradDotProd_LM", "pile_tools", "benchmarks")
 CLI_MODULES = ("GradDotProd_LM.args", "GradDotProd_LM.export", "GradDotProd_LM.bench_throughput", "ghost_results.report",
                "pile_tools.cli", "benchmarks.compare", "benchmarks.engine_overhead", "benchmarks.fidelity", "benchmarks.gpu_step",
+               "benchmarks.host_overhead",
                "benchmarks.lowrank_attention", "benchmarks.plots", "benchmarks.profile_sweep", "benchmarks.results_load",
                "benchmarks.tokenize_throughput", "ghost_results.convert")
 

@@ -143,7 +143,12 @@ def matmul_accum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     dtype = accum_dtype(a)
     if a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16) and a.is_cuda and _MM_OUT_DTYPE:
         return torch.mm(a, b, out_dtype=dtype)
-    return a.to(dtype) @ b.to(dtype)
+    return to_dtype(a, dtype) @ to_dtype(b, dtype)
+
+
+def to_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, without the call when `t` already has it (each call costs host time in the backward)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 # torch.mm(..., out_dtype=) (CUDA, half-precision inputs) exists from torch 2.8 on

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ghost_engine.layers import (LayerPath, accum_dtype, module_input, probe_forward, probe_generator,
-                                 register_layer, register_recogniser, row_dot, same_values)
+                                 register_layer, register_recogniser, row_dot, same_values, to_dtype)
 
 PROBE_ROWS, PROBE_VOCAB = 4, 64
 PROBE_RTOL = 1e-12  # the probe repeats the forward's own fp64 operations
@@ -84,7 +84,7 @@ class EmbeddingRule:
         """The dense weight-shaped validation gradient: a scatter-add of the output gradients (static
         shapes: padding_idx positions add zeros instead of being filtered out)."""
         ids = act_v.reshape(-1)
-        grads = grad_v.reshape(ids.shape[0], -1).to(accum_dtype(grad_v))
+        grads = to_dtype(grad_v.reshape(ids.shape[0], -1), accum_dtype(grad_v))
         if module.padding_idx is not None:
             grads = grads * _keep(module, ids)[:, None].to(grads.dtype)
         scale = cls.scale(module, grads.dtype)
@@ -189,7 +189,7 @@ def _kept_rows(module, ids, grad):
     """(ids [B, T], output gradients [B, T, d] in the accumulation dtype, zero where padding_idx was looked up)."""
     rows = ids.shape[0]
     ids = ids.reshape(rows, -1)
-    g = grad.reshape(rows, ids.shape[1], -1).to(accum_dtype(grad))
+    g = to_dtype(grad.reshape(rows, ids.shape[1], -1), accum_dtype(grad))
     if module.padding_idx is not None:
         g = g * _keep(module, ids)[..., None].to(g.dtype)
     return ids, g

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ghost_engine.layers import (LayerPath, accum_dtype, matmul_accum, module_input, register_layer,
-                                row_dot, row_sum)
+                                row_dot, row_sum, to_dtype)
 
 try:  # Hugging Face GPT-2 uses a transposed linear layer
     from transformers.pytorch_utils import Conv1D
@@ -40,6 +40,8 @@ def _gram_dots(a_tr, g_tr, a_v, g_v, rows: int) -> torch.Tensor:
     av, gv = _flat(a_v), _flat(g_v)
     tokens_per_row = a.shape[0] // rows
     chunk_rows = max(1, GRAM_CHUNK_ELEMENTS // max(1, tokens_per_row * av.shape[0]))
+    if chunk_rows >= rows:  # one chunk: no slices, no concatenation (a copy)
+        return row_dot(a @ av.t(), g @ gv.t(), rows)
     out = []
     for start in range(0, rows, chunk_rows):
         sl = slice(start * tokens_per_row, min(rows, start + chunk_rows) * tokens_per_row)
@@ -51,7 +53,7 @@ def _gram_dots(a_tr, g_tr, a_v, g_v, rows: int) -> torch.Tensor:
 def _projection_dots(a_tr, g_tr, val_in_out: torch.Tensor, rows: int) -> torch.Tensor:
     """Σ_t a_t · (M b_t) per training row, projecting onto the narrower side."""
     a, g = _flat(a_tr), _flat(g_tr)
-    m = val_in_out.to(a.dtype)  # [d, p]
+    m = to_dtype(val_in_out, a.dtype)  # [d, p]
     if m.shape[0] <= m.shape[1]:
         return row_dot(g @ m.t(), a, rows)  # via [N, d]
     return row_dot(a @ m, g, rows)  # via [N, p]
@@ -59,7 +61,14 @@ def _projection_dots(a_tr, g_tr, val_in_out: torch.Tensor, rows: int) -> torch.T
 
 def _per_row(t: torch.Tensor, rows: int) -> torch.Tensor:
     """[rows, ..., k] -> [rows, tokens, k] in the accumulation dtype."""
-    return t.reshape(rows, -1, t.shape[-1]).to(accum_dtype(t))
+    return to_dtype(t.reshape(rows, -1, t.shape[-1]), accum_dtype(t))
+
+
+def _sizes(module, act_tr, act_v) -> tuple:
+    """(training tokens, validation tokens, d_in, p_out)"""
+    d = act_tr.shape[-1]
+    p = module.weight.shape[1] if _is_conv1d(module) else module.weight.shape[0]
+    return act_tr.numel() // d, act_v.numel() // d, d, p
 
 
 def _use_gram(n_tr: int, n_v: int, d: int, p: int) -> bool:
@@ -90,20 +99,18 @@ class LinearRule:
         rows = act_tr.shape[0]
         out = {}
         total = val_totals["weight"]  # dense, parameter layout
-        if own_only["weight"] and LinearRule.path(module, act_tr, act_v, True).path == "gram":
+        if own_only["weight"] and _use_gram(*_sizes(module, act_tr, act_v)):
             out["weight"] = _gram_dots(act_tr, grad_tr, act_v, grad_v, rows)
         else:
             out["weight"] = _projection_dots(act_tr, grad_tr, _weight_in_out(module, total), rows)
         if "bias" in val_totals:
             g = _flat(grad_tr)
-            out["bias"] = row_sum(matmul_accum(g, val_totals["bias"].to(g.dtype)[:, None]), rows)
+            out["bias"] = row_sum(matmul_accum(g, to_dtype(val_totals["bias"], g.dtype).unsqueeze(1)), rows)
         return out
 
     @staticmethod
     def path(module, act_tr, act_v, own_only):
-        d = act_tr.shape[-1]
-        p = module.weight.shape[1] if _is_conv1d(module) else module.weight.shape[0]
-        n_tr, n_v = act_tr.numel() // d, act_v.numel() // d
+        n_tr, n_v, d, p = _sizes(module, act_tr, act_v)
         if own_only and _use_gram(n_tr, n_v, d, p):
             return LayerPath("gram", 2.0 * n_tr * n_v * (d + p))
         return LayerPath("projection", 2.0 * n_tr * d * p)

@@ -8,7 +8,8 @@ process with the methods interleaved; the time ratio; the flop ratio counted by 
 the analytic floor ratio; and the peak memory of each, with the bound "Regular on B + Bv rows plus
 one weight-gradient-sized buffer (the largest parameter)". ``--value adamw|cosine`` adds the engine with that
 estimator to the same interleaved run (its time against Regular and against the first-order engine);
-``--value adamw|adamw_vt`` makes every method's optimizer AdamW with lr 0 instead of SGD with lr 0.
+``--value adamw|adamw_vt|midpoint`` makes every method's optimizer AdamW with lr 0 instead of SGD with lr 0
+(the app's optimizer; their vectors then go through AdamW's update sensitivity).
 """
 import argparse
 import statistics
@@ -39,7 +40,7 @@ REGULAR_ALL_ROWS = "Regular (B+Bv rows)"
 
 def measure(cfg: BenchConfig, reps: int, warmup: int, value: str = "first_order"):
     model = build_bench_model(cfg)
-    optimizer = (torch.optim.AdamW(model.parameters(), lr=0.0) if value in ("adamw", "adamw_vt")
+    optimizer = (torch.optim.AdamW(model.parameters(), lr=0.0) if value in ("adamw", "adamw_vt", "midpoint")
                  else torch.optim.SGD(model.parameters(), lr=0.0))
     batch = make_batches(cfg, cfg.token_vocab_size())
     x_train, y_train, x_val, y_val = batch

@@ -998,17 +998,17 @@ class GradDotProdEngine:
         if self.value == SECOND_ORDER:
             lr = {name: group_of[id(p)]["lr"] if id(p) in group_of else 0.0 for name, p in self._params.items()}
             hvp = self._val_hvp({name: lr[name] * g for name, g in batch.items()})
-            return {name: lr[name] * (val_grads[name] - 0.5 * hvp[name]) for name in self._hooked_params}
+            return {name: lr[name] * (val_grads[name] - 0.5 * hvp[name]) for name in val_grads}
         if self.value == ADAMW_VT:
-            return {name: updates.sensitivity(optimizer, group_of[id(self._params[name])], self._params[name],
-                                              batch[name]) * val_grads[name] for name in self._hooked_params}
-        half = {name: g / 2 for name, g in batch.items()}
-        moved = {name: updates.updated(optimizer, group_of[id(p)], p, half[name]).to(p.dtype)
-                 for name, p in self._params.items() if id(p) in group_of}
+            return {name: updates.step(optimizer, group_of[id(p)], p, batch[name], update=False)[1].mul_(
+                val_grads[name]) for name, p in self._params.items() if name in val_grads}
+        moved, sensitivity = {}, {}  # midpoint: the step with g_B / 2, and its sensitivity there
+        for name, p in self._params.items():
+            if id(p) in group_of:
+                new, sensitivity[name] = updates.step(optimizer, group_of[id(p)], p, batch[name] / 2)
+                moved[name] = new.to(p.dtype)
         val_at_midpoint = self._val_grad_at(moved)
-        return {name: updates.sensitivity(optimizer, group_of[id(self._params[name])], self._params[name],
-                                          half[name]) * val_at_midpoint[name].to(half[name].dtype)
-                for name in self._hooked_params}
+        return {name: sensitivity[name].mul_(val_at_midpoint[name]) for name in self._hooked_params}
 
     def _val_loss(self, params=None) -> torch.Tensor:
         """L_val (the mean cross-entropy over the validation targets) from ``val_forward``, with the engine's

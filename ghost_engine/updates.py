@@ -13,10 +13,6 @@ the same), for the step t = state["step"] + 1 about to be taken:
 """
 import torch
 
-# S for Adam: (lr/bc1)·[(1-β1)/den - m·(1-β2)·g' / (√bc2 · √v · den²)] with den = √v/√bc2 + eps. The second
-# term is AdamW's saturation (a larger gradient also raises v). Where v = 0 the gradient is 0 and so is m
-# (v_{t-1} = 0 means every earlier gradient was 0): the term is 0 there.
-
 
 def check_supported(optimizer, what: str):
     """Raise a ValueError unless ``optimizer`` is an SGD or Adam/AdamW whose step this module writes out."""
@@ -34,66 +30,62 @@ def check_supported(optimizer, what: str):
                      f"attach(optimizer); got {got}")
 
 
-def _decoupled(optimizer, group) -> bool:
-    return isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+def step(optimizer, group, p, g: torch.Tensor, update: bool = True):
+    """(θ_{t+1} or None, S): the parameter after the optimizer's coming step with gradient ``g`` (when
+    ``update``) and the sensitivity S(g) = -∂θ_{t+1}/∂g (elementwise: the update's Jacobian is diagonal), both
+    in g's dtype. The optimizer and ``p`` are not changed."""
+    if isinstance(optimizer, torch.optim.Adam):
+        return _adam(optimizer, group, p, g, update)
+    return _sgd(group, optimizer.state.get(p, {}), p, g, update)
 
 
-def _adam_terms(optimizer, group, p, g):
-    """(θ after decoupled decay, m_t, v_t, g', lr/bc1, √bc2, den) in g's dtype and device."""
+def _scalar(x, device):
+    """A step count or hyper-parameter as a float when it lives on the CPU; a device tensor stays one (fused
+    or capturable Adam keep `step` on the device, and reading it would synchronise)."""
+    if torch.is_tensor(x) and x.device.type == "cpu":
+        return float(x)
+    return x
+
+
+def _adam(optimizer, group, p, g, update):
     state = optimizer.state.get(p, {})
-    dtype, device = g.dtype, g.device
-    lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-    lr = torch.as_tensor(lr, dtype=dtype, device=device)
-    theta = p.detach().to(dtype)
-    if wd and _decoupled(optimizer, group):
-        theta = theta * (1 - lr * wd)
-    elif wd:
-        g = g + wd * p.detach().to(dtype)
-    # t as a tensor: fused/capturable Adam keep `step` on the device, and reading it would synchronise
-    t = torch.as_tensor(state.get("step", 0.0)).to(device=device, dtype=dtype) + 1
-    m = state["exp_avg"].detach().to(dtype) * beta1 if "exp_avg" in state else torch.zeros_like(g)
-    v = state["exp_avg_sq"].detach().to(dtype) * beta2 if "exp_avg_sq" in state else torch.zeros_like(g)
-    m = m + (1 - beta1) * g
-    v = v + (1 - beta2) * g * g
-    sqrt_bc2 = torch.sqrt(1 - beta2 ** t)
-    den = v.sqrt() / sqrt_bc2 + eps
-    return theta, m, v, g, lr / (1 - beta1 ** t), sqrt_bc2, den
+    (beta1, beta2), eps, wd = group["betas"], group["eps"], group["weight_decay"]
+    lr = _scalar(group["lr"], g.device)
+    decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+    theta = p.detach()
+    if wd and not decoupled:
+        g = g + wd * theta.to(g.dtype)
+    t = _scalar(state.get("step", 0.0), g.device) + 1
+    bc1, sqrt_bc2 = 1 - beta1 ** t, (1 - beta2 ** t) ** 0.5
+    m = torch.lerp(state["exp_avg"].to(g.dtype), g, 1 - beta1) if "exp_avg" in state else g * (1 - beta1)
+    v = state["exp_avg_sq"].to(g.dtype) * beta2 if "exp_avg_sq" in state else torch.zeros_like(g)
+    root = v.addcmul_(g, g, value=1 - beta2).sqrt_()  # √v_t
+    den = (root / sqrt_bc2).add_(eps)
+    new = None
+    if update:
+        new = theta.to(g.dtype) * (1 - lr * wd) if wd and decoupled else theta.to(g.dtype).clone()
+        new -= (lr / bc1) * m / den
+    # S = lr/bc1 · [(1-β1) - (1-β2)·m·g' / (√bc2 · √v_t · den)] / den. The second term is AdamW's saturation
+    # (a larger gradient also raises v_t); where v_t = 0 the gradient is 0 and so is m (v_{t-1} = 0 means every
+    # earlier gradient was 0), and the clamp keeps that term 0 instead of 0/0.
+    saturation = (m * g).div_(root.mul_(den).clamp_(min=torch.finfo(root.dtype).tiny))
+    sensitivity = saturation.mul_(-(1 - beta2) / sqrt_bc2).add_(1 - beta1).div_(den).mul_(lr / bc1)
+    return new, sensitivity
 
 
-def _sgd_direction(group, state, p, g):
-    """(d, ∂d/∂g as a number) of torch.optim.SGD's step θ - lr·d."""
+def _sgd(group, state, p, g, update):
     momentum, dampening, nesterov, wd = (group["momentum"], group["dampening"], group["nesterov"],
                                          group["weight_decay"])
+    lr = _scalar(group["lr"], g.device)
     if wd:
         g = g + wd * p.detach().to(g.dtype)
-    if not momentum:
-        return g, 1.0
-    buf = state.get("momentum_buffer")
-    if buf is None:  # the first step copies the gradient, without dampening
-        buf, dbuf = g, 1.0
-    else:
-        buf, dbuf = momentum * buf.detach().to(g.dtype) + (1 - dampening) * g, 1.0 - dampening
-    if nesterov:
-        return g + momentum * buf, 1.0 + momentum * dbuf
-    return buf, dbuf
-
-
-def updated(optimizer, group, p, g: torch.Tensor) -> torch.Tensor:
-    """θ_{t+1}: the parameter after the optimizer's coming step with gradient ``g`` (in g's dtype)."""
-    if isinstance(optimizer, torch.optim.Adam):
-        theta, m, _, _, step_size, _, den = _adam_terms(optimizer, group, p, g)
-        return theta - step_size * m / den
-    d, _ = _sgd_direction(group, optimizer.state.get(p, {}), p, g)
-    return p.detach().to(g.dtype) - group["lr"] * d
-
-
-def sensitivity(optimizer, group, p, g: torch.Tensor) -> torch.Tensor:
-    """S(g) = -∂θ_{t+1}/∂g (elementwise; the update's Jacobian is diagonal), in g's dtype."""
-    if isinstance(optimizer, torch.optim.Adam):
-        _, m, v, g_eff, step_size, sqrt_bc2, den = _adam_terms(optimizer, group, p, g)
-        root = v.sqrt()
-        saturation = torch.where(root > 0, m * g_eff / torch.where(root > 0, root, 1.0), 0.0)
-        beta1, beta2 = group["betas"]
-        return step_size * ((1 - beta1) / den - (1 - beta2) * saturation / (sqrt_bc2 * den * den))
-    _, slope = _sgd_direction(group, optimizer.state.get(p, {}), p, g)
-    return torch.full_like(g, group["lr"] * slope)
+    d, slope = g, 1.0
+    if momentum:
+        buf = state.get("momentum_buffer")
+        if buf is None:  # the first step copies the gradient, without dampening
+            buf, slope = g, 1.0
+        else:
+            buf, slope = momentum * buf.detach().to(g.dtype) + (1 - dampening) * g, 1.0 - dampening
+        d, slope = (g + momentum * buf, 1.0 + momentum * slope) if nesterov else (buf, slope)
+    new = p.detach().to(g.dtype) - lr * d if update else None
+    return new, torch.full_like(g, 1.0) * (lr * slope)

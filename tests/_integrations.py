@@ -98,3 +98,36 @@ def assert_grads_close(grads, ref_grads, prefix=""):
     floor = 1e-6 * max(float(r.abs().max()) for r in ref_grads.values())
     for name, ref in ref_grads.items():
         assert rel_err(grads[prefix + name], ref, floor) <= TOL, name
+
+
+class StepCapture(TrainerCallback):
+    """transformers.Trainer: the parameters, the optimizer's groups and its state just before optimizer step
+    `at` (1-based), to rebuild that step's model and optimizer (`rebuild`)."""
+
+    def __init__(self, model, at):
+        self.model, self.at, self.groups = model, at, None
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if state.global_step + 1 != self.at:
+            return
+        from ghost_engine.integrations.core import _torch_optimizer
+
+        optimizer = _torch_optimizer(optimizer)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        self.kind = type(optimizer)
+        self.params = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        self.groups = [({k: v for k, v in group.items() if k != "params"}, [names[id(p)] for p in group["params"]])
+                       for group in optimizer.param_groups]
+        self.state = {names[id(p)]: copy.deepcopy(s) for p, s in optimizer.state.items()}
+
+    def rebuild(self, template):
+        """(model, optimizer) as they were before step `at`; `template`: a model of the same architecture."""
+        model = copy.deepcopy(template)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(self.params[n])
+        params = dict(model.named_parameters())
+        optimizer = self.kind([{**hyper, "params": [params[n] for n in names]} for hyper, names in self.groups])
+        for n, s in self.state.items():
+            optimizer.state[params[n]] = copy.deepcopy(s)
+        return model, optimizer

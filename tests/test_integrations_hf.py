@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from _integrations import (GradCapture, assert_grads_close, check_step, engine_by_hand, model_and_rows, reference_step,
-                           rel_err, train_items)
-from _reference import reference_dot_products, reference_train_grad
+from _integrations import (TOL, GradCapture, StepCapture, assert_grads_close, check_step, engine_by_hand,
+                           model_and_rows, reference_step, rel_err, train_items)
+from _reference import reference_dot_products, reference_train_grad, reference_update_values
 from ghost_engine.integrations.hf import GradDotProdTrainer
 from ghost_results.results_io import load_run
 from pile_tools import ensure_sample_dataset
@@ -71,6 +71,33 @@ def test_step_equals_reference_and_regular_trainer(tmp_path, accumulation):
     for name, grad in regular_capture.grads.items():
         torch.testing.assert_close(capture.grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
     assert trainer.state.log_history[0]["loss"] == pytest.approx(regular.state.log_history[0]["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("value", ["midpoint", "adamw_vt"])
+def test_update_aware_value_equals_the_reference(tmp_path, value):
+    """value='midpoint'/'adamw_vt' with the Trainer's own AdamW (weight-decay groups), num_items_in_batch and
+    clipping off: step 2's values (AdamW's state from step 1) equal the real AdamW step's on a float64 copy
+    (tests/_reference.py), and the files name the estimator. (AdamW's sensitivity is steep where |g| is near eps:
+    at step 1 it is lr·eps/(|g|+eps)², which float32 round-off of g decides; step 2 and eps 1e-6 keep the float32
+    run comparable with a float64 reference.)"""
+    model, X, Y, X_val, Y_val = model_and_rows(5)
+    args = training_args(tmp_path / "graddotprod", per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                         max_steps=2, learning_rate=5e-2, weight_decay=0.1, warmup_steps=0, adam_epsilon=1e-6)
+    template = copy.deepcopy(model)
+    capture = StepCapture(model, at=2)
+    trainer = GradDotProdTrainer(model=model, args=args, train_dataset=train_items(X, Y), callbacks=[capture],
+                                 val_batch={"input_ids": X_val, "labels": Y_val}, save_interval=1, value=value)
+    trainer.train()
+    run = load_run(run_dir_of(args), per_layer=True, strict=True)
+    assert run.value == value and run.config["value"] == value
+    assert len(capture.groups) == 2 and capture.state  # decay and no-decay groups; AdamW's state after step 1
+    rows = run.columns["step"] == 2
+    index = run.columns["sample_index"][rows]
+    ref = reference_update_values(*capture.rebuild(template), X[index], Y[index], X_val, Y_val, value)
+    total = sum(ref.values())
+    assert rel_err(run.columns["dot_products"][rows], total) <= TOL
+    for name, r in ref.items():  # each parameter's part to TOL of itself or of a tenth of the total's scale
+        assert rel_err(run.columns[f"per_layer/{name}"][rows], r, 0.1 * float(total.abs().max())) <= TOL, name
 
 
 def test_bf16_equals_the_engine_driven_by_hand(tmp_path):

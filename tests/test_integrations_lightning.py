@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from _integrations import assert_grads_close, check_step, engine_by_hand, model_and_rows, rel_err, train_items
-from _reference import reference_train_grad
+from _reference import reference_train_grad, reference_update_values
 from ghost_engine.integrations import IndexedDataset
 from ghost_engine.integrations.lightning import GradDotProdCallback, training_loss
 from ghost_results.results_io import load_run
@@ -38,8 +38,9 @@ class LitLM(L.LightningModule):
             self.first_grads = {n: p.grad.detach().clone() for n, p in self.named_parameters()}
 
 
-def fit(module, items, tmp_path, callback=None, steps=2, precision="32-true", indexed=True, accumulate=2):
+def fit(module, items, tmp_path, callback=None, steps=2, precision="32-true", indexed=True, accumulate=2, **kwargs):
     trainer = L.Trainer(max_steps=steps, accumulate_grad_batches=accumulate, precision=precision, accelerator="cpu", devices=1,
+                        **kwargs,
                         callbacks=[callback] if callback else [], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
     data = IndexedDataset(items) if indexed else items
@@ -133,3 +134,25 @@ def test_ddp_on_two_processes_gathers_every_row_on_rank_0(tmp_path):
     assert set(grads) == set(plain)
     for name, grad in plain.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_midpoint_value_equals_the_reference(tmp_path):
+    """value='midpoint' with the module's SGD and two accumulated micro-batches: step 1's values equal the real
+    SGD step's on a float64 copy (tests/_reference.py), g_B being the mean of the micro-batch means; clipping,
+    which Lightning applies after the callback's hook, is refused."""
+    model, X, Y, X_val, Y_val = model_and_rows(8)
+    initial = copy.deepcopy(model)
+    callback = GradDotProdCallback({"input_ids": X_val, "labels": Y_val}, run_dir=tmp_path / "run", save_interval=1,
+                                   value="midpoint")
+    fit(LitLM(model), train_items(X, Y), tmp_path, callback, steps=1)
+    run = load_run(tmp_path / "run", per_layer=True, strict=True)
+    assert run.value == "midpoint"
+    ref = reference_update_values(initial, torch.optim.SGD(initial.parameters(), lr=0.1), X[:4], Y[:4], X_val, Y_val,
+                                  "midpoint", micro_batches=2)
+    total = sum(ref.values())
+    assert rel_err(run.columns["dot_products"], total) <= 1e-4
+    for name, r in ref.items():
+        assert rel_err(run.columns[f"per_layer/model.{name}"], r, 1e-6 * float(total.abs().max())) <= 1e-4, name
+    with pytest.raises(ValueError, match="gradient_clip_val"):
+        fit(LitLM(copy.deepcopy(initial)), train_items(X, Y), tmp_path / "clip",
+            GradDotProdCallback({"input_ids": X_val, "labels": Y_val}, value="midpoint"), gradient_clip_val=1.0)

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ghost_engine.durable import write_atomically
-from ghost_engine.engine import GradDotProdEngine
+from ghost_engine.engine import LR_INSIDE, GradDotProdEngine
 from ghost_engine.losses import IGNORE_INDEX, per_sample_loss, target_counts
 from ghost_engine.recording import gather_rows, local_rows
 from ghost_results.results_io import flush_dotprods, set_aside_after
@@ -137,9 +137,11 @@ class ValuationRun:
         run_dir, run_name: where the results go and the name their files carry.
         config: extra entries for config.json (e.g. data_dir, seq_len, val_domain for the report).
         save_interval: write the records every this many steps (and at the end).
+        value: the engine's estimator (docs/METHOD.md section 2.1); the update-aware ones read the optimizer
+            given to begin(), and the deferred ones (second_order, adamw_vt, midpoint) .grad at end_step().
     """
 
-    def __init__(self, model, val_batch, run_dir, run_name, config=None, save_interval=10):
+    def __init__(self, model, val_batch, run_dir, run_name, config=None, save_interval=10, value="first_order"):
         if not isinstance(val_batch, Mapping) or "input_ids" not in val_batch:
             raise ValueError("val_batch must be a dict with 'input_ids' (and 'labels', default: the input_ids)")
         if save_interval < 1:
@@ -151,7 +153,9 @@ class ValuationRun:
         for name, value in val.items():
             if not torch.is_tensor(value) or value.shape[:1] != X_val.shape[:1]:
                 raise ValueError(f"val_batch[{name!r}] must be a tensor with {X_val.shape[0]} rows")
-        self.engine = GradDotProdEngine(model, val_batch=(X_val, Y_val), task="causal_lm", loss_reduction="mean")
+        self.engine = GradDotProdEngine(model, val_batch=(X_val, Y_val), task="causal_lm", loss_reduction="mean",
+                                        value=value, val_forward=self._val_logits)
+        self._forward_model = None  # the model forward() runs (un-wrapped from DDP), for _val_logits
         self._val = {"input_ids": X_val, "labels": Y_val, **val}  # the validation rows as given
         self._val_on = {}  # (device, T) -> the validation rows there, padded to T
         self.run_dir, self.run_name = os.fspath(run_dir), str(run_name)
@@ -161,18 +165,27 @@ class ValuationRun:
         self.pending = []  # step records not yet written (rank 0)
         self._reset_step()
 
+    def _val_logits(self, model, X_val):
+        """The deferred estimators' validation forward: the model forward() runs, on the validation rows with
+        their other inputs (attention_mask, ...) at the length the engine holds them; `model` (the engine's)
+        has the parameters in place that the engine put there, and the forward model is, or is inside, it."""
+        val = next((v for v in self._val_on.values() if v["input_ids"] is X_val), self._val)
+        extra = {name: value for name, value in val.items() if name not in ("input_ids", "labels")}
+        return _field((self._forward_model or model)(input_ids=X_val, **extra), "logits")
+
     def _reset_step(self):
         self._multipliers, self._provenance = [], []  # per micro-batch
         self._train_ce, self._train_targets, self._val_loss, self._device = 0.0, 0, None, None
 
     # ------------------------------------------------------------------ run
-    def begin(self, start_step, max_steps, settings):
-        """Attach the engine; rank 0 writes config.json (`settings`: the framework's, then the user's
-        `config`) and sets aside files of steps after `start_step` (a resumed run writes them again)."""
+    def begin(self, start_step, max_steps, settings, optimizer=None):
+        """Attach the engine (with `optimizer`, the torch optimizer that steps the model, for the update-aware
+        estimators); rank 0 writes config.json (`settings`: the framework's, then the user's `config`) and sets
+        aside files of steps after `start_step` (a resumed run writes them again)."""
         if dist.is_available() and dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         if not self.engine.attached:
-            self.engine.attach()
+            self.engine.attach(_torch_optimizer(optimizer) if self.engine.value in LR_INSIDE else None)
         self._reset_step()
         if self.rank != 0:
             return
@@ -180,7 +193,7 @@ class ValuationRun:
         set_aside_after(self.run_dir, start_step)
         X_val = self._val["input_ids"]
         config = {"run_name": self.run_name, "method": "GradDotProd", "start_step": start_step,
-                  "world_size": self.world_size, "val_batch_size": int(X_val.shape[0]),
+                  "world_size": self.world_size, "value": self.engine.value, "val_batch_size": int(X_val.shape[0]),
                   "val_seq_len": int(X_val.shape[1]), "dot_prod_save_interval": self.save_interval,
                   "torch": torch.__version__, "python": platform.python_version(), **settings, **self.config}
         if max_steps is not None and max_steps > 0:
@@ -191,7 +204,7 @@ class ValuationRun:
     def finish(self):
         """Write the pending records and detach the engine (safe to call twice)."""
         if self.rank == 0:
-            flush_dotprods(self.run_dir, self.run_name, self.world_size, self.pending)
+            flush_dotprods(self.run_dir, self.run_name, self.world_size, self.pending, value=self.engine.value)
         self.engine.detach()
 
     # ------------------------------------------------------------------ micro-batch
@@ -220,6 +233,7 @@ class ValuationRun:
         for name, value in train.items():
             stacked[name] = torch.cat([value, val[name]]) if name in val else value
         out = model(**stacked)
+        self._forward_model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
         loss, logits = _field(out, "loss"), _field(out, "logits")
         if loss is None or logits is None:
             raise ValueError("the model returned no loss or no logits; the integrations need both")
@@ -286,11 +300,21 @@ class ValuationRun:
         self.pending.append(dict(step=int(step), lr=float(lr), train_loss=float(sums[0] / sums[1]),
                                  val_loss=float(val_loss), **rows))
         if step % self.save_interval == 0:
-            flush_dotprods(self.run_dir, self.run_name, self.world_size, self.pending)
+            flush_dotprods(self.run_dir, self.run_name, self.world_size, self.pending, value=self.engine.value)
 
 
 def _field(out, name):
     return out.get(name) if isinstance(out, Mapping) else getattr(out, name, None)
+
+
+def _torch_optimizer(optimizer):
+    """The torch.optim optimizer inside a framework's wrapper (accelerate's AcceleratedOptimizer, ...)."""
+    while optimizer is not None and not isinstance(optimizer, (torch.optim.SGD, torch.optim.Adam)):
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer:
+            break
+        optimizer = inner
+    return optimizer
 
 
 def _pad(name, value, T):

@@ -39,16 +39,20 @@ class GradDotProdTrainer(Trainer):
         run_name: the name the result files carry (default: the output directory's name).
         run_config: extra entries for config.json (e.g. data_dir, seq_len, val_domain for the report).
         save_interval: write the records every this many steps (and at the end of training).
+        value: the engine's estimator (docs/METHOD.md section 2.1; default "first_order"). The update-aware ones
+            read the Trainer's optimizer; the deferred ones (second_order, adamw_vt, midpoint) take the batch
+            gradient after the Trainer's clipping, just before its optimizer step.
     """
 
     loss_is_scaled_for_ga = True  # compute_loss returns the loss exactly as Regular Trainer back-propagates it
 
-    def __init__(self, *args, val_batch, run_dir=None, run_name=None, run_config=None, save_interval=10, **kwargs):
+    def __init__(self, *args, val_batch, run_dir=None, run_name=None, run_config=None, save_interval=10,
+                 value="first_order", **kwargs):
         super().__init__(*args, **kwargs)
         self._check_supported()
         output_dir = os.path.normpath(self.args.output_dir)
         self.valuation = ValuationRun(self.model, val_batch, run_dir or os.path.join(output_dir, "graddotprod"),
-                                      run_name or os.path.basename(output_dir), run_config, save_interval)
+                                      run_name or os.path.basename(output_dir), run_config, save_interval, value)
         self.add_callback(_StepRecorder(self))
 
     def _check_supported(self):
@@ -127,7 +131,8 @@ class _StepRecorder(TrainerCallback):
                     "counts_items_in_batch": bool(trainer.model_accepts_loss_kwargs),
                     "average_tokens_across_devices": bool(args.average_tokens_across_devices),
                     "output_dir": args.output_dir}
-        trainer.valuation.begin(state.global_step, state.max_steps, settings)
+        trainer.valuation.begin(state.global_step, state.max_steps, settings,
+                                kwargs.get("optimizer") or trainer.optimizer)
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         optimizer = optimizer if optimizer is not None else self.trainer.optimizer

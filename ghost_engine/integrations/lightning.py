@@ -27,6 +27,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
+from ghost_engine.engine import DEFERRED, LR_INSIDE
 from ghost_engine.integrations.core import ValuationRun, split_batch, with_value
 
 
@@ -40,29 +41,37 @@ class GradDotProdCallback(pl.Callback):
         run_name: the name the result files carry (default: run_dir's name).
         config: extra entries for config.json (e.g. data_dir, seq_len, val_domain for the report).
         save_interval: write the records every this many steps (and at the end of fitting).
+        value: the engine's estimator (docs/METHOD.md section 2.1; default "first_order"). The update-aware ones
+            read the trainer's (one) optimizer; the deferred ones (second_order, adamw_vt, midpoint) take the batch
+            gradient in on_before_optimizer_step, before Lightning's clipping, so they refuse gradient_clip_val.
     """
 
-    def __init__(self, val_batch, run_dir=None, run_name=None, config=None, save_interval=10):
+    def __init__(self, val_batch, run_dir=None, run_name=None, config=None, save_interval=10, value="first_order"):
         self.val_batch, self.run_dir, self.run_name = val_batch, run_dir, run_name
-        self.config, self.save_interval = config, save_interval
+        self.config, self.save_interval, self.value = config, save_interval, value
         self.valuation = None
         self._trainer = None
 
     def on_fit_start(self, trainer, pl_module):
-        self._check_supported(trainer, pl_module)
+        self._check_supported(trainer, pl_module, self.value)
         run_dir = os.fspath(self.run_dir or os.path.join(trainer.default_root_dir, "graddotprod"))
         run_name = self.run_name or os.path.basename(os.path.normpath(run_dir))
-        self.valuation = ValuationRun(pl_module, self.val_batch, run_dir, run_name, self.config, self.save_interval)
+        self.valuation = ValuationRun(pl_module, self.val_batch, run_dir, run_name, self.config, self.save_interval,
+                                      self.value)
         self._trainer = trainer
         max_steps = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
         settings = {"integration": "lightning", "lightning": pl.__version__, "module": type(pl_module).__name__,
                     "accumulate_grad_batches": trainer.accumulate_grad_batches, "precision": str(trainer.precision),
                     "default_root_dir": trainer.default_root_dir}
-        self.valuation.begin(trainer.global_step, max_steps if max_steps != float("inf") else None, settings)
+        self.valuation.begin(trainer.global_step, max_steps if max_steps != float("inf") else None, settings,
+                             trainer.optimizers[0] if len(trainer.optimizers) == 1 else None)
 
     @staticmethod
-    def _check_supported(trainer, pl_module):
+    def _check_supported(trainer, pl_module, value="first_order"):
         problems = [
+            (value in DEFERRED and trainer.gradient_clip_val, f"gradient_clip_val with value={value!r} (Lightning "
+                                                              "clips after on_before_optimizer_step)"),
+            (value in LR_INSIDE and len(trainer.optimizers) != 1, f"value={value!r} with other than one optimizer"),
             (not pl_module.automatic_optimization, "manual optimization (the loss scaling before backward is "
                                                    "unknown)"),
             (type(trainer.strategy) not in (SingleDeviceStrategy, DDPStrategy),

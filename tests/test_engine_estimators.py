@@ -405,3 +405,23 @@ def test_deferred_validation_pass_runs_under_the_steps_autocast():
         values[amp] = engine.aggregate_and_log().dot_products
         engine.detach()
     assert rel_err(values[True], values[False].double()) < 5e-2
+
+
+@pytest.mark.parametrize("value", ["second_order", "midpoint"])
+def test_deferred_values_with_an_excluded_module(value):
+    """unsupported="exclude": the excluded parameter is left out of the dot products but still moves in the
+    optimizer's step (midpoint) and in the Hessian-vector product's direction (second_order)."""
+    from _models import MLPWithScale
+
+    torch.manual_seed(45)
+    g = torch.Generator().manual_seed(45)
+    model = MLPWithScale()
+    optimizer = adamw_with_state(model, g, task="classification")
+    X, Y = torch.randn(6, 16, generator=g), torch.randint(0, 5, (6,), generator=g)
+    Xv, Yv = torch.randn(3, 16, generator=g), torch.randint(0, 5, (3,), generator=g)
+    ref = reference_update_values(model, optimizer, X, Y, Xv, Yv, value, task="classification")
+    del ref["scale.alpha"]
+    result, _ = run_engine(model, X, Y, Xv, Yv, optimizer, task="classification", value=value,
+                           unsupported="exclude", val_forward=lambda m, x: m(x, torch.zeros(len(x), dtype=torch.long)).logits)
+    assert result.excluded_parameters == ["scale.alpha"]
+    check_values(result, ref)

@@ -209,3 +209,23 @@ def test_a_flat_layout_other_than_rows_by_tokens_is_refused():
     X, Y = lm_batch(3, 8, g)
     with pytest.raises(ValueError, match=r"fc \(Linear\) returned \(20, 97\); expected 5 rows .*5·8 = 40"):
         run_engine(PairedTokens(), X, Y, *lm_batch(2, 8, g))
+
+
+@pytest.mark.parametrize("family", ["gemma", "opt", "qwen3", "gpt_neox"])
+def test_midpoint_value_on_other_families(family):
+    """The deferred projection through recognised layers (Gemma's scaled embedding, OPT's flattened rows and
+    offset positions, Qwen3's head norms), tied: float32 engine against the real AdamW step on a float64 copy."""
+    from _reference import reference_update_values
+    from test_engine_estimators import adamw_with_state, check_values
+    from test_engine_estimators import run_engine as run_estimator
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = FAMILIES[family](True).eval()
+    optimizer = adamw_with_state(model, g)
+    X, Y = lm_batch(3, 8, g, pad_row=1)
+    Xv, Yv = lm_batch(2, 8, g)
+    X[0, 3], Xv[1, 4] = PAD, PAD
+    ref = reference_update_values(model, optimizer, X, Y, Xv, Yv, "midpoint")
+    result, _ = run_estimator(model, X, Y, Xv, Yv, optimizer, value="midpoint")
+    check_values(result, ref)

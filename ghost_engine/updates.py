@@ -39,7 +39,7 @@ def step(optimizer, group, p, g: torch.Tensor, update: bool = True):
     return _sgd(group, optimizer.state.get(p, {}), p, g, update)
 
 
-def _scalar(x, device):
+def _scalar(x):
     """A step count or hyper-parameter as a float when it lives on the CPU; a device tensor stays one (fused
     or capturable Adam keep `step` on the device, and reading it would synchronise)."""
     if torch.is_tensor(x) and x.device.type == "cpu":
@@ -50,12 +50,12 @@ def _scalar(x, device):
 def _adam(optimizer, group, p, g, update):
     state = optimizer.state.get(p, {})
     (beta1, beta2), eps, wd = group["betas"], group["eps"], group["weight_decay"]
-    lr = _scalar(group["lr"], g.device)
+    lr = _scalar(group["lr"])
     decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
     theta = p.detach()
     if wd and not decoupled:
         g = g + wd * theta.to(g.dtype)
-    t = _scalar(state.get("step", 0.0), g.device) + 1
+    t = _scalar(state.get("step", 0.0)) + 1
     bc1, sqrt_bc2 = 1 - beta1 ** t, (1 - beta2 ** t) ** 0.5
     m = torch.lerp(state["exp_avg"].to(g.dtype), g, 1 - beta1) if "exp_avg" in state else g * (1 - beta1)
     v = state["exp_avg_sq"].to(g.dtype) * beta2 if "exp_avg_sq" in state else torch.zeros_like(g)
@@ -76,7 +76,7 @@ def _adam(optimizer, group, p, g, update):
 def _sgd(group, state, p, g, update):
     momentum, dampening, nesterov, wd = (group["momentum"], group["dampening"], group["nesterov"],
                                          group["weight_decay"])
-    lr = _scalar(group["lr"], g.device)
+    lr = _scalar(group["lr"])
     if wd:
         g = g + wd * p.detach().to(g.dtype)
     d, slope = g, 1.0

@@ -207,7 +207,10 @@ def main(argv=None) -> int:
     stop = StopRequest()
     stop.install()
     try:
-        return _run(cfg, argv, rank, world_size, device, master, stop)
+        code = _run(cfg, argv, rank, world_size, device, master, stop)
+        if ddp:  # leave together: a rank that tears gloo down while rank 0 still writes aborts (SIGABRT), and
+            dist.barrier()  # torchrun then stops rank 0 with SIGTERM
+        return code
     except RunStopped as err:
         if master:
             print(f"train.sh: error: {err}", file=sys.stderr, flush=True)

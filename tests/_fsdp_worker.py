@@ -53,6 +53,7 @@ def main(model_name, reshard, micro_batches, out_path):
                   "sharded": [name for name, p in model.named_parameters() if type(p).__name__ == "DTensor"]}
         with open(out_path, "w") as f:
             json.dump(report, f)
+    dist.barrier()  # leave together: a rank that tears gloo down while the other still works aborts
     dist.destroy_process_group()
 
 

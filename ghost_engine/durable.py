@@ -96,19 +96,26 @@ class FileLock:
         except BlockingIOError:
             os.close(fd)
             return False
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n".encode(), 0)
+        text = (f"pid {os.getpid()} on {socket.gethostname()} since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n").encode()
+        os.pwrite(fd, text, 0)  # over the previous holder's line, then cut: the file is never left empty
+        os.ftruncate(fd, len(text))
         self._fd = fd
         return True
 
-    def holder(self) -> str:
-        """Who holds the lock, as its holder wrote it."""
-        try:
-            with open(self.path, encoding="utf-8", errors="replace") as f:
-                return f.read().strip() or "another process"
-        except OSError:
-            return "another process"
+    def holder(self, wait: float = 0.5) -> str:
+        """Who holds the lock, as its holder wrote it. A holder that has just taken the lock may not have
+        written its line yet (a new, empty file): read again for up to `wait` seconds."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                with open(self.path, encoding="utf-8", errors="replace") as f:
+                    text = f.read().strip()
+            except OSError:
+                return "another process"
+            if text or time.monotonic() >= deadline:
+                return text or "another process"
+            time.sleep(0.01)
 
     def release(self) -> None:
         if self._fd is not None:

@@ -46,3 +46,24 @@ except OSError as err:
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert f"no space left to write {path}" in out.stdout, out.stderr
     assert path.read_bytes() == b"old checkpoint" and os.listdir(tmp_path) == ["latest.pt"]
+
+
+def test_a_lock_names_its_holder_even_while_it_is_being_taken(tmp_path):
+    """The holder's line replaces the previous one in place (never an empty file once written); a reader that
+    finds the file empty (a holder that has just created it) reads again until the line is there."""
+    import threading
+    import time
+
+    from ghost_engine.durable import FileLock
+
+    path = tmp_path / "run.lock"
+    first = FileLock(path)
+    assert first.acquire()
+    assert FileLock(path).holder().startswith(f"pid {os.getpid()} on ")
+    first.release()
+    path.write_text("")  # a holder between creating the file and writing its line
+    assert FileLock(path).holder(wait=0.05) == "another process"
+    threading.Timer(0.1, lambda: path.write_text("pid 123 on host since now\n")).start()
+    started = time.monotonic()
+    assert FileLock(path).holder(wait=2.0) == "pid 123 on host since now"
+    assert time.monotonic() - started < 1.5

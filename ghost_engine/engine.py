@@ -83,6 +83,8 @@ class DotProductResult:
     value: str = FIRST_ORDER
     grad_norms: torch.Tensor = None  # cosine: [B_train] ||grad l_i|| over the hooked parameters
     val_grad_norm: torch.Tensor = None  # cosine: 0-dim, ||grad L_val|| over the hooked parameters
+    first_order: torch.Tensor = None  # second_order, adamw_vt, midpoint: [B_train] <grad l_i, grad L_val> of the
+    #   same rows, which their taps compute anyway (phi_i = lr·w_i·first_order[i])
 
 
 @dataclass(eq=False)
@@ -938,19 +940,19 @@ class GradDotProdEngine:
         if not self._finished:
             raise RuntimeError("aggregate_and_log() without a prepared and back-propagated batch")
         finished, self._finished = self._finished, []
-        if self.value in DEFERRED:
+        per_param = torch.cat([f[0] for f in finished], dim=1)  # [P, B_step]
+        extra = {}
+        if self.value in DEFERRED:  # the taps' first-order dot products come for free
+            extra["first_order"] = per_param.sum(0)
             per_param = self._deferred_dots(finished)
-        else:
-            per_param = torch.cat([f[0] for f in finished], dim=1)  # [P, B_step]
-        norms = {}
         if self.value == COSINE:  # ||grad L_val|| is the same for every micro-batch: the first one's
-            norms = dict(grad_norms=torch.cat([f[3][0] for f in finished]), val_grad_norm=finished[0][3][1])
+            extra = dict(grad_norms=torch.cat([f[3][0] for f in finished]), val_grad_norm=finished[0][3][1])
         return DotProductResult(dot_products=per_param.sum(0),
                                 per_parameter=dict(zip(self._hooked_params, per_param.unbind(0))),
                                 token_counts=torch.cat([f[1] for f in finished]),
                                 weights=torch.cat([f[2] for f in finished]),
                                 excluded_parameters=list(self.excluded_parameters), micro_batches=len(finished),
-                                value=self.value, **norms)
+                                value=self.value, **extra)
 
     # ------------------------------------------------------------------ deferred estimators
     @torch.no_grad()

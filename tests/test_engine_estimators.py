@@ -177,6 +177,7 @@ def test_first_order_is_the_default_and_unchanged():
     ref = reference_dot_products(copy.deepcopy(model).double(), X, Y, Xv, Yv)
     result, _ = run_engine(model, X, Y, Xv, Yv)
     assert result.value == "first_order" and result.grad_norms is None and result.val_grad_norm is None
+    assert result.first_order is None
     check_values(result, ref)
 
 
@@ -314,6 +315,7 @@ def test_update_aware_value_is_exact(value, opt, name, micro_batches):
     check_values(result, ref)
     # a test that can tell: the values are not the first-order ones rescaled (by far more than the tolerance)
     first_order = sum(reference_dot_products(reference_model, X, Y, Xv, Yv).values())
+    assert rel_err(result.first_order, first_order) <= TOL  # the taps' first-order values, returned alongside
     got = result.dot_products.double()
     assert rel_err(got / got.abs().max(), first_order / first_order.abs().max()) > 100 * TOL
     if micro_batches == 1:

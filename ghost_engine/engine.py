@@ -520,32 +520,19 @@ class GradDotProdEngine:
         return None if any(torch.is_tensor(x) for group in key for x in group) else key
 
     def _adam_preconditioner(self) -> dict:
-        """{parameter name: D} for the optimizer's coming step t = state["step"] + 1, in the accumulation dtype:
-        D = lr · ((1 - β1) / (1 - β1^t)) / (sqrt(v_{t-1}) / sqrt(1 - β2^t) + eps), the derivative of AdamW's
-        update with respect to the gradient with the second moment held at v_{t-1} (torch.optim.AdamW's formula;
-        the decoupled weight decay does not depend on the gradient). Before the first step v_{t-1} = 0."""
+        """{parameter name: D} for the optimizer's coming step, in the accumulation dtype: AdamW's update
+        sensitivity with the second moment held at v_{t-1} (updates.fixed_state_sensitivity). Before the first
+        step v_{t-1} = 0."""
         optimizer, wanted = self._optimizer, {id(self._params[name]): name for name in self._hooked_params}
         out, fresh = {}, []
         for group in optimizer.param_groups:
-            lr, (beta1, beta2), eps = float(group["lr"]), (float(b) for b in group["betas"]), float(group["eps"])
             for p in group["params"]:
                 name = wanted.get(id(p))
                 if name is None:
                     continue
-                state = optimizer.state.get(p, {})
-                dtype = accum_dtype(p)
-                # t as a tensor: fused/capturable AdamW keep `step` on the GPU, and reading it would synchronise
-                step = torch.as_tensor(state.get("step", 0.0)).to(device=p.device, dtype=dtype)
-                t = step + 1
-                # D = c / (√v + eps·√(1-β2^t)) with c = lr·(1-β1)/(1-β1^t)·√(1-β2^t): three passes over v
-                sqrt_bc2 = torch.sqrt(1 - beta2 ** t)
-                c = lr * (1 - beta1) / (1 - beta1 ** t) * sqrt_bc2
-                if "exp_avg_sq" in state:
-                    denom = state["exp_avg_sq"].detach().to(device=p.device, dtype=dtype).sqrt()
-                else:
+                if "exp_avg_sq" not in optimizer.state.get(p, {}):
                     fresh.append(name)
-                    denom = torch.zeros(p.shape, dtype=dtype, device=p.device)
-                out[name] = torch.div(c, denom.add_(eps * sqrt_bc2), out=denom)
+                out[name] = updates.fixed_state_sensitivity(optimizer, group, p, accum_dtype(p))
         if fresh:
             warnings.warn(f"value='adamw' before the optimizer's first step: v_0 = 0 for {len(fresh)} parameter(s), "
                           "so D = lr/eps there and the values are about 1/eps times the first-order ones (exactly "

@@ -14,6 +14,7 @@ from pile_tools import ensure_sample_dataset
 
 def test_results_io_knows_the_engine_estimators():
     assert results_io.VALUES == engine.VALUES
+    assert results_io.LR_INSIDE == engine.LR_INSIDE
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ghost_engine import GradDotProdEngine, per_sample_loss
 from ghost_engine.recording import gather_rows, local_rows
-from ghost_results.results_io import flush_dotprods, set_aside_after
+from ghost_results.results_io import file_formats, flush_dotprods, set_aside_after
 from GradDotProd_LM.args import model_name, parse_config, run_dir_of
 from GradDotProd_LM.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, set_rng_state
 from GradDotProd_LM.evaluate import Evaluator, format_eval
@@ -345,7 +345,7 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
             sink_error = err
     if rank0_error_stops_all(sink_error, world_size, device):
         return 2
-    results_formats = ("pickle", "parquet") if cfg["results_format"] == "both" else (cfg["results_format"],)
+    results_formats = file_formats(cfg["results_format"])
     if master:
         config_record = dict(cfg, world_size=world_size, train_dtype_resolved=train_dtype, device=str(device),
                              torch=torch.__version__, transformers=transformers.__version__,

@@ -33,15 +33,20 @@ def windows(reader, rows, seq_len):
              "doc_id": int(batch.doc_id[i]), "token_offset": int(batch.token_offset[i])} for i in range(len(batch))]
 
 
-def main(argv=None) -> str:
-    settings = load_settings()  # $GRADDOTPROD_RESULTS_DIR, ./config_file.py, else ./Results
+def build_parser() -> FlagParser:
     parser = FlagParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps (default 20)")
     parser.add_argument("--run_name", default="hf_llama_example")
-    parser.add_argument("--results_dir", default=settings.results_dir)
+    parser.add_argument("--results_dir", default=None,
+                        help="default: $GRADDOTPROD_RESULTS_DIR, the settings file's RESULTS_DIR, else ./Results")
     parser.add_argument("--data_dir", default=None, help="tokenized corpus (default: the bundled sample, built once)")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv=None) -> str:
+    args = build_parser().parse_args(argv)
+    settings = load_settings()  # $GRADDOTPROD_RESULTS_DIR, ./config_file.py, else ./Results
+    results_dir = args.results_dir or settings.results_dir
     data_dir = args.data_dir or ensure_sample_dataset(settings.sample_data_dir)
     train_set = windows(PileReader(data_dir, split="train"), 128, SEQ_LEN)
     val_rows = windows(PileReader(data_dir, split="validation", domains=[VAL_DOMAIN]), 2, SEQ_LEN)
@@ -53,7 +58,7 @@ def main(argv=None) -> str:
     model = LlamaForCausalLM(LlamaConfig(vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ_LEN,
                                          bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=False))
-    run_dir = os.path.join(args.results_dir, args.run_name)
+    run_dir = os.path.join(results_dir, args.run_name)
     training_args = TrainingArguments(
         output_dir=os.path.join(run_dir, "trainer"), max_steps=args.steps, per_device_train_batch_size=4,
         gradient_accumulation_steps=2, learning_rate=3e-3, lr_scheduler_type="constant", use_cpu=True,

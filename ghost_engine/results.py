@@ -4,7 +4,7 @@ import sys
 import warnings
 
 warnings.warn("ghost_engine.results moved to ghost_results.convert; import it from there (the old path will be removed)",
-              DeprecationWarning, stacklevel=2)
+              DeprecationWarning, stacklevel=1 if __name__ == "__main__" else 2)  # -m: shown as __main__'s
 if __name__ == "__main__":  # python -m ghost_engine.results ...: run the new command
     sys.exit(importlib.import_module("ghost_results.convert").main())
 sys.modules[__name__] = importlib.import_module("ghost_results.convert")

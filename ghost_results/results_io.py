@@ -321,6 +321,15 @@ def save_dotprod_parquet(path, payload) -> None:
 _SAVERS = {"pickle": save_dotprod_pickle, "parquet": save_dotprod_parquet}
 
 
+def file_formats(results_format: str) -> tuple:
+    """The file formats of a --results_format choice: "pickle", "parquet" or "both" (pickle and Parquet)."""
+    if results_format == "both":
+        return tuple(RESULTS_FORMATS)
+    if results_format not in RESULTS_FORMATS:
+        raise ValueError(f"results_format={results_format!r}: one of 'pickle', 'parquet', 'both'")
+    return (results_format,)
+
+
 def dotprod_file(run_dir, last_step, results_format="pickle"):
     return os.path.join(run_dir, DOTPROD_DIR, f"iter_{last_step:06d}{RESULTS_FORMATS[results_format]}")
 

@@ -1,6 +1,7 @@
 """One flag style on every command line: underscores, the dashed spelling as an alias, no abbreviations."""
 import argparse
 import importlib
+import importlib.util
 import pathlib
 
 import pytest
@@ -8,12 +9,12 @@ import pytest
 from ghost_engine.flags import FlagParser
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-CODE_DIRS = ("ghost_engine", "ghost_results", "GradDotProd_LM", "pile_tools", "benchmarks")
+CODE_DIRS = ("ghost_engine", "ghost_results", "GradDotProd_LM", "pile_tools", "benchmarks", "examples")
 CLI_MODULES = ("GradDotProd_LM.args", "GradDotProd_LM.export", "GradDotProd_LM.bench_throughput", "ghost_results.report",
                "pile_tools.cli", "benchmarks.compare", "benchmarks.engine_overhead", "benchmarks.fidelity", "benchmarks.gpu_step",
                "benchmarks.host_overhead",
                "benchmarks.lowrank_attention", "benchmarks.plots", "benchmarks.profile_sweep", "benchmarks.results_load",
-               "benchmarks.tokenize_throughput", "ghost_results.convert")
+               "benchmarks.tokenize_throughput", "ghost_results.convert", "examples.hf_trainer_llama")
 
 
 def _sources():
@@ -38,9 +39,20 @@ def test_every_command_line_builds_a_flag_parser():
     assert with_parser == set(CLI_MODULES)
 
 
+def _build_parser(module):
+    """The parser of a CLI module (examples/ is a directory of scripts, not a package: loaded from its file)."""
+    if module.startswith("examples."):
+        path = REPO / (module.replace(".", "/") + ".py")
+        spec = importlib.util.spec_from_file_location(module.replace(".", "_"), path)
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+        return loaded.build_parser()
+    return importlib.import_module(module).build_parser()
+
+
 @pytest.mark.parametrize("module", CLI_MODULES)
 def test_flags_are_spelled_with_underscores(module):
-    built = importlib.import_module(module).build_parser()
+    built = _build_parser(module)
     parser = built[0] if isinstance(built, tuple) else built
     for p in _parsers(parser):
         assert isinstance(p, FlagParser) and p.allow_abbrev is False

@@ -108,9 +108,11 @@ def test_bf16_equals_the_engine_driven_by_hand(tmp_path):
     args = training_args(tmp_path, bf16=True, max_steps=1, train_sampling_strategy="sequential")
     capture = GradCapture(model)
     trainer = GradDotProdTrainer(model=model, args=args, train_dataset=train_items(X, Y), callbacks=[capture],
-                                 val_batch={"input_ids": X_val, "labels": Y_val}, run_name="bf16")
+                                 val_batch={"input_ids": X_val, "labels": Y_val}, run_name="bf16",
+                                 results_format="pickle")
     trainer.train()
 
+    assert os.listdir(os.path.join(run_dir_of(args), "grad_dotprods")) == ["iter_000001.pkl"]
     run = load_run(run_dir_of(args), strict=True)
     assert run.config["run_name"] == "bf16" and run.config["bf16"]
     np.testing.assert_array_equal(run.columns["sample_index"], [0, 1, 2, 3])  # micro-batches 0-1, 2-3
@@ -201,6 +203,9 @@ def test_unsupported_settings_raise_and_evaluation_is_the_plain_trainers(tmp_pat
     with pytest.raises(ValueError, match="label_smoothing_factor"):
         GradDotProdTrainer(model=model, args=training_args(tmp_path, label_smoothing_factor=0.1),
                            train_dataset=train_items(X, Y), val_batch=val_batch)
+    with pytest.raises(ValueError, match="results_format='csv'"):
+        GradDotProdTrainer(model=model, args=training_args(tmp_path), train_dataset=train_items(X, Y),
+                           val_batch=val_batch, results_format="csv")
     with pytest.raises(ValueError, match="model_init"):
         GradDotProdTrainer(model_init=lambda: copy.deepcopy(model), args=training_args(tmp_path),
                            train_dataset=train_items(X, Y), val_batch=val_batch)
@@ -258,6 +263,6 @@ def test_resume_from_checkpoint_sets_aside_later_steps_and_writes_them_again(tmp
     assert resumed.duplicate_steps == [] and resumed.missing_steps == []
     superseded = os.listdir(tmp_path / "graddotprod" / "superseded")
     assert sorted(os.listdir(tmp_path / "graddotprod" / "superseded" / superseded[0] / "grad_dotprods")) == [
-        "iter_000003.pkl", "iter_000004.pkl"]
+        "iter_000003.parquet", "iter_000003.pkl", "iter_000004.parquet", "iter_000004.pkl"]
     np.testing.assert_array_equal(resumed.columns["step"], uninterrupted["step"])
     np.testing.assert_allclose(resumed.columns["dot_products"], uninterrupted["dot_products"], rtol=1e-6)

@@ -103,6 +103,8 @@ def test_unsupported_use_raises_and_outside_a_trainer_the_loss_is_the_models(tmp
     batch = {"input_ids": X[:2], "labels": Y[:2], "sample_index": torch.arange(2)}
     torch.testing.assert_close(training_loss(LitLM(model), model, batch), model(input_ids=X[:2], labels=Y[:2]).loss)
     val_batch = {"input_ids": X_val, "labels": Y_val}
+    with pytest.raises(ValueError, match="results_format='csv'"):
+        GradDotProdCallback(val_batch, results_format="csv")
     with pytest.raises(ValueError, match="manual optimization"):
         fit(LitLM(model, manual=True), train_items(X, Y), tmp_path, GradDotProdCallback(val_batch), accumulate=1)
     with pytest.raises(ValueError, match="sample_index"):  # rows without their index in the training set

@@ -148,3 +148,55 @@ def test_installed_copy_uses_the_current_directory(wheel, tmp_path):
     help_text = "\n".join(run(str(target / "bin" / "graddotprod-report"), "--help"))
     assert "--val_domain" in help_text
     assert "tokenize" in "\n".join(run(str(target / "bin" / "pile-tools"), "--help"))
+
+
+ENGINE_ALONE = """
+import sys
+from types import SimpleNamespace
+NOT_NEEDED = ("pandas", "pyarrow", "pile_tools", "ghost_results", "GradDotProd_LM", "matplotlib")
+if sys.argv[1] == "blocked":  # transformers too: the engine only recognises its GPT-2 Conv1D when installed
+    for name in NOT_NEEDED + ("transformers",):
+        sys.modules[name] = None  # importing it now raises ImportError
+import torch
+import torch.nn.functional as F
+import ghost_engine
+from ghost_engine import GradDotProdEngine, per_sample_loss
+
+class LM(torch.nn.Module):  # a causal LM of an embedding and a head: loss = mean CE over the shifted targets
+    def __init__(self):
+        super().__init__()
+        self.wte, self.ln, self.head = torch.nn.Embedding(50, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 50)
+    def forward(self, input_ids, labels):
+        logits = self.head(self.ln(self.wte(input_ids)))
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1))
+        return SimpleNamespace(loss=loss, logits=logits)
+
+torch.manual_seed(0)
+model = LM()
+X, X_val = torch.randint(0, 50, (3, 8)), torch.randint(0, 50, (2, 8))
+def flat_grad(rows):
+    model.zero_grad()
+    model(rows, rows).loss.backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+expected = torch.stack([flat_grad(X[i:i + 1]) for i in range(3)]) @ flat_grad(X_val)
+model.zero_grad()
+engine = GradDotProdEngine(model, val_batch=(X_val, X_val))
+engine.attach()
+Xc, Yc = engine.prepare_forward_input(X, X)
+model(Xc, Yc).loss.backward()
+engine.prepare_gradients()
+got = engine.aggregate_and_log().dot_products
+torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+print(" ".join(sorted({m.split(".")[0] for m in sys.modules if sys.modules[m] is not None} & set(NOT_NEEDED))))
+"""
+
+
+def test_the_engine_needs_torch_alone(tmp_path):
+    """Valuing a step (checked against plain autograd, one row at a time) imports none of the results package,
+    pandas, pyarrow, pile_tools, the app, matplotlib; with those and transformers unimportable it still works."""
+    env = dict(os.environ, PYTHONPATH=REPO)
+    for mode in ("installed", "blocked"):
+        done = subprocess.run([sys.executable, "-c", ENGINE_ALONE, mode], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.strip() == "", f"{mode}: imported {done.stdout}"

@@ -5,9 +5,9 @@
   batch's rows (padding the shorter side on the right when their lengths differ), run the model's own
   loss on [train; val] and return it with the training rows' loss alone, for logging;
 - per optimizer step, `end_step(step, lr)`: the engine's dot products, every process's rows gathered on
-  rank 0, written every `save_interval` steps as `grad_dotprods/iter_XXXXXX.pkl` by the app's writer
-  (ghost_results.results_io), so `python -m ghost_results.report RUN_DIR` reads an integration's run as it
-  reads the app's.
+  rank 0, written every `save_interval` steps as `grad_dotprods/iter_XXXXXX.pkl` and `.parquet` (as the
+  app's --results_format: both by default) by the app's writer (ghost_results.results_io), so
+  `python -m ghost_results.report RUN_DIR` reads an integration's run as it reads the app's.
 
 The integrations only translate their framework's loss scaling into `loss_multiplier`: the factor the
 model's loss is multiplied by before backward, relative to the mean over the micro-batch's targets. The
@@ -30,7 +30,7 @@ from ghost_engine.durable import write_atomically
 from ghost_engine.engine import LR_INSIDE, GradDotProdEngine
 from ghost_engine.losses import IGNORE_INDEX, per_sample_loss, target_counts
 from ghost_engine.recording import gather_rows, local_rows
-from ghost_results.results_io import flush_dotprods, set_aside_after
+from ghost_results.results_io import file_formats, flush_dotprods, set_aside_after
 
 PROVENANCE_KEY = "graddotprod_rows"  # a batch's provenance, {field: [B] values}
 PROVENANCE_FIELDS = ("sample_index", "domain", "doc_id", "token_offset")
@@ -139,13 +139,16 @@ class ValuationRun:
         save_interval: write the records every this many steps (and at the end).
         value: the engine's estimator (docs/METHOD.md section 2.1); the update-aware ones read the optimizer
             given to begin(), and the deferred ones (second_order, adamw_vt, midpoint) .grad at end_step().
+        results_format: "pickle", "parquet" or "both" (default): the files written, as the app's --results_format.
     """
 
-    def __init__(self, model, val_batch, run_dir, run_name, config=None, save_interval=10, value="first_order"):
+    def __init__(self, model, val_batch, run_dir, run_name, config=None, save_interval=10, value="first_order",
+                 results_format="both"):
         if not isinstance(val_batch, Mapping) or "input_ids" not in val_batch:
             raise ValueError("val_batch must be a dict with 'input_ids' (and 'labels', default: the input_ids)")
         if save_interval < 1:
             raise ValueError(f"save_interval={save_interval} must be >= 1")
+        self.results_format, self.formats = results_format, file_formats(results_format)
         val = dict(val_batch)
         X_val = val.pop("input_ids")
         Y_val = val.pop("labels", None)
@@ -195,6 +198,7 @@ class ValuationRun:
         config = {"run_name": self.run_name, "method": "GradDotProd", "start_step": start_step,
                   "world_size": self.world_size, "value": self.engine.value, "val_batch_size": int(X_val.shape[0]),
                   "val_seq_len": int(X_val.shape[1]), "dot_prod_save_interval": self.save_interval,
+                  "results_format": self.results_format,
                   "torch": torch.__version__, "python": platform.python_version(), **settings, **self.config}
         if max_steps is not None and max_steps > 0:
             config["max_steps"] = int(max_steps)
@@ -204,7 +208,7 @@ class ValuationRun:
     def finish(self):
         """Write the pending records and detach the engine (safe to call twice)."""
         if self.rank == 0:
-            flush_dotprods(self.run_dir, self.run_name, self.world_size, self.pending, value=self.engine.value)
+            self._flush()
         self.engine.detach()
 
     # ------------------------------------------------------------------ micro-batch
@@ -300,7 +304,11 @@ class ValuationRun:
         self.pending.append(dict(step=int(step), lr=float(lr), train_loss=float(sums[0] / sums[1]),
                                  val_loss=float(val_loss), **rows))
         if step % self.save_interval == 0:
-            flush_dotprods(self.run_dir, self.run_name, self.world_size, self.pending, value=self.engine.value)
+            self._flush()
+
+    def _flush(self):
+        flush_dotprods(self.run_dir, self.run_name, self.world_size, self.pending, self.formats,
+                       value=self.engine.value)
 
 
 def _field(out, name):

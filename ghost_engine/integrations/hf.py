@@ -42,17 +42,19 @@ class GradDotProdTrainer(Trainer):
         value: the engine's estimator (docs/METHOD.md section 2.1; default "first_order"). The update-aware ones
             read the Trainer's optimizer; the deferred ones (second_order, adamw_vt, midpoint) take the batch
             gradient after the Trainer's clipping, just before its optimizer step.
+        results_format: the files written, "pickle", "parquet" or "both" (default), as the app's --results_format.
     """
 
     loss_is_scaled_for_ga = True  # compute_loss returns the loss exactly as Regular Trainer back-propagates it
 
     def __init__(self, *args, val_batch, run_dir=None, run_name=None, run_config=None, save_interval=10,
-                 value="first_order", **kwargs):
+                 value="first_order", results_format="both", **kwargs):
         super().__init__(*args, **kwargs)
         self._check_supported()
         output_dir = os.path.normpath(self.args.output_dir)
         self.valuation = ValuationRun(self.model, val_batch, run_dir or os.path.join(output_dir, "graddotprod"),
-                                      run_name or os.path.basename(output_dir), run_config, save_interval, value)
+                                      run_name or os.path.basename(output_dir), run_config, save_interval, value,
+                                      results_format)
         self.add_callback(_StepRecorder(self))
 
     def _check_supported(self):

@@ -29,6 +29,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from ghost_engine.engine import DEFERRED, LR_INSIDE
 from ghost_engine.integrations.core import ValuationRun, split_batch, with_value
+from ghost_results.results_io import file_formats
 
 
 class GradDotProdCallback(pl.Callback):
@@ -44,11 +45,15 @@ class GradDotProdCallback(pl.Callback):
         value: the engine's estimator (docs/METHOD.md section 2.1; default "first_order"). The update-aware ones
             read the trainer's (one) optimizer; the deferred ones (second_order, adamw_vt, midpoint) take the batch
             gradient in on_before_optimizer_step, before Lightning's clipping, so they refuse gradient_clip_val.
+        results_format: the files written, "pickle", "parquet" or "both" (default), as the app's --results_format.
     """
 
-    def __init__(self, val_batch, run_dir=None, run_name=None, config=None, save_interval=10, value="first_order"):
+    def __init__(self, val_batch, run_dir=None, run_name=None, config=None, save_interval=10, value="first_order",
+                 results_format="both"):
+        file_formats(results_format)  # a bad choice fails here, not at on_fit_start
         self.val_batch, self.run_dir, self.run_name = val_batch, run_dir, run_name
         self.config, self.save_interval, self.value = config, save_interval, value
+        self.results_format = results_format
         self.valuation = None
         self._trainer = None
 
@@ -57,7 +62,7 @@ class GradDotProdCallback(pl.Callback):
         run_dir = os.fspath(self.run_dir or os.path.join(trainer.default_root_dir, "graddotprod"))
         run_name = self.run_name or os.path.basename(os.path.normpath(run_dir))
         self.valuation = ValuationRun(pl_module, self.val_batch, run_dir, run_name, self.config, self.save_interval,
-                                      self.value)
+                                      self.value, self.results_format)
         self._trainer = trainer
         max_steps = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
         settings = {"integration": "lightning", "lightning": pl.__version__, "module": type(pl_module).__name__,

@@ -100,7 +100,8 @@ def build_config(architecture, n_positions=1024, vocab_pad_multiple=VOCAB_PAD_MU
                  vocab_size=GPT2_VOCAB_SIZE, **overrides):
     """The Hugging Face config of a named size (or of `model_config`, a config.json dict); `overrides`
     replace any field. `vocab_size` is the data's vocabulary (before padding); a `model_config` that names
-    its own keeps it. Dropout is 0 and the KV cache off.
+    its own keeps it. Dropout is 0 (a `model_config`'s dropout probabilities and layer drop too) and the KV
+    cache off.
 
     GPT-2's GELU is transformers' fused "gelu_pytorch_tanh": the same tanh approximation as GPT-2's
     "gelu_new", one kernel instead of five.
@@ -108,7 +109,13 @@ def build_config(architecture, n_positions=1024, vocab_pad_multiple=VOCAB_PAD_MU
     if model_config is not None:
         kwargs = dict(model_config, use_cache=False, **overrides)
         kwargs["vocab_size"] = padded_vocab_size(kwargs.get("vocab_size", vocab_size), vocab_pad_multiple)
-        return AutoConfig.for_model(**kwargs)
+        config = AutoConfig.for_model(**kwargs)
+        # a random mask per row is not reproducible by any reference (and GPT-2's and OPT's configs default to 0.1)
+        for key, value in config.to_dict().items():
+            if ("dropout" in key or key.endswith("pdrop") or key == "layerdrop") and key not in overrides \
+                    and isinstance(value, (int, float)) and not isinstance(value, bool) and value:
+                setattr(config, key, 0.0)
+        return config
     if architecture not in MODEL_ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}: choose one of {sorted(MODEL_ARCHITECTURES)}")
     config_class, sizes = MODEL_ARCHITECTURES[architecture]
@@ -152,6 +159,8 @@ def build_model(architecture, n_positions=1024, attn_implementation="sdpa", init
     config = build_config(architecture, n_positions=n_positions, vocab_pad_multiple=vocab_pad_multiple,
                           model_config=model_config, **overrides)
     model_class = GPT2LMHeadModel if isinstance(config, GPT2Config) else AutoModelForCausalLM
+    if attn_implementation == "sdpa" and not AutoModelForCausalLM._model_mapping[type(config)]._supports_sdpa:
+        attn_implementation = "eager"  # a family transformers gives no SDPA path (Gemma 2: logit soft-capping)
     if init_from is None:
         model = (GPT2LMHeadModel(config) if model_class is GPT2LMHeadModel
                  else AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation))

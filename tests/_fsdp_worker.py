@@ -1,13 +1,14 @@
 """One rank of the FSDP2 check (tests/test_engine_fsdp.py): `torchrun --nproc_per_node 2 _fsdp_worker.py
-MODEL RESHARD MICRO_BATCHES OUT.json`. Every rank trains on its own rows of one global batch through a
-fully_shard-ed model with the engine attached; rank 0 compares the gathered dot products and the full
-.grad with the float64 torch.func reference of the unsharded model on the whole batch."""
+MODEL RESHARD MICRO_BATCHES OUT.json [fsdp|hsdp]`. Every rank trains on its own rows of one global batch
+through a fully_shard-ed model with the engine attached; rank 0 compares the gathered dot products and the
+full .grad with the float64 torch.func reference of the unsharded model on the whole batch."""
 import copy
 import json
 import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from _models import lm_batch, tiny_gpt2, tiny_llama
@@ -17,19 +18,32 @@ from ghost_engine import GradDotProdEngine
 ROWS_PER_RANK, T = 2, 12
 
 
-def main(model_name, reshard, micro_batches, out_path):
+def build(model_name):
+    """gpt2 (tied), llama (untied), or FAMILY-tied / FAMILY-untied of tests/test_engine_families.py."""
+    if model_name in ("gpt2", "llama"):
+        return tiny_gpt2() if model_name == "gpt2" else tiny_llama()
+    from test_engine_families import FAMILIES
+
+    family, tie = model_name.rsplit("-", 1)
+    return FAMILIES[family](tie == "tied").eval()  # no dropout (OPT has 0.1)
+
+
+def main(model_name, reshard, micro_batches, out_path, mesh_kind="fsdp"):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    model = tiny_gpt2() if model_name == "gpt2" else tiny_llama()
+    model = build(model_name)
     reference = copy.deepcopy(model).double()
     g = torch.Generator().manual_seed(1)
     X, Y = lm_batch(ROWS_PER_RANK * world, T, g)
     Xv, Yv = lm_batch(2, T, g)
-    blocks = model.transformer.h if model_name == "gpt2" else model.model.layers
+    # fsdp: parameters Shard(0) over the ranks; hsdp: (Replicate, Shard(0)) on a [world replicas, 1 shard] mesh
+    mesh = (init_device_mesh("cpu", (world,)) if mesh_kind == "fsdp"
+            else init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard")))
+    blocks = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList))  # the transformer blocks
     for block in blocks:
-        fully_shard(block, reshard_after_forward=reshard)
-    fully_shard(model, reshard_after_forward=reshard)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
 
     engine = GradDotProdEngine(model, val_batch=(Xv, Yv)).attach()
     mine = slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
@@ -50,7 +64,8 @@ def main(model_name, reshard, micro_batches, out_path):
                   "grads": {name: float((grads[name].double() - r).abs().max() / max(float(r.abs().max()),
                                                                                      1e-6 * scale))
                             for name, r in ref_grads.items()},
-                  "sharded": [name for name, p in model.named_parameters() if type(p).__name__ == "DTensor"]}
+                  "sharded": [name for name, p in model.named_parameters() if type(p).__name__ == "DTensor"],
+                  "placements": sorted({str(p.placements) for p in model.parameters()})}
         with open(out_path, "w") as f:
             json.dump(report, f)
     dist.barrier()  # leave together: a rank that tears gloo down while the other still works aborts
@@ -58,4 +73,4 @@ def main(model_name, reshard, micro_batches, out_path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] == "reshard", int(sys.argv[3]), sys.argv[4])
+    main(sys.argv[1], sys.argv[2] == "reshard", int(sys.argv[3]), sys.argv[4], *sys.argv[5:])

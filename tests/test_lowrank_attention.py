@@ -12,7 +12,7 @@ import torch
 from _models import VOCAB, lm_batch
 from _reference import app_first_step_reference
 from test_engine import check_against_reference
-from test_train_families import B, BV, SEED, T, flags
+from test_train_families import B, BV, SEED, T, check_eval_only_and_report, flags
 
 from ghost_results.results_io import load_run
 from GradDotProd_LM import export, lowrank_attention, train
@@ -167,7 +167,7 @@ LOWRANK_FLAGS = ("--architecture", "Llama-Tiny", "--attention", "lowrank", "--at
                  "--attention_block", "8")
 
 
-def test_app_run_is_exact_resumes_and_refuses_export(data_dir, tmp_path, capsys):
+def test_app_run_is_exact_resumes_evaluates_and_refuses_export(data_dir, tmp_path, capsys):
     results = str(tmp_path / "results")
     assert train.main(flags(data_dir, results, "full", *LOWRANK_FLAGS)) == 0
     torch.manual_seed(SEED)
@@ -189,6 +189,7 @@ def test_app_run_is_exact_resumes_and_refuses_export(data_dir, tmp_path, capsys)
     assert split.missing_steps == [] and split.duplicate_steps == []
     np.testing.assert_allclose(split.columns["dot_products"], cols["dot_products"], rtol=1e-5,
                                atol=1e-6 * np.abs(cols["dot_products"]).max())
+    check_eval_only_and_report(data_dir, os.path.join(results, "split"), str(tmp_path / "report"))
 
     with pytest.raises(SystemExit) as exit_info:
         export.main([os.path.join(results, "split"), "--out", str(tmp_path / "hf")])

@@ -8,10 +8,13 @@ import os
 import numpy as np
 import pytest
 import torch
+from _reference import app_first_step_reference
 from test_pile_tokenize import read_split, run_cli, write_shard
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
+from ghost_results.results_io import load_run
 from GradDotProd_LM import export, train
+from GradDotProd_LM.model import build_model
 from pile_tools.reader import PileReader
 
 WEB = [
@@ -104,15 +107,25 @@ def test_a_vocabulary_over_65536_ids_is_stored_as_uint32(big_vocab_data):
 def test_the_app_trains_on_another_vocabulary(big_vocab_data, tmp_path):
     out, _, size = big_vocab_data
     results = str(tmp_path / "results")
-    flags = ["--architecture", "GPT2-Tiny", "--batch_size", "2", "--seq_len", "16", "--val_batch_size", "1",
-             "--max_steps", "2", "--warmup_step", "1", "--eval_interval", "2", "--eval_iter", "1", "--eval_bs", "2",
-             "--data_dir", out, "--results_dir", results, "--run_name", "big"]
+    seed, rows, seq_len = 3, 2, 16
+    flags = ["--architecture", "GPT2-Tiny", "--batch_size", str(rows), "--seq_len", str(seq_len), "--val_batch_size",
+             "1", "--max_steps", "2", "--warmup_step", "1", "--eval_interval", "2", "--eval_iter", "1", "--eval_bs",
+             "2", "--dot_prod_save_interval", "1", "--seed", str(seed), "--data_dir", out, "--results_dir", results,
+             "--run_name", "big"]
     assert train.main(flags) == 0
     with open(os.path.join(results, "big", "config.json")) as f:
         config = json.load(f)
     assert config["data_tokenizer"]["vocab_size"] == size
     state = torch.load(os.path.join(results, "big", "checkpoints", "latest.pt"), weights_only=True)
     assert state["model"]["transformer.wte.weight"].shape[0] == 70_016  # 70000 padded to a multiple of 64
+    # step 1 on ids beyond uint16: the recorded dot products equal float64 autograd on the initial weights
+    torch.manual_seed(seed)
+    model = build_model("GPT2-Tiny", vocab_size=size).double()
+    expected, _, val_loss = app_first_step_reference(model, out, seed, rows, seq_len, 1)
+    cols = load_run(os.path.join(results, "big"), strict=True).columns
+    first = cols["step"] == 1
+    np.testing.assert_allclose(cols["dot_products"][first], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    np.testing.assert_allclose(cols["val_loss"][first], val_loss, rtol=1e-5)
     with pytest.raises(SystemExit) as exit_info:  # export writes GPT-2's tokenizer files only
         export.main([os.path.join(results, "big"), "--out", str(tmp_path / "hf")])
     assert exit_info.value.code == 2

@@ -34,6 +34,18 @@ def flags(data_dir, results_dir, run_name, *extra):
             *extra]
 
 
+def check_first_step(data_dir, run_dir, architecture, model_config=None):
+    """Step 1's dot products and validation loss against float64 autograd on the rebuilt initial weights."""
+    torch.manual_seed(SEED)
+    model = build_model(architecture, model_config=model_config).double()
+    expected, _, val_loss = app_first_step_reference(model, data_dir, SEED, B, T, BV)
+    cols = load_run(run_dir, strict=True).columns
+    first = cols["step"] == 1
+    np.testing.assert_allclose(cols["dot_products"][first], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    np.testing.assert_allclose(cols["val_loss"][first], val_loss, rtol=1e-5)
+    return cols
+
+
 def test_sizes_are_what_their_names_say():
     for name in MODEL_ARCHITECTURES:
         with torch.device("meta"):
@@ -59,14 +71,8 @@ def test_first_step_is_exact_and_resume_continues(model_flags, data_dir, tmp_pat
         path.write_text(json.dumps(LLAMA_JSON))
         model_flags = ("--model_config", str(path))
     assert train.main(flags(data_dir, results, "full", *model_flags)) == 0
-    torch.manual_seed(SEED)
-    model = (build_model(model_flags[1]) if model_flags[0] == "--architecture"
-             else build_model(None, model_config=LLAMA_JSON)).double()
-    expected, train_losses, val_loss = app_first_step_reference(model, data_dir, SEED, B, T, BV)
-    cols = load_run(os.path.join(results, "full"), strict=True).columns
-    first = cols["step"] == 1
-    np.testing.assert_allclose(cols["dot_products"][first], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
-    np.testing.assert_allclose(cols["val_loss"][first], val_loss, rtol=1e-5)
+    cols = check_first_step(data_dir, os.path.join(results, "full"), model_flags[1] if model_flags[0] == "--architecture"
+                            else None, LLAMA_JSON if model_flags[0] == "--model_config" else None)
 
     # 2 steps, checkpoint at 2, then --resume to 3: the same numbers as the uninterrupted run
     assert train.main(flags(data_dir, results, "split", *model_flags, "--max_steps", "2")) == 0
@@ -75,14 +81,55 @@ def test_first_step_is_exact_and_resume_continues(model_flags, data_dir, tmp_pat
     assert split.missing_steps == [] and split.duplicate_steps == []
     np.testing.assert_allclose(split.columns["dot_products"], cols["dot_products"], rtol=1e-5,
                                atol=1e-6 * np.abs(cols["dot_products"]).max())
-    assert train.main(flags(data_dir, results, "split", "--resume", "--eval_only")) == 0
     with open(os.path.join(results, "split", "config.json")) as f:
         saved = json.load(f)
     assert saved["model_config"] == (LLAMA_JSON if model_flags[0] == "--model_config" else None)
-    out = str(tmp_path / "report")
-    assert report.main([os.path.join(results, "split"), "--out", out]) == 0
-    with open(os.path.join(out, "report.md")) as f:
+    check_eval_only_and_report(data_dir, os.path.join(results, "split"), str(tmp_path / "report"))
+
+
+def check_eval_only_and_report(data_dir, run_dir, report_dir):
+    """A finished 3-step run (evaluated at step 3): --resume --eval_only rebuilds the model from the saved
+    run and reproduces that evaluation; the report reads the run as complete."""
+    results, run_name = os.path.split(run_dir)
+    assert train.main(flags(data_dir, results, run_name, "--resume", "--eval_only")) == 0
+    with open(os.path.join(run_dir, "eval_only_step_000003.json")) as f:
+        evaluated = json.load(f)["eval"]
+    with open(os.path.join(run_dir, "training_log.json")) as f:
+        logged = json.load(f)["evals"][-1]
+    for split in ("train", "validation", "test"):
+        assert evaluated[split]["loss"] == pytest.approx(logged[split]["loss"], rel=1e-5), split
+    assert report.main([run_dir, "--out", report_dir]) == 0
+    with open(os.path.join(report_dir, "report.md")) as f:
         assert "Complete: steps 1..3" in f.read()
+
+
+# one tiny config.json per family the engine has rules for (docs/MODELS.md); no vocab_size: GPT-2's, padded
+DECODER_JSON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=64)
+FAMILY_JSONS = {
+    "mistral": dict(DECODER_JSON, model_type="mistral", head_dim=8, tie_word_embeddings=False),
+    "qwen2": dict(DECODER_JSON, model_type="qwen2", tie_word_embeddings=True),
+    "qwen3": dict(DECODER_JSON, model_type="qwen3", head_dim=8, tie_word_embeddings=False),
+    "phi3": dict(DECODER_JSON, model_type="phi3", tie_word_embeddings=False),
+    "olmo2": dict(DECODER_JSON, model_type="olmo2", tie_word_embeddings=False),
+    "gemma": dict(DECODER_JSON, model_type="gemma", head_dim=8),  # tied, its default
+    "gemma2": dict(DECODER_JSON, model_type="gemma2", head_dim=8),  # no SDPA in transformers: eager attention
+    "gemma3_text": dict(DECODER_JSON, model_type="gemma3_text", head_dim=8),
+    "gpt_neox": dict(DECODER_JSON, model_type="gpt_neox"),  # untied, its default
+    # dropout 0.1 by default in OPT's and GPT-2's configs: the app sets it to 0
+    "opt": dict(model_type="opt", hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                word_embed_proj_dim=32, max_position_embeddings=64),
+    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=64, tie_word_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_JSONS))
+def test_model_config_of_each_family_trains_exactly(family, data_dir, tmp_path):
+    path = tmp_path / f"{family}.json"
+    path.write_text(json.dumps(FAMILY_JSONS[family]))
+    results = str(tmp_path / "results")
+    assert train.main(flags(data_dir, results, family, "--model_config", str(path), "--max_steps", "1")) == 0
+    check_first_step(data_dir, os.path.join(results, family), None, FAMILY_JSONS[family])
 
 
 def test_bad_model_configs_are_usage_errors(data_dir, tmp_path, capsys):

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
+from _leave import leave_together
 from _models import lm_batch, tiny_gpt2, tiny_llama
 from _reference import reference_dot_products, reference_train_grad
 from ghost_engine import GradDotProdEngine
@@ -68,8 +69,7 @@ def main(model_name, reshard, micro_batches, out_path, mesh_kind="fsdp"):
                   "placements": sorted({str(p.placements) for p in model.parameters()})}
         with open(out_path, "w") as f:
             json.dump(report, f)
-    dist.barrier()  # leave together: a rank that tears gloo down while the other still works aborts
-    dist.destroy_process_group()
+    leave_together()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import torch
 from transformers import TrainingArguments
 
 from _integrations import GradCapture, model_and_rows, train_items
+from _leave import leave_together
 from ghost_engine.integrations.hf import GradDotProdTrainer
 
 
@@ -31,9 +32,7 @@ def main(out_dir):
         torch.save(capture.grads, os.path.join(out_dir, "grads.pt"))
         with open(os.path.join(out_dir, "log_history.json"), "w") as f:
             json.dump(trainer.state.log_history, f)
-    if torch.distributed.is_initialized():  # both ranks leave together (see _lightning_ddp_worker.py)
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_together()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from _integrations import model_and_rows, train_items
+from _leave import leave_together
 from ghost_engine.integrations import IndexedDataset
 from ghost_engine.integrations.lightning import GradDotProdCallback
 from test_integrations_lightning import LitLM
@@ -31,10 +32,7 @@ def main(out_dir, plain):
     assert trainer.world_size == 2
     if trainer.global_rank == 0:
         torch.save(module.first_grads, os.path.join(out_dir, "grads_plain.pt" if plain else "grads.pt"))
-    # Lightning leaves the process group up; a rank that exits while the other still writes aborts in gloo's
-    # threads ("terminate called without an active exception"), so both leave together.
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    leave_together()  # Lightning leaves the process group up
 
 
 if __name__ == "__main__":

@@ -368,6 +368,16 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
             experiment_log.sync()
         save_checkpoint(run_dir, model, optimizer, step, cfg) if master else None
 
+    def eval_due(step):
+        return step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]
+
+    def evaluate(step):
+        result = evaluator.evaluate(model, device, autocast)
+        if master:
+            log["evals"].append({"step": step, **result})
+            experiment_log.eval(step, result)
+            print(format_eval(step, result), flush=True)
+
     # ---------------------------------------------------------------- training loop
     if master:
         print(f"{cfg['method']} | {model_name(cfg)} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
@@ -378,6 +388,16 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
     done = start_step  # last step whose update and dot products are complete
     finished = False
     try:
+        # an evaluation due at the checkpoint's step that an exception interrupted (the failure handler wrote
+        # the checkpoint after it): the checkpoint holds the model it evaluates, so evaluate it now
+        missing_eval = torch.tensor([float(master and start_step > 0 and eval_due(start_step)
+                                           and all(e["step"] != start_step for e in log["evals"]))], device=device)
+        if world_size > 1:
+            dist.all_reduce(missing_eval)
+        if missing_eval.item():
+            evaluate(start_step)
+            if master:
+                write_json(os.path.join(run_dir, "training_log.json"), log)
         while step < cfg["max_steps"]:
             step += 1
             lr = lr_at(step, cfg)
@@ -453,12 +473,8 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
                 experiment_log.step(record, by_domain if graddotprod else None)  # before the progress line
                 report_progress(step, cfg["max_steps"], record, started, start_step + 1)
 
-            if step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]:
-                result = evaluator.evaluate(model, device, autocast)
-                if master:
-                    log["evals"].append({"step": step, **result})
-                    experiment_log.eval(step, result)
-                    print(format_eval(step, result), flush=True)
+            if eval_due(step):
+                evaluate(step)
 
             # every rank must agree to stop at the same step, or the next collective would hang
             stop_now = torch.tensor([1.0 if stop.signal_name else 0.0], device=device)

@@ -352,8 +352,10 @@ def _check_values(cfg, parser, world_size):
     if os.path.exists(results) and not os.path.isdir(results):
         parser.error(f"--results_dir {results}: exists and is not a directory")
     existing = results
-    while not os.path.exists(existing):  # the nearest existing ancestor must be writable
+    while not os.path.exists(existing):  # the nearest existing ancestor must be a writable directory
         existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        parser.error(f"--results_dir {results}: {existing} is a file, not a directory")
     if not eval_only_without_writes(cfg) and not os.access(existing, os.W_OK | os.X_OK):
         parser.error(f"--results_dir {results}: {existing} is not writable")
 

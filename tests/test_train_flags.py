@@ -160,6 +160,15 @@ def test_an_unusable_results_dir_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_request:
         parse_config(["--data_dir", str(data), "--results_dir", str(a_file)])
     assert exit_request.value.code == 2 and "exists and is not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_request:  # a directory that cannot be created, whoever runs this
+        parse_config(["--data_dir", str(data), "--results_dir", str(a_file / "results")])
+    assert exit_request.value.code == 2
+    assert f"--results_dir {a_file / 'results'}: {a_file} is a file, not a directory" in capsys.readouterr().err
+
+
+def test_a_read_only_results_dir_is_a_usage_error(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
     read_only = tmp_path / "ro"
     read_only.mkdir()
     read_only.chmod(0o555)

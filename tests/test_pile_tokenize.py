@@ -144,6 +144,57 @@ def test_killed_run_recovers_to_clean_output(tmp_path):
     assert read_split(out)[1]["domains"] == read_split(str(tmp_path / "clean"))[1]["domains"]
 
 
+PAUSE_INSIDE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pause_inside.py")
+
+
+@pytest.mark.parametrize("written, occurrences", [
+    (r"train/ingest\.json$", (2, 2)),  # the first checkpoint after data: the previous one knows no domain yet
+    (r"train/ingest\.json$", (3, 4)),  # a later mid-stream checkpoint
+    (r"train/(?!ingest)[^/]+\.json$", (1, 3)),  # a domain manifest, written at the end
+], ids=["first-checkpoint", "checkpoint", "domain-manifest"])
+def test_kill_9_inside_a_manifest_write_then_a_rerun_equals_a_clean_run(tmp_path, written, occurrences):
+    """kill -9 while tokenize is inside a durable write (half of the file in its temporary file): a checkpoint
+    of ingest.json, or a domain manifest at the end (which of them is drawn at random). The previous ingest.json
+    stays whole, the split is refused until finished, and the same command again removes the temporary file
+    and ends with the output of a run never killed."""
+    import random
+    import signal
+    import time
+
+    from pile_tools.reader import PileReader
+
+    shard = write_shard(tmp_path / "00.jsonl.zst", [json.dumps(r) for r in _records(DOCS * 100)])
+    tokenize_sources([ShardSource(shard)], str(tmp_path / "clean"), progress=False)
+    out, marker = str(tmp_path / "out"), str(tmp_path / "paused")
+    args = ["tokenize", "--input", shard, "--output", out, "--workers", "1", "--no_progress", "--checkpoint_docs", "40"]
+    n = random.Random(written).randint(*occurrences)
+    job = subprocess.Popen([sys.executable, PAUSE_INSIDE, marker, f"write:{written}", str(n), "pile_tools", *args],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not os.path.exists(marker) and job.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    job.kill()
+    output = job.communicate(timeout=60)[0]
+    assert os.path.exists(marker) and job.returncode == -signal.SIGKILL, output
+    split_dir = os.path.join(out, "train")
+    temporary = [f for f in os.listdir(split_dir) if ".tmp-" in f]
+    assert len(temporary) == 1 and os.path.getsize(os.path.join(split_dir, temporary[0])) > 0
+    with open(os.path.join(split_dir, "ingest.json")) as f:
+        assert json.load(f)["status"] == "in_progress"  # the previous checkpoint, whole
+    with pytest.raises(ValueError, match="did not finish"):
+        PileReader(out)
+
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert [f for f in os.listdir(split_dir) if ".tmp-" in f] == []
+    assert split_bytes(out) == split_bytes(str(tmp_path / "clean"))
+    manifests = {f: open(os.path.join(split_dir, f)).read() for f in os.listdir(split_dir)
+                 if f.endswith(".json") and f != "ingest.json"}
+    clean_dir = os.path.join(tmp_path, "clean", "train")
+    assert manifests == {f: open(os.path.join(clean_dir, f)).read() for f in manifests} and len(manifests) == 3
+    assert read_split(out)[1]["domains"] == read_split(str(tmp_path / "clean"))[1]["domains"]
+
+
 def test_worker_pool_gives_identical_output(tmp_path):
     shard = write_shard(tmp_path / "00.jsonl.zst", [json.dumps(r) for r in _records(DOCS * 80)])
     tokenize_sources([ShardSource(shard)], str(tmp_path / "one"), workers=1, progress=False)

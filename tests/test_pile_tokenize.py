@@ -296,8 +296,13 @@ def test_an_input_with_no_valid_record_is_an_error(tmp_path):
 
 
 def test_concurrent_jobs_into_one_output_take_turns(tmp_path):
-    """Two tokenize jobs into the same split at once (whichever is second waits for the lock): every input's
-    documents stay whole and in order, and the split equals ingesting the inputs one after the other."""
+    """Two tokenize jobs into the same split at once: both are started while the split's lock is held, so both
+    wait (and say so); once it is free they take turns. Every input's documents stay whole and in order, and
+    the split equals ingesting the inputs one after the other."""
+    import time
+
+    from ghost_engine.durable import FileLock
+
     shards = []
     for k in range(2):
         records = _records([(d, f"{t} job{k} #{i}") for i, (d, t) in enumerate(DOCS * 60)])
@@ -305,8 +310,20 @@ def test_concurrent_jobs_into_one_output_take_turns(tmp_path):
     out = str(tmp_path / "out")
     cmd = [sys.executable, "-m", "pile_tools", "tokenize", "--output", out, "--workers", "1", "--no_progress",
            "--checkpoint_docs", "10", "--input"]
-    jobs = [subprocess.Popen(cmd + [shard], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for shard in shards]
+    held = FileLock(os.path.join(out, ".train.lock"))
+    assert held.acquire()
+    errors = [tmp_path / f"err{k}.txt" for k in range(2)]
+    try:
+        jobs = []
+        for shard, err in zip(shards, errors):
+            with open(err, "w") as stderr:
+                jobs.append(subprocess.Popen(cmd + [shard], stdout=subprocess.PIPE, stderr=stderr, text=True))
+        deadline = time.time() + 60
+        while not all("waiting for another tokenize job" in e.read_text() for e in errors):
+            assert time.time() < deadline and all(job.poll() is None for job in jobs), [e.read_text() for e in errors]
+            time.sleep(0.05)
+    finally:
+        held.release()
     results = [job.communicate(timeout=300) for job in jobs]
     assert [job.returncode for job in jobs] == [0, 0], results
     got, state = read_split(out)

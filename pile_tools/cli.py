@@ -6,6 +6,7 @@ import glob
 import os
 import sys
 
+from ghost_engine.durable import NO_SPACE
 from ghost_engine.flags import FlagParser
 from pile_tools.layout import SPLITS
 
@@ -107,6 +108,13 @@ def _run_tokenize(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         print(f"interrupted: {args.output}/{args.split} keeps what its last checkpoint holds; run the same "
               "command again to continue", file=sys.stderr, flush=True)
         return 130
+    except OSError as err:
+        if err.errno not in NO_SPACE:
+            raise
+        print(f"error: no space left to write {args.output}/{args.split} ({err}); it keeps what its last "
+              "checkpoint holds: free space on that file system and run the same command again to continue",
+              file=sys.stderr, flush=True)
+        return 1
     print(summary.report())
     if summary.documents == 0 and summary.skipped_count:
         print(f"error: no document was written: all {summary.skipped_count:,} records read were bad (see above); "

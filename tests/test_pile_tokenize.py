@@ -195,6 +195,33 @@ def test_kill_9_inside_a_manifest_write_then_a_rerun_equals_a_clean_run(tmp_path
     assert read_split(out)[1]["domains"] == read_split(str(tmp_path / "clean"))[1]["domains"]
 
 
+def _limit_file_size():
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, like ENOSPC
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+
+def test_a_full_disk_stops_with_a_message_and_a_rerun_completes(tmp_path):
+    """Files may not grow past 20 kB (a full disk): the job stops with exit 1 and a message naming the output,
+    no traceback; the split keeps its last checkpoint, and the same command with space completes it to the
+    output of a run that never ran out."""
+    shard = write_shard(tmp_path / "00.jsonl.zst", [json.dumps(r) for r in _records(DOCS * 100)])
+    tokenize_sources([ShardSource(shard)], str(tmp_path / "clean"), progress=False)
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, "-m", "pile_tools", "tokenize", "--input", shard, "--output", out, "--workers", "1",
+           "--no_progress", "--checkpoint_docs", "40"]
+    full = subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=_limit_file_size)
+    assert full.returncode == 1, full.stderr
+    assert f"error: no space left to write {out}/train" in full.stderr and "Traceback" not in full.stderr
+    with open(os.path.join(out, "train", "ingest.json")) as f:
+        assert json.load(f)["status"] == "in_progress"
+    again = run_cli(*cmd[3:])
+    assert again.returncode == 0, again.stderr
+    assert split_bytes(out) == split_bytes(str(tmp_path / "clean"))
+
+
 def test_worker_pool_gives_identical_output(tmp_path):
     shard = write_shard(tmp_path / "00.jsonl.zst", [json.dumps(r) for r in _records(DOCS * 80)])
     tokenize_sources([ShardSource(shard)], str(tmp_path / "one"), workers=1, progress=False)

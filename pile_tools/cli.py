@@ -116,12 +116,18 @@ def _run_tokenize(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
               file=sys.stderr, flush=True)
         return 1
     print(summary.report())
-    if summary.documents == 0 and summary.skipped_count:
+    if summary.documents == 0 and summary.skipped_count and not summary.filtered:
         print(f"error: no document was written: all {summary.skipped_count:,} records read were bad (see above); "
               f"the records do not hold --text_field {args.text_field!r} and --domain_field {args.domain_field!r} "
               "(the Pile's format: {\"text\": ..., \"meta\": {\"pile_set_name\": ...}}; other corpora: set these "
               "flags, or --default_domain)",
               file=sys.stderr)
+        return 1
+    if summary.documents == 0 and summary.filtered:
+        bad = f" and {summary.skipped_count:,} were bad (see above)" if summary.skipped_count else ""
+        print(f"error: no document was written: {summary.filtered:,} records read are of other domains than "
+              f"--domains {' '.join(map(repr, args.domains))}{bad}; domain names match exactly, in the data's "
+              "spelling (the Pile's: Github, 'DM Mathematics', 'Wikipedia (en)', ...)", file=sys.stderr)
         return 1
     return 1 if summary.corrupt_input is not None else 0
 

@@ -314,12 +314,18 @@ def test_split_is_inferred_from_pile_names_or_required(tmp_path):
 
 
 def test_an_input_with_no_valid_record_is_an_error(tmp_path):
-    """Records without meta.pile_set_name (or with a string meta) are all skipped: exit 1, not 'wrote 0'."""
+    """Records without meta.pile_set_name (or with a string meta) are all skipped, or --domains matches none
+    of them: exit 1, not 'wrote 0'."""
     lines = [json.dumps({"text": t, "meta": "Github"}) for _, t in DOCS] + [json.dumps({"text": "x"})]
     shard = write_shard(tmp_path / "00.jsonl.zst", lines)
     result = run_cli("tokenize", "--input", shard, "--output", str(tmp_path / "out"), "--workers", "1", "--no_progress")
     assert result.returncode == 1
     assert f"all {len(lines)} records read were bad" in result.stderr
+    good = write_shard(tmp_path / "01.jsonl.zst", [json.dumps(r) for r in _records(DOCS)])
+    result = run_cli("tokenize", "--input", good, "--output", str(tmp_path / "out2"), "--workers", "1",
+                     "--no_progress", "--domains", "github")  # not the Pile's spelling: no record matches
+    assert result.returncode == 1
+    assert f"{len(DOCS)} records read are of other domains than --domains 'github'" in result.stderr
 
 
 def test_concurrent_jobs_into_one_output_take_turns(tmp_path):

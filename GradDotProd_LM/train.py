@@ -30,8 +30,8 @@ from GradDotProd_LM.checkpoint import checkpoint_path, load_checkpoint, save_che
 from GradDotProd_LM.evaluate import Evaluator, format_eval
 from GradDotProd_LM.experiment_log import ExperimentLog, SinkError, domain_sums
 from GradDotProd_LM.model import build_model
-from GradDotProd_LM.run_files import (RunBusyError, RunLock, data_identity, describe_data_change, read_json,
-                                      read_training_log, read_valset_tokens, write_json, write_valset)
+from GradDotProd_LM.run_files import (DamagedRunFile, RunBusyError, RunLock, data_identity, describe_data_change,
+                                      read_json, read_training_log, read_valset_tokens, write_json, write_valset)
 from GradDotProd_LM.settings import load_settings
 from pile_tools import ensure_sample_dataset
 from pile_tools.reader import PileReader
@@ -272,7 +272,12 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
     saved_config = read_json(os.path.join(run_dir, "config.json")) if cfg["resume"] and not cfg["eval_only"] else {}
     data_change = describe_data_change(saved_config["data_identity"], identity) if "data_identity" in saved_config \
         else ""
-    saved_val = read_valset_tokens(run_dir) if saved_config and val_batch is not None else None
+    try:
+        saved_val = read_valset_tokens(run_dir) if saved_config and val_batch is not None else None
+    except DamagedRunFile as err:
+        if master:
+            print(f"train.sh: error: --resume: {err}", file=sys.stderr, flush=True)
+        return 2
     val_changed = saved_val is not None and not np.array_equal(saved_val, val_batch.tokens)
     if (data_change or val_changed) and not cfg["accept_data_change"]:
         if master:
@@ -331,19 +336,23 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
     if rank0_error_stops_all(checkpoint_space_shortfall(run_dir, model, optimizer) if master else None,
                              world_size, device):
         return 2
-    experiment_log = sink_error = None  # rank 0 writes training_log.jsonl and the --report_to sinks
+    experiment_log = start_error = None  # rank 0 writes training_log.jsonl and the --report_to sinks
     if master:
+        try:
+            log = read_training_log(run_dir, start_step)  # before anything is moved
+        except DamagedRunFile as err:
+            start_error = f"--resume: {err}"
+    if master and start_error is None:
         os.makedirs(run_dir, exist_ok=True)
         moved, destination = set_aside_after(run_dir, start_step)  # files and log lines of steps to redo
         if cfg["resume"]:
             print(f"Resuming {run_dir} from step {start_step}" + ("" if start_step else " (no checkpoint yet)")
                   + (f"; moved {len(moved)} file(s) of later steps to {destination}" if moved else ""), flush=True)
-        log = read_training_log(run_dir, start_step)
         try:
             experiment_log = ExperimentLog(run_dir, cfg["report_to"], cfg, start_step, log)
         except SinkError as err:
-            sink_error = err
-    if rank0_error_stops_all(sink_error, world_size, device):
+            start_error = err
+    if rank0_error_stops_all(start_error, world_size, device):
         return 2
     results_formats = ("pickle", "parquet") if cfg["results_format"] == "both" else (cfg["results_format"],)
     if master:

@@ -255,6 +255,7 @@ def test_resume_without_a_checkpoint_refuses_and_deletes_nothing(baseline, data_
     assert train.main(tiny_flags(data_dir, results_dir, "no-checkpoint", "--resume", "--max_steps", "2")) == 2
     err = capsys.readouterr().err
     assert "has no checkpoint" in err and "3 dot-product file(s) up to step 6" in err
+    assert "start a new --run_name (or move the directory away to start this name afresh)" in err
     assert sorted(os.listdir(os.path.join(run_dir, "grad_dotprods"))) == before
 
 
@@ -343,6 +344,39 @@ def test_corrupt_inputs_stop_with_the_file_named(baseline, data_dir, results_dir
     err = capsys.readouterr().err
     assert "split 'train': token ids up to {'Github': 65000}" in err and "re-tokenize" in err
     assert not os.path.exists(os.path.join(results_dir, "foreign-vocab"))
+
+
+@pytest.mark.parametrize("damaged", ["config.json", "valset.pkl", "training_log.json"])
+def test_a_damaged_run_file_stops_resume_with_the_file_named(baseline, data_dir, results_dir, capsys, damaged):
+    """config.json, valset.pkl or training_log.json replaced by random bytes: --resume exits 2 naming the file
+    and what to do, and changes nothing in the run directory."""
+    import shutil
+
+    run_name = f"damaged-{damaged}"
+    run_dir = os.path.join(results_dir, run_name)
+    shutil.copytree(baseline, run_dir)
+    with open(os.path.join(run_dir, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(dict(config, run_name=run_name), f)
+    with open(os.path.join(run_dir, damaged), "wb") as f:
+        f.write(np.random.default_rng(0).bytes(300))
+    before = run_files(run_dir)
+    assert train.main(tiny_flags(data_dir, results_dir, run_name, "--resume", "--max_steps", "8")) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read {os.path.join(run_dir, damaged)}" in err and "start a new --run_name" in err
+    assert run_files(run_dir) == before
+
+
+def run_files(run_dir):
+    """{path: bytes} of every file of a run but its lock."""
+    files = {}
+    for root, _, names in os.walk(run_dir):
+        for name in names:
+            if name != "run.lock":
+                with open(os.path.join(root, name), "rb") as f:
+                    files[os.path.join(root, name)] = f.read()
+    return files
 
 
 def test_too_little_space_for_a_checkpoint_is_a_start_up_error(data_dir, results_dir, monkeypatch, capsys):

@@ -1,6 +1,7 @@
-"""Faults injected into real training processes (docs/RELIABILITY.md): kill -9 at random points, two launches
-of one run at once, a file-size limit (a full disk) during the checkpoint write. Each checks that nothing
-written before the fault is lost and that resumed runs equal an uninterrupted one."""
+"""Faults injected into real training processes (docs/RELIABILITY.md): kill -9 inside a dot-product pickle write,
+a checkpoint write and an evaluation, two launches of one run at once, a file-size limit (a full disk) during
+the checkpoint write. Each checks that nothing written before the fault is lost and that resumed runs equal
+an uninterrupted one. Faults of tokenize are in test_pile_tokenize.py, of run files in test_train_runs.py."""
 import json
 import os
 import random

@@ -438,9 +438,11 @@ def test_killed_job_leaves_no_worker_processes(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
-def test_ctrl_c_stops_cleanly_and_a_rerun_completes(tmp_path):
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_stops_cleanly_and_a_rerun_completes(tmp_path, signame):
     """SIGINT to the job's process group (Ctrl-C) while 2 workers run: exit 130 with a message and no
-    worker tracebacks, no process left; the same command then completes with the clean output."""
+    worker tracebacks, no process left; the same command then completes with the clean output. SIGTERM
+    ends the job at once, as kill -9 would: no process left, and the re-run completes it the same way."""
     import signal
     import time
 
@@ -458,10 +460,16 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_completes(tmp_path):
     time.sleep(0.3)
     if job.poll() is not None:
         pytest.skip("the job finished before it could be interrupted on this machine")
-    os.killpg(job.pid, signal.SIGINT)
+    os.killpg(job.pid, getattr(signal, signame))
     _, err = job.communicate(timeout=60)
-    assert job.returncode == 130, err
-    assert "interrupted" in err and "Traceback" not in err and "un-acquired lock" not in err
+    if signame == "SIGINT":
+        assert job.returncode == 130, err
+        assert "interrupted" in err and "Traceback" not in err and "un-acquired lock" not in err
+    else:
+        assert job.returncode == -signal.SIGTERM, err
+    deadline = time.time() + 5
+    while _processes_mentioning(out) and time.time() < deadline:
+        time.sleep(0.1)
     assert _processes_mentioning(out) == []
     again = run_cli("tokenize", "--input", shard, "--output", out, "--workers", "2", "--no_progress")
     assert again.returncode == 0, again.stderr

@@ -258,8 +258,15 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
         train_reader = PileReader(cfg["data_dir"], split="train", domains=cfg["train_domains"], seed=cfg["seed"])
         val_reader = PileReader(cfg["data_dir"], split="validation",
                                 domains=None if cfg["val_domain"] is None else [cfg["val_domain"]], seed=cfg["seed"])
-        val_batch = val_reader.fixed_batch(cfg["val_batch_size"], T) if cfg["val_batch_size"] else None
-        train_reader.get_batch(1, B, T, rank=rank, world_size=world_size)  # every domain holds a window
+        try:
+            val_batch = val_reader.fixed_batch(cfg["val_batch_size"], T) if cfg["val_batch_size"] else None
+        except ValueError as err:
+            raise ValueError(f"split 'validation' (--val_batch_size {cfg['val_batch_size']}, --seq_len {T}): "
+                             f"{err}") from None
+        try:
+            train_reader.get_batch(1, B, T, rank=rank, world_size=world_size)  # every domain holds a window
+        except ValueError as err:
+            raise ValueError(f"split 'train': {err}") from None
         evaluator = Evaluator(cfg["data_dir"], T, cfg["eval_iter"], cfg["eval_bs"], cfg["seed"], rank, world_size)
         vocab = data_vocabulary(train_reader, (val_reader, *evaluator.readers.values()), cfg["model_config"])
         cfg["data_tokenizer"] = train_reader.tokenizer  # saved with the run and its checkpoints (export reads it)

@@ -262,8 +262,14 @@ def parse_config(argv, world_size=1):
     if cfg["resume"]:
         if not os.path.exists(saved_path):
             parser.error(f"--resume: no run at {run_dir_of(cfg)} (no config.json); check --run_name / --results_dir")
-        with open(saved_path) as f:
-            saved = json.load(f)
+        try:
+            with open(saved_path) as f:
+                saved = json.load(f)
+            if not isinstance(saved, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:
+            parser.error(f"--resume: cannot read {saved_path} ({type(err).__name__}: {err}); restore it from a "
+                         "backup, or keep this run's results and start a new --run_name")
         if given.get("data_dir") is not None:
             given["data_dir"] = os.path.abspath(given["data_dir"])
         saved = {k: saved.get(k, LEGACY_DEFAULTS.get(k, DEFAULTS.get(k))) for k in set(saved) | set(DEFAULTS)}
@@ -352,8 +358,10 @@ def _check_values(cfg, parser, world_size):
     if os.path.exists(results) and not os.path.isdir(results):
         parser.error(f"--results_dir {results}: exists and is not a directory")
     existing = results
-    while not os.path.exists(existing):  # the nearest existing ancestor must be writable
+    while not os.path.exists(existing):  # the nearest existing ancestor must be a writable directory
         existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        parser.error(f"--results_dir {results}: {existing} is a file, not a directory")
     if not eval_only_without_writes(cfg) and not os.access(existing, os.W_OK | os.X_OK):
         parser.error(f"--results_dir {results}: {existing} is not writable")
 

@@ -77,12 +77,25 @@ def describe_data_change(saved, now):
     return "; ".join(parts)
 
 
+class DamagedRunFile(ValueError):
+    """A file of the run directory cannot be read; the message names it and what to do."""
+
+    def __init__(self, path, err):
+        super().__init__(f"cannot read {path} ({type(err).__name__}: {err}); restore it from a backup, or keep "
+                         "this run's results and start a new --run_name")
+
+
 def read_valset_tokens(run_dir):
     """The validation rows saved with the run (None if it has no valset.pkl)."""
     from ghost_results.results_io import safe_load_pickle
 
     path = os.path.join(run_dir, "valset.pkl")
-    return safe_load_pickle(path)["tokens"] if os.path.exists(path) else None
+    if not os.path.exists(path):
+        return None
+    try:
+        return np.asarray(safe_load_pickle(path)["tokens"], dtype=np.int64)
+    except Exception as err:  # truncated, hostile or not a valset: the unpickler raises several types
+        raise DamagedRunFile(path, err) from err
 
 
 class RunBusyError(RuntimeError):
@@ -111,5 +124,8 @@ def read_training_log(run_dir, up_to_step):
     path = os.path.join(run_dir, "training_log.json")
     if not os.path.exists(path):
         return {"steps": [], "evals": []}
-    log = read_json(path)
-    return {kind: [r for r in log.get(kind, []) if r["step"] <= up_to_step] for kind in ("steps", "evals")}
+    try:
+        log = read_json(path)
+        return {kind: [r for r in log.get(kind, []) if r["step"] <= up_to_step] for kind in ("steps", "evals")}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise DamagedRunFile(path, err) from err

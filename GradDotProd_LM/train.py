@@ -30,8 +30,8 @@ from GradDotProd_LM.checkpoint import checkpoint_path, load_checkpoint, save_che
 from GradDotProd_LM.evaluate import Evaluator, format_eval
 from GradDotProd_LM.experiment_log import ExperimentLog, SinkError, domain_sums
 from GradDotProd_LM.model import build_model
-from GradDotProd_LM.run_files import (RunBusyError, RunLock, data_identity, describe_data_change, read_json,
-                                      read_training_log, read_valset_tokens, write_json, write_valset)
+from GradDotProd_LM.run_files import (DamagedRunFile, RunBusyError, RunLock, data_identity, describe_data_change,
+                                      read_json, read_training_log, read_valset_tokens, write_json, write_valset)
 from GradDotProd_LM.settings import load_settings
 from pile_tools import ensure_sample_dataset
 from pile_tools.reader import PileReader
@@ -258,8 +258,15 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
         train_reader = PileReader(cfg["data_dir"], split="train", domains=cfg["train_domains"], seed=cfg["seed"])
         val_reader = PileReader(cfg["data_dir"], split="validation",
                                 domains=None if cfg["val_domain"] is None else [cfg["val_domain"]], seed=cfg["seed"])
-        val_batch = val_reader.fixed_batch(cfg["val_batch_size"], T) if cfg["val_batch_size"] else None
-        train_reader.get_batch(1, B, T, rank=rank, world_size=world_size)  # every domain holds a window
+        try:
+            val_batch = val_reader.fixed_batch(cfg["val_batch_size"], T) if cfg["val_batch_size"] else None
+        except ValueError as err:
+            raise ValueError(f"split 'validation' (--val_batch_size {cfg['val_batch_size']}, --seq_len {T}): "
+                             f"{err}") from None
+        try:
+            train_reader.get_batch(1, B, T, rank=rank, world_size=world_size)  # every domain holds a window
+        except ValueError as err:
+            raise ValueError(f"split 'train': {err}") from None
         evaluator = Evaluator(cfg["data_dir"], T, cfg["eval_iter"], cfg["eval_bs"], cfg["seed"], rank, world_size)
         vocab = data_vocabulary(train_reader, (val_reader, *evaluator.readers.values()), cfg["model_config"])
         cfg["data_tokenizer"] = train_reader.tokenizer  # saved with the run and its checkpoints (export reads it)
@@ -272,7 +279,12 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
     saved_config = read_json(os.path.join(run_dir, "config.json")) if cfg["resume"] and not cfg["eval_only"] else {}
     data_change = describe_data_change(saved_config["data_identity"], identity) if "data_identity" in saved_config \
         else ""
-    saved_val = read_valset_tokens(run_dir) if saved_config and val_batch is not None else None
+    try:
+        saved_val = read_valset_tokens(run_dir) if saved_config and val_batch is not None else None
+    except DamagedRunFile as err:
+        if master:
+            print(f"train.sh: error: --resume: {err}", file=sys.stderr, flush=True)
+        return 2
     val_changed = saved_val is not None and not np.array_equal(saved_val, val_batch.tokens)
     if (data_change or val_changed) and not cfg["accept_data_change"]:
         if master:
@@ -331,19 +343,23 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
     if rank0_error_stops_all(checkpoint_space_shortfall(run_dir, model, optimizer) if master else None,
                              world_size, device):
         return 2
-    experiment_log = sink_error = None  # rank 0 writes training_log.jsonl and the --report_to sinks
+    experiment_log = start_error = None  # rank 0 writes training_log.jsonl and the --report_to sinks
     if master:
+        try:
+            log = read_training_log(run_dir, start_step)  # before anything is moved
+        except DamagedRunFile as err:
+            start_error = f"--resume: {err}"
+    if master and start_error is None:
         os.makedirs(run_dir, exist_ok=True)
         moved, destination = set_aside_after(run_dir, start_step)  # files and log lines of steps to redo
         if cfg["resume"]:
             print(f"Resuming {run_dir} from step {start_step}" + ("" if start_step else " (no checkpoint yet)")
                   + (f"; moved {len(moved)} file(s) of later steps to {destination}" if moved else ""), flush=True)
-        log = read_training_log(run_dir, start_step)
         try:
             experiment_log = ExperimentLog(run_dir, cfg["report_to"], cfg, start_step, log)
         except SinkError as err:
-            sink_error = err
-    if rank0_error_stops_all(sink_error, world_size, device):
+            start_error = err
+    if rank0_error_stops_all(start_error, world_size, device):
         return 2
     results_formats = file_formats(cfg["results_format"])
     if master:
@@ -368,6 +384,16 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
             experiment_log.sync()
         save_checkpoint(run_dir, model, optimizer, step, cfg) if master else None
 
+    def eval_due(step):
+        return step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]
+
+    def evaluate(step):
+        result = evaluator.evaluate(model, device, autocast)
+        if master:
+            log["evals"].append({"step": step, **result})
+            experiment_log.eval(step, result)
+            print(format_eval(step, result), flush=True)
+
     # ---------------------------------------------------------------- training loop
     if master:
         print(f"{cfg['method']} | {model_name(cfg)} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
@@ -378,6 +404,16 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
     done = start_step  # last step whose update and dot products are complete
     finished = False
     try:
+        # an evaluation due at the checkpoint's step that an exception interrupted (the failure handler wrote
+        # the checkpoint after it): the checkpoint holds the model it evaluates, so evaluate it now
+        missing_eval = torch.tensor([float(master and start_step > 0 and eval_due(start_step)
+                                           and all(e["step"] != start_step for e in log["evals"]))], device=device)
+        if world_size > 1:
+            dist.all_reduce(missing_eval)
+        if missing_eval.item():
+            evaluate(start_step)
+            if master:
+                write_json(os.path.join(run_dir, "training_log.json"), log)
         while step < cfg["max_steps"]:
             step += 1
             lr = lr_at(step, cfg)
@@ -453,12 +489,8 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
                 experiment_log.step(record, by_domain if graddotprod else None)  # before the progress line
                 report_progress(step, cfg["max_steps"], record, started, start_step + 1)
 
-            if step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]:
-                result = evaluator.evaluate(model, device, autocast)
-                if master:
-                    log["evals"].append({"step": step, **result})
-                    experiment_log.eval(step, result)
-                    print(format_eval(step, result), flush=True)
+            if eval_due(step):
+                evaluate(step)
 
             # every rank must agree to stop at the same step, or the next collective would hang
             stop_now = torch.tensor([1.0 if stop.signal_name else 0.0], device=device)

@@ -29,14 +29,14 @@ def write_atomically(path, write) -> None:
         _remove_quietly(tmp)
         # a writer may wrap the OSError in its own error (torch.save: "unexpected pos ...")
         cause = err if isinstance(err, OSError) else (f.error if f is not None else None)
-        if cause is not None and cause.errno in _NO_SPACE:
+        if cause is not None and cause.errno in NO_SPACE:
             raise OSError(cause.errno, f"no space left to write {path} ({os.strerror(cause.errno)}); free "
                                        "space on that file system and run again") from err
         raise
     fsync_directory(os.path.dirname(os.path.abspath(path)))
 
 
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file-size limit
 
 
 class _RecordingFile:

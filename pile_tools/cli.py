@@ -6,6 +6,7 @@ import glob
 import os
 import sys
 
+from ghost_engine.durable import NO_SPACE
 from ghost_engine.flags import FlagParser
 from pile_tools.layout import SPLITS
 
@@ -107,13 +108,26 @@ def _run_tokenize(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         print(f"interrupted: {args.output}/{args.split} keeps what its last checkpoint holds; run the same "
               "command again to continue", file=sys.stderr, flush=True)
         return 130
+    except OSError as err:
+        if err.errno not in NO_SPACE:
+            raise
+        print(f"error: no space left to write {args.output}/{args.split} ({err}); it keeps what its last "
+              "checkpoint holds: free space on that file system and run the same command again to continue",
+              file=sys.stderr, flush=True)
+        return 1
     print(summary.report())
-    if summary.documents == 0 and summary.skipped_count:
+    if summary.documents == 0 and summary.skipped_count and not summary.filtered:
         print(f"error: no document was written: all {summary.skipped_count:,} records read were bad (see above); "
               f"the records do not hold --text_field {args.text_field!r} and --domain_field {args.domain_field!r} "
               "(the Pile's format: {\"text\": ..., \"meta\": {\"pile_set_name\": ...}}; other corpora: set these "
               "flags, or --default_domain)",
               file=sys.stderr)
+        return 1
+    if summary.documents == 0 and summary.filtered:
+        bad = f" and {summary.skipped_count:,} were bad (see above)" if summary.skipped_count else ""
+        print(f"error: no document was written: {summary.filtered:,} records read are of other domains than "
+              f"--domains {' '.join(map(repr, args.domains))}{bad}; domain names match exactly, in the data's "
+              "spelling (the Pile's: Github, 'DM Mathematics', 'Wikipedia (en)', ...)", file=sys.stderr)
         return 1
     return 1 if summary.corrupt_input is not None else 0
 

@@ -2,12 +2,14 @@
 
 Data files are only appended to. A checkpoint flushes and fsyncs them, then atomically replaces
 `ingest.json` with the committed lengths and, per input, how many lines were consumed. After a crash
-the files are truncated back to the last checkpoint and each input resumes after its last consumed
-line, so nothing is duplicated and nothing half-written survives.
+the files are truncated back to the last checkpoint (and the temporary file of a manifest write in
+flight is removed) and each input resumes after its last consumed line, so nothing is duplicated and
+nothing half-written survives.
 """
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
@@ -15,6 +17,7 @@ from pile_tools.layout import INGEST_FILE, TOKEN_DTYPE, domain_paths, domain_slu
 
 MAX_SKIPPED_LISTED = 1000
 STATE_VERSION = 1
+TEMPORARY = re.compile(r".+\.json\.tmp-\d+")  # ghost_engine.durable.write_atomically's temporary files
 
 
 class SplitWriter:
@@ -23,6 +26,11 @@ class SplitWriter:
         self.split_dir = split_dir
         os.makedirs(split_dir, exist_ok=True)
         self.state_path = os.path.join(split_dir, INGEST_FILE)
+        # temporary files of manifest writes a kill interrupted (the caller holds the split's lock: no other
+        # writer is live)
+        for name in os.listdir(split_dir):
+            if TEMPORARY.fullmatch(name):
+                os.remove(os.path.join(split_dir, name))
         options = {"domains": sorted(domain_filter) if domain_filter else None}
         if os.path.exists(self.state_path):
             self.state = read_json(self.state_path)
@@ -66,9 +74,12 @@ class SplitWriter:
             )
 
     def _truncate_to_checkpoint(self) -> None:
-        """Drop whatever a killed run appended after its last checkpoint."""
+        """Drop whatever a killed run appended after its last checkpoint: the tail of each domain's files, and
+        the files of domains first seen after it (they hold nothing a checkpoint covers)."""
+        committed = set()
         for info in self.state["domains"].values():
             paths = domain_paths(self.split_dir, info["slug"])
+            committed.update(os.path.basename(paths[key]) for key in ("tokens", "doc_starts", "doc_origin"))
             lengths = {
                 "tokens": info["num_tokens"] * np.dtype(self.dtype).itemsize,
                 "doc_starts": info["num_documents"] * 8,
@@ -84,6 +95,9 @@ class SplitWriter:
             if "max_token_id" not in info:  # a split begun before the maximum was recorded: read it once
                 tokens = np.memmap(paths["tokens"], dtype=self.dtype, mode="r") if info["num_tokens"] else None
                 info["max_token_id"] = int(tokens.max()) if tokens is not None else -1
+        for name in os.listdir(self.split_dir):
+            if name.endswith(".bin") and name not in committed:
+                os.remove(os.path.join(self.split_dir, name))
 
     @property
     def dtype(self) -> str:

@@ -357,6 +357,17 @@ def test_a_loss_whose_scale_contradicts_loss_reduction_raises_on_the_first_forwa
     engine.prepare_gradients()
     engine.detach()
 
+    # the other direction: a sum over rows declared as a mean
+    summing = MLPClassifier(reduction="sum")
+    Xf, Yf = torch.randn(5, 16, generator=g), torch.randint(0, 5, (5,), generator=g)
+    engine = GradDotProdEngine(summing, val_batch=(torch.randn(2, 16, generator=g), torch.randint(0, 5, (2,),
+                                                                                                generator=g)),
+                               task="classification").attach()
+    Xc, Yc = engine.prepare_forward_input(Xf, Yf)
+    with pytest.raises(ValueError, match="loss_reduction='mean'"):
+        summing(input_ids=Xc, labels=Yc)
+    engine.detach()
+
 
 def test_check_loss_is_independent_of_the_hook():
     """check_loss (what a compiled model, whose hook does not check, calls itself) against a hand-made loss."""

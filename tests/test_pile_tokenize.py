@@ -144,6 +144,84 @@ def test_killed_run_recovers_to_clean_output(tmp_path):
     assert read_split(out)[1]["domains"] == read_split(str(tmp_path / "clean"))[1]["domains"]
 
 
+PAUSE_INSIDE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_pause_inside.py")
+
+
+@pytest.mark.parametrize("written, occurrences", [
+    (r"train/ingest\.json$", (2, 2)),  # the first checkpoint after data: the previous one knows no domain yet
+    (r"train/ingest\.json$", (3, 4)),  # a later mid-stream checkpoint
+    (r"train/(?!ingest)[^/]+\.json$", (1, 3)),  # a domain manifest, written at the end
+], ids=["first-checkpoint", "checkpoint", "domain-manifest"])
+def test_kill_9_inside_a_manifest_write_then_a_rerun_equals_a_clean_run(tmp_path, written, occurrences):
+    """kill -9 while tokenize is inside a durable write (half of the file in its temporary file): a checkpoint
+    of ingest.json, or a domain manifest at the end (which of them is drawn at random). The previous ingest.json
+    stays whole, the split is refused until finished, and the same command again removes the temporary file
+    and ends with the output of a run never killed."""
+    import random
+    import signal
+    import time
+
+    from pile_tools.reader import PileReader
+
+    shard = write_shard(tmp_path / "00.jsonl.zst", [json.dumps(r) for r in _records(DOCS * 100)])
+    tokenize_sources([ShardSource(shard)], str(tmp_path / "clean"), progress=False)
+    out, marker = str(tmp_path / "out"), str(tmp_path / "paused")
+    args = ["tokenize", "--input", shard, "--output", out, "--workers", "1", "--no_progress", "--checkpoint_docs", "40"]
+    n = random.Random(written).randint(*occurrences)
+    job = subprocess.Popen([sys.executable, PAUSE_INSIDE, marker, f"write:{written}", str(n), "pile_tools", *args],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not os.path.exists(marker) and job.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    job.kill()
+    output = job.communicate(timeout=60)[0]
+    assert os.path.exists(marker) and job.returncode == -signal.SIGKILL, output
+    split_dir = os.path.join(out, "train")
+    temporary = [f for f in os.listdir(split_dir) if ".tmp-" in f]
+    assert len(temporary) == 1 and os.path.getsize(os.path.join(split_dir, temporary[0])) > 0
+    with open(os.path.join(split_dir, "ingest.json")) as f:
+        assert json.load(f)["status"] == "in_progress"  # the previous checkpoint, whole
+    with pytest.raises(ValueError, match="did not finish"):
+        PileReader(out)
+
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert [f for f in os.listdir(split_dir) if ".tmp-" in f] == []
+    assert split_bytes(out) == split_bytes(str(tmp_path / "clean"))
+    manifests = {f: open(os.path.join(split_dir, f)).read() for f in os.listdir(split_dir)
+                 if f.endswith(".json") and f != "ingest.json"}
+    clean_dir = os.path.join(tmp_path, "clean", "train")
+    assert manifests == {f: open(os.path.join(clean_dir, f)).read() for f in manifests} and len(manifests) == 3
+    assert read_split(out)[1]["domains"] == read_split(str(tmp_path / "clean"))[1]["domains"]
+
+
+def _limit_file_size():
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, like ENOSPC
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+
+def test_a_full_disk_stops_with_a_message_and_a_rerun_completes(tmp_path):
+    """Files may not grow past 20 kB (a full disk): the job stops with exit 1 and a message naming the output,
+    no traceback; the split keeps its last checkpoint, and the same command with space completes it to the
+    output of a run that never ran out."""
+    shard = write_shard(tmp_path / "00.jsonl.zst", [json.dumps(r) for r in _records(DOCS * 100)])
+    tokenize_sources([ShardSource(shard)], str(tmp_path / "clean"), progress=False)
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, "-m", "pile_tools", "tokenize", "--input", shard, "--output", out, "--workers", "1",
+           "--no_progress", "--checkpoint_docs", "40"]
+    full = subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=_limit_file_size)
+    assert full.returncode == 1, full.stderr
+    assert f"error: no space left to write {out}/train" in full.stderr and "Traceback" not in full.stderr
+    with open(os.path.join(out, "train", "ingest.json")) as f:
+        assert json.load(f)["status"] == "in_progress"
+    again = run_cli(*cmd[3:])
+    assert again.returncode == 0, again.stderr
+    assert split_bytes(out) == split_bytes(str(tmp_path / "clean"))
+
+
 def test_worker_pool_gives_identical_output(tmp_path):
     shard = write_shard(tmp_path / "00.jsonl.zst", [json.dumps(r) for r in _records(DOCS * 80)])
     tokenize_sources([ShardSource(shard)], str(tmp_path / "one"), workers=1, progress=False)
@@ -236,17 +314,28 @@ def test_split_is_inferred_from_pile_names_or_required(tmp_path):
 
 
 def test_an_input_with_no_valid_record_is_an_error(tmp_path):
-    """Records without meta.pile_set_name (or with a string meta) are all skipped: exit 1, not 'wrote 0'."""
+    """Records without meta.pile_set_name (or with a string meta) are all skipped, or --domains matches none
+    of them: exit 1, not 'wrote 0'."""
     lines = [json.dumps({"text": t, "meta": "Github"}) for _, t in DOCS] + [json.dumps({"text": "x"})]
     shard = write_shard(tmp_path / "00.jsonl.zst", lines)
     result = run_cli("tokenize", "--input", shard, "--output", str(tmp_path / "out"), "--workers", "1", "--no_progress")
     assert result.returncode == 1
     assert f"all {len(lines)} records read were bad" in result.stderr
+    good = write_shard(tmp_path / "01.jsonl.zst", [json.dumps(r) for r in _records(DOCS)])
+    result = run_cli("tokenize", "--input", good, "--output", str(tmp_path / "out2"), "--workers", "1",
+                     "--no_progress", "--domains", "github")  # not the Pile's spelling: no record matches
+    assert result.returncode == 1
+    assert f"{len(DOCS)} records read are of other domains than --domains 'github'" in result.stderr
 
 
 def test_concurrent_jobs_into_one_output_take_turns(tmp_path):
-    """Two tokenize jobs into the same split at once (whichever is second waits for the lock): every input's
-    documents stay whole and in order, and the split equals ingesting the inputs one after the other."""
+    """Two tokenize jobs into the same split at once: both are started while the split's lock is held, so both
+    wait (and say so); once it is free they take turns. Every input's documents stay whole and in order, and
+    the split equals ingesting the inputs one after the other."""
+    import time
+
+    from ghost_engine.durable import FileLock
+
     shards = []
     for k in range(2):
         records = _records([(d, f"{t} job{k} #{i}") for i, (d, t) in enumerate(DOCS * 60)])
@@ -254,8 +343,20 @@ def test_concurrent_jobs_into_one_output_take_turns(tmp_path):
     out = str(tmp_path / "out")
     cmd = [sys.executable, "-m", "pile_tools", "tokenize", "--output", out, "--workers", "1", "--no_progress",
            "--checkpoint_docs", "10", "--input"]
-    jobs = [subprocess.Popen(cmd + [shard], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for shard in shards]
+    held = FileLock(os.path.join(out, ".train.lock"))
+    assert held.acquire()
+    errors = [tmp_path / f"err{k}.txt" for k in range(2)]
+    try:
+        jobs = []
+        for shard, err in zip(shards, errors):
+            with open(err, "w") as stderr:
+                jobs.append(subprocess.Popen(cmd + [shard], stdout=subprocess.PIPE, stderr=stderr, text=True))
+        deadline = time.time() + 60
+        while not all("waiting for another tokenize job" in e.read_text() for e in errors):
+            assert time.time() < deadline and all(job.poll() is None for job in jobs), [e.read_text() for e in errors]
+            time.sleep(0.05)
+    finally:
+        held.release()
     results = [job.communicate(timeout=300) for job in jobs]
     assert [job.returncode for job in jobs] == [0, 0], results
     got, state = read_split(out)
@@ -337,9 +438,11 @@ def test_killed_job_leaves_no_worker_processes(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
-def test_ctrl_c_stops_cleanly_and_a_rerun_completes(tmp_path):
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_stops_cleanly_and_a_rerun_completes(tmp_path, signame):
     """SIGINT to the job's process group (Ctrl-C) while 2 workers run: exit 130 with a message and no
-    worker tracebacks, no process left; the same command then completes with the clean output."""
+    worker tracebacks, no process left; the same command then completes with the clean output. SIGTERM
+    ends the job at once, as kill -9 would: no process left, and the re-run completes it the same way."""
     import signal
     import time
 
@@ -357,10 +460,16 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_completes(tmp_path):
     time.sleep(0.3)
     if job.poll() is not None:
         pytest.skip("the job finished before it could be interrupted on this machine")
-    os.killpg(job.pid, signal.SIGINT)
+    os.killpg(job.pid, getattr(signal, signame))
     _, err = job.communicate(timeout=60)
-    assert job.returncode == 130, err
-    assert "interrupted" in err and "Traceback" not in err and "un-acquired lock" not in err
+    if signame == "SIGINT":
+        assert job.returncode == 130, err
+        assert "interrupted" in err and "Traceback" not in err and "un-acquired lock" not in err
+    else:
+        assert job.returncode == -signal.SIGTERM, err
+    deadline = time.time() + 5
+    while _processes_mentioning(out) and time.time() < deadline:
+        time.sleep(0.1)
     assert _processes_mentioning(out) == []
     again = run_cli("tokenize", "--input", shard, "--output", out, "--workers", "2", "--no_progress")
     assert again.returncode == 0, again.stderr

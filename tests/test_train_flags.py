@@ -124,9 +124,10 @@ def test_train_sh_rejects_bad_flags_with_exit_2():
         assert "error" in result.stderr
 
 
-def test_a_too_short_evaluation_domain_is_a_start_up_error(tmp_path, capsys):
-    """A test-split domain shorter than seq_len + 1 tokens: exit 2 naming it before any step, and nothing
-    left behind (the same command works once the data is fixed)."""
+@pytest.mark.parametrize("short_split", ["train", "validation", "test"])
+def test_a_too_short_domain_is_a_start_up_error(tmp_path, capsys, short_split):
+    """A domain shorter than seq_len + 1 tokens in the train, validation or test split: exit 2 naming the split
+    and the domain before any step, and nothing left behind (the same command works once the data is fixed)."""
     import zstandard
 
     from pile_tools.jsonl_io import ShardSource
@@ -139,16 +140,18 @@ def test_a_too_short_evaluation_domain_is_a_start_up_error(tmp_path, capsys):
 
     long_docs = [("Alpha", f"def f{i}():\n    return {i}\n" * 8) for i in range(30)]
     data = str(tmp_path / "tok")
-    tokenize_sources([shard(tmp_path / "train.jsonl.zst", long_docs)], data, progress=False)
-    tokenize_sources([shard(tmp_path / "val.jsonl.zst", long_docs)], data, split="validation", progress=False)
-    tokenize_sources([shard(tmp_path / "test.jsonl.zst", long_docs + [("Beta", "too short")])], data, split="test",
-                     progress=False)
+    for split in ("train", "validation", "test"):
+        docs = long_docs + [("Beta", "too short")] if split == short_split else long_docs
+        tokenize_sources([shard(tmp_path / f"{split}.jsonl.zst", docs)], data, split=split, progress=False)
     results = tmp_path / "r"
     flags = ["--architecture", "GPT2-Tiny", "--data_dir", data, "--results_dir", str(results), "--seq_len", "32",
              "--batch_size", "2", "--max_steps", "2", "--run_name", "short"]
+    if short_split == "validation":
+        flags += ["--val_domain", "Beta"]  # the validation rows come from one domain
     assert main(flags) == 2
     err = capsys.readouterr().err
-    assert "evaluation split 'test'" in err and "Beta" in err and "seq_len+1=33" in err
+    too_short = "windows of 33 tokens" if short_split == "validation" else "seq_len+1=33"
+    assert f"split '{short_split}'" in err and "Beta" in err and too_short in err, err
     assert not os.path.exists(results / "short")
 
 
@@ -160,6 +163,15 @@ def test_an_unusable_results_dir_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_request:
         parse_config(["--data_dir", str(data), "--results_dir", str(a_file)])
     assert exit_request.value.code == 2 and "exists and is not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_request:  # a directory that cannot be created, whoever runs this
+        parse_config(["--data_dir", str(data), "--results_dir", str(a_file / "results")])
+    assert exit_request.value.code == 2
+    assert f"--results_dir {a_file / 'results'}: {a_file} is a file, not a directory" in capsys.readouterr().err
+
+
+def test_a_read_only_results_dir_is_a_usage_error(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
     read_only = tmp_path / "ro"
     read_only.mkdir()
     read_only.chmod(0o555)

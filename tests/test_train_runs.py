@@ -12,6 +12,7 @@ from _reference import app_first_step_reference
 from ghost_results.results_io import load_run, safe_load_pickle
 from GradDotProd_LM import train
 from GradDotProd_LM.model import build_model
+from GradDotProd_LM.run_files import read_json
 from pile_tools.reader import PileReader
 
 SEED, B, T, BV, STEPS = 42, 4, 32, 2, 6
@@ -178,27 +179,46 @@ def assert_same_as_baseline(run_dir, baseline):
     for key in ("step", "sample_index", "dot_products", "train_loss"):
         np.testing.assert_allclose(resumed.columns[key], ref.columns[key], rtol=1e-6, atol=0, err_msg=key)
     np.testing.assert_allclose(step_losses(run_dir), step_losses(baseline), rtol=1e-6)
+    evals, ref_evals = (read_json(os.path.join(d, "training_log.json"))["evals"] for d in (run_dir, baseline))
+    assert [e["step"] for e in evals] == [e["step"] for e in ref_evals]
+    for got, want in zip(evals, ref_evals):
+        for split in want:
+            if split != "step":
+                assert got[split]["loss"] == pytest.approx(want[split]["loss"], rel=1e-6)
 
 
-def test_an_exception_in_the_loop_saves_the_completed_steps(baseline, data_dir, results_dir, monkeypatch, capsys):
-    """An error after step 5 (here in the progress report) saves steps 1..5 like a SIGTERM would:
-    dot products, log and a checkpoint at 5; --resume then ends equal to the uninterrupted run."""
-    real_report = train.report_progress
+@pytest.mark.parametrize("where, failing_step", [("progress", 5), ("evaluation", 3)])
+def test_an_exception_in_the_loop_saves_the_completed_steps(baseline, data_dir, results_dir, monkeypatch, capsys,
+                                                            where, failing_step):
+    """An error after step 5 (in the progress report), or inside the evaluation of step 3, saves the steps
+    completed so far like a SIGTERM would: dot products, log and a checkpoint at that step; --resume then
+    evaluates what the failure interrupted and ends equal to the uninterrupted run, evaluations included."""
+    from GradDotProd_LM.evaluate import Evaluator
+
+    real_report, real_evaluate = train.report_progress, Evaluator.evaluate
 
     def fail_in_step_5(step, *args):
         if step == 5:
             raise OSError("simulated I/O error")
         real_report(step, *args)
 
-    flags = tiny_flags(data_dir, results_dir, "excepted", "--checkpoint_interval", "100")
-    monkeypatch.setattr(train, "report_progress", fail_in_step_5)
+    def fail_in_the_first_evaluation(self, *args):
+        raise OSError("simulated I/O error")
+
+    run_name = f"excepted-in-{where}"
+    flags = tiny_flags(data_dir, results_dir, run_name, "--checkpoint_interval", "100")
+    if where == "progress":
+        monkeypatch.setattr(train, "report_progress", fail_in_step_5)
+    else:
+        monkeypatch.setattr(Evaluator, "evaluate", fail_in_the_first_evaluation)
     with pytest.raises(OSError, match="simulated"):
         train.main(flags)
-    run_dir = os.path.join(results_dir, "excepted")
-    assert "steps 1..5 are saved" in capsys.readouterr().err
-    assert torch.load(os.path.join(run_dir, "checkpoints", "latest.pt"), weights_only=True)["step"] == 5
-    assert sorted(set(load_run(run_dir, strict=True).columns["step"])) == [1, 2, 3, 4, 5]
+    run_dir = os.path.join(results_dir, run_name)
+    assert f"steps 1..{failing_step} are saved" in capsys.readouterr().err
+    assert torch.load(os.path.join(run_dir, "checkpoints", "latest.pt"), weights_only=True)["step"] == failing_step
+    assert sorted(set(load_run(run_dir, strict=True).columns["step"])) == list(range(1, failing_step + 1))
     monkeypatch.setattr(train, "report_progress", real_report)
+    monkeypatch.setattr(Evaluator, "evaluate", real_evaluate)
     assert train.main(flags + ["--resume"]) == 0
     assert_same_as_baseline(run_dir, baseline)
 
@@ -235,6 +255,7 @@ def test_resume_without_a_checkpoint_refuses_and_deletes_nothing(baseline, data_
     assert train.main(tiny_flags(data_dir, results_dir, "no-checkpoint", "--resume", "--max_steps", "2")) == 2
     err = capsys.readouterr().err
     assert "has no checkpoint" in err and "3 dot-product file(s) up to step 6" in err
+    assert "start a new --run_name (or move the directory away to start this name afresh)" in err
     assert sorted(os.listdir(os.path.join(run_dir, "grad_dotprods"))) == before
 
 
@@ -323,6 +344,39 @@ def test_corrupt_inputs_stop_with_the_file_named(baseline, data_dir, results_dir
     err = capsys.readouterr().err
     assert "split 'train': token ids up to {'Github': 65000}" in err and "re-tokenize" in err
     assert not os.path.exists(os.path.join(results_dir, "foreign-vocab"))
+
+
+@pytest.mark.parametrize("damaged", ["config.json", "valset.pkl", "training_log.json"])
+def test_a_damaged_run_file_stops_resume_with_the_file_named(baseline, data_dir, results_dir, capsys, damaged):
+    """config.json, valset.pkl or training_log.json replaced by random bytes: --resume exits 2 naming the file
+    and what to do, and changes nothing in the run directory."""
+    import shutil
+
+    run_name = f"damaged-{damaged}"
+    run_dir = os.path.join(results_dir, run_name)
+    shutil.copytree(baseline, run_dir)
+    with open(os.path.join(run_dir, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(dict(config, run_name=run_name), f)
+    with open(os.path.join(run_dir, damaged), "wb") as f:
+        f.write(np.random.default_rng(0).bytes(300))
+    before = run_files(run_dir)
+    assert train.main(tiny_flags(data_dir, results_dir, run_name, "--resume", "--max_steps", "8")) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read {os.path.join(run_dir, damaged)}" in err and "start a new --run_name" in err
+    assert run_files(run_dir) == before
+
+
+def run_files(run_dir):
+    """{path: bytes} of every file of a run but its lock."""
+    files = {}
+    for root, _, names in os.walk(run_dir):
+        for name in names:
+            if name != "run.lock":
+                with open(os.path.join(root, name), "rb") as f:
+                    files[os.path.join(root, name)] = f.read()
+    return files
 
 
 def test_too_little_space_for_a_checkpoint_is_a_start_up_error(data_dir, results_dir, monkeypatch, capsys):

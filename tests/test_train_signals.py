@@ -1,11 +1,13 @@
-"""SIGTERM in the middle of a run: the step in flight completes, pending dot products are flushed, a
-checkpoint is written, the process exits 0, and --resume continues without a gap or a duplicate."""
+"""SIGTERM, or Ctrl-C (SIGINT to the process group), in the middle of a run: the step in flight completes,
+pending dot products are flushed, a checkpoint is written, the process exits 0, and --resume continues
+without a gap or a duplicate."""
 import os
 import signal
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from ghost_results.results_io import load_run
@@ -15,7 +17,8 @@ B = 4
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # config_file.py lives here
 
 
-def test_sigterm_leaves_a_complete_resumable_run(data_dir, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_leaves_a_complete_resumable_run(data_dir, tmp_path, signum):
     results = str(tmp_path / "results")
     flags = ["--architecture", "GPT2-Tiny", "--batch_size", str(B), "--seq_len", "32", "--val_batch_size", "1",
              "--max_steps", "500", "--warmup_step", "2", "--eval_interval", "1000", "--eval_iter", "1",
@@ -23,16 +26,16 @@ def test_sigterm_leaves_a_complete_resumable_run(data_dir, tmp_path):
              "--data_dir", data_dir, "--results_dir", results, "--run_name", "stopped"]
     proc = subprocess.Popen([sys.executable, "-m", "GradDotProd_LM.train", *flags], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
     output = []
     for line in proc.stdout:  # stop it once a step past the first file boundary has finished
         output.append(line)
         if line.startswith("step 4/"):
-            proc.send_signal(signal.SIGTERM)
+            os.killpg(proc.pid, signum)  # as Ctrl-C or a scheduler's stop would: the whole process group
             break
     output += proc.stdout.readlines()
     assert proc.wait(timeout=120) == 0, "".join(output)
-    assert "Stopped by SIGTERM" in "".join(output)
+    assert f"Stopped by {signum.name}" in "".join(output) and "Traceback" not in "".join(output)
 
     run_dir = os.path.join(results, "stopped")
     stopped_at = torch.load(os.path.join(run_dir, "checkpoints", "latest.pt"), weights_only=True)["step"]

@@ -72,10 +72,10 @@ def synthesise(root, steps, rows, interval, seed=0):
 
 LOADER = """
 import json, resource, sys, time
-from ghost_results.results_io import load_run
+from ghost_results.results_io import read_run
 imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
-run = load_run(sys.argv[1], per_layer=sys.argv[2] == "1", strict=True)
+run = read_run(sys.argv[1], per_layer=sys.argv[2] == "1", strict=True)
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   "imported_kb": imported, "rows": run.num_rows, "columns": len(run.columns)}))

@@ -1,6 +1,7 @@
 """ghost_results: a run's dot-product files (pickle and Parquet), their analysis and the report.
 
-    ghost_results.results_io   the file format: writing, validating, loading (load_run, load_dotprods)
+    ghost_results.results_io   the file format: writing, validating, loading (load_run: a DataFrame;
+                               read_run: numpy columns; load_dotprods)
     ghost_results.analysis     In-Run Data Shapley values, rankings, per-domain tables (dicts or DataFrames)
     ghost_results.report       python -m ghost_results.report RUN: report.md, CSV tables, plots
     ghost_results.convert      python -m ghost_results convert RUN: Parquet files for runs saved as pickles
@@ -8,6 +9,6 @@
 The engine (ghost_engine) needs torch alone; this package needs numpy, pandas and pyarrow, and torch not
 at all. Until 0.1 these modules lived in ghost_engine; the old import paths still work and warn.
 """
-from ghost_results.results_io import load_dotprods, load_run
+from ghost_results.results_io import load_dotprods, load_run, read_run
 
-__all__ = ["load_dotprods", "load_run"]
+__all__ = ["load_dotprods", "load_run", "read_run"]

@@ -1,8 +1,8 @@
 """In-Run Data Shapley from a run's stored dot products: values, ranking, domains.
 
-Everything works on plain column dicts (name -> 1-D numpy array, one entry per
-row) as returned by `ghost_results.results_io.load_dotprods` / `load_run`, and
-on pandas DataFrames with the same columns (`load_run(..., as_frame=True)`):
+Everything works on pandas DataFrames as returned by
+`ghost_results.results_io.load_run`, and on plain column dicts (name -> 1-D
+numpy array, one entry per row) as in `read_run(...).columns` / `load_dotprods`:
 given a DataFrame, a function returns a DataFrame where it would return a
 column dict, and a Series (on the frame's index) where it would return a
 per-row array.
@@ -36,10 +36,11 @@ def _per_row(columns, values: np.ndarray):
     return pd.Series(values, index=columns.index) if isinstance(columns, pd.DataFrame) else values
 
 
-def compute_values(columns, convention: str = "first_order", value: str = "first_order"):
+def compute_values(columns, convention: str = "first_order", value: str | None = None):
     """Per-row (per occurrence) value, float64 [rows]. `value` is the estimator the run's dot products hold
-    (`Run.value`, the files' "value"): first_order <grad l_i, grad L_val>; second_order, adamw, adamw_vt and
-    midpoint <grad l_i, u> with the learning rate inside u (docs/METHOD.md section 2.1); cosine a cosine.
+    (`Run.value`, the files' "value"; None: a DataFrame's `attrs["config"]["value"]`, else first_order):
+    first_order <grad l_i, grad L_val>; second_order, adamw, adamw_vt and midpoint <grad l_i, u> with the
+    learning rate inside u (docs/METHOD.md section 2.1); cosine a cosine.
 
     first_order:     lr_t * w_i * dot_i   (In-Run Data Shapley of the step); w_i * dot_i for the estimators
                      with the learning rate inside; not defined for cosine (use raw)
@@ -48,6 +49,9 @@ def compute_values(columns, convention: str = "first_order", value: str = "first
                      every step weighs the same whatever its learning rate or
                      gradient scale.
     """
+    if value is None:
+        config = columns.attrs.get("config", {}) if isinstance(columns, pd.DataFrame) else {}
+        value = config.get("value", "first_order")
     if value not in VALUES:
         raise ValueError(f"unknown estimator {value!r}; one of {VALUES}")
     dots = np.asarray(columns["dot_products"], dtype=np.float64)

@@ -21,7 +21,7 @@ import numpy as np
 
 from ghost_results import analysis
 from ghost_engine.flags import FlagParser
-from ghost_results.results_io import load_run, safe_load_pickle
+from ghost_results.results_io import read_run, safe_load_pickle
 
 SNIPPET_CHARS = 160
 DEFAULT_RECALL_KS = (1, 10, 100, 1000)
@@ -412,7 +412,7 @@ def write_report(run_dir, out_dir=None, top: int = 20, convention: str = "first_
     """Load a run, write the report into out_dir (default <run_dir>/report); returns report.md's path."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # skipped files and duplicates are listed in the report itself
-        run = load_run(run_dir, strict=strict)
+        run = read_run(run_dir, strict=strict)
     out_dir = out_dir if out_dir is not None else os.path.join(os.fspath(run_dir), "report")
     os.makedirs(out_dir, exist_ok=True)
     report = build_report(run, convention=convention, val_domain=val_domain)

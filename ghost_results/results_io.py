@@ -579,9 +579,15 @@ def _expected_steps(config: dict, seen_steps: list) -> list:
     return list(range(1, max(seen_steps) + 1))  # steps count from 1; the end is unknown without config.json
 
 
-def load_run(run_dir, per_layer: bool = False, strict: bool = False, as_frame: bool = False):
-    """Merge every `grad_dotprods/iter_*` file of a run into columns: a `Run`, or with as_frame=True a
-    pandas DataFrame of the same columns whose `.attrs` hold the Run's other fields.
+def load_run(run_dir, per_layer: bool = False, strict: bool = False, as_frame: bool = True):
+    """A run's dot products as a pandas DataFrame, one row per training row (see `read_run`); `.attrs` holds
+    run_dir, config, files, skipped, missing_steps and duplicate_steps. as_frame=False: the `Run` itself."""
+    run = read_run(run_dir, per_layer=per_layer, strict=strict)
+    return run.to_frame() if as_frame else run
+
+
+def read_run(run_dir, per_layer: bool = False, strict: bool = False) -> Run:
+    """Merge every `grad_dotprods/iter_*` file of a run into columns (numpy arrays): a `Run`.
 
     For every iteration the Parquet file is read if there is one (per-layer columns only when
     per_layer=True), else the pickle; the pickle also when the Parquet file cannot be read.
@@ -647,7 +653,7 @@ def load_run(run_dir, per_layer: bool = False, strict: bool = False, as_frame: b
     run = Run(run_dir=run_dir, columns=columns, config=config, files=[path for path, *_ in kept], skipped=skipped,
               missing_steps=missing, duplicate_steps=sorted(duplicates),
               schema_versions={path: version for path, version, _, _ in kept})
-    return run.to_frame() if as_frame else run
+    return run
 
 
 def load_dotprods(run_dir, per_layer: bool = False, strict: bool = False, as_frame: bool = False) -> Columns:
@@ -655,8 +661,8 @@ def load_dotprods(run_dir, per_layer: bool = False, strict: bool = False, as_fra
     dot_products, batch_weight, token_count, domain, token_offset, doc_id,
     sample_index (+ "per_layer/<name>" if per_layer). `.skipped` lists the
     files that were skipped, `.missing_steps` the steps not found.
-    as_frame=True: the same as `load_run(..., as_frame=True)`, a pandas DataFrame."""
-    run = load_run(run_dir, per_layer=per_layer, strict=strict)
+    as_frame=True: the same as `load_run`, a pandas DataFrame."""
+    run = read_run(run_dir, per_layer=per_layer, strict=strict)
     if as_frame:
         return run.to_frame()
     columns = Columns(run.columns)

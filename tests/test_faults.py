@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from ghost_results.results_io import load_run
+from ghost_results.results_io import read_run
 
 B, STEPS = 4, 12
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +46,7 @@ def baseline(data_dir, tmp_path_factory):
     results = str(tmp_path_factory.mktemp("baseline"))
     code, out = run(flags(data_dir, results, "base"))
     assert code == 0, out
-    return load_run(os.path.join(results, "base"), strict=True)
+    return read_run(os.path.join(results, "base"), strict=True)
 
 
 PAUSE_INSIDE = os.path.join(REPO, "tests", "_pause_inside.py")
@@ -124,7 +124,7 @@ def test_kill_9_inside_a_pickle_write_a_checkpoint_write_and_an_evaluation_then_
 
     code, out = run(args + ["--resume"])
     assert code == 0, out
-    resumed = load_run(run_dir, strict=True)
+    resumed = read_run(run_dir, strict=True)
     assert resumed.missing_steps == [] and resumed.duplicate_steps == []
     for key in ("step", "sample_index", "dot_products", "train_loss", "val_loss"):
         np.testing.assert_allclose(resumed.columns[key], baseline.columns[key], rtol=1e-6, atol=0, err_msg=key)
@@ -176,7 +176,7 @@ def test_two_launches_of_one_run_at_once_never_mix(data_dir, tmp_path):
     run_dir = os.path.join(results, "shared")
     with open(os.path.join(run_dir, "config.json")) as f:
         assert json.load(f)["seed"] == winner_seed
-    merged = load_run(run_dir, strict=True)
+    merged = read_run(run_dir, strict=True)
     assert merged.missing_steps == [] and merged.duplicate_steps == [] and merged.skipped == []
 
 
@@ -195,7 +195,7 @@ def test_a_full_disk_at_the_checkpoint_keeps_every_step_written(data_dir, tmp_pa
     assert code != 0
     assert "no space left to write" in out and "latest.pt" in out
     run_dir = os.path.join(results, "full")
-    written = load_run(run_dir, strict=True)
+    written = read_run(run_dir, strict=True)
     # steps 1..3 are written before the checkpoint of step 3, the first one, fails (twice: at step 3, and
     # again when the failure handler tries to save)
     assert sorted(set(written.columns["step"])) == [1, 2, 3]
@@ -205,4 +205,4 @@ def test_a_full_disk_at_the_checkpoint_keeps_every_step_written(data_dir, tmp_pa
         assert not [n for n in (os.listdir(directory) if os.path.isdir(directory) else []) if ".tmp-" in n]
     code, out = run(args + ["--resume"])
     assert code == 2 and "has no checkpoint" in out
-    assert sorted(set(load_run(run_dir, strict=True).columns["step"])) == [1, 2, 3]
+    assert sorted(set(read_run(run_dir, strict=True).columns["step"])) == [1, 2, 3]

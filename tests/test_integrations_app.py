@@ -15,7 +15,7 @@ from transformers import TrainingArguments
 from ghost_engine.integrations import IndexedDataset
 from ghost_engine.integrations.hf import GradDotProdTrainer
 from ghost_engine.integrations.lightning import GradDotProdCallback, training_loss
-from ghost_results.results_io import load_run
+from ghost_results.results_io import read_run
 from GradDotProd_LM import train
 from GradDotProd_LM.model import build_model
 from GradDotProd_LM.run_files import read_json, read_valset_tokens
@@ -49,7 +49,7 @@ def app(data_dir, tmp_path_factory):
         items += [{"input_ids": tokens[i], "labels": tokens[i], "domain": batch.domain[i],
                    "doc_id": int(batch.doc_id[i]), "token_offset": int(batch.token_offset[i])} for i in range(B)]
     X_val = torch.from_numpy(read_valset_tokens(run_dir)[:, :T])
-    return load_run(run_dir, per_layer=True, strict=True), cfg, model, items, {"input_ids": X_val, "labels": X_val}
+    return read_run(run_dir, per_layer=True, strict=True), cfg, model, items, {"input_ids": X_val, "labels": X_val}
 
 
 def optimizer_and_schedule(model, cfg):
@@ -97,7 +97,7 @@ def test_trainer_records_the_apps_values_for_the_same_rows(app, tmp_path):
 
     files = sorted(os.listdir(tmp_path / "run" / "grad_dotprods"))
     assert files == ["iter_000001.parquet", "iter_000001.pkl", "iter_000002.parquet", "iter_000002.pkl"]
-    got = load_run(tmp_path / "run", per_layer=True, strict=True)
+    got = read_run(tmp_path / "run", per_layer=True, strict=True)
     assert [os.path.basename(p) for p in got.files] == ["iter_000001.parquet", "iter_000002.parquet"]
     assert_same_rows(got, expected)
     logged = [r["loss"] for r in trainer.state.log_history if "loss" in r]  # the training rows' loss
@@ -127,6 +127,6 @@ def test_lightning_records_the_apps_values_for_the_same_rows(app, tmp_path):
     trainer.fit(AppModule(copy.deepcopy(initial), cfg),
                 DataLoader(IndexedDataset(items), batch_size=B // ACCUM, shuffle=False))
 
-    got = load_run(tmp_path / "run", per_layer=True, strict=True)
+    got = read_run(tmp_path / "run", per_layer=True, strict=True)
     assert [os.path.basename(p) for p in got.files] == ["iter_000001.parquet", "iter_000002.parquet"]
     assert_same_rows(got, expected, prefix="model.")

@@ -17,7 +17,7 @@ from _integrations import (TOL, GradCapture, StepCapture, assert_grads_close, ch
                            model_and_rows, reference_step, rel_err, train_items)
 from _reference import reference_dot_products, reference_train_grad, reference_update_values
 from ghost_engine.integrations.hf import GradDotProdTrainer
-from ghost_results.results_io import load_run
+from ghost_results.results_io import read_run
 from pile_tools import ensure_sample_dataset
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -50,7 +50,7 @@ def test_step_equals_reference_and_regular_trainer(tmp_path, accumulation):
     assert trainer.model_accepts_loss_kwargs  # so the Trainer passes num_items_in_batch
     trainer.train()
 
-    run = load_run(run_dir_of(args), per_layer=True, strict=True)
+    run = read_run(run_dir_of(args), per_layer=True, strict=True)
     assert run.config["run_name"] == "graddotprod" and run.config["max_steps"] == 2
     assert run.missing_steps == [] and len(run.files) == 2
     np.testing.assert_array_equal(run.columns["step"], np.repeat([1, 2], 4))
@@ -88,7 +88,7 @@ def test_update_aware_value_equals_the_reference(tmp_path, value):
     trainer = GradDotProdTrainer(model=model, args=args, train_dataset=train_items(X, Y), callbacks=[capture],
                                  val_batch={"input_ids": X_val, "labels": Y_val}, save_interval=1, value=value)
     trainer.train()
-    run = load_run(run_dir_of(args), per_layer=True, strict=True)
+    run = read_run(run_dir_of(args), per_layer=True, strict=True)
     assert run.value == value and run.config["value"] == value
     assert len(capture.groups) == 2 and capture.state  # decay and no-decay groups; AdamW's state after step 1
     rows = run.columns["step"] == 2
@@ -113,7 +113,7 @@ def test_bf16_equals_the_engine_driven_by_hand(tmp_path):
     trainer.train()
 
     assert os.listdir(os.path.join(run_dir_of(args), "grad_dotprods")) == ["iter_000001.pkl"]
-    run = load_run(run_dir_of(args), strict=True)
+    run = read_run(run_dir_of(args), strict=True)
     assert run.config["run_name"] == "bf16" and run.config["bf16"]
     np.testing.assert_array_equal(run.columns["sample_index"], [0, 1, 2, 3])  # micro-batches 0-1, 2-3
     counts = (Y[:4, 1:] != -100).sum(1)
@@ -139,7 +139,7 @@ def test_the_example_runs_and_the_report_reads_its_run(tmp_path):
     data_dir = ensure_sample_dataset(str(tmp_path / "sample"))
     path = example.main(["--steps", "2", "--results_dir", str(tmp_path / "results"), "--data_dir", data_dir])
 
-    run = load_run(tmp_path / "results" / "hf_llama_example", strict=True)
+    run = read_run(tmp_path / "results" / "hf_llama_example", strict=True)
     assert run.missing_steps == [] and run.num_rows == 16 and run.config["data_dir"] == data_dir
     assert set(run.columns["domain"]) <= {"Github", "DM Mathematics", "Python Documentation", "Software Licenses"}
     with open(path) as f:
@@ -182,7 +182,7 @@ def test_rows_of_other_lengths_than_the_validation_rows(tmp_path):
                                  callbacks=[capture], val_batch={"input_ids": X_val, "labels": Y_val})
     trainer.train()
 
-    columns = load_run(run_dir_of(args), strict=True).columns
+    columns = read_run(run_dir_of(args), strict=True).columns
     np.testing.assert_array_equal(columns["sample_index"], [0, 1, 2, 3])
     assert list(columns["domain"]) == domains and list(columns["token_offset"]) == [0, 1, 2, 3]
     ref_model = copy.deepcopy(initial).double()
@@ -232,7 +232,7 @@ def test_two_processes_gather_every_row_on_rank_0(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     model, X, Y, X_val, Y_val = model_and_rows(4)
-    run = load_run(os.path.join(tmp_path, "graddotprod"), per_layer=True, strict=True)
+    run = read_run(os.path.join(tmp_path, "graddotprod"), per_layer=True, strict=True)
     assert run.config["world_size"] == 2 and run.missing_steps == []
     np.testing.assert_array_equal(run.columns["sample_index"][run.columns["step"] == 1], np.arange(8))
     index, ref_grads, ref_loss = check_step(run.columns, 1, model, X, Y, X_val, Y_val)
@@ -255,11 +255,11 @@ def test_resume_from_checkpoint_sets_aside_later_steps_and_writes_them_again(tmp
                                   val_batch={"input_ids": X_val, "labels": Y_val}, save_interval=1)
 
     trainer().train()
-    uninterrupted = load_run(tmp_path / "graddotprod", strict=True).columns
+    uninterrupted = read_run(tmp_path / "graddotprod", strict=True).columns
     trainer().train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a step in two files would warn
-        resumed = load_run(tmp_path / "graddotprod", strict=True)
+        resumed = read_run(tmp_path / "graddotprod", strict=True)
     assert resumed.duplicate_steps == [] and resumed.missing_steps == []
     superseded = os.listdir(tmp_path / "graddotprod" / "superseded")
     assert sorted(os.listdir(tmp_path / "graddotprod" / "superseded" / superseded[0] / "grad_dotprods")) == [

@@ -12,7 +12,7 @@ from _integrations import assert_grads_close, check_step, engine_by_hand, model_
 from _reference import reference_train_grad, reference_update_values
 from ghost_engine.integrations import IndexedDataset
 from ghost_engine.integrations.lightning import GradDotProdCallback, training_loss
-from ghost_results.results_io import load_run
+from ghost_results.results_io import read_run
 
 
 class LitLM(L.LightningModule):
@@ -58,7 +58,7 @@ def test_accumulated_step_equals_reference_and_plain_lightning(tmp_path):
     callback = GradDotProdCallback({"input_ids": X_val, "labels": Y_val}, run_dir=tmp_path / "run", save_interval=1)
     fit(module, train_items(X, Y), tmp_path, callback)
 
-    run = load_run(tmp_path / "run", per_layer=True, strict=True)
+    run = read_run(tmp_path / "run", per_layer=True, strict=True)
     assert run.config["run_name"] == "run" and run.config["max_steps"] == 2 and len(run.files) == 2
     assert run.missing_steps == []
     np.testing.assert_array_equal(run.columns["sample_index"], np.arange(8))  # micro-batches 0-1, 2-3 | 4-5, 6-7
@@ -90,7 +90,7 @@ def test_bf16_mixed_equals_the_engine_driven_by_hand(tmp_path):
     callback = GradDotProdCallback({"input_ids": X_val, "labels": Y_val}, run_dir=tmp_path / "run")
     fit(module, train_items(X, Y), tmp_path, callback, steps=1, precision="bf16-mixed")
 
-    columns = load_run(tmp_path / "run", strict=True).columns
+    columns = read_run(tmp_path / "run", strict=True).columns
     result, grads = engine_by_hand(initial, [(X[0:2], Y[0:2], 0.5), (X[2:4], Y[2:4], 0.5)], X_val, Y_val,
                                    autocast=True)
     assert rel_err(columns["dot_products"], result.dot_products) <= 1e-5
@@ -128,7 +128,7 @@ def test_ddp_on_two_processes_gathers_every_row_on_rank_0(tmp_path):
                               env=env, capture_output=True, text=True, timeout=300, cwd=repo)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     model, X, Y, X_val, Y_val = model_and_rows(4)
-    run = load_run(tmp_path / "run", per_layer=True, strict=True)
+    run = read_run(tmp_path / "run", per_layer=True, strict=True)
     assert run.config["world_size"] == 2 and run.missing_steps == []
     assert sorted(run.columns["sample_index"][run.columns["step"] == 1]) == list(range(8))
     check_step(run.columns, 1, model, X, Y, X_val, Y_val, prefix="model.")
@@ -147,7 +147,7 @@ def test_midpoint_value_equals_the_reference(tmp_path):
     callback = GradDotProdCallback({"input_ids": X_val, "labels": Y_val}, run_dir=tmp_path / "run", save_interval=1,
                                    value="midpoint")
     fit(LitLM(model), train_items(X, Y), tmp_path, callback, steps=1)
-    run = load_run(tmp_path / "run", per_layer=True, strict=True)
+    run = read_run(tmp_path / "run", per_layer=True, strict=True)
     assert run.value == "midpoint"
     ref = reference_update_values(initial, torch.optim.SGD(initial.parameters(), lr=0.1), X[:4], Y[:4], X_val, Y_val,
                                   "midpoint", micro_batches=2)

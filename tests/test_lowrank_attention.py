@@ -14,7 +14,7 @@ from _reference import app_first_step_reference
 from test_engine import check_against_reference
 from test_train_families import B, BV, SEED, T, check_eval_only_and_report, flags
 
-from ghost_results.results_io import load_run
+from ghost_results.results_io import read_run
 from GradDotProd_LM import export, lowrank_attention, train
 from GradDotProd_LM.lowrank_attention import LowRankCompression, lowrank_causal_attention
 from GradDotProd_LM.model import build_model
@@ -173,7 +173,7 @@ def test_app_run_is_exact_resumes_evaluates_and_refuses_export(data_dir, tmp_pat
     torch.manual_seed(SEED)
     model = build_model("Llama-Tiny", attention="lowrank", attention_rank=2, attention_block=8).double()
     expected, _, val_loss = app_first_step_reference(model, data_dir, SEED, B, T, BV)
-    cols = load_run(os.path.join(results, "full"), strict=True).columns
+    cols = read_run(os.path.join(results, "full"), strict=True).columns
     first = cols["step"] == 1
     np.testing.assert_allclose(cols["dot_products"][first], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     np.testing.assert_allclose(cols["val_loss"][first], val_loss, rtol=1e-5)
@@ -185,7 +185,7 @@ def test_app_run_is_exact_resumes_evaluates_and_refuses_export(data_dir, tmp_pat
     assert train.main(flags(data_dir, results, "split", "--resume", "--attention_rank", "4")) == 2
     assert "--attention_rank differ from the saved run" in capsys.readouterr().err
     assert train.main(flags(data_dir, results, "split", "--resume", "--max_steps", "3")) == 0
-    split = load_run(os.path.join(results, "split"), strict=True)
+    split = read_run(os.path.join(results, "split"), strict=True)
     assert split.missing_steps == [] and split.duplicate_steps == []
     np.testing.assert_allclose(split.columns["dot_products"], cols["dot_products"], rtol=1e-5,
                                atol=1e-6 * np.abs(cols["dot_products"]).max())

@@ -12,7 +12,7 @@ from _reference import app_first_step_reference
 from test_pile_tokenize import read_split, run_cli, write_shard
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from ghost_results.results_io import load_run
+from ghost_results.results_io import read_run
 from GradDotProd_LM import export, train
 from GradDotProd_LM.model import build_model
 from pile_tools.reader import PileReader
@@ -122,7 +122,7 @@ def test_the_app_trains_on_another_vocabulary(big_vocab_data, tmp_path):
     torch.manual_seed(seed)
     model = build_model("GPT2-Tiny", vocab_size=size).double()
     expected, _, val_loss = app_first_step_reference(model, out, seed, rows, seq_len, 1)
-    cols = load_run(os.path.join(results, "big"), strict=True).columns
+    cols = read_run(os.path.join(results, "big"), strict=True).columns
     first = cols["step"] == 1
     np.testing.assert_allclose(cols["dot_products"][first], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     np.testing.assert_allclose(cols["val_loss"][first], val_loss, rtol=1e-5)

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from ghost_results import analysis, report
-from ghost_results.results_io import SCHEMA_VERSION, load_dotprods, load_run, save_dotprod_pickle
+from ghost_results.results_io import SCHEMA_VERSION, load_dotprods, read_run, save_dotprod_pickle
 
 STEPS = [
     {"step": 1, "lr": 0.5, "domain": ["Github", "ArXiv", "Github"], "token_offset": [0, 100, 50],
@@ -216,7 +216,7 @@ def test_text_snippets_use_the_text_source(run_dir, tmp_path, monkeypatch):
 
 
 def test_run_to_pandas(run_dir):
-    frame = load_run(run_dir).to_pandas()
+    frame = read_run(run_dir).to_pandas()
     assert frame["dot_products"].tolist() == [4.0, -2.0, 1.0, 2.0, 7.0]
 
 

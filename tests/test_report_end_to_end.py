@@ -4,12 +4,15 @@ document first among the samples of the steps where it appeared (the paper's san
 """
 import json
 import os
+import pathlib
 import random
+import re
 
 import numpy as np
+import pandas as pd
 
 from ghost_results import analysis, report
-from ghost_results.results_io import load_run
+from ghost_results.results_io import read_run
 
 
 SEQ_LEN = 32
@@ -85,7 +88,7 @@ def test_report_ranks_the_planted_document_first(tmp_path):
     ]) == 0
     run_dir = results / "planted"
 
-    run = load_run(run_dir)
+    run = read_run(run_dir)
     cols = run.columns
     assert run.missing_steps == [] and run.skipped == []
     is_planted = (cols["domain"] == VAL_DOMAIN) & (cols["doc_id"] == planted)
@@ -106,3 +109,18 @@ def test_report_ranks_the_planted_document_first(tmp_path):
     assert top_documents[4].startswith("| 1 | ") and f"| {VAL_DOMAIN} | {planted} |" in top_documents[4]
     assert "lighthouse keeper of Varnholm" in text  # validation batch and the planted window's snippet
     assert os.path.exists(out / "cumulative_value.png")
+
+    # the README's notebook example, as written, on this run: DataFrames throughout
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "load_run(" in b)
+    scope = {}
+    exec(compile(block.replace("Results/quickstart", str(run_dir)), "README.md", "exec"), scope)
+    frame, top = scope["frame"], scope["top"]
+    assert len(frame) == len(cols["step"]) and frame.attrs["config"]["run_name"] == "planted"
+    np.testing.assert_allclose(scope["values"].to_numpy(), cols["lr"] * cols["batch_weight"] * cols["dot_products"],
+                               rtol=1e-12)
+    assert len(top) == 10 and top["value"].is_monotonic_decreasing
+    by_window = pd.DataFrame({"domain": cols["domain"], "token_offset": cols["token_offset"],
+                              "value": cols["lr"] * cols["batch_weight"] * cols["dot_products"]})
+    expected = by_window.groupby(["domain", "token_offset"])["value"].sum().sort_values(ascending=False)
+    np.testing.assert_allclose(top["value"].to_numpy(), expected.to_numpy()[:10], rtol=1e-12)

@@ -12,7 +12,7 @@ from ghost_results.results_io import (
     ResultsFormatError,
     UnsafePickleError,
     load_dotprods,
-    load_run,
+    read_run,
     safe_load_pickle,
     save_dotprod_pickle,
 )
@@ -205,11 +205,11 @@ def test_corrupt_file_skipped_or_raised(tmp_path):
     bad = run_dir / "grad_dotprods" / "iter_000002.pkl"
     bad.write_bytes(bad.read_bytes()[:40])  # truncated
     with pytest.warns(UserWarning, match="iter_000002.pkl"):
-        run = load_run(run_dir)
+        run = read_run(run_dir)
     assert [p for p, _ in run.skipped] == [str(bad)]
     np.testing.assert_array_equal(run.columns["step"], [1])
     with pytest.raises(ResultsFormatError, match="iter_000002.pkl"):
-        load_run(run_dir, strict=True)
+        read_run(run_dir, strict=True)
 
 
 def test_unknown_schema_version_names_file(tmp_path):
@@ -220,7 +220,7 @@ def test_unknown_schema_version_names_file(tmp_path):
     path = run_dir / "grad_dotprods" / "iter_000001.pkl"
     path.write_bytes(pickle.dumps(future))
     with pytest.raises(ResultsFormatError, match=rf"iter_000001.pkl: schema_version {SCHEMA_VERSION + 1}"):
-        load_run(run_dir, strict=True)
+        read_run(run_dir, strict=True)
 
 
 def test_per_layer_columns_and_missing_steps(tmp_path):
@@ -244,11 +244,11 @@ def test_files_of_another_run_are_not_merged(tmp_path):
     foreign["run_name"] = "other"
     save_dotprod_pickle(run_dir / "grad_dotprods" / "iter_000003.pkl", foreign)
     with pytest.warns(UserWarning, match="written by run 'other', not 't'"):
-        run = load_run(run_dir)
+        run = read_run(run_dir)
     assert run.columns["step"].tolist() == [1, 1, 2, 2] and run.missing_steps == [3]
     assert [os.path.basename(p) for p, _ in run.skipped] == ["iter_000003.pkl"]
     with pytest.raises(ResultsFormatError, match="files of another run are not merged"):
-        load_run(run_dir, strict=True)
+        read_run(run_dir, strict=True)
 
 
 def test_the_old_import_paths_give_the_same_modules_with_a_warning():

@@ -1,5 +1,5 @@
 """Parquet dot-product files: the app writes the same rows as its pickles (read back with plain pyarrow and
-the restricted unpickler, column by column), load_run prefers them and returns a DataFrame on request,
+the restricted unpickler, column by column), load_run prefers them and returns a DataFrame,
 `python -m ghost_results convert` round-trips a pickle-only run, and ghost_results.analysis gives the
 same answers on a DataFrame as on column dicts."""
 import os
@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ghost_results import analysis, convert
-from ghost_results.results_io import (ResultsFormatError, load_dotprods, load_run, safe_load_pickle,
+from ghost_results.results_io import (ResultsFormatError, load_dotprods, load_run, read_run, safe_load_pickle,
                                      save_dotprod_parquet)
 from GradDotProd_LM import train
 from test_results_io import payload, step_record, write_run
@@ -67,8 +67,8 @@ def test_the_app_writes_the_same_rows_as_parquet_and_as_pickle(data_dir, tmp_pat
                        "--results_format", "parquet")
     assert train.main(flags) == 0
     assert os.listdir(tmp_path / "parquet" / "grad_dotprods") == ["iter_000001.parquet"]
-    only_parquet = load_run(tmp_path / "parquet", per_layer=True, strict=True).columns
-    both = load_run(tmp_path / "both", per_layer=True, strict=True).columns
+    only_parquet = read_run(tmp_path / "parquet", per_layer=True, strict=True).columns
+    both = read_run(tmp_path / "both", per_layer=True, strict=True).columns
     first = both["step"] == 1
     assert list(only_parquet) == list(both)
     for name in ("step", "sample_index", "domain", "token_offset", "batch_weight", "lr"):
@@ -114,19 +114,19 @@ def test_convert_round_trips_and_load_run_prefers_parquet(tmp_path, capsys):
     assert convert.main(["convert", str(converted)]) == 0
     assert "wrote 0 Parquet file(s)" in capsys.readouterr().out
 
-    run = load_run(converted, per_layer=True, strict=True)
+    run = read_run(converted, per_layer=True, strict=True)
     assert [os.path.basename(p) for p in run.files] == ["iter_000002.parquet", "iter_000004.parquet",
                                                         "iter_000005.parquet"]
-    reference = load_run(pickles, per_layer=True, strict=True).columns
+    reference = read_run(pickles, per_layer=True, strict=True).columns
     assert np.isnan(reference["per_layer/wte.weight"][reference["step"] == 3]).all()
     assert_same_columns(run.columns, reference)
-    assert_same_columns(load_run(converted).columns, load_run(pickles).columns)  # per-layer columns not read
+    assert_same_columns(read_run(converted).columns, read_run(pickles).columns)  # per-layer columns not read
     parquet_only = tmp_path / "parquet-only"
     shutil.copytree(converted, parquet_only)
     for name in os.listdir(parquet_only / "grad_dotprods"):
         if name.endswith(".pkl"):
             os.remove(parquet_only / "grad_dotprods" / name)
-    assert_same_columns(load_run(parquet_only, per_layer=True, strict=True).columns, reference)
+    assert_same_columns(read_run(parquet_only, per_layer=True, strict=True).columns, reference)
 
 
 def test_a_damaged_parquet_file_falls_back_to_its_pickle(tmp_path):
@@ -134,38 +134,39 @@ def test_a_damaged_parquet_file_falls_back_to_its_pickle(tmp_path):
     (strict=True: an error naming it). A Parquet file of another run is not merged."""
     run_dir = tmp_path / "run"
     per_layer_run(run_dir)
-    reference = load_run(run_dir, per_layer=True).columns
+    reference = read_run(run_dir, per_layer=True).columns
     bad = run_dir / "grad_dotprods" / "iter_000004.parquet"
     intact = bad.read_bytes()
     bad.write_bytes(intact[:100])
     with pytest.warns(UserWarning, match="iter_000004.parquet"):
-        run = load_run(run_dir, per_layer=True)
+        run = read_run(run_dir, per_layer=True)
     assert [p for p, _ in run.skipped] == [str(bad)]
     assert os.path.basename(run.files[1]) == "iter_000004.pkl"
     assert_same_columns(run.columns, reference)
     with pytest.raises(ResultsFormatError, match="iter_000004.parquet"):
-        load_run(run_dir, strict=True)
+        read_run(run_dir, strict=True)
 
     bad.write_bytes(intact)
     foreign = payload([step_record(6, [1.0], ["Github"])])
     foreign["run_name"] = "other"
     save_dotprod_parquet(run_dir / "grad_dotprods" / "iter_000006.parquet", foreign)
     with pytest.warns(UserWarning, match="written by run 'other', not 't'"):
-        assert 6 not in load_run(run_dir).columns["step"]
+        assert 6 not in read_run(run_dir).columns["step"]
 
 
-def test_load_run_returns_a_dataframe_on_request(tmp_path):
+def test_load_run_returns_a_dataframe(tmp_path):
     run_dir = tmp_path / "run"
     per_layer_run(run_dir)
     (run_dir / "config.json").write_text('{"run_name": "t", "max_steps": 6}')
-    run = load_run(run_dir, per_layer=True)
-    frame = load_run(run_dir, per_layer=True, as_frame=True)
+    run = read_run(run_dir, per_layer=True)
+    frame = load_run(run_dir, per_layer=True)
     assert isinstance(frame, pd.DataFrame) and list(frame.columns) == list(run.columns)
     for name, values in run.columns.items():
         np.testing.assert_array_equal(frame[name].to_numpy(), values, err_msg=name)
     assert frame.attrs["missing_steps"] == [6] and frame.attrs["config"]["run_name"] == "t"
     assert frame.attrs["files"] == run.files
     pd.testing.assert_frame_equal(load_dotprods(run_dir, per_layer=True, as_frame=True), frame)
+    assert load_run(run_dir, as_frame=False).columns.keys() == read_run(run_dir).columns.keys()
 
 
 def test_convert_names_unreadable_pickles_and_bad_arguments(tmp_path, capsys):
@@ -189,8 +190,8 @@ def test_convert_names_unreadable_pickles_and_bad_arguments(tmp_path, capsys):
 def test_analysis_on_a_dataframe_equals_analysis_on_column_dicts(tmp_path):
     run_dir = tmp_path / "run"
     per_layer_run(run_dir)
-    columns = load_run(run_dir).columns
-    frame = load_run(run_dir, as_frame=True)
+    columns = read_run(run_dir).columns
+    frame = load_run(run_dir)
     frame.index = frame.index * 10 + 7  # a frame selected from a larger one keeps its index
 
     def assert_table_equal(got, expected):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ghost_results.results_io import load_run
+from ghost_results.results_io import read_run
 from GradDotProd_LM import train
 from GradDotProd_LM.model import build_model
 
@@ -52,7 +52,7 @@ def test_two_gloo_processes_equal_one_process(model, value, data_dir, tmp_path):
     assert "2 process(es)" in done.stdout
     assert train.main(flags(data_dir, results, "one", model_flags) + ["--value", value]) == 0
 
-    two, one = load_run(os.path.join(results, "two"), strict=True), load_run(os.path.join(results, "one"), strict=True)
+    two, one = read_run(os.path.join(results, "two"), strict=True), read_run(os.path.join(results, "one"), strict=True)
     assert two.missing_steps == [] and two.duplicate_steps == []
     np.testing.assert_array_equal(two.columns["step"], np.repeat(np.arange(1, STEPS + 1), B))
     np.testing.assert_array_equal(two.columns["sample_index"], one.columns["sample_index"])

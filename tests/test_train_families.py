@@ -10,7 +10,7 @@ import torch
 
 from _reference import app_first_step_reference
 from ghost_results import report
-from ghost_results.results_io import load_run
+from ghost_results.results_io import read_run
 from GradDotProd_LM import train
 from GradDotProd_LM.model import (LLAMA_ARCHITECTURES, MODEL_ARCHITECTURES, PYTHIA_ARCHITECTURES, build_model,
                                   count_parameters)
@@ -39,7 +39,7 @@ def check_first_step(data_dir, run_dir, architecture, model_config=None):
     torch.manual_seed(SEED)
     model = build_model(architecture, model_config=model_config).double()
     expected, _, val_loss = app_first_step_reference(model, data_dir, SEED, B, T, BV)
-    cols = load_run(run_dir, strict=True).columns
+    cols = read_run(run_dir, strict=True).columns
     first = cols["step"] == 1
     np.testing.assert_allclose(cols["dot_products"][first], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     np.testing.assert_allclose(cols["val_loss"][first], val_loss, rtol=1e-5)
@@ -77,7 +77,7 @@ def test_first_step_is_exact_and_resume_continues(model_flags, data_dir, tmp_pat
     # 2 steps, checkpoint at 2, then --resume to 3: the same numbers as the uninterrupted run
     assert train.main(flags(data_dir, results, "split", *model_flags, "--max_steps", "2")) == 0
     assert train.main(flags(data_dir, results, "split", "--resume", "--max_steps", "3")) == 0
-    split = load_run(os.path.join(results, "split"), strict=True)
+    split = read_run(os.path.join(results, "split"), strict=True)
     assert split.missing_steps == [] and split.duplicate_steps == []
     np.testing.assert_allclose(split.columns["dot_products"], cols["dot_products"], rtol=1e-5,
                                atol=1e-6 * np.abs(cols["dot_products"]).max())

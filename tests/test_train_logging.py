@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from ghost_results.results_io import load_run
+from ghost_results.results_io import read_run
 from GradDotProd_LM import experiment_log, train
 from ghost_results.results_io import set_aside_after
 from test_faults import launch, run
@@ -71,7 +71,7 @@ def test_kill_9_keeps_every_completed_step_line_and_resume_logs_each_step_once(d
     with open(path, "rb") as f:
         assert f.read().startswith(before[:len(before) - len(later)])
 
-    columns = load_run(run_dir, strict=True).columns
+    columns = read_run(run_dir, strict=True).columns
     with open(os.path.join(run_dir, "training_log.json")) as f:
         summary = json.load(f)["steps"]
     for record, saved in zip(of_kind(records, "step"), summary, strict=True):

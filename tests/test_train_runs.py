@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from _reference import app_first_step_reference
-from ghost_results.results_io import load_run, safe_load_pickle
+from ghost_results.results_io import read_run, safe_load_pickle
 from GradDotProd_LM import train
 from GradDotProd_LM.model import build_model
 from GradDotProd_LM.run_files import read_json
@@ -45,7 +45,7 @@ def baseline(data_dir, results_dir):
 def test_run_directory_is_complete_and_loadable(baseline, data_dir):
     assert sorted(os.listdir(os.path.join(baseline, "grad_dotprods"))) == [  # --results_format both
         f"iter_{step:06d}.{suffix}" for step in (2, 4, 6) for suffix in ("parquet", "pkl")]
-    run = load_run(baseline, strict=True)
+    run = read_run(baseline, strict=True)
     cols = run.columns
     assert run.missing_steps == [] and run.duplicate_steps == [] and run.skipped == []
     np.testing.assert_array_equal(cols["step"], np.repeat(np.arange(1, STEPS + 1), B))
@@ -84,7 +84,7 @@ def test_first_step_matches_plain_autograd(baseline, data_dir):
     torch.manual_seed(SEED)
     model = build_model("GPT2-Tiny").double()
     expected, train_losses, val_loss = app_first_step_reference(model, data_dir, SEED, B, T, BV)
-    cols = load_run(baseline).columns
+    cols = read_run(baseline).columns
     first = cols["step"] == 1
     np.testing.assert_allclose(cols["dot_products"][first], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     np.testing.assert_allclose(cols["train_loss"][first], np.mean(train_losses), rtol=1e-5)
@@ -101,7 +101,7 @@ def test_regular_run_has_the_same_losses(baseline, data_dir, results_dir):
 
 def test_micro_batches_give_the_same_run(baseline, data_dir, results_dir):
     assert train.main(tiny_flags(data_dir, results_dir, "accum", "--grad_accum", "2")) == 0
-    accum, ref = load_run(os.path.join(results_dir, "accum")).columns, load_run(baseline).columns
+    accum, ref = read_run(os.path.join(results_dir, "accum")).columns, read_run(baseline).columns
     np.testing.assert_allclose(accum["dot_products"], ref["dot_products"], rtol=1e-4,
                                atol=1e-5 * np.abs(ref["dot_products"]).max())
     np.testing.assert_allclose(accum["batch_weight"], ref["batch_weight"])
@@ -140,7 +140,7 @@ def test_crash_then_resume_equals_uninterrupted_run(baseline, data_dir, results_
                  for name in names]
     assert sorted(os.path.basename(p) for p in set_aside) == [  # moved aside, not deleted
         "iter_000004.parquet", "iter_000004.pkl", "training_log.jsonl"]
-    resumed, ref = load_run(run_dir, strict=True), load_run(baseline, strict=True)
+    resumed, ref = read_run(run_dir, strict=True), read_run(baseline, strict=True)
     assert resumed.duplicate_steps == [] and resumed.missing_steps == []
     for key in ("step", "sample_index", "dot_products", "lr", "train_loss", "val_loss", "doc_id"):
         np.testing.assert_allclose(resumed.columns[key], ref.columns[key], rtol=1e-6, atol=0, err_msg=key)
@@ -174,7 +174,7 @@ def test_eval_only_on_a_fresh_model_prints_losses_near_log_vocab(data_dir, resul
 
 
 def assert_same_as_baseline(run_dir, baseline):
-    resumed, ref = load_run(run_dir, strict=True), load_run(baseline, strict=True)
+    resumed, ref = read_run(run_dir, strict=True), read_run(baseline, strict=True)
     assert resumed.duplicate_steps == [] and resumed.missing_steps == []
     for key in ("step", "sample_index", "dot_products", "train_loss"):
         np.testing.assert_allclose(resumed.columns[key], ref.columns[key], rtol=1e-6, atol=0, err_msg=key)
@@ -216,7 +216,7 @@ def test_an_exception_in_the_loop_saves_the_completed_steps(baseline, data_dir, 
     run_dir = os.path.join(results_dir, run_name)
     assert f"steps 1..{failing_step} are saved" in capsys.readouterr().err
     assert torch.load(os.path.join(run_dir, "checkpoints", "latest.pt"), weights_only=True)["step"] == failing_step
-    assert sorted(set(load_run(run_dir, strict=True).columns["step"])) == list(range(1, failing_step + 1))
+    assert sorted(set(read_run(run_dir, strict=True).columns["step"])) == list(range(1, failing_step + 1))
     monkeypatch.setattr(train, "report_progress", real_report)
     monkeypatch.setattr(Evaluator, "evaluate", real_evaluate)
     assert train.main(flags + ["--resume"]) == 0
@@ -233,7 +233,7 @@ def test_divergence_stops_before_the_bad_update(data_dir, results_dir, capsys):
     assert "step 2:" in err and "not finite" in err and "steps 1..1 are saved" in err
     run_dir = os.path.join(results_dir, "diverged")
     assert torch.load(os.path.join(run_dir, "checkpoints", "latest.pt"), weights_only=True)["step"] == 1
-    run = load_run(run_dir, strict=True)
+    run = read_run(run_dir, strict=True)
     assert sorted(set(run.columns["step"])) == [1] and np.isfinite(run.columns["dot_products"]).all()
     with open(os.path.join(run_dir, "training_log.json")) as f:
         assert [r["step"] for r in json.load(f)["steps"]] == [1]
@@ -269,7 +269,7 @@ def test_a_second_launch_of_a_held_run_exits_2(baseline, data_dir, results_dir, 
         assert f"is in use by pid {os.getpid()}" in capsys.readouterr().err
     finally:
         holder.release()
-    assert sorted(set(load_run(baseline, strict=True).columns["step"])) == list(range(1, STEPS + 1))
+    assert sorted(set(read_run(baseline, strict=True).columns["step"])) == list(range(1, STEPS + 1))
 
 
 def test_resume_refuses_changed_data_unless_told(data_dir, results_dir, tmp_path, capsys):
@@ -301,7 +301,7 @@ def test_resume_refuses_changed_data_unless_told(data_dir, results_dir, tmp_path
         changes = json.load(f)["data_changes"]
     assert len(changes) == 1 and changes[0]["from_step"] == 3 and "enron_emails" in changes[0]["change"]
     assert open(os.path.join(run_dir, "valset.pkl"), "rb").read() == valset
-    assert sorted(set(load_run(run_dir, strict=True).columns["step"])) == [1, 2, 3, 4]
+    assert sorted(set(read_run(run_dir, strict=True).columns["step"])) == [1, 2, 3, 4]
 
 
 def test_corrupt_inputs_stop_with_the_file_named(baseline, data_dir, results_dir, tmp_path, capsys):

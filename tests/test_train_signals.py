@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ghost_results.results_io import load_run
+from ghost_results.results_io import read_run
 from GradDotProd_LM import train
 
 B = 4
@@ -43,11 +43,11 @@ def test_a_stop_signal_leaves_a_complete_resumable_run(data_dir, tmp_path, signu
     names = os.listdir(os.path.join(run_dir, "grad_dotprods"))
     assert not [n for n in names if ".tmp" in n]
     assert f"iter_{stopped_at:06d}.pkl" in names  # the partial interval was flushed, not lost
-    run = load_run(run_dir, strict=True)
+    run = read_run(run_dir, strict=True)
     np.testing.assert_array_equal(np.unique(run.columns["step"]), np.arange(1, stopped_at + 1))
     assert run.duplicate_steps == [] and len(run.columns["step"]) == B * stopped_at
 
     assert train.main(flags + ["--resume", "--max_steps", str(stopped_at + 2)]) == 0
-    run = load_run(run_dir, strict=True)
+    run = read_run(run_dir, strict=True)
     assert run.missing_steps == [] and run.duplicate_steps == []
     np.testing.assert_array_equal(run.columns["step"], np.repeat(np.arange(1, stopped_at + 3), B))

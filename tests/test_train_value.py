@@ -7,7 +7,7 @@ import pytest
 
 from ghost_engine import engine
 from ghost_results import analysis, report, results_io
-from ghost_results.results_io import load_run, safe_load_pickle
+from ghost_results.results_io import read_run, safe_load_pickle
 from GradDotProd_LM import train
 from pile_tools import ensure_sample_dataset
 
@@ -43,7 +43,7 @@ def test_a_cosine_run_records_its_estimator(tmp_path):
         assert json.load(f)["value"] == "cosine"
     for name in ("iter_000001.pkl", "iter_000002.pkl"):
         assert safe_load_pickle(str(run_dir / "grad_dotprods" / name))["value"] == "cosine"
-    values = load_run(str(run_dir), strict=True).columns["dot_products"]
+    values = read_run(str(run_dir), strict=True).columns["dot_products"]
     assert values.shape == (4,) and np.all(np.abs(values) <= 1.0) and np.any(values != 0)
     assert report.main([str(run_dir), "--out", str(tmp_path / "report")]) == 0  # its values are the cosines
     text = (tmp_path / "report" / "report.md").read_text()
@@ -80,7 +80,7 @@ def test_a_midpoint_run_is_exact_at_step_1(tmp_path):
              "--run_name", "mid", "--value", "midpoint"]
     assert train.main(flags) == 0
     run_dir = tmp_path / "results" / "mid"
-    run = load_run(str(run_dir), strict=True)
+    run = read_run(str(run_dir), strict=True)
     assert run.value == "midpoint"
 
     torch.manual_seed(seed)

@@ -13,7 +13,7 @@ def local_rows(result, batch_weights, provenance) -> dict:
     "sample_index": B ints}, rows in the order the engine saw them.
     """
     per_parameter = torch.stack(list(result.per_parameter.values())).float().cpu().numpy()  # one copy to host
-    return {
+    rows = {
         "dot_products": result.dot_products.float().cpu().numpy(),  # [B], rows in batch order
         "batch_weights": torch.as_tensor(batch_weights).float().cpu().numpy(),
         "token_counts": result.token_counts.long().cpu().numpy(),
@@ -23,6 +23,9 @@ def local_rows(result, batch_weights, provenance) -> dict:
         "sample_index": np.asarray(provenance["sample_index"], dtype=np.int64),
         "per_layer": dict(zip(result.per_parameter, per_parameter)),
     }
+    if result.first_order is not None:  # a deferred estimator: <grad l_i, grad L_val> of the same rows too
+        rows["first_order_dot_products"] = result.first_order.float().cpu().numpy()
+    return rows
 
 
 def gather_rows(local, world_size):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ghost_results.results_io import LR_INSIDE, VALUES  # what a run's dot products hold
+from ghost_results.results_io import FIRST_ORDER_COLUMN, LR_INSIDE, VALUES  # what a run's dot products hold
 
 CONVENTIONS = ("first_order", "raw", "step_normalised")
 
@@ -36,11 +36,14 @@ def _per_row(columns, values: np.ndarray):
     return pd.Series(values, index=columns.index) if isinstance(columns, pd.DataFrame) else values
 
 
-def compute_values(columns, convention: str = "first_order", value: str | None = None):
+def compute_values(columns, convention: str = "first_order", value: str | None = None,
+                   dots: str = "dot_products"):
     """Per-row (per occurrence) value, float64 [rows]. `value` is the estimator the run's dot products hold
     (`Run.value`, the files' "value"; None: a DataFrame's `attrs["config"]["value"]`, else first_order):
     first_order <grad l_i, grad L_val>; second_order, adamw, adamw_vt and midpoint <grad l_i, u> with the
-    learning rate inside u (docs/METHOD.md section 2.1); cosine a cosine.
+    learning rate inside u (docs/METHOD.md section 2.1); cosine a cosine. `dots`: the column valued,
+    "dot_products", or "first_order_dot_products", the first-order dot products that a second_order,
+    adamw_vt or midpoint run records beside its own (valued as first_order; NaN in rows without them).
 
     first_order:     lr_t * w_i * dot_i   (In-Run Data Shapley of the step); w_i * dot_i for the estimators
                      with the learning rate inside; not defined for cosine (use raw)
@@ -49,12 +52,21 @@ def compute_values(columns, convention: str = "first_order", value: str | None =
                      every step weighs the same whatever its learning rate or
                      gradient scale.
     """
+    if dots == FIRST_ORDER_COLUMN:
+        if value not in (None, "first_order"):
+            raise ValueError(f"dots={dots!r} holds first-order dot products, not {value!r} ones")
+        value = "first_order"
+    elif dots != "dot_products":
+        raise ValueError(f"dots={dots!r}: one of 'dot_products', {FIRST_ORDER_COLUMN!r}")
     if value is None:
         config = columns.attrs.get("config", {}) if isinstance(columns, pd.DataFrame) else {}
         value = config.get("value", "first_order")
     if value not in VALUES:
         raise ValueError(f"unknown estimator {value!r}; one of {VALUES}")
-    dots = np.asarray(columns["dot_products"], dtype=np.float64)
+    if dots not in columns:
+        raise ValueError(f"no {dots!r} column: only runs of the second_order, adamw_vt and midpoint estimators "
+                         "record first-order dot products beside their own")
+    dots = np.asarray(columns[dots], dtype=np.float64)
     if convention == "first_order":
         if value == "cosine":
             raise ValueError("a cosine run has no first-order value: use convention 'raw' (the cosines) or "

@@ -18,10 +18,11 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
 from ghost_results import analysis
 from ghost_engine.flags import FlagParser
-from ghost_results.results_io import read_run, safe_load_pickle
+from ghost_results.results_io import FIRST_ORDER_COLUMN, read_run, safe_load_pickle
 
 SNIPPET_CHARS = 160
 DEFAULT_RECALL_KS = (1, 10, 100, 1000)
@@ -129,6 +130,7 @@ class Report:
     cumulative: dict
     val_domain: str | None
     recall: list = field(default_factory=list)  # [(k, recall)]
+    first_order: dict | None = None  # a deferred estimator's run: its values against the first-order ones
 
 
 def build_report(run, convention: str = "first_order", val_domain: str | None = None,
@@ -148,7 +150,32 @@ def build_report(run, convention: str = "first_order", val_domain: str | None = 
             recall.append((k, analysis.normalised_recall_at_k(samples, val_domain, k)))
     return Report(run=run, convention=convention, values=values, samples=samples, documents=documents,
                   domains=analysis.domain_summary(samples), steps=steps, cumulative=cumulative,
-                  val_domain=val_domain, recall=recall)
+                  val_domain=val_domain, recall=recall, first_order=compare_first_order(run, convention, values))
+
+
+def _ranks(values) -> np.ndarray:
+    """Ranks from 1, ties sharing their average rank (Spearman's convention)."""
+    return pd.Series(values).rank().to_numpy()
+
+
+def compare_first_order(run, convention: str, values, k: int = 10) -> dict | None:
+    """For a run that recorded first-order dot products beside its estimator's (second_order, adamw_vt,
+    midpoint): per sample, Spearman's rank correlation of the two values, the share of samples where their
+    signs agree, and how many of the top k they share; over the rows that have both. None otherwise."""
+    columns = run.columns
+    if FIRST_ORDER_COLUMN not in columns or run.value == "first_order":
+        return None
+    has_both = ~np.isnan(columns[FIRST_ORDER_COLUMN])
+    if not has_both.any():
+        return None
+    rows = {name: np.asarray(column)[has_both] for name, column in columns.items()}
+    first = analysis.aggregate(rows, analysis.compute_values(rows, convention, dots=FIRST_ORDER_COLUMN))["value"]
+    own = analysis.aggregate(rows, np.asarray(values)[has_both])["value"]
+    k = min(k, len(own))
+    rho = float(np.corrcoef(_ranks(own), _ranks(first))[0, 1]) if len(own) > 1 else float("nan")
+    common = len(set(np.argsort(-own, kind="stable")[:k]) & set(np.argsort(-first, kind="stable")[:k]))
+    return {"samples": len(own), "rows": int(has_both.sum()), "spearman": rho,
+            "same_sign": float(np.mean(np.sign(own) == np.sign(first))), "k": k, "top_k_common": common}
 
 
 # ---------------------------------------------------------------------------
@@ -362,6 +389,16 @@ def render_markdown(report: Report, top: int, text: TextSource, tables: list, pl
                   "| k | normalised recall@k |", "|---:|---:|"]
         lines += [f"| {k} | {r:.3g} |" for k, r in report.recall]
         lines.append("")
+
+    if report.first_order is not None:
+        c = report.first_order
+        lines += ["## Against first-order values", "",
+                  f"The run also recorded the first-order dot products ⟨∇ℓ_i, ∇L_val⟩ of its rows "
+                  f"({c['rows']} rows, {c['samples']} samples), valued with the same convention. Per sample, "
+                  f"Spearman's rank correlation between `{run.value}` and first-order values: {c['spearman']:.3f}; "
+                  f"signs agree for {c['same_sign']:.1%} of the samples; {c['top_k_common']} of the top {c['k']} "
+                  "are the same. (`analysis.compute_values(..., dots=\"first_order_dot_products\")` gives the "
+                  "first-order values.)", ""]
 
     text_header = (" text |", "---|") if text.available else ("", "")
     for title, lowest in ((f"Top {top} samples", False), (f"Bottom {top} samples", True)):

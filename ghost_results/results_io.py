@@ -13,12 +13,17 @@ docs/METHOD.md section 2.1); absent means "first_order" (files written before it
                    "dot_products": float32[B], "batch_weights": float32[B],
                    "token_counts": int64[B], "domain": list[str] (len B),
                    "token_offset": int64[B], "doc_id": int64[B], "sample_index": int64[B],
-                   "per_layer": optional {param_name: float32[B]}}
+                   "per_layer": optional {param_name: float32[B]},
+                   "first_order_dot_products": optional float32[B]}
+
+"first_order_dot_products" is <grad l_i, grad L_val> of the same rows in a file whose "value" is another
+estimator (the deferred ones, second_order, adamw_vt and midpoint, record it at no extra cost).
 
 Beside it (or instead of it, `--results_format`) the same steps as a Parquet
 table, `iter_XXXXXX.parquet`: one row per (step, training row), the columns of
 `load_run` (step, lr, train_loss, val_loss, dot_products, batch_weight,
-token_count, domain, token_offset, doc_id, sample_index, per_layer/<param name>)
+token_count, domain, token_offset, doc_id, sample_index, first_order_dot_products if
+recorded, per_layer/<param name>)
 in the dtypes `load_run` returns, and the file's schema, schema_version,
 run_name and world_size as JSON under the key "graddotprod" of the Parquet
 key-value metadata. Any Parquet reader reads it (polars, DuckDB, pandas, Spark).
@@ -81,6 +86,9 @@ COLUMN_DTYPES = {
     "dot_products": np.float32, "batch_weight": np.float32, "token_count": np.int64, "domain": np.str_,
     "token_offset": np.int64, "doc_id": np.int64, "sample_index": np.int64,
 }
+# Columns of a step-record field some files have: NaN in the rows of files without it.
+FIRST_ORDER_COLUMN = "first_order_dot_products"
+OPTIONAL_COLUMNS = {FIRST_ORDER_COLUMN: np.float32}
 
 
 class UnsafePickleError(ValueError):
@@ -238,6 +246,11 @@ def _check_v1_step(record, where: str) -> int:
         raise ResultsFormatError(f"{where}: 'domain' must be a list of str")
     if len(domain) != n_rows:
         raise ResultsFormatError(f"{where}: 'domain' has {len(domain)} rows, expected {n_rows}")
+    for key in OPTIONAL_COLUMNS:
+        value = record.get(key)
+        if value is not None and (not isinstance(value, np.ndarray) or value.ndim != 1 or value.dtype.kind != "f"
+                                  or len(value) != n_rows):
+            raise ResultsFormatError(f"{where}: '{key}' must be a 1-D float array of {n_rows} rows")
     per_layer = record.get("per_layer")
     if per_layer is not None:
         if not isinstance(per_layer, dict):
@@ -548,7 +561,8 @@ def _read_parquet(path: str, per_layer: bool):
     missing = [name for name in COLUMN_DTYPES if name not in schema.names]
     if missing:
         raise ResultsFormatError(f"{path}: lacks the columns {missing}")
-    names = list(COLUMN_DTYPES) + [n for n in schema.names if per_layer and n.startswith(PER_LAYER_PREFIX)]
+    names = list(COLUMN_DTYPES) + [n for n in OPTIONAL_COLUMNS if n in schema.names] + \
+        [n for n in schema.names if per_layer and n.startswith(PER_LAYER_PREFIX)]
     try:
         table = file.read(columns=names, use_threads=False)  # small files: threads cost more than they save
     except (pa.ArrowException, OSError) as err:
@@ -556,7 +570,7 @@ def _read_parquet(path: str, per_layer: bool):
     columns = {}
     for name in names:
         column = table.column(name)
-        dtype = COLUMN_DTYPES.get(name, np.float32)
+        dtype = COLUMN_DTYPES.get(name, OPTIONAL_COLUMNS.get(name, np.float32))
         kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
         if column.null_count or not _ARROW_KINDS[dtype](kind):
             raise ResultsFormatError(f"{path}: column {name!r} must be {np.dtype(dtype).name} without nulls, got "
@@ -696,6 +710,10 @@ def _records_to_columns(records: list, per_layer: bool) -> dict:
         columns[column] = concat(field_name, dtype)
     columns["domain"] = np.array([d for r in records for d in r["domain"]], dtype=str) if total else np.zeros(0, dtype="<U1")
     columns = {name: columns[name] for name in COLUMN_DTYPES}
+    for name, dtype in OPTIONAL_COLUMNS.items():
+        if any(r.get(name) is not None for r in records):
+            columns[name] = np.concatenate([np.asarray(r[name], dtype=dtype) if r.get(name) is not None
+                                            else np.full(n, np.nan, dtype=dtype) for r, n in zip(records, n_rows)])
     if per_layer:
         names = sorted({name for r in records for name in (r.get("per_layer") or {})})
         for name in names:
@@ -712,7 +730,7 @@ def _concatenate(chunks: list) -> dict:
         return _records_to_columns([], per_layer=False)
     layer_names = sorted({name for chunk in chunks for name in chunk if name.startswith(PER_LAYER_PREFIX)})
     columns = {name: np.concatenate([chunk[name] for chunk in chunks]) for name in COLUMN_DTYPES}
-    for name in layer_names:
+    for name in [n for n in OPTIONAL_COLUMNS if any(n in chunk for chunk in chunks)] + layer_names:
         columns[name] = np.concatenate([chunk[name] if name in chunk else
                                         np.full(len(chunk["step"]), np.nan, dtype=np.float32) for chunk in chunks])
     order = np.lexsort((columns["sample_index"], columns["step"]))

@@ -98,6 +98,10 @@ def test_update_aware_value_equals_the_reference(tmp_path, value):
     assert rel_err(run.columns["dot_products"][rows], total) <= TOL
     for name, r in ref.items():  # each parameter's part to TOL of itself or of a tenth of the total's scale
         assert rel_err(run.columns[f"per_layer/{name}"][rows], r, 0.1 * float(total.abs().max())) <= TOL, name
+    # the first-order dot products of the same rows, recorded beside the estimator's
+    first_order = sum(reference_dot_products(copy.deepcopy(capture.rebuild(template)[0]).double(), X[index],
+                                             Y[index], X_val, Y_val).values())
+    assert rel_err(run.columns["first_order_dot_products"][rows], first_order) <= TOL
 
 
 def test_bf16_equals_the_engine_driven_by_hand(tmp_path):

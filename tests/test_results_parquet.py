@@ -12,7 +12,7 @@ import pytest
 
 from ghost_results import analysis, convert
 from ghost_results.results_io import (ResultsFormatError, load_dotprods, load_run, read_run, safe_load_pickle,
-                                     save_dotprod_parquet)
+                                     save_dotprod_parquet, save_dotprod_pickle)
 from GradDotProd_LM import train
 from test_results_io import payload, step_record, write_run
 from test_train_runs import tiny_flags
@@ -223,3 +223,41 @@ def test_analysis_on_a_dataframe_equals_analysis_on_column_dicts(tmp_path):
     mask = analysis.rows_in_steps(frame, [2, 5])
     np.testing.assert_array_equal(mask.to_numpy(), analysis.rows_in_steps(columns, [2, 5]))
     assert sorted(set(frame[mask]["step"])) == [2, 5]
+
+
+def test_first_order_dot_products_beside_another_estimator(tmp_path):
+    """A deferred estimator's files carry the first-order dot products of the same rows: both formats keep them
+    as the column first_order_dot_products (NaN in the rows of files without it); a wrong length is refused;
+    a run without them has no such column and valuing it says why."""
+    def midpoint(steps):
+        return dict(payload(steps), value="midpoint")
+
+    with_first = step_record(1, [0.5, -1.0], ["Github", "ArXiv"])
+    with_first["first_order_dot_products"] = np.array([0.25, 2.0], dtype=np.float32)
+    without = step_record(2, [1.5], ["Github"])  # e.g. written before the column existed
+    run_dir = tmp_path / "run"
+    (run_dir / "grad_dotprods").mkdir(parents=True)
+    save_dotprod_pickle(run_dir / "grad_dotprods" / "iter_000001.pkl", midpoint([with_first]))
+    save_dotprod_parquet(run_dir / "grad_dotprods" / "iter_000002.parquet", midpoint([without]))
+    (run_dir / "config.json").write_text('{"run_name": "t", "value": "midpoint", "max_steps": 2}')
+    expected = np.array([0.25, 2.0, np.nan], dtype=np.float32)
+    np.testing.assert_array_equal(read_run(run_dir, strict=True).columns["first_order_dot_products"], expected)
+    frame = load_run(run_dir, strict=True)
+    np.testing.assert_array_equal(frame["first_order_dot_products"].to_numpy(), expected)
+    values = analysis.compute_values(frame, dots="first_order_dot_products")  # lr * w * first-order dot
+    np.testing.assert_allclose(values.to_numpy(), [1e-3 * 0.5 * 0.25, 1e-3 * 0.5 * 2.0, np.nan])
+    with pytest.raises(ValueError, match="holds first-order dot products, not 'midpoint'"):
+        analysis.compute_values(frame, value="midpoint", dots="first_order_dot_products")
+
+    save_dotprod_parquet(tmp_path / "iter_000001.parquet", midpoint([with_first]))  # read by plain pyarrow
+    np.testing.assert_array_equal(pq.read_table(tmp_path / "iter_000001.parquet").column(
+        "first_order_dot_products").to_numpy(), with_first["first_order_dot_products"])
+
+    bad = dict(with_first, first_order_dot_products=np.zeros(3, dtype=np.float32))
+    with pytest.raises(ResultsFormatError, match="'first_order_dot_products' must be a 1-D float array of 2 rows"):
+        save_dotprod_pickle(tmp_path / "bad.pkl", midpoint([bad]))
+    plain = tmp_path / "plain"
+    write_run(plain, {1: [step_record(1, [0.5], ["Github"])]})
+    assert "first_order_dot_products" not in load_run(plain)
+    with pytest.raises(ValueError, match="no 'first_order_dot_products' column"):
+        analysis.compute_values(load_run(plain), dots="first_order_dot_products")

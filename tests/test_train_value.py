@@ -90,8 +90,16 @@ def test_a_midpoint_run_is_exact_at_step_1(tmp_path):
     expected = sum(reference_update_values(model, torch.optim.SGD(model.parameters(), lr=lr), X, X, X_val, X_val,
                                            "midpoint").values()).numpy()
     np.testing.assert_allclose(run.columns["dot_products"], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
-    first_order = lr * sum(reference_dot_products(model.double(), X, X, X_val, X_val).values()).numpy()
+    dots = sum(reference_dot_products(model.double(), X, X, X_val, X_val).values()).numpy()
+    first_order = lr * dots
     assert np.abs(expected - first_order).max() > 1e-2 * np.abs(first_order).max()  # a test that can tell
+    # the first-order dot products of the same rows are recorded beside the estimator's, and valued as such
+    recorded = run.columns["first_order_dot_products"]
+    np.testing.assert_allclose(recorded, dots, rtol=1e-4, atol=1e-4 * np.abs(dots).max())
+    np.testing.assert_allclose(analysis.compute_values(run.columns, dots="first_order_dot_products"),
+                               first_order * run.columns["batch_weight"], rtol=1e-4,
+                               atol=1e-4 * np.abs(first_order).max())
     assert report.main([str(run_dir), "--out", str(tmp_path / "report")]) == 0
     text = (tmp_path / "report" / "report.md").read_text()
     assert "Estimator: `midpoint`" in text and "half the batch gradient" in text
+    assert "## Against first-order values" in text and f"({rows} rows, {rows} samples)" in text

@@ -110,7 +110,8 @@ def build_config(architecture, n_positions=1024, vocab_pad_multiple=VOCAB_PAD_MU
         kwargs = dict(model_config, use_cache=False, **overrides)
         kwargs["vocab_size"] = padded_vocab_size(kwargs.get("vocab_size", vocab_size), vocab_pad_multiple)
         config = AutoConfig.for_model(**kwargs)
-        # a random mask per row is not reproducible by any reference (and GPT-2's and OPT's configs default to 0.1)
+        # the app trains without dropout, as its named sizes do: the validation rows share the training forward,
+        # so dropout would make grad L_val a random draw per step (GPT-2's and OPT's configs default to 0.1)
         for key, value in config.to_dict().items():
             if ("dropout" in key or key.endswith("pdrop") or key == "layerdrop") and key not in overrides \
                     and isinstance(value, (int, float)) and not isinstance(value, bool) and value:

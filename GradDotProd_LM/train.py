@@ -7,6 +7,7 @@ Order of the script: config -> DDP set-up from torchrun's variables -> data -> m
 -> resume -> loop (micro-batches, clip, step, dot products, eval, checkpoint). Step numbers count from 1:
 step t trains on the reader's global batch t and is the t-th optimizer update.
 """
+import gc
 import math
 import os
 import platform
@@ -218,6 +219,9 @@ def main(argv=None) -> int:
     finally:
         stop.restore()
         if ddp:
+            # the model, its DDP reducer and the work they hold on the process group may sit in reference cycles:
+            # free them now, not while the interpreter finalizes (gloo then aborts in its threads)
+            gc.collect()
             dist.destroy_process_group()
 
 

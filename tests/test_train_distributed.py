@@ -34,7 +34,7 @@ def flags(data_dir, results_dir, run_name, model_flags=("--architecture", "GPT2-
 
 @pytest.mark.parametrize("model, value", [("GPT2-Tiny", "first_order"), ("Llama-Tiny", "first_order"),
                                           ("Pythia-14M", "first_order"), ("opt.json", "first_order"),
-                                          ("GPT2-Tiny", "midpoint")])
+                                          ("Llama-Tiny-lowrank", "first_order"), ("GPT2-Tiny", "midpoint")])
 def test_two_gloo_processes_equal_one_process(model, value, data_dir, tmp_path):
     """midpoint: each rank projects its rows on a vector built from the all-reduced .grad."""
     results = str(tmp_path / "results")
@@ -43,13 +43,17 @@ def test_two_gloo_processes_equal_one_process(model, value, data_dir, tmp_path):
         (tmp_path / model).write_text(json.dumps(model_config))
         model_flags = ("--model_config", str(tmp_path / model))
     else:
-        model_flags = ("--architecture", model)
+        model_flags = ("--architecture", model.removesuffix("-lowrank"))
+    lowrank = dict(attention="lowrank", attention_rank=4, attention_block=8) if model.endswith("-lowrank") else {}
+    model_flags += tuple(arg for key, v in lowrank.items() for arg in (f"--{key}", str(v)))  # 4 blocks of 8 positions
     env = dict(os.environ, OMP_NUM_THREADS="1")
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
               "-m", "GradDotProd_LM.train", *flags(data_dir, results, "two", model_flags), "--value", value]
     done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 process(es)" in done.stdout
+    with open(os.path.join(results, "two", "config.json")) as f:
+        assert json.load(f)["attention"] == lowrank.get("attention", "standard")
     assert train.main(flags(data_dir, results, "one", model_flags) + ["--value", value]) == 0
 
     two, one = read_run(os.path.join(results, "two"), strict=True), read_run(os.path.join(results, "one"), strict=True)
@@ -67,7 +71,7 @@ def test_two_gloo_processes_equal_one_process(model, value, data_dir, tmp_path):
 
     p_two, p_one = params("two"), params("one")
     torch.manual_seed(42)  # the runs' seed: their initial weights
-    initial = build_model(model, model_config=model_config).state_dict()
+    initial = build_model(model.removesuffix("-lowrank"), model_config=model_config, **lowrank).state_dict()
     assert max((p_one[k] - initial[k]).abs().max().item() for k in p_one) > 1e-2  # training moved them
     for name, value in p_one.items():
         torch.testing.assert_close(p_two[name], value, rtol=1e-5, atol=1e-5, msg=name)

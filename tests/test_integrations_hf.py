@@ -104,6 +104,20 @@ def test_update_aware_value_equals_the_reference(tmp_path, value):
     assert rel_err(run.columns["first_order_dot_products"][rows], first_order) <= TOL
 
 
+def test_torch_compile_records_the_reference_values(tmp_path):
+    """TrainingArguments(torch_compile=True): the Trainer compiles the model the engine already hooks (aot_eager,
+    the graph autograd runs; inductor gave the same on a manual run); step 1 is the float64 reference's."""
+    model, X, Y, X_val, Y_val = model_and_rows(0)
+    initial = copy.deepcopy(model)
+    args = training_args(tmp_path / "graddotprod", per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                         max_steps=1, torch_compile=True, torch_compile_backend="aot_eager")
+    trainer = GradDotProdTrainer(model=model, args=args, train_dataset=train_items(X, Y),
+                                 val_batch={"input_ids": X_val, "labels": Y_val}, save_interval=1)
+    trainer.train()
+    assert isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule)  # it did compile
+    check_step(read_run(run_dir_of(args), per_layer=True, strict=True).columns, 1, initial, X, Y, X_val, Y_val)
+
+
 def test_bf16_equals_the_engine_driven_by_hand(tmp_path):
     """bf16 autocast, gradient accumulation 2: the Trainer's numbers are those of the README's loop on the
     same micro-batches with the same loss multipliers, and close to the float64 reference."""

@@ -118,6 +118,22 @@ def test_torch_compile_records_the_reference_values(tmp_path):
     check_step(read_run(run_dir_of(args), per_layer=True, strict=True).columns, 1, initial, X, Y, X_val, Y_val)
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_records_the_reference_values(tmp_path, reentrant):
+    """TrainingArguments(gradient_checkpointing=True), either checkpoint implementation: the layers run again in
+    the backward; step 1 is still the float64 reference's."""
+    model, X, Y, X_val, Y_val = model_and_rows(0)
+    initial = copy.deepcopy(model)
+    args = training_args(tmp_path / "graddotprod", per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                         max_steps=1, gradient_checkpointing=True,
+                         gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    trainer = GradDotProdTrainer(model=model, args=args, train_dataset=train_items(X, Y),
+                                 val_batch={"input_ids": X_val, "labels": Y_val}, save_interval=1)
+    trainer.train()
+    assert model.is_gradient_checkpointing
+    check_step(read_run(run_dir_of(args), per_layer=True, strict=True).columns, 1, initial, X, Y, X_val, Y_val)
+
+
 def test_bf16_equals_the_engine_driven_by_hand(tmp_path):
     """bf16 autocast, gradient accumulation 2: the Trainer's numbers are those of the README's loop on the
     same micro-batches with the same loss multipliers, and close to the float64 reference."""

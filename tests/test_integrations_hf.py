@@ -134,6 +134,34 @@ def test_gradient_checkpointing_records_the_reference_values(tmp_path, reentrant
     check_step(read_run(run_dir_of(args), per_layer=True, strict=True).columns, 1, initial, X, Y, X_val, Y_val)
 
 
+def test_lora_fine_tuning_records_the_reference_values(tmp_path):
+    """A peft LoRA model (frozen base weights, trainable lora_A/lora_B linear layers inside peft's modules) in the
+    Trainer: the dot products over the trainable parameters, total and per parameter, are the float64
+    reference's."""
+    from peft import LoraConfig, get_peft_model
+
+    model, X, Y, X_val, Y_val = model_and_rows(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # lora_B starts at zero, which would leave lora_A's dot products zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    initial = copy.deepcopy(model)
+    args = training_args(tmp_path / "graddotprod", per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                         max_steps=1)
+    trainer = GradDotProdTrainer(model=model, args=args, train_dataset=train_items(X, Y),
+                                 val_batch={"input_ids": X_val, "labels": Y_val}, save_interval=1)
+    trainer.train()
+    columns = read_run(run_dir_of(args), per_layer=True, strict=True).columns
+    index = columns["sample_index"]
+    ref = reference_dot_products(copy.deepcopy(initial).double(), X[index], Y[index], X_val, Y_val)
+    assert len(ref) == 8 and all("lora_" in name for name in ref)  # 2 layers x (q, v) x (A, B)
+    total = sum(ref.values())
+    assert rel_err(columns["dot_products"], total) <= TOL
+    for name, r in ref.items():
+        assert rel_err(columns[f"per_layer/{name}"], r, 0.1 * float(total.abs().max())) <= TOL, name
+
+
 def test_bf16_equals_the_engine_driven_by_hand(tmp_path):
     """bf16 autocast, gradient accumulation 2: the Trainer's numbers are those of the README's loop on the
     same micro-batches with the same loss multipliers, and close to the float64 reference."""

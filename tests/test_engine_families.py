@@ -64,6 +64,53 @@ def test_causal_lm_family_is_exact(family, tie):
     check_against_reference(model, X, Y, Xv, Yv)
 
 
+# More decoder families, checked as they come (untied, their configs' defaults otherwise): found by type or
+# recognised, with nothing added for them.
+MORE_FAMILIES = {
+    "phi": _decoder("PhiConfig", "PhiForCausalLM"),
+    "stablelm": _decoder("StableLmConfig", "StableLmForCausalLM"),
+    "starcoder2": _decoder("Starcoder2Config", "Starcoder2ForCausalLM"),
+    "granite": _decoder("GraniteConfig", "GraniteForCausalLM"),
+    "smollm3": _decoder("SmolLM3Config", "SmolLM3ForCausalLM"),
+    "gptj": lambda tie: transformers.GPTJForCausalLM(transformers.GPTJConfig(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64, tie_word_embeddings=tie)),
+    "codegen": lambda tie: transformers.CodeGenForCausalLM(transformers.CodeGenConfig(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64, n_ctx=64,
+        tie_word_embeddings=tie)),
+    "gpt_bigcode": lambda tie: transformers.GPTBigCodeForCausalLM(transformers.GPTBigCodeConfig(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, tie_word_embeddings=tie)),
+}
+
+
+@pytest.mark.parametrize("family", list(MORE_FAMILIES))
+def test_more_families_are_exact(family):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = MORE_FAMILIES[family](False).double().eval()
+    X, Y = lm_batch(3, 8, g, pad_row=1)
+    Xv, Yv = lm_batch(2, 8, g)
+    check_against_reference(model, X, Y, Xv, Yv)
+
+
+@pytest.mark.parametrize("family, refused", [
+    ("falcon", r"FalconLinear"),  # a Linear subclass with its own forward
+    ("cohere", r"CohereLayerNorm"),  # a mean-removing norm without bias, a form no rule has
+    ("mixtral", r"MixtralTopKRouter.*MixtralExperts"),  # a router and experts as fused 3-D tensors
+])
+def test_families_without_rules_are_refused_by_name(family, refused):
+    """Models whose layers no rule computes raise at construction, naming the modules, instead of being valued."""
+    model = {
+        "falcon": lambda: transformers.FalconForCausalLM(transformers.FalconConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)),
+        "cohere": _decoder("CohereConfig", "CohereForCausalLM"),
+        "mixtral": _decoder("MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2),
+    }[family]
+    model = model() if family == "falcon" else model(False)
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match=r"no layer rule for module\(s\) with trainable parameters: .*" + refused):
+        GradDotProdEngine(model, val_batch=lm_batch(2, 8, g))
+
+
 def test_bert_sequence_classifier_is_exact():
     torch.manual_seed(3)
     g = torch.Generator().manual_seed(3)

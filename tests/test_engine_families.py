@@ -94,18 +94,17 @@ def test_more_families_are_exact(family):
 
 @pytest.mark.parametrize("family, refused", [
     ("falcon", r"FalconLinear"),  # a Linear subclass with its own forward
-    ("cohere", r"CohereLayerNorm"),  # a mean-removing norm without bias, a form no rule has
+    ("cohere", r"CohereLayerNorm"),  # a norm class no rule recognises
     ("mixtral", r"MixtralTopKRouter.*MixtralExperts"),  # a router and experts as fused 3-D tensors
 ])
 def test_families_without_rules_are_refused_by_name(family, refused):
     """Models whose layers no rule computes raise at construction, naming the modules, instead of being valued."""
     model = {
-        "falcon": lambda: transformers.FalconForCausalLM(transformers.FalconConfig(
-            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)),
+        "falcon": lambda tie: transformers.FalconForCausalLM(transformers.FalconConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, tie_word_embeddings=tie)),
         "cohere": _decoder("CohereConfig", "CohereForCausalLM"),
         "mixtral": _decoder("MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2),
-    }[family]
-    model = model() if family == "falcon" else model(False)
+    }[family](False)
     g = torch.Generator().manual_seed(0)
     with pytest.raises(ValueError, match=r"no layer rule for module\(s\) with trainable parameters: .*" + refused):
         GradDotProdEngine(model, val_batch=lm_batch(2, 8, g))
@@ -183,6 +182,51 @@ def test_an_impostor_norm_is_refused(kind):
     with pytest.raises(ValueError, match=r"no layer rule.*rms \(.*ImpostorNorm: weight\)"):
         GradDotProdEngine(NormNet(ImpostorNorm(64, kind)), val_batch=(torch.randn(1, 16), torch.tensor([0])),
                           task="classification")
+
+
+class ImpostorLinear(nn.Linear):
+    """An nn.Linear subclass whose own forward computes something else than x @ weight.T + bias."""
+
+    def __init__(self, kind):
+        super().__init__(16, 16)
+        self.kind = kind
+
+    def forward(self, x):
+        if self.kind == "scaled":
+            return super().forward(x) * 2.0
+        if self.kind == "activation":
+            return torch.relu(super().forward(x))
+        return x @ self.weight  # "transposed": the weight used the other way round
+
+
+@pytest.mark.parametrize("kind", ["scaled", "activation", "transposed"])
+def test_a_linear_subclass_with_another_forward_is_refused(kind):
+    with pytest.raises(ValueError, match=r"no layer rule.*fc \(.*ImpostorLinear: weight, bias\)"):
+        GradDotProdEngine(nn.ModuleDict({"fc": ImpostorLinear(kind)}), val_batch=(torch.randn(1, 16), torch.tensor([0])),
+                          task="classification")
+
+
+class InPlaceAfterLinear(nn.Module):
+    """Adds to a hooked layer's output in place (as Falcon's parallel attention block does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x, labels=None):
+        y = self.fc(x)
+        y += 1.0
+        return SimpleNamespace(loss=F.cross_entropy(y, labels), logits=y)
+
+
+def test_an_in_place_change_of_a_layer_output_raises():
+    """The engine cannot see an in-place change of a layer's output: autograd refuses it in the forward."""
+    model = InPlaceAfterLinear()
+    engine = GradDotProdEngine(model, val_batch=(torch.randn(2, 16), torch.tensor([0, 1])),
+                               task="classification").attach()
+    x, y = engine.prepare_forward_input(torch.randn(3, 16), torch.tensor([0, 1, 2]))
+    with pytest.raises(RuntimeError, match="is a view and is being modified inplace"):
+        model(x, y)
 
 
 class ConstantScaledEmbedding(nn.Embedding):

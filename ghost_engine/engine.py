@@ -227,7 +227,13 @@ class _Tap(torch.autograd.Function):
         ctx.n_extra = n_extra
         channels_in = rest[2 * n_params + n_extra:]
         ctx.channel_dtypes = tuple(c.dtype for c in channels_in)
-        out = out.view_as(out)
+        # the output itself, marked as changed in place (no copy, not a new view): the model may then change it in
+        # place (Falcon's `mlp_output += attention_output`), which autograd forbids on a custom Function's view.
+        # An output expanded over the rows (a broadcast positional embedding) cannot be written in place at all.
+        if any(stride == 0 and size > 1 for stride, size in zip(out.stride(), out.shape)):
+            out = out.view_as(out)
+        else:
+            ctx.mark_dirty(out)
         if FIRST not in meta[3]:
             return out
         # placeholders the later linear use fills with its gradients: zero-stride, no memory

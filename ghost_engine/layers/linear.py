@@ -10,8 +10,8 @@ and the cheaper one runs. Per-sample weight gradients are never formed.
 import torch
 from torch import nn
 
-from ghost_engine.layers import (LayerPath, accum_dtype, matmul_accum, module_input, register_layer,
-                                row_dot, row_sum, to_dtype)
+from ghost_engine.layers import (LayerPath, accum_dtype, matmul_accum, module_input, probe_forward, probe_generator,
+                                register_layer, register_recogniser, row_dot, row_sum, same_values, to_dtype)
 
 try:  # Hugging Face GPT-2 uses a transposed linear layer
     from transformers.pytorch_utils import Conv1D
@@ -159,3 +159,24 @@ class LinearRule:
         indexed = (act_tr if _is_conv1d(module) else grad_tr).reshape(rows, -1, module.weight.shape[0])
         ids = ids_tr.reshape(rows, 1, -1)
         return torch.gather(indexed, 2, ids.expand(rows, indexed.shape[1], ids.shape[2]))
+
+
+@register_recogniser
+class RecognisedLinearRule(LinearRule):
+    """An nn.Linear subclass with its own forward that still computes x @ weight.T + bias (verified on a random
+    input with random parameters), such as Falcon's FalconLinear. Any other forward is refused."""
+
+    @classmethod
+    def recognise(cls, module):
+        if not isinstance(module, nn.Linear) or module.weight.is_meta or not module.weight.dtype.is_floating_point:
+            return None
+        if set(dict(module.named_parameters())) - {"weight", "bias"}:
+            return None
+        gen = probe_generator()
+        weight = torch.randn(module.weight.shape, generator=gen, dtype=torch.float64)
+        bias = None if module.bias is None else torch.randn(module.bias.shape, generator=gen, dtype=torch.float64)
+        x = torch.randn((3, 5, weight.shape[1]), generator=gen, dtype=torch.float64)
+        replacements = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+        got = probe_forward(module, replacements, x)
+        return cls if same_values(got, torch.nn.functional.linear(x, weight, bias), 1e-12) else None
+

@@ -227,13 +227,14 @@ class _Tap(torch.autograd.Function):
         ctx.n_extra = n_extra
         channels_in = rest[2 * n_params + n_extra:]
         ctx.channel_dtypes = tuple(c.dtype for c in channels_in)
-        # the output itself, marked as changed in place (no copy, not a new view): the model may then change it in
-        # place (Falcon's `mlp_output += attention_output`), which autograd forbids on a custom Function's view.
-        # An output expanded over the rows (a broadcast positional embedding) cannot be written in place at all.
-        if any(stride == 0 and size > 1 for stride, size in zip(out.stride(), out.shape)):
-            out = out.view_as(out)
-        else:
+        # An output that is not a view is handed on itself, marked as changed in place (no copy): the model may
+        # then change it in place (Falcon's `mlp_output += attention_output`), which autograd forbids on a custom
+        # Function's view. A view (nn.Linear's output for [rows, T, d] inputs; a positional embedding expanded
+        # over the rows) stays a view: marked dirty, its backward would copy its base's whole gradient.
+        if out._base is None:
             ctx.mark_dirty(out)
+        else:
+            out = out.view_as(out)
         if FIRST not in meta[3]:
             return out
         # placeholders the later linear use fills with its gradients: zero-stride, no memory

@@ -236,6 +236,48 @@ def test_an_in_place_change_of_a_layer_output_is_exact(backend):
                             task="classification", compile_backend=backend)
 
 
+class InPlaceOnTokenRows(nn.Module):
+    """nn.Linear on [rows, T, d] returns a view of its 2-D product; this model changes that view in place."""
+
+    def __init__(self, width=16, classes=3):
+        super().__init__()
+        self.fc, self.head = nn.Linear(width, width), nn.Linear(width, classes)
+
+    def forward(self, input_ids, labels=None):
+        h = self.fc(input_ids)
+        h += 1.0
+        logits = self.head(h.mean(1))
+        return SimpleNamespace(loss=F.cross_entropy(logits, labels), logits=logits)
+
+
+def test_an_in_place_change_of_a_view_output_raises():
+    """A layer output that is a view stays one (marked dirty, its backward would copy its base's gradient):
+    changing it in place stops in the forward with autograd's error, never with a wrong value."""
+    model = InPlaceOnTokenRows()
+    engine = GradDotProdEngine(model, val_batch=(torch.randn(2, 5, 16), torch.tensor([0, 1])),
+                               task="classification").attach()
+    x, y = engine.prepare_forward_input(torch.randn(3, 5, 16), torch.tensor([0, 1, 2]))
+    with pytest.raises(RuntimeError, match="is a view and is being modified inplace"):
+        model(x, y)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_taps_copy_no_gradient(family):
+    """No tap turns into autograd's CopySlices (a copy of a whole base-sized gradient per layer)."""
+    model = FAMILIES[family](True)
+    g = torch.Generator().manual_seed(0)
+    engine = GradDotProdEngine(model, val_batch=lm_batch(1, 8, g)).attach()
+    x, y = engine.prepare_forward_input(*lm_batch(3, 8, g))
+    nodes, stack = set(), [model(input_ids=x, labels=y).loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in nodes:
+            nodes.add(node)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    names = {type(node).__name__ for node in nodes}
+    assert "_TapBackward" in names and "CopySlices" not in names
+
+
 class ConstantScaledEmbedding(nn.Embedding):
     """Has a scale buffer but does not read it: its scale is a constant."""
 

@@ -79,6 +79,7 @@ MORE_FAMILIES = {
         tie_word_embeddings=tie)),
     "gpt_bigcode": lambda tie: transformers.GPTBigCodeForCausalLM(transformers.GPTBigCodeConfig(
         vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, tie_word_embeddings=tie)),
+    "cohere": _decoder("CohereConfig", "CohereForCausalLM", use_qk_norm=True),  # CohereLayerNorm recognised
     # FalconLinear: nn.Linear's computation in its own forward (recognised); the parallel-attention block adds
     # the attention output into the MLP's in place
     "falcon": lambda tie: transformers.FalconForCausalLM(transformers.FalconConfig(
@@ -97,18 +98,19 @@ def test_more_families_are_exact(family):
     check_against_reference(model, X, Y, Xv, Yv)
 
 
-@pytest.mark.parametrize("family, refused", [
-    ("cohere", r"CohereLayerNorm"),  # a norm class no rule recognises
-    ("mixtral", r"MixtralTopKRouter.*MixtralExperts"),  # a router and experts as fused 3-D tensors
+@pytest.mark.parametrize("family, router, experts", [
+    ("Mixtral", "MixtralTopKRouter", "MixtralExperts"),
+    ("Qwen2Moe", "Qwen2MoeTopKRouter", "Qwen2MoeExperts"),
 ])
-def test_families_without_rules_are_refused_by_name(family, refused):
-    """Models whose layers no rule computes raise at construction, naming the modules, instead of being valued."""
-    model = {
-        "cohere": _decoder("CohereConfig", "CohereForCausalLM"),
-        "mixtral": _decoder("MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2),
-    }[family](False)
+def test_a_mixture_of_experts_model_is_refused_by_name(family, router, experts):
+    """Routers and experts stored as fused 3-D tensors have no rule: the engine raises at construction, naming
+    them, instead of valuing the rest as if they were the whole model."""
+    sizes = (dict(num_local_experts=4) if family == "Mixtral"
+             else dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32))
+    model = _decoder(f"{family}Config", f"{family}ForCausalLM", num_experts_per_tok=2, **sizes)(False)
     g = torch.Generator().manual_seed(0)
-    with pytest.raises(ValueError, match=r"no layer rule for module\(s\) with trainable parameters: .*" + refused):
+    with pytest.raises(ValueError, match=rf"no layer rule for module\(s\) with trainable parameters: .*{router}.*"
+                                         rf"{experts}"):
         GradDotProdEngine(model, val_batch=lm_batch(2, 8, g))
 
 
@@ -160,7 +162,9 @@ class ImpostorNorm(CustomRMSNorm):
             return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)) * self.weight
         if self.kind == "eps hard-coded":
             return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * self.weight
-        if self.kind == "mean removed":  # a LayerNorm without bias
+        if self.kind == "centred, eps hard-coded":  # a LayerNorm without bias, with another epsilon
+            return F.layer_norm(x, x.shape[-1:], eps=1e-5) * self.weight
+        if self.kind == "centred":  # a LayerNorm without bias: recognised (CenteredNormRule), not an impostor
             return F.layer_norm(x, x.shape[-1:], eps=self.epsilon) * self.weight
         return super().forward(x) * self.weight  # "weight squared"
 
@@ -178,7 +182,17 @@ def test_an_unseen_rmsnorm_class_is_recognised_and_exact():
     check_against_reference(NormNet(CustomRMSNorm(64)), X, Y, Xv, Yv, task="classification")
 
 
-@pytest.mark.parametrize("kind", ["eps ignored", "eps hard-coded", "mean removed", "weight squared"])
+def test_an_unseen_centred_norm_class_is_recognised_and_exact():
+    """A LayerNorm without bias in a class of its own (Cohere's form) is recognised by what it computes."""
+    torch.manual_seed(21)
+    X, Y = torch.randn(5, 16), torch.randint(0, 5, (5,))
+    Xv, Yv = torch.randn(2, 16), torch.randint(0, 5, (2,))
+    norm = ImpostorNorm(64, "centred")
+    assert rule_for(norm).__name__ == "CenteredNormRule[epsilon]"
+    check_against_reference(NormNet(norm), X, Y, Xv, Yv, task="classification")
+
+
+@pytest.mark.parametrize("kind", ["eps ignored", "eps hard-coded", "centred, eps hard-coded", "weight squared"])
 def test_an_impostor_norm_is_refused(kind):
     """A module that does not compute a rule's formula is refused by name, never valued with a wrong one."""
     with pytest.raises(ValueError, match=r"no layer rule.*rms \(.*ImpostorNorm: weight\)"):

@@ -218,8 +218,8 @@ class ImpostorLinear(nn.Linear):
 @pytest.mark.parametrize("kind", ["scaled", "activation", "transposed"])
 def test_a_linear_subclass_with_another_forward_is_refused(kind):
     with pytest.raises(ValueError, match=r"no layer rule.*fc \(.*ImpostorLinear: weight, bias\)"):
-        GradDotProdEngine(nn.ModuleDict({"fc": ImpostorLinear(kind)}), val_batch=(torch.randn(1, 16), torch.tensor([0])),
-                          task="classification")
+        GradDotProdEngine(nn.ModuleDict({"fc": ImpostorLinear(kind)}),
+                          val_batch=(torch.randn(1, 16), torch.tensor([0])), task="classification")
 
 
 class InPlaceSum(nn.Module):

@@ -83,6 +83,11 @@ def rule_for(module: nn.Module):
     return None
 
 
+EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon")  # where the norm classes of the model families keep epsilon
+NORM_PROBE_ROWS = 8  # rows of a norm's recognition probe
+NORM_PROBE_RTOL = 1e-5  # a float64 probe against a norm that may normalise in fp32: rounding is ~1e-7
+
+
 def probe_generator() -> torch.Generator:
     """A fixed-seed CPU generator for the random inputs and parameters of a recognition check."""
     return torch.Generator().manual_seed(0)

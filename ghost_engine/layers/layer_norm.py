@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ghost_engine.layers import (module_input, probe_forward, probe_generator, register_layer, register_recogniser,
-                                 same_values)
+from ghost_engine.layers import (EPS_ATTRIBUTES, NORM_PROBE_ROWS, NORM_PROBE_RTOL, module_input, probe_forward,
+                                 probe_generator, register_layer, register_recogniser, same_values)
 from ghost_engine.layers._affine import (accum, affine_path, affine_per_sample_dots, affine_per_sample_sq_norms,
                                          affine_val_grads)
 
@@ -45,10 +45,6 @@ class LayerNormRule:
     @staticmethod
     def path(module, act_tr, act_v, own_only):
         return affine_path(act_tr, len(module.normalized_shape))
-
-
-EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon")
-PROBE_ROWS = 8
 
 
 def _centred(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -98,15 +94,16 @@ class CenteredNormRule:
         eps_attrs = [a for a in EPS_ATTRIBUTES if type(getattr(module, a, None)) in (float, int)]
         gen = probe_generator()
         w = torch.randn(weight.shape, generator=gen, dtype=torch.float64)
-        x = torch.randn((PROBE_ROWS, *weight.shape), generator=gen, dtype=torch.float64) + 3.0  # a mean to remove
+        x = torch.randn((NORM_PROBE_ROWS, *weight.shape), generator=gen, dtype=torch.float64) + 3.0  # a mean to remove
         got = probe_forward(module, {"weight": w}, x)
         for eps_attr in eps_attrs:
             eps = float(getattr(module, eps_attr))
-            if not same_values(got, _centred(x, eps) * w, 1e-5):
+            if not same_values(got, _centred(x, eps) * w, NORM_PROBE_RTOL):
                 continue
             if eps > 0:  # rows whose variance is about eps, where x̂ depends on eps as much as on x
-                x_eps = x[: PROBE_ROWS // 2] * eps ** 0.5
-                if not same_values(probe_forward(module, {"weight": w}, x_eps), _centred(x_eps, eps) * w, 1e-5):
+                x_eps = x[: NORM_PROBE_ROWS // 2] * eps ** 0.5
+                got_eps = probe_forward(module, {"weight": w}, x_eps)
+                if not same_values(got_eps, _centred(x_eps, eps) * w, NORM_PROBE_RTOL):
                     continue
             return _rule(eps_attr)
         return None
@@ -115,4 +112,3 @@ class CenteredNormRule:
 @functools.cache
 def _rule(eps_attr: str):
     return type(f"CenteredNormRule[{eps_attr}]", (CenteredNormRule,), {"eps_attr": eps_attr})
-

@@ -16,14 +16,10 @@ import functools
 import torch
 from torch import nn
 
-from ghost_engine.layers import (module_input, probe_forward, probe_generator, register_layer, register_recogniser,
-                                 same_values)
+from ghost_engine.layers import (EPS_ATTRIBUTES, NORM_PROBE_ROWS, NORM_PROBE_RTOL, module_input, probe_forward,
+                                 probe_generator, register_layer, register_recogniser, same_values)
 from ghost_engine.layers._affine import (accum, affine_path, affine_per_sample_dots, affine_per_sample_sq_norms,
                                          affine_val_grads)
-
-EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon")
-PROBE_ROWS = 8
-PROBE_RTOL = 1e-5  # fp64 probe against a layer that may normalise in fp32: rounding is ~1e-7
 
 
 def _normalize(x: torch.Tensor, n_dims: int, eps: float) -> torch.Tensor:
@@ -93,17 +89,18 @@ class RMSNormRule(_RMSNormRule):
             return None
         gen = probe_generator()
         w = torch.randn(weight.shape, generator=gen, dtype=torch.float64)
-        x = torch.randn((PROBE_ROWS, *weight.shape), generator=gen, dtype=torch.float64)
+        x = torch.randn((NORM_PROBE_ROWS, *weight.shape), generator=gen, dtype=torch.float64)
         got = probe_forward(module, {"weight": w}, x)
         for eps_attr in eps_attrs:
             eps = float(getattr(module, eps_attr))
             if eps > 0:  # half the rows with mean(x²) ≈ eps, where x̂ depends on eps as much as on x
-                x_eps = x[: PROBE_ROWS // 2] * eps ** 0.5
+                x_eps = x[: NORM_PROBE_ROWS // 2] * eps ** 0.5
                 got_eps = probe_forward(module, {"weight": w}, x_eps)
             for offset in (0.0, 1.0):
-                if not same_values(got, _normalize(x, w.dim(), eps) * (offset + w), PROBE_RTOL):
+                if not same_values(got, _normalize(x, w.dim(), eps) * (offset + w), NORM_PROBE_RTOL):
                     continue
-                if eps > 0 and not same_values(got_eps, _normalize(x_eps, w.dim(), eps) * (offset + w), PROBE_RTOL):
+                if eps > 0 and not same_values(got_eps, _normalize(x_eps, w.dim(), eps) * (offset + w),
+                                               NORM_PROBE_RTOL):
                     continue
                 return _rule(eps_attr, _rounds_x_hat(module, x, w, eps, offset))
         return None

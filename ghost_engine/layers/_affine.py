@@ -5,7 +5,8 @@ G_i(bias) = Σ_t b_it. They are formed explicitly, in fp32 (or fp64 for an fp64 
 """
 import torch
 
-from ghost_engine.layers import LayerPath, row_sum, to_dtype
+from ghost_engine.layers import (EPS_ATTRIBUTES, NORM_PROBE_ROWS, NORM_PROBE_RTOL, LayerPath, module_input,
+                                 probe_forward, probe_generator, row_sum, same_values, to_dtype)
 
 
 def _tokens(t: torch.Tensor, n_feature_dims: int) -> torch.Tensor:
@@ -63,3 +64,55 @@ def affine_path(act_tr, n_feature_dims) -> LayerPath:
 def accum(t: torch.Tensor) -> torch.Tensor:
     """Norm statistics in fp32 (fp64 for an fp64 model), as the layers themselves compute them."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+class WeightNormRule:
+    """The rule of a norm y = x̂ ⊙ f(weight) whose only parameter is ``weight`` (its gradient is Σ_t b_t ⊙ x̂_t
+    whatever f adds or scales); subclasses define ``x_hat(module, x)`` and ``n_dims(module)``."""
+
+    @classmethod
+    def capture(cls, module, args, kwargs, output, rows):
+        return module_input(args, kwargs, "hidden_states" if "hidden_states" in kwargs else "input"), None
+
+    @classmethod
+    def val_grads(cls, module, act_v, grad_v):
+        return affine_val_grads(cls.x_hat(module, act_v), accum(grad_v), cls.n_dims(module),
+                                module.weight is not None, False, module.weight.shape)
+
+    @classmethod
+    def per_sample_dots(cls, module, act_tr, grad_tr, act_v, grad_v, val_totals, own_only):
+        return affine_per_sample_dots(cls.x_hat(module, act_tr), accum(grad_tr), cls.n_dims(module), val_totals)
+
+    @classmethod
+    def per_sample_sq_norms(cls, module, act_tr, grad_tr):
+        return affine_per_sample_sq_norms(cls.x_hat(module, act_tr), accum(grad_tr), cls.n_dims(module),
+                                          module.weight is not None, False)
+
+    @classmethod
+    def path(cls, module, act_tr, act_v, own_only):
+        return affine_path(act_tr, cls.n_dims(module))
+
+
+def norm_probe(module, shift: float = 0.0):
+    """For a module that may be a weight-only norm: (eps attribute names, random float64 weight w, probe input x
+    [NORM_PROBE_ROWS, *weight.shape] + shift), or None when its only parameter is not a floating `weight` or it
+    has no epsilon attribute."""
+    params = dict(module.named_parameters())
+    weight = params.get("weight")
+    if (len(params) != 1 or weight is None or weight.dim() == 0 or not weight.dtype.is_floating_point
+            or weight.is_meta):
+        return None
+    eps_attrs = [a for a in EPS_ATTRIBUTES if type(getattr(module, a, None)) in (float, int)]
+    if not eps_attrs:
+        return None
+    gen = probe_generator()
+    w = torch.randn(weight.shape, generator=gen, dtype=torch.float64)
+    return eps_attrs, w, torch.randn((NORM_PROBE_ROWS, *weight.shape), generator=gen, dtype=torch.float64) + shift
+
+
+def computes(module, w, x, eps: float, formula) -> bool:
+    """Whether the module's forward with weight w equals formula(x) on x and, for eps > 0, on half the rows
+    scaled to a mean square about eps (where x̂ depends on eps as much as on x, so a wrong epsilon shows)."""
+    inputs = [x] + ([x[: NORM_PROBE_ROWS // 2] * eps ** 0.5] if eps > 0 else [])
+    return all(same_values(probe_forward(module, {"weight": w}, xi), formula(xi), NORM_PROBE_RTOL) for xi in inputs)
+

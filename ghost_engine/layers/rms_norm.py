@@ -16,10 +16,8 @@ import functools
 import torch
 from torch import nn
 
-from ghost_engine.layers import (EPS_ATTRIBUTES, NORM_PROBE_ROWS, NORM_PROBE_RTOL, module_input, probe_forward,
-                                 probe_generator, register_layer, register_recogniser, same_values)
-from ghost_engine.layers._affine import (accum, affine_path, affine_per_sample_dots, affine_per_sample_sq_norms,
-                                         affine_val_grads)
+from ghost_engine.layers import probe_forward, register_layer, register_recogniser
+from ghost_engine.layers._affine import WeightNormRule, accum, computes, norm_probe
 
 
 def _normalize(x: torch.Tensor, n_dims: int, eps: float) -> torch.Tensor:
@@ -28,34 +26,8 @@ def _normalize(x: torch.Tensor, n_dims: int, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
 
 
-class _RMSNormRule:
-    """The affine math of an RMSNorm; subclasses define ``x_hat(module, x)`` and ``n_dims(module)``."""
-
-    @classmethod
-    def capture(cls, module, args, kwargs, output, rows):
-        return module_input(args, kwargs, "hidden_states" if "hidden_states" in kwargs else "input"), None
-
-    @classmethod
-    def val_grads(cls, module, act_v, grad_v):
-        return affine_val_grads(cls.x_hat(module, act_v), accum(grad_v), cls.n_dims(module),
-                                module.weight is not None, False, module.weight.shape)
-
-    @classmethod
-    def per_sample_dots(cls, module, act_tr, grad_tr, act_v, grad_v, val_totals, own_only):
-        return affine_per_sample_dots(cls.x_hat(module, act_tr), accum(grad_tr), cls.n_dims(module), val_totals)
-
-    @classmethod
-    def per_sample_sq_norms(cls, module, act_tr, grad_tr):
-        return affine_per_sample_sq_norms(cls.x_hat(module, act_tr), accum(grad_tr), cls.n_dims(module),
-                                          module.weight is not None, False)
-
-    @classmethod
-    def path(cls, module, act_tr, act_v, own_only):
-        return affine_path(act_tr, cls.n_dims(module))
-
-
 @register_layer(nn.RMSNorm)
-class TorchRMSNormRule(_RMSNormRule):
+class TorchRMSNormRule(WeightNormRule):
     n_dims = staticmethod(lambda module: len(module.normalized_shape))
 
     @classmethod
@@ -65,7 +37,7 @@ class TorchRMSNormRule(_RMSNormRule):
 
 
 @register_recogniser
-class RMSNormRule(_RMSNormRule):
+class RMSNormRule(WeightNormRule):
     """Any module whose only parameter is ``weight`` and whose forward is x̂ ⊙ (c + weight) (verified)."""
 
     eps_attr = None  # the module attribute holding epsilon
@@ -79,30 +51,15 @@ class RMSNormRule(_RMSNormRule):
 
     @classmethod
     def recognise(cls, module):
-        params = dict(module.named_parameters())
-        weight = params.get("weight")
-        if (len(params) != 1 or weight is None or weight.dim() == 0 or not weight.dtype.is_floating_point
-                or weight.is_meta):
+        probe = norm_probe(module)
+        if probe is None:
             return None
-        eps_attrs = [a for a in EPS_ATTRIBUTES if type(getattr(module, a, None)) in (float, int)]
-        if not eps_attrs:
-            return None
-        gen = probe_generator()
-        w = torch.randn(weight.shape, generator=gen, dtype=torch.float64)
-        x = torch.randn((NORM_PROBE_ROWS, *weight.shape), generator=gen, dtype=torch.float64)
-        got = probe_forward(module, {"weight": w}, x)
+        eps_attrs, w, x = probe
         for eps_attr in eps_attrs:
             eps = float(getattr(module, eps_attr))
-            if eps > 0:  # half the rows with mean(x²) ≈ eps, where x̂ depends on eps as much as on x
-                x_eps = x[: NORM_PROBE_ROWS // 2] * eps ** 0.5
-                got_eps = probe_forward(module, {"weight": w}, x_eps)
             for offset in (0.0, 1.0):
-                if not same_values(got, _normalize(x, w.dim(), eps) * (offset + w), NORM_PROBE_RTOL):
-                    continue
-                if eps > 0 and not same_values(got_eps, _normalize(x_eps, w.dim(), eps) * (offset + w),
-                                               NORM_PROBE_RTOL):
-                    continue
-                return _rule(eps_attr, _rounds_x_hat(module, x, w, eps, offset))
+                if computes(module, w, x, eps, lambda xi: _normalize(xi, w.dim(), eps) * (offset + w)):
+                    return _rule(eps_attr, _rounds_x_hat(module, x, w, eps, offset))
         return None
 
 

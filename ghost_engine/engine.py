@@ -259,7 +259,9 @@ class _Tap(torch.autograd.Function):
             act = to_dtype(act, dtype)
         grad = to_dtype(grad, dtype)
         module, rule = layer.module, layer.rule
-        act_tr, act_v, grad_tr, grad_v = act[:n_train], act[n_train:], grad[:n_train], grad[n_train:]
+        sizes = (n_train, act.shape[0] - n_train)  # one call per tensor for its two views (host time per layer)
+        act_tr, act_v = act.split_with_sizes(sizes)
+        grad_tr, grad_v = grad.split_with_sizes(sizes)
         val_grads = rule.val_grads(module, act_v, grad_v)  # fresh tensors, owned here
         # adamw: the dot products are taken with D ⊙ G_val; .grad still gets the unpreconditioned -G_val
         precond = dict(zip(layer.params, precond))
@@ -296,6 +298,10 @@ class _Tap(torch.autograd.Function):
                 sq_val = (val_grads[local].square().sum() if role != SECOND  # the embedding counts both uses
                           else sq_i.new_zeros(()))
                 extra_grads.append(torch.cat([sq_i, sq_val.to(sq_i.dtype).reshape(1)]))
+        # -G_val of the layer's own parameters: one in-place call for all of them (one multi-tensor kernel on a GPU)
+        own = [val_grads[local] for local, role in zip(layer.params, roles) if role != SECOND]
+        if own:
+            torch._foreach_neg_(own)
         param_grads, sink_grads, channels_in = [], [], [None] * len(ctx.channel_dtypes)
         for local, role, p in zip(layer.params, roles, layer.tensors):
             sink_grads.append(dots[local] if cross is None or role != FIRST else dots[local] + cross)
@@ -306,7 +312,7 @@ class _Tap(torch.autograd.Function):
                 channels_in = [c.to(d) for c, d in zip((val_grads[local], *stash), ctx.channel_dtypes)]
                 param_grads.append(None)
             else:
-                param_grads.append(to_dtype(val_grads[local].neg_(), p.dtype))
+                param_grads.append(to_dtype(val_grads[local], p.dtype))
         return (None, None, None, grad_out, None, None, None, None, *param_grads, *sink_grads, *extra_grads,
                 *channels_in)
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ghost_engine.layers import (LayerPath, accum_dtype, matmul_accum, module_input, probe_forward, probe_generator,
-                                register_layer, register_recogniser, row_dot, row_sum, same_values, to_dtype)
+                                register_layer, register_recogniser, row_dot, same_values, to_dtype)
 
 try:  # Hugging Face GPT-2 uses a transposed linear layer
     from transformers.pytorch_utils import Conv1D
@@ -103,9 +103,10 @@ class LinearRule:
             out["weight"] = _gram_dots(act_tr, grad_tr, act_v, grad_v, rows)
         else:
             out["weight"] = _projection_dots(act_tr, grad_tr, _weight_in_out(module, total), rows)
-        if "bias" in val_totals:
-            g = _flat(grad_tr)
-            out["bias"] = row_sum(matmul_accum(g, to_dtype(val_totals["bias"], g.dtype).unsqueeze(1)), rows)
+        if "bias" in val_totals:  # Σ_t b_t·v = (Σ_t b_t)·v: the row's token sum in fp32, then one product
+            dtype = accum_dtype(grad_tr)
+            total = to_dtype(val_totals["bias"], dtype)
+            out["bias"] = grad_tr.reshape(rows, -1, total.shape[0]).sum(1, dtype=dtype) @ total
         return out
 
     @staticmethod

@@ -27,9 +27,10 @@ Rules are found for a module in two ways (``rule_for``):
 - by computation: ``@register_recogniser`` registers a rule class whose ``recognise(module)`` returns a rule
   for a module it has *verified* to compute that rule's formula (its forward run once on a small random
   input with random parameters and compared with the formula), or None. This is how the RMSNorm classes
-  of every model family, LayerNorms without bias in their own class (Cohere), scaled embeddings (Gemma),
-  offset positional embeddings (OPT) and linear layers with their own forward (Falcon's FalconLinear) are
-  valued.
+  of every model family, LayerNorms in their own class or with their own forward (Cohere's without bias,
+  Nemotron's with 1 + weight), scaled embeddings (Gemma: a buffer; XGLM, BioGPT: a float attribute),
+  offset positional embeddings (OPT, BioGPT) and linear layers with their own forward (Falcon's
+  FalconLinear) are valued.
 A module matched by neither is refused by the engine, never valued with a guessed formula.
 
 A rule may set ``autocast_input = True`` to have the engine keep its input in the autocast dtype.

@@ -1,8 +1,9 @@
 """Every common model family, tiny and float64, against float64 per-sample gradients from torch.func.
 
 Each family's layers are found by type (nn.Linear, nn.LayerNorm, nn.Embedding, GPT-2's Conv1D) or
-recognised by what they compute (every RMSNorm class, Gemma's scaled embedding, OPT's positional
-embedding); OPT also feeds its feed-forward block rows flattened with the tokens. Models are built from
+recognised by what they compute (every RMSNorm class, Gemma's, XGLM's and BioGPT's scaled embeddings, OPT's
+and BioGPT's positional embeddings, Cohere's and Nemotron's LayerNorms); OPT also feeds its feed-forward block
+rows flattened with the tokens. Models are built from
 configs (nothing is downloaded) and run in eval mode (no dropout).
 """
 import contextlib
@@ -246,23 +247,6 @@ class NormNet(MLPClassifier):
         self.rms = norm
 
 
-def test_an_unseen_rmsnorm_class_is_recognised_and_exact():
-    torch.manual_seed(21)
-    X, Y = torch.randn(5, 16), torch.randint(0, 5, (5,))
-    Xv, Yv = torch.randn(2, 16), torch.randint(0, 5, (2,))
-    check_against_reference(NormNet(CustomRMSNorm(64)), X, Y, Xv, Yv, task="classification")
-
-
-def test_an_unseen_centred_norm_class_is_recognised_and_exact():
-    """A LayerNorm without bias in a class of its own (Cohere's form) is recognised by what it computes."""
-    torch.manual_seed(21)
-    X, Y = torch.randn(5, 16), torch.randint(0, 5, (5,))
-    Xv, Yv = torch.randn(2, 16), torch.randint(0, 5, (2,))
-    norm = ImpostorNorm(64, "centred")
-    assert rule_for(norm).__name__ == "CenteredNormRule[epsilon]"
-    check_against_reference(NormNet(norm), X, Y, Xv, Yv, task="classification")
-
-
 @pytest.mark.parametrize("kind", ["eps ignored", "eps hard-coded", "centred, eps hard-coded", "weight squared"])
 def test_an_impostor_norm_is_refused(kind):
     """A module that does not compute a rule's formula is refused by name, never valued with a wrong one."""
@@ -291,12 +275,18 @@ class LayerNorm1P(nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, self.weight + 1.0, self.bias, self.eps)  # "1p"
 
 
-def test_a_layer_norm_with_its_own_forward_is_recognised_and_exact():
+@pytest.mark.parametrize("norm, rule", [
+    (lambda: CustomRMSNorm(64), "RMSNormRule[epsilon]"),
+    (lambda: ImpostorNorm(64, "centred"), "CenteredNormRule[epsilon]"),  # a LayerNorm without bias (Cohere's)
+    (lambda: LayerNorm1P(64, "1p"), "OffsetLayerNormRule[eps]"),  # (1 + weight) and bias (Nemotron's)
+], ids=["rms", "centred", "layer_norm_1p"])
+def test_an_unseen_norm_class_is_recognised_and_exact(norm, rule):
+    """A norm class of a family the engine has never seen is recognised by what it computes."""
     torch.manual_seed(21)
     X, Y = torch.randn(5, 16), torch.randint(0, 5, (5,))
     Xv, Yv = torch.randn(2, 16), torch.randint(0, 5, (2,))
-    norm = LayerNorm1P(64, "1p")
-    assert rule_for(norm).__name__ == "OffsetLayerNormRule[eps]"
+    norm = norm()
+    assert rule_for(norm).__name__ == rule
     check_against_reference(NormNet(norm), X, Y, Xv, Yv, task="classification")
 
 

@@ -116,7 +116,7 @@ def norm_probe(module, shift: float = 0.0, names: tuple = ("weight",)):
 
 def computes(module, params, x, eps: float, formula) -> bool:
     """Whether the module's forward with `params` (name -> tensor) in place of its parameters equals formula(x)
-    on x and, for eps > 0, on half the rows scaled to a mean square (or variance) about eps (where x̂ depends on eps as much as
-    on x, so a wrong epsilon shows)."""
+    on x and, for eps > 0, on half the rows scaled to a mean square (or variance) about eps (where x̂ depends on
+    eps as much as on x, so a wrong epsilon shows)."""
     inputs = [x] + ([x[: NORM_PROBE_ROWS // 2] * eps ** 0.5] if eps > 0 else [])
     return all(same_values(probe_forward(module, params, xi), formula(xi), NORM_PROBE_RTOL) for xi in inputs)

@@ -406,13 +406,13 @@ class GradDotProdEngine:
     # ------------------------------------------------------------------ set-up
     def _inspect(self, model, unsupported):
         layers, excluded, problems = [], [], []
-        owners = {}  # id(parameter) -> modules owning it
+        owners = {}  # id(parameter) -> [(the name a module registers it under, that module), ...]
         for mod_name, module in model.named_modules():
             own = {local: p for local, p in module.named_parameters(recurse=False) if p.requires_grad}
             if not own:
                 continue
-            for p in own.values():
-                owners.setdefault(id(p), []).append(module)
+            for local, p in own.items():
+                owners.setdefault(id(p), []).append((f"{mod_name}.{local}" if mod_name else local, module))
             rule = rule_for(module)
             if rule is None:
                 problems.append((mod_name, module))
@@ -445,19 +445,39 @@ class GradDotProdEngine:
         return layers, excluded
 
     def _check_ties(self, layers, owners):
-        """A shared parameter must be one embedding's weight and one linear layer's (looked up in that order)."""
+        """A shared parameter must be one embedding's weight and one linear layer's (looked up in that order),
+        and that linear layer may share no other parameter."""
         by_module = {id(layer.module): layer for layer in layers}
-        for pid, mods in owners.items():
-            if len(mods) < 2:
+        for pid, uses in owners.items():
+            if len(uses) < 2:
                 continue
-            uses = [by_module.get(id(m)) for m in mods]
-            sparse = [u for u in uses if u is not None and getattr(u.rule, "row_sparse", False)]
-            dense = [u for u in uses if u is not None and hasattr(u.rule, "make_stash")]
-            if len(mods) != 2 or len(sparse) != 1 or len(dense) != 1 or sum(dense[0].tied.values()) != 1:
-                names = [type(m).__name__ for m in mods]
-                raise ValueError(f"parameter {self.param_names.get(pid, '?')} is shared by modules {names}; "
-                                 "ties are supported between one embedding and one linear layer")
-            self._tie_partner[self.param_names[pid]] = dense[0]
+            rules = [by_module.get(id(m)) for _, m in uses]
+            sparse = [u for u in rules if u is not None and getattr(u.rule, "row_sparse", False)]
+            dense = [u for u in rules if u is not None and hasattr(u.rule, "make_stash")]
+            if len(uses) != 2 or len(sparse) != 1 or len(dense) != 1:
+                listing = ", ".join(f"{name} ({type(m).__name__}{'' if u else ', no layer rule'})"
+                                    for (name, m), u in zip(uses, rules))
+                raise ValueError(f"parameter {self.param_names.get(pid, '?')} is registered as {listing}; a parameter "
+                                 "may be shared by one embedding and one linear layer only")
+            linear = dense[0]
+            for local, p in zip(linear.params, linear.tensors):
+                if id(p) != pid and linear.tied[local]:
+                    raise ValueError(self._second_tie_message(linear, sparse[0], pid, owners[id(p)], by_module))
+            self._tie_partner[self.param_names[pid]] = linear
+
+    def _second_tie_message(self, linear, embedding, pid, uses, hooked) -> str:
+        """Why a linear layer tied to an embedding that also shares another parameter is refused."""
+        own = next(name for name, m in uses if m is linear.module)
+        others = [(name, m) for name, m in uses if m is not linear.module]
+        also = " and ".join(f"{name} ({type(m).__name__})" for name, m in others)
+        name, owner = others[0][0], type(others[0][1]).__name__
+        unhooked = id(others[0][1]) not in hooked
+        return (f"the linear layer {linear.name} ({type(linear.module).__name__}) shares "
+                f"{self.param_names[pid]} with the embedding {embedding.name}, and also another parameter: "
+                f"{own} is also registered as {also}. A linear layer tied to an embedding may share nothing else: "
+                f"the engine cannot verify that {owner} does not use it in its own forward. Untie it (for example "
+                f"`del model.{name}`, when {owner}'s forward does not read it)"
+                + (f" or register a rule for {owner}" if unhooked else ""))
 
     def attach(self, optimizer=None):
         """Register the hooks. ``optimizer`` (optional) must only hold this model's parameters."""

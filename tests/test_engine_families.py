@@ -1,10 +1,12 @@
 """Every common model family, tiny and float64, against float64 per-sample gradients from torch.func.
 
 Each family's layers are found by type (nn.Linear, nn.LayerNorm, nn.Embedding, GPT-2's Conv1D) or
-recognised by what they compute (every RMSNorm class, Gemma's scaled embedding, OPT's positional
-embedding); OPT also feeds its feed-forward block rows flattened with the tokens. Models are built from
+recognised by what they compute (every RMSNorm class, Gemma's, XGLM's and BioGPT's scaled embeddings, OPT's
+and BioGPT's positional embeddings, Cohere's and Nemotron's LayerNorms); OPT also feeds its feed-forward block
+rows flattened with the tokens. Models are built from
 configs (nothing is downloaded) and run in eval mode (no dropout).
 """
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -85,17 +87,44 @@ MORE_FAMILIES = {
     "falcon": lambda tie: transformers.FalconForCausalLM(transformers.FalconConfig(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, bias=True,
         tie_word_embeddings=tie)),
+    # the word embedding scaled by a Python float attribute (embed_scale = √32) recognised; sinusoidal positions
+    "xglm": lambda tie: transformers.XGLMForCausalLM(transformers.XGLMConfig(
+        vocab_size=VOCAB, d_model=32, ffn_dim=64, num_layers=2, attention_heads=4, max_position_embeddings=64,
+        bos_token_id=0, eos_token_id=0, pad_token_id=PAD, tie_word_embeddings=tie)),
+    # the same scaled word embedding, and learned positions with an offset of 2 (as OPT's) recognised
+    "biogpt": lambda tie: transformers.BioGptForCausalLM(transformers.BioGptConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=PAD, tie_word_embeddings=tie)),
+    "nemotron": _decoder("NemotronConfig", "NemotronForCausalLM"),  # NemotronLayerNorm1P: weight + 1, recognised
 }
+TIED_TOO = ["xglm", "biogpt"]  # also checked tied: the tie runs through a recognised embedding
+# XGLM's attention clamps its scores with torch.full((), torch.finfo(dtype).min), made in the default dtype:
+# a float64 model needs float64 as the default dtype (float32 cannot hold float64's minimum)
+DEFAULT_FLOAT64 = {"xglm"}
 
 
-@pytest.mark.parametrize("family", list(MORE_FAMILIES))
-def test_more_families_are_exact(family):
+@pytest.mark.parametrize("family, tie", [(f, False) for f in MORE_FAMILIES] + [(f, True) for f in TIED_TOO],
+                         ids=lambda v: {False: "untied", True: "tied"}.get(v, v) if isinstance(v, bool) else v)
+def test_more_families_are_exact(family, tie):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    model = MORE_FAMILIES[family](False).double().eval()
+    model = MORE_FAMILIES[family](tie).double().eval()
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tie
     X, Y = lm_batch(3, 8, g, pad_row=1)
     Xv, Yv = lm_batch(2, 8, g)
-    check_against_reference(model, X, Y, Xv, Yv)
+    X[0, 3], Xv[1, 4] = PAD, PAD  # the padding id where the family has one (XGLM, BioGPT), a token otherwise
+    with default_dtype(torch.float64) if family in DEFAULT_FLOAT64 else contextlib.nullcontext():
+        check_against_reference(model, X, Y, Xv, Yv)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 @pytest.mark.parametrize("family, router, experts", [
@@ -112,6 +141,35 @@ def test_a_mixture_of_experts_model_is_refused_by_name(family, router, experts):
     with pytest.raises(ValueError, match=rf"no layer rule for module\(s\) with trainable parameters: .*{router}.*"
                                          rf"{experts}"):
         GradDotProdEngine(model, val_batch=lm_batch(2, 8, g))
+
+
+def test_a_linear_layer_tied_twice_is_refused_naming_its_other_shared_parameter():
+    """RoBERTa's causal-LM head registers its output bias twice (lm_head.bias and lm_head.decoder.bias) besides
+    the decoder's weight tied to the word embedding: refused, the message naming the bias and what to do; with
+    the second registration removed, as it says, the model is exact."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = transformers.RobertaForCausalLM(transformers.RobertaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, is_decoder=True, pad_token_id=PAD)).double().eval()
+    X, Y = lm_batch(3, 8, g, pad_row=1)
+    Xv, Yv = lm_batch(2, 8, g)
+    with pytest.raises(ValueError, match=r"the linear layer lm_head\.decoder \(Linear\) shares "
+                                         r"roberta\.embeddings\.word_embeddings\.weight with the embedding .*: "
+                                         r"lm_head\.decoder\.bias is also registered as lm_head\.bias "
+                                         r"\(RobertaLMHead\).*Untie it \(for example `del model\.lm_head\.bias`.*"
+                                         r"register a rule for RobertaLMHead"):
+        GradDotProdEngine(model, val_batch=(Xv, Yv))
+    del model.lm_head.bias
+    check_against_reference(model, X, Y, Xv, Yv)
+
+
+def test_a_weight_shared_by_two_linear_layers_is_refused_naming_both():
+    model = nn.ModuleDict({"a": nn.Linear(4, 4), "b": nn.Linear(4, 4)})
+    model["b"].weight = model["a"].weight
+    with pytest.raises(ValueError, match=r"parameter a\.weight is registered as a\.weight \(Linear\), b\.weight "
+                                         r"\(Linear\); a parameter may be shared by one embedding and one linear"):
+        GradDotProdEngine(model, val_batch=(torch.randn(1, 4), torch.tensor([0])), task="classification")
 
 
 def test_bert_sequence_classifier_is_exact():
@@ -131,8 +189,22 @@ def test_recognised_forms():
                                     (olmo2.model.norm, "variance_epsilon", False), (gemma.model.norm, "eps", False)]:
         rule = rule_for(norm)
         assert (rule.eps_attr, rule.round_x_hat) == (eps_attr, rounded), type(norm).__name__
-    assert rule_for(gemma.model.embed_tokens).scale_buffer == "embed_scale"
+    assert rule_for(gemma.model.embed_tokens).scale_attr == "embed_scale"
     assert rule_for(opt.model.decoder.embed_positions).offset_attr == "offset"
+
+
+def test_recognised_forms_of_more_families():
+    """XGLM's and BioGPT's word embeddings are scaled by their float attribute embed_scale (left as it was),
+    BioGPT's positions are position_ids + offset, Nemotron's LayerNorm1P is a layer norm with weight and bias."""
+    xglm, biogpt, nemotron = (MORE_FAMILIES[name](False) for name in ("xglm", "biogpt", "nemotron"))
+    for embedding in (xglm.model.embed_tokens, biogpt.biogpt.embed_tokens):
+        assert type(embedding.embed_scale) is float
+        scale = embedding.embed_scale
+        assert (rule_for(embedding).scale_attr, rule_for(embedding).offset_attr) == ("embed_scale", None)
+        assert embedding.embed_scale is scale
+    positions = rule_for(biogpt.biogpt.embed_positions)
+    assert (positions.ids_arg[1], positions.offset_attr, positions.scale_attr) == ("position_ids", "offset", None)
+    assert rule_for(nemotron.model.norm).__name__ == "OffsetLayerNormRule[eps]"
 
 
 # ---------------------------------------------------------------- a family the engine has never seen
@@ -175,28 +247,53 @@ class NormNet(MLPClassifier):
         self.rms = norm
 
 
-def test_an_unseen_rmsnorm_class_is_recognised_and_exact():
-    torch.manual_seed(21)
-    X, Y = torch.randn(5, 16), torch.randint(0, 5, (5,))
-    Xv, Yv = torch.randn(2, 16), torch.randint(0, 5, (2,))
-    check_against_reference(NormNet(CustomRMSNorm(64)), X, Y, Xv, Yv, task="classification")
-
-
-def test_an_unseen_centred_norm_class_is_recognised_and_exact():
-    """A LayerNorm without bias in a class of its own (Cohere's form) is recognised by what it computes."""
-    torch.manual_seed(21)
-    X, Y = torch.randn(5, 16), torch.randint(0, 5, (5,))
-    Xv, Yv = torch.randn(2, 16), torch.randint(0, 5, (2,))
-    norm = ImpostorNorm(64, "centred")
-    assert rule_for(norm).__name__ == "CenteredNormRule[epsilon]"
-    check_against_reference(NormNet(norm), X, Y, Xv, Yv, task="classification")
-
-
 @pytest.mark.parametrize("kind", ["eps ignored", "eps hard-coded", "centred, eps hard-coded", "weight squared"])
 def test_an_impostor_norm_is_refused(kind):
     """A module that does not compute a rule's formula is refused by name, never valued with a wrong one."""
     with pytest.raises(ValueError, match=r"no layer rule.*rms \(.*ImpostorNorm: weight\)"):
         GradDotProdEngine(NormNet(ImpostorNorm(64, kind)), val_batch=(torch.randn(1, 16), torch.tensor([0])),
+                          task="classification")
+
+
+class LayerNorm1P(nn.LayerNorm):
+    """An nn.LayerNorm subclass with its own forward: (1 + weight) as Nemotron's NemotronLayerNorm1P, or one
+    that computes something else."""
+
+    def __init__(self, dim, kind):
+        super().__init__(dim, eps=1e-6)
+        nn.init.normal_(self.weight, std=0.1)
+        nn.init.normal_(self.bias, std=0.1)
+        self.kind = kind
+
+    def forward(self, x):
+        if self.kind == "eps hard-coded":
+            return F.layer_norm(x, self.normalized_shape, self.weight + 1.0, self.bias, 1e-5)
+        if self.kind == "weight + 2":
+            return F.layer_norm(x, self.normalized_shape, self.weight + 2.0, self.bias, self.eps)
+        if self.kind == "bias ignored":
+            return F.layer_norm(x, self.normalized_shape, self.weight + 1.0, None, self.eps)
+        return F.layer_norm(x, self.normalized_shape, self.weight + 1.0, self.bias, self.eps)  # "1p"
+
+
+@pytest.mark.parametrize("norm, rule", [
+    (lambda: CustomRMSNorm(64), "RMSNormRule[epsilon]"),
+    (lambda: ImpostorNorm(64, "centred"), "CenteredNormRule[epsilon]"),  # a LayerNorm without bias (Cohere's)
+    (lambda: LayerNorm1P(64, "1p"), "OffsetLayerNormRule[eps]"),  # (1 + weight) and bias (Nemotron's)
+], ids=["rms", "centred", "layer_norm_1p"])
+def test_an_unseen_norm_class_is_recognised_and_exact(norm, rule):
+    """A norm class of a family the engine has never seen is recognised by what it computes."""
+    torch.manual_seed(21)
+    X, Y = torch.randn(5, 16), torch.randint(0, 5, (5,))
+    Xv, Yv = torch.randn(2, 16), torch.randint(0, 5, (2,))
+    norm = norm()
+    assert rule_for(norm).__name__ == rule
+    check_against_reference(NormNet(norm), X, Y, Xv, Yv, task="classification")
+
+
+@pytest.mark.parametrize("kind", ["eps hard-coded", "weight + 2", "bias ignored"])
+def test_an_impostor_layer_norm_is_refused(kind):
+    with pytest.raises(ValueError, match=r"no layer rule.*rms \(.*LayerNorm1P: weight, bias\)"):
+        GradDotProdEngine(NormNet(LayerNorm1P(64, kind)), val_batch=(torch.randn(1, 16), torch.tensor([0])),
                           task="classification")
 
 
@@ -293,35 +390,62 @@ def test_the_taps_copy_no_gradient(family):
 
 
 class ConstantScaledEmbedding(nn.Embedding):
-    """Has a scale buffer but does not read it: its scale is a constant."""
+    """Has a scale (a buffer or a float attribute) but does not read it: its scale is a constant."""
 
-    def __init__(self, vocab, dim):
+    def __init__(self, vocab, dim, where):
         super().__init__(vocab, dim)
-        self.embed_scale = nn.Buffer(torch.tensor(4.0), persistent=False)
+        if where == "buffer":
+            self.embed_scale = nn.Buffer(torch.tensor(4.0), persistent=False)
+        else:
+            self.embed_scale = 4.0
 
     def forward(self, ids):
         return super().forward(ids) * 4.0
 
 
-def test_an_embedding_whose_scale_is_not_its_buffer_is_refused():
-    model = nn.ModuleDict({"emb": ConstantScaledEmbedding(10, 4)})
-    with pytest.raises(ValueError, match=r"no layer rule.*emb \(.*ConstantScaledEmbedding"):
+class CheckedScaleEmbedding(nn.Embedding):
+    """Reads its float attribute, but raises for any value other than the one it was built with."""
+
+    def __init__(self, vocab, dim):
+        super().__init__(vocab, dim)
+        self.embed_scale = 4.0
+
+    def forward(self, ids):
+        if self.embed_scale != 4.0:
+            raise ValueError("embed_scale changed")
+        return super().forward(ids) * self.embed_scale
+
+
+@pytest.mark.parametrize("embedding", [lambda: ConstantScaledEmbedding(10, 4, "buffer"),
+                                       lambda: ConstantScaledEmbedding(10, 4, "attribute"),
+                                       lambda: CheckedScaleEmbedding(10, 4)], ids=["buffer", "attribute", "raises"])
+def test_an_embedding_whose_scale_is_not_its_own_is_refused(embedding):
+    """The forward must multiply by the module's own buffer or attribute, whatever value is put there: one
+    that multiplies by a constant equal to it, or raises for another value, is refused; the attribute is
+    restored after the check."""
+    model = nn.ModuleDict({"emb": embedding()})
+    with pytest.raises(ValueError, match=r"no layer rule.*emb \(.*(ConstantScaled|CheckedScale)Embedding: weight\)"):
         GradDotProdEngine(model, val_batch=(torch.randn(1, 4), torch.tensor([0])), task="classification")
+    assert float(model["emb"].embed_scale) == 4.0
 
 
 # ---------------------------------------------------------------- rows flattened with the tokens
 
 
 class FlatLM(nn.Module):
-    """Gemma's scaled embedding, then a block that works on rows flattened with the tokens ([rows·T, d],
-    as OPT's feed-forward block does) with an unseen RMSNorm class, then a head."""
+    """A recognised scaled embedding, then a block that works on rows flattened with the tokens ([rows·T, d],
+    as OPT's feed-forward block does) with a recognised norm, then a head. `layers`: "gemma" (Gemma's embedding,
+    scaled by a buffer, and an unseen RMSNorm class) or "xglm" (XGLM's embedding, scaled by a float attribute,
+    and a LayerNorm with (1 + weight) as Nemotron's)."""
 
-    def __init__(self, width=16):
+    def __init__(self, layers="gemma", width=16):
         super().__init__()
         from transformers.models.gemma.modeling_gemma import GemmaTextScaledWordEmbedding
+        from transformers.models.xglm.modeling_xglm import XGLMScaledWordEmbedding
 
-        self.emb = GemmaTextScaledWordEmbedding(VOCAB, width, padding_idx=PAD, embed_scale=width ** 0.5)
-        self.norm = CustomRMSNorm(width)
+        embedding = GemmaTextScaledWordEmbedding if layers == "gemma" else XGLMScaledWordEmbedding
+        self.emb = embedding(VOCAB, width, padding_idx=PAD, embed_scale=width ** 0.5)
+        self.norm = CustomRMSNorm(width) if layers == "gemma" else LayerNorm1P(width, "1p")
         self.fc = nn.Linear(width, width)
         self.head = nn.Linear(width, VOCAB)
 
@@ -333,15 +457,17 @@ class FlatLM(nn.Module):
         return SimpleNamespace(loss=loss, logits=logits)
 
 
+@pytest.mark.parametrize("layers", ["gemma", "xglm"])
 @pytest.mark.parametrize("backend", [None, "aot_eager"], ids=["eager", "compiled"])
-def test_flattened_rows_and_recognised_layers_are_exact(backend):
-    """Also under torch.compile: the recognised rules and the flattened rows trace into the graph."""
+def test_flattened_rows_and_recognised_layers_are_exact(backend, layers):
+    """Also under torch.compile: the recognised rules (a scale read from a buffer or a float attribute) and the
+    flattened rows trace into the graph."""
     torch.manual_seed(23)
     g = torch.Generator().manual_seed(23)
     X, Y = lm_batch(3, 8, g, pad_row=2)
     Xv, Yv = lm_batch(2, 8, g)
     X[0, 1] = PAD
-    check_against_reference(FlatLM(), X, Y, Xv, Yv, compile_backend=backend)
+    check_against_reference(FlatLM(layers), X, Y, Xv, Yv, compile_backend=backend)
     torch._dynamo.reset()
 
 

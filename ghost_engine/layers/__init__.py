@@ -27,16 +27,18 @@ Rules are found for a module in two ways (``rule_for``):
 - by computation: ``@register_recogniser`` registers a rule class whose ``recognise(module)`` returns a rule
   for a module it has *verified* to compute that rule's formula (its forward run once on a small random
   input with random parameters and compared with the formula), or None. This is how the RMSNorm classes
-  of every model family, LayerNorms without bias in their own class (Cohere), scaled embeddings (Gemma),
-  offset positional embeddings (OPT) and linear layers with their own forward (Falcon's FalconLinear) are
-  valued.
+  of every model family, LayerNorms in their own class or with their own forward (Cohere's without bias,
+  Nemotron's with 1 + weight), scaled embeddings (Gemma: a buffer; XGLM, BioGPT: a float attribute),
+  offset positional embeddings (OPT, BioGPT) and linear layers with their own forward (Falcon's
+  FalconLinear) are valued.
 A module matched by neither is refused by the engine, never valued with a guessed formula.
 
 A rule may set ``autocast_input = True`` to have the engine keep its input in the autocast dtype.
 A parameter may be shared by one embedding-like rule (``row_sparse = True``: its validation gradient
-lives on the looked-up rows) and one later linear-like rule, which implements ``stash_shapes``,
-``make_stash`` and ``stash_dots`` (see ``linear.py`` and ghost_engine.engine); for value="cosine" the linear-like
-rule also implements ``row_stash`` and the embedding-like one ``tied_cross`` (the per-sample cross term of the norm).
+lives on the looked-up rows) and one later linear-like rule that shares no other parameter and implements
+``stash_shapes``, ``make_stash`` and ``stash_dots`` (see ``linear.py`` and ghost_engine.engine); for
+value="cosine" the linear-like rule also implements ``row_stash`` and the embedding-like one ``tied_cross``
+(the per-sample cross term of the norm).
 
 Rules run inside autograd's backward and may be traced by torch.compile: no host synchronisation and no
 data-dependent shapes (no ``torch.unique``, boolean-mask indexing or ``.item()``).

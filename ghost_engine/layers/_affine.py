@@ -66,9 +66,11 @@ def accum(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-class WeightNormRule:
-    """The rule of a norm y = x̂ ⊙ f(weight) whose only parameter is ``weight`` (its gradient is Σ_t b_t ⊙ x̂_t
-    whatever f adds or scales); subclasses define ``x_hat(module, x)`` and ``n_dims(module)``."""
+class AffineNormRule:
+    """The rule of a norm y = x̂ ⊙ f(weight) (+ bias): the weight's gradient is Σ_t b_t ⊙ x̂_t whatever f adds or
+    scales, the bias's Σ_t b_t. Subclasses define ``x_hat(module, x)``, ``n_dims(module)`` and ``has_bias``."""
+
+    has_bias = False  # the module has a bias added after the weight
 
     @classmethod
     def capture(cls, module, args, kwargs, output, rows):
@@ -77,7 +79,7 @@ class WeightNormRule:
     @classmethod
     def val_grads(cls, module, act_v, grad_v):
         return affine_val_grads(cls.x_hat(module, act_v), accum(grad_v), cls.n_dims(module),
-                                module.weight is not None, False, module.weight.shape)
+                                module.weight is not None, cls.has_bias, module.weight.shape)
 
     @classmethod
     def per_sample_dots(cls, module, act_tr, grad_tr, act_v, grad_v, val_totals, own_only):
@@ -86,33 +88,35 @@ class WeightNormRule:
     @classmethod
     def per_sample_sq_norms(cls, module, act_tr, grad_tr):
         return affine_per_sample_sq_norms(cls.x_hat(module, act_tr), accum(grad_tr), cls.n_dims(module),
-                                          module.weight is not None, False)
+                                          module.weight is not None, cls.has_bias)
 
     @classmethod
     def path(cls, module, act_tr, act_v, own_only):
         return affine_path(act_tr, cls.n_dims(module))
 
 
-def norm_probe(module, shift: float = 0.0):
-    """For a module that may be a weight-only norm: (eps attribute names, random float64 weight w, probe input x
-    [NORM_PROBE_ROWS, *weight.shape] + shift), or None when its only parameter is not a floating `weight` or it
-    has no epsilon attribute."""
+def norm_probe(module, shift: float = 0.0, names: tuple = ("weight",)):
+    """For a module that may be a norm with parameters `names` (``weight`` first): (eps attribute names,
+    {name: random float64 tensor of the weight's shape}, probe input x [NORM_PROBE_ROWS, *weight.shape] + shift),
+    or None when its parameters are not `names`, all floating and of the weight's shape, or it has no epsilon
+    attribute."""
     params = dict(module.named_parameters())
     weight = params.get("weight")
-    if (len(params) != 1 or weight is None or weight.dim() == 0 or not weight.dtype.is_floating_point
-            or weight.is_meta):
+    if (set(params) != set(names) or weight.dim() == 0 or weight.is_meta
+            or any(p.shape != weight.shape or not p.dtype.is_floating_point for p in params.values())):
         return None
     eps_attrs = [a for a in EPS_ATTRIBUTES if type(getattr(module, a, None)) in (float, int)]
     if not eps_attrs:
         return None
     gen = probe_generator()
-    w = torch.randn(weight.shape, generator=gen, dtype=torch.float64)
-    return eps_attrs, w, torch.randn((NORM_PROBE_ROWS, *weight.shape), generator=gen, dtype=torch.float64) + shift
+    randoms = {name: torch.randn(weight.shape, generator=gen, dtype=torch.float64) for name in names}
+    x = torch.randn((NORM_PROBE_ROWS, *weight.shape), generator=gen, dtype=torch.float64) + shift
+    return eps_attrs, randoms, x
 
 
-def computes(module, w, x, eps: float, formula) -> bool:
-    """Whether the module's forward with weight w equals formula(x) on x and, for eps > 0, on half the rows
-    scaled to a mean square about eps (where x̂ depends on eps as much as on x, so a wrong epsilon shows)."""
+def computes(module, params, x, eps: float, formula) -> bool:
+    """Whether the module's forward with `params` (name -> tensor) in place of its parameters equals formula(x)
+    on x and, for eps > 0, on half the rows scaled to a mean square (or variance) about eps (where x̂ depends on
+    eps as much as on x, so a wrong epsilon shows)."""
     inputs = [x] + ([x[: NORM_PROBE_ROWS // 2] * eps ** 0.5] if eps > 0 else [])
-    return all(same_values(probe_forward(module, {"weight": w}, xi), formula(xi), NORM_PROBE_RTOL) for xi in inputs)
-
+    return all(same_values(probe_forward(module, params, xi), formula(xi), NORM_PROBE_RTOL) for xi in inputs)

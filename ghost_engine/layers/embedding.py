@@ -7,10 +7,13 @@ unchanged, but the gradient of the expanded output is per sample.
 
 Subclasses with their own forward are recognised by what they compute (``EmbeddingRule.recognise``):
 y = weight[ids + offset] · scale, where ids is one argument of the forward (the first, or
-``position_ids``), offset an integer attribute ``offset`` (OPT's learned positions) or 0, and scale a
-0-dim buffer of the module cast to the weight's dtype (Gemma's ``embed_scale`` = sqrt(hidden)) or 1.
-The candidate is accepted only when the forward, run on random ids with a small random weight (and, for
-a scale, two values of the buffer), returns exactly that; the rule then scales G_val and the dot products.
+``position_ids``), offset an integer attribute ``offset`` (OPT's and BioGPT's learned positions) or 0,
+and scale 1, a 0-dim buffer of the module cast to the weight's dtype (Gemma's ``embed_scale`` = sqrt(hidden))
+or a number attribute of the module (XGLM's and BioGPT's ``embed_scale``, a Python float).
+The candidate is accepted only when the forward, run on random ids with a small random weight, returns
+exactly that; for a scale, with the module's own value and with another one put in its place (the forward
+must read the scale where the rule reads it, not a constant that happens to equal it). The rule then
+scales G_val and the dot products.
 """
 import functools
 import inspect
@@ -57,7 +60,7 @@ class EmbeddingRule:
     # the form a recognised subclass computes (see `recognise`); nn.Embedding itself: weight[input]
     ids_arg = None  # (position after self, name) of the forward argument holding the ids
     offset_attr = None  # integer attribute added to the ids
-    scale_buffer = None  # 0-dim buffer multiplying the looked-up rows
+    scale_attr = None  # 0-dim buffer or number attribute multiplying the looked-up rows
 
     @classmethod
     def capture(cls, module, args, kwargs, output, rows):
@@ -75,9 +78,12 @@ class EmbeddingRule:
     @classmethod
     def scale(cls, module, dtype):
         """The factor the looked-up rows are multiplied by, in `dtype` (None: 1)."""
-        if cls.scale_buffer is None:
+        if cls.scale_attr is None:
             return None
-        return getattr(module, cls.scale_buffer).to(module.weight.dtype).to(dtype)
+        scale = getattr(module, cls.scale_attr)
+        if not torch.is_tensor(scale):  # a Python number: multiplies the rows as it is
+            return float(scale)
+        return scale.to(module.weight.dtype).to(dtype)
 
     @classmethod
     def val_grads(cls, module, act_v, grad_v):
@@ -137,17 +143,20 @@ class EmbeddingRule:
         offsets = [None] + (["offset"] if type(getattr(module, "offset", None)) is int else [])
         scales = [None] + [name for name, b in module.named_buffers(recurse=False)
                            if b.dim() == 0 and b.dtype.is_floating_point]
+        scales += [name for name, value in vars(module).items()
+                   if type(value) in (int, float) and name not in nn.Embedding.__constants__]  # not bool
         for ids_arg in id_args:
             for offset_attr in offsets:
-                for scale_buffer in scales:
-                    if _computes(module, positional, ids_arg, offset_attr, scale_buffer):
-                        return _rule(ids_arg, offset_attr, scale_buffer)
+                for scale_attr in scales:
+                    if _computes(module, positional, ids_arg, offset_attr, scale_attr):
+                        return _rule(ids_arg, offset_attr, scale_attr)
         return None
 
 
-def _computes(module, positional, ids_arg, offset_attr, scale_buffer) -> bool:
+def _computes(module, positional, ids_arg, offset_attr, scale_attr) -> bool:
     """Whether the forward returns weight[ids + offset] · scale for random ids and a random small weight
-    (for a scale, with the buffer's own value and another one: the forward must read the buffer)."""
+    (for a scale, with the module's own value and another one: the forward must read that buffer or
+    attribute)."""
     gen = probe_generator()
     offset = getattr(module, offset_attr) if offset_attr else 0
     vocab = min(PROBE_VOCAB, module.num_embeddings)
@@ -159,26 +168,40 @@ def _computes(module, positional, ids_arg, offset_attr, scale_buffer) -> bool:
     # ids passed where the model passes them; required arguments before them get ones (OPT's attention mask)
     args = [ids] if position == 0 else [torch.ones_like(ids) for p in positional[:position] if p.default is p.empty]
     kwargs = {} if position == 0 else {name: ids}
-    scale_values = [None]
-    if scale_buffer is not None:
-        own = getattr(module, scale_buffer).detach().cpu()
-        scale_values = [own, own * 1.5 + 0.25]
-    for value in scale_values:
-        replacements = {"weight": w} if value is None else {"weight": w, scale_buffer: value}
-        expected = F.embedding(ids + offset, w)
-        if value is not None:
-            expected = expected * value.to(w.dtype)
-        if not same_values(probe_forward(module, replacements, *args, **kwargs), expected, PROBE_RTOL):
+    if scale_attr is None:
+        return same_values(probe_forward(module, {"weight": w}, *args, **kwargs), F.embedding(ids + offset, w),
+                           PROBE_RTOL)
+    own = getattr(module, scale_attr)
+    in_buffer = torch.is_tensor(own)
+    own = own.detach().cpu() if in_buffer else own
+    for value in (own, own * 1.5 + 0.25):
+        expected = F.embedding(ids + offset, w) * (value.to(w.dtype) if in_buffer else value)
+        if in_buffer:
+            got = probe_forward(module, {"weight": w, scale_attr: value}, *args, **kwargs)
+        else:
+            got = _with_attribute(module, scale_attr, value, probe_forward, module, {"weight": w}, *args, **kwargs)
+        if not same_values(got, expected, PROBE_RTOL):
             return False
     return True
 
 
+def _with_attribute(module, name, value, call, *args, **kwargs):
+    """call(*args, **kwargs) with the module's attribute `name` set to `value` for the call, restored after it
+    (also when it raises)."""
+    own = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        return call(*args, **kwargs)
+    finally:
+        setattr(module, name, own)
+
+
 @functools.cache
-def _rule(ids_arg, offset_attr, scale_buffer):
+def _rule(ids_arg, offset_attr, scale_attr):
     """One rule class per recognised form."""
-    parts = [f"ids={ids_arg[1]}"] + [f"+{offset_attr}"] * bool(offset_attr) + [f"*{scale_buffer}"] * bool(scale_buffer)
+    parts = [f"ids={ids_arg[1]}"] + [f"+{offset_attr}"] * bool(offset_attr) + [f"*{scale_attr}"] * bool(scale_attr)
     return type(f"EmbeddingRule[{', '.join(parts)}]", (EmbeddingRule,),
-                {"ids_arg": ids_arg, "offset_attr": offset_attr, "scale_buffer": scale_buffer})
+                {"ids_arg": ids_arg, "offset_attr": offset_attr, "scale_attr": scale_attr})
 
 
 def grad_tr_numel(act_tr, module) -> int:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ghost_engine.layers import probe_forward, register_layer, register_recogniser
-from ghost_engine.layers._affine import WeightNormRule, accum, computes, norm_probe
+from ghost_engine.layers._affine import AffineNormRule, accum, computes, norm_probe
 
 
 def _normalize(x: torch.Tensor, n_dims: int, eps: float) -> torch.Tensor:
@@ -27,7 +27,7 @@ def _normalize(x: torch.Tensor, n_dims: int, eps: float) -> torch.Tensor:
 
 
 @register_layer(nn.RMSNorm)
-class TorchRMSNormRule(WeightNormRule):
+class TorchRMSNormRule(AffineNormRule):
     n_dims = staticmethod(lambda module: len(module.normalized_shape))
 
     @classmethod
@@ -37,7 +37,7 @@ class TorchRMSNormRule(WeightNormRule):
 
 
 @register_recogniser
-class RMSNormRule(WeightNormRule):
+class RMSNormRule(AffineNormRule):
     """Any module whose only parameter is ``weight`` and whose forward is x̂ ⊙ (c + weight) (verified)."""
 
     eps_attr = None  # the module attribute holding epsilon
@@ -54,11 +54,12 @@ class RMSNormRule(WeightNormRule):
         probe = norm_probe(module)
         if probe is None:
             return None
-        eps_attrs, w, x = probe
+        eps_attrs, params, x = probe
+        w = params["weight"]
         for eps_attr in eps_attrs:
             eps = float(getattr(module, eps_attr))
             for offset in (0.0, 1.0):
-                if computes(module, w, x, eps, lambda xi: _normalize(xi, w.dim(), eps) * (offset + w)):
+                if computes(module, params, x, eps, lambda xi: _normalize(xi, w.dim(), eps) * (offset + w)):
                     return _rule(eps_attr, _rounds_x_hat(module, x, w, eps, offset))
         return None
 

@@ -113,7 +113,9 @@ class _MicroBatch:
     counts: torch.Tensor = None  # [B] n_i
     n_train_targets: int = 0
     dot_scale: torch.Tensor = None  # [B] 1 / (c²·n_i·N_val), 0 where n_i = 0
-    grad_scale: float = 1.0  # s_train / s
+    # s_train / s while armed, else 1: a CPU scalar tensor the parameters' gradient hooks multiply by (a C function,
+    # no Python frame per parameter; on a GPU a CPU scalar is a kernel argument, nothing waits)
+    grad_scale: torch.Tensor = field(default_factory=lambda: torch.ones((), dtype=torch.float64))
     sink: torch.Tensor = None  # [P, B] leaf, one row per hooked parameter; .grad collects raw <G_i, G_val>
     sinks: dict = field(default_factory=dict)  # parameter name -> its row of `sink` (a view)
     seen: dict = field(default_factory=dict)  # layer name -> (training, validation) input shapes
@@ -509,9 +511,9 @@ class GradDotProdEngine:
                 partial(self._on_forward, layer), with_kwargs=True, prepend=self._sharded))
         for _, module in self.excluded_modules:
             self._handles.append(module.register_forward_hook(self._on_excluded_forward, with_kwargs=True))
-        if not self._sharded:  # FSDP2 hooks the unsharded parameters at their first forward instead
-            for name, p in self._params.items():
-                self._handles.append(p.register_hook(partial(self._on_param_grad, name)))
+        if not self._sharded and self.loss_reduction == "mean":  # FSDP2: the unsharded parameters, at their forward
+            for p in self._params.values():
+                self._handles.append(p.register_hook(self._grad_rescale))
         self._handles.append(self.model.register_forward_hook(self._on_model_forward, with_kwargs=True))
         self._optimizer, self._precond = optimizer, None
         if self.value == ADAMW:  # D is recomputed after each optimizer step or state load (and lr change)
@@ -657,7 +659,8 @@ class GradDotProdEngine:
         mb.generation += 1
         mb.n_train, mb.rows = X_train.shape[0], X_train.shape[0] + self.X_val.shape[0]
         mb.row_len = X_train.shape[1] if X_train.dim() > 1 else 0
-        mb.counts, mb.n_train_targets, mb.dot_scale, mb.grad_scale = counts, n_train, dot_scale, s_train / s
+        mb.counts, mb.n_train_targets, mb.dot_scale = counts, n_train, dot_scale
+        mb.grad_scale.fill_(s_train / s)
         # one leaf for every parameter's dot products: one allocation and one accumulation per micro-batch
         mb.sink = torch.zeros(len(self._hooked_params), mb.n_train, dtype=dtype, device=X_train.device,
                               requires_grad=True)
@@ -767,8 +770,8 @@ class GradDotProdEngine:
             if _is_dtensor(t):
                 raise RuntimeError(f"{layer.name}: FSDP2 resharded {local} before the engine saw its forward")
             ref = self._grad_hooked.get(id(t))
-            if ref is None or ref() is not t:
-                self._handles.append(t.register_hook(partial(self._on_param_grad, pname)))
+            if (ref is None or ref() is not t) and self.loss_reduction == "mean":
+                self._handles.append(t.register_hook(self._grad_rescale))
                 self._grad_hooked[id(t)] = weakref.ref(t)
         return tensors
 
@@ -815,11 +818,11 @@ class GradDotProdEngine:
             raise RuntimeError("backward ran after its micro-batch was filed: call backward() before "
                                "prepare_gradients(), aggregate_and_log() or the next prepare_forward_input()")
 
-    def _on_param_grad(self, name, grad):
-        mb = self._mb
-        if not mb.armed or mb.grad_scale == 1.0:
-            return None
-        return grad * mb.grad_scale
+    @property
+    def _grad_rescale(self):
+        """The parameters' gradient hook: grad ↦ grad · s_train / s (loss_reduction="mean"), which turns the sum of
+        the layer's own gradient and the tap's -G_val into the training rows' mean gradient; · 1 when not armed."""
+        return partial(torch.mul, other=self._mb.grad_scale)
 
     def _on_excluded_forward(self, module, args, kwargs, output):
         """Recompute the validation rows with detached parameters, so the module's own parameters get
@@ -908,6 +911,7 @@ class GradDotProdEngine:
     def _disarm(self):
         mb = self._mb
         mb.armed = False
+        mb.grad_scale.fill_(1.0)
         mb.sink, mb.sinks, mb.counts, mb.dot_scale = None, {}, None, None
         mb.precond, mb.norm_sink, mb.norm_sinks, mb.norm_scale = {}, None, {}, None
         mb.deferred, mb.val_grads, mb.autocast = [], {}, None

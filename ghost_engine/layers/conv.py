@@ -114,7 +114,7 @@ def _patches(module, inp: torch.Tensor, padding: tuple) -> torch.Tensor:
         x = x[(..., *(slice(None, None, d) for d in module.dilation))]
     x = x.unflatten(1, (module.groups, -1))  # [N, groups, C/groups, *L, *kernel]
     x = x.permute(1, 0, *range(3, 3 + n), 2, *range(3 + n, 3 + 2 * n))
-    return x.reshape(module.groups, x.shape[1], -1, module.weight[0].numel())
+    return x.reshape(module.groups, x.shape[1], -1, math.prod(module.weight.shape[1:]))
 
 
 def _channels_last(module, out: torch.Tensor) -> torch.Tensor:
@@ -197,8 +197,8 @@ def _sizes(module, act_tr, act_v) -> tuple:
                                   in zip(spatial, _padding_pairs(module), module.kernel_size, module.stride,
                                          module.dilation)])
 
-    weight = module.weight
-    return positions(act_tr), positions(act_v), weight[0].numel(), weight.shape[0] // module.groups, module.groups
+    shape = module.weight.shape
+    return positions(act_tr), positions(act_v), math.prod(shape[1:]), shape[0] // module.groups, module.groups
 
 
 def _use_gram(n_other: int, k: int, p: int) -> bool:
@@ -209,7 +209,7 @@ def _use_gram(n_other: int, k: int, p: int) -> bool:
 def _bias_sums(module, grad, rows: int) -> torch.Tensor:
     """Σ of the output gradient over each row's positions: [rows, C_out] in the accumulation dtype."""
     g = _batched(module, grad)
-    return g.reshape(rows, -1, g.shape[1], g[0, 0].numel()).sum((1, 3), dtype=accum_dtype(g))
+    return g.reshape(rows, -1, g.shape[1], math.prod(g.shape[2:])).sum((1, 3), dtype=accum_dtype(g))
 
 
 @register_layer(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)

@@ -21,8 +21,13 @@ Padding is reproduced as nn.ConvNd._conv_forward does it: padding_mode "zeros" p
 "reflect", "replicate" and "circular" pad the input with F.pad first and convolve with no padding;
 padding="same" splits d·(k-1) into (d·(k-1))//2 on the left and the rest on the right. A transposed
 convolution's adjoint pads the output gradient with zeros by `padding` and drops what its output_padding
-added. On a GPU, fp32 convolutions follow ``torch.backends.cudnn.allow_tf32`` (on by default), as the
-model's own convolutions do.
+added.
+
+Precision: under autocast the layer's half-precision input is kept (``autocast_input``); Gram and norm products
+are summed in fp32 (on a GPU half-precision bmm with fp32 output, elsewhere upcast first), G_val comes from fp32
+copies of the validation rows, and the projection convolves in the input's dtype with G_val rounded to it and
+sums each row in fp32, as nn.Linear's rule does. On a GPU, fp32 convolutions follow
+``torch.backends.cudnn.allow_tf32`` (on by default), as the model's own convolutions do.
 
 Inputs: batched, [rows, C, *spatial]; the engine may also hand over rows whose leading dims were flattened
 into the batch by the model ([rows, T, C, *spatial]): those positions then count as sample i's too.

@@ -420,7 +420,10 @@ class GradDotProdEngine:
                 problems.append((mod_name, module))
                 continue
             if hasattr(rule, "check_supported"):
-                rule.check_supported(module)
+                try:
+                    rule.check_supported(module)
+                except ValueError as error:
+                    raise ValueError(f"{mod_name or '<model>'}: {error}") from None
             params = {local: self.param_names[id(p)] for local, p in own.items()}
             layers.append(_Layer(mod_name or "<model>", module, rule, params, {}, tuple(own.values())))
         for layer in layers:

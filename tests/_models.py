@@ -1,4 +1,5 @@
 """Tiny models for the engine tests, built from configs (nothing is downloaded)."""
+from collections import namedtuple
 from types import SimpleNamespace
 
 import torch
@@ -74,6 +75,35 @@ class MLPWithScale(MLPClassifier):
         h = self.scale(self.norm(torch.tanh(self.fc1(input_ids))))
         logits = self.out(self.rms(torch.tanh(self.fc2(h))))
         return SimpleNamespace(loss=F.cross_entropy(logits, labels), logits=logits)
+
+
+ClassifierOutput = namedtuple("ClassifierOutput", "loss logits")  # torch.compile traces its construction
+
+
+class ConvClassifier(nn.Module):
+    """Images (or signals, volumes) [R, C, *spatial] -> `body` -> flatten -> LayerNorm -> class logits; returns
+    an object with .loss (mean CE over rows) and .logits. `input_shape` (one row's) sizes the head."""
+
+    def __init__(self, body: nn.Module, input_shape, classes=3):
+        super().__init__()
+        self.body = body
+        with torch.no_grad():
+            width = body(torch.zeros(1, *input_shape)).numel()
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, classes)
+
+    def forward(self, input_ids, labels=None):
+        logits = self.out(self.norm(self.body(input_ids).flatten(1)))
+        loss = None if labels is None else F.cross_entropy(logits, labels)
+        return ClassifierOutput(loss, logits)
+
+
+def small_cnn():
+    """Two Conv2d layers on [R, 3, 6, 6] images; with one validation row the first takes the projection path
+    and the second (grouped, strided: 2x2 outputs) the Gram path."""
+    body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, groups=2),
+                         nn.Tanh())
+    return ConvClassifier(body, (3, 6, 6))
 
 
 def lm_batch(rows, seq_len, generator, pad_row=None):

@@ -155,6 +155,14 @@ def matmul_accum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return to_dtype(a, dtype) @ to_dtype(b, dtype)
 
 
+def bmm_accum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.bmm(a, b) ([g, n, k] x [g, k, m]) with an fp32 result (fp64 for fp64 inputs), as matmul_accum."""
+    dtype = accum_dtype(a)
+    if a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16) and a.is_cuda and _BMM_OUT_DTYPE:
+        return torch.bmm(a, b, dtype)
+    return torch.bmm(to_dtype(a, dtype), to_dtype(b, dtype))
+
+
 def to_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)``, without the call when `t` already has it (each call costs host time in the backward)."""
     return t if t.dtype == dtype else t.to(dtype)
@@ -162,6 +170,7 @@ def to_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 # torch.mm(..., out_dtype=) (CUDA, half-precision inputs) exists from torch 2.8 on
 _MM_OUT_DTYPE = "out_dtype" in (torch.mm.__doc__ or "")
+_BMM_OUT_DTYPE = "out_dtype" in (torch.bmm.__doc__ or "")
 
 
 def row_sum(per_token: torch.Tensor, rows: int) -> torch.Tensor:
@@ -170,4 +179,4 @@ def row_sum(per_token: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 # Import the layer families so that their rules register themselves.
-from ghost_engine.layers import embedding, layer_norm, linear, rms_norm  # noqa: E402,F401
+from ghost_engine.layers import conv, embedding, layer_norm, linear, rms_norm  # noqa: E402,F401

@@ -27,7 +27,7 @@ def run_engine(model, X, Y, Xv, Yv, task="causal_lm", micro_batches=1, compile_b
         (step_model(input_ids=Xc, labels=Yc).loss / micro_batches).backward()
     engine.prepare_gradients()
     result = engine.aggregate_and_log()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     engine.detach()
     return result, grads
 
@@ -51,6 +51,21 @@ def check_against_reference(model, X, Y, Xv, Yv, task="causal_lm", micro_batches
         for name, r in ref_grads.items():
             assert rel_err(grads[name], r, floor) <= TOL, name
     return result, grads, reference_model
+
+
+@pytest.mark.parametrize("trainable", ["bias", "ln"], ids=["biases only (BitFit)", "norms and biases"])
+def test_frozen_weights_of_hooked_layers_are_exact(trainable):
+    """Bias-only fine-tuning: a linear layer whose weight is frozen and bias trainable (and, second case, the
+    norms' weights trainable too, the embeddings and tied head frozen) is valued on its trainable parameters."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = tiny_gpt2(tie=True)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith("bias") or (trainable == "ln" and ".ln_" in name))
+    X, Y = lm_batch(3, 16, g, pad_row=1)
+    Xv, Yv = lm_batch(2, 16, g)
+    result, _, _ = check_against_reference(model, X, Y, Xv, Yv)
+    assert all(name.endswith("bias") or ".ln_" in name for name in result.per_parameter)
 
 
 @pytest.mark.parametrize("val_rows", [1, 2, 4])
@@ -516,3 +531,13 @@ def test_tensor_parallel_parameters_are_refused(tmp_path):
             engine.attach()
     finally:
         dist.destroy_process_group()
+
+
+def test_the_fp32_output_matrix_products_are_found_where_torch_has_them():
+    """On a GPU the engine multiplies half-precision operands with fp32 output (torch.mm/bmm out_dtype=, torch 2.8+)
+    instead of upcasting them: the check must find the ops themselves (some torch versions' docstrings omit
+    the argument, which once hid them)."""
+    from ghost_engine import layers
+
+    has_them = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
+    assert layers._MM_OUT_DTYPE is has_them and layers._BMM_OUT_DTYPE is has_them

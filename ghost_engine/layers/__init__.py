@@ -159,7 +159,7 @@ def bmm_accum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """torch.bmm(a, b) ([g, n, k] x [g, k, m]) with an fp32 result (fp64 for fp64 inputs), as matmul_accum."""
     dtype = accum_dtype(a)
     if a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16) and a.is_cuda and _BMM_OUT_DTYPE:
-        return torch.bmm(a, b, dtype)
+        return torch.bmm(a, b, out_dtype=dtype)
     return torch.bmm(to_dtype(a, dtype), to_dtype(b, dtype))
 
 
@@ -168,9 +168,10 @@ def to_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-# torch.mm(..., out_dtype=) (CUDA, half-precision inputs) exists from torch 2.8 on
-_MM_OUT_DTYPE = "out_dtype" in (torch.mm.__doc__ or "")
-_BMM_OUT_DTYPE = "out_dtype" in (torch.bmm.__doc__ or "")
+# torch.mm / torch.bmm(..., out_dtype=) (CUDA, half-precision inputs, fp32 output) exist from torch 2.8 on: their
+# "dtype" overloads (the docstrings of some versions do not mention the argument)
+_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
+_BMM_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads()
 
 
 def row_sum(per_token: torch.Tensor, rows: int) -> torch.Tensor:

@@ -88,9 +88,10 @@ class LinearRule:
     @staticmethod
     def val_grads(module, act_v, grad_v):
         av, gv = _flat(act_v), _flat(grad_v)
-        weight = matmul_accum(av.t(), gv) if _is_conv1d(module) else matmul_accum(gv.t(), av)  # parameter layout
-        grads = {"weight": weight}
-        if module.bias is not None:
+        grads = {}  # the trainable parameters only: a frozen weight (bias-only fine-tuning) needs no G_val
+        if module.weight.requires_grad:  # parameter layout
+            grads["weight"] = matmul_accum(av.t(), gv) if _is_conv1d(module) else matmul_accum(gv.t(), av)
+        if module.bias is not None and module.bias.requires_grad:
             grads["bias"] = gv.sum(0, dtype=accum_dtype(gv))
         return grads
 
@@ -98,11 +99,12 @@ class LinearRule:
     def per_sample_dots(module, act_tr, grad_tr, act_v, grad_v, val_totals, own_only):
         rows = act_tr.shape[0]
         out = {}
-        total = val_totals["weight"]  # dense, parameter layout
-        if own_only["weight"] and _use_gram(*_sizes(module, act_tr, act_v)):
-            out["weight"] = _gram_dots(act_tr, grad_tr, act_v, grad_v, rows)
-        else:
-            out["weight"] = _projection_dots(act_tr, grad_tr, _weight_in_out(module, total), rows)
+        if "weight" in val_totals:  # not when frozen
+            if own_only["weight"] and _use_gram(*_sizes(module, act_tr, act_v)):
+                out["weight"] = _gram_dots(act_tr, grad_tr, act_v, grad_v, rows)
+            else:  # G_val dense, parameter layout
+                total = _weight_in_out(module, val_totals["weight"])
+                out["weight"] = _projection_dots(act_tr, grad_tr, total, rows)
         if "bias" in val_totals:  # Σ_t b_t·v = (Σ_t b_t)·v: the row's token sum in fp32, then one product
             dtype = accum_dtype(grad_tr)
             total = to_dtype(val_totals["bias"], dtype)

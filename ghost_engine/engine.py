@@ -208,6 +208,61 @@ def _support(ids: torch.Tensor):
     return support, first
 
 
+def _output_tensors(output) -> list:
+    """The tensors a model output holds at its top level (a tensor; a dict or ModelOutput; a tuple; an object)."""
+    if torch.is_tensor(output):
+        return [output]
+    if isinstance(output, dict):
+        values = output.values()
+    elif isinstance(output, (tuple, list)):
+        values = output
+    else:
+        values = vars(output).values() if hasattr(output, "__dict__") else ()
+    return [v for v in values if torch.is_tensor(v)]
+
+
+def _reverse_graph(roots):
+    """({autograd node: [the nodes consuming its output, one per edge]}, {id(leaf): its AccumulateGrad node})
+    of the graph behind `roots`."""
+    parents, accumulate, seen, stack = {}, {}, set(), list(roots)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            accumulate[id(variable)] = node
+        for child, _ in node.next_functions:
+            if child is not None:
+                parents.setdefault(child, []).append(node)
+                stack.append(child)
+    return parents, accumulate
+
+
+# nodes that only cast, view or re-lay-out their one input (autocast's cached weight casts, .t(), views): the
+# operations that consume a parameter are found through them
+_PASS_THROUGH = frozenset({"ToCopyBackward0", "TBackward0", "TransposeBackward0", "TransposeBackward1",
+                           "PermuteBackward0", "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0",
+                           "ExpandBackward0", "AliasBackward0", "UnsqueezeBackward0", "SqueezeBackward0",
+                           "SqueezeBackward1", "SqueezeBackward2", "CloneBackward0", "AsStridedBackward0"})
+
+
+def _consumers(node, parents) -> list:
+    """Names of the operations that consume a leaf's AccumulateGrad `node` (one entry per use), looking through
+    casts and views, leaving out the engine's taps (which take the parameters to hand back -G_val)."""
+    uses = []
+    for parent in parents.get(node, ()):
+        name = type(parent).__name__
+        if name == "_TapBackward":
+            continue
+        if name in _PASS_THROUGH:
+            uses += _consumers(parent, parents)
+        else:
+            uses.append(name)
+    return uses
+
+
 class _Tap(torch.autograd.Function):
     """apply(engine, layer, meta, out, act, support, first, train_ids, *params, *sinks, *extras, *channels_in)
     -> out[, *channels_out]
@@ -403,6 +458,7 @@ class GradDotProdEngine:
         self._shapes = {}  # layer name -> (training, validation) input shapes of its last forward
         self._replaying = False
         self._loss_checked = False  # the model's loss has been checked against loss_reduction
+        self._graph_checked = False  # the hooked parameters' uses have been checked (check_graph)
         self.set_val_batch(*val_batch)
 
     # ------------------------------------------------------------------ set-up
@@ -859,16 +915,50 @@ class GradDotProdEngine:
         if self.value in DEFERRED:  # the validation passes of aggregate_and_log() run under the same autocast
             device = self.X_val.device.type
             self._mb.autocast = (device, torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else None
-        if self._loss_checked:
-            return None
-        loss, logits, labels = _field(output, "loss"), _field(output, "logits"), kwargs.get("labels")
-        if torch.is_tensor(loss) and torch.is_tensor(logits) and torch.is_tensor(labels):
-            try:
+        try:
+            if not self._graph_checked and not self._sharded:
+                self.check_graph(output)
+            if self._loss_checked:
+                return None
+            loss, logits, labels = _field(output, "loss"), _field(output, "logits"), kwargs.get("labels")
+            if torch.is_tensor(loss) and torch.is_tensor(logits) and torch.is_tensor(labels):
                 self.check_loss(loss, logits, labels)
-            except ValueError:
-                self._disarm()  # the micro-batch is void: prepare it again after fixing the loss
-                raise
+        except ValueError:
+            self._disarm()  # the micro-batch is void: prepare it again after fixing the model or the loss
+            raise
         return None
+
+    def check_graph(self, output) -> bool:
+        """Check that the forward which produced ``output`` (the model's output for the prepared batch: a tensor,
+        or a dict, tuple or object holding tensors) used every hooked parameter only inside the forward of the
+        layer(s) holding it. A parameter used by an operation elsewhere (a head computed as
+        ``F.linear(h, wte.weight)`` instead of through a module; a layer's weight read outside its forward)
+        would give dot products and a ``.grad`` without that use's share, silently, so it raises a ValueError
+        naming the parameter and the operations. Walks the autograd graph once; runs by itself on the first
+        armed eager forward (call it before the backward, which frees the graph). A compiled forward shows
+        its graph as one node, so the check says nothing there: run the first step eagerly to have it.
+        Returns True if it checked, False when no output tensor has a graph (or the micro-batch is not armed)."""
+        mb = self._mb
+        roots = [t.grad_fn for t in _output_tensors(output) if t.grad_fn is not None]
+        if not mb.armed or not roots:
+            return False
+        parents, accumulate = _reverse_graph(roots)
+        for pname, p in self._params.items():
+            node = accumulate.get(id(p))
+            if node is None or pname not in self._hooked_params:
+                continue
+            uses = _consumers(node, parents)
+            ran = [layer.name for layer in self.layers if layer.name in mb.seen and pname in layer.params.values()]
+            if len(uses) > len(ran):
+                raise ValueError(
+                    f"{pname} is used by {len(uses)} operation(s) in this forward ({', '.join(sorted(uses))}), but "
+                    f"only {len(ran)} of them can be the forward of the layer(s) the engine hooks for it "
+                    f"({', '.join(ran) or 'none ran'}): the parameter is also used outside a hooked layer (for "
+                    "example a head computed as F.linear(h, embedding.weight) instead of through a module tied to "
+                    "the embedding), and that use's share would be missing from the dot products and .grad. Use "
+                    "it through its module, or freeze it")
+        self._graph_checked = True
+        return True
 
     @torch.no_grad()
     def check_loss(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> bool:

@@ -1,8 +1,11 @@
 """GradDotProdEngine against float64 per-sample gradients from torch.func (tests/_reference.py)."""
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
+from torch.nn import functional as F
 
 from _models import VOCAB, MLPClassifier, MLPWithScale, lm_batch, tiny_bert_classifier, tiny_gpt2, tiny_llama
 from _reference import reference_dot_products, reference_train_grad
@@ -488,7 +491,6 @@ def test_a_subclass_with_its_own_forward_has_no_rule():
             self.fc = PlainLinearSubclass(16, 5)
 
         def forward(self, input_ids, labels=None):
-            from types import SimpleNamespace
             logits = self.fc(input_ids)
             return SimpleNamespace(logits=logits, loss=torch.nn.functional.cross_entropy(logits, labels))
 
@@ -541,3 +543,62 @@ def test_the_fp32_output_matrix_products_are_found_where_torch_has_them():
 
     has_them = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
     assert layers._MM_OUT_DTYPE is has_them and layers._BMM_OUT_DTYPE is has_them
+
+
+# ---------------------------------------------------------------- parameters used outside their hooked layer
+
+
+class HeadByFunctional(nn.Module):
+    """A small LM whose output layer is computed with a hooked layer's weight outside that layer's forward:
+    `tie` the embedding's weight (F.linear(h, wte.weight), as custom GPTs often tie), or a `head` Linear whose
+    forward is never called (F.linear(h, head.weight, head.bias))."""
+
+    def __init__(self, use, vocab=VOCAB, width=16):
+        super().__init__()
+        self.use = use
+        self.wte = nn.Embedding(vocab, width)
+        self.fc = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, input_ids, labels=None):
+        h = torch.tanh(self.fc(self.wte(input_ids)))
+        if self.use == "tie":
+            logits = F.linear(h, self.wte.weight)
+        elif self.use == "head unrun":
+            logits = F.linear(h, self.head.weight, self.head.bias)
+        else:  # "module": the head through its own forward (what the engine values)
+            logits = self.head(h)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        return SimpleNamespace(loss=loss, logits=logits)
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16 autocast"])
+@pytest.mark.parametrize("use, named", [("tie", "wte.weight"), ("head unrun", "head.weight")])
+def test_a_parameter_used_outside_its_hooked_layer_raises_on_the_first_forward(use, named, amp):
+    """Without the check these models give dot products and a .grad without the functional use's share (the
+    float64 reference disagrees); the first armed forward now raises, naming the parameter, and leaves the
+    micro-batch unarmed."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = HeadByFunctional(use)
+    X, Y = lm_batch(3, 8, g)
+    Xv, Yv = lm_batch(2, 8, g)
+    engine = GradDotProdEngine(model, val_batch=(Xv, Yv))
+    engine.attach()
+    Xc, Yc = engine.prepare_forward_input(X, Y)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        with pytest.raises(ValueError, match=rf"{named} is used by \d operation\(s\) .* outside a hooked layer"):
+            model(input_ids=Xc, labels=Yc)
+    with pytest.raises(RuntimeError, match="without a prepared and back-propagated batch"):  # the micro-batch is void
+        engine.prepare_gradients()
+
+
+def test_the_same_model_through_its_modules_is_exact():
+    """The control: the head called through its module is valued exactly (so the check raises on the use, not on
+    the model)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    model = HeadByFunctional("module").double()
+    X, Y = lm_batch(3, 8, g)
+    Xv, Yv = lm_batch(2, 8, g)
+    check_against_reference(model, X, Y, Xv, Yv)

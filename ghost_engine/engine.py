@@ -380,8 +380,9 @@ class GradDotProdEngine:
     Args:
         model: the model (un-wrapped; wrap it in DDP or torch.compile after constructing the engine).
         val_batch: (X_val, Y_val), the fixed validation batch, in the model's input format.
-        task: "causal_lm" (labels [R, T], shifted inside the model, -100 ignored) or "classification"
-            (labels [R]).
+        task: "causal_lm" (labels [R, T], shifted inside the model, -100 ignored), "classification"
+            (labels [R]) or "token_classification" (labels [R, T], one per input token, not shifted, -100
+            ignored: token classification and masked language modelling).
         loss_reduction: how the model reduces its loss over the concatenated batch: "mean" over all
             counted targets (Hugging Face) or "sum".
         unsupported: "error" (default): a trainable parameter in a module without a layer rule is a
@@ -662,8 +663,9 @@ class GradDotProdEngine:
         self.X_val, self.Y_val, self.n_val_targets = X_val, Y_val, n_val
 
     def _check_labels(self, Y, X, which):
-        if self.task == "causal_lm" and (Y.dim() != 2 or Y.shape != X.shape[:2]):
-            raise ValueError(f"{which} labels have shape {tuple(Y.shape)}; a causal LM needs [rows, T] labels "
+        if self.task in ("causal_lm", "token_classification") and (Y.dim() != 2 or Y.shape != X.shape[:2]):
+            kind = "a causal LM" if self.task == "causal_lm" else "token classification"
+            raise ValueError(f"{which} labels have shape {tuple(Y.shape)}; {kind} needs [rows, T] labels "
                              f"matching inputs {tuple(X.shape)}")
         if self.task == "classification" and Y.dim() != 1:
             raise ValueError(f"{which} labels have shape {tuple(Y.shape)}; classification needs [rows]")

@@ -3,11 +3,12 @@ import torch
 from torch.nn import functional as F
 
 IGNORE_INDEX = -100
-TASKS = ("causal_lm", "classification")
+TASKS = ("causal_lm", "classification", "token_classification")
 
 
 def target_mask(labels: torch.Tensor, task: str, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Which targets count in the loss: [R, T-1] for a causal LM (labels shifted inside the model), [R] otherwise."""
+    """Which targets count in the loss: [R, T-1] for a causal LM (labels shifted inside the model), [R, T] for
+    token classification (a label per token), [R] for classification."""
     if task == "causal_lm":
         return labels[:, 1:] != ignore_index
     return labels != ignore_index
@@ -24,6 +25,7 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, task: str = "cau
     """Mean cross-entropy of each row ([R], float32; 0 for a row without targets).
 
     causal_lm: logits [R, T, V] and unshifted labels [R, T] (token t predicts label t+1);
+    token_classification: logits [R, T, C] and labels [R, T] (token t predicts label t);
     classification: logits [R, C], labels [R].
     """
     if task == "causal_lm":

@@ -180,6 +180,53 @@ def test_bert_sequence_classifier_is_exact():
     check_against_reference(model, X, torch.tensor([0, 2, 1]), Xv, torch.tensor([1, 0]), task="classification")
 
 
+TOKEN_MODELS = {
+    "bert-token-classification": lambda: transformers.BertForTokenClassification(transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, num_labels=5, pad_token_id=PAD)),
+    "distilbert-masked-lm": lambda: transformers.DistilBertForMaskedLM(transformers.DistilBertConfig(
+        vocab_size=VOCAB, dim=32, hidden_dim=64, n_layers=2, n_heads=4, max_position_embeddings=64,
+        pad_token_id=PAD)),  # its vocabulary projection is tied to the word embeddings
+    "bert-masked-lm": lambda: _without_bias_alias(transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, pad_token_id=PAD))),
+}
+
+
+def _without_bias_alias(model):
+    """BERT's masked-LM head registers the decoder's bias a second time, as cls.predictions.bias (which the
+    engine refuses, test_a_linear_layer_tied_twice_is_refused_...); its forward reads only the decoder's."""
+    del model.cls.predictions.bias
+    return model
+
+
+@pytest.mark.parametrize("name", list(TOKEN_MODELS))
+def test_token_level_labels_are_exact(name):
+    """task="token_classification": a label per input token, not shifted, -100 where nothing is predicted
+    (the unmasked tokens of masked language modelling; special tokens of NER). Rows differ in their counts."""
+    torch.manual_seed(5)
+    g = torch.Generator().manual_seed(5)
+    model = TOKEN_MODELS[name]().double().eval()
+    classes = model.config.num_labels if "classification" in name else VOCAB
+
+    def batch(rows):
+        X = torch.randint(1, VOCAB, (rows, 10), generator=g)
+        Y = torch.randint(0, classes, (rows, 10), generator=g)
+        Y[torch.rand((rows, 10), generator=g) < 0.6] = -100  # not a target
+        Y[:, 0] = torch.randint(0, classes, (rows,), generator=g)  # every row has one
+        return X, Y
+
+    (X, Y), (Xv, Yv) = batch(3), batch(2)
+    check_against_reference(model, X, Y, Xv, Yv, task="token_classification")
+
+
+def test_token_classification_needs_a_label_per_token():
+    model = TOKEN_MODELS["bert-token-classification"]()
+    X = torch.randint(1, VOCAB, (2, 10))
+    with pytest.raises(ValueError, match=r"token classification needs \[rows, T\] labels"):
+        GradDotProdEngine(model, val_batch=(X, torch.tensor([1, 0])), task="token_classification")
+
+
 def test_recognised_forms():
     """The recognised rules carry each family's epsilon attribute, and the rounding of x̂ its source code
     uses in half precision (Llama: x̂ cast to the input dtype before the weight multiply; OLMo2 and Gemma:

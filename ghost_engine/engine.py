@@ -1196,9 +1196,10 @@ class GradDotProdEngine:
     def format_path_report(self) -> str:
         rows = self.path_report()
         width = max(len(r["layer"]) for r in rows)
-        lines = [f"{'layer':<{width}}  {'type':<14} {'path':<10} {'GFLOP':>9}  tied"]
+        kind = max([4] + [len(r["type"]) for r in rows])
+        lines = [f"{'layer':<{width}}  {'type':<{kind}} {'path':<10} {'GFLOP':>9}  tied"]
         for r in rows:
-            lines.append(f"{r['layer']:<{width}}  {r['type']:<14} {r['path']:<10} {r['flops'] / 1e9:>9.3f}  "
+            lines.append(f"{r['layer']:<{width}}  {r['type']:<{kind}} {r['path']:<10} {r['flops'] / 1e9:>9.3f}  "
                          f"{'yes' if r['tied'] else ''}")
         return "\n".join(lines)
 

@@ -122,7 +122,8 @@ def test_cosine_value_is_exact(case):
 
 
 def test_compiled_norm_cnn_is_exact():
-    """torch.compile (aot_eager) with a BatchNorm in eval mode and a GroupNorm: exact, and no graph break."""
+    """torch.compile (aot_eager) with an InstanceNorm3d and a BatchNorm3d in eval mode: exact, and no graph break
+    (the BatchNorm's mode check traces into the graph)."""
     torch.manual_seed(3)
     g = torch.Generator().manual_seed(3)
     model, shape = build("instance-norm3d-batch-norm3d")

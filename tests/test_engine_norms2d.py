@@ -82,7 +82,7 @@ def build(case):
                 m.weight.copy_(1 + 0.5 * torch.randn(m.weight.shape, generator=g))
                 m.bias.copy_(0.5 * torch.randn(m.bias.shape, generator=g))
         for _ in range(3):
-            model(torch.randn(4, *shape, generator=g) * 2 + 1)
+            model(torch.randn(4, *shape, generator=g) * 2 + 3)
     for m in norms:
         if isinstance(m, NORMS):
             if m.track_running_stats:
@@ -91,14 +91,18 @@ def build(case):
     return model, shape
 
 
+def batches(case, seed, val_rows=2):
+    """(model, shape, X, Y, Xv, Yv): the case's model (built) with 4 training and `val_rows` validation rows."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model, shape = build(case)
+    return (model, shape, *images(shape, 4, g), *images(shape, val_rows, g))
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_channel_norm_is_exact(case):
     """The total, every parameter's dot products and .grad against float64 torch.func."""
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(1)
-    model, shape = build(case)
-    X, Y = images(shape, 4, g)
-    Xv, Yv = images(shape, 2, g)
+    model, _, X, Y, Xv, Yv = batches(case, 1)
     result, _, _ = check_against_reference(model, X, Y, Xv, Yv, task="classification")
     named = dict(model.named_modules())
     valued = {name.rsplit(".", 1)[0] for name in result.per_parameter}
@@ -109,12 +113,8 @@ def test_channel_norm_is_exact(case):
 @pytest.mark.parametrize("case", ["group-norm-2-groups", "batch-norm2d-eval"])
 def test_cosine_value_is_exact(case):
     """Per-sample gradient norms ||G_i||² of the norms' weights and biases, with the convolutions'."""
-    torch.manual_seed(2)
-    g = torch.Generator().manual_seed(2)
-    model, shape = build(case)
-    X, Y = images(shape, 4, g)
-    Xv, Yv = images(shape, 2, g)
-    ref, norms, val_norm = reference_cosine_values(copy.deepcopy(model).double(), X, Y, Xv, Yv, "classification")
+    model, _, X, Y, Xv, Yv = batches(case, 2)
+    ref, norms, _ = reference_cosine_values(copy.deepcopy(model).double(), X, Y, Xv, Yv, "classification")
     result, _ = run_engine(model, X, Y, Xv, Yv, task="classification", value="cosine")
     for name, r in ref.items():
         assert rel_err(result.per_parameter[name], r) <= TOL, name
@@ -124,11 +124,7 @@ def test_cosine_value_is_exact(case):
 def test_compiled_norm_cnn_is_exact():
     """torch.compile (aot_eager) with an InstanceNorm3d and a BatchNorm3d in eval mode: exact, and no graph break
     (the BatchNorm's mode check traces into the graph)."""
-    torch.manual_seed(3)
-    g = torch.Generator().manual_seed(3)
-    model, shape = build("instance-norm3d-batch-norm3d")
-    X, Y = images(shape, 4, g)
-    Xv, Yv = images(shape, 1, g)
+    model, _, X, Y, Xv, Yv = batches("instance-norm3d-batch-norm3d", 3, val_rows=1)
     torch._dynamo.reset()
     check_against_reference(model, X, Y, Xv, Yv, task="classification", compile_backend="aot_eager")
     engine = GradDotProdEngine(model, val_batch=(Xv, Yv), task="classification").attach()
@@ -157,11 +153,7 @@ def test_bf16_autocast_is_close(case):
     """Under CPU bf16 autocast the norms get the convolution's bf16 output and normalise it in fp32: each parameter
     as close to the float64 reference as plain bf16 autograd is (a sum over positions, like a GroupNorm bias's,
     cancels and loses more than bf16's 3 digits), not exact."""
-    torch.manual_seed(4)
-    g = torch.Generator().manual_seed(4)
-    model, shape = build(case)
-    X, Y = images(shape, 4, g)
-    Xv, Yv = images(shape, 2, g)
+    model, _, X, Y, Xv, Yv = batches(case, 4)
     ref = reference_dot_products(copy.deepcopy(model).double(), X, Y, Xv, Yv, "classification")
     plain = bf16_autograd_dot_products(model, X, Y, Xv, Yv)
     dtypes = []
@@ -196,10 +188,7 @@ def test_batch_statistics_are_refused_at_construction(norm, message):
 def test_model_train_after_construction_is_refused_at_the_forward():
     """model.train() (the usual call before a training step) switches the BatchNorms back to batch statistics: the
     next armed forward is refused before the BatchNorm mixes the rows."""
-    model, shape = build("batch-norm2d-eval")
-    g = torch.Generator().manual_seed(6)
-    X, Y = images(shape, 4, g)
-    Xv, Yv = images(shape, 1, g)
+    model, _, X, Y, Xv, Yv = batches("batch-norm2d-eval", 6, val_rows=1)
     engine = GradDotProdEngine(model, val_batch=(Xv, Yv), task="classification").attach()
     model.train()
     running = model.body[1].running_mean.clone()

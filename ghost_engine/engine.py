@@ -39,6 +39,7 @@ from torch import nn
 
 from ghost_engine import updates
 from ghost_engine.layers import accum_dtype, rule_for, to_dtype
+from ghost_engine.layers.channel_norm import batch_statistics_error
 from ghost_engine.losses import IGNORE_INDEX, TASKS, per_sample_loss, target_counts
 
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -467,6 +468,9 @@ class GradDotProdEngine:
         layers, excluded, problems = [], [], []
         owners = {}  # id(parameter) -> [(the name a module registers it under, that module), ...]
         for mod_name, module in model.named_modules():
+            error = batch_statistics_error(mod_name, module)  # rows mixed in the forward, parameters or not
+            if error is not None:
+                raise ValueError(error)
             own = {local: p for local, p in module.named_parameters(recurse=False) if p.requires_grad}
             if not own:
                 continue
@@ -571,6 +575,9 @@ class GradDotProdEngine:
                 partial(self._on_forward, layer), with_kwargs=True, prepend=self._sharded))
         for _, module in self.excluded_modules:
             self._handles.append(module.register_forward_hook(self._on_excluded_forward, with_kwargs=True))
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):  # model.train() after the engine was built
+                self._handles.append(module.register_forward_pre_hook(partial(self._on_batch_norm_pre, name)))
         if not self._sharded and self.loss_reduction == "mean":  # FSDP2: the unsharded parameters, at their forward
             for p in self._params.values():
                 self._handles.append(p.register_hook(self._grad_rescale))
@@ -754,6 +761,14 @@ class GradDotProdEngine:
         if dtype is None or args[0].dtype == dtype:
             return None
         return (args[0].to(dtype),) + tuple(args[1:])
+
+    def _on_batch_norm_pre(self, name, module, args):
+        """Refuse a BatchNorm that is about to normalise the [training; validation] rows with their joint
+        statistics (switched back to training mode since the engine was built)."""
+        if self._mb.armed and torch.is_grad_enabled():
+            error = batch_statistics_error(name, module)
+            if error is not None:
+                raise ValueError(error)
 
     def _on_forward(self, layer, module, args, kwargs, output):
         mb = self._mb

@@ -180,4 +180,4 @@ def row_sum(per_token: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 # Import the layer families so that their rules register themselves.
-from ghost_engine.layers import conv, embedding, layer_norm, linear, rms_norm  # noqa: E402,F401
+from ghost_engine.layers import channel_norm, conv, embedding, layer_norm, linear, rms_norm  # noqa: E402,F401

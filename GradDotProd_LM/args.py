@@ -285,7 +285,11 @@ def parse_config(argv, world_size=1):
         if cfg["eval_only"] and not os.path.exists(checkpoint):
             parser.error(f"--eval_only --resume: {checkpoint} does not exist")
         written = dotprod_steps_on_disk(run_dir_of(cfg))
-        if not os.path.exists(checkpoint) and written:
+        # a run that diverged before its first checkpoint restarts from its initial weights (config.json says so)
+        divergences = saved.get("divergences")
+        restarts = (isinstance(divergences, list) and bool(divergences) and isinstance(divergences[-1], dict)
+                    and divergences[-1].get("last_finite_checkpoint") == 0)
+        if not os.path.exists(checkpoint) and written and not restarts:
             parser.error(f"--resume: {run_dir_of(cfg)} has no checkpoint ({checkpoint}) but holds "
                          f"{len(written)} dot-product file(s) up to step {written[-1]}; resuming would redo "
                          "those steps, so nothing was changed. Restore the checkpoint, or keep these results "

@@ -1,7 +1,9 @@
 """Checkpoints that `torch.load(weights_only=True)` can read: tensors, numbers, strings, lists, dicts.
 
 A checkpoint is written only after the step's dot products were flushed, so the files under
-grad_dotprods/ always cover exactly steps 1..checkpoint step when training resumes from it.
+grad_dotprods/ always cover exactly steps 1..checkpoint step when training resumes from it. It carries the
+run's identity ("run_id"): a resume takes only a checkpoint of its own run. A checkpoint only ever holds
+finite weights and optimizer state (`nonfinite_state`): after a divergence the last finite one is kept.
 """
 import os
 import random
@@ -51,10 +53,24 @@ def save_checkpoint(run_dir, model, optimizer, step, config):
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "rng": rng_state(),
+        "run_id": config.get("run_id"),
         "config": {k: v for k, v in config.items()
                    if isinstance(v, (int, float, str, bool, type(None))) or k in ("model_config", "data_tokenizer")},
     }
     write_atomically(path, lambda f: torch.save(state, f))
+
+
+def nonfinite_state(model, optimizer):
+    """Names of the model's and optimizer's floating-point tensors holding a NaN or an infinity ([] if none):
+    one fused reduction per tensor, a single synchronisation."""
+    tensors = {f"model.{name}": t for name, t in model.state_dict().items()}
+    for index, state in optimizer.state_dict()["state"].items():
+        tensors.update({f"optimizer.state[{index}].{key}": v for key, v in state.items() if torch.is_tensor(v)})
+    names = [name for name, t in tensors.items() if t.is_floating_point() and t.numel()]
+    if not names:
+        return []
+    finite = torch.stack([torch.isfinite(tensors[name]).all() for name in names]).cpu()
+    return [name for name, ok in zip(names, finite.tolist()) if not ok]
 
 
 def load_checkpoint(run_dir, map_location="cpu"):

@@ -64,7 +64,7 @@ def flat_scalars(record):
         for key, value in record.items():
             if key == "dot_products_by_domain":
                 flat.update({f"dot_products/{domain}": v for domain, v in value.items()})
-            elif key not in ("kind", "step", "time"):
+            elif key not in ("kind", "step", "time", "run_id"):
                 flat[key] = value
     else:
         for split in ("train", "validation", "test"):
@@ -87,11 +87,12 @@ class ExperimentLog:
 
     def __init__(self, run_dir, sinks, cfg, start_step, earlier):
         self.path = os.path.join(run_dir, TRAINING_LOG_JSONL)
+        self._run_id = cfg.get("run_id")  # every line names the run it belongs to (None: a run without one)
         seed = not os.path.exists(self.path)
         records = []  # the records of steps <= start_step (set_aside_after has cut the .jsonl there)
         if seed:
-            records = [dict(kind="step", **r) for r in earlier["steps"]]
-            records += [dict(kind="eval", **r) for r in earlier["evals"]]
+            records = [dict(kind="step", **r, **self._identity()) for r in earlier["steps"]]
+            records += [dict(kind="eval", **r, **self._identity()) for r in earlier["evals"]]
             records.sort(key=lambda r: (r["step"], r["kind"] == "eval"))  # a step's evaluation follows it
         elif "csv" in sinks:
             records = read_log_records(self.path)
@@ -117,7 +118,11 @@ class ExperimentLog:
     def eval(self, step, result):
         self._write({"kind": "eval", "step": step, "time": time.time(), **result})
 
+    def _identity(self):
+        return {} if self._run_id is None else {"run_id": self._run_id}
+
     def _write(self, line):
+        line.update(self._identity())
         data = memoryview((json.dumps(line) + "\n").encode())
         while data:  # one write of the whole line (a regular file takes it whole unless the disk is full)
             data = data[self._file.write(data):]

@@ -148,6 +148,52 @@ def write_tokenizer(directory: str, model_max_length: int) -> None:
         **special})
 
 
+RUN_MARKERS = ("grad_dotprods", "checkpoints", "run.lock", "training_log.jsonl", "valset.pkl")
+
+
+def _is_run_directory(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json")) and any(
+        os.path.exists(os.path.join(path, name)) for name in RUN_MARKERS)
+
+
+def _inside(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def out_problem(out: str, run_dir: str, results_dir: str | None = None) -> str | None:
+    """Why `out` must not receive an export of `run_dir` (None if it may): an export never writes into a run
+    directory or the results directory, never replaces one of them or a directory holding one, and with
+    --overwrite replaces only an earlier export (a directory holding graddotprod_export.json) or an empty
+    directory."""
+    out, run_dir = os.path.realpath(out), os.path.realpath(run_dir)
+    if _inside(out, run_dir):
+        return (f"--out {out} is inside or onto the run directory {run_dir}; an export never writes into a "
+                "run: pick a directory outside it")
+    results_dirs = {os.path.dirname(run_dir)} | ({os.path.realpath(results_dir)} if results_dir else set())
+    for directory in sorted(results_dirs | {run_dir}):
+        if _inside(directory, out):
+            return (f"--out {out} is or holds {directory}; an export never replaces a run or the results "
+                    "directory: pick another directory")
+    ancestor = os.path.dirname(out)
+    while True:  # inside another run's directory
+        if _is_run_directory(ancestor):
+            return f"--out {out} is inside the run directory {ancestor}; pick a directory outside it"
+        parent = os.path.dirname(ancestor)
+        if parent == ancestor:
+            break
+        ancestor = parent
+    if os.path.lexists(out):
+        if not os.path.isdir(out) or os.path.islink(out):
+            return f"--out {out} exists and is not a directory; an export replaces only an earlier export"
+        entries = os.listdir(out)
+        if entries and not os.path.isfile(os.path.join(out, "graddotprod_export.json")):
+            holds_run = _is_run_directory(out) or any(_is_run_directory(os.path.join(out, e)) for e in entries)
+            return (f"--out {out} exists and {'holds a run' if holds_run else 'is not an earlier export'} "
+                    "(no graddotprod_export.json); --overwrite replaces only an earlier export or an empty "
+                    "directory: pick another --out")
+    return None
+
+
 def _write_json(path, value):
     with open(path, "w") as f:
         json.dump(value, f, indent=2)
@@ -179,6 +225,9 @@ def export(checkpoint: str, out: str, overwrite: bool = False) -> str:
         if os.path.lexists(out):
             if not overwrite:
                 raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+            if os.path.isdir(out) and os.listdir(out) and \
+                    not os.path.isfile(os.path.join(out, "graddotprod_export.json")):
+                raise ValueError(f"{out} is not an earlier export (no graddotprod_export.json); it is not replaced")
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
             os.replace(out, os.path.join(old, "previous"))
         os.replace(tmp, out)
@@ -213,6 +262,9 @@ def main(argv=None) -> int:
         listing = ", ".join(f"step {s} ({os.path.relpath(p, run_dir)})" for s, p in sorted(kept.items())) or "none"
         parser.error(f"--step {args.step}: {run_dir} kept no checkpoint of that step; it holds: {listing}. "
                      "The app keeps checkpoints/latest.pt only (overwritten every --checkpoint_interval steps)")
+    problem = out_problem(args.out, run_dir, load_settings().results_dir)
+    if problem:
+        parser.error(problem)
     if os.path.lexists(args.out) and not args.overwrite:
         parser.error(f"--out {args.out} exists; pass --overwrite to replace it")
     from transformers.utils import logging as transformers_logging

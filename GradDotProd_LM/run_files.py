@@ -10,6 +10,12 @@
     run.lock             held by the process training the run (RunLock)
     superseded/<time>/   files and log lines of steps after the checkpoint a resume started from, moved aside
 
+Identity: a run's `run_id` (a random hex string made when the run starts, config.json's "run_id") is written
+into every one of these files (each log line, the dot-product files, valset.pkl, every checkpoint). Resume
+and the loaders take only files of that identity and refuse others by name; the directory's name plays no
+part, so a run directory can be moved or renamed. Runs started before identities existed have none
+(config.json lacks "run_id") and are matched by name, as they were written.
+
 Every file but the appended training_log.jsonl is written durably (ghost_engine.durable: temporary file,
 fsync, rename, fsync of the directory), so a reader never sees half a file and a written file survives a
 crash. training_log.jsonl is flushed every step and fsynced before every checkpoint.
@@ -18,6 +24,8 @@ import hashlib
 import json
 import os
 import pickle
+import tempfile
+import uuid
 
 import numpy as np
 
@@ -25,6 +33,27 @@ from ghost_engine.durable import FileLock, write_atomically
 
 VALSET_SCHEMA = "graddotprod.valset"
 VALSET_SCHEMA_VERSION = 1
+
+
+def new_run_id() -> str:
+    """A new run's identity: 32 random hex digits, never derived from its name or directory."""
+    return uuid.uuid4().hex
+
+
+class ForeignRunFile(ValueError):
+    """A file in the run directory was written by another run; it is not resumed from and not merged."""
+
+    def __init__(self, path, found, expected):
+        super().__init__(f"{path} belongs to another run (run_id {found!r}, this run is {expected!r}): it was "
+                         "copied or moved here; nothing was resumed from it or changed. Move it away and "
+                         "restore this run's own file, or start a new --run_name")
+
+
+def check_identity(path, found, expected):
+    """Raise ForeignRunFile unless a file's run_id is the run's; a run without an identity (started before
+    identities existed) accepts anything, as it always did."""
+    if expected is not None and found != expected:
+        raise ForeignRunFile(path, found, expected)
 
 
 def write_json(path, obj):
@@ -37,9 +66,9 @@ def read_json(path):
 
 
 def write_valset(run_dir, val_batch, config, name="valset.pkl"):
-    """valset.pkl: the validation rows the dot products were taken against."""
+    """valset.pkl: the validation rows the dot products were taken against (and the run they belong to)."""
     payload = {
-        "schema": VALSET_SCHEMA, "schema_version": VALSET_SCHEMA_VERSION,
+        "schema": VALSET_SCHEMA, "schema_version": VALSET_SCHEMA_VERSION, "run_id": config.get("run_id"),
         "val_domain": config["val_domain"], "seq_len": config["seq_len"], "data_dir": config["data_dir"],
         "tokens": np.asarray(val_batch.tokens, dtype=np.int64),  # [Bv, seq_len + 1]; the model sees [:, :seq_len]
         "domain": [str(d) for d in val_batch.domain],
@@ -85,17 +114,51 @@ class DamagedRunFile(ValueError):
                          "this run's results and start a new --run_name")
 
 
-def read_valset_tokens(run_dir):
-    """The validation rows saved with the run (None if it has no valset.pkl)."""
+def read_valset_tokens(run_dir, run_id=None):
+    """The validation rows saved with the run (None if it has no valset.pkl); ForeignRunFile if another run
+    wrote it."""
     from ghost_results.results_io import safe_load_pickle
 
     path = os.path.join(run_dir, "valset.pkl")
     if not os.path.exists(path):
         return None
     try:
-        return np.asarray(safe_load_pickle(path)["tokens"], dtype=np.int64)
+        payload = safe_load_pickle(path)
+        tokens = np.asarray(payload["tokens"], dtype=np.int64)
     except Exception as err:  # truncated, hostile or not a valset: the unpickler raises several types
         raise DamagedRunFile(path, err) from err
+    check_identity(path, payload.get("run_id"), run_id)
+    return tokens
+
+
+def unwritable(run_dir):
+    """None if this process can write the run directory (or create it), else a one-line error naming the
+    path. Tried, not inferred from permission bits: a read-only mount stops root too, and root ignores modes."""
+    existing = run_dir
+    while not os.path.isdir(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    probes = [existing] + [os.path.join(run_dir, sub) for sub in ("grad_dotprods", "checkpoints")
+                           if existing == run_dir and os.path.isdir(os.path.join(run_dir, sub))]
+    for directory in probes:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
+            os.close(fd)
+            os.remove(probe)
+        except OSError as err:
+            return (f"cannot write in {directory} ({os.strerror(err.errno) if err.errno else err}); the run's "
+                    "files could not be saved. Make it writable or pass another --results_dir")
+    for name in ("training_log.jsonl", "training_log.csv", "eval_log.csv"):  # appended in place
+        path = os.path.join(run_dir, name)
+        if os.path.exists(path):
+            try:
+                open(path, "ab").close()
+            except OSError as err:
+                return (f"cannot append to {path} ({os.strerror(err.errno) if err.errno else err}); make it "
+                        "writable")
+    return None
 
 
 class RunBusyError(RuntimeError):
@@ -119,13 +182,27 @@ class RunLock:
         self._lock.release()
 
 
-def read_training_log(run_dir, up_to_step):
-    """The run's log, keeping only records of steps <= up_to_step (those a resumed run does not redo)."""
+def read_training_log(run_dir, up_to_step, run_id=None):
+    """The run's log, keeping only records of steps <= up_to_step (those a resumed run does not redo), with
+    the run's identity under "run_id"; ForeignRunFile if training_log.json or a line of training_log.jsonl
+    names another run."""
     path = os.path.join(run_dir, "training_log.json")
-    if not os.path.exists(path):
-        return {"steps": [], "evals": []}
-    try:
-        log = read_json(path)
-        return {kind: [r for r in log.get(kind, []) if r["step"] <= up_to_step] for kind in ("steps", "evals")}
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise DamagedRunFile(path, err) from err
+    log = {"run_id": run_id, "steps": [], "evals": []}
+    if os.path.exists(path):
+        try:
+            saved = read_json(path)
+            log.update({kind: [r for r in saved.get(kind, []) if r["step"] <= up_to_step]
+                        for kind in ("steps", "evals")})
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise DamagedRunFile(path, err) from err
+        check_identity(path, saved.get("run_id"), run_id)
+    lines = os.path.join(run_dir, "training_log.jsonl")
+    if run_id is not None and os.path.exists(lines):
+        with open(lines, "rb") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    found = json.loads(line).get("run_id")
+                except (ValueError, AttributeError):
+                    continue  # a torn or damaged line: set aside on resume, never read as a record
+                check_identity(f"{lines} line {number}", found, run_id)
+    return log

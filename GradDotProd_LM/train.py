@@ -27,12 +27,14 @@ from ghost_engine import GradDotProdEngine, per_sample_loss
 from ghost_engine.recording import gather_rows, local_rows
 from ghost_results.results_io import file_formats, flush_dotprods, set_aside_after
 from GradDotProd_LM.args import model_name, parse_config, run_dir_of
-from GradDotProd_LM.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, set_rng_state
+from GradDotProd_LM.checkpoint import (checkpoint_path, load_checkpoint, nonfinite_state, save_checkpoint,
+                                       set_rng_state)
 from GradDotProd_LM.evaluate import Evaluator, format_eval
 from GradDotProd_LM.experiment_log import ExperimentLog, SinkError, domain_sums
 from GradDotProd_LM.model import build_model
-from GradDotProd_LM.run_files import (DamagedRunFile, RunBusyError, RunLock, data_identity, describe_data_change,
-                                      read_json, read_training_log, read_valset_tokens, write_json, write_valset)
+from GradDotProd_LM.run_files import (DamagedRunFile, ForeignRunFile, RunBusyError, RunLock, check_identity,
+                                      data_identity, describe_data_change, new_run_id, read_json, read_training_log,
+                                      read_valset_tokens, unwritable, write_json, write_valset)
 from GradDotProd_LM.settings import load_settings
 from pile_tools import ensure_sample_dataset
 from pile_tools.reader import PileReader
@@ -83,6 +85,10 @@ def resolve_data_dir(cfg, master, world_size):
 
 class RunStopped(RuntimeError):
     """The run cannot go on; the steps before it are saved (main prints the message and exits 1)."""
+
+
+class DivergedWeights(RunStopped):
+    """An update left the weights or optimizer state non-finite; the last finite checkpoint was kept."""
 
 
 class NonFiniteStep(RunStopped):
@@ -161,7 +167,7 @@ class StopRequest:
     """Turns SIGINT/SIGTERM into a flag the loop checks after each step (the step in flight completes)."""
 
     def __init__(self):
-        self.signal_name = None
+        self.signum = None  # the first signal received
         self._previous = {}
 
     def install(self):
@@ -169,11 +175,22 @@ class StopRequest:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.signal_name = signal.Signals(signum).name
+        self.signum = self.signum or signum
 
     def restore(self):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def finished_before(run_dir, step, cfg):
+    """True if a run resumed at `step` >= max_steps has nothing left to do: no evaluation due at that step is
+    missing from its log (a failure in the final evaluation leaves one to redo)."""
+    if not (step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]):
+        return True
+    try:
+        return any(e["step"] == step for e in read_training_log(run_dir, step, cfg["run_id"])["evals"])
+    except (DamagedRunFile, ForeignRunFile):
+        return False  # the full start-up path names the file
 
 
 def report_progress(step, max_steps, record, started, first_step):
@@ -228,12 +245,16 @@ def main(argv=None) -> int:
 def _run(cfg, argv, rank, world_size, device, master, stop):
     """Train while holding the run directory (eval-only runs read it without holding it)."""
     lock = RunLock(run_dir_of(cfg))
+    if cfg["resume"] or not cfg["eval_only"]:  # eval-only with --resume writes its result into the run
+        problem = unwritable(run_dir_of(cfg)) if master else None
+        if rank0_error_stops_all(problem, world_size, device):
+            return 2
     if not cfg["eval_only"]:
         busy = None
         if master:
             try:
                 lock.acquire()
-            except RunBusyError as err:
+            except (RunBusyError, OSError) as err:
                 busy = err
         if rank0_error_stops_all(busy, world_size, device):
             return 2
@@ -281,11 +302,15 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
     # a resumed run continues on the data it started with, against the same validation rows
     identity = data_identity(cfg["data_dir"])
     saved_config = read_json(os.path.join(run_dir, "config.json")) if cfg["resume"] and not cfg["eval_only"] else {}
+    # the run's identity, written into every file it writes; a resumed run keeps it, whatever its name now
+    # (None: a run started before identities existed, matched by name as it was written)
+    cfg["run_id"] = (read_json(os.path.join(run_dir, "config.json")).get("run_id") if cfg["resume"]
+                     else new_run_id())
     data_change = describe_data_change(saved_config["data_identity"], identity) if "data_identity" in saved_config \
         else ""
     try:
-        saved_val = read_valset_tokens(run_dir) if saved_config and val_batch is not None else None
-    except DamagedRunFile as err:
+        saved_val = read_valset_tokens(run_dir, cfg["run_id"]) if saved_config and val_batch is not None else None
+    except (DamagedRunFile, ForeignRunFile) as err:
         if master:
             print(f"train.sh: error: --resume: {err}", file=sys.stderr, flush=True)
         return 2
@@ -318,6 +343,12 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
                       f"({type(err).__name__}: {err}); restore it from a backup, or keep this run's results and "
                       "start a new --run_name", file=sys.stderr, flush=True)
             return 2
+        try:
+            check_identity(checkpoint_path(run_dir), state.get("run_id"), cfg["run_id"])
+        except ForeignRunFile as err:
+            if master:
+                print(f"train.sh: error: --resume: {err}", file=sys.stderr, flush=True)
+            return 2
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
@@ -330,7 +361,12 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
             print(format_eval(start_step, result), flush=True)
             if cfg["resume"]:
                 write_json(os.path.join(run_dir, f"eval_only_step_{start_step:06d}.json"),
-                           {"step": start_step, "eval": result})
+                           {"run_id": cfg["run_id"], "step": start_step, "eval": result})
+        return 0
+    if start_step >= cfg["max_steps"] and finished_before(run_dir, start_step, cfg):
+        if master:  # nothing is written: config.json keeps the command that trained the run
+            print(f"Nothing to train: {run_dir} is at step {start_step} and --max_steps is {cfg['max_steps']}; "
+                  "pass a larger --max_steps to extend it", flush=True)
         return 0
 
     engine = None
@@ -350,8 +386,8 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
     experiment_log = start_error = None  # rank 0 writes training_log.jsonl and the --report_to sinks
     if master:
         try:
-            log = read_training_log(run_dir, start_step)  # before anything is moved
-        except DamagedRunFile as err:
+            log = read_training_log(run_dir, start_step, cfg["run_id"])  # before anything is moved
+        except (DamagedRunFile, ForeignRunFile) as err:
             start_error = f"--resume: {err}"
     if master and start_error is None:
         os.makedirs(run_dir, exist_ok=True)
@@ -370,7 +406,8 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
         config_record = dict(cfg, world_size=world_size, train_dtype_resolved=train_dtype, device=str(device),
                              torch=torch.__version__, transformers=transformers.__version__,
                              python=platform.python_version(), argv=argv, data_identity=identity,
-                             data_changes=saved_config.get("data_changes", []))
+                             data_changes=saved_config.get("data_changes", []),
+                             divergences=saved_config.get("divergences", []))
         if data_change or val_changed:
             config_record["data_changes"].append({"from_step": start_step + 1, "change": data_change,
                                                   "validation_rows_changed": bool(val_changed)})
@@ -380,13 +417,34 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
         elif val_changed:  # --accept_data_change: the record of the earlier rows stays
             write_valset(run_dir, val_batch, cfg, name=f"valset_from_step_{start_step + 1:06d}.pkl")
     pending = []  # step records of dot products not yet written
+    last_checkpoint = start_step if os.path.exists(checkpoint_path(run_dir)) else None  # its step, finite
 
-    def save_all(step):  # dot products and log first: a checkpoint at step s implies they cover steps 1..s
+    def save_all(step):
+        """Dot products and log first: a checkpoint at step s implies they cover steps 1..s. A model or
+        optimizer state that is not finite is never checkpointed (the last finite checkpoint stays, and
+        config.json records where a resume restarts); returns the names of the non-finite tensors."""
+        nonlocal last_checkpoint
         if master:
             flush_dotprods(run_dir, cfg["run_name"], world_size, pending, results_formats, value=cfg["value"])
             write_json(os.path.join(run_dir, "training_log.json"), log)
             experiment_log.sync()
+        bad = nonfinite_state(model, optimizer)  # the same on every rank: the replicas are equal
+        if bad:
+            if master:
+                config_record["divergences"].append({"after_step": step, "nonfinite": bad[:10],
+                                                     "last_finite_checkpoint": last_checkpoint or 0})
+                write_json(os.path.join(run_dir, "config.json"), config_record)
+            return bad
         save_checkpoint(run_dir, model, optimizer, step, cfg) if master else None
+        last_checkpoint = step
+        return []
+
+    def diverged_weights(step, bad, cause=None):
+        return DivergedWeights(f"{f'{cause}; ' if cause else ''}after step {step} the model's weights or optimizer state are not finite ({bad[0]}"
+                          f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): the run diverged; no checkpoint "
+                          f"of them was written, the last finite one is step {last_checkpoint or 0}. Continue "
+                          f"from it with a lower rate: ./train.sh --run_name {cfg['run_name']} --resume "
+                          "--learning_rate LR (the later steps' files are set aside)")
 
     def eval_due(step):
         return step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]
@@ -497,31 +555,39 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
                 evaluate(step)
 
             # every rank must agree to stop at the same step, or the next collective would hang
-            stop_now = torch.tensor([1.0 if stop.signal_name else 0.0], device=device)
+            stop_now = torch.tensor([float(stop.signum or 0)], device=device)
             if world_size > 1:
                 dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
             if stop_now.item() or step % cfg["checkpoint_interval"] == 0 or step == cfg["max_steps"]:
-                save_all(step)
+                bad = save_all(step)
+                if bad:
+                    raise diverged_weights(step, bad)
             if stop_now.item():
+                stop.signum = stop.signum or int(stop_now.item())  # a signal another rank received
                 if master:
-                    print(f"Stopped by {stop.signal_name or 'a signal on another rank'} after step {step}; "
-                          f"checkpoint written. Continue with: ./train.sh --run_name {cfg['run_name']} --resume",
-                          flush=True)
+                    print(f"Stopped by {signal.Signals(stop.signum).name} after step {step}; checkpoint written. Continue "
+                          f"with: ./train.sh --run_name {cfg['run_name']} --resume", flush=True)
                 break
         finished = True
-    except Exception:
+    except DivergedWeights:
+        raise  # save_all has saved what can be saved
+    except Exception as failure:
         # keep what was complete: its dot products, log and a checkpoint at that step, as a SIGTERM would
         pending[:] = [record for record in pending if record["step"] <= done]
         if master:
             log["steps"] = [r for r in log["steps"] if r["step"] <= done]
         try:
-            save_all(done)
-            if master:
+            bad = save_all(done)
+            if master and not bad:
                 print(f"train.sh: steps {start_step + 1}..{done} are saved (dot products, log, checkpoint); "
                       f"continue with: ./train.sh --run_name {cfg['run_name']} --resume", file=sys.stderr,
                       flush=True)
         except Exception as save_error:  # e.g. the disk is still full: report both, lose nothing more
             print(f"train.sh: could not save after the failure: {save_error}", file=sys.stderr, flush=True)
+        else:
+            if bad:
+                raise diverged_weights(done, bad, cause=failure if isinstance(failure, RunStopped) else None) \
+                    from failure
         raise
     finally:
         if master:
@@ -529,10 +595,9 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
 
     if graddotprod:
         engine.detach()
-    if master and step == start_step:
-        print(f"Nothing to train: {run_dir} is at step {start_step} and --max_steps is {cfg['max_steps']}; "
-              "pass a larger --max_steps to extend it", flush=True)
-    elif master:
+    if stop.signum:  # interrupted, not finished: scripts tell the two apart by the exit status (130, 143)
+        return 128 + stop.signum
+    if master:
         total = time.perf_counter() - started
         print(f"Done: steps {start_step + 1}..{step} in {total:.1f}s. Results in {run_dir}", flush=True)
     return 0

@@ -223,20 +223,67 @@ def test_an_exception_in_the_loop_saves_the_completed_steps(baseline, data_dir, 
     assert_same_as_baseline(run_dir, baseline)
 
 
+def assert_finite_checkpoint(run_dir, step):
+    state = torch.load(os.path.join(run_dir, "checkpoints", "latest.pt"), weights_only=True)
+    assert state["step"] == step
+    tensors = list(state["model"].values()) + [v for s in state["optimizer"]["state"].values() for v in s.values()
+                                               if torch.is_tensor(v)]
+    assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+
+
 def test_divergence_stops_before_the_bad_update(data_dir, results_dir, capsys):
-    """An infinite learning rate makes step 2 non-finite: exit 1 naming the step, step 1 kept and checkpointed,
-    no NaN saved anywhere."""
+    """An infinite learning rate makes step 2 non-finite (its update of step 1 left every weight infinite):
+    exit 1 naming the step, step 1's dot products and log kept, no NaN saved anywhere, and no checkpoint of the
+    infinite weights: config.json records that a resume restarts from the initial weights. The documented
+    recovery, --resume with a finite --learning_rate, then gives exactly a run trained at that rate."""
     flags = tiny_flags(data_dir, results_dir, "diverged", "--learning_rate", "inf", "--optimizer", "SGD",
                        "--min_lr", "0", "--grad_clip", "0")
     assert train.main(flags) == 1
     err = capsys.readouterr().err
-    assert "step 2:" in err and "not finite" in err and "steps 1..1 are saved" in err
+    assert "step 2:" in err and "not finite" in err and "after step 1" in err
+    assert "the last finite one is step 0" in err and "--resume --learning_rate" in err
     run_dir = os.path.join(results_dir, "diverged")
-    assert torch.load(os.path.join(run_dir, "checkpoints", "latest.pt"), weights_only=True)["step"] == 1
+    assert not os.path.exists(os.path.join(run_dir, "checkpoints", "latest.pt"))
+    assert read_json(os.path.join(run_dir, "config.json"))["divergences"][-1]["last_finite_checkpoint"] == 0
     run = read_run(run_dir, strict=True)
     assert sorted(set(run.columns["step"])) == [1] and np.isfinite(run.columns["dot_products"]).all()
     with open(os.path.join(run_dir, "training_log.json")) as f:
         assert [r["step"] for r in json.load(f)["steps"]] == [1]
+
+    recovered = tiny_flags(data_dir, results_dir, "diverged", "--optimizer", "SGD", "--grad_clip", "0")
+    assert train.main(recovered + ["--resume"]) == 0
+    assert train.main(tiny_flags(data_dir, results_dir, "sgd-reference", "--optimizer", "SGD", "--grad_clip",
+                                 "0")) == 0
+    assert_same_as_baseline(run_dir, os.path.join(results_dir, "sgd-reference"))
+    assert_finite_checkpoint(run_dir, STEPS)
+
+
+def test_weights_made_non_finite_by_an_update_are_never_checkpointed(baseline, data_dir, results_dir, monkeypatch,
+                                                                      capsys):
+    """Step 4's update (an infinite rate from step 4 on) makes the weights infinite while its loss was finite;
+    step 4 is a checkpoint step: its checkpoint is not written, step 2's stays, and --resume at the run's own
+    rate ends equal to the uninterrupted run."""
+    real_lr_at = train.lr_at
+    monkeypatch.setattr(train, "lr_at", lambda step, cfg: float("inf") if step >= 4 else real_lr_at(step, cfg))
+    flags = tiny_flags(data_dir, results_dir, "diverged-later", "--checkpoint_interval", "2")
+    assert train.main(flags) == 1
+    err = capsys.readouterr().err
+    assert "after step 4" in err and "the last finite one is step 2" in err
+    run_dir = os.path.join(results_dir, "diverged-later")
+    assert_finite_checkpoint(run_dir, 2)
+    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    assert train.main(flags + ["--resume"]) == 0
+    assert_same_as_baseline(run_dir, baseline)
+
+
+def test_resume_of_a_finished_run_changes_nothing(baseline, data_dir, results_dir, capsys):
+    before = {name: open(os.path.join(baseline, name), "rb").read() for name in ("config.json", "training_log.json")}
+    assert train.main(tiny_flags(data_dir, results_dir, "baseline", "--resume", "--eval_interval", "2")) == 0
+    out = capsys.readouterr().out
+    assert f"Nothing to train: {baseline} is at step {STEPS}" in out and f"steps {STEPS + 1}.." not in out
+    assert not os.path.exists(os.path.join(baseline, "superseded"))
+    for name, data in before.items():
+        assert open(os.path.join(baseline, name), "rb").read() == data, name
 
 
 def test_resume_without_a_checkpoint_refuses_and_deletes_nothing(baseline, data_dir, results_dir, capsys):

@@ -1,6 +1,6 @@
 """SIGTERM, or Ctrl-C (SIGINT to the process group), in the middle of a run: the step in flight completes,
-pending dot products are flushed, a checkpoint is written, the process exits 0, and --resume continues
-without a gap or a duplicate."""
+pending dot products are flushed, a checkpoint is written, the process exits 128 + the signal's number (130,
+143: interrupted, not finished, as a shell reports it), and --resume continues without a gap or a duplicate."""
 import os
 import signal
 import subprocess
@@ -34,8 +34,9 @@ def test_a_stop_signal_leaves_a_complete_resumable_run(data_dir, tmp_path, signu
             os.killpg(proc.pid, signum)  # as Ctrl-C or a scheduler's stop would: the whole process group
             break
     output += proc.stdout.readlines()
-    assert proc.wait(timeout=120) == 0, "".join(output)
+    assert proc.wait(timeout=120) == 128 + signum, "".join(output)
     assert f"Stopped by {signum.name}" in "".join(output) and "Traceback" not in "".join(output)
+    assert "Done:" not in "".join(output)
 
     run_dir = os.path.join(results, "stopped")
     stopped_at = torch.load(os.path.join(run_dir, "checkpoints", "latest.pt"), weights_only=True)["step"]

@@ -31,7 +31,7 @@ CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_ divides by total_norm + 1e-6
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """An optimizer of the harness. AdamW follows the app (GradDotProd_LM/train.py): betas 0.9/0.95,
+    """An optimizer of the harness. AdamW follows the app (GradDotProd_LM/training.py): betas 0.9/0.95,
     weight decay 0.1 on matrices and embeddings only. SGD is plain (no weight decay)."""
 
     kind: str

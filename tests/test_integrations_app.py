@@ -16,7 +16,7 @@ from ghost_engine.integrations import IndexedDataset
 from ghost_engine.integrations.hf import GradDotProdTrainer
 from ghost_engine.integrations.lightning import GradDotProdCallback, training_loss
 from ghost_results.results_io import read_run
-from GradDotProd_LM import train
+from GradDotProd_LM import train, training
 from GradDotProd_LM.model import build_model
 from GradDotProd_LM.run_files import read_json, read_valset_tokens
 from pile_tools.reader import PileReader
@@ -54,8 +54,8 @@ def app(data_dir, tmp_path_factory):
 
 def optimizer_and_schedule(model, cfg):
     """The app's AdamW (its weight-decay groups) with its learning rate of step t = schedule index t - 1."""
-    optimizer = train.build_optimizer(model, cfg, torch.device("cpu"))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: train.lr_at(i + 1, cfg) / cfg["learning_rate"])
+    optimizer = training.build_optimizer(model, cfg, torch.device("cpu"))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: training.lr_at(i + 1, cfg) / cfg["learning_rate"])
     return optimizer, schedule
 
 

@@ -7,7 +7,8 @@ import subprocess
 import pytest
 
 from GradDotProd_LM.args import parse_config
-from GradDotProd_LM.train import lr_at, main
+from GradDotProd_LM.train import main
+from GradDotProd_LM.training import lr_at
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

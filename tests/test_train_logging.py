@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ghost_results.results_io import read_run
-from GradDotProd_LM import experiment_log, train
+from GradDotProd_LM import experiment_log, train, training
 from ghost_results.results_io import set_aside_after
 from test_faults import launch, run
 from test_faults import flags as fault_flags
@@ -128,17 +128,17 @@ def test_csv_tensorboard_and_wandb_get_every_step_once_across_a_resume(data_dir,
     monkeypatch.setenv("WANDB_SILENT", "true")
     flags = tiny_flags(data_dir, str(tmp_path / "results"), "sinks", "--checkpoint_interval", "3",
                        "--report_to", "csv,tensorboard,wandb")
-    real_report = train.report_progress
+    real_report = training.report_progress
 
     def crash_in_step_5(step, *args):
         if step == 5:
             raise HardCrash
         real_report(step, *args)
 
-    monkeypatch.setattr(train, "report_progress", crash_in_step_5)
+    monkeypatch.setattr(training, "report_progress", crash_in_step_5)
     with pytest.raises(HardCrash):
         train.main(flags)
-    monkeypatch.setattr(train, "report_progress", real_report)
+    monkeypatch.setattr(training, "report_progress", real_report)
     assert train.main(flags + ["--resume"]) == 0
 
     run_dir = str(tmp_path / "results" / "sinks")

@@ -10,7 +10,7 @@ import torch
 
 from _reference import app_first_step_reference
 from ghost_results.results_io import read_run, safe_load_pickle
-from GradDotProd_LM import train
+from GradDotProd_LM import train, training
 from GradDotProd_LM.model import build_model
 from GradDotProd_LM.run_files import read_json
 from pile_tools.reader import PileReader
@@ -115,7 +115,7 @@ class HardCrash(BaseException):
 def test_crash_then_resume_equals_uninterrupted_run(baseline, data_dir, results_dir, monkeypatch):
     """Checkpoint at step 3, a dot-product file for step 4 written after it, crash in step 5 with no
     clean-up: --resume must restart at 4, drop the stale file and end with exactly the baseline's rows."""
-    real_report = train.report_progress
+    real_report = training.report_progress
 
     def crash_in_step_5(step, *args):
         if step == 5:
@@ -123,14 +123,14 @@ def test_crash_then_resume_equals_uninterrupted_run(baseline, data_dir, results_
         real_report(step, *args)
 
     flags = tiny_flags(data_dir, results_dir, "crashed", "--checkpoint_interval", "3")
-    monkeypatch.setattr(train, "report_progress", crash_in_step_5)
+    monkeypatch.setattr(training, "report_progress", crash_in_step_5)
     with pytest.raises(HardCrash):
         train.main(flags)
     run_dir = os.path.join(results_dir, "crashed")
     assert torch.load(os.path.join(run_dir, "checkpoints", "latest.pt"), weights_only=True)["step"] == 3
     assert "iter_000004.pkl" in os.listdir(os.path.join(run_dir, "grad_dotprods"))
 
-    monkeypatch.setattr(train, "report_progress", real_report)
+    monkeypatch.setattr(training, "report_progress", real_report)
     stray = os.path.join(run_dir, "checkpoints", "latest.pt.tmp-99999")  # a kill during a checkpoint write
     with open(stray, "wb") as f:
         f.write(b"partial checkpoint")
@@ -195,7 +195,7 @@ def test_an_exception_in_the_loop_saves_the_completed_steps(baseline, data_dir, 
     evaluates what the failure interrupted and ends equal to the uninterrupted run, evaluations included."""
     from GradDotProd_LM.evaluate import Evaluator
 
-    real_report, real_evaluate = train.report_progress, Evaluator.evaluate
+    real_report, real_evaluate = training.report_progress, Evaluator.evaluate
 
     def fail_in_step_5(step, *args):
         if step == 5:
@@ -208,7 +208,7 @@ def test_an_exception_in_the_loop_saves_the_completed_steps(baseline, data_dir, 
     run_name = f"excepted-in-{where}"
     flags = tiny_flags(data_dir, results_dir, run_name, "--checkpoint_interval", "100")
     if where == "progress":
-        monkeypatch.setattr(train, "report_progress", fail_in_step_5)
+        monkeypatch.setattr(training, "report_progress", fail_in_step_5)
     else:
         monkeypatch.setattr(Evaluator, "evaluate", fail_in_the_first_evaluation)
     with pytest.raises(OSError, match="simulated"):
@@ -217,7 +217,7 @@ def test_an_exception_in_the_loop_saves_the_completed_steps(baseline, data_dir, 
     assert f"steps 1..{failing_step} are saved" in capsys.readouterr().err
     assert torch.load(os.path.join(run_dir, "checkpoints", "latest.pt"), weights_only=True)["step"] == failing_step
     assert sorted(set(read_run(run_dir, strict=True).columns["step"])) == list(range(1, failing_step + 1))
-    monkeypatch.setattr(train, "report_progress", real_report)
+    monkeypatch.setattr(training, "report_progress", real_report)
     monkeypatch.setattr(Evaluator, "evaluate", real_evaluate)
     assert train.main(flags + ["--resume"]) == 0
     assert_same_as_baseline(run_dir, baseline)
@@ -263,15 +263,15 @@ def test_weights_made_non_finite_by_an_update_are_never_checkpointed(baseline, d
     """Step 4's update (an infinite rate from step 4 on) makes the weights infinite while its loss was finite;
     step 4 is a checkpoint step: its checkpoint is not written, step 2's stays, and --resume at the run's own
     rate ends equal to the uninterrupted run."""
-    real_lr_at = train.lr_at
-    monkeypatch.setattr(train, "lr_at", lambda step, cfg: float("inf") if step >= 4 else real_lr_at(step, cfg))
+    real_lr_at = training.lr_at
+    monkeypatch.setattr(training, "lr_at", lambda step, cfg: float("inf") if step >= 4 else real_lr_at(step, cfg))
     flags = tiny_flags(data_dir, results_dir, "diverged-later", "--checkpoint_interval", "2")
     assert train.main(flags) == 1
     err = capsys.readouterr().err
     assert "after step 4" in err and "the last finite one is step 2" in err
     run_dir = os.path.join(results_dir, "diverged-later")
     assert_finite_checkpoint(run_dir, 2)
-    monkeypatch.setattr(train, "lr_at", real_lr_at)
+    monkeypatch.setattr(training, "lr_at", real_lr_at)
     assert train.main(flags + ["--resume"]) == 0
     assert_same_as_baseline(run_dir, baseline)
 

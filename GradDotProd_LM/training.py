@@ -1,0 +1,597 @@
+"""GPT-2 pretraining on the Pile, optionally valuing every training sample against a validation batch: the
+training script behind `python -m GradDotProd_LM.train` (which parses the flags first, then calls `run`).
+
+Order of the script: config -> DDP set-up from torchrun's variables -> data -> model -> optimizer (+ engine)
+-> resume -> loop (micro-batches, clip, step, dot products, eval, checkpoint). Step numbers count from 1:
+step t trains on the reader's global batch t and is the t-th optimizer update.
+"""
+import gc
+import math
+import os
+import platform
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import transformers
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ghost_engine import GradDotProdEngine, per_sample_loss
+from ghost_engine.recording import gather_rows, local_rows
+from ghost_results.results_io import file_formats, flush_dotprods, set_aside_after
+from GradDotProd_LM.args import model_name, run_dir_of
+from GradDotProd_LM.checkpoint import (checkpoint_path, load_checkpoint, nonfinite_state, save_checkpoint,
+                                       set_rng_state)
+from GradDotProd_LM.evaluate import Evaluator, format_eval
+from GradDotProd_LM.experiment_log import ExperimentLog, SinkError, domain_sums
+from GradDotProd_LM.model import build_model
+from GradDotProd_LM.run_files import (DamagedRunFile, ForeignRunFile, RunBusyError, RunLock, check_identity,
+                                      data_identity, describe_data_change, new_run_id, read_json, read_training_log,
+                                      read_valset_tokens, unwritable, write_json, write_valset)
+from GradDotProd_LM.settings import load_settings
+from pile_tools import ensure_sample_dataset
+from pile_tools.reader import PileReader
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def lr_at(step, cfg):
+    """Learning rate of step t (1-based): linear warmup over warmup_step steps, then cosine to min_lr at
+    lr_decay_steps, min_lr after."""
+    peak, floor, warmup, decay = cfg["learning_rate"], cfg["min_lr"], cfg["warmup_step"], cfg["lr_decay_steps"]
+    if step <= warmup:
+        return peak * step / warmup
+    if step >= decay:
+        return floor
+    progress = (step - warmup) / (decay - warmup)
+    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak - floor)
+
+
+def build_optimizer(model, cfg, device):
+    """AdamW (beta 0.9/0.95) with weight decay 0.1 on matrices and embeddings only; or plain SGD."""
+    params = [p for p in model.parameters() if p.requires_grad]  # the tied wte/lm_head appears once
+    if cfg["optimizer"] == "SGD":
+        return torch.optim.SGD(params, lr=cfg["learning_rate"])
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def resolve_data_dir(cfg, master, world_size):
+    """--data_dir, else the tokenized Pile at the settings' pile_data_dir, else the bundled sample (built once)."""
+    if cfg["data_dir"] is not None:
+        return cfg["data_dir"]
+    dirs = load_settings()
+    if os.path.exists(os.path.join(dirs.pile_data_dir, "train", "ingest.json")):
+        return dirs.pile_data_dir
+    if master:
+        print(f"No tokenized Pile at {dirs.pile_data_dir} (give --data_dir or set "
+              f"GRADDOTPROD_PILE_DATA_DIR): training on the bundled sample, tokenized once into "
+              f"{dirs.sample_data_dir}", flush=True)
+        data_dir = ensure_sample_dataset(dirs.sample_data_dir)
+    if world_size > 1:
+        dist.barrier()  # rank 0 builds the sample; the others then only find it
+    if not master:
+        data_dir = ensure_sample_dataset(dirs.sample_data_dir)
+    return os.path.abspath(data_dir)
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on; the steps before it are saved (main prints the message and exits 1)."""
+
+
+class DivergedWeights(RunStopped):
+    """An update left the weights or optimizer state non-finite; the last finite checkpoint was kept."""
+
+
+class NonFiniteStep(RunStopped):
+    """A step produced a non-finite loss, gradient norm or dot product; it was not applied."""
+
+    def __init__(self, step, loss, grad_norm):
+        super().__init__(f"step {step}: the training loss is {loss}, the gradient norm {grad_norm}, or a dot "
+                         "product is not finite (the run diverged: lower --learning_rate, or check the data); "
+                         "the step was not applied")
+
+
+def rank0_error_stops_all(error, world_size, device) -> bool:
+    """True on every rank when rank 0 found `error` (None: no error), which rank 0 prints; every rank
+    must leave together or the others would wait in the next collective forever."""
+    flag = torch.tensor([0.0 if error is None else 1.0], device=device)
+    if world_size > 1:
+        dist.all_reduce(flag)
+    if error is not None:
+        print(f"train.sh: error: {error}", file=sys.stderr, flush=True)
+    return bool(flag.item())
+
+
+def checkpoint_space_shortfall(run_dir, model, optimizer):
+    """None if the results file system has room for a checkpoint (model + optimizer state, with 10% to
+    spare), else the error to print: better now than at the first checkpoint after hours of training."""
+    tensors = list(model.state_dict().values()) + [
+        v for state in optimizer.state_dict()["state"].values() for v in state.values() if torch.is_tensor(v)]
+    needed = sum(t.numel() * t.element_size() for t in tensors)
+    if not optimizer.state_dict()["state"] and isinstance(optimizer, torch.optim.AdamW):
+        needed += 2 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)  # moments to come
+    needed = int(needed * 1.1)
+    existing = run_dir
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    free = shutil.disk_usage(existing).free
+    if free >= needed:
+        return None
+    return (f"{existing} has {free / 2**20:,.0f} MiB free but a checkpoint of this run needs about "
+            f"{needed / 2**20:,.0f} MiB; free space or pass another --results_dir")
+
+
+def data_vocabulary(train_reader, other_readers, model_config):
+    """The vocabulary size of the data: every split read must come from the train split's tokenizer, every
+    domain's recorded largest id must fit it, and a --model_config's vocab_size must hold it."""
+    identity = train_reader.tokenizer
+    vocab = identity["vocab_size"]
+    for reader in (train_reader, *other_readers):
+        if reader.tokenizer != identity:
+            raise ValueError(f"split {reader.split!r} was tokenized with another vocabulary ({reader.tokenizer}) "
+                             f"than the train split ({identity}); tokenize every split with the same one")
+        reader.check_vocabulary(vocab)  # the maxima recorded at ingest; every batch is checked too
+    configured = (model_config or {}).get("vocab_size")
+    if configured is not None and configured < vocab:
+        raise ValueError(f"--model_config has vocab_size {configured}, fewer than the data's {vocab} token ids")
+    return vocab
+
+
+def check_token_ids(batch, step, data_dir, world_size, device, vocab):
+    """Token ids must lie in the data's vocabulary: an id beyond it means corrupt token files. Every rank
+    stops together (one small all-reduce), naming what the rank that saw it saw."""
+    largest = int(batch.tokens.max())
+    bad = torch.tensor([float(largest >= vocab)], device=device)
+    if world_size > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if largest >= vocab:
+        row = int(np.argmax(batch.tokens.max(axis=1)))
+        raise RunStopped(f"step {step}: token id {largest} >= {vocab} in domain {batch.domain[row]!r} "
+                         f"at token offset {batch.token_offset[row]} of {data_dir}: the token files are corrupt "
+                         "or not written by pile_tools with this vocabulary; re-tokenize that domain")
+    if bad.item():
+        raise RunStopped(f"step {step}: another process found a token id outside the vocabulary (see its "
+                         "message)")
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (the step in flight completes)."""
+
+    def __init__(self):
+        self.signum = None  # the first signal received
+        self._previous = {}
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = self.signum or signum
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def finished_before(run_dir, step, cfg):
+    """True if a run resumed at `step` >= max_steps has nothing left to do: no evaluation due at that step is
+    missing from its log (a failure in the final evaluation leaves one to redo)."""
+    if not (step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]):
+        return True
+    try:
+        return any(e["step"] == step for e in read_training_log(run_dir, step, cfg["run_id"])["evals"])
+    except (DamagedRunFile, ForeignRunFile):
+        return False  # the full start-up path names the file
+
+
+def report_progress(step, max_steps, record, started, first_step):
+    """One compact line per step: loss, lr, throughput, time left."""
+    done = step - first_step + 1
+    eta = (time.perf_counter() - started) / done * (max_steps - step)
+    val = f" | val {record['val_loss']:.4f}" if "val_loss" in record else ""
+    print(f"step {step}/{max_steps} | loss {record['loss']:.4f}{val} | lr {record['lr']:.2e} | "
+          f"{record['tokens_per_s']:,.0f} tok/s | {record['step_time_s'] * 1e3:.0f} ms | eta {eta:.0f}s", flush=True)
+
+
+def run(cfg, argv, world_size, ddp) -> int:
+    """Train (or evaluate) the run `cfg` describes (GradDotProd_LM.args.parse_config); returns the exit status.
+    Under torchrun (ddp) every rank calls it."""
+    # ---------------------------------------------------------------- DDP set-up from torchrun's variables
+    if ddp:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank = dist.get_rank()
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        rank = 0
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    master = rank == 0
+    stop = StopRequest()
+    stop.install()
+    try:
+        code = _run(cfg, argv, rank, world_size, device, master, stop)
+        if ddp:  # leave together: a rank that tears gloo down while rank 0 still writes aborts (SIGABRT), and
+            dist.barrier()  # torchrun then stops rank 0 with SIGTERM
+        return code
+    except RunStopped as err:
+        if master:
+            print(f"train.sh: error: {err}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        stop.restore()
+        if ddp:
+            # the model, its DDP reducer and the work they hold on the process group may sit in reference cycles:
+            # free them now, not while the interpreter finalizes (gloo then aborts in its threads)
+            gc.collect()
+            dist.destroy_process_group()
+
+
+def _run(cfg, argv, rank, world_size, device, master, stop):
+    """Train while holding the run directory (eval-only runs read it without holding it)."""
+    lock = RunLock(run_dir_of(cfg))
+    if cfg["resume"] or not cfg["eval_only"]:  # eval-only with --resume writes its result into the run
+        problem = unwritable(run_dir_of(cfg)) if master else None
+        if rank0_error_stops_all(problem, world_size, device):
+            return 2
+    if not cfg["eval_only"]:
+        busy = None
+        if master:
+            try:
+                lock.acquire()
+            except (RunBusyError, OSError) as err:
+                busy = err
+        if rank0_error_stops_all(busy, world_size, device):
+            return 2
+    try:
+        return _train(cfg, argv, rank, world_size, device, master, stop)
+    finally:
+        lock.release()
+        run_dir = run_dir_of(cfg)
+        if master and not cfg["eval_only"] and os.path.isdir(run_dir) and os.listdir(run_dir) == ["run.lock"]:
+            os.remove(lock.path)  # stopped before writing anything: leave no trace
+            os.rmdir(run_dir)
+
+
+def _train(cfg, argv, rank, world_size, device, master, stop):
+    graddotprod = cfg["method"] == "GradDotProd"
+    train_dtype = cfg["train_dtype"] if cfg["train_dtype"] != "auto" else (
+        "bfloat16" if device.type == "cuda" else "float32")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if train_dtype == "bfloat16" else nullcontext())
+    run_dir = run_dir_of(cfg)
+    B, T, A = cfg["batch_size"], cfg["seq_len"], cfg["grad_accum"]
+    micro_rows = B // (world_size * A)  # rows of one micro-batch on one rank
+
+    # ---------------------------------------------------------------- data
+    cfg["data_dir"] = resolve_data_dir(cfg, master, world_size)
+    try:
+        train_reader = PileReader(cfg["data_dir"], split="train", domains=cfg["train_domains"], seed=cfg["seed"])
+        val_reader = PileReader(cfg["data_dir"], split="validation",
+                                domains=None if cfg["val_domain"] is None else [cfg["val_domain"]], seed=cfg["seed"])
+        try:
+            val_batch = val_reader.fixed_batch(cfg["val_batch_size"], T) if cfg["val_batch_size"] else None
+        except ValueError as err:
+            raise ValueError(f"split 'validation' (--val_batch_size {cfg['val_batch_size']}, --seq_len {T}): "
+                             f"{err}") from None
+        try:
+            train_reader.get_batch(1, B, T, rank=rank, world_size=world_size)  # every domain holds a window
+        except ValueError as err:
+            raise ValueError(f"split 'train': {err}") from None
+        evaluator = Evaluator(cfg["data_dir"], T, cfg["eval_iter"], cfg["eval_bs"], cfg["seed"], rank, world_size)
+        vocab = data_vocabulary(train_reader, (val_reader, *evaluator.readers.values()), cfg["model_config"])
+        cfg["data_tokenizer"] = train_reader.tokenizer  # saved with the run and its checkpoints (export reads it)
+    except (FileNotFoundError, ValueError) as err:
+        if master:
+            print(f"train.sh: error: data in {cfg['data_dir']}: {err}", file=sys.stderr, flush=True)
+        return 2
+    # a resumed run continues on the data it started with, against the same validation rows
+    identity = data_identity(cfg["data_dir"])
+    saved_config = read_json(os.path.join(run_dir, "config.json")) if cfg["resume"] and not cfg["eval_only"] else {}
+    # the run's identity, written into every file it writes; a resumed run keeps it, whatever its name now
+    # (None: a run started before identities existed, matched by name as it was written)
+    cfg["run_id"] = (read_json(os.path.join(run_dir, "config.json")).get("run_id") if cfg["resume"]
+                     else new_run_id())
+    data_change = describe_data_change(saved_config["data_identity"], identity) if "data_identity" in saved_config \
+        else ""
+    try:
+        saved_val = read_valset_tokens(run_dir, cfg["run_id"]) if saved_config and val_batch is not None else None
+    except (DamagedRunFile, ForeignRunFile) as err:
+        if master:
+            print(f"train.sh: error: --resume: {err}", file=sys.stderr, flush=True)
+        return 2
+    val_changed = saved_val is not None and not np.array_equal(saved_val, val_batch.tokens)
+    if (data_change or val_changed) and not cfg["accept_data_change"]:
+        if master:
+            print(f"train.sh: error: --resume: the data under {cfg['data_dir']} changed since {run_dir} started ("
+                  f"{data_change or 'the validation rows differ from valset.pkl'}); the run would continue on "
+                  "another mixture. Restore the data, start a new --run_name, or pass --accept_data_change to "
+                  "continue anyway (recorded in config.json; valset.pkl is kept)", file=sys.stderr, flush=True)
+        return 2
+
+    # ---------------------------------------------------------------- model, optimizer, engine
+    torch.manual_seed(cfg["seed"])  # same initial weights on every rank and in every run of this seed
+    model = build_model(cfg["architecture"], n_positions=max(1024, T), init_from=cfg["init_from"],
+                        gradient_checkpointing=cfg["grad_ckpt"], vocab_pad_multiple=cfg["vocab_pad_multiple"],
+                        model_config=cfg["model_config"], attention=cfg["attention"],
+                        attention_rank=cfg["attention_rank"], attention_block=cfg["attention_block"],
+                        vocab_size=vocab)
+    model.to(device=device, dtype=DTYPES[cfg["model_dtype"]])
+    model.train()
+    optimizer = build_optimizer(model, cfg, device)
+    start_step = 0
+    if cfg["resume"] and os.path.exists(checkpoint_path(run_dir)):
+        try:
+            state = load_checkpoint(run_dir)
+        except Exception as err:  # truncated or corrupt: torch raises several types
+            if master:
+                print(f"train.sh: error: cannot read the checkpoint {checkpoint_path(run_dir)} "
+                      f"({type(err).__name__}: {err}); restore it from a backup, or keep this run's results and "
+                      "start a new --run_name", file=sys.stderr, flush=True)
+            return 2
+        try:
+            check_identity(checkpoint_path(run_dir), state.get("run_id"), cfg["run_id"])
+        except ForeignRunFile as err:
+            if master:
+                print(f"train.sh: error: --resume: {err}", file=sys.stderr, flush=True)
+            return 2
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start_step = state["step"]
+        del state
+
+    if cfg["eval_only"]:
+        result = evaluator.evaluate(model, device, autocast)
+        if master:
+            print(format_eval(start_step, result), flush=True)
+            if cfg["resume"]:
+                write_json(os.path.join(run_dir, f"eval_only_step_{start_step:06d}.json"),
+                           {"run_id": cfg["run_id"], "step": start_step, "eval": result})
+        return 0
+    if start_step >= cfg["max_steps"] and finished_before(run_dir, start_step, cfg):
+        if master:  # nothing is written: config.json keeps the command that trained the run
+            print(f"Nothing to train: {run_dir} is at step {start_step} and --max_steps is {cfg['max_steps']}; "
+                  "pass a larger --max_steps to extend it", flush=True)
+        return 0
+
+    engine = None
+    if graddotprod:
+        X_val = torch.from_numpy(val_batch.tokens[:, :T]).to(device)  # [Bv, T]; labels = inputs, the model shifts
+        engine = GradDotProdEngine(model, val_batch=(X_val, X_val), task="causal_lm", loss_reduction="mean",
+                                   value=cfg["value"])
+        engine.attach(optimizer)
+    step_model = torch.compile(model) if cfg["compile"] else model  # engine first, then compile and DDP
+    if world_size > 1:
+        step_model = DDP(step_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # ---------------------------------------------------------------- run directory
+    if rank0_error_stops_all(checkpoint_space_shortfall(run_dir, model, optimizer) if master else None,
+                             world_size, device):
+        return 2
+    experiment_log = start_error = None  # rank 0 writes training_log.jsonl and the --report_to sinks
+    if master:
+        try:
+            log = read_training_log(run_dir, start_step, cfg["run_id"])  # before anything is moved
+        except (DamagedRunFile, ForeignRunFile) as err:
+            start_error = f"--resume: {err}"
+    if master and start_error is None:
+        os.makedirs(run_dir, exist_ok=True)
+        moved, destination = set_aside_after(run_dir, start_step)  # files and log lines of steps to redo
+        if cfg["resume"]:
+            print(f"Resuming {run_dir} from step {start_step}" + ("" if start_step else " (no checkpoint yet)")
+                  + (f"; moved {len(moved)} file(s) of later steps to {destination}" if moved else ""), flush=True)
+        try:
+            experiment_log = ExperimentLog(run_dir, cfg["report_to"], cfg, start_step, log)
+        except SinkError as err:
+            start_error = err
+    if rank0_error_stops_all(start_error, world_size, device):
+        return 2
+    results_formats = file_formats(cfg["results_format"])
+    if master:
+        config_record = dict(cfg, world_size=world_size, train_dtype_resolved=train_dtype, device=str(device),
+                             torch=torch.__version__, transformers=transformers.__version__,
+                             python=platform.python_version(), argv=argv, data_identity=identity,
+                             data_changes=saved_config.get("data_changes", []),
+                             divergences=saved_config.get("divergences", []))
+        if data_change or val_changed:
+            config_record["data_changes"].append({"from_step": start_step + 1, "change": data_change,
+                                                  "validation_rows_changed": bool(val_changed)})
+        write_json(os.path.join(run_dir, "config.json"), config_record)
+        if val_batch is not None and not os.path.exists(os.path.join(run_dir, "valset.pkl")):
+            write_valset(run_dir, val_batch, cfg)
+        elif val_changed:  # --accept_data_change: the record of the earlier rows stays
+            write_valset(run_dir, val_batch, cfg, name=f"valset_from_step_{start_step + 1:06d}.pkl")
+    pending = []  # step records of dot products not yet written
+    last_checkpoint = start_step if os.path.exists(checkpoint_path(run_dir)) else None  # its step, finite
+
+    def save_all(step):
+        """Dot products and log first: a checkpoint at step s implies they cover steps 1..s. A model or
+        optimizer state that is not finite is never checkpointed (the last finite checkpoint stays, and
+        config.json records where a resume restarts); returns the names of the non-finite tensors."""
+        nonlocal last_checkpoint
+        if master:
+            flush_dotprods(run_dir, cfg["run_name"], world_size, pending, results_formats, value=cfg["value"])
+            write_json(os.path.join(run_dir, "training_log.json"), log)
+            experiment_log.sync()
+        bad = nonfinite_state(model, optimizer)  # the same on every rank: the replicas are equal
+        if bad:
+            if master:
+                config_record["divergences"].append({"after_step": step, "nonfinite": bad[:10],
+                                                     "last_finite_checkpoint": last_checkpoint or 0})
+                write_json(os.path.join(run_dir, "config.json"), config_record)
+            return bad
+        save_checkpoint(run_dir, model, optimizer, step, cfg) if master else None
+        last_checkpoint = step
+        return []
+
+    def diverged_weights(step, bad, cause=None):
+        return DivergedWeights(f"{f'{cause}; ' if cause else ''}after step {step} the model's weights or optimizer state are not finite ({bad[0]}"
+                          f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): the run diverged; no checkpoint "
+                          f"of them was written, the last finite one is step {last_checkpoint or 0}. Continue "
+                          f"from it with a lower rate: ./train.sh --run_name {cfg['run_name']} --resume "
+                          "--learning_rate LR (the later steps' files are set aside)")
+
+    def eval_due(step):
+        return step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]
+
+    def evaluate(step):
+        result = evaluator.evaluate(model, device, autocast)
+        if master:
+            log["evals"].append({"step": step, **result})
+            experiment_log.eval(step, result)
+            print(format_eval(step, result), flush=True)
+
+    # ---------------------------------------------------------------- training loop
+    if master:
+        print(f"{cfg['method']} | {model_name(cfg)} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+              f"params | global batch {B} x {T} tokens | {world_size} process(es) on {device} | {train_dtype} | "
+              f"steps {start_step + 1}..{cfg['max_steps']} | results {run_dir}", flush=True)
+    started = time.perf_counter()
+    step = start_step
+    done = start_step  # last step whose update and dot products are complete
+    finished = False
+    try:
+        # an evaluation due at the checkpoint's step that an exception interrupted (the failure handler wrote
+        # the checkpoint after it): the checkpoint holds the model it evaluates, so evaluate it now
+        missing_eval = torch.tensor([float(master and start_step > 0 and eval_due(start_step)
+                                           and all(e["step"] != start_step for e in log["evals"]))], device=device)
+        if world_size > 1:
+            dist.all_reduce(missing_eval)
+        if missing_eval.item():
+            evaluate(start_step)
+            if master:
+                write_json(os.path.join(run_dir, "training_log.json"), log)
+        while step < cfg["max_steps"]:
+            step += 1
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.perf_counter()
+            batch = train_reader.get_batch(step, B, T, rank=rank, world_size=world_size)  # this rank's B/W rows
+            check_token_ids(batch, step, cfg["data_dir"], world_size, device, vocab)
+            train_loss_sum, val_loss = 0.0, None  # sum over this rank's rows of the row losses (a tensor)
+            for micro in range(A):
+                rows = slice(micro * micro_rows, (micro + 1) * micro_rows)
+                X = torch.from_numpy(batch.tokens[rows, :T]).to(device, non_blocking=True)  # [b, T], labels = X
+                last_micro = micro == A - 1
+                with nullcontext() if last_micro or world_size == 1 else step_model.no_sync():
+                    X_in = X
+                    if graddotprod:
+                        X_in, _ = engine.prepare_forward_input(X, X, loss_multiplier=1.0 / A)  # [b + Bv, T]
+                    with autocast:
+                        out = step_model(input_ids=X_in, labels=X_in)
+                    if graddotprod and not engine.loss_checked:  # eager checks by itself; compiled does not
+                        engine.check_loss(out.loss, out.logits, X_in)
+                    (out.loss / A).backward()
+                micro_loss = out.loss.detach()  # mean CE over every row's seq_len - 1 targets
+                if graddotprod:
+                    # out.loss also averages the validation rows (the same rows, hence the same loss, in
+                    # every micro-batch): take their mean out rather than recomputing the training rows' CE
+                    if micro == 0:
+                        val_loss = per_sample_loss(out.logits[micro_rows:].detach(), X_in[micro_rows:]).mean()
+                    Bv = engine.val_batch_size
+                    micro_loss = (micro_loss * (micro_rows + Bv) - val_loss * Bv) / micro_rows
+                train_loss_sum = train_loss_sum + micro_loss.double() * micro_rows
+                del out
+            if graddotprod:
+                engine.prepare_gradients()  # .grad = Regular gradient of the train rows (DDP-averaged)
+                val_loss = val_loss.item()
+            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"]).item()
+                         if cfg["grad_clip"] > 0 else None)
+            result = engine.aggregate_and_log() if graddotprod else None
+            nonfinite = (grad_norm is not None and not math.isfinite(grad_norm)) or (
+                result is not None and not bool(torch.isfinite(result.dot_products).all()))
+
+            # every row has T - 1 targets, so the step's loss is the mean of the row losses over all ranks;
+            # the third entry makes every rank see a non-finite value any rank saw
+            loss_sum = torch.stack([train_loss_sum, torch.tensor(float(B // world_size), dtype=torch.float64,
+                                                                 device=device),
+                                    torch.tensor(float(nonfinite), dtype=torch.float64, device=device)])
+            if world_size > 1:
+                dist.all_reduce(loss_sum)
+            loss = (loss_sum[0] / loss_sum[1]).item()
+            if loss_sum[2].item() > 0 or not math.isfinite(loss):
+                raise NonFiniteStep(step, loss, grad_norm)  # before the update: steps 1..step-1 are saved
+
+            if graddotprod:
+                local = local_rows(result, result.weights.double() / (A * world_size), vars(batch))  # [B/W] rows
+                rows_all = gather_rows(local, world_size)
+                if master:
+                    pending.append(dict(step=step, lr=lr, train_loss=loss, val_loss=val_loss, **rows_all))
+                    by_domain = domain_sums(rows_all["domain"], rows_all["dot_products"], train_reader.domains)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step  # the update and the step's dot products are complete
+
+            step_time = time.perf_counter() - t0
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                      "tokens_per_s": B * T / step_time, "step_time_s": step_time}
+            if graddotprod:
+                record["val_loss"] = val_loss
+                if master and step % cfg["dot_prod_save_interval"] == 0:
+                    flush_dotprods(run_dir, cfg["run_name"], world_size, pending, results_formats,
+                                   value=cfg["value"])
+            if master:
+                log["steps"].append(record)
+                experiment_log.step(record, by_domain if graddotprod else None)  # before the progress line
+                report_progress(step, cfg["max_steps"], record, started, start_step + 1)
+
+            if eval_due(step):
+                evaluate(step)
+
+            # every rank must agree to stop at the same step, or the next collective would hang
+            stop_now = torch.tensor([float(stop.signum or 0)], device=device)
+            if world_size > 1:
+                dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
+            if stop_now.item() or step % cfg["checkpoint_interval"] == 0 or step == cfg["max_steps"]:
+                bad = save_all(step)
+                if bad:
+                    raise diverged_weights(step, bad)
+            if stop_now.item():
+                stop.signum = stop.signum or int(stop_now.item())  # a signal another rank received
+                if master:
+                    print(f"Stopped by {signal.Signals(stop.signum).name} after step {step}; checkpoint written. Continue "
+                          f"with: ./train.sh --run_name {cfg['run_name']} --resume", flush=True)
+                break
+        finished = True
+    except DivergedWeights:
+        raise  # save_all has saved what can be saved
+    except Exception as failure:
+        # keep what was complete: its dot products, log and a checkpoint at that step, as a SIGTERM would
+        pending[:] = [record for record in pending if record["step"] <= done]
+        if master:
+            log["steps"] = [r for r in log["steps"] if r["step"] <= done]
+        try:
+            bad = save_all(done)
+            if master and not bad:
+                print(f"train.sh: steps {start_step + 1}..{done} are saved (dot products, log, checkpoint); "
+                      f"continue with: ./train.sh --run_name {cfg['run_name']} --resume", file=sys.stderr,
+                      flush=True)
+        except Exception as save_error:  # e.g. the disk is still full: report both, lose nothing more
+            print(f"train.sh: could not save after the failure: {save_error}", file=sys.stderr, flush=True)
+        else:
+            if bad:
+                raise diverged_weights(done, bad, cause=failure if isinstance(failure, RunStopped) else None) \
+                    from failure
+        raise
+    finally:
+        if master:
+            experiment_log.close(failed=not finished)
+
+    if graddotprod:
+        engine.detach()
+    if stop.signum:  # interrupted, not finished: scripts tell the two apart by the exit status (130, 143)
+        return 128 + stop.signum
+    if master:
+        total = time.perf_counter() - started
+        print(f"Done: steps {start_step + 1}..{step} in {total:.1f}s. Results in {run_dir}", flush=True)
+    return 0
+

@@ -26,7 +26,8 @@ SKIPPABLE_MAGIC_LOW = 0x184D2A50  # 0x184D2A5? (little endian)
 class CorruptInputError(Exception):
     """A shard ended early, failed to decompress, holds nothing or could not be read; says how far reading got."""
 
-    def __init__(self, path: str, compressed_bytes: int, lines: int, reason: str, what: str = "is truncated or corrupt"):
+    def __init__(self, path: str, compressed_bytes: int, lines: int, reason: str,
+                 what: str = "is truncated or corrupt"):
         self.path, self.compressed_bytes, self.lines, self.reason = path, compressed_bytes, lines, reason
         self.what = what
         super().__init__(

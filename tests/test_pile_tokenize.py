@@ -403,8 +403,9 @@ def test_an_unreadable_input_is_named_never_finished(tmp_path, how):
     assert [(i["name"], i["finished"]) for i in state["inputs"]][:1] == [("00.jsonl.zst", True)]
     assert all(not i["finished"] for i in state["inputs"][1:])
     if how.startswith("eio"):
-        assert 0 < state["inputs"][1]["lines_done"] < len(records) and "Input/output error" in state["inputs"][1]["error"]
-        assert sum(s.size for _, s, _ in got.values()) == len(DOCS) + state["inputs"][1]["lines_done"]
+        failed = state["inputs"][1]
+        assert 0 < failed["lines_done"] < len(records) and "Input/output error" in failed["error"]
+        assert sum(s.size for _, s, _ in got.values()) == len(DOCS) + failed["lines_done"]
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode; "

@@ -27,7 +27,7 @@ import tempfile
 import torch
 
 from ghost_engine import __version__
-from ghost_engine.durable import fsync_directory
+from ghost_engine.durable import default_mode, fsync_directory
 from ghost_engine.flags import FlagParser
 from GradDotProd_LM.checkpoint import CHECKPOINT_FORMAT, checkpoint_path
 from GradDotProd_LM.model import GPT2_VOCAB_SIZE, build_model
@@ -219,8 +219,9 @@ def export(checkpoint: str, out: str, overwrite: bool = False) -> str:
             "exported_vocab_rows": GPT2_VOCAB_SIZE, "graddotprod_version": __version__})
         for name in os.listdir(tmp):
             with open(os.path.join(tmp, name), "rb") as f:
+                os.fchmod(f.fileno(), default_mode())  # safetensors writes model.safetensors private (0o600)
                 os.fsync(f.fileno())
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        os.chmod(tmp, default_mode(directory=True))  # mkdtemp makes it private
         fsync_directory(tmp)
         if os.path.lexists(out):
             if not overwrite:

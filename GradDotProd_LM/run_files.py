@@ -23,16 +23,13 @@ crash. training_log.jsonl is flushed every step and fsynced before every checkpo
 import hashlib
 import json
 import os
-import pickle
 import tempfile
 import uuid
 
 import numpy as np
 
 from ghost_engine.durable import FileLock, write_atomically
-
-VALSET_SCHEMA = "graddotprod.valset"
-VALSET_SCHEMA_VERSION = 1
+from ghost_results.valset import VALSET_SCHEMA, VALSET_SCHEMA_VERSION, write_valset_file  # noqa: F401 (names kept here)
 
 
 def new_run_id() -> str:
@@ -66,17 +63,12 @@ def read_json(path):
 
 
 def write_valset(run_dir, val_batch, config, name="valset.pkl"):
-    """valset.pkl: the validation rows the dot products were taken against (and the run they belong to)."""
-    payload = {
-        "schema": VALSET_SCHEMA, "schema_version": VALSET_SCHEMA_VERSION, "run_id": config.get("run_id"),
-        "val_domain": config["val_domain"], "seq_len": config["seq_len"], "data_dir": config["data_dir"],
-        "tokens": np.asarray(val_batch.tokens, dtype=np.int64),  # [Bv, seq_len + 1]; the model sees [:, :seq_len]
-        "domain": [str(d) for d in val_batch.domain],
-        "token_offset": np.asarray(val_batch.token_offset, dtype=np.int64),
-        "doc_id": np.asarray(val_batch.doc_id, dtype=np.int64),
-        "sample_index": np.asarray(val_batch.sample_index, dtype=np.int64),
-    }
-    write_atomically(os.path.join(run_dir, name), lambda f: pickle.dump(payload, f, protocol=4))
+    """valset.pkl: the validation rows the dot products were taken against, and the run they belong to
+    (schema: ghost_results.valset)."""
+    write_valset_file(os.path.join(run_dir, name), val_batch.tokens,  # [Bv, seq_len + 1]; the model sees [:, :seq_len]
+                      config["seq_len"], val_batch.domain, val_batch.doc_id, val_batch.token_offset,
+                      val_batch.sample_index, val_domain=config["val_domain"], data_dir=config["data_dir"],
+                      run_id=config.get("run_id"))
 
 
 def data_identity(data_dir):

@@ -51,7 +51,9 @@ def main(argv=None) -> str:
     train_set = windows(PileReader(data_dir, split="train"), 128, SEQ_LEN)
     val_rows = windows(PileReader(data_dir, split="validation", domains=[VAL_DOMAIN]), 2, SEQ_LEN)
     val_batch = {"input_ids": torch.stack([r["input_ids"] for r in val_rows]),
-                 "labels": torch.stack([r["labels"] for r in val_rows])}
+                 "labels": torch.stack([r["labels"] for r in val_rows]),
+                 # their provenance, for valset.pkl and the report's validation section
+                 **{name: [r[name] for r in val_rows] for name in ("domain", "doc_id", "token_offset")}}
     print("validation row 0:", repr(load_gpt2_tokenizer().decode(val_batch["input_ids"][0].tolist())[:120]))
 
     torch.manual_seed(0)

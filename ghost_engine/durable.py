@@ -4,12 +4,14 @@ the new one survives a crash or a power cut.
     temporary file beside the target -> write -> flush -> fsync -> rename onto the target -> fsync the directory
 
 The temporary file is removed if anything fails (a full disk, a kill signal turned into an exception).
-A full disk is reported as such, naming the file. FileLock gives a directory one owner at a time.
+A full disk is reported as such, naming the file. The new file has the mode open() gives a new file
+(0o666 & ~umask) or, replacing one, the mode that one had. FileLock gives a directory one owner at a time.
 """
 import errno
 import fcntl
 import os
 import socket
+import stat
 import time
 
 
@@ -19,7 +21,12 @@ def write_atomically(path, write) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     f = None
     try:
+        _remove_quietly(tmp)  # one left by a killed process of the same pid would keep its own mode
         with open(tmp, "wb") as raw:
+            try:
+                os.fchmod(raw.fileno(), stat.S_IMODE(os.stat(path).st_mode))  # a replaced file keeps its mode
+            except FileNotFoundError:
+                pass  # a new file: open()'s mode
             f = _RecordingFile(raw)
             write(f)
             f.flush()
@@ -37,6 +44,26 @@ def write_atomically(path, write) -> None:
 
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file-size limit
+
+
+def umask() -> int:
+    """The process's umask (read from /proc where it can be, so that no other thread sees it changed)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode open() gives a new file (0o666 & ~umask), os.mkdir a new directory (0o777 & ~umask): for files
+    a library writes with its own private mode (mkstemp's 0o600)."""
+    return (0o777 if directory else 0o666) & ~umask()
 
 
 class _RecordingFile:

@@ -215,6 +215,10 @@ def write_tables(report: Report, out_dir: str) -> list:
     return ["samples.csv", "documents.csv", "domains.csv", "cumulative_by_domain.csv"]
 
 
+NO_MATPLOTLIB = ("matplotlib is not installed: install it with `pip install -e \".[plot]\"` in the repository, or "
+                 "`pip install matplotlib`, and run the report again")
+
+
 def write_plots(report: Report, out_dir: str):
     """PNG plots; returns (file names, None) or ([], reason they were skipped)."""
     try:
@@ -223,7 +227,7 @@ def write_plots(report: Report, out_dir: str):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return [], "matplotlib is not installed (pip install 'graddotprod[plot]')"
+        return [], NO_MATPLOTLIB
     if len(report.samples["value"]) == 0:
         return [], "the run has no recorded steps"
     value_label = f"value per sample ({report.convention})"
@@ -455,6 +459,8 @@ def write_report(run_dir, out_dir=None, top: int = 20, convention: str = "first_
     report = build_report(run, convention=convention, val_domain=val_domain)
     tables = write_tables(report, out_dir)
     plots, plots_skipped = write_plots(report, out_dir)
+    if plots_skipped == NO_MATPLOTLIB:  # report.md says so on its last line, which nobody may read
+        print(f"note: no PNG plots: {NO_MATPLOTLIB}", file=sys.stderr, flush=True)
     markdown = render_markdown(report, top, TextSource(run.config), tables, plots, plots_skipped)
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:

@@ -129,7 +129,10 @@ def _run_tokenize(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
               f"--domains {' '.join(map(repr, args.domains))}{bad}; domain names match exactly, in the data's "
               "spelling (the Pile's: Github, 'DM Mathematics', 'Wikipedia (en)', ...)", file=sys.stderr)
         return 1
-    return 1 if summary.corrupt_input is not None else 0
+    if summary.corrupt_input is not None:
+        print(f"error: {summary.corrupt_input}; it is not recorded as finished (see above)", file=sys.stderr)
+        return 1
+    return 0
 
 
 _PILE_SPLIT_NAMES = {"val": "validation", "validation": "validation", "test": "test"}

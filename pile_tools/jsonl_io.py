@@ -19,15 +19,38 @@ READ_CHUNK_BYTES = 1 << 20
 FINGERPRINT_BLOCK_BYTES = 1 << 20
 
 
-class CorruptInputError(Exception):
-    """A compressed shard ended early or failed to decompress; says how far reading got."""
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # every zstd frame starts with it (RFC 8878), a skippable frame with
+SKIPPABLE_MAGIC_LOW = 0x184D2A50  # 0x184D2A5? (little endian)
 
-    def __init__(self, path: str, compressed_bytes: int, lines: int, reason: str):
+
+class CorruptInputError(Exception):
+    """A shard ended early, failed to decompress, holds nothing or could not be read; says how far reading got."""
+
+    def __init__(self, path: str, compressed_bytes: int, lines: int, reason: str,
+                 what: str = "is truncated or corrupt"):
         self.path, self.compressed_bytes, self.lines, self.reason = path, compressed_bytes, lines, reason
+        self.what = what
         super().__init__(
-            f"{path} is truncated or corrupt ({reason}): stopped after {compressed_bytes} compressed bytes "
+            f"{path} {what} ({reason}): stopped after {compressed_bytes} compressed bytes "
             f"and {lines} complete lines"
         )
+
+
+def shard_problem(path: str) -> str | None:
+    """What makes `path` no shard at all, found without reading it through (None if nothing): it cannot be
+    opened or read, it is empty, or a `.zst` that does not start as zstd data does."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as err:
+        return f"{path} cannot be read ({err.strerror or err})"
+    if not head:
+        return f"{path} is empty (0 bytes)"
+    if path.endswith(".zst") and head != ZSTD_MAGIC and not (
+            len(head) == 4 and int.from_bytes(head, "little") & ~0xF == SKIPPABLE_MAGIC_LOW):
+        return (f"{path} is not zstd-compressed (it starts with {head!r}, not zstd's magic number "
+                f"{ZSTD_MAGIC!r}); a plain JSON-lines file is read when named .jsonl")
+    return None
 
 
 def _zst_chunks(path: str, fh) -> Iterator[bytes]:
@@ -56,14 +79,24 @@ def _zst_chunks(path: str, fh) -> Iterator[bytes]:
         raise CorruptInputError(path, fh.tell(), -1, "the last zstd frame is incomplete")
 
 
-def _split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+def _split_lines(chunks: Iterable[bytes]) -> Iterator[tuple[bytes, bool]]:
+    """(line, whether a newline ended it): only the last line may lack one."""
     pending = b""
     for chunk in chunks:
         pending += chunk
         *complete, pending = pending.split(b"\n")
-        yield from complete
+        for line in complete:
+            yield line, True
     if pending:
-        yield pending
+        yield pending, False
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return False
+    return True
 
 
 class ShardSource:
@@ -93,22 +126,42 @@ class ShardSource:
         return digest.hexdigest()
 
     def items(self, skip_lines: int = 0) -> Iterator[tuple[int, bytes]]:
-        """(line number, line) of every complete line. A truncated or corrupt compressed stream ends the
-        iteration normally after the last complete line, with `self.error` set: a consumer that batches
-        lines sees every one of them before it learns of the damage."""
+        """(line number, line) of every complete line. A truncated or corrupt compressed stream, a file that
+        holds no line at all, one that ends inside a record, or a read error ends the iteration normally after
+        the last complete line, with `self.error` set: a consumer that batches lines sees every one of them
+        before it learns of the damage."""
         self.error = None
-        with open(self.path, "rb") as fh:
+        try:
+            fh = open(self.path, "rb")
+        except OSError as err:
+            self.error = CorruptInputError(self.path, 0, 0, err.strerror or str(err), what="cannot be read")
+            return
+        with fh:
             self._fh = fh
             chunks = _zst_chunks(self.path, fh) if self.path.endswith(".zst") else iter(lambda: fh.read(READ_CHUNK_BYTES), b"")
             line_no = 0
+            has_text = skip_lines > 0  # lines before skip_lines were read by an earlier run
             try:
-                for line in _split_lines(chunks):
+                for line, complete in _split_lines(chunks):
+                    if not complete and not _is_json(line):
+                        # a cut at a zstd frame boundary (or of a plain file) inside a record: what decompresses
+                        # is valid, only the last line is not whole
+                        raise CorruptInputError(self.path, fh.tell(), -1, f"it ends inside a line: the last "
+                                                f"{len(line)} bytes have no newline and are not a JSON record")
                     line_no += 1
+                    has_text = has_text or bool(line.strip())
                     if line_no > skip_lines:
                         yield line_no, line
+                if not has_text:
+                    raise CorruptInputError(self.path, fh.tell(), -1, "no line of text in it"
+                                            + (": it decompresses to nothing" if self.path.endswith(".zst") else ""),
+                                            what="holds no records")
                 self._finished = True
             except CorruptInputError as err:
-                self.error = CorruptInputError(self.path, err.compressed_bytes, line_no, err.reason)
+                self.error = CorruptInputError(self.path, err.compressed_bytes, line_no, err.reason, err.what)
+            except OSError as err:  # the disk or the network file system under it
+                self.error = CorruptInputError(self.path, fh.tell(), line_no, err.strerror or str(err),
+                                               what="could not be read to its end")
 
 
 class HFDatasetSource:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ghost_engine.durable import FileLock
 
 from pile_tools.encode_worker import PILE_SCHEMA, EncodedChunk, RecordSchema, encode_chunk, init_worker
-from pile_tools.jsonl_io import CorruptInputError
+from pile_tools.jsonl_io import CorruptInputError, ShardSource, shard_problem
 from pile_tools.layout import check_split
 from pile_tools.split_writer import MAX_SKIPPED_LISTED, SplitWriter
 from pile_tools.tokenizer import load_tokenizer
@@ -46,6 +46,7 @@ class TokenizeSummary:
     stopped_by_max_tokens: bool = False
     seconds: float = 0.0
     corrupt_input: CorruptInputError | None = None
+    inputs_not_read: list = field(default_factory=list)  # names of the inputs after a corrupt one
 
     def report(self, max_listed: int = 20) -> str:
         rate = f"{self.documents / self.seconds:,.0f} docs/s, {self.tokens / self.seconds:,.0f} tokens/s" if self.seconds > 0 else ""
@@ -62,8 +63,12 @@ class TokenizeSummary:
             if self.skipped_count > max_listed:
                 lines.append(f"  ... and {self.skipped_count - max_listed:,} more (the first {MAX_SKIPPED_LISTED} are listed in ingest.json)")
         if self.corrupt_input is not None:
-            lines.append(f"[{self.split}] ERROR: {self.corrupt_input}. Documents before that point are kept and the "
-                         "output is consistent; a re-run resumes after them.")
+            lines.append(f"[{self.split}] ERROR: {self.corrupt_input}. It is not recorded as finished. Documents "
+                         "before that point are kept and the output is consistent; a re-run resumes after them. "
+                         "Replace the file with a good copy (then rebuild the split with --overwrite) or leave it "
+                         "out of --input.")
+            if self.inputs_not_read:
+                lines.append(f"[{self.split}] not read, after it: {', '.join(self.inputs_not_read)}")
         return "\n".join(lines)
 
 
@@ -126,6 +131,7 @@ def tokenize_sources(
     check_split(split)
     if workers < 1:
         raise ValueError(f"workers={workers}: need at least 1")
+    check_inputs(sources)
     split_dir = os.path.join(output_dir, split)
     # one job writes a split at a time; others wait their turn (one job per shard into a shared output
     # is safe: each input's documents stay together and every ingest is recorded)
@@ -151,6 +157,20 @@ def tokenize_sources(
     return summary
 
 
+class BadInputError(ValueError):
+    """Inputs that are no shards at all (unreadable, empty, not zstd), found before anything is written."""
+
+
+def check_inputs(sources) -> None:
+    """Raise BadInputError naming every shard that cannot be read, is empty, or is a .zst that is not zstd."""
+    problems = [problem for problem in (shard_problem(s.path) for s in sources if isinstance(s, ShardSource))
+                if problem]
+    if problems:
+        raise BadInputError(f"{len(problems)} of the {len(sources)} inputs cannot be tokenized: "
+                            f"{'; '.join(problems)}. Nothing was written: replace them with good copies, or leave "
+                            "them out of --input (move them out of an --input directory)")
+
+
 def _ingest(sources, writer: SplitWriter, encode_chunks, max_tokens: int | None, checkpoint_docs: int,
             summary: TokenizeSummary, progress: bool) -> None:
     kill_after = int(os.environ.get(KILL_AFTER_DOCS_ENV, "0"))
@@ -160,8 +180,15 @@ def _ingest(sources, writer: SplitWriter, encode_chunks, max_tokens: int | None,
     bytes_before = 0
     touched = False
     try:
-        for source in sources:
-            index, record = writer.input_record(source.fingerprint(), source.name, os.path.abspath(source.path))
+        for position, source in enumerate(sources):
+            try:
+                fingerprint = source.fingerprint()
+            except OSError as err:  # became unreadable since check_inputs
+                summary.corrupt_input = CorruptInputError(source.path, 0, 0, err.strerror or str(err),
+                                                          what="cannot be read")
+                summary.inputs_not_read = [s.name for s in sources[position + 1:]]
+                break
+            index, record = writer.input_record(fingerprint, source.name, os.path.abspath(source.path))
             if record["finished"]:
                 summary.inputs_already_done.append(source.name)
                 bytes_before += source.total_bytes
@@ -191,6 +218,7 @@ def _ingest(sources, writer: SplitWriter, encode_chunks, max_tokens: int | None,
                     raise source.error
             except CorruptInputError as err:
                 summary.corrupt_input = err
+                summary.inputs_not_read = [s.name for s in sources[position + 1:]]
                 record["error"] = str(err)
                 break
             if summary.stopped_by_max_tokens:

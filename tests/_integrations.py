@@ -1,7 +1,9 @@
 """Shared set-up of the integration tests: rows with different target counts, the engine driven by hand,
 and the float64 references of one step."""
 import copy
+import os
 
+import numpy as np
 import torch
 from transformers import TrainerCallback
 
@@ -131,3 +133,86 @@ class StepCapture(TrainerCallback):
         for n, s in self.state.items():
             optimizer.state[params[n]] = copy.deepcopy(s)
         return model, optimizer
+
+
+# ---- val_batch in every documented form (docs/INTEGRATIONS.md, "Batches, validation rows, provenance")
+
+VAL_BATCH_FORMS = ["input_ids_alone", "labels_and_attention_mask", "attention_mask_without_labels",
+                   "position_ids_and_provenance"]
+
+
+def val_batch_form(form, X_val, Y_val, rows):
+    """(val_batch as the user gives it, the model inputs that define the validation loss, {key: [rows] tensor}
+    every training item carries besides input_ids and labels). The attention mask has real padding: row 0 is
+    left-padded (4 positions), row 1 right-padded (6), so it changes what the validation rows' tokens see."""
+    T = X_val.shape[1]
+    mask = torch.ones_like(X_val)
+    mask[0, :4] = 0
+    mask[1, T - 6:] = 0
+    masked_labels = Y_val.masked_fill(mask == 0, -100)
+    if form == "input_ids_alone":  # labels default to the input_ids
+        return {"input_ids": X_val}, {"input_ids": X_val, "labels": X_val}, {}
+    if form == "labels_and_attention_mask":  # the form of the bug report (item 10)
+        val_batch = {"input_ids": X_val, "labels": masked_labels, "attention_mask": mask}
+        return val_batch, dict(val_batch), {}
+    if form == "attention_mask_without_labels":  # labels default to the input_ids, -100 where the mask is 0
+        return ({"input_ids": X_val, "attention_mask": mask},
+                {"input_ids": X_val, "labels": X_val.masked_fill(mask == 0, -100), "attention_mask": mask}, {})
+    if form == "position_ids_and_provenance":  # another per-row tensor (also in the training batches)
+        # packed sequences: positions restart where a document starts (transformers then masks attention across
+        # documents in training, with no cache); row 0 holds two documents of 8 tokens, row 1 one of 5 and one of 11
+        positions = torch.stack([torch.arange(T) % 8, torch.cat([torch.arange(5), torch.arange(T - 5)])])
+        val_batch = {"input_ids": X_val, "labels": Y_val, "position_ids": positions, "domain": "DM Mathematics",
+                     "doc_id": torch.tensor([7, 9]), "token_offset": [100, 2000], "sample_index": [5, 6]}
+        train_positions = torch.stack([torch.cat([torch.arange(4 + i), torch.arange(T - 4 - i)]) for i in range(rows)])
+        return val_batch, {"input_ids": X_val, "labels": Y_val, "position_ids": positions}, {
+            "position_ids": train_positions}
+    raise ValueError(form)
+
+
+def reference_with_inputs(model, train_inputs, val_inputs):
+    """float64, plain autograd, one training row at a time, every input given to the model (attention_mask,
+    position_ids, ...) as a training framework runs it (no key/value cache): ({param name: [B] <grad l_i, grad L_val>},
+    L_val)."""
+    ref = copy.deepcopy(model).double()
+    ref.config.use_cache = False  # as the Trainer sets it; transformers reads packed sequences from position_ids then
+    params = {n: p for n, p in ref.named_parameters() if p.requires_grad}
+    val_loss = ref(**val_inputs).loss
+    val_grad = torch.autograd.grad(val_loss, list(params.values()))
+    rows = train_inputs["input_ids"].shape[0]
+    dots = {n: torch.zeros(rows, dtype=torch.float64) for n in params}
+    for i in range(rows):
+        loss = ref(**{k: v[i:i + 1] for k, v in train_inputs.items()}).loss
+        for n, g, v in zip(params, torch.autograd.grad(loss, list(params.values())), val_grad):
+            dots[n][i] = (g * v).sum()
+    return dots, float(val_loss.detach())
+
+
+def check_val_batch_form(form, columns, run_dir, model, train_inputs, val_inputs, val_batch, prefix=""):
+    """The step's recorded rows (columns) equal reference_with_inputs on the same inputs (total and per parameter,
+    and the validation loss), the inputs other than input_ids and labels change the reference (so dropping
+    them would fail here), and valset.pkl holds the validation rows and the provenance given."""
+    from ghost_results.results_io import safe_load_pickle
+
+    index = torch.as_tensor(columns["sample_index"])
+    rows = {k: v[index] for k, v in train_inputs.items()}
+    ref, ref_val_loss = reference_with_inputs(model, rows, val_inputs)
+    total = sum(ref.values())
+    assert rel_err(columns["dot_products"], total) <= TOL
+    floor = 1e-6 * float(total.abs().max())
+    for name, r in ref.items():
+        assert rel_err(columns[f"per_layer/{prefix}{name}"], r, floor) <= TOL, name
+    assert abs(columns["val_loss"][0] - ref_val_loss) <= 1e-5 * ref_val_loss
+    plain = {k: v for k, v in val_inputs.items() if k in ("input_ids", "labels")}
+    extra_train = {k: v for k, v in rows.items() if k in ("input_ids", "labels")}
+    if len(plain) < len(val_inputs):
+        without, _ = reference_with_inputs(model, extra_train, plain)
+        assert rel_err(sum(without.values()), total) > 100 * TOL  # the other inputs matter
+    valset = safe_load_pickle(os.path.join(run_dir, "valset.pkl"))
+    assert valset["schema"] == "graddotprod.valset" and valset["seq_len"] == val_batch["input_ids"].shape[1]
+    np.testing.assert_array_equal(valset["tokens"], val_batch["input_ids"].numpy())
+    given = {name: val_batch.get(name) for name in ("domain", "doc_id", "token_offset", "sample_index")}
+    assert valset["domain"] == ([given["domain"]] * 2 if given["domain"] else ["validation"] * 2)
+    for name in ("doc_id", "token_offset", "sample_index"):
+        expected = [0, 1] if given[name] is None else list(np.asarray(given[name]))
+        assert valset[name].tolist() == expected, name

@@ -64,3 +64,33 @@ def test_a_lock_names_its_holder_even_while_it_is_being_taken(tmp_path):
     assert FileLock(path).holder(wait=0.05) == "another process"
     threading.Timer(0.1, lambda: path.write_text("pid 123 on host since now\n")).start()
     assert FileLock(path).holder(wait=30.0) == "pid 123 on host since now"  # read as soon as it is written
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    yield 0o027
+    os.umask(old)
+
+
+def test_a_new_file_gets_the_mode_open_gives_and_a_replaced_one_keeps_its_own(tmp_path, umask_027):
+    """New: the mode of a file made by plain open() under the same umask (0o640 here, not mkstemp's 0o600); a
+    temporary file left by a killed process of the same pid does not pass its mode on. Replaced: the old file's
+    mode, whatever it was."""
+    from ghost_engine.durable import default_mode, umask
+
+    assert umask() == umask_027 and default_mode() == 0o640 and default_mode(directory=True) == 0o750
+    with open(tmp_path / "plain", "wb"):
+        pass
+    plain = os.stat(tmp_path / "plain").st_mode & 0o7777
+    path = tmp_path / "new.json"
+    stale = tmp_path / f"new.json.tmp-{os.getpid()}"
+    stale.write_bytes(b"left by a killed writer")
+    os.chmod(stale, 0o600)
+    write_atomically(path, lambda f: f.write(b"{}"))
+    assert os.stat(path).st_mode & 0o7777 == plain == 0o640
+    for mode in (0o600, 0o664, 0o444):
+        os.chmod(path, mode)
+        write_atomically(path, lambda f: f.write(b"{}"))
+        assert os.stat(path).st_mode & 0o7777 == mode, oct(mode)
+    assert sorted(os.listdir(tmp_path)) == ["new.json", "plain"]

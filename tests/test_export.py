@@ -139,3 +139,21 @@ def test_llama_and_pythia_runs_export_with_their_logits(architecture, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(hf.eval()(input_ids=ids).logits,
                                    app.eval()(input_ids=ids).logits[..., :GPT2_VOCAB_SIZE], rtol=0, atol=1e-5)
+
+
+def test_every_exported_file_has_the_mode_open_gives(run_dir, tmp_path):
+    """Under umask 0o027 every file of the model directory has the mode plain open() gives (0o640; safetensors
+    writes model.safetensors 0o600 by itself) and the directory os.mkdir's (0o750)."""
+    old = os.umask(0o027)
+    try:
+        with open(tmp_path / "plain", "wb"):
+            pass
+        os.mkdir(tmp_path / "plain_dir")
+        out = tmp_path / "model"
+        assert export.main([run_dir, "--out", str(out)]) == 0
+    finally:
+        os.umask(old)
+    file_mode = os.stat(tmp_path / "plain").st_mode & 0o7777
+    modes = {name: os.stat(out / name).st_mode & 0o7777 for name in os.listdir(out)}
+    assert "model.safetensors" in modes and set(modes.values()) == {file_mode} == {0o640}, modes
+    assert os.stat(out).st_mode & 0o7777 == os.stat(tmp_path / "plain_dir").st_mode & 0o7777 == 0o750

@@ -13,8 +13,9 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from _integrations import (TOL, GradCapture, StepCapture, assert_grads_close, check_step, engine_by_hand,
-                           model_and_rows, reference_step, rel_err, train_items)
+from _integrations import (TOL, VAL_BATCH_FORMS, GradCapture, StepCapture, assert_grads_close, check_step,
+                           check_val_batch_form, engine_by_hand, model_and_rows, reference_step, rel_err, train_items,
+                           val_batch_form)
 from _reference import reference_dot_products, reference_train_grad, reference_update_values
 from ghost_engine.integrations.hf import GradDotProdTrainer
 from ghost_results.results_io import read_run
@@ -71,6 +72,68 @@ def test_step_equals_reference_and_regular_trainer(tmp_path, accumulation):
     for name, grad in regular_capture.grads.items():
         torch.testing.assert_close(capture.grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
     assert trainer.state.log_history[0]["loss"] == pytest.approx(regular.state.log_history[0]["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("form", VAL_BATCH_FORMS)
+def test_every_documented_val_batch_key_gives_the_reference_values(tmp_path, form):
+    """val_batch as docs/INTEGRATIONS.md documents it: input_ids alone (labels default to them); labels and an
+    attention_mask with real padding (the bug report's form, which raised 'expected one of (first_order, ...)'); an
+    attention_mask without labels (they default to input_ids, -100 where the mask is 0); another per-row tensor
+    (position_ids, also in the training items) with the rows' provenance. Step 1 equals the float64 reference run on
+    the same inputs; training batches without an attention_mask are given one of ones beside the validation rows';
+    valset.pkl holds the validation rows and their provenance."""
+    model, X, Y, X_val, Y_val = model_and_rows(9)
+    val_batch, val_inputs, extra = val_batch_form(form, X_val, Y_val, X.shape[0])
+    items = [{**item, **{k: v[i] for k, v in extra.items()}} for i, item in enumerate(train_items(X, Y))]
+    initial = copy.deepcopy(model)
+    args = training_args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=1)
+    trainer = GradDotProdTrainer(model=model, args=args, train_dataset=items, val_batch=val_batch)
+    trainer.train()
+    run = read_run(run_dir_of(args), per_layer=True, strict=True)
+    check_val_batch_form(form, run.columns, run_dir_of(args), initial, {"input_ids": X, "labels": Y, **extra},
+                         val_inputs, val_batch)
+
+
+def test_val_batch_mistakes_are_named(tmp_path):
+    """A val_batch entry with another number of rows, provenance of another length, and a per-row input only the
+    validation rows carry (the model would see it for them alone) are errors naming the entry."""
+    from ghost_engine.integrations.core import ValuationRun
+
+    model, X, Y, X_val, Y_val = model_and_rows(3)
+    with pytest.raises(ValueError, match=r"val_batch\['attention_mask'\] must be a tensor with 2 rows"):
+        ValuationRun(model, {"input_ids": X_val, "attention_mask": torch.ones_like(X_val[:1])}, tmp_path, "r")
+    with pytest.raises(ValueError, match=r"val_batch\['doc_id'\] has 3 entries for 2 validation rows"):
+        ValuationRun(model, {"input_ids": X_val, "doc_id": [1, 2, 3]}, tmp_path, "r")
+    run = ValuationRun(model, {"input_ids": X_val, "position_ids": torch.arange(X_val.shape[1]).expand_as(X_val)},
+                       tmp_path, "r")
+    batch = {"input_ids": X[:2], "labels": Y[:2], "sample_index": torch.arange(2)}
+    with pytest.raises(ValueError, match="val_batch has 'position_ids' but the training batch does not"):
+        run.forward(model, batch, 1.0)
+
+
+def test_a_resumed_run_keeps_its_valset_or_records_new_rows_beside_it(tmp_path):
+    """begin() writes valset.pkl; a resumed begin (start_step > 0) with the same rows leaves it as it is, with other
+    rows writes valset_from_step_XXXXXX.pkl beside it (as the app's --accept_data_change); a new run replaces it."""
+    from ghost_engine.integrations.core import ValuationRun
+    from ghost_results.results_io import safe_load_pickle
+
+    model, X, Y, X_val, Y_val = model_and_rows(3)
+
+    def begin(rows, start_step):
+        run = ValuationRun(model, {"input_ids": rows}, tmp_path, "r")
+        run.begin(start_step, 4, {})
+        run.finish()
+
+    begin(X_val, 0)
+    written = os.stat(tmp_path / "valset.pkl").st_ino  # a replacement is a new file (renamed onto it)
+    begin(X_val, 2)
+    assert os.stat(tmp_path / "valset.pkl").st_ino == written
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("valset_from")]
+    begin(X[:2], 2)
+    np.testing.assert_array_equal(safe_load_pickle(tmp_path / "valset.pkl")["tokens"], X_val.numpy())
+    np.testing.assert_array_equal(safe_load_pickle(tmp_path / "valset_from_step_000003.pkl")["tokens"], X[:2].numpy())
+    begin(X[2:4], 0)
+    np.testing.assert_array_equal(safe_load_pickle(tmp_path / "valset.pkl")["tokens"], X[2:4].numpy())
 
 
 @pytest.mark.parametrize("value", ["midpoint", "adamw_vt"])
@@ -209,6 +272,11 @@ def test_the_example_runs_and_the_report_reads_its_run(tmp_path):
     assert "Complete: steps 1..2 in 1 dot-product file" in text and "Validation domain: DM Mathematics" in text
     top = text.split("## Top 5 samples")[1].split("##")[0]
     assert top.count("`") >= 10  # five rows, each with its text snippet
+    # the validation section: valset.pkl's rows (the example's DM Mathematics windows), their text decoded
+    validation = text.split("## Validation batch")[1].split("\n## ")[0]
+    assert "no valset.pkl" not in validation
+    val_rows = [line for line in validation.splitlines() if line.startswith("| DM Mathematics |")]
+    assert len(val_rows) == 2 and all(line.count("`") == 2 for line in val_rows)
 
 
 def pad_collator(features):

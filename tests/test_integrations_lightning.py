@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from _integrations import assert_grads_close, check_step, engine_by_hand, model_and_rows, rel_err, train_items
+from _integrations import (VAL_BATCH_FORMS, assert_grads_close, check_step, check_val_batch_form, engine_by_hand,
+                           model_and_rows, rel_err, train_items, val_batch_form)
 from _reference import reference_train_grad, reference_update_values
 from ghost_engine.integrations import IndexedDataset
 from ghost_engine.integrations.lightning import GradDotProdCallback, training_loss
@@ -81,6 +82,23 @@ def test_accumulated_step_equals_reference_and_plain_lightning(tmp_path):
     for name, grad in plain.first_grads.items():
         torch.testing.assert_close(module.first_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
     np.testing.assert_allclose(module.logged[:2], plain.logged[:2], rtol=1e-6)
+
+
+@pytest.mark.parametrize("form", VAL_BATCH_FORMS)
+def test_every_documented_val_batch_key_gives_the_reference_values(tmp_path, form):
+    """The callback with val_batch in every documented form (see the Trainer's test of the same name): step 1 (two
+    micro-batches of 2 rows) equals the float64 reference run on the same inputs; valset.pkl holds the validation
+    rows and their provenance."""
+    model, X, Y, X_val, Y_val = model_and_rows(9)
+    model.config.use_cache = False  # as in training (the Trainer sets it): position_ids then mark packed sequences
+    val_batch, val_inputs, extra = val_batch_form(form, X_val, Y_val, X.shape[0])
+    items = [{**item, **{k: v[i] for k, v in extra.items()}} for i, item in enumerate(train_items(X, Y))]
+    initial = copy.deepcopy(model)
+    callback = GradDotProdCallback(val_batch, run_dir=tmp_path / "run")
+    fit(LitLM(model), items, tmp_path, callback, steps=1, accumulate=1)
+    run = read_run(tmp_path / "run", per_layer=True, strict=True)
+    check_val_batch_form(form, run.columns, tmp_path / "run", initial, {"input_ids": X, "labels": Y, **extra},
+                         val_inputs, val_batch, prefix="model.")
 
 
 def test_bf16_mixed_equals_the_engine_driven_by_hand(tmp_path):

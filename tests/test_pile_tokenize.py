@@ -276,6 +276,147 @@ def test_truncated_zst_names_file_and_keeps_output_consistent(tmp_path, tok):
         assert tokens.tolist() == expected
 
 
+# Why the damaged shards of the bug report (item 9) escaped the test above: it cuts a one-frame file inside its
+# frame, the one case the decompressor notices (a frame begun and not ended). A 0-byte file, a cut exactly at a
+# frame boundary and a zstd frame of nothing decompress cleanly, so they were ingested as "finished"; a file that
+# is not zstd at all, or cannot be read, failed only once reached. The class: a shard that is unreadable, empty,
+# not zstd, or whose decompressed text holds no record or ends inside one.
+
+UNREADABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_unreadable.py")
+
+
+def _frames(data, cut):
+    """data compressed as two zstd frames, split at byte `cut`: (first frame, both frames)."""
+    first = zstandard.ZstdCompressor(level=3).compress(data[:cut])
+    return first, first + zstandard.ZstdCompressor(level=3).compress(data[cut:])
+
+
+def test_unreadable_empty_or_non_zstd_inputs_are_named_before_anything_is_written(tmp_path):
+    """A directory of shards where one is empty (0 bytes) and one is JSON lines named .zst, beside good ones: exit 2
+    naming both, and nothing written (no split); without them the same command ingests the good shards."""
+    lines = [json.dumps(r) for r in _records(DOCS)]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_shard(inputs / "00.jsonl.zst", lines)
+    (inputs / "01.jsonl.zst").write_bytes(b"")
+    (inputs / "02.jsonl.zst").write_bytes("".join(line + "\n" for line in lines).encode())
+    write_shard(inputs / "03.jsonl.zst", lines[::-1])  # other content: not taken for 00's copy
+    out = tmp_path / "out"
+    result = run_cli("tokenize", "--input", str(inputs), "--output", str(out), "--workers", "1", "--no_progress")
+    assert result.returncode == 2
+    assert "2 of the 4 inputs cannot be tokenized" in result.stderr
+    assert f"{inputs / '01.jsonl.zst'} is empty (0 bytes)" in result.stderr
+    assert f"{inputs / '02.jsonl.zst'} is not zstd-compressed" in result.stderr
+    assert not os.path.exists(out / "train")
+    for bad in ("01.jsonl.zst", "02.jsonl.zst"):
+        os.remove(inputs / bad)
+    result = run_cli("tokenize", "--input", str(inputs), "--output", str(out), "--workers", "1", "--no_progress")
+    assert result.returncode == 0, result.stderr
+    state = read_split(out)[1]
+    assert [(i["name"], i["finished"]) for i in state["inputs"]] == [("00.jsonl.zst", True), ("03.jsonl.zst", True)]
+
+
+def _damaged_zst(path, how):
+    """A .jsonl.zst damaged `how`; returns (its records, how many complete lines it still holds)."""
+    records = _records([(d, f"{t} #{i}") for i, (d, t) in enumerate(DOCS * 3)])
+    data = "".join(json.dumps(r) + "\n" for r in records).encode()
+    ends = [i + 1 for i, byte in enumerate(data) if byte == ord("\n")]
+    if how == "frame_of_nothing":  # a valid zstd frame whose content is empty
+        path.write_bytes(zstandard.ZstdCompressor().compress(b""))
+        return records, 0
+    if how == "cut_at_frame_boundary":  # two frames, the first ending inside line 9; the second frame lost
+        path.write_bytes(_frames(data, ends[8] + 20)[0])
+        return records, 9
+    if how == "stream_without_end":  # a streaming writer flushed but never closed: its frame has no last block
+        buffer = io.BytesIO()
+        writer = zstandard.ZstdCompressor(level=3).stream_writer(buffer, closefd=False)
+        writer.write(data)
+        writer.flush(zstandard.FLUSH_BLOCK)
+        path.write_bytes(buffer.getvalue())
+        return records, len(records)
+    raise ValueError(how)
+
+
+@pytest.mark.parametrize("how", ["frame_of_nothing", "cut_at_frame_boundary", "stream_without_end"])
+def test_a_zst_holding_no_record_or_ending_early_is_an_error_never_finished(tmp_path, tok, how):
+    """Between two good shards, a .zst that decompresses cleanly to nothing, one cut exactly at a frame boundary
+    (inside a line), one whose zstd stream misses its end: exit 1 naming it; its complete lines are kept, it is
+    not recorded as finished (a re-run says so again), and the shard after it is named as not read."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    good = [json.dumps(r) for r in _records(DOCS)]
+    write_shard(inputs / "00.jsonl.zst", good)
+    records, complete = _damaged_zst(inputs / "01.jsonl.zst", how)
+    write_shard(inputs / "02.jsonl.zst", good[::-1])  # other content than 00's
+    out = tmp_path / "out"
+    for attempt in range(2):
+        result = run_cli("tokenize", "--input", str(inputs), "--output", str(out), "--workers", "1", "--no_progress")
+        assert result.returncode == 1, (attempt, result.stdout, result.stderr)
+        named = f"error: {inputs / '01.jsonl.zst'} "
+        assert named in result.stderr and "not recorded as finished" in result.stderr
+        assert "not read, after it: 02.jsonl.zst" in result.stdout
+        got, state = read_split(out)
+        assert state["status"] == "complete"
+        assert [(i["name"], i["finished"]) for i in state["inputs"]] == [("00.jsonl.zst", True),
+                                                                        ("01.jsonl.zst", False)]
+        assert state["inputs"][1]["lines_done"] == complete and state["inputs"][1]["error"]
+    kept = _records(DOCS) + records[:complete]
+    for domain, (tokens, _, _) in got.items():
+        expected = [t for r in kept if r["meta"]["pile_set_name"] == domain for t in tok.encode(r["text"]) + [EOT_ID]]
+        assert tokens.tolist() == expected
+
+
+def test_a_cut_between_frames_at_a_line_end_is_indistinguishable_from_a_shorter_shard(tmp_path):
+    """The limit of the check above, stated: a cut at a frame boundary that is also a line boundary leaves a valid
+    shorter file (zstd frames do not know the file's length), ingested as such."""
+    data = "".join(json.dumps(r) + "\n" for r in _records(DOCS)).encode()
+    cut = data.index(b"\n") + 1
+    (tmp_path / "00.jsonl.zst").write_bytes(_frames(data, cut)[0])
+    result = run_cli("tokenize", "--input", str(tmp_path / "00.jsonl.zst"), "--output", str(tmp_path / "out"),
+                     "--workers", "1", "--no_progress")
+    assert result.returncode == 0 and "wrote 1 documents" in result.stdout
+
+
+@pytest.mark.parametrize("how", ["eacces", "eacces-from:2", "eio-from:3"])
+def test_an_unreadable_input_is_named_never_finished(tmp_path, how):
+    """One shard of two unreadable (tests/_unreadable.py makes open() raise EACCES for it, as chmod 000 does for
+    anyone but root; from its start, or from its second open, i.e. during the run) or failing with EIO halfway
+    through (a bad sector): exit 2 before anything is written, or exit 1 naming it with the documents before the
+    failure kept and the shard not recorded as finished."""
+    good = write_shard(tmp_path / "00.jsonl.zst", [json.dumps(r) for r in _records(DOCS)])
+    records = _records([(d, f"{t} #{i * 7919 % 10007}") for i, (d, t) in enumerate(DOCS * 400)])
+    bad = write_shard(tmp_path / "01.jsonl.zst", [json.dumps(r) for r in records])
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, UNREADABLE, bad, how, "pile_tools", "tokenize", "--input", good, bad,
+                             "--output", str(out), "--workers", "1", "--no_progress"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    if how == "eacces":  # found by the check before the run
+        assert result.returncode == 2
+        assert f"{bad} cannot be read (Permission denied)" in result.stderr
+        assert not os.path.exists(out / "train")
+        return
+    assert result.returncode == 1, result.stderr
+    what = "cannot be read (Permission denied)" if how.startswith("eacces") else "could not be read to its end"
+    assert f"error: {bad} {what}" in result.stderr
+    got, state = read_split(out)
+    assert [(i["name"], i["finished"]) for i in state["inputs"]][:1] == [("00.jsonl.zst", True)]
+    assert all(not i["finished"] for i in state["inputs"][1:])
+    if how.startswith("eio"):
+        failed = state["inputs"][1]
+        assert 0 < failed["lines_done"] < len(records) and "Input/output error" in failed["error"]
+        assert sum(s.size for _, s, _ in got.values()) == len(DOCS) + failed["lines_done"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode; "
+                                              "test_an_unreadable_input_is_named_never_finished injects EACCES")
+def test_a_file_without_read_permission_is_named(tmp_path):
+    bad = write_shard(tmp_path / "00.jsonl.zst", [json.dumps(r) for r in _records(DOCS)])
+    os.chmod(bad, 0)
+    result = run_cli("tokenize", "--input", bad, "--output", str(tmp_path / "out"), "--workers", "1", "--no_progress")
+    assert result.returncode == 2 and f"{bad} cannot be read (Permission denied)" in result.stderr
+
+
 def test_hf_dataset_from_local_disk(tmp_path, tok):
     import datasets
 

@@ -192,6 +192,29 @@ def test_plots_skipped_without_matplotlib(run_dir, tmp_path, monkeypatch):
     assert not list(out.glob("*.png"))
 
 
+def test_the_terminal_says_plots_need_matplotlib_and_how_to_install_it(run_dir, tmp_path, capsys):
+    """`python -m ghost_results.report` without matplotlib (hidden from the subprocess: sys.modules entry None,
+    so its import fails) says on stderr that there are no PNG plots and gives the install commands; with it, no
+    such note."""
+    import subprocess
+
+    out = tmp_path / "out"
+    script = ("import sys; sys.modules['matplotlib'] = None; from ghost_results.report import main; "
+              f"sys.exit(main([{str(run_dir)!r}, '--out', {str(out)!r}]))")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=repo))
+    assert done.returncode == 0, done.stderr
+    assert "wrote" in done.stdout and not list(out.glob("*.png"))
+    note = [line for line in done.stderr.splitlines() if "no PNG plots" in line]
+    assert len(note) == 1 and 'pip install -e ".[plot]"' in note[0] and "pip install matplotlib" in note[0]
+    assert "Plots skipped: matplotlib is not installed" in (out / "report.md").read_text()
+
+    capsys.readouterr()
+    report.write_report(run_dir, tmp_path / "with_matplotlib")
+    assert "no PNG plots" not in capsys.readouterr().err and list((tmp_path / "with_matplotlib").glob("*.png"))
+
+
 def test_bad_arguments_exit_2(tmp_path, run_dir):
     for argv in ([str(tmp_path / "nope")], [str(tmp_path)], [str(run_dir), "--top", "0"],
                  [str(run_dir), "--convention", "banana"]):

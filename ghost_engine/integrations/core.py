@@ -1,6 +1,8 @@
 """What every training-framework integration shares (docs/INTEGRATIONS.md).
 
 `ValuationRun` owns the engine of one training run and does, for a framework's training loop:
+- at the start, `begin(...)`: config.json and valset.pkl (the validation rows, in the app's schema:
+  ghost_results.valset);
 - per micro-batch, `forward(model, batch, loss_multiplier)`: stack the fixed validation rows under the
   batch's rows (padding the shorter side on the right when their lengths differ), run the model's own
   loss on [train; val] and return it with the training rows' loss alone, for logging;
@@ -30,7 +32,8 @@ from ghost_engine.durable import write_atomically
 from ghost_engine.engine import LR_INSIDE, GradDotProdEngine
 from ghost_engine.losses import IGNORE_INDEX, per_sample_loss, target_counts
 from ghost_engine.recording import gather_rows, local_rows
-from ghost_results.results_io import file_formats, flush_dotprods, set_aside_after
+from ghost_results.results_io import file_formats, flush_dotprods, safe_load_pickle, set_aside_after
+from ghost_results.valset import VALSET_FILE, write_valset_file
 
 PROVENANCE_KEY = "graddotprod_rows"  # a batch's provenance, {field: [B] values}
 PROVENANCE_FIELDS = ("sample_index", "domain", "doc_id", "token_offset")
@@ -119,6 +122,27 @@ def _ints(values) -> np.ndarray:
     return np.asarray(values, dtype=np.int64).reshape(-1)
 
 
+def _val_provenance(val: dict, rows: int) -> dict:
+    """The validation rows' provenance, taken out of `val` (the val_batch's entries but input_ids): "domain" (a
+    str for every row, or one per row), "doc_id", "token_offset", "sample_index" (one int per row); None where
+    not given (valset.pkl then gets the defaults, see ValuationRun._write_valset)."""
+    provenance = {}
+    for name in PROVENANCE_FIELDS:
+        given = val.pop(name, None)
+        if given is None:
+            provenance[name] = None
+            continue
+        if name == "domain":
+            values = [given] * rows if isinstance(given, str) else [str(d) for d in given]
+        else:
+            values = _ints(given).tolist()
+        if len(values) != rows:
+            raise ValueError(f"val_batch[{name!r}] has {len(values)} entries for {rows} validation rows; give one "
+                             "per row" + (" (or one str for all)" if name == "domain" else ""))
+        provenance[name] = values
+    return provenance
+
+
 def with_value(loss: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """`loss`'s gradient, `value`'s value: what a framework back-propagates and what it logs."""
     return loss + (value.to(loss.dtype) - loss).detach()
@@ -132,8 +156,11 @@ class ValuationRun:
 
     Args:
         model: the module whose trainable parameters the optimizer updates (un-wrapped).
-        val_batch: {"input_ids": [Bv, T], "labels": [Bv, T] (default: input_ids), "attention_mask": ...}: the
-            fixed validation rows, in the model's input format (the model shifts the labels).
+        val_batch: the fixed validation rows, in the model's input format: {"input_ids": [Bv, T], "labels": [Bv, T]
+            (unshifted: the model shifts them; default: input_ids, -100 where attention_mask is 0),
+            "attention_mask": [Bv, T] (default: all ones), any other per-row tensor the training batches also
+            carry (position_ids, ...), and the rows' provenance for valset.pkl: "domain" (a str, or one per row),
+            "doc_id", "token_offset", "sample_index" (one int per row; defaults in _write_valset)}.
         run_dir, run_name: where the results go and the name their files carry.
         config: extra entries for config.json (e.g. data_dir, seq_len, val_domain for the report).
         save_interval: write the records every this many steps (and at the end).
@@ -151,11 +178,20 @@ class ValuationRun:
         self.results_format, self.formats = results_format, file_formats(results_format)
         val = dict(val_batch)
         X_val = val.pop("input_ids")
+        if not torch.is_tensor(X_val) or X_val.dim() != 2:
+            raise ValueError(f"val_batch['input_ids'] must be a [rows, length] tensor of token ids, not "
+                             f"{type(X_val).__name__}{tuple(X_val.shape) if torch.is_tensor(X_val) else ''}")
+        self.val_provenance = _val_provenance(val, X_val.shape[0])  # removes the provenance entries from val
+        for name, tensor in val.items():
+            if not torch.is_tensor(tensor) or tensor.shape[:1] != X_val.shape[:1]:
+                raise ValueError(f"val_batch[{name!r}] must be a tensor with {X_val.shape[0]} rows (one per row "
+                                 f"of val_batch['input_ids']), not {type(tensor).__name__}"
+                                 f"{tuple(tensor.shape) if torch.is_tensor(tensor) else ''}")
         Y_val = val.pop("labels", None)
-        Y_val = X_val.clone() if Y_val is None else Y_val
-        for name, value in val.items():
-            if not torch.is_tensor(value) or value.shape[:1] != X_val.shape[:1]:
-                raise ValueError(f"val_batch[{name!r}] must be a tensor with {X_val.shape[0]} rows")
+        if Y_val is None:  # the model shifts the labels; positions the attention mask leaves out are no targets
+            Y_val = X_val.clone()
+            if "attention_mask" in val:
+                Y_val[val["attention_mask"] == 0] = IGNORE_INDEX
         self.engine = GradDotProdEngine(model, val_batch=(X_val, Y_val), task="causal_lm", loss_reduction="mean",
                                         value=value, val_forward=self._val_logits)
         self._forward_model = None  # the model forward() runs (un-wrapped from DDP), for _val_logits
@@ -204,6 +240,31 @@ class ValuationRun:
             config["max_steps"] = int(max_steps)
         write_atomically(os.path.join(self.run_dir, "config.json"),
                          lambda f: f.write(json.dumps(config, indent=1, default=str).encode()))
+        self._write_valset(start_step, config)
+
+    def _write_valset(self, start_step, config):
+        """valset.pkl, in the app's schema (ghost_results.valset): the validation input_ids as given (seq_len: their
+        length) and their provenance; defaults: domain the config's val_domain (else "validation"), doc_id,
+        token_offset and sample_index the row's index. A resumed run keeps the valset.pkl it finds when its rows
+        are these; other rows go to valset_from_step_XXXXXX.pkl, as the app's --accept_data_change does."""
+        tokens = self._val["input_ids"].detach().cpu().numpy()
+        rows = tokens.shape[0]
+        given = self.val_provenance
+        name = VALSET_FILE
+        path = os.path.join(self.run_dir, name)
+        if start_step > 0 and os.path.exists(path):
+            try:
+                if np.array_equal(np.asarray(safe_load_pickle(path)["tokens"]), tokens):
+                    return
+            except Exception:  # unreadable or not a valset: leave it, record these rows beside it
+                pass
+            name = f"valset_from_step_{start_step + 1:06d}.pkl"
+        val_domain = config.get("val_domain")
+        index = list(range(rows))
+        write_valset_file(os.path.join(self.run_dir, name), tokens, tokens.shape[1],
+                          given["domain"] or [str(val_domain) if val_domain is not None else "validation"] * rows,
+                          given["doc_id"] or index, given["token_offset"] or index, given["sample_index"] or index,
+                          val_domain=val_domain, data_dir=config.get("data_dir"))
 
     def finish(self):
         """Write the pending records and detach the engine (safe to call twice)."""
@@ -278,6 +339,13 @@ class ValuationRun:
                                      "to val_batch")
                 val[name] = torch.ones_like(val["input_ids"])
             train[name] = _pad(name, value, T)
+        for name in val:  # the validation rows' other inputs reach the model only beside the training rows'
+            if name in train:
+                continue
+            if name != "attention_mask":
+                raise ValueError(f"val_batch has {name!r} but the training batch does not; give the training "
+                                 f"batches {name!r} too (one per row), or leave it out of val_batch")
+            train[name] = _pad(name, torch.ones_like(X), T)  # what a missing mask means: every position
         return train, val
 
     # ------------------------------------------------------------------ step

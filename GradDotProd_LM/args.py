@@ -42,6 +42,10 @@ ADDED_LATER = dict(vocab_pad_multiple=1, accept_data_change=False, model_config=
                    results_format="both", attention="standard", attention_rank=16, attention_block=64,
                    value="first_order")
 
+# What config.json holds beside the flags and a resume reads (GradDotProd_LM/training.py), with its JSON type;
+# run_id is null or absent for a run started before identities existed.
+RECORDS = dict(data_identity="an object", data_changes="a list", divergences="a list of objects", run_id="a string")
+
 # These define which samples are seen and how they are valued; a resumed run must keep them.
 RUN_IDENTITY = ("method", "architecture", "batch_size", "val_batch_size", "val_domain", "train_domains",
                 "seq_len", "seed", "model_dtype", "data_dir", "init_from", "vocab_pad_multiple", "optimizer",
@@ -364,9 +368,16 @@ def _saved_value(checker, name, value):
     return parsed
 
 
+def _record_ok(key, value):
+    if key == "divergences":
+        return isinstance(value, list) and all(isinstance(d, dict) for d in value)
+    return isinstance(value, {"data_identity": dict, "data_changes": list, "run_id": (str, type(None))}[key])
+
+
 def _saved_config(path, parser):
-    """The run's config.json -> {flag name: value} of every flag, each checked by its flag's rules. Exits 2
-    naming the file and the key on an unreadable file or a bad or missing value."""
+    """The run's config.json -> ({flag name: value} of every flag, each checked by its flag's rules; the whole
+    file, its RECORDS checked for their shape). Exits 2 naming the file and the key on an unreadable file or
+    a bad or missing value."""
     fix = "restore config.json from a backup, or keep this run's results and start a new --run_name"
     try:
         with open(path) as f:
@@ -378,10 +389,10 @@ def _saved_config(path, parser):
     missing = [k for k in DEFAULTS if k not in saved and k not in ADDED_LATER]
     if missing:
         parser.error(f"--resume: {path} lacks the key(s) {', '.join(missing)} that the app always writes; {fix}")
-    for key, expected in (("data_identity", dict), ("data_changes", list)):  # the app's records, read on resume
-        if key in saved and not isinstance(saved[key], expected):
-            parser.error(f"--resume: {path}, key {key}: {_shown(saved[key])} is {_json_kind(saved[key])}, not "
-                         f"{_json_kind(expected())}; correct the key, or {fix}")
+    for key, expected in RECORDS.items():  # the app's records beside the flags, read on resume
+        if key in saved and not _record_ok(key, saved[key]):
+            parser.error(f"--resume: {path}, key {key}: {_shown(saved[key])} is not {expected}; correct the key, "
+                         f"or {fix}")
     checker = build_parser(exit_on_error=False)
     values = {}
     for name in DEFAULTS:
@@ -389,7 +400,7 @@ def _saved_config(path, parser):
             values[name] = _saved_value(checker, name, saved[name]) if name in saved else ADDED_LATER[name]
         except ValueError as err:
             parser.error(f"--resume: {path}, key {name}: {err}; correct the key, or {fix}")
-    return values
+    return values, saved
 
 
 # ---------------------------------------------------------------- the run's config
@@ -450,7 +461,7 @@ def parse_config(argv, world_size=1):
     if cfg["resume"]:
         if not os.path.exists(saved_path):
             parser.error(f"--resume: no run at {run_dir_of(cfg)} (no config.json); check --run_name / --results_dir")
-        saved = _saved_config(saved_path, parser)
+        saved, records = _saved_config(saved_path, parser)
         if given.get("data_dir") is not None:
             given["data_dir"] = os.path.abspath(given["data_dir"])
         changed = [k for k in RUN_IDENTITY if k in given and given[k] != saved[k]]
@@ -470,9 +481,8 @@ def parse_config(argv, world_size=1):
 
         written = dotprod_steps_on_disk(run_dir_of(cfg))
         # a run that diverged before its first checkpoint restarts from its initial weights (config.json says so)
-        divergences = saved.get("divergences")
-        restarts = (isinstance(divergences, list) and bool(divergences) and isinstance(divergences[-1], dict)
-                    and divergences[-1].get("last_finite_checkpoint") == 0)
+        divergences = records.get("divergences")
+        restarts = bool(divergences) and divergences[-1].get("last_finite_checkpoint") == 0
         if not os.path.exists(checkpoint) and written and not restarts:
             parser.error(f"--resume: {run_dir_of(cfg)} has no checkpoint ({checkpoint}) but holds "
                          f"{len(written)} dot-product file(s) up to step {written[-1]}; resuming would redo "

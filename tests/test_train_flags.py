@@ -176,7 +176,9 @@ def saved_run(tmp_path, dirs, run_name="r1", **flags):
     (dict(train_domains=["Github", 3]), "{path}, key train_domains: [\"Github\", 3] is a list, but train_domains must"),
     (dict(report_to="csv"), '{path}, key report_to: "csv" is a string, but report_to must be a list of sink names'),
     (dict(model_config={"n_layer": 2}), "{path}, key model_config: {\"n_layer\": 2} is an object, but model_config"),
-    (dict(data_changes={}), "{path}, key data_changes: {} is an object, not a list"),
+    (dict(data_changes={}), "{path}, key data_changes: {} is not a list"),
+    (dict(divergences=[3]), "{path}, key divergences: [3] is not a list of objects"),
+    (dict(run_id=7), "{path}, key run_id: 7 is not a string"),
     # a rule between settings: the flag's message, and where the values came from
     (dict(seq_len=4096), "--seq_len 4096: must be between 2 and 1024 (GPT2-Tiny) (seq_len, architecture from {path}"),
 ])

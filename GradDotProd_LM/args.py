@@ -1,7 +1,13 @@
 """Command-line flags of `./train.sh` / `python -m GradDotProd_LM.train`.
 
 Precedence, lowest first: DEFAULTS < the run's saved config.json (with --resume) < --config YAML < flags.
-Every bad value ends in `parser.error` (exit code 2) before anything is started.
+A value from a file is checked by the rules of its flag, as the same text after the flag would be (a YAML
+scalar is read as its text: `off` is not a number, `6e-4` is). Every bad value ends in `parser.error` (exit
+code 2, one line naming the flag, or the file and the key) before anything is started.
+
+Torch-free: the flags are parsed before torch and transformers are imported (transformers is imported here
+only to read a --model_config, the results package only with --resume, the logging sinks only with
+--report_to), so `-h` and a bad flag answer at once.
 """
 import argparse
 import json
@@ -9,12 +15,9 @@ import os
 
 import yaml
 
-from ghost_engine.engine import DEFERRED, VALUES
 from ghost_engine.flags import FlagParser
-from ghost_results.results_io import dotprod_steps_on_disk
-from GradDotProd_LM.experiment_log import SINKS, missing_packages
-from GradDotProd_LM.model import (ATTENTIONS, MODEL_ARCHITECTURES, load_model_config, max_seq_len,
-                                  supports_lowrank_attention)
+from ghost_engine.values import DEFERRED, VALUES
+from GradDotProd_LM.architectures import ARCHITECTURE_NAMES, ATTENTIONS, named_max_seq_len, supports_lowrank_attention
 from GradDotProd_LM.settings import load_settings
 
 METHODS = ("GradDotProd", "Regular")
@@ -32,8 +35,16 @@ DEFAULTS = dict(
     init_from=None, vocab_pad_multiple=64, accept_data_change=False, model_config=None, report_to=[],
     results_format="both", attention="standard", attention_rank=16, attention_block=64, value="first_order",
 )
-# What a run saved before a setting existed used (its config.json lacks the key).
-LEGACY_DEFAULTS = dict(vocab_pad_multiple=1)
+# Settings added after the app's first version, with what a run saved before each existed used (its config.json
+# lacks the key): the default of today, but vocab_pad_multiple (those runs were unpadded). A config.json
+# lacking any other setting was not written by the app, or was damaged since.
+ADDED_LATER = dict(vocab_pad_multiple=1, accept_data_change=False, model_config=None, report_to=[],
+                   results_format="both", attention="standard", attention_rank=16, attention_block=64,
+                   value="first_order")
+
+# What config.json holds beside the flags and a resume reads (GradDotProd_LM/training.py), with its JSON type;
+# run_id is null or absent for a run started before identities existed.
+RECORDS = dict(data_identity="an object", data_changes="a list", divergences="a list of objects", run_id="a string")
 
 # These define which samples are seen and how they are valued; a resumed run must keep them.
 RUN_IDENTITY = ("method", "architecture", "batch_size", "val_batch_size", "val_domain", "train_domains",
@@ -42,27 +53,38 @@ RUN_IDENTITY = ("method", "architecture", "batch_size", "val_batch_size", "val_d
 
 
 def _positive_int(text):
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
 
 
 def _non_negative_int(text):
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
     if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
     return value
 
 
 def _non_negative_float(text):
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
     if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
     return value
 
 
 def _model_config(path):
+    from GradDotProd_LM.model import load_model_config  # transformers, for the one flag that needs it
+
     try:
         return load_model_config(path)
     except ValueError as err:
@@ -90,6 +112,8 @@ def parse_domains(text):
 
 def parse_report_to(text):
     """'csv,tensorboard' -> ['csv', 'tensorboard']; 'none' (or nothing) -> []."""
+    from GradDotProd_LM.experiment_log import SINKS  # numpy, pyarrow: only when --report_to is given
+
     sinks = [p.strip() for p in text.split(",") if p.strip()]
     if sinks == ["none"]:
         return []
@@ -102,12 +126,13 @@ def parse_report_to(text):
     return list(dict.fromkeys(sinks))
 
 
-def build_parser():
+def build_parser(exit_on_error=True):
     # argument_default=SUPPRESS: the namespace holds only what the user gave, so the layers can be merged.
     # FlagParser: no abbreviations (a typo such as --max_step must not silently become --max_steps), and
-    # every flag also accepts its dashed spelling (--seq-len).
+    # every flag also accepts its dashed spelling (--seq-len). exit_on_error=False: a bad value raises
+    # argparse.ArgumentError (used to check the values of files with the flags' own rules).
     p = FlagParser(
-        prog="train.sh", argument_default=argparse.SUPPRESS,
+        prog="train.sh", argument_default=argparse.SUPPRESS, exit_on_error=exit_on_error,
         description="GPT-2 pretraining on the Pile; with --method GradDotProd every training sample's "
                     "gradient dot product with the validation gradient is saved (first-order In-Run Data "
                     "Shapley). Defaults in brackets.")
@@ -122,7 +147,7 @@ def build_parser():
                         "held (adamw) or through v_t (adamw_vt), both need --optimizer AdamW; the optimizer's "
                         "step differentiated at half the batch gradient (midpoint); or the cosine. second_order, "
                         f"adamw_vt and midpoint keep the step's activations until the update [{d['value']}]")
-    g.add_argument("--architecture", choices=tuple(MODEL_ARCHITECTURES),
+    g.add_argument("--architecture", choices=ARCHITECTURE_NAMES,
                    help=f"GPT-2, Llama-style or Pythia size (docs/MODELS.md) [{d['architecture']}]")
     g.add_argument("--model_config", metavar="FILE.json", type=_model_config,
                    help="a Hugging Face causal-LM config.json to build the model from instead of --architecture "
@@ -194,32 +219,191 @@ def build_parser():
     return p
 
 
-def _yaml_to_argv(path, parser):
-    """YAML mapping -> the flags it stands for, so YAML values get exactly the flags' checks."""
+# ---------------------------------------------------------------- values from files, checked as flags
+
+# The spellings of true and false: a switch (--compile) in a file takes these, as YAML 1.1 writes booleans.
+SWITCH_TEXT = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+LIST_KEYS = ("train_domains", "report_to")  # the flags whose value is a comma-separated list
+
+
+class _TextLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with every scalar but null kept as its text (YAML 1.1 would make off/no a
+    boolean, 010 an octal 8 and 6e-4 a string); the text is then read by the flag's own type."""
+
+
+_TextLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers
+            if tag.rsplit(":", 1)[-1] not in ("bool", "int", "float", "timestamp")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+def _action(checker, name):
+    return next(a for a in checker._actions if a.dest == name)
+
+
+def _value_of_text(checker, name, text):
+    """What `--name text` gives on the command line (a switch takes true/false, yes/no, on/off instead);
+    ValueError with the flag's message when the text is bad."""
+    if _action(checker, name).nargs == 0:
+        if text.lower() in SWITCH_TEXT:
+            return SWITCH_TEXT[text.lower()]
+        raise ValueError(f"a switch: write true or false, got {text!r}")
+    try:
+        return getattr(checker.parse_args([f"--{name}={text}"]), name)  # `=`: a text such as -3 is the value
+    except argparse.ArgumentError as err:
+        raise ValueError(err.message) from None
+
+
+def _scalar_text(value):
+    if isinstance(value, (list, dict)) or value is None:
+        raise ValueError(f"takes a list of plain values, got {_shown(value)} inside it")
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def _text_of(name, value):
+    """A value read from a file -> the text it stands for after its flag (lists comma-separated, a mapping
+    of domains as Domain:weight)."""
+    if isinstance(value, list):
+        if name not in LIST_KEYS:
+            raise ValueError(f"takes one value, got a list {_shown(value)}")
+        return ",".join(_scalar_text(v) for v in value)
+    if isinstance(value, dict):
+        if name != "train_domains":
+            raise ValueError(f"takes one value, got a mapping {_shown(value)}")
+        return ",".join(f"{_scalar_text(k)}:{_scalar_text(v)}" for k, v in value.items())
+    return _scalar_text(value)
+
+
+def _shown(value):
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _one_line(err):
+    return " ".join(str(err).split())
+
+
+def _yaml_values(path, parser):
+    """--config FILE -> {flag name: value}, each value what its text gives after the flag. Exits 2 naming the
+    file and the key on a bad value, an unknown or repeated key, or a file that is not a YAML mapping."""
+    where = f"--config {path}"
     try:
         with open(path) as f:
-            values = yaml.safe_load(f) or {}
+            loader = _TextLoader(f)
+            try:
+                node = loader.get_single_node()
+                keys = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)] \
+                    if isinstance(node, yaml.MappingNode) else []
+                document = loader.construct_document(node) if node is not None else {}
+            finally:
+                loader.dispose()
     except (OSError, yaml.YAMLError) as err:
-        parser.error(f"--config {path}: cannot read YAML ({err})")
-    if not isinstance(values, dict):
-        parser.error(f"--config {path}: expected a mapping of flag names to values")
-    argv = []
-    for key, value in values.items():
-        key = key.replace("-", "_") if isinstance(key, str) else key  # the dashed spelling, as on the command line
-        if key not in DEFAULTS:
-            parser.error(f"--config {path}: unknown key {key!r}; keys are the flag names: {', '.join(DEFAULTS)}")
-        if value is None or value is False:
-            continue
-        argv.append(f"--{key}")
-        if value is True:
-            continue
-        if isinstance(value, dict):
-            value = ",".join(f"{name}:{weight}" for name, weight in value.items())
-        elif isinstance(value, (list, tuple)):
-            value = ",".join(str(v) for v in value)
-        argv.append(str(value))
-    return argv
+        parser.error(f"{where}: cannot read YAML ({_one_line(err)})")
+    if not isinstance(document, dict):
+        parser.error(f"{where}: expected a mapping of flag names to values, got {type(document).__name__}")
+    seen = set()
+    for key in keys:  # PyYAML keeps the last of two equal keys without a word
+        if key.replace("-", "_") in seen:
+            parser.error(f"{where}: key {key!r} is given twice (either spelling); keep one")
+        seen.add(key.replace("-", "_"))
+    checker = build_parser(exit_on_error=False)
+    values = {}
+    for key, value in document.items():
+        name = key.replace("-", "_") if isinstance(key, str) else key  # the dashed spelling, as on the command line
+        if name not in DEFAULTS:
+            parser.error(f"{where}: unknown key {key!r}; keys are the flag names: {', '.join(DEFAULTS)}")
+        if value is None:
+            if DEFAULTS[name] is None:  # null where the default is none: the same as leaving the key out
+                continue
+            parser.error(f"{where}, key {key}: no value (null); write one, or remove the key for the default "
+                         f"({DEFAULTS[name]!r})")
+        try:
+            text = _text_of(name, value)
+            values[name] = _value_of_text(checker, name, text)
+        except ValueError as err:
+            hint = ""
+            if isinstance(value, str) and value.lower() in SWITCH_TEXT and _action(checker, name).nargs != 0:
+                hint = f" ({value} is a YAML boolean, but {name} takes a value: see train.sh -h)"
+            parser.error(f"{where}, key {key}: {err}{hint}")
+    return values
 
+
+def _json_kind(value):
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _saved_value(checker, name, value):
+    """A value of a run's config.json, checked as the app wrote it (the JSON type of the flag's value) and
+    by the flag's rules; ValueError says what is wrong."""
+    action = _action(checker, name)
+    if value is None and DEFAULTS[name] is None:
+        return None
+    if action.nargs == 0:
+        expected, ok = "true or false", isinstance(value, bool)
+    elif name == "model_config":
+        expected = "a Hugging Face model config (an object with a \"model_type\" string)"
+        ok = isinstance(value, dict) and isinstance(value.get("model_type"), str)
+    elif name == "train_domains":
+        expected = "a list of domain names or an object of domain weights"
+        ok = (isinstance(value, list) and all(isinstance(v, str) for v in value)) or (
+            isinstance(value, dict) and all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                            for w in value.values()))
+    elif name == "report_to":
+        expected, ok = "a list of sink names", isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif action.type in (int, _positive_int, _non_negative_int):
+        expected, ok = "an integer", isinstance(value, int) and not isinstance(value, bool)
+    elif action.type is _non_negative_float:
+        expected, ok = "a number", isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        expected, ok = "a string", isinstance(value, str)
+    if not ok:
+        found = "null" if value is None else f"{_shown(value)} is {_json_kind(value)}"
+        raise ValueError(f"{found}, but {name} must be {expected}")
+    if action.nargs == 0 or name == "model_config":
+        return value
+    parsed = _value_of_text(checker, name, _text_of(name, value))
+    if name == "train_domains" and parsed != value:
+        raise ValueError(f"{_shown(value)}: {name} must be {expected} (names without ',' or ':')")
+    return parsed
+
+
+def _record_ok(key, value):
+    if key == "divergences":
+        return isinstance(value, list) and all(isinstance(d, dict) for d in value)
+    return isinstance(value, {"data_identity": dict, "data_changes": list, "run_id": (str, type(None))}[key])
+
+
+def _saved_config(path, parser):
+    """The run's config.json -> ({flag name: value} of every flag, each checked by its flag's rules; the whole
+    file, its RECORDS checked for their shape). Exits 2 naming the file and the key on an unreadable file or
+    a bad or missing value."""
+    fix = "restore config.json from a backup, or keep this run's results and start a new --run_name"
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        if not isinstance(saved, dict):
+            raise ValueError(f"not a JSON object but {_json_kind(saved)}")
+    except (OSError, ValueError) as err:
+        parser.error(f"--resume: cannot read {path} ({type(err).__name__}: {_one_line(err)}); {fix}")
+    missing = [k for k in DEFAULTS if k not in saved and k not in ADDED_LATER]
+    if missing:
+        parser.error(f"--resume: {path} lacks the key(s) {', '.join(missing)} that the app always writes; {fix}")
+    for key, expected in RECORDS.items():  # the app's records beside the flags, read on resume
+        if key in saved and not _record_ok(key, saved[key]):
+            parser.error(f"--resume: {path}, key {key}: {_shown(saved[key])} is not {expected}; correct the key, "
+                         f"or {fix}")
+    checker = build_parser(exit_on_error=False)
+    values = {}
+    for name in DEFAULTS:
+        try:
+            values[name] = _saved_value(checker, name, saved[name]) if name in saved else ADDED_LATER[name]
+        except ValueError as err:
+            parser.error(f"--resume: {path}, key {name}: {err}; correct the key, or {fix}")
+    return values, saved
+
+
+# ---------------------------------------------------------------- the run's config
 
 def run_dir_of(cfg):
     return os.path.join(cfg["results_dir"], cfg["run_name"])
@@ -237,17 +421,32 @@ def default_run_name(cfg):
     return name
 
 
+def _failing(parser, origin):
+    """parser.error that also says which of the named settings came from a file (--config, config.json)."""
+    def fail(message, *keys):
+        by_file = {}
+        for key in keys:
+            if key in origin:
+                by_file.setdefault(origin[key], []).append(key)
+        parser.error(message + "".join(f" ({', '.join(names)} from {where})" for where, names in by_file.items()))
+    return fail
+
+
 def parse_config(argv, world_size=1):
     """argv -> the run's full config dict (plain JSON values). Exits with code 2 on any bad value."""
     parser = build_parser()
     given = vars(parser.parse_args(argv))
+    origin = {}  # setting -> the file its value comes from (absent: a flag or the default)
     if "config" in given:
-        from_yaml = vars(parser.parse_args(_yaml_to_argv(given.pop("config"), parser)))
+        path = given.pop("config")
+        from_yaml = _yaml_values(path, parser)
+        origin.update((k, f"--config {path}") for k in from_yaml if k not in given)
         from_yaml.update(given)
         given = from_yaml
+    fail = _failing(parser, origin)
 
     if given.get("model_config") is not None and "architecture" in given:
-        parser.error("--model_config and --architecture both name the model; give one")
+        fail("--model_config and --architecture both name the model; give one", "model_config", "architecture")
     cfg = dict(DEFAULTS)
     cfg.update(given)
     try:
@@ -262,33 +461,28 @@ def parse_config(argv, world_size=1):
     if cfg["resume"]:
         if not os.path.exists(saved_path):
             parser.error(f"--resume: no run at {run_dir_of(cfg)} (no config.json); check --run_name / --results_dir")
-        try:
-            with open(saved_path) as f:
-                saved = json.load(f)
-            if not isinstance(saved, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as err:
-            parser.error(f"--resume: cannot read {saved_path} ({type(err).__name__}: {err}); restore it from a "
-                         "backup, or keep this run's results and start a new --run_name")
+        saved, records = _saved_config(saved_path, parser)
         if given.get("data_dir") is not None:
             given["data_dir"] = os.path.abspath(given["data_dir"])
-        saved = {k: saved.get(k, LEGACY_DEFAULTS.get(k, DEFAULTS.get(k))) for k in set(saved) | set(DEFAULTS)}
-        changed = [k for k in RUN_IDENTITY if k in given and given[k] != saved.get(k)]
+        changed = [k for k in RUN_IDENTITY if k in given and given[k] != saved[k]]
         if changed:
-            parser.error(f"--resume: {', '.join('--' + k for k in changed)} differ from the saved run "
-                         f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); they define the run, "
-                         "start a new --run_name to change them")
-        cfg = {k: saved[k] for k in DEFAULTS}
+            fail(f"--resume: {', '.join('--' + k for k in changed)} differ from the saved run "
+                 f"({', '.join(f'{k}={saved[k]!r}' for k in changed)}); they define the run, "
+                 "start a new --run_name to change them", *changed)
+        origin.update((k, saved_path) for k in saved if k not in given and k not in ("results_dir", "run_name"))
+        located = cfg["results_dir"], cfg["run_name"]  # where config.json was found: the run continues there,
+        cfg = dict(saved)                              # wherever it began (a moved or renamed run directory)
         cfg.update(given)
-        cfg["results_dir"] = os.path.abspath(given.get("results_dir") or saved.get("results_dir"))
+        cfg["results_dir"], cfg["run_name"] = located
         cfg["resume"] = True
         if cfg["eval_only"] and not os.path.exists(checkpoint):
             parser.error(f"--eval_only --resume: {checkpoint} does not exist")
+        from ghost_results.results_io import dotprod_steps_on_disk  # numpy, pyarrow: only on resume
+
         written = dotprod_steps_on_disk(run_dir_of(cfg))
         # a run that diverged before its first checkpoint restarts from its initial weights (config.json says so)
-        divergences = saved.get("divergences")
-        restarts = (isinstance(divergences, list) and bool(divergences) and isinstance(divergences[-1], dict)
-                    and divergences[-1].get("last_finite_checkpoint") == 0)
+        divergences = records.get("divergences")
+        restarts = bool(divergences) and divergences[-1].get("last_finite_checkpoint") == 0
         if not os.path.exists(checkpoint) and written and not restarts:
             parser.error(f"--resume: {run_dir_of(cfg)} has no checkpoint ({checkpoint}) but holds "
                          f"{len(written)} dot-product file(s) up to step {written[-1]}; resuming would redo "
@@ -300,8 +494,9 @@ def parse_config(argv, world_size=1):
 
     for flag in ("attention_rank", "attention_block"):
         if flag in given and cfg["attention"] != "lowrank":
-            parser.error(f"--{flag} applies to --attention lowrank only (this run's attention is {cfg['attention']})")
-    _check_values(cfg, parser, world_size)
+            fail(f"--{flag} applies to --attention lowrank only (this run's attention is {cfg['attention']})",
+                 flag, "attention")
+    _check_values(cfg, fail, world_size)
     if cfg["lr_decay_steps"] is None:
         cfg["lr_decay_steps"] = cfg["max_steps"]
     if cfg["data_dir"] is not None:
@@ -314,60 +509,82 @@ def eval_only_without_writes(cfg):
     return cfg["eval_only"] and not cfg["resume"]
 
 
-def _check_values(cfg, parser, world_size):
+def _max_seq_len(cfg, fail):
+    if cfg["model_config"] is None:
+        return named_max_seq_len(cfg["architecture"])
+    from GradDotProd_LM.model import max_seq_len  # transformers reads the config's position count
+
+    try:
+        return max_seq_len(cfg["architecture"], cfg["model_config"])
+    except Exception as err:  # a bad field: ValueError, TypeError, huggingface_hub's StrictDataclassError, ...
+        fail(f"--model_config: transformers cannot build its config ({type(err).__name__}: {_one_line(err)})",
+             "model_config")
+
+
+def _check_values(cfg, fail, world_size):
+    """The rules between settings; `fail(message, *settings)` exits 2 (naming the file of a setting from one)."""
+    model_key = "architecture" if cfg["model_config"] is None else "model_config"  # what names the model
     rows_per_micro_batch = world_size * cfg["grad_accum"]
     if cfg["batch_size"] % rows_per_micro_batch:
-        parser.error(f"--batch_size {cfg['batch_size']} must be divisible by processes x --grad_accum = "
-                     f"{world_size} x {cfg['grad_accum']} (every micro-batch of every rank has the same rows)")
+        fail(f"--batch_size {cfg['batch_size']} must be divisible by processes x --grad_accum = "
+             f"{world_size} x {cfg['grad_accum']} (every micro-batch of every rank has the same rows)",
+             "batch_size", "grad_accum")
     if cfg["eval_bs"] % world_size:
-        parser.error(f"--eval_bs {cfg['eval_bs']} must be divisible by the {world_size} processes")
-    longest = max_seq_len(cfg["architecture"], cfg["model_config"])
+        fail(f"--eval_bs {cfg['eval_bs']} must be divisible by the {world_size} processes", "eval_bs")
+    longest = _max_seq_len(cfg, fail)
     if cfg["seq_len"] < 2 or cfg["seq_len"] > longest:
-        parser.error(f"--seq_len {cfg['seq_len']}: must be between 2 and {longest} ({model_name(cfg)})")
+        fail(f"--seq_len {cfg['seq_len']}: must be between 2 and {longest} ({model_name(cfg)})",
+             "seq_len", model_key)
     if cfg["attention"] == "lowrank":
         if not supports_lowrank_attention(cfg["architecture"], cfg["model_config"]):
-            parser.error(f"--attention lowrank: available for the Llama-style sizes and --model_config files of "
-                         f"model_type llama only, not {model_name(cfg)}")
+            fail(f"--attention lowrank: available for the Llama-style sizes and --model_config files of "
+                 f"model_type llama only, not {model_name(cfg)}", "attention", model_key)
         if cfg["attention_rank"] > cfg["attention_block"]:
-            parser.error(f"--attention_rank {cfg['attention_rank']} must not exceed --attention_block "
-                         f"{cfg['attention_block']} (summaries of a block of that many positions)")
+            fail(f"--attention_rank {cfg['attention_rank']} must not exceed --attention_block "
+                 f"{cfg['attention_block']} (summaries of a block of that many positions)",
+                 "attention_rank", "attention_block")
     if cfg["value"] != "first_order" and cfg["method"] != "GradDotProd":
-        parser.error(f"--value {cfg['value']} needs --method GradDotProd")
+        fail(f"--value {cfg['value']} needs --method GradDotProd", "value", "method")
     if cfg["value"] in ("adamw", "adamw_vt") and cfg["optimizer"] != "AdamW":
-        parser.error(f"--value {cfg['value']} needs --optimizer AdamW (got {cfg['optimizer']})")
+        fail(f"--value {cfg['value']} needs --optimizer AdamW (got {cfg['optimizer']})", "value", "optimizer")
     if cfg["value"] in DEFERRED and cfg["compile"]:
-        parser.error(f"--value {cfg['value']} runs the engine's hooks eagerly (they keep each layer's rows for "
-                     "the end of the step): drop --compile")
+        fail(f"--value {cfg['value']} runs the engine's hooks eagerly (they keep each layer's rows for "
+             "the end of the step): drop --compile", "value", "compile")
     if cfg["method"] == "GradDotProd" and cfg["val_batch_size"] < 1:
-        parser.error("--val_batch_size must be >= 1 with --method GradDotProd")
+        fail("--val_batch_size must be >= 1 with --method GradDotProd", "val_batch_size", "method")
     if cfg["learning_rate"] <= 0:
-        parser.error(f"--learning_rate {cfg['learning_rate']} must be > 0")
+        fail(f"--learning_rate {cfg['learning_rate']} must be > 0", "learning_rate")
     if cfg["min_lr"] > cfg["learning_rate"]:
-        parser.error(f"--min_lr {cfg['min_lr']} must not exceed --learning_rate {cfg['learning_rate']}")
+        fail(f"--min_lr {cfg['min_lr']} must not exceed --learning_rate {cfg['learning_rate']}",
+             "min_lr", "learning_rate")
     if cfg["lr_decay_steps"] is not None and cfg["lr_decay_steps"] < cfg["warmup_step"]:
-        parser.error(f"--lr_decay_steps {cfg['lr_decay_steps']} must be >= --warmup_step {cfg['warmup_step']}")
+        fail(f"--lr_decay_steps {cfg['lr_decay_steps']} must be >= --warmup_step {cfg['warmup_step']}",
+             "lr_decay_steps", "warmup_step")
     for flag in ("data_dir", "init_from"):
         if cfg[flag] is not None and not os.path.isdir(cfg[flag]):
-            parser.error(f"--{flag} {cfg[flag]}: no such directory")
-    missing = missing_packages(cfg["report_to"])
-    if missing and not cfg["eval_only"]:
-        parser.error(f"--report_to {','.join(missing)}: needs the package(s) {', '.join(missing.values())}; "
-                     "install them with pip install -e \".[logging]\" (or pass --report_to none)")
+            fail(f"--{flag} {cfg[flag]}: no such directory", flag)
+    if cfg["report_to"] and not cfg["eval_only"]:
+        from GradDotProd_LM.experiment_log import missing_packages  # numpy, pyarrow: only with --report_to
+
+        missing = missing_packages(cfg["report_to"])
+        if missing:
+            fail(f"--report_to {','.join(missing)}: needs the package(s) {', '.join(missing.values())}; "
+                 "install them with pip install -e \".[logging]\" (or pass --report_to none)", "report_to")
     if os.sep in cfg["run_name"] or cfg["run_name"] in ("", ".", ".."):
-        parser.error(f"--run_name {cfg['run_name']!r} must be a plain directory name")
+        fail(f"--run_name {cfg['run_name']!r} must be a plain directory name", "run_name")
     if len(cfg["run_name"].encode()) > 200:
-        parser.error(f"--run_name is {len(cfg['run_name'].encode())} bytes long; use at most 200 (file names "
-                     "under it get longer)")
+        fail(f"--run_name is {len(cfg['run_name'].encode())} bytes long; use at most 200 (file names "
+             "under it get longer)", "run_name")
     results = cfg["results_dir"]
     if os.path.exists(results) and not os.path.isdir(results):
-        parser.error(f"--results_dir {results}: exists and is not a directory")
+        fail(f"--results_dir {results}: exists and is not a directory", "results_dir")
     existing = results
     while not os.path.exists(existing):  # the nearest existing ancestor must be a writable directory
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        parser.error(f"--results_dir {results}: {existing} is a file, not a directory")
+        fail(f"--results_dir {results}: {existing} is a file, not a directory", "results_dir")
     if not eval_only_without_writes(cfg) and not os.access(existing, os.W_OK | os.X_OK):
-        parser.error(f"--results_dir {results}: {existing} is not writable")
+        fail(f"--results_dir {results}: {existing} is not writable", "results_dir")
 
 
 if __name__ == "__main__":  # `python -m GradDotProd_LM.args FLAGS`: check flags only (train.sh before torchrun)

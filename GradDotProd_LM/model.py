@@ -5,52 +5,18 @@ import os
 
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, LlamaConfig
 
+from GradDotProd_LM.architectures import (ARCHITECTURES, ATTENTIONS, LLAMA_ARCHITECTURES, PYTHIA_ARCHITECTURES,
+                                          ROPE_MAX_SEQ_LEN, named_max_seq_len)
 from GradDotProd_LM.lowrank_attention import add_lowrank_attention
 
 GPT2_VOCAB_SIZE = 50257
 
-# GPT2Config kwargs per size (docs/METHOD.md section 5); GPT2-Tiny is for CPU runs and tests.
-ARCHITECTURES = {
-    "GPT2-Tiny": dict(n_layer=2, n_head=2, n_embd=128),
-    "GPT2-Small": dict(n_layer=12, n_head=12, n_embd=768),
-    "GPT2-Medium": dict(n_layer=24, n_head=16, n_embd=1024),
-    "GPT2-Large": dict(n_layer=36, n_head=20, n_embd=1280),
-}
-
-# Llama-style (RoPE, RMSNorm, SwiGLU, grouped-query attention), embeddings tied as in Llama 3.2 1B and SmolLM.
-# Sizes are the total parameter count with the padded GPT-2 vocabulary (docs/MODELS.md).
-LLAMA_ARCHITECTURES = {
-    "Llama-Tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
-                       intermediate_size=344),
-    "Llama-20M": dict(num_hidden_layers=8, hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=688),
-    "Llama-60M": dict(num_hidden_layers=12, hidden_size=512, num_attention_heads=8, num_key_value_heads=4,
-                      intermediate_size=1376),
-    "Llama-150M": dict(num_hidden_layers=18, hidden_size=768, num_attention_heads=12, num_key_value_heads=4,
-                       intermediate_size=2048),
-    "Llama-350M": dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, num_key_value_heads=4,
-                       intermediate_size=3072),
-    "Llama-1B": dict(num_hidden_layers=16, hidden_size=2048, num_attention_heads=32, num_key_value_heads=8,
-                     intermediate_size=8192),
-}
-# The Pythia suite's shapes (GPT-NeoX: parallel attention/MLP, partial rotary, untied head); Pythia's own
-# vocabulary has 50304 rows, as GPT-2's padded to 64 does here.
-PYTHIA_ARCHITECTURES = {
-    "Pythia-14M": dict(num_hidden_layers=6, hidden_size=128, num_attention_heads=4, intermediate_size=512),
-    "Pythia-70M": dict(num_hidden_layers=6, hidden_size=512, num_attention_heads=8, intermediate_size=2048),
-    "Pythia-160M": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
-    "Pythia-410M": dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=4096),
-    "Pythia-1B": dict(num_hidden_layers=16, hidden_size=2048, num_attention_heads=8, intermediate_size=8192),
-}
 # every --architecture: name -> (config class, its kwargs)
 MODEL_ARCHITECTURES = {
     **{name: (GPT2Config, kwargs) for name, kwargs in ARCHITECTURES.items()},
     **{name: (LlamaConfig, kwargs) for name, kwargs in LLAMA_ARCHITECTURES.items()},
     **{name: (GPTNeoXConfig, kwargs) for name, kwargs in PYTHIA_ARCHITECTURES.items()},
 }
-ROPE_MAX_SEQ_LEN = 2048  # positions the RoPE models are built for (GPT-2's learned table holds 1024)
-# --attention: transformers' own attention, or GradDotProd_LM/lowrank_attention.py (Llama family only)
-ATTENTIONS = ("standard", "lowrank")
 
 _NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0)
 
@@ -73,7 +39,7 @@ def max_seq_len(architecture, model_config=None):
     if model_config is not None:
         config = AutoConfig.for_model(**model_config)
         return int(getattr(config, "n_positions", None) or config.max_position_embeddings)
-    return 1024 if MODEL_ARCHITECTURES[architecture][0] is GPT2Config else ROPE_MAX_SEQ_LEN
+    return named_max_seq_len(architecture)
 
 
 def load_model_config(path):
@@ -87,8 +53,8 @@ def load_model_config(path):
         raise ValueError(f"{path} is not a Hugging Face model config (no \"model_type\")")
     try:
         built = AutoConfig.for_model(**config)
-    except (ValueError, TypeError, KeyError) as err:
-        raise ValueError(f"{path}: {err}") from None
+    except Exception as err:  # a bad field: ValueError, TypeError, huggingface_hub's StrictDataclassError, ...
+        raise ValueError(f"{path}: {type(err).__name__}: {' '.join(str(err).split())}") from None
     if type(built) not in AutoModelForCausalLM._model_mapping:
         raise ValueError(f"{path}: model_type {config['model_type']!r} has no causal-LM class in transformers")
     if not isinstance(config.get("vocab_size", 1), int) or config.get("vocab_size", 1) < 1:
@@ -132,13 +98,6 @@ def build_config(architecture, n_positions=1024, vocab_pad_multiple=VOCAB_PAD_MU
     kwargs.update(overrides)
     kwargs["vocab_size"] = padded_vocab_size(kwargs["vocab_size"], vocab_pad_multiple)
     return config_class(**kwargs)
-
-
-def supports_lowrank_attention(architecture, model_config=None):
-    """Whether `--attention lowrank` applies: the Llama-style sizes and --model_config files of model_type llama."""
-    if model_config is not None:
-        return model_config.get("model_type") == "llama"
-    return architecture in LLAMA_ARCHITECTURES
 
 
 def build_model(architecture, n_positions=1024, attn_implementation="sdpa", init_from=None,

@@ -41,16 +41,10 @@ from ghost_engine import updates
 from ghost_engine.layers import accum_dtype, rule_for, to_dtype
 from ghost_engine.layers.channel_norm import batch_statistics_error
 from ghost_engine.losses import IGNORE_INDEX, TASKS, per_sample_loss, target_counts
+from ghost_engine.values import ADAMW, ADAMW_VT, COSINE, DEFERRED, FIRST_ORDER, LR_INSIDE, SECOND_ORDER, VALUES
 
 LOSS_REDUCTIONS = ("mean", "sum")
 FIRST, SECOND = "first", "second"  # roles of the two uses of a tied parameter, in forward order
-FIRST_ORDER, SECOND_ORDER, ADAMW, ADAMW_VT, MIDPOINT, COSINE = (
-    "first_order", "second_order", "adamw", "adamw_vt", "midpoint", "cosine")
-VALUES = (FIRST_ORDER, SECOND_ORDER, ADAMW, ADAMW_VT, MIDPOINT, COSINE)  # estimators (docs/METHOD.md section 2.1)
-# estimators whose validation-side vector needs the step's batch gradient g_B, known only after the last
-# backward: the taps keep each layer's training rows and aggregate_and_log() projects them on that vector
-DEFERRED = (SECOND_ORDER, ADAMW_VT, MIDPOINT)
-LR_INSIDE = (SECOND_ORDER, ADAMW, ADAMW_VT, MIDPOINT)  # phi_i = w_i·dot_i (first_order: lr·w_i·dot_i)
 
 
 @dataclass

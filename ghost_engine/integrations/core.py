@@ -32,7 +32,7 @@ from ghost_engine.durable import write_atomically
 from ghost_engine.engine import LR_INSIDE, GradDotProdEngine
 from ghost_engine.losses import IGNORE_INDEX, per_sample_loss, target_counts
 from ghost_engine.recording import gather_rows, local_rows
-from ghost_results.results_io import file_formats, flush_dotprods, safe_load_pickle, set_aside_after
+from ghost_results.results_io import file_formats, flush_dotprods, new_run_id, safe_load_pickle, set_aside_after
 from ghost_results.valset import VALSET_FILE, write_valset_file
 
 PROVENANCE_KEY = "graddotprod_rows"  # a batch's provenance, {field: [B] values}
@@ -202,6 +202,7 @@ class ValuationRun:
         self.save_interval = save_interval
         self.rank, self.world_size = 0, 1
         self.pending = []  # step records not yet written (rank 0)
+        self.run_id = None  # set by begin() on rank 0
         self._reset_step()
 
     def _val_logits(self, model, X_val):
@@ -229,9 +230,10 @@ class ValuationRun:
         if self.rank != 0:
             return
         os.makedirs(self.run_dir, exist_ok=True)
+        self.run_id = self._identity(start_step)
         set_aside_after(self.run_dir, start_step)
         X_val = self._val["input_ids"]
-        config = {"run_name": self.run_name, "method": "GradDotProd", "start_step": start_step,
+        config = {"run_name": self.run_name, "run_id": self.run_id, "method": "GradDotProd", "start_step": start_step,
                   "world_size": self.world_size, "value": self.engine.value, "val_batch_size": int(X_val.shape[0]),
                   "val_seq_len": int(X_val.shape[1]), "dot_prod_save_interval": self.save_interval,
                   "results_format": self.results_format,
@@ -241,6 +243,21 @@ class ValuationRun:
         write_atomically(os.path.join(self.run_dir, "config.json"),
                          lambda f: f.write(json.dumps(config, indent=1, default=str).encode()))
         self._write_valset(start_step, config)
+
+    def _identity(self, start_step):
+        """The run's identity (written into every file, as the app's): a resumed run (start_step > 0) keeps the
+        one its config.json records; a run starting at step 0 is a new run (earlier files are set aside)."""
+        path = os.path.join(self.run_dir, "config.json")
+        if start_step > 0 and os.path.exists(path):
+            try:
+                with open(path) as f:
+                    saved = json.load(f)
+            except (OSError, ValueError) as err:
+                raise ValueError(f"cannot read {path} ({type(err).__name__}: {err}) to resume its run") from err
+            if isinstance(saved, dict) and saved.get("run_id") is not None:
+                return str(saved["run_id"])
+            return None  # a run written before identities: its files are matched by name
+        return new_run_id()
 
     def _write_valset(self, start_step, config):
         """valset.pkl, in the app's schema (ghost_results.valset): the validation input_ids as given (seq_len: their
@@ -264,7 +281,7 @@ class ValuationRun:
         write_valset_file(os.path.join(self.run_dir, name), tokens, tokens.shape[1],
                           given["domain"] or [str(val_domain) if val_domain is not None else "validation"] * rows,
                           given["doc_id"] or index, given["token_offset"] or index, given["sample_index"] or index,
-                          val_domain=val_domain, data_dir=config.get("data_dir"))
+                          val_domain=val_domain, data_dir=config.get("data_dir"), run_id=self.run_id)
 
     def finish(self):
         """Write the pending records and detach the engine (safe to call twice)."""

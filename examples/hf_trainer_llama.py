@@ -59,7 +59,8 @@ def main(argv=None) -> str:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ_LEN,
-                                         bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=False))
+                                         bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=False,
+                                         attention_dropout=0.0))  # dropout is refused (docs/METHOD.md, "Dropout")
     run_dir = os.path.join(results_dir, args.run_name)
     training_args = TrainingArguments(
         output_dir=os.path.join(run_dir, "trainer"), max_steps=args.steps, per_device_train_batch_size=4,

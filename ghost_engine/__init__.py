@@ -13,6 +13,7 @@ _EXPORTS = {
     "register_layer": "ghost_engine.layers",
     "register_recogniser": "ghost_engine.layers",
     "per_sample_loss": "ghost_engine.losses",
+    "disable_dropout": "ghost_engine.dropout",
     "load_dotprods": "ghost_results.results_io",
 }
 __all__ = list(_EXPORTS)

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ghost_engine import updates
+from ghost_engine.dropout import RandomDrawProbe, active_dropout_error, dropout_sites, random_draw_error
 from ghost_engine.layers import accum_dtype, rule_for, to_dtype
 from ghost_engine.layers.channel_norm import batch_statistics_error
 from ghost_engine.losses import IGNORE_INDEX, TASKS, per_sample_loss, target_counts
@@ -395,6 +396,10 @@ class GradDotProdEngine:
         val_forward: for "second_order" and "midpoint", which evaluate the validation loss again (at θ_t for
             a Hessian-vector product, at the midpoint parameters): a function (model, X_val) -> logits.
             Default: ``model(input_ids=X_val)`` and its ``logits``.
+
+    Dropout is refused, never valued: the validation rows share the training forward, so it would make grad L_val
+    a random draw (ghost_engine/dropout.py; the way out: dropout 0, ``ghost_engine.disable_dropout(model)``, or
+    eval mode). Checked at construction, at every armed forward and by the first armed eager forward in each mode.
     """
 
     def __init__(self, model: nn.Module, val_batch, *, task: str = "causal_lm", loss_reduction: str = "mean",
@@ -419,6 +424,14 @@ class GradDotProdEngine:
                 self.param_names.setdefault(id(p), name)
         if not self.param_names:
             raise ValueError("the model has no trainable parameters")
+        # dropout would drop units of the validation rows too (ghost_engine/dropout.py): refused now, at every armed
+        # forward (model.train() after construction) and, for what no module attribute shows, by the first eager
+        # forward's RandomDrawProbe in each mode
+        self._dropout_sites = dropout_sites(model)
+        error = active_dropout_error(model, self._dropout_sites)
+        if error is not None:
+            raise ValueError(error)
+        self._probe, self._probed = None, set()  # the probe of the running forward; the modes probed (model.training)
         # FSDP2: the engine is built after fully_shard; each forward uses the unsharded parameters, which
         # the taps and gradient hooks then use too (FSDP reduce-scatters their .grad)
         self._sharded = _fsdp_sharding(model)
@@ -575,6 +588,8 @@ class GradDotProdEngine:
         if not self._sharded and self.loss_reduction == "mean":  # FSDP2: the unsharded parameters, at their forward
             for p in self._params.values():
                 self._handles.append(p.register_hook(self._grad_rescale))
+        self._handles.append(self.model.register_forward_pre_hook(self._on_model_forward_pre))
+        self._handles.append(self.model.register_forward_hook(self._end_probe, prepend=True, always_call=True))
         self._handles.append(self.model.register_forward_hook(self._on_model_forward, with_kwargs=True))
         self._optimizer, self._precond = optimizer, None
         if self.value == ADAMW:  # D is recomputed after each optimizer step or state load (and lr change)
@@ -916,6 +931,36 @@ class GradDotProdEngine:
         finally:
             self._replaying = False
         return torch.cat([output[:B], val_out])
+
+    def _on_model_forward_pre(self, module, args):
+        """Refuse dropout that is active now (a few attribute reads: compiled forwards run them too); on the first
+        armed eager forward in each mode (model.training), start a RandomDrawProbe for the calls no attribute shows
+        (F.dropout with a literal p, SDPA's dropout_p, random draws), which _end_probe reads."""
+        if not self._mb.armed or not torch.is_grad_enabled():
+            return None
+        error = active_dropout_error(self.model, self._dropout_sites)
+        if error is not None:
+            self._disarm()
+            raise ValueError(error)
+        if (not torch.compiler.is_compiling() and self._probe is None and self.model.training not in self._probed
+                and not _in_backward()):
+            self._probe = RandomDrawProbe(self.model)
+            self._probe.__enter__()
+        return None
+
+    def _end_probe(self, module, args, output):
+        """End the forward's RandomDrawProbe (also when the forward raised) and refuse what it found."""
+        probe, self._probe = self._probe, None
+        if probe is None:
+            return None
+        probe.__exit__(None, None, None)
+        if output is None:  # the forward raised: its own error goes on, the next forward is probed again
+            return None
+        if probe.found:
+            self._disarm()
+            raise ValueError(random_draw_error(self.model, probe.found))
+        self._probed.add(self.model.training)
+        return None
 
     def _on_model_forward(self, module, args, kwargs, output):
         """On the first armed eager forward whose output carries ``loss`` and ``logits`` and whose call got

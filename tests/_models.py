@@ -18,12 +18,13 @@ def tiny_gpt2(n_embd=32, n_layer=2, n_head=4, n_positions=32, tie=True):
     return GPT2LMHeadModel(cfg)
 
 
-def tiny_llama():
+def tiny_llama(**overrides):
+    """overrides: config fields (attention_dropout, attn_implementation, ...)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=None)
+                      tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=None, **overrides)
     return LlamaForCausalLM(cfg)
 
 

@@ -16,7 +16,9 @@ from transformers import Trainer, TrainingArguments
 from _integrations import (TOL, VAL_BATCH_FORMS, GradCapture, StepCapture, assert_grads_close, check_step,
                            check_val_batch_form, engine_by_hand, model_and_rows, reference_step, rel_err, train_items,
                            val_batch_form)
+from _models import tiny_llama
 from _reference import reference_dot_products, reference_train_grad, reference_update_values
+from ghost_engine import disable_dropout
 from ghost_engine.integrations.hf import GradDotProdTrainer
 from ghost_results.results_io import read_run
 from pile_tools import ensure_sample_dataset
@@ -350,6 +352,32 @@ def test_unsupported_settings_raise_and_evaluation_is_the_plain_trainers(tmp_pat
         trainer.get_train_dataloader()
     plain = Trainer(model=model, args=training_args(tmp_path), eval_dataset=train_items(X, Y))
     assert trainer.evaluate(train_items(X, Y))["eval_loss"] == pytest.approx(plain.evaluate()["eval_loss"], rel=1e-6)
+
+
+def test_a_model_with_dropout_is_refused_before_training(tmp_path):
+    """A model with dropout probabilities > 0 is refused when the Trainer is built, whatever its mode now
+    (from_pretrained leaves it in eval mode; the Trainer calls model.train() at every step), naming the modules and
+    the config field; disable_dropout is a way out, and the run is then the float64 reference's."""
+    _, X, Y, X_val, Y_val = model_and_rows(4)
+    torch.manual_seed(4)
+    model = tiny_llama(attention_dropout=0.1).eval()
+    initial = copy.deepcopy(model)
+    args = training_args(tmp_path / "graddotprod", per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                         max_steps=1)
+    val_batch = {"input_ids": X_val, "labels": Y_val}
+    with pytest.raises(ValueError, match=r"dropout is active: 2 module\(s\) \(in training mode, where training puts "
+                                         r"them\) .*model.layers.0.self_attn.attention_dropout = 0.1 \(LlamaAttention\)"
+                                         r".*GradDotProdTrainer refuses \(training calls model.train\(\) before every "
+                                         r"step, so model.eval\(\) is no way out\)\. Set dropout to 0: build the model "
+                                         r"with attention_dropout = 0 .*ghost_engine.disable_dropout\(model\)"):
+        GradDotProdTrainer(model=model, args=args, train_dataset=train_items(X, Y), val_batch=val_batch)
+    assert not os.path.exists(run_dir_of(args))
+    disable_dropout(model)
+    disable_dropout(initial)
+    trainer = GradDotProdTrainer(model=model, args=args, train_dataset=train_items(X, Y), val_batch=val_batch,
+                                 save_interval=1)
+    trainer.train()
+    check_step(read_run(run_dir_of(args), per_layer=True, strict=True).columns, 1, initial, X, Y, X_val, Y_val)
 
 
 def test_two_processes_gather_every_row_on_rank_0(tmp_path):

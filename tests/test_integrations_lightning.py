@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from _integrations import (VAL_BATCH_FORMS, assert_grads_close, check_step, check_val_batch_form, engine_by_hand,
                            model_and_rows, rel_err, train_items, val_batch_form)
+from _models import tiny_llama
 from _reference import reference_train_grad, reference_update_values
 from ghost_engine.integrations import IndexedDataset
 from ghost_engine.integrations.lightning import GradDotProdCallback, training_loss
@@ -127,6 +128,20 @@ def test_unsupported_use_raises_and_outside_a_trainer_the_loss_is_the_models(tmp
         fit(LitLM(model, manual=True), train_items(X, Y), tmp_path, GradDotProdCallback(val_batch), accumulate=1)
     with pytest.raises(ValueError, match="sample_index"):  # rows without their index in the training set
         fit(LitLM(model), train_items(X, Y), tmp_path, GradDotProdCallback(val_batch), indexed=False)
+
+
+def test_a_model_with_dropout_is_refused_at_fit_start(tmp_path):
+    """Lightning calls model.train() before training: a model with dropout probabilities > 0 is refused at fit start,
+    whatever its mode now, before any step or file, naming the modules and the config field."""
+    _, X, Y, X_val, Y_val = model_and_rows(8)
+    module = LitLM(tiny_llama(attention_dropout=0.1).eval())
+    with pytest.raises(ValueError, match=r"model.model.layers.0.self_attn.attention_dropout = 0.1 \(LlamaAttention\)"
+                                         r".*GradDotProdCallback refuses \(training calls model.train\(\) before every "
+                                         r"step, so model.eval\(\) is no way out\)\. Set dropout to 0: build the model "
+                                         r"with attention_dropout = 0 .*ghost_engine.disable_dropout\(model\)"):
+        fit(module, train_items(X, Y), tmp_path, GradDotProdCallback({"input_ids": X_val, "labels": Y_val}))
+    assert module.logged == []  # no training step ran
+    assert not (tmp_path / "graddotprod").exists()
 
 
 def test_ddp_on_two_processes_gathers_every_row_on_rank_0(tmp_path):

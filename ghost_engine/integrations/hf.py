@@ -23,6 +23,7 @@ import torch
 import transformers
 from transformers import Trainer, TrainerCallback
 
+from ghost_engine.dropout import check_no_dropout
 from ghost_engine.integrations.core import (PROVENANCE_KEY, IndexedDataset, ProvenanceCollator, ValuationRun, split_batch,
                                             with_value)
 from ghost_engine.losses import target_counts
@@ -51,6 +52,7 @@ class GradDotProdTrainer(Trainer):
                  value="first_order", results_format="both", **kwargs):
         super().__init__(*args, **kwargs)
         self._check_supported()
+        check_no_dropout(self.model, "GradDotProdTrainer")  # before any step (the engine checks every forward too)
         output_dir = os.path.normpath(self.args.output_dir)
         self.valuation = ValuationRun(self.model, val_batch, run_dir or os.path.join(output_dir, "graddotprod"),
                                       run_name or os.path.basename(output_dir), run_config, save_interval, value,

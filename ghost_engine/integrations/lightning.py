@@ -27,6 +27,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
+from ghost_engine.dropout import check_no_dropout
 from ghost_engine.engine import DEFERRED, LR_INSIDE
 from ghost_engine.integrations.core import ValuationRun, split_batch, with_value
 from ghost_results.results_io import file_formats
@@ -59,6 +60,7 @@ class GradDotProdCallback(pl.Callback):
 
     def on_fit_start(self, trainer, pl_module):
         self._check_supported(trainer, pl_module, self.value)
+        check_no_dropout(pl_module, "GradDotProdCallback")  # before any step (the engine checks every forward too)
         run_dir = os.fspath(self.run_dir or os.path.join(trainer.default_root_dir, "graddotprod"))
         run_name = self.run_name or os.path.basename(os.path.normpath(run_dir))
         self.valuation = ValuationRun(pl_module, self.val_batch, run_dir, run_name, self.config, self.save_interval,

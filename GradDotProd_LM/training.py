@@ -1,9 +1,12 @@
 """GPT-2 pretraining on the Pile, optionally valuing every training sample against a validation batch: the
 training script behind `python -m GradDotProd_LM.train` (which parses the flags first, then calls `run`).
 
-Order of the script: config -> DDP set-up from torchrun's variables -> data -> model -> optimizer (+ engine)
--> resume -> loop (micro-batches, clip, step, dot products, eval, checkpoint). Step numbers count from 1:
-step t trains on the reader's global batch t and is the t-th optimizer update.
+Read it top to bottom: `run` (DDP set-up from torchrun's variables) -> `_run` (hold the run directory) ->
+`_train`, which calls the named steps in order: `load_data` -> `resumed_data` (identity, data unchanged) ->
+`build_state` (model, optimizer, checkpoint) -> `attach_engine` (engine, then compile and DDP) ->
+`RunFiles.open` (the run directory) -> `train_loop` (`train_step`: micro-batches, backward, engine, clip, update;
+evaluations, stop signals, `save_all` checkpoints, `save_after_failure`). Step numbers count from 1: step t
+trains on the reader's global batch t and is the t-th optimizer update.
 """
 import gc
 import math
@@ -14,6 +17,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -261,16 +265,85 @@ def _run(cfg, argv, rank, world_size, device, master, stop):
             os.rmdir(run_dir)
 
 
+class StartError(Exception):
+    """The run cannot start (bad data, a damaged or foreign run file); nothing was changed. Every rank finds it
+    alike; rank 0 prints it and the process exits 2."""
+
+
+@dataclass
+class Data:
+    """What the run reads: the training batches, the fixed validation rows, the evaluation splits."""
+
+    train_reader: PileReader
+    val_batch: object  # the reader's batch of validation rows (tokens, provenance), None for --val_batch_size 0
+    evaluator: Evaluator
+    vocab: int  # the data's vocabulary size
+
+
+@dataclass
+class State:
+    """What one step changes: the model (and the compiled/DDP wrapper the step runs), its optimizer, the engine."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    start_step: int  # optimizer steps completed before this launch (the checkpoint's)
+    engine: GradDotProdEngine = None
+    step_model: torch.nn.Module = None
+
+
 def _train(cfg, argv, rank, world_size, device, master, stop):
-    graddotprod = cfg["method"] == "GradDotProd"
+    """The run, top to bottom: data, state (fresh or restored), the run directory, the loop."""
     train_dtype = cfg["train_dtype"] if cfg["train_dtype"] != "auto" else (
         "bfloat16" if device.type == "cuda" else "float32")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if train_dtype == "bfloat16" else nullcontext())
     run_dir = run_dir_of(cfg)
-    B, T, A = cfg["batch_size"], cfg["seq_len"], cfg["grad_accum"]
-    micro_rows = B // (world_size * A)  # rows of one micro-batch on one rank
+    try:
+        data = load_data(cfg, rank, world_size, master)
+        resumed = resumed_data(cfg, run_dir, data)
+        state = build_state(cfg, data, device)
+    except StartError as err:
+        if master:
+            print(f"train.sh: error: {err}", file=sys.stderr, flush=True)
+        return 2
 
-    # ---------------------------------------------------------------- data
+    if cfg["eval_only"]:
+        result = data.evaluator.evaluate(state.model, device, autocast)
+        if master:
+            print(format_eval(state.start_step, result), flush=True)
+            if cfg["resume"]:
+                write_json(os.path.join(run_dir, f"eval_only_step_{state.start_step:06d}.json"),
+                           {"run_id": cfg["run_id"], "step": state.start_step, "eval": result})
+        return 0
+    if state.start_step >= cfg["max_steps"] and finished_before(run_dir, state.start_step, cfg):
+        if master:  # nothing is written: config.json keeps the command that trained the run
+            print(f"Nothing to train: {run_dir} is at step {state.start_step} and --max_steps is "
+                  f"{cfg['max_steps']}; pass a larger --max_steps to extend it", flush=True)
+        return 0
+
+    attach_engine(cfg, state, data, device, world_size)
+    if rank0_error_stops_all(checkpoint_space_shortfall(run_dir, state.model, state.optimizer) if master else None,
+                             world_size, device):
+        return 2
+    files, start_error = None, None  # rank 0 writes the run's files
+    if master:
+        try:
+            files = RunFiles.open(cfg, argv, state, data, resumed, world_size, device, train_dtype)
+        except (StartError, SinkError) as err:
+            start_error = err
+    if rank0_error_stops_all(start_error, world_size, device):
+        return 2
+    if master:
+        print(f"{cfg['method']} | {model_name(cfg)} | {sum(p.numel() for p in state.model.parameters()) / 1e6:.1f}M "
+              f"params | global batch {cfg['batch_size']} x {cfg['seq_len']} tokens | {world_size} process(es) on "
+              f"{device} | {train_dtype} | steps {state.start_step + 1}..{cfg['max_steps']} | results {run_dir}",
+              flush=True)
+    return train_loop(cfg, state, data, files, rank, world_size, device, master, stop, autocast)
+
+
+def load_data(cfg, rank, world_size, master) -> Data:
+    """The readers of the run's splits, checked before any step: every domain holds a window, every split was
+    tokenized with one vocabulary that the model can hold."""
+    B, T = cfg["batch_size"], cfg["seq_len"]
     cfg["data_dir"] = resolve_data_dir(cfg, master, world_size)
     try:
         train_reader = PileReader(cfg["data_dir"], split="train", domains=cfg["train_domains"], seed=cfg["seed"])
@@ -287,311 +360,346 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
             raise ValueError(f"split 'train': {err}") from None
         evaluator = Evaluator(cfg["data_dir"], T, cfg["eval_iter"], cfg["eval_bs"], cfg["seed"], rank, world_size)
         vocab = data_vocabulary(train_reader, (val_reader, *evaluator.readers.values()), cfg["model_config"])
-        cfg["data_tokenizer"] = train_reader.tokenizer  # saved with the run and its checkpoints (export reads it)
     except (FileNotFoundError, ValueError) as err:
-        if master:
-            print(f"train.sh: error: data in {cfg['data_dir']}: {err}", file=sys.stderr, flush=True)
-        return 2
-    # a resumed run continues on the data it started with, against the same validation rows
+        raise StartError(f"data in {cfg['data_dir']}: {err}") from None
+    cfg["data_tokenizer"] = train_reader.tokenizer  # saved with the run and its checkpoints (export reads it)
+    return Data(train_reader, val_batch, evaluator, vocab)
+
+
+def resumed_data(cfg, run_dir, data) -> dict:
+    """The run's identity (kept by a resumed run, new otherwise: cfg["run_id"]) and, for --resume, what its
+    config.json says of the data it started on; a resumed run continues on that data, against the same
+    validation rows (valset.pkl), unless --accept_data_change."""
+    saved_config = read_json(os.path.join(run_dir, "config.json")) if cfg["resume"] else {}
+    # the identity goes into every file the run writes; None: a run started before identities, matched by name
+    cfg["run_id"] = saved_config.get("run_id") if cfg["resume"] else new_run_id()
+    if cfg["eval_only"]:
+        saved_config = {}  # an evaluation neither trains nor records data
     identity = data_identity(cfg["data_dir"])
-    saved_config = read_json(os.path.join(run_dir, "config.json")) if cfg["resume"] and not cfg["eval_only"] else {}
-    # the run's identity, written into every file it writes; a resumed run keeps it, whatever its name now
-    # (None: a run started before identities existed, matched by name as it was written)
-    cfg["run_id"] = (read_json(os.path.join(run_dir, "config.json")).get("run_id") if cfg["resume"]
-                     else new_run_id())
     data_change = describe_data_change(saved_config["data_identity"], identity) if "data_identity" in saved_config \
         else ""
     try:
-        saved_val = read_valset_tokens(run_dir, cfg["run_id"]) if saved_config and val_batch is not None else None
+        saved_val = read_valset_tokens(run_dir, cfg["run_id"]) if saved_config and data.val_batch is not None \
+            else None
     except (DamagedRunFile, ForeignRunFile) as err:
-        if master:
-            print(f"train.sh: error: --resume: {err}", file=sys.stderr, flush=True)
-        return 2
-    val_changed = saved_val is not None and not np.array_equal(saved_val, val_batch.tokens)
+        raise StartError(f"--resume: {err}") from None
+    val_changed = saved_val is not None and not np.array_equal(saved_val, data.val_batch.tokens)
     if (data_change or val_changed) and not cfg["accept_data_change"]:
-        if master:
-            print(f"train.sh: error: --resume: the data under {cfg['data_dir']} changed since {run_dir} started ("
-                  f"{data_change or 'the validation rows differ from valset.pkl'}); the run would continue on "
-                  "another mixture. Restore the data, start a new --run_name, or pass --accept_data_change to "
-                  "continue anyway (recorded in config.json; valset.pkl is kept)", file=sys.stderr, flush=True)
-        return 2
+        raise StartError(f"--resume: the data under {cfg['data_dir']} changed since {run_dir} started ("
+                         f"{data_change or 'the validation rows differ from valset.pkl'}); the run would continue "
+                         "on another mixture. Restore the data, start a new --run_name, or pass "
+                         "--accept_data_change to continue anyway (recorded in config.json; valset.pkl is kept)")
+    return {"saved_config": saved_config, "data_identity": identity, "data_change": data_change,
+            "val_changed": bool(val_changed)}
 
-    # ---------------------------------------------------------------- model, optimizer, engine
+
+def build_state(cfg, data, device) -> State:
+    """The model and optimizer of the run's seed, restored from its checkpoint when resuming."""
     torch.manual_seed(cfg["seed"])  # same initial weights on every rank and in every run of this seed
-    model = build_model(cfg["architecture"], n_positions=max(1024, T), init_from=cfg["init_from"],
+    model = build_model(cfg["architecture"], n_positions=max(1024, cfg["seq_len"]), init_from=cfg["init_from"],
                         gradient_checkpointing=cfg["grad_ckpt"], vocab_pad_multiple=cfg["vocab_pad_multiple"],
                         model_config=cfg["model_config"], attention=cfg["attention"],
                         attention_rank=cfg["attention_rank"], attention_block=cfg["attention_block"],
-                        vocab_size=vocab)
+                        vocab_size=data.vocab)
     model.to(device=device, dtype=DTYPES[cfg["model_dtype"]])
     model.train()
-    optimizer = build_optimizer(model, cfg, device)
-    start_step = 0
-    if cfg["resume"] and os.path.exists(checkpoint_path(run_dir)):
+    state = State(model, build_optimizer(model, cfg, device), start_step=0)
+    path = checkpoint_path(run_dir_of(cfg))
+    if cfg["resume"] and os.path.exists(path):
         try:
-            state = load_checkpoint(run_dir)
+            saved = load_checkpoint(run_dir_of(cfg))
         except Exception as err:  # truncated or corrupt: torch raises several types
-            if master:
-                print(f"train.sh: error: cannot read the checkpoint {checkpoint_path(run_dir)} "
-                      f"({type(err).__name__}: {err}); restore it from a backup, or keep this run's results and "
-                      "start a new --run_name", file=sys.stderr, flush=True)
-            return 2
+            raise StartError(f"cannot read the checkpoint {path} ({type(err).__name__}: {err}); restore it from a "
+                             "backup, or keep this run's results and start a new --run_name") from None
         try:
-            check_identity(checkpoint_path(run_dir), state.get("run_id"), cfg["run_id"])
+            check_identity(path, saved.get("run_id"), cfg["run_id"])
         except ForeignRunFile as err:
-            if master:
-                print(f"train.sh: error: --resume: {err}", file=sys.stderr, flush=True)
-            return 2
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        start_step = state["step"]
-        del state
+            raise StartError(f"--resume: {err}") from None
+        model.load_state_dict(saved["model"])
+        state.optimizer.load_state_dict(saved["optimizer"])
+        set_rng_state(saved["rng"])
+        state.start_step = saved["step"]
+    return state
 
-    if cfg["eval_only"]:
-        result = evaluator.evaluate(model, device, autocast)
-        if master:
-            print(format_eval(start_step, result), flush=True)
-            if cfg["resume"]:
-                write_json(os.path.join(run_dir, f"eval_only_step_{start_step:06d}.json"),
-                           {"run_id": cfg["run_id"], "step": start_step, "eval": result})
-        return 0
-    if start_step >= cfg["max_steps"] and finished_before(run_dir, start_step, cfg):
-        if master:  # nothing is written: config.json keeps the command that trained the run
-            print(f"Nothing to train: {run_dir} is at step {start_step} and --max_steps is {cfg['max_steps']}; "
-                  "pass a larger --max_steps to extend it", flush=True)
-        return 0
 
-    engine = None
-    if graddotprod:
-        X_val = torch.from_numpy(val_batch.tokens[:, :T]).to(device)  # [Bv, T]; labels = inputs, the model shifts
-        engine = GradDotProdEngine(model, val_batch=(X_val, X_val), task="causal_lm", loss_reduction="mean",
-                                   value=cfg["value"])
-        engine.attach(optimizer)
-    step_model = torch.compile(model) if cfg["compile"] else model  # engine first, then compile and DDP
+def attach_engine(cfg, state, data, device, world_size):
+    """The engine on the model (GradDotProd), then torch.compile and DDP around it, in that order."""
+    if cfg["method"] == "GradDotProd":
+        X_val = torch.from_numpy(data.val_batch.tokens[:, :cfg["seq_len"]]).to(device)  # [Bv, T]; labels = inputs
+        state.engine = GradDotProdEngine(state.model, val_batch=(X_val, X_val), task="causal_lm",
+                                         loss_reduction="mean", value=cfg["value"])
+        state.engine.attach(state.optimizer)
+    state.step_model = torch.compile(state.model) if cfg["compile"] else state.model
     if world_size > 1:
-        step_model = DDP(step_model, device_ids=[device.index] if device.type == "cuda" else None)
+        state.step_model = DDP(state.step_model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    # ---------------------------------------------------------------- run directory
-    if rank0_error_stops_all(checkpoint_space_shortfall(run_dir, model, optimizer) if master else None,
-                             world_size, device):
-        return 2
-    experiment_log = start_error = None  # rank 0 writes training_log.jsonl and the --report_to sinks
-    if master:
+
+class RunFiles:
+    """Rank 0's writer of the run directory during training: config.json, valset.pkl, the log (training_log.json
+    and, through ExperimentLog, training_log.jsonl and the --report_to sinks), the dot-product files and the
+    checkpoints, in the order that keeps the directory consistent after any crash (docs/RELIABILITY.md)."""
+
+    def __init__(self, cfg, state, log, experiment_log, config_record, world_size):
+        self.cfg, self.state, self.run_dir, self.world_size = cfg, state, run_dir_of(cfg), world_size
+        self.log, self.experiment_log, self.config_record = log, experiment_log, config_record
+        self.formats = file_formats(cfg["results_format"])
+        self.pending = []  # step records of dot products not yet written
+        self.last_checkpoint = state.start_step if os.path.exists(checkpoint_path(self.run_dir)) else None
+
+    @classmethod
+    def open(cls, cfg, argv, state, data, resumed, world_size, device, train_dtype):
+        """Read the log of the steps kept, set aside the files of steps to redo, start the log's sinks, write
+        config.json (and valset.pkl the first time). StartError/SinkError before anything is changed."""
+        run_dir, start_step = run_dir_of(cfg), state.start_step
         try:
             log = read_training_log(run_dir, start_step, cfg["run_id"])  # before anything is moved
         except (DamagedRunFile, ForeignRunFile) as err:
-            start_error = f"--resume: {err}"
-    if master and start_error is None:
+            raise StartError(f"--resume: {err}") from None
         os.makedirs(run_dir, exist_ok=True)
         moved, destination = set_aside_after(run_dir, start_step)  # files and log lines of steps to redo
         if cfg["resume"]:
             print(f"Resuming {run_dir} from step {start_step}" + ("" if start_step else " (no checkpoint yet)")
                   + (f"; moved {len(moved)} file(s) of later steps to {destination}" if moved else ""), flush=True)
-        try:
-            experiment_log = ExperimentLog(run_dir, cfg["report_to"], cfg, start_step, log)
-        except SinkError as err:
-            start_error = err
-    if rank0_error_stops_all(start_error, world_size, device):
-        return 2
-    results_formats = file_formats(cfg["results_format"])
-    if master:
+        experiment_log = ExperimentLog(run_dir, cfg["report_to"], cfg, start_step, log)
+        saved = resumed["saved_config"]
         config_record = dict(cfg, world_size=world_size, train_dtype_resolved=train_dtype, device=str(device),
                              torch=torch.__version__, transformers=transformers.__version__,
-                             python=platform.python_version(), argv=argv, data_identity=identity,
-                             data_changes=saved_config.get("data_changes", []),
-                             divergences=saved_config.get("divergences", []))
-        if data_change or val_changed:
-            config_record["data_changes"].append({"from_step": start_step + 1, "change": data_change,
-                                                  "validation_rows_changed": bool(val_changed)})
+                             python=platform.python_version(), argv=argv, data_identity=resumed["data_identity"],
+                             data_changes=saved.get("data_changes", []), divergences=saved.get("divergences", []))
+        if resumed["data_change"] or resumed["val_changed"]:
+            config_record["data_changes"].append({"from_step": start_step + 1, "change": resumed["data_change"],
+                                                  "validation_rows_changed": resumed["val_changed"]})
         write_json(os.path.join(run_dir, "config.json"), config_record)
-        if val_batch is not None and not os.path.exists(os.path.join(run_dir, "valset.pkl")):
-            write_valset(run_dir, val_batch, cfg)
-        elif val_changed:  # --accept_data_change: the record of the earlier rows stays
-            write_valset(run_dir, val_batch, cfg, name=f"valset_from_step_{start_step + 1:06d}.pkl")
-    pending = []  # step records of dot products not yet written
-    last_checkpoint = start_step if os.path.exists(checkpoint_path(run_dir)) else None  # its step, finite
+        if data.val_batch is not None and not os.path.exists(os.path.join(run_dir, "valset.pkl")):
+            write_valset(run_dir, data.val_batch, cfg)
+        elif resumed["val_changed"]:  # --accept_data_change: the record of the earlier rows stays
+            write_valset(run_dir, data.val_batch, cfg, name=f"valset_from_step_{start_step + 1:06d}.pkl")
+        return cls(cfg, state, log, experiment_log, config_record, world_size)
 
-    def save_all(step):
-        """Dot products and log first: a checkpoint at step s implies they cover steps 1..s. A model or
-        optimizer state that is not finite is never checkpointed (the last finite checkpoint stays, and
-        config.json records where a resume restarts); returns the names of the non-finite tensors."""
-        nonlocal last_checkpoint
-        if master:
-            flush_dotprods(run_dir, cfg["run_name"], world_size, pending, results_formats, value=cfg["value"])
-            write_json(os.path.join(run_dir, "training_log.json"), log)
-            experiment_log.sync()
-        bad = nonfinite_state(model, optimizer)  # the same on every rank: the replicas are equal
-        if bad:
-            if master:
-                config_record["divergences"].append({"after_step": step, "nonfinite": bad[:10],
-                                                     "last_finite_checkpoint": last_checkpoint or 0})
-                write_json(os.path.join(run_dir, "config.json"), config_record)
-            return bad
-        save_checkpoint(run_dir, model, optimizer, step, cfg) if master else None
-        last_checkpoint = step
-        return []
+    def record_step(self, record, rows=None, domains=()):
+        """A completed step: its log line (before the progress line) and its dot products (written every
+        --dot_prod_save_interval steps)."""
+        by_domain = None
+        if rows is not None:
+            self.pending.append(dict(step=record["step"], lr=record["lr"], train_loss=record["loss"],
+                                     val_loss=record["val_loss"], **rows))
+            by_domain = domain_sums(rows["domain"], rows["dot_products"], domains)
+            if record["step"] % self.cfg["dot_prod_save_interval"] == 0:
+                self.flush_dotprods()
+        self.log["steps"].append(record)
+        self.experiment_log.step(record, by_domain)
 
-    def diverged_weights(step, bad, cause=None):
-        return DivergedWeights(f"{f'{cause}; ' if cause else ''}after step {step} the model's weights or optimizer state are not finite ({bad[0]}"
-                          f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): the run diverged; no checkpoint "
-                          f"of them was written, the last finite one is step {last_checkpoint or 0}. Continue "
-                          f"from it with a lower rate: ./train.sh --run_name {cfg['run_name']} --resume "
-                          "--learning_rate LR (the later steps' files are set aside)")
+    def record_eval(self, step, result):
+        self.log["evals"].append({"step": step, **result})
+        self.experiment_log.eval(step, result)
+
+    def flush_dotprods(self):
+        flush_dotprods(self.run_dir, self.cfg["run_name"], self.world_size, self.pending,
+                       self.formats, value=self.cfg["value"], run_id=self.cfg["run_id"])
+
+    def write_log(self):
+        write_json(os.path.join(self.run_dir, "training_log.json"), self.log)
+
+    def keep_until(self, step):
+        """Forget the records of steps after `step` (a failure interrupted them)."""
+        self.pending[:] = [record for record in self.pending if record["step"] <= step]
+        self.log["steps"] = [r for r in self.log["steps"] if r["step"] <= step]
+
+    def divergence(self, step, bad):
+        """config.json records that the state after `step` is not finite and where a resume restarts."""
+        self.config_record["divergences"].append({"after_step": step, "nonfinite": bad[:10],
+                                                  "last_finite_checkpoint": self.last_checkpoint or 0})
+        write_json(os.path.join(self.run_dir, "config.json"), self.config_record)
+
+    def checkpoint(self, step):
+        save_checkpoint(self.run_dir, self.state.model, self.state.optimizer, step, self.cfg)
+        self.last_checkpoint = step
+
+    def close(self, failed):
+        self.experiment_log.close(failed=failed)
+
+
+def train_loop(cfg, state, data, files, rank, world_size, device, master, stop, autocast):
+    """Steps start_step+1..max_steps, with evaluations, checkpoints and stop signals; on a failure the steps
+    completed are saved as a stop signal would save them, then the failure is raised."""
+    start_step = step = done = state.start_step  # done: the last step whose update and dot products are complete
+    started = time.perf_counter()
+    finished = False
 
     def eval_due(step):
         return step % cfg["eval_interval"] == 0 or step == cfg["max_steps"]
 
     def evaluate(step):
-        result = evaluator.evaluate(model, device, autocast)
+        result = data.evaluator.evaluate(state.model, device, autocast)
         if master:
-            log["evals"].append({"step": step, **result})
-            experiment_log.eval(step, result)
+            files.record_eval(step, result)
             print(format_eval(step, result), flush=True)
 
-    # ---------------------------------------------------------------- training loop
-    if master:
-        print(f"{cfg['method']} | {model_name(cfg)} | {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-              f"params | global batch {B} x {T} tokens | {world_size} process(es) on {device} | {train_dtype} | "
-              f"steps {start_step + 1}..{cfg['max_steps']} | results {run_dir}", flush=True)
-    started = time.perf_counter()
-    step = start_step
-    done = start_step  # last step whose update and dot products are complete
-    finished = False
     try:
         # an evaluation due at the checkpoint's step that an exception interrupted (the failure handler wrote
         # the checkpoint after it): the checkpoint holds the model it evaluates, so evaluate it now
         missing_eval = torch.tensor([float(master and start_step > 0 and eval_due(start_step)
-                                           and all(e["step"] != start_step for e in log["evals"]))], device=device)
+                                           and all(e["step"] != start_step for e in files.log["evals"]))],
+                                    device=device)
         if world_size > 1:
             dist.all_reduce(missing_eval)
         if missing_eval.item():
             evaluate(start_step)
             if master:
-                write_json(os.path.join(run_dir, "training_log.json"), log)
+                files.write_log()
         while step < cfg["max_steps"]:
             step += 1
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            t0 = time.perf_counter()
-            batch = train_reader.get_batch(step, B, T, rank=rank, world_size=world_size)  # this rank's B/W rows
-            check_token_ids(batch, step, cfg["data_dir"], world_size, device, vocab)
-            train_loss_sum, val_loss = 0.0, None  # sum over this rank's rows of the row losses (a tensor)
-            for micro in range(A):
-                rows = slice(micro * micro_rows, (micro + 1) * micro_rows)
-                X = torch.from_numpy(batch.tokens[rows, :T]).to(device, non_blocking=True)  # [b, T], labels = X
-                last_micro = micro == A - 1
-                with nullcontext() if last_micro or world_size == 1 else step_model.no_sync():
-                    X_in = X
-                    if graddotprod:
-                        X_in, _ = engine.prepare_forward_input(X, X, loss_multiplier=1.0 / A)  # [b + Bv, T]
-                    with autocast:
-                        out = step_model(input_ids=X_in, labels=X_in)
-                    if graddotprod and not engine.loss_checked:  # eager checks by itself; compiled does not
-                        engine.check_loss(out.loss, out.logits, X_in)
-                    (out.loss / A).backward()
-                micro_loss = out.loss.detach()  # mean CE over every row's seq_len - 1 targets
-                if graddotprod:
-                    # out.loss also averages the validation rows (the same rows, hence the same loss, in
-                    # every micro-batch): take their mean out rather than recomputing the training rows' CE
-                    if micro == 0:
-                        val_loss = per_sample_loss(out.logits[micro_rows:].detach(), X_in[micro_rows:]).mean()
-                    Bv = engine.val_batch_size
-                    micro_loss = (micro_loss * (micro_rows + Bv) - val_loss * Bv) / micro_rows
-                train_loss_sum = train_loss_sum + micro_loss.double() * micro_rows
-                del out
-            if graddotprod:
-                engine.prepare_gradients()  # .grad = Regular gradient of the train rows (DDP-averaged)
-                val_loss = val_loss.item()
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"]).item()
-                         if cfg["grad_clip"] > 0 else None)
-            result = engine.aggregate_and_log() if graddotprod else None
-            nonfinite = (grad_norm is not None and not math.isfinite(grad_norm)) or (
-                result is not None and not bool(torch.isfinite(result.dot_products).all()))
-
-            # every row has T - 1 targets, so the step's loss is the mean of the row losses over all ranks;
-            # the third entry makes every rank see a non-finite value any rank saw
-            loss_sum = torch.stack([train_loss_sum, torch.tensor(float(B // world_size), dtype=torch.float64,
-                                                                 device=device),
-                                    torch.tensor(float(nonfinite), dtype=torch.float64, device=device)])
-            if world_size > 1:
-                dist.all_reduce(loss_sum)
-            loss = (loss_sum[0] / loss_sum[1]).item()
-            if loss_sum[2].item() > 0 or not math.isfinite(loss):
-                raise NonFiniteStep(step, loss, grad_norm)  # before the update: steps 1..step-1 are saved
-
-            if graddotprod:
-                local = local_rows(result, result.weights.double() / (A * world_size), vars(batch))  # [B/W] rows
-                rows_all = gather_rows(local, world_size)
-                if master:
-                    pending.append(dict(step=step, lr=lr, train_loss=loss, val_loss=val_loss, **rows_all))
-                    by_domain = domain_sums(rows_all["domain"], rows_all["dot_products"], train_reader.domains)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            record, rows = train_step(cfg, state, data, step, rank, world_size, device, autocast)
             done = step  # the update and the step's dot products are complete
-
-            step_time = time.perf_counter() - t0
-            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": B * T / step_time, "step_time_s": step_time}
-            if graddotprod:
-                record["val_loss"] = val_loss
-                if master and step % cfg["dot_prod_save_interval"] == 0:
-                    flush_dotprods(run_dir, cfg["run_name"], world_size, pending, results_formats,
-                                   value=cfg["value"])
             if master:
-                log["steps"].append(record)
-                experiment_log.step(record, by_domain if graddotprod else None)  # before the progress line
+                files.record_step(record, rows, data.train_reader.domains)
                 report_progress(step, cfg["max_steps"], record, started, start_step + 1)
-
             if eval_due(step):
                 evaluate(step)
-
             # every rank must agree to stop at the same step, or the next collective would hang
             stop_now = torch.tensor([float(stop.signum or 0)], device=device)
             if world_size > 1:
                 dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
             if stop_now.item() or step % cfg["checkpoint_interval"] == 0 or step == cfg["max_steps"]:
-                bad = save_all(step)
+                bad = save_all(step, state, files, master)
                 if bad:
-                    raise diverged_weights(step, bad)
+                    raise diverged(cfg, step, bad, files)
             if stop_now.item():
                 stop.signum = stop.signum or int(stop_now.item())  # a signal another rank received
                 if master:
-                    print(f"Stopped by {signal.Signals(stop.signum).name} after step {step}; checkpoint written. Continue "
-                          f"with: ./train.sh --run_name {cfg['run_name']} --resume", flush=True)
+                    print(f"Stopped by {signal.Signals(stop.signum).name} after step {step}; checkpoint written. "
+                          f"Continue with: ./train.sh --run_name {cfg['run_name']} --resume", flush=True)
                 break
         finished = True
     except DivergedWeights:
         raise  # save_all has saved what can be saved
     except Exception as failure:
-        # keep what was complete: its dot products, log and a checkpoint at that step, as a SIGTERM would
-        pending[:] = [record for record in pending if record["step"] <= done]
-        if master:
-            log["steps"] = [r for r in log["steps"] if r["step"] <= done]
-        try:
-            bad = save_all(done)
-            if master and not bad:
-                print(f"train.sh: steps {start_step + 1}..{done} are saved (dot products, log, checkpoint); "
-                      f"continue with: ./train.sh --run_name {cfg['run_name']} --resume", file=sys.stderr,
-                      flush=True)
-        except Exception as save_error:  # e.g. the disk is still full: report both, lose nothing more
-            print(f"train.sh: could not save after the failure: {save_error}", file=sys.stderr, flush=True)
-        else:
-            if bad:
-                raise diverged_weights(done, bad, cause=failure if isinstance(failure, RunStopped) else None) \
-                    from failure
+        save_after_failure(cfg, state, files, master, start_step, done, failure)
         raise
     finally:
         if master:
-            experiment_log.close(failed=not finished)
+            files.close(failed=not finished)
 
-    if graddotprod:
-        engine.detach()
+    if state.engine is not None:
+        state.engine.detach()
     if stop.signum:  # interrupted, not finished: scripts tell the two apart by the exit status (130, 143)
         return 128 + stop.signum
     if master:
-        total = time.perf_counter() - started
-        print(f"Done: steps {start_step + 1}..{step} in {total:.1f}s. Results in {run_dir}", flush=True)
+        print(f"Done: steps {start_step + 1}..{step} in {time.perf_counter() - started:.1f}s. Results in "
+              f"{run_dir_of(cfg)}", flush=True)
     return 0
 
+
+def train_step(cfg, state, data, step, rank, world_size, device, autocast):
+    """One optimizer step: forward and backward of every micro-batch over [training rows; validation rows], the
+    engine's gradient and dot products, clipping, the non-finite check on every rank, the update. Returns the
+    step's log record and, with GradDotProd, its rows (every rank's, on rank 0)."""
+    B, T, A = cfg["batch_size"], cfg["seq_len"], cfg["grad_accum"]
+    micro_rows = B // (world_size * A)  # rows of one micro-batch on one rank
+    engine, model, optimizer = state.engine, state.model, state.optimizer
+    lr = lr_at(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    t0 = time.perf_counter()
+    batch = data.train_reader.get_batch(step, B, T, rank=rank, world_size=world_size)  # this rank's B/W rows
+    check_token_ids(batch, step, cfg["data_dir"], world_size, device, data.vocab)
+    train_loss_sum, val_loss = 0.0, None  # sum over this rank's rows of the row losses (a tensor)
+    for micro in range(A):
+        rows = slice(micro * micro_rows, (micro + 1) * micro_rows)
+        X = torch.from_numpy(batch.tokens[rows, :T]).to(device, non_blocking=True)  # [b, T], labels = X
+        last_micro = micro == A - 1
+        with nullcontext() if last_micro or world_size == 1 else state.step_model.no_sync():
+            X_in = X
+            if engine is not None:
+                X_in, _ = engine.prepare_forward_input(X, X, loss_multiplier=1.0 / A)  # [b + Bv, T]
+            with autocast:
+                out = state.step_model(input_ids=X_in, labels=X_in)
+            if engine is not None and not engine.loss_checked:  # eager checks by itself; compiled does not
+                engine.check_loss(out.loss, out.logits, X_in)
+            (out.loss / A).backward()
+        micro_loss = out.loss.detach()  # mean CE over every row's seq_len - 1 targets
+        if engine is not None:
+            # out.loss also averages the validation rows (the same rows, hence the same loss, in every
+            # micro-batch): take their mean out rather than recomputing the training rows' CE
+            if micro == 0:
+                val_loss = per_sample_loss(out.logits[micro_rows:].detach(), X_in[micro_rows:]).mean()
+            Bv = engine.val_batch_size
+            micro_loss = (micro_loss * (micro_rows + Bv) - val_loss * Bv) / micro_rows
+        train_loss_sum = train_loss_sum + micro_loss.double() * micro_rows
+        del out
+    if engine is not None:
+        engine.prepare_gradients()  # .grad = Regular gradient of the train rows (DDP-averaged)
+        val_loss = val_loss.item()
+    grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"]).item()
+                 if cfg["grad_clip"] > 0 else None)
+    result = engine.aggregate_and_log() if engine is not None else None
+    nonfinite = (grad_norm is not None and not math.isfinite(grad_norm)) or (
+        result is not None and not bool(torch.isfinite(result.dot_products).all()))
+
+    # every row has T - 1 targets, so the step's loss is the mean of the row losses over all ranks; the third
+    # entry makes every rank see a non-finite value any rank saw
+    loss_sum = torch.stack([train_loss_sum, torch.tensor(float(B // world_size), dtype=torch.float64, device=device),
+                            torch.tensor(float(nonfinite), dtype=torch.float64, device=device)])
+    if world_size > 1:
+        dist.all_reduce(loss_sum)
+    loss = (loss_sum[0] / loss_sum[1]).item()
+    if loss_sum[2].item() > 0 or not math.isfinite(loss):
+        raise NonFiniteStep(step, loss, grad_norm)  # before the update: steps 1..step-1 are saved
+
+    rows_all = None
+    if engine is not None:
+        local = local_rows(result, result.weights.double() / (A * world_size), vars(batch))  # [B/W] rows
+        rows_all = gather_rows(local, world_size)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    step_time = time.perf_counter() - t0
+    record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": B * T / step_time,
+              "step_time_s": step_time}
+    if engine is not None:
+        record["val_loss"] = val_loss
+    return record, rows_all
+
+
+def save_all(step, state, files, master):
+    """Dot products and log first: a checkpoint at step s implies they cover steps 1..s. A model or optimizer
+    state that is not finite is never checkpointed (the last finite checkpoint stays, and config.json records
+    where a resume restarts); returns the names of the non-finite tensors ([] when the checkpoint was written)."""
+    if master:
+        files.flush_dotprods()
+        files.write_log()
+        files.experiment_log.sync()
+    bad = nonfinite_state(state.model, state.optimizer)  # the same on every rank: the replicas are equal
+    if bad:
+        if master:
+            files.divergence(step, bad)
+        return bad
+    if master:
+        files.checkpoint(step)
+    return []
+
+
+def diverged(cfg, step, bad, files, cause=None):
+    last = (files.last_checkpoint if files is not None else None) or 0
+    return DivergedWeights(
+        f"{f'{cause}; ' if cause else ''}after step {step} the model's weights or optimizer state are not finite "
+        f"({bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): the run diverged; no checkpoint of "
+        f"them was written, the last finite one is step {last}. Continue from it with a lower rate: ./train.sh "
+        f"--run_name {cfg['run_name']} --resume --learning_rate LR (the later steps' files are set aside)")
+
+
+def save_after_failure(cfg, state, files, master, start_step, done, failure):
+    """Keep what was complete when `failure` interrupted the loop: its dot products, log and a checkpoint at
+    step `done`, as a stop signal would; raises DivergedWeights instead if that state is not finite."""
+    if master:
+        files.keep_until(done)
+    try:
+        bad = save_all(done, state, files, master)
+        if master and not bad:
+            print(f"train.sh: steps {start_step + 1}..{done} are saved (dot products, log, checkpoint); continue "
+                  f"with: ./train.sh --run_name {cfg['run_name']} --resume", file=sys.stderr, flush=True)
+    except Exception as save_error:  # e.g. the disk is still full: report both, lose nothing more
+        print(f"train.sh: could not save after the failure: {save_error}", file=sys.stderr, flush=True)
+        return
+    if bad:
+        raise diverged(cfg, done, bad, files, cause=failure if isinstance(failure, RunStopped) else None) \
+            from failure

@@ -3,6 +3,7 @@ and gives the app model's logits on GPT-2's real vocabulary; the tokenizer writt
 decodes exactly as pile_tools' tokenizer."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -98,9 +99,17 @@ def test_existing_output_needs_overwrite(run_dir, exported, tmp_path, capsys):
     assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
     assert os.listdir(out) == ["keep.txt"]
 
-    assert export.main([run_dir, "--out", str(out), "--overwrite"]) == 0
-    assert sorted(os.listdir(out)) == sorted(os.listdir(exported))
-    assert sorted(os.listdir(tmp_path)) == ["model"]  # no temporary directory left beside it
+    # --overwrite replaces an earlier export only: a directory of the user's own files is kept
+    with pytest.raises(SystemExit) as exit_info:
+        export.main([run_dir, "--out", str(out), "--overwrite"])
+    assert exit_info.value.code == 2 and "not an earlier export" in capsys.readouterr().err
+    assert os.listdir(out) == ["keep.txt"]
+
+    earlier = tmp_path / "earlier"
+    shutil.copytree(exported, earlier)
+    assert export.main([run_dir, "--out", str(earlier), "--overwrite"]) == 0
+    assert sorted(os.listdir(earlier)) == sorted(os.listdir(exported))
+    assert sorted(os.listdir(tmp_path)) == ["earlier", "model"]  # no temporary directory left beside them
 
 
 def test_run_name_resolves_under_the_results_directory(run_dir, tmp_path, monkeypatch):

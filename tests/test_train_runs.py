@@ -431,7 +431,7 @@ def test_too_little_space_for_a_checkpoint_is_a_start_up_error(data_dir, results
     import collections
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(training.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     assert train.main(tiny_flags(data_dir, results_dir, "no-space")) == 2
     assert "MiB free but a checkpoint of this run needs about" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(results_dir, "no-space"))

@@ -15,7 +15,7 @@ import os
 
 import yaml
 
-from ghost_engine.flags import FlagParser
+from ghost_common.flags import FlagParser
 from ghost_engine.values import DEFERRED, VALUES
 from GradDotProd_LM.architectures import ARCHITECTURE_NAMES, ATTENTIONS, named_max_seq_len, supports_lowrank_attention
 from GradDotProd_LM.settings import load_settings

@@ -18,7 +18,7 @@ import tempfile
 import numpy as np
 import torch
 
-from ghost_engine.flags import FlagParser
+from ghost_common.flags import FlagParser
 from GradDotProd_LM import train
 
 METHODS = ("Regular", "GradDotProd")

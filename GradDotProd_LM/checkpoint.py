@@ -11,7 +11,7 @@ import random
 import numpy as np
 import torch
 
-from ghost_engine.durable import write_atomically
+from ghost_common.durable import write_atomically
 
 CHECKPOINT_FORMAT = 1
 
@@ -44,7 +44,7 @@ def set_rng_state(state):
 
 
 def save_checkpoint(run_dir, model, optimizer, step, config):
-    """Durably write checkpoints/latest.pt (ghost_engine.durable: temporary file, fsync, rename)."""
+    """Durably write checkpoints/latest.pt (ghost_common.durable: temporary file, fsync, rename)."""
     path = checkpoint_path(run_dir)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     state = {

@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from ghost_engine.durable import write_atomically
+from ghost_common.durable import write_atomically
 from ghost_results.results_io import TRAINING_LOG_JSONL
 
 SINKS = ("csv", "tensorboard", "wandb")

@@ -26,9 +26,9 @@ import tempfile
 
 import torch
 
+from ghost_common.durable import default_mode, fsync_directory
+from ghost_common.flags import FlagParser
 from ghost_engine import __version__
-from ghost_engine.durable import default_mode, fsync_directory
-from ghost_engine.flags import FlagParser
 from GradDotProd_LM.checkpoint import CHECKPOINT_FORMAT, checkpoint_path
 from GradDotProd_LM.model import GPT2_VOCAB_SIZE, build_model
 from GradDotProd_LM.settings import load_settings

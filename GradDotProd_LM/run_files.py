@@ -16,7 +16,7 @@ and the loaders take only files of that identity and refuse others by name; the 
 part, so a run directory can be moved or renamed. Runs started before identities existed have none
 (config.json lacks "run_id") and are matched by name, as they were written.
 
-Every file but the appended training_log.jsonl is written durably (ghost_engine.durable: temporary file,
+Every file but the appended training_log.jsonl is written durably (ghost_common.durable: temporary file,
 fsync, rename, fsync of the directory), so a reader never sees half a file and a written file survives a
 crash. training_log.jsonl is flushed every step and fsynced before every checkpoint.
 """
@@ -28,7 +28,7 @@ import uuid
 
 import numpy as np
 
-from ghost_engine.durable import FileLock, write_atomically
+from ghost_common.durable import FileLock, write_atomically
 from ghost_results.valset import VALSET_SCHEMA, VALSET_SCHEMA_VERSION, write_valset_file  # noqa: F401 (names kept here)
 
 

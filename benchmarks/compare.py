@@ -29,7 +29,7 @@ from torch.func import functional_call, grad, vmap
 from benchmarks._common import (CORE_METHODS, GRADDOTPROD, REGULAR, BenchConfig, Method, add_config_arguments,
                                 add_timing_arguments, autocast, config_from_args, format_table, measure_config,
                                 positive_int, skipped_row, write_csv)
-from ghost_engine.flags import FlagParser
+from ghost_common.flags import FlagParser
 
 NAIVE = "NaivePerSample"
 VMAP = "VmapPerSample"

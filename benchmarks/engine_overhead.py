@@ -21,9 +21,9 @@ import torch
 from benchmarks._common import (BenchConfig, GRADDOTPROD, PeakMemory, REGULAR, add_timing_arguments,
                                 build_bench_model, format_table, graddotprod_method, make_batches, regular_method,
                                 run_interleaved)
+from ghost_common.flags import FlagParser
 from ghost_engine.cost import analytic_floor_ratio, count_step_flops
 from ghost_engine.engine import VALUES
-from ghost_engine.flags import FlagParser
 
 CONFIGS = {
     # the CPU configuration: floor ≈ 1.45

@@ -52,7 +52,7 @@ from benchmarks._functional_optim import (OPTIMIZERS, FlatState, OptimizerSpec, 
                                           build_torch_optimizer, capture_state, functional_step)
 from benchmarks._shapley import (exact_shapley, leave_one_out, pearson, permutation_shapley, rank_descending,
                                  spearman)
-from ghost_engine.flags import FlagParser
+from ghost_common.flags import FlagParser
 
 MAX_EXACT_B = 10  # exact enumeration (2^B coalitions) up to this batch size, permutation sampling above
 ESTIMATORS = ("first_order", "second_order", "adamw_fixed_state", "adamw_through_v", "midpoint", "cosine")

@@ -23,9 +23,9 @@ import torch
 
 from benchmarks._common import (PeakMemory, add_timing_arguments, format_table, on_off, positive_int,
                                 run_interleaved, Method)
+from ghost_common.flags import FlagParser
 from ghost_engine import GradDotProdEngine
 from ghost_engine.cost import analytic_floor_ratio, count_step_flops
-from ghost_engine.flags import FlagParser
 from GradDotProd_LM.model import ARCHITECTURES, VOCAB_PAD_MULTIPLE, build_model
 
 REGULAR, GRADDOTPROD, REGULAR_ALL = "Regular", "GradDotProd", "Regular (B+Bv rows)"

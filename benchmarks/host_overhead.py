@@ -26,8 +26,8 @@ import torch
 
 from benchmarks._common import (BenchConfig, GRADDOTPROD, REGULAR, build_bench_model, format_table, make_batches,
                                 non_negative_int, positive_int)
+from ghost_common.flags import FlagParser
 from ghost_engine import GradDotProdEngine
-from ghost_engine.flags import FlagParser
 
 
 def build_parser() -> FlagParser:

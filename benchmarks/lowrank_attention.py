@@ -35,7 +35,7 @@ import sys
 import time
 
 from benchmarks._common import format_table, positive_int, write_csv
-from ghost_engine.flags import FlagParser
+from ghost_common.flags import FlagParser
 
 STANDARD_IMPLS = ("sdpa", "eager")
 LOWRANK = "lowrank"

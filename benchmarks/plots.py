@@ -17,7 +17,7 @@ import csv
 import os
 import sys
 
-from ghost_engine.flags import FlagParser
+from ghost_common.flags import FlagParser
 
 GRADDOTPROD = "GradDotProd"
 REGULAR = "Regular"

@@ -18,7 +18,7 @@ from dataclasses import replace
 
 from benchmarks._common import (CORE_METHODS, BenchConfig, add_config_arguments, add_timing_arguments,
                                 config_from_args, format_table, measure_config, on_off, positive_int, write_csv)
-from ghost_engine.flags import FlagParser
+from ghost_common.flags import FlagParser
 
 # sweep name -> (how one value is parsed, default values on CPU)
 SWEEPS = {

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from ghost_engine.flags import FlagParser
+from ghost_common.flags import FlagParser
 from ghost_results.results_io import SCHEMA_NAME, SCHEMA_VERSION, save_dotprod_parquet, save_dotprod_pickle
 
 PILE_DOMAINS = ("Pile-CC", "PubMed Central", "Books3", "OpenWebText2", "ArXiv", "Github", "FreeLaw", "StackExchange",

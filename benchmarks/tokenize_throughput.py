@@ -32,7 +32,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from ghost_engine.flags import FlagParser
+from ghost_common.flags import FlagParser
 from pile_tools.jsonl_io import ShardSource, write_jsonl_zst
 from pile_tools.sample_data import SAMPLE_FILES, write_sample_dataset
 from pile_tools.tokenize_corpus import tokenize_sources

@@ -12,9 +12,9 @@ import os
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
+from ghost_common.flags import FlagParser
+from ghost_integrations.hf import GradDotProdTrainer
 from ghost_results import report
-from ghost_engine.flags import FlagParser
-from ghost_engine.integrations.hf import GradDotProdTrainer
 from GradDotProd_LM.settings import load_settings
 from pile_tools import ensure_sample_dataset
 from pile_tools.reader import PileReader

@@ -1,7 +1,8 @@
 """ghost_engine: exact per-sample training/validation gradient dot products in one backward pass.
 
-Names are imported on first use, so that torch-free parts (ghost_engine.durable, used by pile_tools)
-can be imported without torch.
+Names are imported on first use, so that torch-free parts (ghost_engine.values, read by the app's flag
+parser before torch) can be imported without torch. The engine imports none of this project's other
+packages (docs/ARCHITECTURE.md); the results files are read with ghost_results.load_dotprods.
 """
 import importlib
 
@@ -14,7 +15,6 @@ _EXPORTS = {
     "register_recogniser": "ghost_engine.layers",
     "per_sample_loss": "ghost_engine.losses",
     "disable_dropout": "ghost_engine.dropout",
-    "load_dotprods": "ghost_results.results_io",
 }
 __all__ = list(_EXPORTS)
 

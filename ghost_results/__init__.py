@@ -7,7 +7,7 @@
     ghost_results.convert      python -m ghost_results convert RUN: Parquet files for runs saved as pickles
 
 The engine (ghost_engine) needs torch alone; this package needs numpy, pandas and pyarrow, and torch not
-at all. Until 0.1 these modules lived in ghost_engine; the old import paths still work and warn.
+at all. It imports ghost_common and (the report's sample texts) pile_tools, nothing else of the project.
 """
 from ghost_results.results_io import load_dotprods, load_run, read_run
 

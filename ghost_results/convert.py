@@ -10,7 +10,7 @@ file, 1 if a pickle could not be read or converted (named; the others are conver
 import os
 import sys
 
-from ghost_engine.flags import FlagParser
+from ghost_common.flags import FlagParser
 from ghost_results.results_io import DOTPROD_DIR, ITER_FILE, safe_load_pickle, save_dotprod_parquet
 
 

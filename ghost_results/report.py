@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from ghost_common.flags import FlagParser
 from ghost_results import analysis
-from ghost_engine.flags import FlagParser
 from ghost_results.results_io import FIRST_ORDER_COLUMN, read_run, safe_load_pickle
 
 SNIPPET_CHARS = 160

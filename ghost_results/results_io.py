@@ -49,7 +49,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ghost_engine.durable import fsync_directory, write_atomically
+from ghost_common.durable import fsync_directory, write_atomically
 
 # GradDotProdEngine's estimators (ghost_engine.engine.VALUES, LR_INSIDE): the ones whose dot products carry the
 # learning rate give phi_i = w_i·dot_i, first_order phi_i = lr·w_i·dot_i, cosine none
@@ -294,7 +294,7 @@ def validate_payload(payload, where: str = "payload") -> None:
 def save_dotprod_pickle(path, payload) -> None:
     """Validate and atomically write one dot-product file.
 
-    ghost_engine.durable.write_atomically: a reader sees the old file or the complete new one, never a
+    ghost_common.durable.write_atomically: a reader sees the old file or the complete new one, never a
     partial one, and the new one survives a crash once this returns.
     """
     path = os.fspath(path)

@@ -7,7 +7,7 @@
      "domain": [Bv] str, "doc_id": int64 [Bv], "token_offset": int64 [Bv], "sample_index": int64 [Bv]}
 
 One writer for the training app (GradDotProd_LM.run_files.write_valset) and the integrations
-(ghost_engine.integrations.core.ValuationRun); the report reads it (ghost_results.report.validation_rows)
+(ghost_integrations.core.ValuationRun); the report reads it (ghost_results.report.validation_rows)
 with ghost_results.results_io.safe_load_pickle.
 """
 import os
@@ -15,7 +15,7 @@ import pickle
 
 import numpy as np
 
-from ghost_engine.durable import write_atomically
+from ghost_common.durable import write_atomically
 
 VALSET_SCHEMA = "graddotprod.valset"
 VALSET_SCHEMA_VERSION = 1

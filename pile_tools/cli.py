@@ -6,8 +6,8 @@ import glob
 import os
 import sys
 
-from ghost_engine.durable import NO_SPACE
-from ghost_engine.flags import FlagParser
+from ghost_common.durable import NO_SPACE
+from ghost_common.flags import FlagParser
 from pile_tools.layout import SPLITS
 
 SHARD_PATTERNS = ("*.jsonl.zst", "*.jsonl")

@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 
 import zstandard
 
-from ghost_engine.durable import write_atomically
+from ghost_common.durable import write_atomically
 
 READ_CHUNK_BYTES = 1 << 20
 FINGERPRINT_BLOCK_BYTES = 1 << 20

@@ -16,7 +16,7 @@ import json
 import os
 import re
 
-from ghost_engine.durable import write_atomically
+from ghost_common.durable import write_atomically
 
 SPLITS = ("train", "validation", "test")
 TOKEN_DTYPE = "uint16"

@@ -17,7 +17,7 @@ from pile_tools.layout import INGEST_FILE, TOKEN_DTYPE, domain_paths, domain_slu
 
 MAX_SKIPPED_LISTED = 1000
 STATE_VERSION = 1
-TEMPORARY = re.compile(r".+\.json\.tmp-\d+")  # ghost_engine.durable.write_atomically's temporary files
+TEMPORARY = re.compile(r".+\.json\.tmp-\d+")  # ghost_common.durable.write_atomically's temporary files
 
 
 class SplitWriter:

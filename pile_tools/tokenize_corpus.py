@@ -19,7 +19,7 @@ from itertools import islice
 
 from tqdm import tqdm
 
-from ghost_engine.durable import FileLock
+from ghost_common.durable import FileLock
 
 from pile_tools.encode_worker import PILE_SCHEMA, EncodedChunk, RecordSchema, encode_chunk, init_worker
 from pile_tools.jsonl_io import CorruptInputError, ShardSource, shard_problem

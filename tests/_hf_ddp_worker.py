@@ -14,7 +14,7 @@ from transformers import TrainingArguments
 
 from _integrations import GradCapture, model_and_rows, train_items
 from _leave import leave_together
-from ghost_engine.integrations.hf import GradDotProdTrainer
+from ghost_integrations.hf import GradDotProdTrainer
 
 
 def main(out_dir):

@@ -112,7 +112,7 @@ class StepCapture(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if state.global_step + 1 != self.at:
             return
-        from ghost_engine.integrations.core import _torch_optimizer
+        from ghost_integrations.core import _torch_optimizer
 
         optimizer = _torch_optimizer(optimizer)
         names = {id(p): n for n, p in self.model.named_parameters()}

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 
 from _integrations import model_and_rows, train_items
 from _leave import leave_together
-from ghost_engine.integrations import IndexedDataset
-from ghost_engine.integrations.lightning import GradDotProdCallback
+from ghost_integrations import IndexedDataset
+from ghost_integrations.lightning import GradDotProdCallback
 from test_integrations_lightning import LitLM
 
 

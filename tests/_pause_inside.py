@@ -3,7 +3,7 @@
     python tests/_pause_inside.py MARKER WHAT N MODULE [ARGS...]
 
 WHAT is one of
-    write:REGEX              the N-th durable write (ghost_engine.durable.write_atomically) of a path matching REGEX
+    write:REGEX              the N-th durable write (ghost_common.durable.write_atomically) of a path matching REGEX
                              pauses with half of the file's bytes in its temporary file (not fsynced, not renamed);
     call:MODULE:QUALNAME     the N-th call of that function pauses once it has been entered.
 On pausing, the file MARKER is created (naming the paused write or call) and the process sleeps until it is
@@ -31,7 +31,7 @@ def pause(marker, what):
 
 
 def pause_in_write(marker, pattern, n):
-    import ghost_engine.durable as durable
+    import ghost_common.durable as durable
 
     original = durable.write_atomically
     count = 0

@@ -1,11 +1,11 @@
-"""ghost_engine.durable.write_atomically: the old file or the whole new one, never a part; full disks named."""
+"""ghost_common.durable.write_atomically: the old file or the whole new one, never a part; full disks named."""
 import os
 import subprocess
 import sys
 
 import pytest
 
-from ghost_engine.durable import write_atomically
+from ghost_common.durable import write_atomically
 
 
 def test_replaces_the_file_and_leaves_no_temporary(tmp_path):
@@ -37,7 +37,7 @@ def test_a_full_disk_is_named_and_keeps_the_old_file(tmp_path):
 import resource, signal
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # report EFBIG instead of killing the process
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
-from ghost_engine.durable import write_atomically
+from ghost_common.durable import write_atomically
 try:
     write_atomically({str(path)!r}, lambda f: f.write(b"x" * 100_000))
 except OSError as err:
@@ -53,7 +53,7 @@ def test_a_lock_names_its_holder_even_while_it_is_being_taken(tmp_path):
     finds the file empty (a holder that has just created it) reads again until the line is there."""
     import threading
 
-    from ghost_engine.durable import FileLock
+    from ghost_common.durable import FileLock
 
     path = tmp_path / "run.lock"
     first = FileLock(path)
@@ -77,7 +77,7 @@ def test_a_new_file_gets_the_mode_open_gives_and_a_replaced_one_keeps_its_own(tm
     """New: the mode of a file made by plain open() under the same umask (0o640 here, not mkstemp's 0o600); a
     temporary file left by a killed process of the same pid does not pass its mode on. Replaced: the old file's
     mode, whatever it was."""
-    from ghost_engine.durable import default_mode, umask
+    from ghost_common.durable import default_mode, umask
 
     assert umask() == umask_027 and default_mode() == 0o640 and default_mode(directory=True) == 0o750
     with open(tmp_path / "plain", "wb"):

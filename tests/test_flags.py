@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from ghost_engine.flags import FlagParser
+from ghost_common.flags import FlagParser
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CODE_DIRS = ("ghost_engine", "ghost_results", "GradDotProd_LM", "pile_tools", "benchmarks", "examples")
@@ -33,7 +33,7 @@ def _parsers(parser):
 def test_every_command_line_builds_a_flag_parser():
     direct = [str(p.relative_to(REPO)) for p in _sources()
               if "ArgumentParser(" in p.read_text() and p.name != "flags.py"]
-    assert direct == [], "build parsers with ghost_engine.flags.FlagParser"
+    assert direct == [], "build parsers with ghost_common.flags.FlagParser"
     with_parser = {".".join(p.relative_to(REPO).with_suffix("").parts) for p in _sources()
                    if "FlagParser(" in p.read_text() and p.name != "flags.py"}
     assert with_parser == set(CLI_MODULES)

@@ -12,9 +12,9 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import TrainingArguments
 
-from ghost_engine.integrations import IndexedDataset
-from ghost_engine.integrations.hf import GradDotProdTrainer
-from ghost_engine.integrations.lightning import GradDotProdCallback, training_loss
+from ghost_integrations import IndexedDataset
+from ghost_integrations.hf import GradDotProdTrainer
+from ghost_integrations.lightning import GradDotProdCallback, training_loss
 from ghost_results.results_io import read_run
 from GradDotProd_LM import train, training
 from GradDotProd_LM.model import build_model

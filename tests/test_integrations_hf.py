@@ -1,4 +1,4 @@
-"""GradDotProdTrainer (ghost_engine.integrations.hf) against the float64 torch.func reference, the plain
+"""GradDotProdTrainer (ghost_integrations.hf) against the float64 torch.func reference, the plain
 Trainer and the engine driven by hand: dot products, .grad, the logged loss, the files it writes."""
 import copy
 import importlib.util
@@ -19,7 +19,7 @@ from _integrations import (TOL, VAL_BATCH_FORMS, GradCapture, StepCapture, asser
 from _models import tiny_llama
 from _reference import reference_dot_products, reference_train_grad, reference_update_values
 from ghost_engine import disable_dropout
-from ghost_engine.integrations.hf import GradDotProdTrainer
+from ghost_integrations.hf import GradDotProdTrainer
 from ghost_results.results_io import read_run
 from pile_tools import ensure_sample_dataset
 
@@ -99,7 +99,7 @@ def test_every_documented_val_batch_key_gives_the_reference_values(tmp_path, for
 def test_val_batch_mistakes_are_named(tmp_path):
     """A val_batch entry with another number of rows, provenance of another length, and a per-row input only the
     validation rows carry (the model would see it for them alone) are errors naming the entry."""
-    from ghost_engine.integrations.core import ValuationRun
+    from ghost_integrations.core import ValuationRun
 
     model, X, Y, X_val, Y_val = model_and_rows(3)
     with pytest.raises(ValueError, match=r"val_batch\['attention_mask'\] must be a tensor with 2 rows"):
@@ -116,7 +116,7 @@ def test_val_batch_mistakes_are_named(tmp_path):
 def test_a_resumed_run_keeps_its_valset_or_records_new_rows_beside_it(tmp_path):
     """begin() writes valset.pkl; a resumed begin (start_step > 0) with the same rows leaves it as it is, with other
     rows writes valset_from_step_XXXXXX.pkl beside it (as the app's --accept_data_change); a new run replaces it."""
-    from ghost_engine.integrations.core import ValuationRun
+    from ghost_integrations.core import ValuationRun
     from ghost_results.results_io import safe_load_pickle
 
     model, X, Y, X_val, Y_val = model_and_rows(3)

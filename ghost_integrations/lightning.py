@@ -2,7 +2,7 @@
 
 The glue is one line in the LightningModule's training_step, the loss:
 
-    from ghost_engine.integrations.lightning import GradDotProdCallback, training_loss
+    from ghost_integrations.lightning import GradDotProdCallback, training_loss
 
     class LitLM(lightning.LightningModule):
         def training_step(self, batch, batch_idx):
@@ -29,7 +29,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from ghost_engine.dropout import check_no_dropout
 from ghost_engine.engine import DEFERRED, LR_INSIDE
-from ghost_engine.integrations.core import ValuationRun, split_batch, with_value
+from ghost_integrations.core import ValuationRun, split_batch, with_value
 from ghost_results.results_io import file_formats
 
 

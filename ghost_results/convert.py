@@ -4,14 +4,17 @@
 
 convert: writes grad_dotprods/iter_XXXXXX.parquet beside every iter_XXXXXX.pkl that has none (runs trained
 before the app wrote Parquet, or with --results_format pickle). The pickles are read with the restricted
-unpickler and kept; a Parquet file that exists is left as it is. Exit 0 when every pickle has its Parquet
-file, 1 if a pickle could not be read or converted (named; the others are converted), 2 on bad arguments.
+unpickler, checked against their content digests, and kept; the Parquet file carries the pickle's run_id and
+the same digests (a pickle written before digests: digests of what was read). A Parquet file that exists is
+left as it is. Exit 0 when every pickle has its Parquet file, 1 if a pickle could not be read, is damaged
+(its content does not match its digest) or could not be converted (named; the others are converted), 2 on bad
+arguments.
 """
 import os
 import sys
 
 from ghost_common.flags import FlagParser
-from ghost_results.results_io import DOTPROD_DIR, ITER_FILE, safe_load_pickle, save_dotprod_parquet
+from ghost_results.results_io import DOTPROD_DIR, ITER_FILE, load_dotprod_pickle, save_dotprod_parquet
 
 
 def convert(run_dir):
@@ -27,8 +30,8 @@ def convert(run_dir):
         if os.path.exists(target):
             continue
         try:
-            save_dotprod_parquet(target, safe_load_pickle(source))
-        except Exception as err:  # unsafe, truncated or off-schema pickles raise many types: name it, go on
+            save_dotprod_parquet(target, load_dotprod_pickle(source))
+        except Exception as err:  # unsafe, truncated, damaged or off-schema pickles: name it, go on
             failed.append((source, f"{type(err).__name__}: {err}"))
             continue
         written.append(target)

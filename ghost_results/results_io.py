@@ -4,10 +4,22 @@ A training run writes `Results/<run>/grad_dotprods/iter_XXXXXX.pkl`, each a
 pickle of a plain dict (schema in docs/report.md):
 
     {"schema": "graddotprod.dotprods", "schema_version": 1, "run_name": str,
-     "world_size": int, "value": optional str, "steps": [step_record, ...]}
+     "run_id": optional str, "world_size": int, "value": optional str,
+     "content_sha256": optional str, "per_layer_sha256": optional str,
+     "steps": [step_record, ...]}
 
 "value" names what the records' "dot_products" hold (GradDotProdEngine's estimator, one of VALUES,
 docs/METHOD.md section 2.1); absent means "first_order" (files written before it).
+
+"run_id" is the run's identity (`new_run_id()`, a random 32-digit hex string made when the run starts and
+kept in config.json under "run_id"); absent in files written before run ids, or by a writer given none.
+The loader merges a file into a run by it, not by "run_name" (a renamed run keeps its files; another run of
+the same name is refused).
+
+"content_sha256" and "per_layer_sha256" are `content_digests` of the file: sha256 hex digests of its
+identity fields and its rows decoded into columns (those of `load_run`, and the per_layer/<name> ones).
+Every file this module writes has both; the loader recomputes them from what it decoded and refuses a
+file whose numbers differ (a flipped bit, a torn copy). Files written before them are read unverified.
 
     step_record = {"step": int, "lr": float, "train_loss": float, "val_loss": float,
                    "dot_products": float32[B], "batch_weights": float32[B],
@@ -25,22 +37,31 @@ table, `iter_XXXXXX.parquet`: one row per (step, training row), the columns of
 token_count, domain, token_offset, doc_id, sample_index, first_order_dot_products if
 recorded, per_layer/<param name>)
 in the dtypes `load_run` returns, and the file's schema, schema_version,
-run_name and world_size as JSON under the key "graddotprod" of the Parquet
-key-value metadata. Any Parquet reader reads it (polars, DuckDB, pandas, Spark).
+run_name, run_id (if any), world_size, value, content_sha256 and per_layer_sha256 as JSON under the key
+"graddotprod" of the Parquet key-value metadata. Numbers are stored plainly (PLAIN encoding, snappy), `domain`
+dictionary-encoded, every page with a CRC (pyarrow >= 15). Any Parquet reader reads it (polars, DuckDB,
+pandas, Spark).
 
 Pickles are read with a restricted unpickler (`safe_load_pickle`): only builtin
 containers/scalars and numpy arrays, dtypes and scalars may be rebuilt, so a
-results directory from someone else cannot run code on load.
+results directory from someone else cannot run code on load; arrays and scalars are built with clean dtypes
+of plain kinds (numpy trusts a pickled dtype's state; see _CheckedArray). Neither reader allocates much more than the
+file holds: a pickle's arrays may not have more elements than it has bytes, a Parquet file's footer is
+checked against its size before any data is read (`_check_parquet_footer`), and a `domain` column whose
+fixed-width strings would be far larger than the file is refused.
 """
 from __future__ import annotations
 
 import collections
+import hashlib
+import inspect
 import io
 import json
 import os
 import pickle
 import re
 import time
+import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -63,6 +84,9 @@ RESULTS_FORMATS = {"pickle": ".pkl", "parquet": ".parquet"}  # format -> file su
 ITER_FILE = re.compile(r"^iter_(\d+)\.(pkl|parquet)$")  # grad_dotprods/iter_<last step>.<suffix>
 PER_LAYER_PREFIX = "per_layer/"
 PARQUET_METADATA_KEY = "graddotprod"
+RUN_ID_KEY = "run_id"  # the run's identity: in config.json, every pickle payload and every Parquet metadata
+DIGEST_KEYS = ("content_sha256", "per_layer_sha256")  # content_digests(): the columns, the per-layer columns
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 TRAINING_LOG_JSONL = "training_log.jsonl"  # the app's per-step log; a resume cuts it like the files
 
 # Fields of a v1 step record, by kind. Arrays are 1-D with one entry per training row.
@@ -90,6 +114,24 @@ COLUMN_DTYPES = {
 FIRST_ORDER_COLUMN = "first_order_dot_products"
 OPTIONAL_COLUMNS = {FIRST_ORDER_COLUMN: np.float32}
 
+# What this module's Parquet writer can produce, against which a footer is checked before any data is read
+# (`_check_parquet_footer`): numbers are stored PLAIN, so a row group of n rows holds at least n x the widths of
+# its number columns before compression, and snappy turns at most 64 bytes into 3 (one copy), so column data is
+# at most ~21.3 times its compressed bytes (plus _PARQUET_SLACK).
+_PARQUET_MAX_RATIO = 22
+_PARQUET_SLACK = 4096
+# `domain` becomes fixed-width numpy strings (4 bytes a character of the longest label, on every row): a file
+# whose domain column would take more than max(_DOMAIN_FLOOR, _DOMAIN_PER_BYTE x its size) bytes is refused,
+# and so is a file that would widen a run's column past max(_RUN_DOMAIN_FLOOR, _DOMAIN_PER_BYTE x the run's
+# bytes on disk). Honest files stay far below (a Pile label is <= 20 characters, a row >= 10 bytes on disk).
+_DOMAIN_PER_BYTE = 64
+_DOMAIN_FLOOR = 16 * 2**20
+_RUN_DOMAIN_FLOOR = 256 * 2**20
+# Page CRCs: pyarrow >= 15 writes and checks them; with pyarrow 14 files are written and read without (the
+# content digests still check every number read)
+_PAGE_CHECKSUMS = ("write_page_checksum" in inspect.signature(pq.ParquetWriter).parameters
+                   and "page_checksum_verification" in inspect.signature(pq.ParquetFile).parameters)
+
 
 class UnsafePickleError(ValueError):
     """A pickle asked to rebuild an object outside the allowed plain-data set."""
@@ -97,6 +139,109 @@ class UnsafePickleError(ValueError):
 
 class ResultsFormatError(ValueError):
     """A results file is unreadable, truncated, or does not follow the schema."""
+
+
+# ---------------------------------------------------------------------------
+# Run identity and content digests
+
+
+def new_run_id() -> str:
+    """A fresh run identity: 32 random lowercase hex digits (uuid4). The app makes one when a run starts,
+    keeps it in config.json under "run_id" (kept on --resume and when the run is renamed) and passes it to
+    every `flush_dotprods`; `read_run` merges a file into the run iff it carries that id."""
+    return uuid.uuid4().hex
+
+
+def _identity(header) -> dict:
+    """The identity fields a content digest covers, from a pickle payload or a Parquet metadata dict:
+    schema, schema_version, run_name, run_id (None if absent), world_size, value ("first_order" if absent)."""
+    world_size = header.get("world_size")
+    if isinstance(world_size, np.integer):
+        world_size = int(world_size)
+    return {"schema": header.get("schema"), "schema_version": header.get("schema_version"),
+            "run_name": header.get("run_name"), "run_id": header.get(RUN_ID_KEY), "world_size": world_size,
+            "value": header.get("value", "first_order")}
+
+
+def _framed(digest, data: bytes) -> None:
+    digest.update(len(data).to_bytes(8, "little"))
+    digest.update(data)
+
+
+def content_digest(identity: dict, columns: dict) -> str:
+    """sha256 hex digest of identity fields and decoded columns, independent of the file format.
+
+    Hashed in order: the tag b"graddotprod.content.v1", then length-prefixed (8-byte little-endian lengths)
+    the identity as compact JSON with sorted keys, and for every column in sorted name order: its name
+    (utf-8), its dtype ("str" for numpy strings, else numpy's little-endian dtype string such as "<f4"), its
+    shape (8-byte little-endian ints) and its values: the raw little-endian bytes, or for strings the utf-8
+    length of every row (8 bytes little-endian each) followed by the utf-8 bytes of every row.
+    """
+    digest = hashlib.sha256(b"graddotprod.content.v1")
+    _framed(digest, json.dumps(identity, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(columns):
+        values = columns[name]
+        values = values if isinstance(values, np.ndarray) else np.asarray(values)
+        name_bytes = name.encode("utf-8", "surrogatepass")
+        shape = b"".join(int(n).to_bytes(8, "little") for n in values.shape)
+        if values.dtype.kind == "U":
+            texts = values.ravel().tolist()
+            joined = "".join(texts).encode("utf-8", "surrogatepass")
+            if len(joined) == sum(map(len, texts)):  # ASCII: a row's utf-8 length is its length
+                lengths = np.char.str_len(values.ravel()).astype("<u8")
+            else:
+                lengths = np.array([len(text.encode("utf-8", "surrogatepass")) for text in texts], dtype="<u8")
+            for part in (name_bytes, b"str", shape, lengths.tobytes(), joined):
+                _framed(digest, part)
+        else:
+            dtype = values.dtype.newbyteorder("<") if values.dtype.byteorder == ">" else values.dtype
+            data = values if values.dtype is dtype and values.flags.c_contiguous else \
+                np.ascontiguousarray(values, dtype=dtype)
+            dtype_bytes = dtype.str.encode()
+            digest.update(b"".join((len(name_bytes).to_bytes(8, "little"), name_bytes,
+                                    len(dtype_bytes).to_bytes(8, "little"), dtype_bytes,
+                                    len(shape).to_bytes(8, "little"), shape, data.nbytes.to_bytes(8, "little"))))
+            digest.update(data.reshape(-1).view(np.uint8))
+    return digest.hexdigest()
+
+
+def content_digests(identity: dict, columns: dict) -> tuple:
+    """(content_sha256, per_layer_sha256): `content_digest` of the columns `load_run` returns without
+    per_layer (every column not named per_layer/...) and of the per_layer/<name> columns, each with the
+    identity. Two digests so that a load without per_layer checks what it reads without reading the rest."""
+    layers = {name: values for name, values in columns.items() if name.startswith(PER_LAYER_PREFIX)}
+    rest = {name: values for name, values in columns.items() if not name.startswith(PER_LAYER_PREFIX)}
+    return content_digest(identity, rest), content_digest(identity, layers)
+
+
+def _check_identity_fields(header, where: str) -> None:
+    """run_id: absent or a non-empty str; content_sha256 and per_layer_sha256: both absent or both 64 hex digits."""
+    run_id = header.get(RUN_ID_KEY)
+    if run_id is not None and (not isinstance(run_id, str) or not run_id):
+        raise ResultsFormatError(f"{where}: '{RUN_ID_KEY}' must be a non-empty str, got {run_id!r}")
+    digests = [header.get(key) for key in DIGEST_KEYS]
+    if digests != [None, None] and not all(isinstance(d, str) and _HEX64.match(d) for d in digests):
+        raise ResultsFormatError(f"{where}: {DIGEST_KEYS} must both be 64 lowercase hex digits, got {digests!r}; "
+                                 "the file is damaged")
+
+
+def _verify(path: str, header, columns: dict, per_layer: bool) -> bool:
+    """Check what was decoded from a file against its digests: True if checked, False for a file written before
+    digests. Raises ResultsFormatError naming the file on a mismatch."""
+    if header.get(DIGEST_KEYS[0]) is None:
+        if header.get(RUN_ID_KEY) is not None:  # every writer that records run ids records digests too
+            raise ResultsFormatError(f"{path}: carries a run_id but no content digest, which this package never "
+                                     "writes: the file is damaged or was altered; restore it from a copy")
+        return False
+    identity = _identity(header)
+    layers = {name: values for name, values in columns.items() if name.startswith(PER_LAYER_PREFIX)}
+    rest = {name: values for name, values in columns.items() if not name.startswith(PER_LAYER_PREFIX)}
+    for key, part in [(DIGEST_KEYS[0], rest)] + ([(DIGEST_KEYS[1], layers)] if per_layer else []):
+        if content_digest(identity, part) != header[key]:
+            raise ResultsFormatError(f"{path}: content hash mismatch ({key}): the file is damaged (its bytes "
+                                     "changed after it was written); the same steps in the other format "
+                                     "(iter_XXXXXX.pkl / .parquet) are read if there; else restore it from a copy")
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -127,11 +272,92 @@ _ALLOWED_NUMPY_CORE = {
 }
 
 
+_ALLOWED_GLOBALS = ([("builtins", name) for name in _ALLOWED_BUILTINS] + [("collections", "OrderedDict"),
+                    ("_codecs", "encode"), ("numpy", "ndarray"), ("numpy", "dtype")]
+                    + [(base + sub, name) for base in ("numpy._core.", "numpy.core.") for sub, name in _ALLOWED_NUMPY_CORE])
+
+
+def _one_bit_from_allowed(module: str, name: str):
+    """The allowed global "module.name" that (module, name) differs from in exactly one bit, or None: a pickle
+    naming it was damaged (one flipped bit), not written to attack."""
+    got = f"{module}\0{name}".encode("utf-8", "surrogatepass")
+    for allowed in _ALLOWED_GLOBALS:
+        want = "\0".join(allowed).encode()
+        if len(want) == len(got) and sum(bin(a ^ b).count("1") for a, b in zip(want, got)) == 1:
+            return ".".join(allowed)
+    return None
+
+
+# Array and scalar dtypes a results pickle may hold: bool, integers, floats, complex, str, bytes. Anything else
+# (datetimes, objects, records) is refused before numpy builds it: numpy's dtype.__setstate__ trusts its input
+# (a datetime dtype without metadata crashes the process, a state's flags can make numpy treat raw bytes as
+# object pointers), so no array or scalar is built from a dtype as the pickle left it either (`_clean_dtype`).
+_PICKLE_DTYPE_KINDS = "biufcUS"
+
+
+def _clean_dtype(descr, source: str) -> np.dtype:
+    """A fresh dtype equal to what `descr` claims to be (kind, byte order, size), from its string alone; refused
+    unless a plain scalar dtype of _PICKLE_DTYPE_KINDS."""
+    if (not isinstance(descr, np.dtype) or descr.kind not in _PICKLE_DTYPE_KINDS or descr.names is not None
+            or descr.subdtype is not None):
+        raise ResultsFormatError(f"{source}: holds an array or scalar of dtype {descr!r}, which results files never "
+                                 "hold: the file is damaged or crafted; nothing was built from it")
+    return np.dtype(descr.str)
+
+
+class _CheckedArray(np.ndarray):
+    """What the restricted unpickler rebuilds arrays as: ndarray.__setstate__ with a clean dtype
+    (`_clean_dtype`) in place of the one the pickle built; turned into plain ndarrays once loaded. A pickle
+    shares one dtype object among its arrays (memo): its clean copy is made once (`_clean`: id -> (dtype as the
+    pickle built it, clean copy), per unpickler)."""
+
+    _source = "a results pickle"
+    _clean = {}
+
+    def __setstate__(self, state):
+        if type(state) is not tuple or len(state) not in (4, 5):
+            raise ResultsFormatError(f"{self._source}: an array state of {type(state).__name__} "
+                                     f"{len(state) if isinstance(state, tuple) else ''}: the file is damaged")
+        built = state[-3]
+        known = self._clean.get(id(built))
+        if known is None or known[0] is not built:
+            known = self._clean[id(built)] = (built, _clean_dtype(built, self._source))
+        np.ndarray.__setstate__(self, state[:-3] + (known[1],) + state[-2:])
+
+
+def _plain_arrays(obj):
+    """The unpickled data with every _CheckedArray made a plain ndarray (containers rebuilt or updated in place)."""
+    if isinstance(obj, _CheckedArray):
+        return obj.view(np.ndarray)
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if isinstance(value, (np.ndarray, dict, list, tuple)):
+                obj[key] = _plain_arrays(value)
+    elif isinstance(obj, list):
+        for i, value in enumerate(obj):
+            if isinstance(value, (np.ndarray, dict, list, tuple)):
+                obj[i] = _plain_arrays(value)
+    elif isinstance(obj, tuple):
+        return tuple(_plain_arrays(value) for value in obj)
+    return obj
+
+
+class _NdarrayName:
+    """What `numpy.ndarray` in a results pickle stands for: the array type that _reconstruct rebuilds."""
+
+    def __repr__(self):
+        return "numpy.ndarray (as named in a pickle)"
+
+
+_NDARRAY = _NdarrayName()
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file, source: str, size: int):
         super().__init__(file)
         self._source = source
         self._size = size  # bytes in the file: no array built while loading may be larger
+        self._array_type = type("_CheckedArray", (_CheckedArray,), {"_source": source, "_clean": {}})
 
     def find_class(self, module: str, name: str):
         if module in ("builtins", "__builtin__") and name in _ALLOWED_BUILTINS:
@@ -142,28 +368,59 @@ class _RestrictedUnpickler(pickle.Unpickler):
             import codecs
 
             return codecs.encode
-        if module == "numpy" and name in ("ndarray", "dtype"):
-            return getattr(np, name)
+        if module == "numpy" and name == "ndarray":
+            return _NDARRAY  # not callable: only _reconstruct may take it (np.ndarray(shape) allocates any size)
+        if module == "numpy" and name == "dtype":
+            return self._checked_dtype
         for base in ("numpy._core.", "numpy.core."):
             if module.startswith(base) and (module[len(base):], name) in _ALLOWED_NUMPY_CORE:
                 found = getattr(_numpy_core_module(module[len(base):]), name)
-                return self._bounded_reconstruct(found) if name == "_reconstruct" else found
+                if name == "_reconstruct":
+                    return self._bounded_reconstruct(found)
+                return self._with_clean_dtype(found, 0 if name == "scalar" else 1)
+        near = _one_bit_from_allowed(module, name)
+        if near is not None:  # damage, not an attack: skippable like any damaged file (nothing is called)
+            raise ResultsFormatError(f"{self._source}: names global '{module}.{name}', one flipped bit away from "
+                                     f"'{near}': the file is damaged; nothing was loaded from it")
         raise UnsafePickleError(
             f"{self._source}: refusing to load global '{module}.{name}'; results pickles may only "
             "hold builtin containers/scalars and numpy arrays, dtypes and scalars. Do not load "
             "this file unless you trust where it came from."
         )
 
+    def _checked_dtype(self, spec, align=False, copy=False):
+        """np.dtype as a pickle calls it (a type string such as "f4"), for _PICKLE_DTYPE_KINDS only and always a
+        copy: the pickle's BUILD then sets its state, which must never reach numpy's shared dtype singletons."""
+        if not isinstance(spec, str) or np.dtype(spec).kind not in _PICKLE_DTYPE_KINDS:
+            raise ResultsFormatError(f"{self._source}: asks for dtype {spec!r}, which results files never hold: the "
+                                     "file is damaged or crafted; nothing was built from it")
+        return np.dtype(spec, align=bool(align), copy=True)
+
+    def _with_clean_dtype(self, build, position: int):
+        """numpy's scalar(dtype, data) / _frombuffer(buffer, dtype, ...), given a clean copy of the dtype."""
+        def built(*args):
+            args = list(args)
+            if len(args) > position:
+                args[position] = _clean_dtype(args[position], self._source)
+            return build(*args)
+
+        return built
 
     def _bounded_reconstruct(self, reconstruct):
-        """numpy's _reconstruct allocates the shape it is given; a real array pickle passes (0,)."""
+        """numpy's _reconstruct allocates the shape it is given; a real array pickle passes (0,). Builds a
+        _CheckedArray, whose __setstate__ uses a clean dtype."""
 
         def bounded(subtype, shape, dtype):
+            if subtype is not _NDARRAY:  # nothing is called with it: a damaged file, not a hostile one
+                raise ResultsFormatError(f"{self._source}: an array of type {subtype!r}, which results files never "
+                                         "hold: the file is damaged; nothing was built from it")
+            if type(shape) is tuple and shape == (0,):  # what every array pickle passes: the real shape comes with its state
+                return reconstruct(self._array_type, shape, dtype)
             elements = int(np.prod(shape, dtype=np.float64)) if np.ndim(shape) else int(shape)
             if elements > self._size:
                 raise UnsafePickleError(f"{self._source}: an array of {elements:,} elements in a file of "
                                         f"{self._size:,} bytes; refusing to allocate it")
-            return reconstruct(subtype, shape, dtype)
+            return reconstruct(self._array_type, shape, dtype)
 
         return bounded
 
@@ -172,12 +429,13 @@ def safe_load_pickle(path):
     """Load a pickle that may only contain plain python data and numpy arrays.
 
     Raises UnsafePickleError (a ValueError) naming the file and the refused
-    global, before that global is ever called.
+    global, before that global is ever called; ResultsFormatError instead when the refused global is one
+    flipped bit away from an allowed one (a damaged file, which the loader may skip like any other).
     """
     path = os.fspath(path)
     with open(path, "rb") as f:
         data = f.read()
-    return _RestrictedUnpickler(io.BytesIO(data), source=path, size=len(data)).load()
+    return _plain_arrays(_RestrictedUnpickler(io.BytesIO(data), source=path, size=len(data)).load())
 
 
 # ---------------------------------------------------------------------------
@@ -278,6 +536,7 @@ def validate_payload(payload, where: str = "payload") -> None:
         )
     if not isinstance(payload.get("run_name"), str):
         raise ResultsFormatError(f"{where}: 'run_name' must be a str")
+    _check_identity_fields(payload, where)
     world_size = payload.get("world_size")
     if isinstance(world_size, bool) or not isinstance(world_size, (int, np.integer)) or world_size < 1:
         raise ResultsFormatError(f"{where}: 'world_size' must be a positive int, got {world_size!r}")
@@ -291,47 +550,72 @@ def validate_payload(payload, where: str = "payload") -> None:
         _check_v1_step(record, f"{where} steps[{i}]")
 
 
+def _stamp(payload, where: str):
+    """Check a payload and give it its digests: (the payload with content_sha256 and per_layer_sha256, its
+    columns per_layer ones included). A payload that already carries digests (a file read back, e.g. by
+    `python -m ghost_results convert`) must match them."""
+    _check_plain(payload, where)
+    validate_payload(payload, where)
+    columns = _records_to_columns(payload["steps"], per_layer=True)
+    digests = content_digests(_identity(payload), columns)
+    carried = tuple(payload.get(key) for key in DIGEST_KEYS)
+    if carried != (None, None) and carried != digests:
+        raise ResultsFormatError(f"{where}: the payload's content hash does not match its content: it was damaged, "
+                                 f"or edited after it was read; remove {' and '.join(DIGEST_KEYS)} from it to "
+                                 "write it with new digests")
+    return dict(payload, **dict(zip(DIGEST_KEYS, digests))), columns
+
+
 def save_dotprod_pickle(path, payload) -> None:
-    """Validate and atomically write one dot-product file.
+    """Validate and atomically write one dot-product file, with its content digests (module docstring).
 
     ghost_common.durable.write_atomically: a reader sees the old file or the complete new one, never a
     partial one, and the new one survives a crash once this returns.
     """
     path = os.fspath(path)
-    _check_plain(payload, path)
-    validate_payload(payload, path)
-    write_atomically(path, lambda f: pickle.dump(payload, f, protocol=4))
+    _write_pickle(path, *_stamp(payload, path))
 
 
 def save_dotprod_parquet(path, payload) -> None:
     """Validate and atomically write one dot-product file's steps as a Parquet table (module docstring).
 
     The rows equal what `load_run` makes of the same payload written as a pickle, column for column and
-    dtype for dtype; the table is built in memory and written through write_atomically like the pickle.
+    dtype for dtype, and the metadata carries the same content digests; the table is built in memory and
+    written through write_atomically like the pickle.
     """
     path = os.fspath(path)
-    _check_plain(payload, path)
-    validate_payload(payload, path)
-    columns = _records_to_columns(payload["steps"], per_layer=True)
+    _write_parquet(path, *_stamp(payload, path))
+
+
+def _write_pickle(path: str, payload, columns=None) -> None:
+    write_atomically(path, lambda f: pickle.dump(payload, f, protocol=4))
+
+
+def _write_parquet(path: str, payload, columns) -> None:
     arrays = {name: pa.array(values) for name, values in columns.items() if name != "domain"}
     arrays["domain"] = pa.array(columns["domain"].tolist(), type=pa.string()).dictionary_encode()
     metadata = {"schema": payload["schema"], "schema_version": payload["schema_version"],
                 "run_name": payload["run_name"], "world_size": int(payload["world_size"]),
                 "value": payload.get("value", "first_order")}
+    if payload.get(RUN_ID_KEY) is not None:
+        metadata[RUN_ID_KEY] = payload[RUN_ID_KEY]
+    metadata.update({key: payload[key] for key in DIGEST_KEYS})
     table = pa.table({name: arrays[name] for name in columns})
     sink = pa.BufferOutputStream()
     # Loading speed over size: floats stored plainly (a dictionary of distinct float32 values only makes them
     # larger) with snappy (zstd saves ~5% on these values and reads ~3x slower); statistics of `step` only
-    # and no Arrow schema copy, so that the footer of a file with ~150 per-layer columns stays small.
+    # and no Arrow schema copy, so that the footer of a file with ~150 per-layer columns stays small. A CRC
+    # on every page (pyarrow >= 15) names a damaged page before it is decoded.
+    checksums = {"write_page_checksum": True} if _PAGE_CHECKSUMS else {}
     with pq.ParquetWriter(sink, table.schema, compression="snappy", use_dictionary=["domain"],
-                          write_statistics=["step"], store_schema=False) as writer:
+                          write_statistics=["step"], store_schema=False, **checksums) as writer:
         writer.write_table(table)
         writer.add_key_value_metadata({PARQUET_METADATA_KEY: json.dumps(metadata)})
     data = sink.getvalue()
     write_atomically(path, lambda f: f.write(memoryview(data)))
 
 
-_SAVERS = {"pickle": save_dotprod_pickle, "parquet": save_dotprod_parquet}
+_WRITERS = {"pickle": _write_pickle, "parquet": _write_parquet}  # format -> writer of a stamped payload
 
 
 def file_formats(results_format: str) -> tuple:
@@ -347,18 +631,22 @@ def dotprod_file(run_dir, last_step, results_format="pickle"):
     return os.path.join(run_dir, DOTPROD_DIR, f"iter_{last_step:06d}{RESULTS_FORMATS[results_format]}")
 
 
-def flush_dotprods(run_dir, run_name, world_size, pending, formats=("pickle",), value="first_order"):
+def flush_dotprods(run_dir, run_name, world_size, pending, formats=("pickle",), value="first_order", run_id=None):
     """Write the pending step records (ascending steps) as iter_<last step>.pkl and/or .parquet (the same
-    rows; `formats` from --results_format); empties `pending`. Returns the paths written."""
+    rows and the same content digests; `formats` from --results_format); empties `pending`. Returns the paths
+    written. run_id: the run's identity (config.json's "run_id", `new_run_id()`), stored in every file;
+    None writes files without one (a run started before run ids), which a run with an id does not merge."""
     if not pending:
         return []
     os.makedirs(os.path.join(run_dir, DOTPROD_DIR), exist_ok=True)
     payload = {"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "run_name": run_name,
                "world_size": world_size, "value": value, "steps": list(pending)}
-    paths = []
-    for results_format in formats:
-        paths.append(dotprod_file(run_dir, pending[-1]["step"], results_format))
-        _SAVERS[results_format](paths[-1], payload)
+    if run_id is not None:
+        payload[RUN_ID_KEY] = run_id
+    paths = [dotprod_file(run_dir, pending[-1]["step"], results_format) for results_format in formats]
+    stamped, columns = _stamp(payload, paths[0] if paths else run_dir)
+    for results_format, path in zip(formats, paths):
+        _WRITERS[results_format](path, stamped, columns)
     pending.clear()
     return paths
 
@@ -441,10 +729,12 @@ class Run:
     columns: dict  # name -> 1-D np.ndarray, all the same length, sorted by (step, sample_index)
     config: dict  # config.json, {} if absent
     files: list  # dot-product files that were read
-    skipped: list  # [(path, reason)] for files that could not be read
+    skipped: list  # [(path, reason)] for files that could not be read, failed their digest or are another run's
     missing_steps: list  # steps expected (config max_steps, gaps) but not found
     duplicate_steps: list  # steps seen in more than one file (one copy kept)
     schema_versions: dict = field(default_factory=dict)  # path -> schema_version
+    run_id: str = None  # the identity files were merged by (config.json's "run_id"), None for a run without one
+    unverified: list = field(default_factory=list)  # files read without a content digest (written before them)
 
     @property
     def num_rows(self) -> int:
@@ -457,12 +747,13 @@ class Run:
 
     def to_frame(self):
         """The columns as a pandas DataFrame (per-layer columns included); `.attrs` holds run_dir, config,
-        files, skipped, missing_steps and duplicate_steps."""
+        files, skipped, missing_steps, duplicate_steps, run_id and unverified."""
         import pandas as pd
 
         frame = pd.DataFrame(self.columns)
         frame.attrs.update(run_dir=self.run_dir, config=self.config, files=self.files, skipped=self.skipped,
-                           missing_steps=self.missing_steps, duplicate_steps=self.duplicate_steps)
+                           missing_steps=self.missing_steps, duplicate_steps=self.duplicate_steps,
+                           run_id=self.run_id, unverified=self.unverified)
         return frame
 
     to_pandas = to_frame
@@ -473,6 +764,75 @@ class Columns(dict):
 
     skipped: list
     missing_steps: list
+
+
+@dataclass
+class _Content:
+    """What one file holds, decoded and checked against its digests (if it has them)."""
+
+    version: int
+    run_name: object
+    run_id: object
+    columns: dict
+    repeated: set  # steps the file holds more than once (the later record kept)
+    verified: bool  # False: written before content digests, read unchecked
+    size: int  # bytes on disk
+
+
+@dataclass
+class _RunIdentity:
+    """Which files are the run's. run_id set: exactly the files carrying it (a run with an id writes it into
+    every file, so a file without one is of unknown identity); run_id None (a run started before run ids):
+    the files whose run_name is run_name. `source` says where it came from, for messages."""
+
+    run_id: object
+    run_name: object
+    source: str
+
+    def refusal(self, path: str, content: _Content):
+        """None if the file is the run's, else the ResultsFormatError that names it and both identities."""
+        if self.run_id is None:
+            if self.run_name is None or content.run_name == self.run_name:
+                return None
+            return ResultsFormatError(f"{path}: written by run {content.run_name!r}, not {self.run_name!r}; files of "
+                                      "another run are not merged")
+        if content.run_id == self.run_id:
+            return None
+        if content.run_id is None:
+            return ResultsFormatError(
+                f"{path}: written by run {content.run_name!r} without a run_id, but this run ({self.run_name!r}, "
+                f"run_id {self.run_id} from {self.source}) writes its id into every file: a file of unknown "
+                "identity (another run's, or from before run ids) is not merged; remove it")
+        return ResultsFormatError(
+            f"{path}: written by run {content.run_name!r} with run_id {content.run_id}, not by this run "
+            f"({self.run_name!r}, run_id {self.run_id} from {self.source}); files of another run are not merged; "
+            "remove it")
+
+
+def _config_identity(config: dict, config_path: str):
+    """The run's identity from config.json: its "run_id" if it has one, else its "run_name"; None without
+    either (the files decide, `_majority_identity`)."""
+    run_id = config.get(RUN_ID_KEY)
+    if run_id is not None:
+        if not isinstance(run_id, str) or not run_id:
+            raise ResultsFormatError(f"{config_path}: '{RUN_ID_KEY}' must be a non-empty str, got {run_id!r}; "
+                                     "restore config.json")
+        return _RunIdentity(run_id, config.get("run_name"), "config.json")
+    if config.get("run_name"):
+        return _RunIdentity(None, config["run_name"], "config.json")
+    return None
+
+
+def _majority_identity(contents: list) -> _RunIdentity:
+    """Without config.json: the run_id most files carry (ties: the earliest file's), else the run_name most
+    files carry."""
+    ids = collections.Counter(content.run_id for content in contents if content.run_id is not None)
+    if ids:
+        run_id = ids.most_common(1)[0][0]
+        name = collections.Counter(c.run_name for c in contents if c.run_id == run_id).most_common(1)[0][0]
+        return _RunIdentity(run_id, name, "the files (no config.json): the id most of them carry")
+    names = collections.Counter(content.run_name for content in contents)
+    return _RunIdentity(None, names.most_common(1)[0][0] if names else None, "the files")
 
 
 def _dotprod_files(run_dir: str) -> list:
@@ -486,24 +846,32 @@ def _dotprod_files(run_dir: str) -> list:
     return [(step, sorted(paths, key=lambda p: not p.endswith(".parquet"))) for step, paths in sorted(by_step.items())]
 
 
-def _read_iteration(paths: list, per_layer: bool) -> list:
-    """Read the first readable of one iteration's files (Parquet first; the pickle of the same steps only if
-    the Parquet file is unreadable): [(path, what _read_file returned, or its ResultsFormatError)]."""
+def _read_iteration(paths: list, per_layer: bool, identity, read=None) -> list:
+    """Read one iteration's files in order (Parquet first) until one is readable, intact and, if `identity` is
+    given, the run's: a damaged or foreign file gives way to its twin in the other format.
+    [(path, _Content, or the ResultsFormatError that refused it)]; `read`: {path: result} of an earlier pass."""
     attempt = []
     for path in paths:
-        try:
-            attempt.append((path, _read_file(path, per_layer)))
+        result = (read or {}).get(path)
+        if result is None:
+            try:
+                result = _read_file(path, per_layer)
+            except ResultsFormatError as err:
+                result = err
+        if isinstance(result, _Content) and identity is not None:
+            result = identity.refusal(path, result) or result
+        attempt.append((path, result))
+        if isinstance(result, _Content):
             break
-        except ResultsFormatError as err:
-            attempt.append((path, err))
     return attempt
 
 
-def _read_file(path: str, per_layer: bool):
-    """Load and validate one file; returns (schema_version, run_name, columns, steps repeated in the file)."""
+def _read_file(path: str, per_layer: bool) -> _Content:
+    """Load, validate and verify one file (its digests, if it has them)."""
     if path.endswith(".parquet"):
         return _read_parquet(path, per_layer)
     try:
+        size = os.path.getsize(path)
         payload = safe_load_pickle(path)
     except UnsafePickleError:
         raise
@@ -518,13 +886,39 @@ def _read_file(path: str, per_layer: bool):
             f"{path}: schema_version {version!r} is unknown to this reader (knows {sorted(_READERS)}); "
             "upgrade the package or load the run with the version that wrote it"
         )
+    records = reader(payload, path)
+    rows = sum(len(record["dot_products"]) for record in records)
+    _check_domain_size(path, rows, max((len(d) for r in records for d in r["domain"]), default=0), size)
+    columns = _records_to_columns(records, per_layer)
+    verified = _verify(path, payload, columns, per_layer)
     by_step, repeated = {}, set()
-    for record in reader(payload, path):
+    for record in records:
         step = int(record["step"])
         if step in by_step:
             repeated.add(step)
         by_step[step] = record  # the later record of a step wins
-    return version, payload.get("run_name"), _records_to_columns(list(by_step.values()), per_layer), repeated
+    if repeated:
+        columns = _records_to_columns(list(by_step.values()), per_layer)
+    return _Content(version, payload.get("run_name"), payload.get(RUN_ID_KEY), columns, repeated, verified, size)
+
+
+def load_dotprod_pickle(path):
+    """One dot-product pickle, read with `safe_load_pickle` and checked: its schema, and its content digests if
+    it has them (all columns, per-layer ones included). Returns the payload, run_id and digests included;
+    raises ResultsFormatError naming the file if it is damaged or off-schema."""
+    path = os.fspath(path)
+    try:
+        payload = safe_load_pickle(path)
+    except UnsafePickleError:
+        raise
+    except Exception as err:  # truncated/corrupt pickles raise many types (EOFError, UnpicklingError, ...)
+        raise ResultsFormatError(f"{path}: cannot unpickle ({type(err).__name__}: {err})") from err
+    if not isinstance(payload, dict) or payload.get("schema_version") not in _READERS:
+        raise ResultsFormatError(f"{path}: not a dot-product file of a schema_version this reader knows "
+                                 f"({sorted(_READERS)})")
+    records = _READERS[payload["schema_version"]](payload, path)
+    _verify(path, payload, _records_to_columns(records, per_layer=True), per_layer=True)
+    return payload
 
 
 def _read_v1(payload, path: str) -> list:
@@ -541,11 +935,80 @@ _ARROW_KINDS = {np.int64: pa.types.is_integer, np.float64: pa.types.is_floating,
                 np.str_: pa.types.is_string}  # column dtype -> test of the Arrow type that may hold it
 
 
-def _read_parquet(path: str, per_layer: bool):
-    """A Parquet dot-product file -> (schema_version, run_name, columns, set()); only the per-layer
-    columns are left unread when not asked for."""
+def _check_domain_size(path: str, rows: int, longest: int, size: int) -> None:
+    """Refuse, before building it, a `domain` column whose fixed-width strings (rows x longest label x 4 bytes)
+    would be far larger than the file that holds it (one long label repeated on every row)."""
+    needed = rows * longest * 4
+    if needed > max(_DOMAIN_FLOOR, _DOMAIN_PER_BYTE * size):
+        raise ResultsFormatError(
+            f"{path}: its domain column would take {needed:,} bytes as fixed-width strings ({rows:,} rows x a label "
+            f"of {longest:,} characters), far more than its {size:,} bytes can honestly hold; not a file this "
+            "package wrote: remove it")
+
+
+def _check_parquet_footer(path: str, metadata, schema, size: int) -> None:
+    """Refuse a Parquet file whose footer declares more rows than its bytes can hold, before any data is read.
+
+    This package's writer stores numbers PLAIN, so a row group of n rows holds at least n x (the byte widths of
+    the required number columns, 72 bytes) uncompressed, and snappy inflates at most _PARQUET_MAX_RATIO-fold, so
+    the row groups' uncompressed bytes together are at most _PARQUET_MAX_RATIO x the bytes outside the footer.
+    Arrow decodes a row group's declared row count and no more, so no column can yield more than ~0.3 rows per
+    byte of the file, however its pages are encoded. Only the footer's file- and row-group-level fields are
+    read: pyarrow aborts the process on some damaged column-chunk metadata when Python asks for it, where its
+    readers raise an error instead.
+    """
+    def refuse(why):
+        raise ResultsFormatError(f"{path}: its Parquet footer {why}: more than the file can hold as this package "
+                                 "writes it (numbers stored plainly, snappy); damaged or not written by this "
+                                 "package: remove it (the same steps in iter_XXXXXX.pkl are read if there)")
+
+    if metadata.num_columns != len(schema):  # leaf columns = top-level fields: flat, as this package writes
+        refuse(f"declares {metadata.num_columns} leaf columns for {len(schema)} fields (nested columns)")
+    row_bytes = 0  # uncompressed bytes a row takes at least: the widths of the required number columns (72)
+    for name in COLUMN_DTYPES:
+        kind = schema.field(name).type
+        kind = kind.value_type if pa.types.is_dictionary(kind) else kind
+        row_bytes += kind.bit_width // 8 if pa.types.is_integer(kind) or pa.types.is_floating(kind) else 0
+    groups = [metadata.row_group(i) for i in range(metadata.num_row_groups)]
+    declared = sum(group.num_rows for group in groups)
+    if declared != metadata.num_rows:
+        refuse(f"declares {metadata.num_rows:,} rows but its row groups {declared:,}")
+    for i, group in enumerate(groups):
+        if group.num_rows < 0 or group.num_rows * row_bytes > group.total_byte_size:
+            refuse(f"declares {group.num_rows:,} rows in row group {i}, which take at least "
+                   f"{group.num_rows * row_bytes:,} bytes ({row_bytes} a row), in {group.total_byte_size:,} bytes")
+    data_bytes = size - metadata.serialized_size - 12  # "PAR1", footer, its length, "PAR1"
+    uncompressed = sum(group.total_byte_size for group in groups)
+    if uncompressed > _PARQUET_MAX_RATIO * max(data_bytes, 0) + _PARQUET_SLACK:
+        refuse(f"declares {uncompressed:,} bytes of column data, more than {_PARQUET_MAX_RATIO} times the "
+               f"{max(data_bytes, 0):,} bytes outside its footer")
+
+
+def _domain_column(path: str, column, size: int) -> np.ndarray:
+    """The Arrow `domain` column (dictionary-encoded or plain strings) -> numpy str array, its size bounded
+    (`_check_domain_size`) before it is built."""
+    parts = []  # (labels, indices into them or None)
+    for chunk in column.chunks:
+        if pa.types.is_dictionary(chunk.type):
+            parts.append((chunk.dictionary.cast(pa.string()).to_pylist(),
+                          chunk.indices.to_numpy(zero_copy_only=False).astype(np.intp)))
+        else:  # plain strings: every row stored, so no more than the file holds (x snappy's ratio)
+            parts.append((chunk.cast(pa.string()).to_pylist(), None))
+    longest = max((len(label) for labels, _ in parts for label in labels), default=0)
+    _check_domain_size(path, len(column), longest, size)
+    arrays = [np.asarray(labels, dtype=str)[indices] if indices is not None and labels
+              else np.zeros(len(indices), dtype="<U1") if indices is not None
+              else np.asarray(labels, dtype=str) for labels, indices in parts]
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype="<U1")
+
+
+def _read_parquet(path: str, per_layer: bool) -> _Content:
+    """A Parquet dot-product file -> its _Content (its footer checked against its size first, every page's
+    CRC and then its content digests checked); only the per-layer columns are left unread when not asked for."""
+    checksums = {"page_checksum_verification": True} if _PAGE_CHECKSUMS else {}
     try:
-        file = pq.ParquetFile(path)
+        size = os.path.getsize(path)
+        file = pq.ParquetFile(path, **checksums)
         schema = file.schema_arrow
         metadata = json.loads((schema.metadata or {}).get(PARQUET_METADATA_KEY.encode(), b"null"))
     except (pa.ArrowException, OSError, ValueError) as err:
@@ -558,15 +1021,28 @@ def _read_parquet(path: str, per_layer: bool):
             f"{path}: schema_version {version!r} is unknown to this reader (knows {sorted(_READERS)}); "
             "upgrade the package or load the run with the version that wrote it"
         )
-    missing = [name for name in COLUMN_DTYPES if name not in schema.names]
+    _check_identity_fields(metadata, path)
+    in_file = schema.names
+    unique = set(in_file)
+    missing = [name for name in COLUMN_DTYPES if name not in unique]
     if missing:
         raise ResultsFormatError(f"{path}: lacks the columns {missing}")
-    names = list(COLUMN_DTYPES) + [n for n in OPTIONAL_COLUMNS if n in schema.names] + \
-        [n for n in schema.names if per_layer and n.startswith(PER_LAYER_PREFIX)]
+    if len(unique) != len(in_file):
+        repeated = sorted(name for name, n in collections.Counter(in_file).items() if n > 1)
+        raise ResultsFormatError(f"{path}: has the columns {repeated} more than once; the file is damaged")
+    names = list(COLUMN_DTYPES) + [n for n in OPTIONAL_COLUMNS if n in unique] + \
+        ([n for n in in_file if n.startswith(PER_LAYER_PREFIX)] if per_layer else [])
+    for name in names:  # before reading: a column of another type would not be bounded as a number column is
+        dtype = COLUMN_DTYPES.get(name, OPTIONAL_COLUMNS.get(name, np.float32))
+        arrow_type = schema.field(name).type
+        if not _ARROW_KINDS[dtype](arrow_type.value_type if pa.types.is_dictionary(arrow_type) else arrow_type):
+            raise ResultsFormatError(f"{path}: column {name!r} must be {np.dtype(dtype).name}, got {arrow_type}")
     try:
+        _check_parquet_footer(path, file.metadata, schema, size)
         table = file.read(columns=names, use_threads=False)  # small files: threads cost more than they save
     except (pa.ArrowException, OSError) as err:
-        raise ResultsFormatError(f"{path}: cannot read Parquet ({type(err).__name__}: {err})") from err
+        damaged = ": page checksum mismatch, the file is damaged" if "CRC" in str(err) else ""
+        raise ResultsFormatError(f"{path}: cannot read Parquet{damaged} ({type(err).__name__}: {err})") from err
     columns = {}
     for name in names:
         column = table.column(name)
@@ -576,10 +1052,11 @@ def _read_parquet(path: str, per_layer: bool):
             raise ResultsFormatError(f"{path}: column {name!r} must be {np.dtype(dtype).name} without nulls, got "
                                      f"{column.type} with {column.null_count} null(s)")
         if dtype is np.str_:
-            columns[name] = np.asarray(column.cast(pa.string()).to_pylist(), dtype=str)
+            columns[name] = _domain_column(path, column, size)
         else:
             columns[name] = column.to_numpy().astype(dtype, copy=False)
-    return version, metadata.get("run_name"), columns, set()
+    verified = _verify(path, metadata, columns, per_layer)
+    return _Content(version, metadata.get("run_name"), metadata.get(RUN_ID_KEY), columns, set(), verified, size)
 
 
 def _expected_steps(config: dict, seen_steps: list) -> list:
@@ -595,7 +1072,8 @@ def _expected_steps(config: dict, seen_steps: list) -> list:
 
 def load_run(run_dir, per_layer: bool = False, strict: bool = False, as_frame: bool = True):
     """A run's dot products as a pandas DataFrame, one row per training row (see `read_run`); `.attrs` holds
-    run_dir, config, files, skipped, missing_steps and duplicate_steps. as_frame=False: the `Run` itself."""
+    run_dir, config, files, skipped, missing_steps, duplicate_steps, run_id and unverified. as_frame=False:
+    the `Run` itself."""
     run = read_run(run_dir, per_layer=per_layer, strict=strict)
     return run.to_frame() if as_frame else run
 
@@ -604,17 +1082,25 @@ def read_run(run_dir, per_layer: bool = False, strict: bool = False) -> Run:
     """Merge every `grad_dotprods/iter_*` file of a run into columns (numpy arrays): a `Run`.
 
     For every iteration the Parquet file is read if there is one (per-layer columns only when
-    per_layer=True), else the pickle; the pickle also when the Parquet file cannot be read.
-    Only files whose `run_name` is the run's (config.json's, else the directory's name) are merged.
-    strict=False skips unreadable/corrupt/unknown-version/foreign files with a warning
-    and lists them in `Run.skipped`; strict=True raises naming the file. Unsafe
+    per_layer=True), else the pickle; the other format of the same steps whenever the first file read is
+    unreadable, damaged (its content digests or page CRCs do not match what was decoded, its footer declares
+    more than the file can hold) or another run's. Which files are the run's:
+      - config.json has "run_id": exactly the files carrying that run_id, whatever their run_name (a renamed
+        run keeps its files); a file with another run_id, or with none, is refused;
+      - config.json without "run_id" (a run started before run ids): the files whose run_name is config.json's;
+      - no config.json: the run_id most files carry (then as above), else the run_name most files carry.
+    Files written before content digests are read unverified (listed in `Run.unverified`).
+    strict=False skips unreadable/damaged/unknown-version/foreign files with a warning naming them and
+    lists them in `Run.skipped`; strict=True raises ResultsFormatError naming the file. Unsafe
     pickles always raise. A step present in several files (crash + resume) is
     kept once, from the last file in iteration order, with a warning.
     """
     run_dir = os.fspath(run_dir)
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"run directory {run_dir!r} does not exist")
-    config = _read_json(os.path.join(run_dir, "config.json"))
+    config_path = os.path.join(run_dir, "config.json")
+    config = _read_json(config_path)
+    identity = _config_identity(config, config_path)
     skipped = []
 
     def skip(path, err):
@@ -623,37 +1109,34 @@ def read_run(run_dir, per_layer: bool = False, strict: bool = False) -> Run:
         warnings.warn(f"skipping {err}", stacklevel=3)
         skipped.append((path, str(err)))
 
-    readable = []
     iterations = [paths for _, paths in _dotprod_files(run_dir)]
     # Parquet reads release the GIL; unpickling does not, and threads would only add malloc arenas
     threads = min(8, os.cpu_count() or 1) if any(paths[0].endswith(".parquet") for paths in iterations) else 1
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        attempts = list(pool.map(lambda paths: _read_iteration(paths, per_layer), iterations))
+        attempts = list(pool.map(lambda paths: _read_iteration(paths, per_layer, identity), iterations))
+    if identity is None:  # no config.json: the files decide, then a file refused gives way to its twin
+        identity = _majority_identity([result for attempt in attempts for _, result in attempt[-1:]
+                                       if isinstance(result, _Content)])
+        attempts = [_read_iteration(paths, per_layer, identity, read=dict(attempt))
+                    for paths, attempt in zip(iterations, attempts)]
+    kept = []
     for attempt in attempts:
         for path, result in attempt:
             if isinstance(result, ResultsFormatError):
                 skip(path, result)
             else:
-                readable.append((path, *result))
-    # the run's name: config.json's, else the one most files carry; a file of another run is never merged
-    names = collections.Counter(name for _, _, name, _, _ in readable)
-    run_name = config.get("run_name") or (names.most_common(1)[0][0] if names else None)
-    kept = []
-    for path, version, name, columns, repeated in readable:
-        if name != run_name:
-            skip(path, ResultsFormatError(f"{path}: written by run {name!r}, not {run_name!r}; files of another "
-                                          "run are not merged"))
-        else:
-            kept.append((path, version, columns, repeated))
+                kept.append((path, result))
+    kept = _bound_domain_width(kept, skip)
     # a step in several files is kept from the last one: walk the files backwards, claiming steps
     claimed, duplicates, chunks = set(), set(), []
-    for _, _, columns, repeated in reversed(kept):
+    for _, content in reversed(kept):
+        columns = content.columns
         steps_here = set(np.unique(columns["step"]).tolist())
         again = steps_here & claimed
         if again:
             keep = ~np.isin(columns["step"], sorted(again))
             columns = {name: values[keep] for name, values in columns.items()}
-        duplicates |= again | repeated
+        duplicates |= again | content.repeated
         claimed |= steps_here
         chunks.append(columns)
     if duplicates:
@@ -664,10 +1147,31 @@ def read_run(run_dir, per_layer: bool = False, strict: bool = False) -> Run:
         )
     columns = _concatenate(chunks[::-1])
     missing = sorted(set(_expected_steps(config, sorted(claimed))) - claimed)
-    run = Run(run_dir=run_dir, columns=columns, config=config, files=[path for path, *_ in kept], skipped=skipped,
+    run = Run(run_dir=run_dir, columns=columns, config=config, files=[path for path, _ in kept], skipped=skipped,
               missing_steps=missing, duplicate_steps=sorted(duplicates),
-              schema_versions={path: version for path, version, _, _ in kept})
+              schema_versions={path: content.version for path, content in kept}, run_id=identity.run_id,
+              unverified=[path for path, content in kept if not content.verified])
     return run
+
+
+def _bound_domain_width(kept: list, skip) -> list:
+    """Refuse (via skip) the files whose long domain labels would widen the run's fixed-width domain column past
+    max(_RUN_DOMAIN_FLOOR, _DOMAIN_PER_BYTE x the bytes of all its files): one 1-row file with a label of a
+    million characters would otherwise make every row of the run 4 MB. Returns the files kept."""
+    while kept:
+        rows = sum(len(content.columns["step"]) for _, content in kept)
+        widest = max(range(len(kept)), key=lambda i: kept[i][1].columns["domain"].dtype.itemsize)
+        needed = rows * kept[widest][1].columns["domain"].dtype.itemsize
+        on_disk = sum(content.size for _, content in kept)
+        if needed <= max(_RUN_DOMAIN_FLOOR, _DOMAIN_PER_BYTE * on_disk):
+            return kept
+        path, content = kept.pop(widest)
+        longest = content.columns["domain"].dtype.itemsize // 4
+        skip(path, ResultsFormatError(
+            f"{path}: a domain label of {longest:,} characters would make the run's domain column {needed:,} bytes "
+            f"({rows:,} rows as fixed-width strings), far more than its files hold ({on_disk:,} bytes); "
+            "not merged: remove it, or shorten the labels"))
+    return kept
 
 
 def load_dotprods(run_dir, per_layer: bool = False, strict: bool = False, as_frame: bool = False) -> Columns:

@@ -2,6 +2,7 @@
 the restricted unpickler, column by column), load_run prefers them and returns a DataFrame,
 `python -m ghost_results convert` round-trips a pickle-only run, and ghost_results.analysis gives the
 same answers on a DataFrame as on column dicts."""
+import json
 import os
 import shutil
 
@@ -10,11 +11,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from ghost_results import analysis, convert
+from ghost_results import analysis, convert, results_io
 from ghost_results.results_io import (ResultsFormatError, load_dotprods, load_run, read_run, safe_load_pickle,
                                      save_dotprod_parquet, save_dotprod_pickle)
 from GradDotProd_LM import train
-from test_results_io import payload, step_record, write_run
+from test_results_io import flip_low_bit_of, payload, run_with_id, step_record, write_run
 from test_train_runs import tiny_flags
 
 # pickle step-record field -> Parquet column
@@ -261,3 +262,179 @@ def test_first_order_dot_products_beside_another_estimator(tmp_path):
     assert "first_order_dot_products" not in load_run(plain)
     with pytest.raises(ValueError, match="no 'first_order_dot_products' column"):
         analysis.compute_values(load_run(plain), dots="first_order_dot_products")
+
+
+# ---------------------------------------------------------------------------
+# Damage, identity and bounded reads
+
+
+def test_a_flipped_bit_in_a_parquet_file_is_named_and_its_pickle_read(tmp_path, monkeypatch):
+    """One bit of one stored dot product in iter_000002.parquet: the file is named (by its page CRC, and with
+    pyarrow < 15 or a file without CRCs by its content digest) and the pickle of the same steps gives exactly
+    the values that were written; strict=True raises naming it. Damage in both loses those steps, both named."""
+    for page_checksums, message in ((True, "iter_000002.parquet: cannot read Parquet: page checksum mismatch, "
+                                           "the file is damaged"),
+                                    (False, r"iter_000002.parquet: content hash mismatch \(content_sha256\)")):
+        monkeypatch.setattr(results_io, "_PAGE_CHECKSUMS", page_checksums)
+        run_dir = tmp_path / f"crc-{page_checksums}"
+        written = [step_record(1, [0.5, -1.5], ["Github", "ArXiv"]),
+                   step_record(2, [2718.2818, 3.25], ["Github", "ArXiv"])]
+        run_with_id(run_dir, {2: written, 3: [step_record(3, [4.0], ["Github"])]}, "d1ce",
+                    formats=("pickle", "parquet"))
+        reference = read_run(run_dir, strict=True).columns
+        np.testing.assert_array_equal(reference["dot_products"],
+                                      np.array([0.5, -1.5, 2718.2818, 3.25, 4.0], dtype=np.float32))
+        bad = run_dir / "grad_dotprods" / "iter_000002.parquet"
+        flip_low_bit_of(bad, 2718.2818)
+        with pytest.raises(ResultsFormatError, match=message):
+            read_run(run_dir, strict=True)
+        with pytest.warns(UserWarning, match=message):
+            run = read_run(run_dir)
+        assert [p for p, _ in run.skipped] == [str(bad)]
+        assert [os.path.basename(p) for p in run.files] == ["iter_000002.pkl", "iter_000003.parquet"]
+        assert_same_columns(run.columns, reference)
+
+        pickle_path = run_dir / "grad_dotprods" / "iter_000002.pkl"
+        flip_low_bit_of(pickle_path, 2718.2818)
+        with pytest.warns(UserWarning) as caught:
+            run = read_run(run_dir)
+        assert sorted(p for p, _ in run.skipped) == sorted([str(bad), str(pickle_path)])
+        assert "content hash mismatch" in dict(run.skipped)[str(pickle_path)] and len(caught) >= 2
+        assert run.columns["step"].tolist() == [3] and run.missing_steps == [1, 2]
+        os.remove(bad)  # only the damaged pickle: strict names it
+        with pytest.raises(ResultsFormatError, match=r"iter_000002.pkl: content hash mismatch"):
+            read_run(run_dir, strict=True)
+
+
+def test_a_damaged_pickle_beside_an_intact_parquet_file_is_not_needed(tmp_path):
+    """The Parquet file is read first and intact: the damaged pickle of the same steps is not read at all."""
+    run_dir = tmp_path / "run"
+    run_with_id(run_dir, {1: [step_record(1, [1618.0339, 1.0], ["Github", "ArXiv"])]}, "e1",
+                formats=("pickle", "parquet"))
+    flip_low_bit_of(run_dir / "grad_dotprods" / "iter_000001.pkl", 1618.0339)
+    run = read_run(run_dir, strict=True)
+    np.testing.assert_array_equal(run.columns["dot_products"], np.array([1618.0339, 1.0], dtype=np.float32))
+
+
+def test_a_foreign_parquet_file_gives_way_to_the_runs_own_pickle(tmp_path):
+    """Another run's iter_000001.parquet (same run_name, another run_id) beside the run's own iter_000001.pkl:
+    the pickle's rows are returned and the Parquet file is named; the same without config.json, where the id most
+    files carry decides."""
+    run_dir = tmp_path / "run"
+    run_with_id(run_dir, {i: [step_record(i, [float(i)], ["A"])] for i in (1, 2, 3)}, "0001")
+    other = tmp_path / "other"
+    run_with_id(other, {1: [step_record(1, [-7.0], ["A"])]}, "0002", formats=("parquet",))
+    foreign = run_dir / "grad_dotprods" / "iter_000001.parquet"
+    os.replace(other / "grad_dotprods" / "iter_000001.parquet", foreign)
+    for config in (True, False):
+        if not config:
+            os.remove(run_dir / "config.json")
+        with pytest.warns(UserWarning, match=r"iter_000001.parquet: written by run 't' with run_id 0002"):
+            run = read_run(run_dir)
+        assert run.columns["dot_products"].tolist() == [1.0, 2.0, 3.0] and run.run_id == "0001"
+        assert [os.path.basename(p) for p in run.files] == ["iter_000001.pkl", "iter_000002.pkl", "iter_000003.pkl"]
+
+
+def test_convert_carries_run_id_and_digests_and_refuses_a_damaged_pickle(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_with_id(run_dir, {1: [step_record(1, [1.0, 2.0], ["A", "B"])], 2: [step_record(2, [577.2156], ["A"])]}, "cafe")
+    flip_low_bit_of(run_dir / "grad_dotprods" / "iter_000002.pkl", 577.2156)
+    assert convert.main(["convert", str(run_dir)]) == 1
+    out = capsys.readouterr().out
+    assert "wrote 1 Parquet file(s), 1 failed" in out and "iter_000002.pkl: ResultsFormatError" in out
+    assert "content hash mismatch" in out
+    assert sorted(os.listdir(run_dir / "grad_dotprods")) == ["iter_000001.parquet", "iter_000001.pkl",
+                                                             "iter_000002.pkl"]
+    metadata = json.loads(pq.read_schema(run_dir / "grad_dotprods" / "iter_000001.parquet").metadata[b"graddotprod"])
+    stored = safe_load_pickle(run_dir / "grad_dotprods" / "iter_000001.pkl")
+    assert metadata["run_id"] == "cafe"
+    assert (metadata["content_sha256"], metadata["per_layer_sha256"]) == (stored["content_sha256"],
+                                                                          stored["per_layer_sha256"])
+
+
+def hostile_parquet(path, rows_per_group, groups, **writer_options):
+    """A Parquet file with this package's metadata and schema declaring rows_per_group x groups rows of constant
+    values, written with pyarrow's own choices (`writer_options`) instead of this package's."""
+    import pyarrow as pa
+
+    n = rows_per_group
+    table = pa.table({
+        "step": np.ones(n, np.int64), "lr": np.full(n, 1e-3), "train_loss": np.full(n, 3.0),
+        "val_loss": np.full(n, 3.5), "dot_products": np.ones(n, np.float32), "batch_weight": np.ones(n, np.float32),
+        "token_count": np.ones(n, np.int64),
+        "domain": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array(["Github"])),
+        "token_offset": np.zeros(n, np.int64), "doc_id": np.zeros(n, np.int64), "sample_index": np.zeros(n, np.int64)})
+    metadata = {"schema": "graddotprod.dotprods", "schema_version": 1, "run_name": "t", "world_size": 1}
+    with pq.ParquetWriter(path, table.schema, store_schema=False, **writer_options) as writer:
+        for _ in range(groups):
+            writer.write_table(table)
+        writer.add_key_value_metadata({"graddotprod": json.dumps(metadata)})
+
+
+LOAD_AND_MEASURE = """
+import json, resource, sys
+import pyarrow as pa
+from ghost_results.results_io import ResultsFormatError, read_run
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    outcome = "rows %d" % read_run(sys.argv[1], strict=True).num_rows
+except ResultsFormatError as err:
+    outcome = str(err)
+growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+print(json.dumps({"outcome": outcome, "rss_growth_mib": growth,
+                  "arrow_peak_mib": pa.default_memory_pool().max_memory() / 2**20}))
+"""
+
+
+def test_a_parquet_file_declaring_more_rows_than_it_can_hold_is_refused_before_reading(tmp_path):
+    """A ~220 KB file declaring 5,000,000 rows (constants, dictionary-encoded: what fault 6 reproduced; the
+    loader used to allocate over 600 MB and return them) is refused naming it, in a fresh process that grows by
+    less than 64 MiB; so are variants: zstd-compressed plain constants, a row-group row count the footer contradicts."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    os.makedirs(run_dir / "grad_dotprods")
+    huge = run_dir / "grad_dotprods" / "iter_000001.parquet"
+    hostile_parquet(huge, 500_000, 10, compression="snappy")
+    assert huge.stat().st_size < 400_000
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", LOAD_AND_MEASURE, str(run_dir)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    assert measured["outcome"].startswith(f"{huge}: its Parquet footer declares 500,000 rows in row group 0, which "
+                                          "take at least 36,000,000 bytes (72 a row), in "), measured
+    assert measured["rss_growth_mib"] < 64 and measured["arrow_peak_mib"] < 16, measured
+
+    hostile_parquet(huge, 200_000, 1, compression="zstd", use_dictionary=False)  # plain, but ~100x compressed
+    with pytest.raises(ResultsFormatError, match=r"iter_000001.parquet: its Parquet footer declares 16,[\d,]+ bytes "
+                                                 r"of column data, more than 22 times the [\d,]+ bytes outside its footer"):
+        read_run(run_dir, strict=True)
+    with pytest.warns(UserWarning, match="iter_000001.parquet: its Parquet footer"):
+        assert read_run(run_dir).num_rows == 0
+
+    # a genuine file of 300 rows whose Thrift footer is patched to declare 5,000,000: in the file's num_rows only
+    # (the first i64 field 3 after the schema: header 0x16, zigzag(300) = 600 as a varint), then in every count
+    # of 300 (the row group's num_rows and every column chunk's num_values too)
+    results_io.flush_dotprods(run_dir, "t", 1, [step_record(1, np.arange(300), ["A"] * 300)], ("parquet",))
+    genuine = huge.read_bytes()
+    footer_length = int.from_bytes(genuine[-8:-4], "little")
+    footer = genuine[-8 - footer_length:-8]
+
+    def varint(value):
+        encoded = b""
+        while value >= 0x80:
+            encoded, value = encoded + bytes([value & 0x7F | 0x80]), value >> 7
+        return encoded + bytes([value])
+
+    count, lie = b"\x16" + varint(600), b"\x16" + varint(10_000_000)
+    assert footer.count(count) >= 13  # num_rows, the row group's, 11 columns'
+    for patched, message in ((footer.replace(count, lie, 1), "declares 5,000,000 rows but its row groups 300"),
+                             (footer.replace(count, lie), "declares 5,000,000 rows in row group 0, which take at "
+                                                          "least 360,000,000 bytes")):
+        huge.write_bytes(genuine[:-8 - footer_length] + patched + len(patched).to_bytes(4, "little") + b"PAR1")
+        assert pq.ParquetFile(huge).metadata.num_rows == 5_000_000
+        with pytest.raises(ResultsFormatError, match=f"iter_000001.parquet: its Parquet footer {message}"):
+            read_run(run_dir, strict=True)

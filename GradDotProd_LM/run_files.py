@@ -24,17 +24,11 @@ import hashlib
 import json
 import os
 import tempfile
-import uuid
 
 import numpy as np
 
 from ghost_common.durable import FileLock, write_atomically
 from ghost_results.valset import VALSET_SCHEMA, VALSET_SCHEMA_VERSION, write_valset_file  # noqa: F401 (names kept here)
-
-
-def new_run_id() -> str:
-    """A new run's identity: 32 random hex digits, never derived from its name or directory."""
-    return uuid.uuid4().hex
 
 
 class ForeignRunFile(ValueError):

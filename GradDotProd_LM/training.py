@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ghost_engine import GradDotProdEngine, per_sample_loss
 from ghost_engine.recording import gather_rows, local_rows
-from ghost_results.results_io import file_formats, flush_dotprods, set_aside_after
+from ghost_results.results_io import file_formats, flush_dotprods, new_run_id, set_aside_after
 from GradDotProd_LM.args import model_name, run_dir_of
 from GradDotProd_LM.checkpoint import (checkpoint_path, load_checkpoint, nonfinite_state, save_checkpoint,
                                        set_rng_state)
@@ -35,7 +35,7 @@ from GradDotProd_LM.evaluate import Evaluator, format_eval
 from GradDotProd_LM.experiment_log import ExperimentLog, SinkError, domain_sums
 from GradDotProd_LM.model import build_model
 from GradDotProd_LM.run_files import (DamagedRunFile, ForeignRunFile, RunBusyError, RunLock, check_identity,
-                                      data_identity, describe_data_change, new_run_id, read_json, read_training_log,
+                                      data_identity, describe_data_change, read_json, read_training_log,
                                       read_valset_tokens, unwritable, write_json, write_valset)
 from GradDotProd_LM.settings import load_settings
 from pile_tools import ensure_sample_dataset

@@ -393,7 +393,7 @@ class ValuationRun:
 
     def _flush(self):
         flush_dotprods(self.run_dir, self.run_name, self.world_size, self.pending, self.formats,
-                       value=self.engine.value)
+                       value=self.engine.value, run_id=self.run_id)
 
 
 def _field(out, name):

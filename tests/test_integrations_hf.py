@@ -20,7 +20,7 @@ from _models import tiny_llama
 from _reference import reference_dot_products, reference_train_grad, reference_update_values
 from ghost_engine import disable_dropout
 from ghost_integrations.hf import GradDotProdTrainer
-from ghost_results.results_io import read_run
+from ghost_results.results_io import read_run, safe_load_pickle
 from pile_tools import ensure_sample_dataset
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -56,6 +56,9 @@ def test_step_equals_reference_and_regular_trainer(tmp_path, accumulation):
     run = read_run(run_dir_of(args), per_layer=True, strict=True)
     assert run.config["run_name"] == "graddotprod" and run.config["max_steps"] == 2
     assert run.missing_steps == [] and len(run.files) == 2
+    pickles = [os.path.join(run.run_dir, "grad_dotprods", name)
+               for name in os.listdir(os.path.join(run.run_dir, "grad_dotprods")) if name.endswith(".pkl")]
+    assert len(pickles) == 2 and {safe_load_pickle(path)["run_id"] for path in pickles} == {run.config["run_id"]}
     np.testing.assert_array_equal(run.columns["step"], np.repeat([1, 2], 4))
     index, ref_grads, ref_loss = check_step(run.columns, 1, initial, X, Y, X_val, Y_val)
     assert_grads_close(capture.grads, ref_grads)  # the gradient of the mean over all the step's targets
@@ -126,16 +129,24 @@ def test_a_resumed_run_keeps_its_valset_or_records_new_rows_beside_it(tmp_path):
         run.begin(start_step, 4, {})
         run.finish()
 
+    def run_id():
+        with open(tmp_path / "config.json") as f:
+            return json.load(f)["run_id"]
+
     begin(X_val, 0)
+    first_id = run_id()
+    assert first_id and safe_load_pickle(tmp_path / "valset.pkl")["run_id"] == first_id
     written = os.stat(tmp_path / "valset.pkl").st_ino  # a replacement is a new file (renamed onto it)
     begin(X_val, 2)
     assert os.stat(tmp_path / "valset.pkl").st_ino == written
+    assert run_id() == first_id  # a resumed run keeps its identity
     assert not [n for n in os.listdir(tmp_path) if n.startswith("valset_from")]
     begin(X[:2], 2)
     np.testing.assert_array_equal(safe_load_pickle(tmp_path / "valset.pkl")["tokens"], X_val.numpy())
     np.testing.assert_array_equal(safe_load_pickle(tmp_path / "valset_from_step_000003.pkl")["tokens"], X[:2].numpy())
     begin(X[2:4], 0)
     np.testing.assert_array_equal(safe_load_pickle(tmp_path / "valset.pkl")["tokens"], X[2:4].numpy())
+    assert run_id() != first_id  # a run begun at step 0 is a new run
 
 
 @pytest.mark.parametrize("value", ["midpoint", "adamw_vt"])

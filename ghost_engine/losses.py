@@ -1,4 +1,4 @@
-"""Per-sample losses and target counts under the Hugging Face conventions the engine undoes."""
+"""Per-sample losses, target counts and model outputs under the Hugging Face conventions the engine undoes."""
 import torch
 from torch.nn import functional as F
 
@@ -35,3 +35,10 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, task: str = "cau
                              ignore_index=ignore_index, reduction="none").reshape(rows, -1)
     counts = (labels.reshape(rows, -1) != ignore_index).sum(1)
     return losses.sum(1) / counts.clamp(min=1)
+
+
+def output_field(output, name):
+    """``output.name`` or ``output[name]`` of a model output (ModelOutput, dict, object), else None."""
+    if isinstance(output, dict):
+        return output.get(name)
+    return getattr(output, name, None)

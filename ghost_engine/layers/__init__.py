@@ -36,7 +36,7 @@ A module matched by neither is refused by the engine, never valued with a guesse
 A rule may set ``autocast_input = True`` to have the engine keep its input in the autocast dtype.
 A parameter may be shared by one embedding-like rule (``row_sparse = True``: its validation gradient
 lives on the looked-up rows) and one later linear-like rule that shares no other parameter and implements
-``stash_shapes``, ``make_stash`` and ``stash_dots`` (see ``linear.py`` and ghost_engine.engine); for
+``stash_shapes``, ``make_stash`` and ``stash_dots`` (see ``linear.py`` and ghost_engine.tap); for
 value="cosine" the linear-like rule also implements ``row_stash`` and the embedding-like one ``tied_cross``
 (the per-sample cross term of the norm).
 

@@ -129,7 +129,7 @@ class LinearRule:
             out["bias"] = g.sum(1).square().sum(1)
         return out
 
-    # ---- ties with an embedding (GPT-2's lm_head shares wte.weight), see ghost_engine.engine ----
+    # ---- ties with an embedding (GPT-2's lm_head shares wte.weight), see ghost_engine.tap ----
     @staticmethod
     def stash_shapes(module, n_tokens, n_support):
         """Shapes of make_stash's tensors for `n_tokens` training tokens and `n_support` weight rows."""

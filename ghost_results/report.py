@@ -329,41 +329,55 @@ def _sample_rows(report: Report, indices, text: TextSource) -> list:
 
 def render_markdown(report: Report, top: int, text: TextSource, tables: list, plots: list,
                     plots_skipped: str | None) -> str:
+    """report.md: the run's summary, validation batch, completeness, domains, the first-order comparison,
+    the rankings and the files, in that order."""
+    lines = [f"# In-Run Data Shapley report: `{os.path.basename(os.path.normpath(report.run.run_dir))}`", ""]
+    for section in (_summary(report), _validation_batch(report.run), _completeness(report.run), _domains(report),
+                     _against_first_order(report), _rankings(report, top, text), _files(tables, plots, plots_skipped)):
+        lines += section
+    return "\n".join(lines)
+
+
+def _summary(report: Report) -> list:
     run, s = report.run, report.samples
-    lines = [f"# In-Run Data Shapley report: `{os.path.basename(os.path.normpath(run.run_dir))}`", ""]
-    meaning = VALUE_TEXT.get((report.run.value, report.convention), CONVENTION_TEXT[report.convention])
-    lines += [f"- Estimator: `{report.run.value}` (the engine's `value`, docs/METHOD.md section 2.1).",
-              f"- Value: {meaning}, summed over the steps where a sample "
-              "appeared. Positive = the sample lowered the validation loss.",
-              "- Sample = one training window (domain, token offset); the same window seen twice sums. "
-              "Document = (domain, doc_id).",
-              f"- Rows: {run.num_rows} occurrences, {len(s['value'])} samples, "
-              f"{len(report.documents['value'])} documents, {len(report.steps)} steps"
-              + (f" ({report.steps[0]}–{report.steps[-1]})" if len(report.steps) else "") + "."]
+    meaning = VALUE_TEXT.get((run.value, report.convention), CONVENTION_TEXT[report.convention])
+    lines = [f"- Estimator: `{run.value}` (the engine's `value`, docs/METHOD.md section 2.1).",
+             f"- Value: {meaning}, summed over the steps where a sample "
+             "appeared. Positive = the sample lowered the validation loss.",
+             "- Sample = one training window (domain, token offset); the same window seen twice sums. "
+             "Document = (domain, doc_id).",
+             f"- Rows: {run.num_rows} occurrences, {len(s['value'])} samples, "
+             f"{len(report.documents['value'])} documents, {len(report.steps)} steps"
+             + (f" ({report.steps[0]}–{report.steps[-1]})" if len(report.steps) else "") + "."]
     if report.val_domain:
         lines.append(f"- Validation domain: {report.val_domain}.")
-    dominant = dominant_steps(report.run.columns["step"], report.values)
+    dominant = dominant_steps(run.columns["step"], report.values)
     if dominant:
         early = (" For an `adamw` run this is the fixed-state sensitivity before AdamW's second moments exist "
                  "(D ≈ lr/eps at step 1); docs/FIDELITY.md finds no per-step estimator reliable over AdamW's "
-                 "first steps." if report.run.value == "adamw" else "")
+                 "first steps." if run.value == "adamw" else "")
         named = (f"step {dominant[0][0]} holds" if len(dominant) == 1
                  else f"steps {', '.join(str(step) for step, _ in dominant)} hold")
         lines.append(f"- Caution: {named} "
                      f"{100 * sum(share for _, share in dominant):.1f}% of the summed |value| of "
                      f"{len(report.steps)} steps, so sums and rankings mostly reflect them.{early}")
-    lines.append("")
+    return lines + [""]
 
+
+def _validation_batch(run) -> list:
     val_rows, val_note = validation_rows(run.run_dir)
-    lines += ["## Validation batch", ""]
+    lines = ["## Validation batch", ""]
     if val_rows:
         lines += ["| domain | doc | token offset | text |", "|---|---:|---:|---|"]
         lines += [f"| {d} | {doc} | {off} | {code_cell(t)} |" for d, doc, off, t in val_rows]
         lines.append("")
     if val_note:
         lines += [f"Note: {val_note}.", ""]
+    return lines
 
-    lines += ["## Completeness", ""]
+
+def _completeness(run) -> list:
+    lines = ["## Completeness", ""]
     steps_found = sorted({int(s) for s in run.columns["step"]}) if len(run.columns["step"]) else []
     if not run.config:
         lines.append(f"- No config.json: the run's length is unknown; steps after the last one found "
@@ -378,10 +392,12 @@ def render_markdown(report: Report, top: int, text: TextSource, tables: list, pl
                      f"({_ranges(run.missing_steps)}).")
     if run.duplicate_steps:
         lines.append(f"- Steps recorded twice (resumed run), kept once: {_ranges(run.duplicate_steps)}.")
-    lines.append("")
+    return lines + [""]
 
-    lines += ["## Domains", "", "| domain | samples | total value | mean per sample | share positive |",
-              "|---|---:|---:|---:|---:|"]
+
+def _domains(report: Report) -> list:
+    lines = ["## Domains", "", "| domain | samples | total value | mean per sample | share positive |",
+             "|---|---:|---:|---:|---:|"]
     d = report.domains
     for i in range(len(d["domain"])):
         lines.append(f"| {d['domain'][i]} | {d['samples'][i]} | {_fmt(d['total'][i])} | {_fmt(d['mean'][i])} | "
@@ -393,17 +409,24 @@ def render_markdown(report: Report, top: int, text: TextSource, tables: list, pl
                   "| k | normalised recall@k |", "|---:|---:|"]
         lines += [f"| {k} | {r:.3g} |" for k, r in report.recall]
         lines.append("")
+    return lines
 
-    if report.first_order is not None:
-        c = report.first_order
-        lines += ["## Against first-order values", "",
-                  f"The run also recorded the first-order dot products ⟨∇ℓ_i, ∇L_val⟩ of its rows "
-                  f"({c['rows']} rows, {c['samples']} samples), valued with the same convention. Per sample, "
-                  f"Spearman's rank correlation between `{run.value}` and first-order values: {c['spearman']:.3f}; "
-                  f"signs agree for {c['same_sign']:.1%} of the samples; {c['top_k_common']} of the top {c['k']} "
-                  "are the same. (`analysis.compute_values(..., dots=\"first_order_dot_products\")` gives the "
-                  "first-order values.)", ""]
 
+def _against_first_order(report: Report) -> list:
+    if report.first_order is None:
+        return []
+    c = report.first_order
+    return ["## Against first-order values", "",
+            f"The run also recorded the first-order dot products ⟨∇ℓ_i, ∇L_val⟩ of its rows "
+            f"({c['rows']} rows, {c['samples']} samples), valued with the same convention. Per sample, "
+            f"Spearman's rank correlation between `{report.run.value}` and first-order values: {c['spearman']:.3f}; "
+            f"signs agree for {c['same_sign']:.1%} of the samples; {c['top_k_common']} of the top {c['k']} "
+            "are the same. (`analysis.compute_values(..., dots=\"first_order_dot_products\")` gives the "
+            "first-order values.)", ""]
+
+
+def _rankings(report: Report, top: int, text: TextSource) -> list:
+    lines = []
     text_header = (" text |", "---|") if text.available else ("", "")
     for title, lowest in ((f"Top {top} samples", False), (f"Bottom {top} samples", True)):
         lines += [f"## {title}", ""]
@@ -411,7 +434,7 @@ def render_markdown(report: Report, top: int, text: TextSource, tables: list, pl
             lines += [f"Text snippets skipped: {text.reason}.", ""]
         lines += ["| # | value | domain | doc | token offset | step(s) |" + text_header[0],
                   "|---:|---:|---|---:|---:|---|" + text_header[1]]
-        lines += _sample_rows(report, analysis.rank(s, top, lowest=lowest), text)
+        lines += _sample_rows(report, analysis.rank(report.samples, top, lowest=lowest), text)
         lines.append("")
 
     lines += [f"## Top {top} documents", "",
@@ -425,15 +448,16 @@ def render_markdown(report: Report, top: int, text: TextSource, tables: list, pl
             cells.append(code_cell(text.snippet(doc["domain"][i], doc["best_token_offset"][i],
                                                 doc["best_token_count"][i])))
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    lines.append("")
+    return lines + [""]
 
-    lines += ["## Files", ""] + [f"- [`{name}`]({name})" for name in tables]
+
+def _files(tables: list, plots: list, plots_skipped: str | None) -> list:
+    lines = ["## Files", ""] + [f"- [`{name}`]({name})" for name in tables]
     if plots:
         lines += [""] + [f"![{name}]({name})" for name in plots]
     else:
         lines += ["", f"Plots skipped: {plots_skipped}."]
-    lines.append("")
-    return "\n".join(lines)
+    return lines + [""]
 
 
 def _ranges(steps) -> str:

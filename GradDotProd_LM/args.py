@@ -129,7 +129,15 @@ def build_parser(exit_on_error=True):
     d = DEFAULTS
     p.add_argument("--config", metavar="FILE.yaml",
                    help="YAML file of flag values (keys = flag names); flags override it")
-    g = p.add_argument_group("run")
+    _run_flags(p.add_argument_group("run"), d)
+    _data_flags(p.add_argument_group("data"), d)
+    _optimisation_flags(p.add_argument_group("optimisation"), d)
+    _evaluation_flags(p.add_argument_group("evaluation, checkpoints, dot products"), d)
+    return p
+
+
+def _run_flags(g, d):
+    """What is trained and valued, where its files go, resume and evaluation-only runs."""
     g.add_argument("--method", choices=METHODS, help=f"[{d['method']}]")
     g.add_argument("--value", choices=VALUES,
                    help="what is saved per sample (GradDotProdEngine's value, docs/METHOD.md section 2.1): the "
@@ -166,7 +174,10 @@ def build_parser(exit_on_error=True):
                    help="evaluate the fresh model (or with --resume the run's checkpoint) and exit")
     g.add_argument("--init_from", help="local directory written by save_pretrained() to initialise the weights")
     g.add_argument("--seed", type=int, help=f"[{d['seed']}]")
-    g = p.add_argument_group("data")
+
+
+def _data_flags(g, d):
+    """Which data the run trains and validates on."""
     g.add_argument("--batch_size", type=_positive_int,
                    help=f"global batch of one step over all processes [{d['batch_size']}]")
     g.add_argument("--val_batch_size", type=_non_negative_int,
@@ -175,7 +186,10 @@ def build_parser(exit_on_error=True):
     g.add_argument("--train_domains", type=parse_domains,
                    help="'Github,ArXiv' or weighted 'Github:0.7,ArXiv:0.3' [all domains]")
     g.add_argument("--seq_len", type=_positive_int, help=f"tokens per row, at most 1024 for GPT-2, 2048 for the RoPE sizes [{d['seq_len']}]")
-    g = p.add_argument_group("optimisation")
+
+
+def _optimisation_flags(g, d):
+    """The optimizer, its schedule and the batch."""
     g.add_argument("--optimizer", choices=OPTIMIZERS, help=f"[{d['optimizer']}]")
     g.add_argument("--learning_rate", type=_non_negative_float, help=f"peak learning rate [{d['learning_rate']}]")
     g.add_argument("--min_lr", type=_non_negative_float, help=f"end of the cosine decay [{d['min_lr']}]")
@@ -193,7 +207,10 @@ def build_parser(exit_on_error=True):
                         f"[{d['vocab_pad_multiple']}]")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (activation recomputation)")
-    g = p.add_argument_group("evaluation, checkpoints, dot products")
+
+
+def _evaluation_flags(g, d):
+    """Evaluation, checkpoints, the dot-product files and the log's sinks."""
     g.add_argument("--eval_interval", type=_positive_int, help=f"[{d['eval_interval']}]")
     g.add_argument("--eval_iter", type=_positive_int, help=f"batches per split and domain [{d['eval_iter']}]")
     g.add_argument("--eval_bs", type=_positive_int, help=f"rows per evaluation batch [{d['eval_bs']}]")
@@ -206,7 +223,6 @@ def build_parser(exit_on_error=True):
     g.add_argument("--report_to", type=parse_report_to, metavar="{none,csv,tensorboard,wandb}",
                    help="also send loss, lr, tokens/s and per-domain dot-product sums of every step to these "
                         "(comma-separated; training_log.jsonl is always written) [none]")
-    return p
 
 
 # ---------------------------------------------------------------- values from files, checked as flags

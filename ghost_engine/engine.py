@@ -154,9 +154,10 @@ class GradDotProdEngine:
 
     def detach(self):
         """Remove every hook and drop all per-step state; the model and optimizer are as before attach()."""
-        for handle in self._handles + self._taps.handles:
+        for handle in self._handles:
             handle.remove()
-        self._handles, self._taps.handles = [], []
+        self._handles = []
+        self._taps.remove_hooks()
         if _ATTACHED.get(self.model) is self:
             del _ATTACHED[self.model]
         self._mb.disarm()

@@ -180,6 +180,15 @@ class Taps:
             roles.append(role)
         return tuple(roles), support, first, channels_in, train_ids
 
+    def remove_hooks(self):
+        """Remove the gradient hooks registered at forwards, and forget which parameters had one: FSDP2 keeps
+        the same unsharded parameter objects from step to step, so an engine attached again must hook them
+        again (else their .grad would not be rescaled)."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        self._grad_hooked.clear()
+
     def _unsharded_tensors(self, layer, module):
         """FSDP2: the parameters the module's forward just used (unsharded), each with the gradient hook."""
         tensors = tuple(module._parameters[local] for local in layer.params)

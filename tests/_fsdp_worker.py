@@ -1,7 +1,9 @@
 """One rank of the FSDP2 check (tests/test_engine_fsdp.py): `torchrun --nproc_per_node 2 _fsdp_worker.py
-MODEL RESHARD MICRO_BATCHES OUT.json [fsdp|hsdp]`. Every rank trains on its own rows of one global batch
+MODEL RESHARD MICRO_BATCHES OUT.json [fsdp|hsdp] [reattach]`. Every rank trains on its own rows of one global batch
 through a fully_shard-ed model with the engine attached; rank 0 compares the gathered dot products and the
-full .grad with the float64 torch.func reference of the unsharded model on the whole batch."""
+full .grad with the float64 torch.func reference of the unsharded model on the whole batch. `reattach`: a step
+first (no update), then engine.detach() and attach() again, so that the measured step runs on hooks put back
+after a detach (FSDP2 keeps the same unsharded parameter objects from step to step)."""
 import copy
 import json
 import sys
@@ -29,7 +31,7 @@ def build(model_name):
     return FAMILIES[family](tie == "tied").eval()  # no dropout (OPT has 0.1)
 
 
-def main(model_name, reshard, micro_batches, out_path, mesh_kind="fsdp"):
+def main(model_name, reshard, micro_batches, out_path, mesh_kind="fsdp", reattach=""):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
@@ -48,6 +50,14 @@ def main(model_name, reshard, micro_batches, out_path, mesh_kind="fsdp"):
 
     engine = GradDotProdEngine(model, val_batch=(Xv, Yv)).attach()
     mine = slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
+    if reattach == "reattach":
+        Xc, Yc = engine.prepare_forward_input(X[mine], Y[mine])
+        model(input_ids=Xc, labels=Yc).loss.backward()
+        engine.prepare_gradients()
+        engine.aggregate_and_log()
+        model.zero_grad(set_to_none=True)
+        engine.detach()
+        engine.attach()
     for Xm, Ym in zip(X[mine].chunk(micro_batches), Y[mine].chunk(micro_batches)):
         Xc, Yc = engine.prepare_forward_input(Xm, Ym, loss_multiplier=1.0 / micro_batches)
         (model(input_ids=Xc, labels=Yc).loss / micro_batches).backward()

@@ -2,7 +2,7 @@
 FSDP's reduce-scatter) equal the float64 torch.func reference of the unsharded model on the whole batch.
 Cases: tied (GPT-2, Gemma) and untied (Llama, GPT-NeoX) embeddings, each with and without resharding after
 forward, one and two micro-batches, parameters Shard(0) over both ranks (FSDP) or Replicate + Shard(0) on a
-[2 replicas, 1 shard] mesh (HSDP)."""
+[2 replicas, 1 shard] mesh (HSDP); and a step measured after detach() and attach() again."""
 import json
 import os
 import subprocess
@@ -16,17 +16,18 @@ TOL = 1e-4
 
 @pytest.mark.parametrize("model,reshard,micro_batches,mesh", [
     ("gpt2", "reshard", 1, "fsdp"), ("llama", "keep", 2, "fsdp"), ("gemma-tied", "keep", 2, "fsdp"),
-    ("gpt_neox-untied", "reshard", 1, "hsdp")])
+    ("gpt_neox-untied", "reshard", 1, "hsdp"), ("llama", "keep", 1, "fsdp-reattach")])
 def test_fully_sharded_model_is_exact(model, reshard, micro_batches, mesh, tmp_path):
     out = str(tmp_path / "report.json")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           os.path.join(HERE, "_fsdp_worker.py"), model, reshard, str(micro_batches), out, mesh],
+                           os.path.join(HERE, "_fsdp_worker.py"), model, reshard, str(micro_batches), out,
+                           *mesh.split("-")],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     with open(out) as f:
         report = json.load(f)
     assert report["sharded"], "fully_shard left no DTensor parameter: the test would not test FSDP2"
-    assert report["placements"] == ["(Shard(dim=0),)" if mesh == "fsdp" else "(Replicate(), Shard(dim=0))"]
+    assert report["placements"] == ["(Shard(dim=0),)" if mesh.startswith("fsdp") else "(Replicate(), Shard(dim=0))"]
     assert report["dots"] <= TOL
     assert max(report["grads"].values()) <= TOL, report["grads"]

@@ -28,7 +28,7 @@ import tempfile
 import numpy as np
 
 from ghost_common.durable import FileLock, write_atomically
-from ghost_results.valset import VALSET_SCHEMA, VALSET_SCHEMA_VERSION, write_valset_file  # noqa: F401 (names kept here)
+from ghost_results.valset import write_valset_file
 
 
 class ForeignRunFile(ValueError):

@@ -28,7 +28,9 @@ from ghost_engine.dropout import active_dropout_error, dropout_sites
 from ghost_engine.estimators import make_estimator
 from ghost_engine.losses import IGNORE_INDEX, TASKS, target_counts
 from ghost_engine.micro_batch import MicroBatch
+from ghost_engine.layers import accum_dtype
 from ghost_engine.model_map import ModelMap, fsdp_sharding, trainable_names
+from ghost_engine.projection import Projection, projection_shape
 from ghost_engine.result import DotProductResult, assemble, format_path_report, path_report
 from ghost_engine.tap import Taps
 from ghost_engine.values import ADAMW, ADAMW_VT, COSINE, DEFERRED, FIRST_ORDER, LR_INSIDE, SECOND_ORDER, VALUES
@@ -65,6 +67,13 @@ class GradDotProdEngine:
             aggregate_and_log(), which must run after the step's last backward and before optimizer.step(),
             with .grad holding the gradient the optimizer will use (unscaled); under torch.compile their hooks
             run eagerly (a graph break per layer).
+        projection: also keep every training sample's projected gradient Π(grad l_i) (ghost_engine.projection,
+            docs/METHOD.md section 7) in ``result.projections`` [B, K], and Π(grad L_val) in
+            ``result.val_projection``: a dict of Projection.for_shapes's sizes and draw (``dim`` per side or
+            ``total`` per row, ``dims`` per parameter, ``seed``, ``kind``), or a Projection (one rebuilt from a
+            store's description, to project queries in the same space). ``engine.projection`` describes it.
+            With ``val_batch=None`` the engine keeps projections only (value="first_order"): no validation rows,
+            ``.grad`` as Regular training leaves it, ``result.dot_products`` None.
         val_forward: for "second_order" and "midpoint", which evaluate the validation loss again (at θ_t for
             a Hessian-vector product, at the midpoint parameters): a function (model, X_val) -> logits.
             Default: ``model(input_ids=X_val)`` and its ``logits``.
@@ -76,9 +85,12 @@ class GradDotProdEngine:
 
     def __init__(self, model: nn.Module, val_batch, *, task: str = "causal_lm", loss_reduction: str = "mean",
                  unsupported: str = "error", ignore_index: int = IGNORE_INDEX, value: str = FIRST_ORDER,
-                 val_forward=None):
+                 val_forward=None, projection=None):
         if value not in VALUES:
             raise ValueError(f"value={value!r}; expected one of {VALUES}")
+        if val_batch is None and (projection is None or value != FIRST_ORDER):
+            raise ValueError("val_batch=None is for an engine that keeps projections only: give projection= and "
+                             "value='first_order'")
         self.value = value
         if task not in TASKS:
             raise ValueError(f"task={task!r}; expected one of {TASKS}")
@@ -121,10 +133,36 @@ class GradDotProdEngine:
         self._checks = Checks(model, self._map, self._mb, sites, task, loss_reduction, ignore_index)
         self._estimator = make_estimator(value, self._map, model=model, task=task, ignore_index=ignore_index,
                                          val_forward=val_forward)
+        self.projection = None if projection is None else self._projection(projection)
+        self._proj_placed = None  # (device, dtype) of the matrices in the micro-batch state
         self._handles = []
         self._finished = []  # MicroBatchResults of the current step
         self._shapes = {}  # layer name -> (training, validation) input shapes of its last forward
-        self.set_val_batch(*val_batch)
+        self.X_val = self.Y_val = None
+        self.n_val_targets = 0
+        if val_batch is not None:
+            self.set_val_batch(*val_batch)
+
+    def _projection(self, spec) -> Projection:
+        """The Projection of the hooked parameters (from sizes, or a given one that must match their shapes)."""
+        shapes = {}
+        for layer in self.layers:
+            for (local, pname), p in zip(layer.params.items(), layer.tensors):
+                shapes.setdefault(pname, projection_shape(layer.rule, local, p))
+        shapes = {name: shapes[name] for name in self._map.hooked_params}
+        if isinstance(spec, Projection):
+            got = {b.name: b.shape for b in spec.blocks}
+            if got != shapes:
+                raise ValueError("the projection was made for other parameters or shapes: "
+                                 f"{sorted(set(got.items()) ^ set(shapes.items()))[:3]}")
+            projection = spec
+        elif isinstance(spec, dict):
+            projection = Projection.for_shapes(shapes, **spec)
+        else:
+            raise ValueError(f"projection={spec!r}: expected a dict of sizes (dim=, total=, dims=, seed=, kind=) or "
+                             "a ghost_engine.projection.Projection")
+        self._mb.proj_sizes = [b.stop - b.start for b in projection.blocks]
+        return projection
 
     # ------------------------------------------------------------------ set-up
     def attach(self, optimizer=None):
@@ -188,7 +226,7 @@ class GradDotProdEngine:
 
     @property
     def val_batch_size(self) -> int:
-        return self.X_val.shape[0]
+        return 0 if self.X_val is None else self.X_val.shape[0]
 
     # ------------------------------------------------------------------ per step
     def prepare_forward_input(self, X_train: torch.Tensor, Y_train: torch.Tensor, loss_multiplier: float = 1.0):
@@ -204,7 +242,7 @@ class GradDotProdEngine:
             raise ValueError("the training batch has no rows")
         if Y_train.shape[0] != X_train.shape[0]:
             raise ValueError(f"training inputs have {X_train.shape[0]} rows but labels have {Y_train.shape[0]}")
-        if X_train.shape[1:] != self.X_val.shape[1:]:
+        if self.X_val is not None and X_train.shape[1:] != self.X_val.shape[1:]:
             raise ValueError(f"training inputs have shape {tuple(X_train.shape)} but the validation batch "
                              f"{tuple(self.X_val.shape)}: the sequence length (all dims after the first) must match")
         check_labels(Y_train, X_train, "training", self.task)
@@ -218,12 +256,28 @@ class GradDotProdEngine:
             self._finish_micro_batch()
         if not self._finished:  # the first micro-batch of an optimizer step
             self._estimator.start_step()
+        first_param = self._map.params[next(iter(self._map.params))]
+        if self.projection is not None:
+            self._place_projection(X_train.device, accum_dtype(first_param))
+        if self.X_val is None:  # projections only
+            self._mb.arm(X_train, counts, n_train, 0, 0, loss_multiplier, first_param, None)
+            return X_train, Y_train
         if self.X_val.device != X_train.device:  # move the fixed validation batch once, not every step
             self.X_val, self.Y_val = self.X_val.to(X_train.device), self.Y_val.to(Y_train.device)
-        first_param = self._map.params[next(iter(self._map.params))]
         self._mb.arm(X_train, counts, n_train, self.X_val.shape[0], self.n_val_targets, loss_multiplier, first_param,
                      self._estimator.preconditioner())
         return torch.cat([X_train, self.X_val]), torch.cat([Y_train, self.Y_val])
+
+    def _place_projection(self, device, dtype):
+        """The projection matrices, transposed, on the batch's device in the accumulation dtype (drawn once)."""
+        if self._proj_placed == (device, dtype):
+            return
+        mats = self._mb.proj_mats
+        for block in self.projection.blocks:
+            drawn = self.projection.matrices(block.name)
+            mats[block.name] = tuple(None if m is None else m.t().to(device=device, dtype=dtype).contiguous()
+                                     for m in drawn + (None,) * (2 - len(drawn)))
+        self._proj_placed = (device, dtype)
 
     def _finish_micro_batch(self):
         finished = self._mb.finish()

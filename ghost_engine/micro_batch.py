@@ -52,7 +52,13 @@ class MicroBatch:
     norm_sink: torch.Tensor = None  # cosine: [P, B + 1] leaf; .grad: raw ||G_i||², last column ||G_val||²
     norm_sinks: dict = field(default_factory=dict)  # cosine: parameter name -> its row of `norm_sink`
     norm_scale: torch.Tensor = None  # cosine, DEFERRED: [B] 1 / (c·n_i), 0 where n_i = 0
-    val_norm_scale: float = 0.0  # cosine, DEFERRED: 1 / (c·N_val)
+    val_norm_scale: float = 0.0  # cosine, DEFERRED, projections: 1 / (c·N_val)
+    # projections (ghost_engine.projection), set by the engine: parameter name -> its two matrices (transposed, on the
+    # device; None: a side kept whole) and each parameter's columns, in hooked_params order
+    proj_mats: dict = field(default_factory=dict)
+    proj_sizes: list = field(default_factory=list)
+    proj_sink: torch.Tensor = None  # [B + 1, K] leaf; .grad: raw Π_i per row, last row the validation gradient's
+    proj_sinks: dict = field(default_factory=dict)  # parameter name -> its columns of `proj_sink` (a view)
 
     def arm(self, X_train, counts, n_train_targets: int, val_rows: int, n_val_targets: int, loss_multiplier: float,
             param, precond):
@@ -67,7 +73,7 @@ class MicroBatch:
         self.n_train, self.rows = X_train.shape[0], X_train.shape[0] + val_rows
         self.row_len = X_train.shape[1] if X_train.dim() > 1 else 0
         self.counts, self.n_train_targets = counts, n_train_targets
-        self.dot_scale = torch.where(counts > 0, 1.0 / (c * c * n_val_targets * counts_f.clamp(min=1)),
+        self.dot_scale = torch.where(counts > 0, 1.0 / (c * c * max(n_val_targets, 1) * counts_f.clamp(min=1)),
                                      torch.zeros_like(counts_f))
         self.grad_scale.fill_(s_train / s)
         # one leaf for every parameter's dot products: one allocation and one accumulation per micro-batch
@@ -80,9 +86,13 @@ class MicroBatch:
             self.norm_sink = torch.zeros(len(self.hooked_params), self.n_train + 1, dtype=dtype,
                                          device=X_train.device, requires_grad=True)
             self.norm_sinks = dict(zip(self.hooked_params, self.norm_sink.unbind(0)))
-        if self.value in (COSINE, *DEFERRED):  # grad l_i = G_i / (c·n_i), grad L_val = G_val / (c·N_val)
+        if self.proj_mats:
+            self.proj_sink = torch.zeros(self.n_train + 1, sum(self.proj_sizes), dtype=dtype, device=X_train.device,
+                                         requires_grad=True)
+            self.proj_sinks = dict(zip(self.hooked_params, self.proj_sink.split(self.proj_sizes, dim=1)))
+        if self.value in (COSINE, *DEFERRED) or self.proj_mats:  # grad l_i = G_i/(c·n_i), grad L_val = G_val/(c·N_val)
             self.norm_scale = torch.where(counts > 0, 1.0 / (c * counts_f.clamp(min=1)), torch.zeros_like(counts_f))
-            self.val_norm_scale = 1.0 / (c * n_val_targets)
+            self.val_norm_scale = 1.0 / (c * n_val_targets) if n_val_targets else 0.0
         self.seen.clear()
         self.channels.clear()
         self.armed = True
@@ -94,6 +104,7 @@ class MicroBatch:
         self.sink, self.sinks, self.counts, self.dot_scale = None, {}, None, None
         self.precond, self.norm_sink, self.norm_sinks, self.norm_scale = {}, None, {}, None
         self.deferred, self.val_grads, self.autocast = [], {}, None
+        self.proj_sink, self.proj_sinks = None, {}
         self.seen.clear()
         self.channels.clear()
 
@@ -101,14 +112,21 @@ class MicroBatch:
         """Read the sinks once the backward ran, and disarm."""
         raw = self.sink.grad  # [P, B]
         raw_norms = None if self.norm_sink is None else self.norm_sink.grad  # cosine: [P, B + 1]
+        projecting, raw_proj = self.proj_sink is not None, None if self.proj_sink is None else self.proj_sink.grad
+        val_rows = self.rows - self.n_train
         finished = MicroBatchResult(counts=self.counts, n_train_targets=self.n_train_targets, seen=dict(self.seen),
                                     deferred=self.deferred, val_grads=self.val_grads, autocast=self.autocast,
                                     norm_scale=self.norm_scale)
         dot_scale, val_norm_scale = self.dot_scale, self.val_norm_scale
         self.disarm()
-        if raw is None:
+        if (raw is None and val_rows) or (projecting and raw_proj is None):
             raise RuntimeError("no gradient reached the engine since prepare_forward_input(): run the forward "
                                "on its output and call backward() before preparing the next batch or the gradients")
+        if projecting:  # Π of grad l_i = Π_i / (c·n_i); of grad L_val = Π_val / (c·N_val) (None without validation rows)
+            finished.projections = raw_proj[:-1] * finished.norm_scale[:, None]
+            finished.val_projection = raw_proj[-1] * val_norm_scale if val_rows else None
+        if not val_rows:  # projections only
+            return finished
         if self.value in DEFERRED:
             missing = set(finished.seen) - {entry[0].name for entry in finished.deferred}
             if missing:  # a compiled backward ran the taps where Python state cannot be kept

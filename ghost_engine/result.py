@@ -33,7 +33,7 @@ class DotProductResult:
     "cosine" each parameter's dot product is divided by the two total norms).
     """
 
-    dot_products: torch.Tensor  # [B_train] total over all hooked parameters
+    dot_products: torch.Tensor  # [B_train] total over all hooked parameters (None: projections only, no validation rows)
     per_parameter: dict  # {parameter name: Tensor [B_train]}
     token_counts: torch.Tensor  # [B_train] targets n_i of each sample
     weights: torch.Tensor  # [B_train] n_i / N_train of the sample's micro-batch (its weight in that batch loss)
@@ -44,6 +44,8 @@ class DotProductResult:
     val_grad_norm: torch.Tensor = None  # cosine: 0-dim, ||grad L_val|| over the hooked parameters
     first_order: torch.Tensor = None  # second_order, adamw_vt, midpoint: [B_train] <grad l_i, grad L_val> of the
     #   same rows, which their taps compute anyway (phi_i = lr·w_i·first_order[i])
+    projections: torch.Tensor = None  # engine built with projection=: [B_train, K] Π(grad l_i) (ghost_engine.projection)
+    val_projection: torch.Tensor = None  # and with a validation batch: [K] Π(grad L_val); <Π_i, Π_val> ≈ the dot product
 
 
 @dataclass(eq=False)
@@ -60,6 +62,8 @@ class MicroBatchResult:
     per_param: torch.Tensor = None  # [P, B] per-parameter dot products (scaled by scale())
     weights: torch.Tensor = None  # [B] n_i / N_train
     norms: tuple = None  # cosine: ([B] ||grad l_i||, 0-dim ||grad L_val||)
+    projections: torch.Tensor = None  # projecting: [B, K] Π(grad l_i)
+    val_projection: torch.Tensor = None  # projecting with validation rows: [K] Π(grad L_val)
 
     def scale(self, raw, dot_scale, raw_norms, val_norm_scale, cosine: bool):
         """The dot products from the sinks' raw gradients (raw [P, B]; cosine: raw_norms [P, B + 1], the raw
@@ -79,14 +83,23 @@ class MicroBatchResult:
 def assemble(finished: list, hooked_params: list, excluded_parameters: list, value: str,
              deferred_dots=None) -> DotProductResult:
     """The step's DotProductResult from its MicroBatchResults, in order; deferred_dots: a DEFERRED estimator's
-    [P, B_step] values (the taps' own dot products are then its ``first_order``)."""
-    per_param = torch.cat([f.per_param for f in finished], dim=1)  # [P, B_step]
+    [P, B_step] values (the taps' own dot products are then its ``first_order``). Without validation rows
+    (projections only) its dot products are None."""
     extra = {}
+    if finished[0].projections is not None:  # Π(grad L_val) is the same for every micro-batch: the first one's
+        extra = dict(projections=torch.cat([f.projections for f in finished]),
+                     val_projection=finished[0].val_projection)
+    if finished[0].per_param is None:
+        return DotProductResult(dot_products=None, per_parameter={}, token_counts=torch.cat([f.counts for f in finished]),
+                                weights=torch.cat([f.counts / f.n_train_targets for f in finished]),
+                                excluded_parameters=list(excluded_parameters), micro_batches=len(finished),
+                                value=value, **extra)
+    per_param = torch.cat([f.per_param for f in finished], dim=1)  # [P, B_step]
     if deferred_dots is not None:  # the taps' first-order dot products come for free
         extra["first_order"] = per_param.sum(0)
         per_param = deferred_dots
     if value == COSINE:  # ||grad L_val|| is the same for every micro-batch: the first one's
-        extra = dict(grad_norms=torch.cat([f.norms[0] for f in finished]), val_grad_norm=finished[0].norms[1])
+        extra = dict(extra, grad_norms=torch.cat([f.norms[0] for f in finished]), val_grad_norm=finished[0].norms[1])
     return DotProductResult(dot_products=per_param.sum(0), per_parameter=dict(zip(hooked_params, per_param.unbind(0))),
                             token_counts=torch.cat([f.counts for f in finished]),
                             weights=torch.cat([f.weights for f in finished]),

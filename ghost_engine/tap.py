@@ -35,6 +35,7 @@ import torch
 
 from ghost_engine.layers import accum_dtype, to_dtype
 from ghost_engine.model_map import is_dtensor
+from ghost_engine.projection import project_rows
 from ghost_engine.values import ADAMW, COSINE, DEFERRED
 
 FIRST, SECOND = "first", "second"  # roles of the two uses of a tied parameter, in forward order
@@ -133,13 +134,18 @@ class Taps:
             roles, support, first, channels_in, train_ids = self._tie_roles(layer, act, recompute)
         else:
             roles, support, first, channels_in, train_ids = layer.roles, None, None, (), None
-        meta = (mb.n_train, dtype, -1 if torch.compiler.is_compiling() else mb.generation, roles, self.value)
+        meta = (mb.n_train, dtype, -1 if torch.compiler.is_compiling() else mb.generation, roles, self.value,
+                bool(mb.proj_sinks))
         sinks = [mb.sinks[pname] for pname in layer.params.values()]
         extras = ([mb.precond[pname] for pname in layer.params.values()] if self.value == ADAMW else
                   [mb.norm_sinks[pname] for pname in layer.params.values()] if self.value == COSINE else [])
         tensors = self._unsharded_tensors(layer, module) if self.sharded else layer.tensors
+        projs = ()
+        if mb.proj_sinks:  # the parameters' columns of the projection sink, then their matrices (two per parameter)
+            projs = [mb.proj_sinks[p] for p in layer.params.values()]
+            projs += [m for p in layer.params.values() for m in mb.proj_mats[p]]
         result = _Tap.apply(self, layer, meta, out, act, support, first, train_ids, *tensors, *sinks, *extras,
-                            *channels_in)
+                            *projs, *channels_in)
         if FIRST in roles:
             result, *channels = result
             mb.channels[layer.params[list(layer.params)[roles.index(FIRST)]]] = (support, first, tuple(channels),
@@ -303,10 +309,12 @@ class _Tap(torch.autograd.Function):
         n_params = len(layer.params)
         n_extra = n_params if meta[4] in (ADAMW, COSINE) else 0
         precond = rest[2 * n_params:2 * n_params + n_extra] if meta[4] == ADAMW else ()
-        ctx.save_for_backward(act, support, first, train_ids, *precond)
+        n_proj = 3 * n_params if meta[5] else 0  # a sink's columns and two matrices per parameter
+        mats = rest[2 * n_params + n_extra + n_params:2 * n_params + n_extra + n_proj]
+        ctx.save_for_backward(act, support, first, train_ids, *mats, *precond)
         ctx.set_materialize_grads(False)
-        ctx.n_extra = n_extra
-        channels_in = rest[2 * n_params + n_extra:]
+        ctx.n_extra, ctx.n_proj = n_extra, n_proj
+        channels_in = rest[2 * n_params + n_extra + n_proj:]
         ctx.channel_dtypes = tuple(c.dtype for c in channels_in)
         # An output that is not a view is handed on itself, marked as changed in place (no copy): the model may
         # then change it in place (Falcon's `mlp_output += attention_output`), which autograd forbids on a custom
@@ -325,15 +333,16 @@ class _Tap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, *channel_grads):
         taps, layer = ctx.taps, ctx.layer
-        n_train, dtype, generation, roles, value = ctx.meta
-        act, support, first, train_ids, *precond = ctx.saved_tensors
+        n_train, dtype, generation, roles, value, projecting = ctx.meta
         n_params = len(layer.params)
+        act, support, first, train_ids, *rest = ctx.saved_tensors
+        mats, precond = rest[:2 * n_params] if projecting else (), rest[2 * n_params:] if projecting else rest
         if not torch.compiler.is_compiling():
             taps.check_generation(generation)
         if grad is None:
             if value in DEFERRED:
                 taps.defer(layer, roles)
-            return (None,) * (8 + 2 * n_params + ctx.n_extra + len(ctx.channel_dtypes))
+            return (None,) * (8 + 2 * n_params + ctx.n_extra + ctx.n_proj + len(ctx.channel_dtypes))
         dtype = dtype or grad.dtype
         grad_out = grad
         if act.is_floating_point():
@@ -343,6 +352,10 @@ class _Tap(torch.autograd.Function):
         sizes = (n_train, act.shape[0] - n_train)  # one call per tensor for its two views (host time per layer)
         act_tr, act_v = act.split_with_sizes(sizes)
         grad_tr, grad_v = grad.split_with_sizes(sizes)
+        if not sizes[1]:  # no validation rows: projections only, .grad untouched
+            projected = project_rows(layer, act_tr, grad_tr, mats, {}, [False] * n_params)
+            return (None, None, None, grad_out, None, None, None, None, *(None,) * (2 * n_params + ctx.n_extra),
+                    *projected, *(None,) * (2 * n_params), *(None,) * len(ctx.channel_dtypes))
         val_grads = rule.val_grads(module, act_v, grad_v)  # fresh tensors, owned here
         # adamw: the dot products are taken with D ⊙ G_val; .grad still gets the unpreconditioned -G_val
         precond = dict(zip(layer.params, precond))
@@ -379,6 +392,8 @@ class _Tap(torch.autograd.Function):
                 sq_val = (val_grads[local].square().sum() if role != SECOND  # the embedding counts both uses
                           else sq_i.new_zeros(()))
                 extra_grads.append(torch.cat([sq_i, sq_val.to(sq_i.dtype).reshape(1)]))
+        projected = (project_rows(layer, act_tr, grad_tr, mats, val_grads, [role != SECOND for role in roles])
+                     if projecting else ())
         # -G_val of the layer's own parameters: one in-place call for all of them (one multi-tensor kernel on a GPU)
         own = [val_grads[local] for local, role in zip(layer.params, roles) if role != SECOND]
         if own:
@@ -395,4 +410,4 @@ class _Tap(torch.autograd.Function):
             else:
                 param_grads.append(to_dtype(val_grads[local], p.dtype))
         return (None, None, None, grad_out, None, None, None, None, *param_grads, *sink_grads, *extra_grads,
-                *channels_in)
+                *projected, *(None,) * len(mats), *channels_in)

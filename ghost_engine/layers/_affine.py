@@ -44,17 +44,23 @@ def affine_per_sample_dots(x_hat_tr, grad_tr, n_feature_dims, val_totals):
     return out
 
 
-def affine_per_sample_sq_norms(x_hat_tr, grad_tr, n_feature_dims, has_weight, has_bias):
-    """||G_i||² per row from the explicit per-sample gradients Σ_t b_it ⊙ x̂_it and Σ_t b_it ([B, d])."""
+def affine_per_sample_grads(x_hat_tr, grad_tr, n_feature_dims, has_weight, has_bias):
+    """The explicit per-sample gradients Σ_t b_it ⊙ x̂_it and Σ_t b_it, [B, d] (d: the features, flattened)."""
     rows = grad_tr.shape[0]
     g = _tokens(grad_tr, n_feature_dims)
     g = g.reshape(rows, -1, g.shape[-1])
     out = {}
     if has_weight:
-        out["weight"] = (g * _tokens(x_hat_tr, n_feature_dims).reshape(g.shape)).sum(1).square().sum(1)
+        out["weight"] = (g * _tokens(x_hat_tr, n_feature_dims).reshape(g.shape)).sum(1)
     if has_bias:
-        out["bias"] = g.sum(1).square().sum(1)
+        out["bias"] = g.sum(1)
     return out
+
+
+def affine_per_sample_sq_norms(x_hat_tr, grad_tr, n_feature_dims, has_weight, has_bias):
+    """||G_i||² per row from the explicit per-sample gradients."""
+    grads = affine_per_sample_grads(x_hat_tr, grad_tr, n_feature_dims, has_weight, has_bias)
+    return {name: g.square().sum(1) for name, g in grads.items()}
 
 
 def affine_path(act_tr, n_feature_dims) -> LayerPath:
@@ -89,6 +95,11 @@ class AffineNormRule:
     def per_sample_sq_norms(cls, module, act_tr, grad_tr):
         return affine_per_sample_sq_norms(cls.x_hat(module, act_tr), accum(grad_tr), cls.n_dims(module),
                                           module.weight is not None, cls.has_bias)
+
+    @classmethod
+    def per_sample_grads(cls, module, act_tr, grad_tr):
+        return affine_per_sample_grads(cls.x_hat(module, act_tr), accum(grad_tr), cls.n_dims(module),
+                                       module.weight is not None, cls.has_bias)
 
     @classmethod
     def path(cls, module, act_tr, act_v, own_only):

@@ -27,8 +27,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ghost_engine.layers import module_input, register_layer, to_dtype
-from ghost_engine.layers._affine import (accum, affine_path, affine_per_sample_dots, affine_per_sample_sq_norms,
-                                         affine_val_grads)
+from ghost_engine.layers._affine import (accum, affine_path, affine_per_sample_dots, affine_per_sample_grads,
+                                         affine_per_sample_sq_norms, affine_val_grads)
 
 INSTANCE_NORM_DIMS = {nn.InstanceNorm1d: 3, nn.InstanceNorm2d: 4, nn.InstanceNorm3d: 5}  # a batched input's dims
 
@@ -105,6 +105,10 @@ class ChannelNormRule:
     @staticmethod
     def per_sample_sq_norms(module, act_tr, grad_tr):
         return affine_per_sample_sq_norms(*_channels_last(module, act_tr, grad_tr), 1, *_trainable(module))
+
+    @staticmethod
+    def per_sample_grads(module, act_tr, grad_tr):
+        return affine_per_sample_grads(*_channels_last(module, act_tr, grad_tr), 1, *_trainable(module))
 
     @staticmethod
     def path(module, act_tr, act_v, own_only):

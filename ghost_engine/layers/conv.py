@@ -41,6 +41,7 @@ from torch.nn import grad as conv_grad
 
 from ghost_engine.layers import (LayerPath, accum_dtype, bmm_accum, module_input, register_layer, row_dot,
                                  to_dtype)
+from ghost_engine.layers._projection import vector_projection
 
 CONVOLVE = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 WEIGHT_GRAD = {1: conv_grad.conv1d_weight, 2: conv_grad.conv2d_weight, 3: conv_grad.conv3d_weight}
@@ -257,6 +258,29 @@ class ConvRule:
         if "bias" in val_totals:
             sums = _bias_sums(module, grad_tr, rows)
             out["bias"] = sums @ to_dtype(val_totals["bias"], sums.dtype)
+        return out
+
+    factored = ("weight",)  # the weight as [groups · p, K]: group g's rows are Σ_l b_l a_lᵀ of its patches
+
+    @staticmethod
+    def per_sample_projection(module, act_tr, grad_tr, mats):
+        """Π_i = Σ_g Σ_l (P_r[:, group g] b_gl)(P_c a_gl)ᵀ from the patches (formed, as for ||G_i||²); the bias's
+        P·(Σ_l b_l)."""
+        rows = act_tr.shape[0]
+        out = {}
+        if "weight" in mats:
+            q, p = _factors(module, act_tr, grad_tr, rows)  # [groups, rows, M, K], [groups, rows, M, p]
+            dtype = accum_dtype(q)
+            p_r, p_c = mats["weight"]
+            if p_r is None:  # kept whole: each group's channels in its own rows
+                p_r = torch.eye(module.weight.shape[0], dtype=dtype, device=q.device)
+            groups = q.shape[0]
+            pu = to_dtype(p, dtype) @ p_r.reshape(groups, 1, -1, p_r.shape[-1])  # [groups, rows, M, k_r]
+            pv = to_dtype(q, dtype) if p_c is None else to_dtype(q, dtype) @ p_c  # [groups, rows, M, k_c]
+            pu, pv = (t.permute(1, 0, 2, 3).reshape(rows, -1, t.shape[-1]) for t in (pu, pv))
+            out["weight"] = torch.bmm(pu.transpose(1, 2), pv).reshape(rows, -1)
+        if "bias" in mats:
+            out["bias"] = vector_projection(_bias_sums(module, grad_tr, rows), mats["bias"])
         return out
 
     @staticmethod

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 from ghost_engine.layers import (LayerPath, accum_dtype, module_input, probe_forward, probe_generator,
                                  register_layer, register_recogniser, row_dot, same_values, to_dtype)
+from ghost_engine.layers._projection import gathered_outer_projection
 
 PROBE_ROWS, PROBE_VOCAB = 4, 64
 PROBE_RTOL = 1e-12  # the probe repeats the forward's own fp64 operations
@@ -124,6 +125,16 @@ class EmbeddingRule:
         cross = (r.to(g.dtype) * (m @ g.transpose(1, 2))).sum((1, 2))
         scale = cls.scale(module, cross.dtype)
         return cross if scale is None else cross * scale
+
+    factored = ("weight",)  # G_i = Σ_t e_{id_t} b_tᵀ · scale, [vocabulary, d]
+
+    @classmethod
+    def per_sample_projection(cls, module, act_tr, grad_tr, mats):
+        """Π_i = Σ_t (P_r e_{id_t})(P_c b_t)ᵀ · scale: columns of P_r gathered by the ids."""
+        ids, g = _kept_rows(module, act_tr, grad_tr)
+        projected = gathered_outer_projection(ids, g, mats["weight"], module.num_embeddings)
+        scale = cls.scale(module, projected.dtype)
+        return {"weight": projected if scale is None else projected * scale}
 
     @staticmethod
     def path(module, act_tr, act_v, own_only):

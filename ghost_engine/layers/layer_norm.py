@@ -18,7 +18,8 @@ from torch.nn import functional as F
 
 from ghost_engine.layers import module_input, register_layer, register_recogniser
 from ghost_engine.layers._affine import (AffineNormRule, accum, affine_path, affine_per_sample_dots,
-                                         affine_per_sample_sq_norms, affine_val_grads, computes, norm_probe)
+                                         affine_per_sample_grads, affine_per_sample_sq_norms, affine_val_grads,
+                                         computes, norm_probe)
 
 
 def _x_hat(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -45,6 +46,11 @@ class LayerNormRule:
     def per_sample_sq_norms(module, act_tr, grad_tr):
         return affine_per_sample_sq_norms(_x_hat(module, act_tr), accum(grad_tr), len(module.normalized_shape),
                                           module.weight is not None, module.bias is not None)
+
+    @staticmethod
+    def per_sample_grads(module, act_tr, grad_tr):
+        return affine_per_sample_grads(_x_hat(module, act_tr), accum(grad_tr), len(module.normalized_shape),
+                                       module.weight is not None, module.bias is not None)
 
     @staticmethod
     def path(module, act_tr, act_v, own_only):

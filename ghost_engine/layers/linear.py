@@ -12,6 +12,7 @@ from torch import nn
 
 from ghost_engine.layers import (LayerPath, accum_dtype, matmul_accum, module_input, probe_forward, probe_generator,
                                 register_layer, register_recogniser, row_dot, same_values, to_dtype)
+from ghost_engine.layers._projection import outer_projection, vector_projection
 
 try:  # Hugging Face GPT-2 uses a transposed linear layer
     from transformers.pytorch_utils import Conv1D
@@ -109,6 +110,20 @@ class LinearRule:
             dtype = accum_dtype(grad_tr)
             total = to_dtype(val_totals["bias"], dtype)
             out["bias"] = grad_tr.reshape(rows, -1, total.shape[0]).sum(1, dtype=dtype) @ total
+        return out
+
+    factored = ("weight",)  # G_i = Σ_t b_t a_tᵀ (Linear, [p, d]) or Σ_t a_t b_tᵀ (Conv1D, [d, p])
+
+    @staticmethod
+    def per_sample_projection(module, act_tr, grad_tr, mats):
+        """Π_i of the weight, Σ_t (P_r u_t)(P_c v_t)ᵀ in the parameter's layout, and P·(Σ_t b_t) of the bias."""
+        rows = act_tr.shape[0]
+        out = {}
+        if "weight" in mats:
+            u, v = (act_tr, grad_tr) if _is_conv1d(module) else (grad_tr, act_tr)
+            out["weight"] = outer_projection(_flat(u), _flat(v), mats["weight"], rows)
+        if "bias" in mats:
+            out["bias"] = vector_projection(_per_row(grad_tr, rows).sum(1), mats["bias"])
         return out
 
     @staticmethod

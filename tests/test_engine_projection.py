@@ -1,0 +1,210 @@
+"""Projected per-sample gradients (ghost_engine/projection.py) against float64 per-sample gradients from torch.func,
+projected with dense Kronecker matrices: Π_i = (P_r ⊗ P_c)·vec(∇_W l_i)."""
+import copy
+
+import pytest
+import torch
+
+from _models import ConvClassifier, MLPClassifier, lm_batch, small_cnn, tiny_gpt2, tiny_llama
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from ghost_engine import GradDotProdEngine
+from ghost_engine.projection import KINDS, Projection
+from test_engine_conv import CASES, images
+
+EXACT = 1e-10  # float64 model and reference
+
+
+def dense_projection(projection, grads: dict, rows: bool) -> torch.Tensor:
+    """The projection of gradients in each block's layout by the dense (Kronecker) matrices: [B, K] (rows) or [K]."""
+    parts = []
+    for block in projection.blocks:
+        mats = [torch.eye(n, dtype=torch.float64) if m is None else m
+                for m, n in zip(projection.matrices(block.name), block.shape)]
+        full = mats[0] if len(mats) == 1 else torch.kron(mats[0], mats[1])  # vec row-major: P_r ⊗ P_c
+        g = grads[block.name].double()
+        parts.append(g.reshape(g.shape[0], -1) @ full.t() if rows else full @ g.reshape(-1))
+    return torch.cat(parts, dim=-1)
+
+
+def loss_of(output, labels, task):
+    """The mean cross-entropy in the logits' own dtype (Hugging Face's loss casts float64 logits to float32)."""
+    logits = output.logits
+    if task == "causal_lm":
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def reference(model, X, Y, Xv, Yv, task):
+    """(per-sample gradients {name: [B, *shape]}, validation gradient {name: shape}), float64, by torch.func."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    buffers = dict(model.named_buffers())
+
+    def loss(p, x, y):
+        return loss_of(functional_call(model, (p, buffers), args=(), kwargs={"input_ids": x}), y, task)
+
+    per_sample = vmap(grad(lambda p, x, y: loss(p, x[None], y[None])), in_dims=(None, 0, 0))(params, X, Y)
+    return per_sample, grad(loss)(params, Xv, Yv)
+
+
+def run(model, X, Y, val=None, micro_batches=1, task="causal_lm", **projection):
+    engine = GradDotProdEngine(model, val_batch=val, task=task, projection=projection)
+    engine.attach()
+    model.zero_grad()
+    for Xm, Ym in zip(X.chunk(micro_batches), Y.chunk(micro_batches)):
+        Xc, Yc = engine.prepare_forward_input(Xm, Ym, loss_multiplier=1.0 / micro_batches)
+        (loss_of(model(input_ids=Xc), Yc, task) / micro_batches).backward()
+    engine.prepare_gradients()
+    result = engine.aggregate_and_log()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    engine.detach()
+    return engine, result, grads
+
+
+def rel(got, ref):
+    return float((got - ref).norm() / ref.norm())
+
+
+def check(model, X, Y, Xv, Yv, task="causal_lm", micro_batches=1, **projection):
+    model = model.double()
+    per_sample, val_grad = reference(copy.deepcopy(model), X, Y, Xv, Yv, task)
+    engine, result, _ = run(model, X, Y, (Xv, Yv), micro_batches, task, **projection)
+    p = engine.projection
+    assert result.projections.shape == (X.shape[0], p.dim)
+    assert rel(result.projections, dense_projection(p, per_sample, True)) <= EXACT
+    assert rel(result.val_projection, dense_projection(p, val_grad, False)) <= EXACT
+    return engine, result, per_sample, val_grad
+
+
+def lm_rows(seed=0, rows=4, val_rows=2, T=10):
+    g = torch.Generator().manual_seed(seed)
+    X, Y = lm_batch(rows, T, g, pad_row=1)
+    Xv, Yv = lm_batch(val_rows, T, g)
+    return X, Y, Xv, Yv
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_gpt2_tied_embedding_and_head_share_one_projected_space(micro_batches):
+    torch.manual_seed(0)
+    engine, result, per_sample, _ = check(tiny_gpt2(), *lm_rows(), micro_batches=micro_batches, dim=5, seed=3)
+    block = engine.projection.block("transformer.wte.weight")
+    assert block.shape == (97, 32) and block.dims == (5, 5)  # one block for both uses
+    # <Π_i, Π_j> equals the dense projected inner product (the Gram a store's scores are made of)
+    dense = dense_projection(engine.projection, per_sample, True)
+    assert rel(result.projections @ result.projections.t(), dense @ dense.t()) <= EXACT
+
+
+def float64_norms(model):
+    """The model with its RMSNorm layers as nn.RMSNorm (same weights and epsilon): Llama's own class normalises in
+    float32 even in a float64 model, which would put float32 rounding between a row alone and the batch."""
+    for name, module in list(model.named_modules()):
+        if type(module).__name__.endswith("RMSNorm"):
+            norm = nn.RMSNorm(module.weight.shape, eps=module.variance_epsilon)
+            norm.weight.data.copy_(module.weight.data)
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            setattr(parent, name.rpartition(".")[2], norm)
+    return model
+
+
+def test_llama_rmsnorm_and_untied_head_with_a_total_budget():
+    torch.manual_seed(0)
+    engine, result, _, _ = check(float64_norms(tiny_llama()), *lm_rows(1), total=600, seed=1, kind="rademacher")
+    assert 0 < engine.projection.dim <= 600
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mlp_norms_and_biases_every_kind(kind):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    X, Xv = torch.randn(5, 16, generator=g).double(), torch.randn(3, 16, generator=g).double()
+    Y, Yv = torch.randint(0, 5, (5,), generator=g), torch.randint(0, 5, (3,), generator=g)
+    # sizes per parameter: a side kept whole (fc1's input, 16 <= 40), a bias projected, a bias kept whole
+    engine, _, _, _ = check(MLPClassifier(), X, Y, Xv, Yv, task="classification", dim=4,
+                            dims={"fc1.weight": (6, 40), "fc2.bias": 64, "out.bias": 3}, kind=kind)
+    assert engine.projection.block("fc1.weight").dims == (6, 16)
+    assert engine.projection.block("fc2.bias").dims == (64,)
+
+
+@pytest.mark.parametrize("case", ["small-cnn", "conv1d-groups-valid-no-bias", "conv2d-depthwise", "conv3d",
+                                  "conv-transpose2d", "conv-transpose1d-output-padding"])
+def test_convolutions(case):
+    torch.manual_seed(0)
+    if case == "small-cnn":
+        model, shape = small_cnn(), (3, 6, 6)
+    else:
+        body, shape = CASES[case]()
+        model = ConvClassifier(body, shape)
+    g = torch.Generator().manual_seed(3)
+    X, Y = images(shape, 4, g)
+    Xv, Yv = images(shape, 2, g)
+    check(model, X.double(), Y, Xv.double(), Yv, task="classification", dim=3)
+
+
+def test_projections_only_leave_the_regular_gradient():
+    """No validation rows: the projections are exact and .grad is what Regular training leaves."""
+    torch.manual_seed(0)
+    model = tiny_gpt2().double()
+    X, Y, Xv, Yv = lm_rows(4)
+    per_sample, _ = reference(copy.deepcopy(model), X, Y, Xv, Yv, "causal_lm")
+    engine, result, grads = run(model, X, Y, None, 2, dim=4)
+    assert result.dot_products is None and result.val_projection is None
+    assert rel(result.projections, dense_projection(engine.projection, per_sample, True)) <= EXACT
+    regular = copy.deepcopy(model)  # Regular training: the same micro-batches, no engine
+    for Xm, Ym in zip(X.chunk(2), Y.chunk(2)):
+        (loss_of(regular(input_ids=Xm), Ym, "causal_lm") / 2).backward()
+    for name, p in regular.named_parameters():
+        assert rel(grads[name], p.grad) <= EXACT, name
+
+
+def test_a_projection_rebuilt_from_its_description_gives_the_same_rows():
+    torch.manual_seed(0)
+    model = tiny_gpt2().double()
+    X, Y, Xv, Yv = lm_rows(5)
+    engine, first, _ = run(model, X, Y, (Xv, Yv), dim=3, seed=7)
+    rebuilt = Projection.from_description(engine.projection.describe())
+    assert rebuilt == engine.projection
+    _, again, _ = run_with(model, X, Y, (Xv, Yv), rebuilt)
+    assert torch.equal(first.projections, again.projections)
+    other = Projection.for_shapes({"w": (3, 4)}, dim=2)
+    with pytest.raises(ValueError, match="other parameters or shapes"):
+        GradDotProdEngine(model, (Xv, Yv), projection=other)
+
+
+def run_with(model, X, Y, val, projection):
+    engine = GradDotProdEngine(model, val, projection=projection).attach()
+    Xc, Yc = engine.prepare_forward_input(X, Y)
+    loss_of(model(input_ids=Xc), Yc, "causal_lm").backward()
+    result = engine.aggregate_and_log()
+    engine.detach()
+    return engine, result, None
+
+
+def test_the_draws_keep_norms_in_expectation():
+    """E‖Px‖² = ‖x‖² for each kind; the orthonormal kind's rows are orthogonal."""
+    x = torch.randn(256, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for kind in KINDS:
+        ratios = []
+        for seed in range(200):
+            (P,) = Projection.for_shapes({"v": (256,)}, dims={"v": 16}, seed=seed, kind=kind).matrices("v")
+            ratios.append(float((P @ x).square().sum() / x.square().sum()))
+        assert abs(sum(ratios) / len(ratios) - 1) < 0.05, kind
+    (P,) = Projection.for_shapes({"v": (256,)}, dims={"v": 16}, kind="orthonormal").matrices("v")
+    assert torch.allclose(P @ P.t(), torch.eye(16, dtype=torch.float64) * 16, atol=1e-10)
+
+
+def test_bad_projection_options_are_refused():
+    model = tiny_gpt2()
+    X, Y, Xv, Yv = lm_rows()
+    with pytest.raises(ValueError, match="val_batch=None"):
+        GradDotProdEngine(model, None)
+    with pytest.raises(ValueError, match="val_batch=None"):
+        GradDotProdEngine(model, None, projection=dict(dim=2), value="adamw")
+    with pytest.raises(ValueError, match="kind"):
+        GradDotProdEngine(model, (Xv, Yv), projection=dict(dim=2, kind="sparse"))
+    with pytest.raises(ValueError, match="unknown parameters"):
+        GradDotProdEngine(model, (Xv, Yv), projection=dict(dim=2, dims={"nope": 3}))
+    with pytest.raises(ValueError, match="below one column"):
+        GradDotProdEngine(model, (Xv, Yv), projection=dict(total=3))
+    with pytest.raises(ValueError, match="not both"):
+        GradDotProdEngine(model, (Xv, Yv), projection=dict(total=3000, dim=2))

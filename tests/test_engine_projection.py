@@ -48,13 +48,17 @@ def reference(model, X, Y, Xv, Yv, task):
     return per_sample, grad(loss)(params, Xv, Yv)
 
 
-def run(model, X, Y, val=None, micro_batches=1, task="causal_lm", **projection):
+def run(model, X, Y, val=None, micro_batches=1, task="causal_lm", step_model=None, autocast=False, **projection):
+    """One step of the engine with `projection` on (X, Y) in `micro_batches`; step_model: the model to call
+    (a compiled one), autocast: under CPU bf16 autocast."""
     engine = GradDotProdEngine(model, val_batch=val, task=task, projection=projection)
     engine.attach()
     model.zero_grad()
     for Xm, Ym in zip(X.chunk(micro_batches), Y.chunk(micro_batches)):
         Xc, Yc = engine.prepare_forward_input(Xm, Ym, loss_multiplier=1.0 / micro_batches)
-        (loss_of(model(input_ids=Xc), Yc, task) / micro_batches).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_of((model if step_model is None else step_model)(input_ids=Xc), Yc, task)
+        (loss / micro_batches).backward()
     engine.prepare_gradients()
     result = engine.aggregate_and_log()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -208,3 +212,39 @@ def test_bad_projection_options_are_refused():
         GradDotProdEngine(model, (Xv, Yv), projection=dict(total=3))
     with pytest.raises(ValueError, match="not both"):
         GradDotProdEngine(model, (Xv, Yv), projection=dict(total=3000, dim=2))
+
+
+@pytest.mark.parametrize("val", [True, False])
+def test_compiled_gradient_checkpointed_and_bf16_steps(val):
+    """torch.compile (one graph, no break), gradient checkpointing and bf16 autocast give the eager fp32 step's
+    projections: equal to float32 rounding, and close under bf16."""
+    from test_engine import _graph_breaks
+
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    X, Y, Xv, Yv = lm_rows(6)
+    val_batch = (Xv, Yv) if val else None
+    _, eager, _ = run(model, X, Y, val_batch, dim=4)
+    if not val:  # the projections-only taps trace into one graph
+        engine = GradDotProdEngine(model, val_batch, projection=dict(dim=4)).attach()
+        Xc, Yc = engine.prepare_forward_input(X, Y)
+        model.loss_type = "ForCausalLM"
+        assert _graph_breaks(model, Xc, Yc)[0] == 0
+        engine.detach()
+    else:  # and run compiled, micro-batched (the slow part: once)
+        torch._dynamo.reset()
+        _, compiled, _ = run(model, X, Y, val_batch, micro_batches=2,
+                             step_model=torch.compile(model, backend="aot_eager"), dim=4)
+        torch._dynamo.reset()
+        torch.testing.assert_close(compiled.projections, eager.projections, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(compiled.val_projection, eager.val_projection, rtol=1e-4, atol=1e-6)
+    checkpointed = copy.deepcopy(model)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed.config.use_cache = False
+    _, recomputed, _ = run(checkpointed, X, Y, val_batch, dim=4)
+    torch.testing.assert_close(recomputed.projections, eager.projections, rtol=1e-5, atol=1e-7)
+    _, half, _ = run(model, X, Y, val_batch, autocast=True, dim=4)
+    assert half.projections.dtype == torch.float32
+    assert rel(half.projections, eager.projections) < 5e-2
+    if val:
+        assert rel(half.val_projection, eager.val_projection) < 5e-2

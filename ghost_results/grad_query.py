@@ -400,13 +400,13 @@ def _lowrank_part(basis: np.ndarray, projected: np.ndarray, diagonal: np.ndarray
     eigenvalues, vectors = np.linalg.eigh((small + small.T) / 2)
     top = np.argsort(eigenvalues)[::-1][:rank]
     U, ritz = basis @ vectors[:, top], np.diag(eigenvalues[top])  # ritz = Uᵀ F U
-    rest = diagonal - np.einsum("ij,jk,ik->i", U, ritz, U)
+    rest = diagonal - ((U @ ritz) * U).sum(axis=1)
     for _ in range(refinements):
         middle = ritz - U.T @ (U * np.clip(rest, 0, None)[:, None])
-        rest = diagonal - np.einsum("ij,jk,ik->i", U, middle, U)
+        rest = diagonal - ((U @ middle) * U).sum(axis=1)
     eigenvalues, vectors = np.linalg.eigh((middle + middle.T) / 2 if refinements else ritz)
     U, eigenvalues = U @ vectors, np.clip(eigenvalues, 0, None)
-    rest = np.clip(diagonal - np.einsum("ij,j,ij->i", U, eigenvalues, U), 0, None)
+    rest = np.clip(diagonal - (U * U) @ eigenvalues, 0, None)
     lam = damping * diagonal.sum() / len(diagonal)
     return {"kind": "lowrank", "U": U, "eigenvalues": eigenvalues, "diagonal": rest, "lam": float(lam)}
 

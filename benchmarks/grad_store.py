@@ -108,15 +108,15 @@ def main(argv=None):
         preconditioner = Preconditioner.fit(reader, chunk_rows=args.chunk_rows)
         fit_seconds = time.perf_counter() - start
         print(f"precond fit: {fit_seconds:.1f}s (dense per-block F in float64, one pass)\n", flush=True)
-        print(f"{'score':<24} | {'seconds':>8} | {'rows/s':>11} | {'MiB/s':>8} | {'÷ read':>6}")
-        print("-" * 25 + "+" + "-" * 10 + "+" + "-" * 13 + "+" + "-" * 10 + "+" + "-" * 7)
+        print(f"{'score':<26} | {'seconds':>8} | {'rows/s':>11} | {'MiB/s':>8} | {'÷ read':>6}")
+        print("-" * 27 + "+" + "-" * 10 + "+" + "-" * 13 + "+" + "-" * 10 + "+" + "-" * 7)
         cases = [("raw (first pass, verifies)", "raw", lambda: GradStore(root)), ("raw", "raw", lambda: reader),
                  ("cosine", "cosine", lambda: reader), ("precond", "precond", lambda: reader)]
         for label, score, store_of in cases:
             seconds = timed(lambda: score_store(store_of(), queries, score=score, top=20, chunk_rows=args.chunk_rows,
                                                 preconditioner=preconditioner), args.reps)
             rate = store_bytes / seconds
-            print(f"{label:<24} | {seconds:>8.2f} | {args.rows / seconds:>11,.0f} | {rate / 2**20:>8,.0f} | "
+            print(f"{label:<26} | {seconds:>8.2f} | {args.rows / seconds:>11,.0f} | {rate / 2**20:>8,.0f} | "
                   f"{rate / bandwidth:>6.2f}", flush=True)
     finally:
         shutil.rmtree(root)

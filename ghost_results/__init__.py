@@ -5,10 +5,16 @@
     ghost_results.analysis     In-Run Data Shapley values, rankings, per-domain tables (dicts or DataFrames)
     ghost_results.report       python -m ghost_results.report RUN: report.md, CSV tables, plots
     ghost_results.convert      python -m ghost_results convert RUN: Parquet files for runs saved as pickles
+    ghost_results.grad_store   the store of projected per-sample gradients: manifest + .npy shards,
+                               GradStoreWriter (one locked writer), GradStore (verified, memory-mapped reader)
+    ghost_results.grad_query   score_store (raw, cosine, precond, trajectory; streamed top-k and per-domain
+                               totals) and the per-block Preconditioner
 
 The engine (ghost_engine) needs torch alone; this package needs numpy, pandas and pyarrow, and torch not
 at all. It imports ghost_common and (the report's sample texts) pile_tools, nothing else of the project.
 """
+from ghost_results.grad_query import Preconditioner, score_store
+from ghost_results.grad_store import GradStore, GradStoreWriter
 from ghost_results.results_io import load_dotprods, load_run, read_run
 
-__all__ = ["load_dotprods", "load_run", "read_run"]
+__all__ = ["GradStore", "GradStoreWriter", "Preconditioner", "load_dotprods", "load_run", "read_run", "score_store"]

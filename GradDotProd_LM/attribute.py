@@ -59,6 +59,8 @@ def build_parser() -> FlagParser:
     index.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                        help="stored precision [bfloat16]")
     index.add_argument("--max_windows", type=_positive, default=None, help="stop after this many windows")
+    index.add_argument("--shard_rows", type=_positive, default=4096,
+                       help="windows per shard: a kill loses at most the windows of the shard being filled [4096]")
     query = commands.add_parser("query", help="score a gradient store's rows against query texts")
     query.add_argument("source", metavar="RUN_OR_STORE", help="a run directory with an in-run store, or a store")
     query.add_argument("--queries", required=True, metavar="FILE.jsonl", help='one {"text": ...} per line')
@@ -279,7 +281,7 @@ def index(args) -> int:
     meta = {"identity": identity, "kind": "index", "projection": description, "model": origin, "data": data,
             "seq_len": seq_len}
     writer = GradStoreWriter(args.store, [[b.name, b.start, b.stop] for b in projection.blocks], dtype=args.dtype,
-                             meta=meta) if rank == 0 else None
+                             shard_rows=args.shard_rows, meta=meta) if rank == 0 else None
     step, total, batch = origin["step"] or 0, done, []
     try:
         for i, window in enumerate(windows(args.data, seq_len, args.split)):
@@ -288,7 +290,7 @@ def index(args) -> int:
             if args.max_windows is not None and i >= args.max_windows:
                 break
             batch.append(window)
-            if len(batch) == args.batch_size * world:
+            if (i + 1) % (args.batch_size * world) == 0:  # the batches of an uninterrupted run, also after a resume
                 total += _index_batch(model, projection, batch, total, step, writer, rank, world)
                 batch = []
         if batch:

@@ -4,8 +4,9 @@ training script behind `python -m GradDotProd_LM.train` (which parses the flags 
 Read it top to bottom: `run` (DDP set-up from torchrun's variables) -> `_run` (hold the run directory) ->
 `_train`, which calls the named steps in order: `load_data` -> `resumed_data` (identity, data unchanged) ->
 `build_state` (model, optimizer, checkpoint) -> `attach_engine` (engine, then compile and DDP) ->
-`open_run` (the run directory, a ghost_results RunDirectory) -> `train_loop` (`train_step`: micro-batches, backward, engine, clip, update;
-evaluations, stop signals, `save_all` checkpoints, `save_after_failure`). Step numbers count from 1: step t
+`open_run` (the run directory: ghost_results.run_directory.RunDirectory, which owns every file of it) ->
+`train_loop` (`train_step`: micro-batches, backward, engine, clip, update; evaluations, stop signals, `save_all`
+checkpoints, `save_after_failure`). Step numbers count from 1: step t
 trains on the reader's global batch t and is the t-th optimizer update.
 """
 import gc
@@ -309,7 +310,7 @@ def _train(cfg, argv, rank, world_size, device, master, stop, files):
         if master:
             print(format_eval(state.start_step, result), flush=True)
             if cfg["resume"]:
-                RunDirectory(run_dir, cfg["run_id"]).write_eval_only(state.start_step, result)
+                files.write_eval_only(state.start_step, result, cfg["run_id"])
         return 0
     if state.start_step >= cfg["max_steps"] and finished_before(run_dir, state.start_step, cfg):
         if master:  # nothing is written: config.json keeps the command that trained the run

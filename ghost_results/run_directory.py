@@ -102,9 +102,8 @@ def read_json(path):
 
 
 def read_config(run_dir):
-    """The run's config.json ({} if it has none)."""
-    path = os.path.join(run_dir, CONFIG_FILE)
-    return read_json(path) if os.path.exists(path) else {}
+    """The run's config.json."""
+    return read_json(os.path.join(run_dir, CONFIG_FILE))
 
 
 def resumed_run_id(run_dir, start_step):
@@ -303,10 +302,11 @@ class RunDirectory:
         except Exception:  # unreadable or not a valset: leave it, record these rows beside it
             return False
 
-    def write_eval_only(self, step, result):
-        """eval_only_step_XXXXXX.json: an evaluation of the checkpoint of `step` that trained nothing."""
+    def write_eval_only(self, step, result, run_id):
+        """eval_only_step_XXXXXX.json: an evaluation of the checkpoint of `step` that trained nothing (the run
+        is not opened: it is read, not held)."""
         write_json(os.path.join(self.path, f"eval_only_step_{step:06d}.json"),
-                   {"run_id": self.run_id, "step": step, "eval": result})
+                   {"run_id": run_id, "step": step, "eval": result})
 
     # ------------------------------------------------------------------ steps
     def record_step(self, record, rows=None, by_domain=None, artifacts=None, log=True):

@@ -3,8 +3,8 @@
 One GPT2-Tiny run of 6 steps keeps every checkpoint of --checkpoint_interval 2 (--keep_checkpoints 0); its
 latest.pt is read while it trains, so each kept file is compared with the checkpoint the run had at that step.
 A copy of it resumed from step 2 with --keep_checkpoints 2 sets the later files aside, trains steps 3..6 again
-and keeps exactly steps 4 and 6, equal to the uninterrupted run's. The owner's rules (links, pruning, a stop
-between intervals, a file system without hard links, a kill before the link) are checked on small files.
+and keeps exactly steps 4 and 6, equal to the uninterrupted run's. The owner's rules on small files:
+tests/test_run_directory.py.
 """
 import json
 import os
@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_train_runs import tiny_flags
 
-from ghost_results.run_directory import RunDirectory, checkpoint_path, kept_checkpoint_steps
+from ghost_results.run_directory import checkpoint_path
 from GradDotProd_LM import export, train, training
 
 SERIES = ["--checkpoint_interval", "2", "--eval_interval", "100", "--max_steps", "6"]
@@ -97,53 +97,3 @@ def test_bad_keep_checkpoints_exits_2(tmp_path, capsys):
     assert train.main(["--keep_checkpoints", "-1", "--data_dir", str(tmp_path / "data"),
                        "--results_dir", str(tmp_path / "results")]) == 2
     assert "--keep_checkpoints: must be an integer >= 0" in capsys.readouterr().err
-
-
-# ---------------------------------------------------------------------------------- the owner, on small files
-
-
-def opened(tmp_path, keep, start_step=0):
-    files = RunDirectory(tmp_path / "run")
-    files.open(start_step, run_id="r", run_name="run", checkpoint_interval=2, keep_checkpoints=keep)
-    return files
-
-
-def payload(step):
-    return lambda f: f.write(f"state of step {step}".encode())
-
-
-def test_series_links_prunes_and_a_stop_between_intervals_updates_latest_only(tmp_path):
-    files = opened(tmp_path, keep=2)
-    for step in (2, 3, 4, 6, 7):  # 3 and 7: a stop signal or a failure between intervals
-        files.checkpoint(step, payload(step))
-    assert kept_checkpoint_steps(files.path) == [4, 6]
-    assert open(checkpoint_path(files.path), "rb").read() == b"state of step 7"
-    assert open(checkpoint_path(files.path, 6), "rb").read() == b"state of step 6"
-    assert os.listdir(os.path.join(files.path, "checkpoints")) and not [
-        n for n in os.listdir(os.path.join(files.path, "checkpoints")) if ".tmp-" in n]
-    one = opened(tmp_path / "one", keep=1)
-    one.checkpoint(2, payload(2))
-    assert kept_checkpoint_steps(one.path) == []  # the default: latest.pt alone, as before the series
-
-
-def test_without_hard_links_the_step_file_is_a_copy(tmp_path, monkeypatch):
-    def no_links(*args):
-        raise OSError(1, "Operation not permitted")
-
-    monkeypatch.setattr(os, "link", no_links)
-    files = opened(tmp_path, keep=0)
-    files.checkpoint(2, payload(2))
-    files.checkpoint(4, payload(4))
-    assert open(checkpoint_path(files.path, 2), "rb").read() == b"state of step 2"
-    assert os.stat(checkpoint_path(files.path, 4)).st_ino != os.stat(checkpoint_path(files.path)).st_ino
-
-
-def test_a_kill_between_latest_and_its_link_is_repaired_on_resume(tmp_path, monkeypatch):
-    files = opened(tmp_path, keep=0)
-    files.checkpoint(2, payload(2))
-    monkeypatch.setattr(files, "_link_step_checkpoint", lambda step: None)  # killed after latest.pt was written
-    files.checkpoint(4, payload(4))
-    assert kept_checkpoint_steps(files.path) == [2]
-    resumed = opened(tmp_path, keep=0, start_step=4)  # the app resumes from latest.pt, step 4
-    assert kept_checkpoint_steps(resumed.path) == [2, 4]
-    assert open(checkpoint_path(resumed.path, 4), "rb").read() == b"state of step 4"

@@ -92,8 +92,12 @@ def test_export_a_kept_step(series, tmp_path):
     assert info["step"] == 4 and info["checkpoint"] == os.path.abspath(checkpoint_path(run_dir, 4))
 
 
-def test_bad_keep_checkpoints_exits_2(tmp_path, capsys):
+def test_bad_keep_checkpoints_exits_2_as_a_flag_or_in_yaml(tmp_path, capsys):
     (tmp_path / "data").mkdir()
-    assert train.main(["--keep_checkpoints", "-1", "--data_dir", str(tmp_path / "data"),
-                       "--results_dir", str(tmp_path / "results")]) == 2
+    dirs = ["--data_dir", str(tmp_path / "data"), "--results_dir", str(tmp_path / "results")]
+    assert train.main(["--keep_checkpoints", "-1"] + dirs) == 2
     assert "--keep_checkpoints: must be an integer >= 0" in capsys.readouterr().err
+    (tmp_path / "c.yaml").write_text("keep_checkpoints: two\n")
+    assert train.main(["--config", str(tmp_path / "c.yaml")] + dirs) == 2
+    assert "key keep_checkpoints: must be an integer >= 0, got 'two'" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "results")

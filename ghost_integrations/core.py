@@ -151,7 +151,8 @@ def with_value(loss: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 
 class ValuationRun:
-    """The engine of one training run, its per-step bookkeeping and its run directory.
+    """The engine of one training run and its per-step bookkeeping; its run directory is written by
+    `ghost_results.run_directory.RunDirectory` (`self.files`, rank 0), as the app's is.
 
     Args:
         model: the module whose trainable parameters the optimizer updates (un-wrapped).

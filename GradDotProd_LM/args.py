@@ -30,7 +30,7 @@ DEFAULTS = dict(
     val_domain=None, train_domains=None, warmup_step=2000, learning_rate=6e-4, min_lr=6e-5,
     optimizer="AdamW", max_steps=10000, lr_decay_steps=None, grad_accum=1, grad_clip=1.0, seed=42,
     eval_only=False, eval_interval=500, eval_iter=10, eval_bs=8, dot_prod_save_interval=10,
-    checkpoint_interval=1000, model_dtype="float32", train_dtype="auto", seq_len=1024,
+    checkpoint_interval=1000, keep_checkpoints=1, model_dtype="float32", train_dtype="auto", seq_len=1024,
     data_dir=None, results_dir=None, run_name=None, resume=False, compile=False, grad_ckpt=False,
     init_from=None, vocab_pad_multiple=64, accept_data_change=False, model_config=None, report_to=[],
     results_format="both", attention="standard", attention_rank=16, attention_block=64, value="first_order",
@@ -40,7 +40,7 @@ DEFAULTS = dict(
 # lacking any other setting was not written by the app, or was damaged since.
 ADDED_LATER = dict(vocab_pad_multiple=1, accept_data_change=False, model_config=None, report_to=[],
                    results_format="both", attention="standard", attention_rank=16, attention_block=64,
-                   value="first_order")
+                   value="first_order", keep_checkpoints=1)
 
 # What config.json holds beside the flags and a resume reads (GradDotProd_LM/training.py), with its JSON type;
 # run_id is null or absent for a run started before identities existed.
@@ -215,6 +215,10 @@ def _evaluation_flags(g, d):
     g.add_argument("--eval_iter", type=_positive_int, help=f"batches per split and domain [{d['eval_iter']}]")
     g.add_argument("--eval_bs", type=_positive_int, help=f"rows per evaluation batch [{d['eval_bs']}]")
     g.add_argument("--checkpoint_interval", type=_positive_int, help=f"[{d['checkpoint_interval']}]")
+    g.add_argument("--keep_checkpoints", type=_non_negative_int, metavar="N",
+                   help="keep the checkpoints of the last N --checkpoint_interval steps as checkpoints/"
+                        "step_XXXXXX.pt beside latest.pt (hard links: no extra bytes); 1 = latest.pt only, "
+                        f"0 = keep all [{d['keep_checkpoints']}]")
     g.add_argument("--dot_prod_save_interval", type=_positive_int,
                    help=f"steps per grad_dotprods/iter_XXXXXX file [{d['dot_prod_save_interval']}]")
     g.add_argument("--results_format", choices=RESULTS_FORMATS,

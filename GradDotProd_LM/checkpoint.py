@@ -1,23 +1,22 @@
 """Checkpoints that `torch.load(weights_only=True)` can read: tensors, numbers, strings, lists, dicts.
 
+This module makes a checkpoint's bytes (`checkpoint_writer`) and reads them back; where they go, in which
+order and how durably (checkpoints/latest.pt, the kept series step_XXXXXX.pt) is the run directory's owner's
+business, ghost_results.run_directory.RunDirectory.checkpoint.
+
 A checkpoint is written only after the step's dot products were flushed, so the files under
 grad_dotprods/ always cover exactly steps 1..checkpoint step when training resumes from it. It carries the
 run's identity ("run_id"): a resume takes only a checkpoint of its own run. A checkpoint only ever holds
 finite weights and optimizer state (`nonfinite_state`): after a divergence the last finite one is kept.
 """
-import os
 import random
 
 import numpy as np
 import torch
 
-from ghost_common.durable import write_atomically
+from ghost_results.run_directory import checkpoint_path
 
 CHECKPOINT_FORMAT = 1
-
-
-def checkpoint_path(run_dir):
-    return os.path.join(run_dir, "checkpoints", "latest.pt")
 
 
 def rng_state():
@@ -43,10 +42,8 @@ def set_rng_state(state):
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
 
 
-def save_checkpoint(run_dir, model, optimizer, step, config):
-    """Durably write checkpoints/latest.pt (ghost_common.durable: temporary file, fsync, rename)."""
-    path = checkpoint_path(run_dir)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+def checkpoint_writer(model, optimizer, step, config):
+    """`write(binary_file)` of the checkpoint of `step`: the state as it is now, saved when called."""
     state = {
         "format": CHECKPOINT_FORMAT,
         "step": step,  # optimizer steps completed; the next step trains on the reader's batch step + 1
@@ -57,7 +54,7 @@ def save_checkpoint(run_dir, model, optimizer, step, config):
         "config": {k: v for k, v in config.items()
                    if isinstance(v, (int, float, str, bool, type(None))) or k in ("model_config", "data_tokenizer")},
     }
-    write_atomically(path, lambda f: torch.save(state, f))
+    return lambda f: torch.save(state, f)
 
 
 def nonfinite_state(model, optimizer):
@@ -73,9 +70,10 @@ def nonfinite_state(model, optimizer):
     return [name for name, ok in zip(names, finite.tolist()) if not ok]
 
 
-def load_checkpoint(run_dir, map_location="cpu"):
-    """The checkpoint dict, read with weights_only=True (no code runs on load)."""
-    path = checkpoint_path(run_dir)
+def load_checkpoint(run_dir, map_location="cpu", step=None):
+    """The checkpoint dict (latest.pt, or the kept one of `step`), read with weights_only=True (no code runs
+    on load)."""
+    path = checkpoint_path(run_dir, step)
     state = torch.load(path, map_location=map_location, weights_only=True)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, this code reads {CHECKPOINT_FORMAT}")

@@ -1,5 +1,9 @@
 """The run's experiment log, written by rank 0: training_log.jsonl, and the sinks of --report_to.
 
+`ExperimentLog` is the log hook of the run directory's owner (ghost_results.run_directory.RunDirectory:
+step, eval, sync, close): it stays in the app because its sinks need app-only libraries (torch's
+TensorBoard writer, wandb), which the owner's package may not import.
+
 training_log.jsonl (always) holds one JSON object a line, appended and flushed to the operating system
 after every step and every evaluation, so `tail -f` follows a run and a kill -9 keeps every completed
 step's line; it is fsynced before every checkpoint, so a power cut keeps at least the steps the checkpoint
@@ -11,7 +15,7 @@ covers:
     {"kind": "eval", "step": 12, "time": <unix s>, "train"|"validation"|"test": {"loss", "domains": {...}}}
 
 Lines are in step order. A resume from the checkpoint of step s first moves the lines of later steps to
-superseded/<time>/training_log.jsonl (GradDotProd_LM.run_files.set_aside_after), so every step has one line.
+superseded/<time>/training_log.jsonl (ghost_results.run_directory.RunDirectory.open), so every step has one line.
 
 --report_to sinks get the same numbers as flat scalars: loss, val_loss, lr, grad_norm, tokens_per_s,
 step_time_s, dot_products/<domain>; eval/<split>/loss and eval/<split>/<domain> for evaluations.

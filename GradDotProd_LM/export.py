@@ -3,6 +3,8 @@
     python -m GradDotProd_LM.export RUN --out DIR [--step N] [--overwrite]     (or: graddotprod-export ...)
 
 RUN is a run directory, or the name of a run under the results directory (GradDotProd_LM/settings.py).
+--step N exports the checkpoint of step N, which the run must have kept: latest.pt, or one of the series
+checkpoints/step_XXXXXX.pt that `train --keep_checkpoints` keeps; without it, checkpoints/latest.pt.
 DIR receives
 
     config.json, generation_config.json, model.safetensors     the run's model class, vocab_size 50257, its dtype
@@ -57,7 +59,8 @@ def resolve_run_dir(run: str) -> str | None:
 
 
 def kept_checkpoints(run_dir: str) -> dict[int, str]:
-    """{step: path} of every readable checkpoint in <run>/checkpoints/ (the app keeps latest.pt only)."""
+    """{step: path} of every readable checkpoint in <run>/checkpoints/: latest.pt and the series step_XXXXXX.pt
+    of --keep_checkpoints (latest.pt's path for its step, which it shares with the newest of the series)."""
     directory = os.path.dirname(checkpoint_path(run_dir))
     found = {}
     names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
@@ -262,7 +265,8 @@ def main(argv=None) -> int:
     else:
         listing = ", ".join(f"step {s} ({os.path.relpath(p, run_dir)})" for s, p in sorted(kept.items())) or "none"
         parser.error(f"--step {args.step}: {run_dir} kept no checkpoint of that step; it holds: {listing}. "
-                     "The app keeps checkpoints/latest.pt only (overwritten every --checkpoint_interval steps)")
+                     "Train with --keep_checkpoints N (0: all) to keep the checkpoint of every "
+                     "--checkpoint_interval step, not only the latest")
     problem = out_problem(args.out, run_dir, load_settings().results_dir)
     if problem:
         parser.error(problem)

@@ -4,8 +4,9 @@ training script behind `python -m GradDotProd_LM.train` (which parses the flags 
 Read it top to bottom: `run` (DDP set-up from torchrun's variables) -> `_run` (hold the run directory) ->
 `_train`, which calls the named steps in order: `load_data` -> `resumed_data` (identity, data unchanged) ->
 `build_state` (model, optimizer, checkpoint) -> `attach_engine` (engine, then compile and DDP) ->
-`RunFiles.open` (the run directory) -> `train_loop` (`train_step`: micro-batches, backward, engine, clip, update;
-evaluations, stop signals, `save_all` checkpoints, `save_after_failure`). Step numbers count from 1: step t
+`open_run` (the run directory: ghost_results.run_directory.RunDirectory, which owns every file of it) ->
+`train_loop` (`train_step`: micro-batches, backward, engine, clip, update; evaluations, stop signals, `save_all`
+checkpoints, `save_after_failure`). Step numbers count from 1: step t
 trains on the reader's global batch t and is the t-th optimizer update.
 """
 import gc
@@ -27,16 +28,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ghost_engine import GradDotProdEngine, per_sample_loss
 from ghost_engine.recording import gather_rows, local_rows
-from ghost_results.results_io import file_formats, flush_dotprods, new_run_id, set_aside_after
+from ghost_results.results_io import new_run_id
+from ghost_results.run_directory import (DamagedRunFile, ForeignRunFile, RunBusyError, RunDirectory,
+                                         check_identity, read_config, read_training_log, read_valset_tokens,
+                                         unwritable)
 from GradDotProd_LM.args import model_name, run_dir_of
-from GradDotProd_LM.checkpoint import (checkpoint_path, load_checkpoint, nonfinite_state, save_checkpoint,
+from GradDotProd_LM.checkpoint import (checkpoint_path, checkpoint_writer, load_checkpoint, nonfinite_state,
                                        set_rng_state)
 from GradDotProd_LM.evaluate import Evaluator, format_eval
 from GradDotProd_LM.experiment_log import ExperimentLog, SinkError, domain_sums
 from GradDotProd_LM.model import build_model
-from GradDotProd_LM.run_files import (DamagedRunFile, ForeignRunFile, RunBusyError, RunLock, check_identity,
-                                      data_identity, describe_data_change, read_json, read_training_log,
-                                      read_valset_tokens, unwritable, write_json, write_valset)
+from GradDotProd_LM.run_files import data_identity, describe_data_change
 from GradDotProd_LM.settings import load_settings
 from pile_tools import ensure_sample_dataset
 from pile_tools.reader import PileReader
@@ -241,7 +243,7 @@ def run(cfg, argv, world_size, ddp) -> int:
 
 def _run(cfg, argv, rank, world_size, device, master, stop):
     """Train while holding the run directory (eval-only runs read it without holding it)."""
-    lock = RunLock(run_dir_of(cfg))
+    files = RunDirectory(run_dir_of(cfg))
     if cfg["resume"] or not cfg["eval_only"]:  # eval-only with --resume writes its result into the run
         problem = unwritable(run_dir_of(cfg)) if master else None
         if rank0_error_stops_all(problem, world_size, device):
@@ -250,19 +252,15 @@ def _run(cfg, argv, rank, world_size, device, master, stop):
         busy = None
         if master:
             try:
-                lock.acquire()
+                files.acquire()
             except (RunBusyError, OSError) as err:
                 busy = err
         if rank0_error_stops_all(busy, world_size, device):
             return 2
     try:
-        return _train(cfg, argv, rank, world_size, device, master, stop)
+        return _train(cfg, argv, rank, world_size, device, master, stop, files)
     finally:
-        lock.release()
-        run_dir = run_dir_of(cfg)
-        if master and not cfg["eval_only"] and os.path.isdir(run_dir) and os.listdir(run_dir) == ["run.lock"]:
-            os.remove(lock.path)  # stopped before writing anything: leave no trace
-            os.rmdir(run_dir)
+        files.release(remove_if_empty=master and not cfg["eval_only"])  # stopped before writing: no trace
 
 
 class StartError(Exception):
@@ -291,8 +289,9 @@ class State:
     step_model: torch.nn.Module = None
 
 
-def _train(cfg, argv, rank, world_size, device, master, stop):
-    """The run, top to bottom: data, state (fresh or restored), the run directory, the loop."""
+def _train(cfg, argv, rank, world_size, device, master, stop, files):
+    """The run, top to bottom: data, state (fresh or restored), the run directory (`files`, held by rank 0),
+    the loop."""
     train_dtype = cfg["train_dtype"] if cfg["train_dtype"] != "auto" else (
         "bfloat16" if device.type == "cuda" else "float32")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if train_dtype == "bfloat16" else nullcontext())
@@ -311,8 +310,7 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
         if master:
             print(format_eval(state.start_step, result), flush=True)
             if cfg["resume"]:
-                write_json(os.path.join(run_dir, f"eval_only_step_{state.start_step:06d}.json"),
-                           {"run_id": cfg["run_id"], "step": state.start_step, "eval": result})
+                files.write_eval_only(state.start_step, result, cfg["run_id"])
         return 0
     if state.start_step >= cfg["max_steps"] and finished_before(run_dir, state.start_step, cfg):
         if master:  # nothing is written: config.json keeps the command that trained the run
@@ -324,12 +322,14 @@ def _train(cfg, argv, rank, world_size, device, master, stop):
     if rank0_error_stops_all(checkpoint_space_shortfall(run_dir, state.model, state.optimizer) if master else None,
                              world_size, device):
         return 2
-    files, start_error = None, None  # rank 0 writes the run's files
+    start_error = None  # rank 0 writes the run's files
     if master:
         try:
-            files = RunFiles.open(cfg, argv, state, data, resumed, world_size, device, train_dtype)
+            open_run(files, cfg, argv, state, data, resumed, world_size, device, train_dtype)
         except (StartError, SinkError) as err:
             start_error = err
+    else:
+        files = None
     if rank0_error_stops_all(start_error, world_size, device):
         return 2
     if master:
@@ -370,7 +370,7 @@ def resumed_data(cfg, run_dir, data) -> dict:
     """The run's identity (kept by a resumed run, new otherwise: cfg["run_id"]) and, for --resume, what its
     config.json says of the data it started on; a resumed run continues on that data, against the same
     validation rows (valset.pkl), unless --accept_data_change."""
-    saved_config = read_json(os.path.join(run_dir, "config.json")) if cfg["resume"] else {}
+    saved_config = read_config(run_dir) if cfg["resume"] else {}
     # the identity goes into every file the run writes; None: a run started before identities, matched by name
     cfg["run_id"] = saved_config.get("run_id") if cfg["resume"] else new_run_id()
     if cfg["eval_only"]:
@@ -434,89 +434,37 @@ def attach_engine(cfg, state, data, device, world_size):
         state.step_model = DDP(state.step_model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-class RunFiles:
-    """Rank 0's writer of the run directory during training: config.json, valset.pkl, the log (training_log.json
-    and, through ExperimentLog, training_log.jsonl and the --report_to sinks), the dot-product files and the
-    checkpoints, in the order that keeps the directory consistent after any crash (docs/RELIABILITY.md)."""
-
-    def __init__(self, cfg, state, log, experiment_log, config_record, world_size):
-        self.cfg, self.state, self.run_dir, self.world_size = cfg, state, run_dir_of(cfg), world_size
-        self.log, self.experiment_log, self.config_record = log, experiment_log, config_record
-        self.formats = file_formats(cfg["results_format"])
-        self.pending = []  # step records of dot products not yet written
-        self.last_checkpoint = state.start_step if os.path.exists(checkpoint_path(self.run_dir)) else None
-
-    @classmethod
-    def open(cls, cfg, argv, state, data, resumed, world_size, device, train_dtype):
-        """Read the log of the steps kept, set aside the files of steps to redo, start the log's sinks, write
-        config.json (and valset.pkl the first time). StartError/SinkError before anything is changed."""
-        run_dir, start_step = run_dir_of(cfg), state.start_step
-        try:
-            log = read_training_log(run_dir, start_step, cfg["run_id"])  # before anything is moved
-        except (DamagedRunFile, ForeignRunFile) as err:
-            raise StartError(f"--resume: {err}") from None
-        os.makedirs(run_dir, exist_ok=True)
-        moved, destination = set_aside_after(run_dir, start_step)  # files and log lines of steps to redo
-        if cfg["resume"]:
-            print(f"Resuming {run_dir} from step {start_step}" + ("" if start_step else " (no checkpoint yet)")
-                  + (f"; moved {len(moved)} file(s) of later steps to {destination}" if moved else ""), flush=True)
-        experiment_log = ExperimentLog(run_dir, cfg["report_to"], cfg, start_step, log)
-        saved = resumed["saved_config"]
-        config_record = dict(cfg, world_size=world_size, train_dtype_resolved=train_dtype, device=str(device),
-                             torch=torch.__version__, transformers=transformers.__version__,
-                             python=platform.python_version(), argv=argv, data_identity=resumed["data_identity"],
-                             data_changes=saved.get("data_changes", []), divergences=saved.get("divergences", []))
-        if resumed["data_change"] or resumed["val_changed"]:
-            config_record["data_changes"].append({"from_step": start_step + 1, "change": resumed["data_change"],
-                                                  "validation_rows_changed": resumed["val_changed"]})
-        write_json(os.path.join(run_dir, "config.json"), config_record)
-        if data.val_batch is not None and not os.path.exists(os.path.join(run_dir, "valset.pkl")):
-            write_valset(run_dir, data.val_batch, cfg)
-        elif resumed["val_changed"]:  # --accept_data_change: the record of the earlier rows stays
-            write_valset(run_dir, data.val_batch, cfg, name=f"valset_from_step_{start_step + 1:06d}.pkl")
-        return cls(cfg, state, log, experiment_log, config_record, world_size)
-
-    def record_step(self, record, rows=None, domains=()):
-        """A completed step: its log line (before the progress line) and its dot products (written every
-        --dot_prod_save_interval steps)."""
-        by_domain = None
-        if rows is not None:
-            self.pending.append(dict(step=record["step"], lr=record["lr"], train_loss=record["loss"],
-                                     val_loss=record["val_loss"], **rows))
-            by_domain = domain_sums(rows["domain"], rows["dot_products"], domains)
-            if record["step"] % self.cfg["dot_prod_save_interval"] == 0:
-                self.flush_dotprods()
-        self.log["steps"].append(record)
-        self.experiment_log.step(record, by_domain)
-
-    def record_eval(self, step, result):
-        self.log["evals"].append({"step": step, **result})
-        self.experiment_log.eval(step, result)
-
-    def flush_dotprods(self):
-        flush_dotprods(self.run_dir, self.cfg["run_name"], self.world_size, self.pending,
-                       self.formats, value=self.cfg["value"], run_id=self.cfg["run_id"])
-
-    def write_log(self):
-        write_json(os.path.join(self.run_dir, "training_log.json"), self.log)
-
-    def keep_until(self, step):
-        """Forget the records of steps after `step` (a failure interrupted them)."""
-        self.pending[:] = [record for record in self.pending if record["step"] <= step]
-        self.log["steps"] = [r for r in self.log["steps"] if r["step"] <= step]
-
-    def divergence(self, step, bad):
-        """config.json records that the state after `step` is not finite and where a resume restarts."""
-        self.config_record["divergences"].append({"after_step": step, "nonfinite": bad[:10],
-                                                  "last_finite_checkpoint": self.last_checkpoint or 0})
-        write_json(os.path.join(self.run_dir, "config.json"), self.config_record)
-
-    def checkpoint(self, step):
-        save_checkpoint(self.run_dir, self.state.model, self.state.optimizer, step, self.cfg)
-        self.last_checkpoint = step
-
-    def close(self, failed):
-        self.experiment_log.close(failed=failed)
+def open_run(files, cfg, argv, state, data, resumed, world_size, device, train_dtype):
+    """Open the run directory at the checkpoint's step: read the log of the steps kept, set aside the files of
+    steps to redo, start the log's sinks, write config.json (and the validation rows the first time).
+    StartError/SinkError before anything is changed."""
+    start_step = state.start_step
+    try:
+        moved, destination = files.open(
+            start_step, run_id=cfg["run_id"], run_name=cfg["run_name"], world_size=world_size,
+            results_format=cfg["results_format"], value=cfg["value"], save_interval=cfg["dot_prod_save_interval"],
+            checkpoint_interval=cfg["checkpoint_interval"], keep_checkpoints=cfg["keep_checkpoints"])
+    except (DamagedRunFile, ForeignRunFile) as err:
+        raise StartError(f"--resume: {err}") from None
+    if cfg["resume"]:
+        print(f"Resuming {files.path} from step {start_step}" + ("" if start_step else " (no checkpoint yet)")
+              + (f"; moved {len(moved)} file(s) of later steps to {destination}" if moved else ""), flush=True)
+    files.log_hook = ExperimentLog(files.path, cfg["report_to"], cfg, start_step, files.log)
+    saved = resumed["saved_config"]
+    config_record = dict(cfg, world_size=world_size, train_dtype_resolved=train_dtype, device=str(device),
+                         torch=torch.__version__, transformers=transformers.__version__,
+                         python=platform.python_version(), argv=argv, data_identity=resumed["data_identity"],
+                         data_changes=saved.get("data_changes", []), divergences=saved.get("divergences", []))
+    if resumed["data_change"] or resumed["val_changed"]:
+        config_record["data_changes"].append({"from_step": start_step + 1, "change": resumed["data_change"],
+                                              "validation_rows_changed": resumed["val_changed"]})
+    files.write_config(config_record)
+    if data.val_batch is not None:  # the rows the dot products are taken against, and where they came from
+        val = data.val_batch
+        provenance = dict(domain=val.domain, doc_id=val.doc_id, token_offset=val.token_offset,
+                          sample_index=val.sample_index)
+        files.write_valset(val.tokens, cfg["seq_len"], provenance, val_domain=cfg["val_domain"],  # [Bv, T + 1]
+                           data_dir=cfg["data_dir"], changed=resumed["val_changed"])
 
 
 def train_loop(cfg, state, data, files, rank, world_size, device, master, stop, autocast):
@@ -552,7 +500,9 @@ def train_loop(cfg, state, data, files, rank, world_size, device, master, stop, 
             record, rows = train_step(cfg, state, data, step, rank, world_size, device, autocast)
             done = step  # the update and the step's dot products are complete
             if master:
-                files.record_step(record, rows, data.train_reader.domains)
+                by_domain = None if rows is None else domain_sums(rows["domain"], rows["dot_products"],
+                                                                  data.train_reader.domains)
+                files.record_step(record, rows, by_domain)
                 report_progress(step, cfg["max_steps"], record, started, start_step + 1)
             if eval_due(step):
                 evaluate(step)
@@ -561,7 +511,7 @@ def train_loop(cfg, state, data, files, rank, world_size, device, master, stop, 
             if world_size > 1:
                 dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
             if stop_now.item() or step % cfg["checkpoint_interval"] == 0 or step == cfg["max_steps"]:
-                bad = save_all(step, state, files, master)
+                bad = save_all(cfg, step, state, files, master)
                 if bad:
                     raise diverged(cfg, step, bad, files)
             if stop_now.item():
@@ -660,21 +610,19 @@ def train_step(cfg, state, data, step, rank, world_size, device, autocast):
     return record, rows_all
 
 
-def save_all(step, state, files, master):
+def save_all(cfg, step, state, files, master):
     """Dot products and log first: a checkpoint at step s implies they cover steps 1..s. A model or optimizer
     state that is not finite is never checkpointed (the last finite checkpoint stays, and config.json records
     where a resume restarts); returns the names of the non-finite tensors ([] when the checkpoint was written)."""
     if master:
-        files.flush_dotprods()
-        files.write_log()
-        files.experiment_log.sync()
+        files.sync()
     bad = nonfinite_state(state.model, state.optimizer)  # the same on every rank: the replicas are equal
     if bad:
         if master:
-            files.divergence(step, bad)
+            files.record_divergence(step, bad)
         return bad
     if master:
-        files.checkpoint(step)
+        files.checkpoint(step, checkpoint_writer(state.model, state.optimizer, step, cfg))
     return []
 
 
@@ -693,7 +641,7 @@ def save_after_failure(cfg, state, files, master, start_step, done, failure):
     if master:
         files.keep_until(done)
     try:
-        bad = save_all(done, state, files, master)
+        bad = save_all(cfg, done, state, files, master)
         if master and not bad:
             print(f"train.sh: steps {start_step + 1}..{done} are saved (dot products, log, checkpoint); continue "
                   f"with: ./train.sh --run_name {cfg['run_name']} --resume", file=sys.stderr, flush=True)

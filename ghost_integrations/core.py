@@ -1,15 +1,16 @@
 """What every training-framework integration shares (docs/INTEGRATIONS.md).
 
 `ValuationRun` owns the engine of one training run and does, for a framework's training loop:
-- at the start, `begin(...)`: config.json and valset.pkl (the validation rows, in the app's schema:
-  ghost_results.valset);
+- at the start, `begin(...)`: opens the run directory (ghost_results.run_directory.RunDirectory, the owner
+  the app uses too, which names, orders and writes every file): config.json, the validation rows, the
+  set-aside of the files of steps a resumed run redoes;
 - per micro-batch, `forward(model, batch, loss_multiplier)`: stack the fixed validation rows under the
   batch's rows (padding the shorter side on the right when their lengths differ), run the model's own
   loss on [train; val] and return it with the training rows' loss alone, for logging;
 - per optimizer step, `end_step(step, lr)`: the engine's dot products, every process's rows gathered on
-  rank 0, written every `save_interval` steps as `grad_dotprods/iter_XXXXXX.pkl` and `.parquet` (as the
-  app's --results_format: both by default) by the app's writer (ghost_results.results_io), so
-  `python -m ghost_results.report RUN_DIR` reads an integration's run as it reads the app's.
+  rank 0, recorded with the run directory, which writes them every `save_interval` steps as the app's
+  dot-product files (--results_format: both by default), so `python -m ghost_results.report RUN_DIR` reads an
+  integration's run as it reads the app's. The frameworks write their own checkpoints.
 
 The integrations only translate their framework's loss scaling into `loss_multiplier`: the factor the
 model's loss is multiplied by before backward, relative to the mean over the micro-batch's targets. The
@@ -19,7 +20,6 @@ Rows carry provenance: `sample_index` (required: the row's index in the training
 `doc_id` and `token_offset` (defaults: "train", the sample index, the sample index). A sample of the report
 is a (domain, token_offset) pair. `IndexedDataset` adds them to any map-style dataset of dicts.
 """
-import json
 import os
 import platform
 from collections.abc import Mapping
@@ -28,12 +28,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ghost_common.durable import write_atomically
 from ghost_engine.engine import LR_INSIDE, GradDotProdEngine
 from ghost_engine.losses import IGNORE_INDEX, per_sample_loss, target_counts
 from ghost_engine.recording import gather_rows, local_rows
-from ghost_results.results_io import file_formats, flush_dotprods, new_run_id, safe_load_pickle, set_aside_after
-from ghost_results.valset import VALSET_FILE, write_valset_file
+from ghost_results.results_io import file_formats
+from ghost_results.run_directory import RunDirectory, resumed_run_id
 
 PROVENANCE_KEY = "graddotprod_rows"  # a batch's provenance, {field: [B] values}
 PROVENANCE_FIELDS = ("sample_index", "domain", "doc_id", "token_offset")
@@ -152,7 +151,8 @@ def with_value(loss: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 
 class ValuationRun:
-    """The engine of one training run, its per-step bookkeeping and its run directory.
+    """The engine of one training run and its per-step bookkeeping; its run directory is written by
+    `ghost_results.run_directory.RunDirectory` (`self.files`, rank 0), as the app's is.
 
     Args:
         model: the module whose trainable parameters the optimizer updates (un-wrapped).
@@ -201,7 +201,7 @@ class ValuationRun:
         self.config = dict(config or {})
         self.save_interval = save_interval
         self.rank, self.world_size = 0, 1
-        self.pending = []  # step records not yet written (rank 0)
+        self.files = None  # the run directory, opened by begin() on rank 0
         self.run_id = None  # set by begin() on rank 0
         self._reset_step()
 
@@ -229,9 +229,10 @@ class ValuationRun:
         self._reset_step()
         if self.rank != 0:
             return
-        os.makedirs(self.run_dir, exist_ok=True)
-        self.run_id = self._identity(start_step)
-        set_aside_after(self.run_dir, start_step)
+        self.run_id = resumed_run_id(self.run_dir, start_step)
+        self.files = RunDirectory(self.run_dir)
+        self.files.open(start_step, run_id=self.run_id, run_name=self.run_name, world_size=self.world_size,
+                        results_format=self.results_format, value=self.engine.value, save_interval=self.save_interval)
         X_val = self._val["input_ids"]
         config = {"run_name": self.run_name, "run_id": self.run_id, "method": "GradDotProd", "start_step": start_step,
                   "world_size": self.world_size, "value": self.engine.value, "val_batch_size": int(X_val.shape[0]),
@@ -240,53 +241,29 @@ class ValuationRun:
                   "torch": torch.__version__, "python": platform.python_version(), **settings, **self.config}
         if max_steps is not None and max_steps > 0:
             config["max_steps"] = int(max_steps)
-        write_atomically(os.path.join(self.run_dir, "config.json"),
-                         lambda f: f.write(json.dumps(config, indent=1, default=str).encode()))
-        self._write_valset(start_step, config)
+        self.files.write_config(config)
+        self._write_valset(config)
 
-    def _identity(self, start_step):
-        """The run's identity (written into every file, as the app's): a resumed run (start_step > 0) keeps the
-        one its config.json records; a run starting at step 0 is a new run (earlier files are set aside)."""
-        path = os.path.join(self.run_dir, "config.json")
-        if start_step > 0 and os.path.exists(path):
-            try:
-                with open(path) as f:
-                    saved = json.load(f)
-            except (OSError, ValueError) as err:
-                raise ValueError(f"cannot read {path} ({type(err).__name__}: {err}) to resume its run") from err
-            if isinstance(saved, dict) and saved.get("run_id") is not None:
-                return str(saved["run_id"])
-            return None  # a run written before identities: its files are matched by name
-        return new_run_id()
-
-    def _write_valset(self, start_step, config):
-        """valset.pkl, in the app's schema (ghost_results.valset): the validation input_ids as given (seq_len: their
-        length) and their provenance; defaults: domain the config's val_domain (else "validation"), doc_id,
-        token_offset and sample_index the row's index. A resumed run keeps the valset.pkl it finds when its rows
-        are these; other rows go to valset_from_step_XXXXXX.pkl, as the app's --accept_data_change does."""
+    def _write_valset(self, config):
+        """The validation rows in the app's schema (ghost_results.valset): the validation input_ids as given
+        (seq_len: their length) and their provenance; defaults: domain the config's val_domain (else
+        "validation"), doc_id, token_offset and sample_index the row's index. A resumed run keeps the valset.pkl
+        it finds when its rows are these; other rows go beside it, as the app's --accept_data_change does."""
         tokens = self._val["input_ids"].detach().cpu().numpy()
-        rows = tokens.shape[0]
-        given = self.val_provenance
-        name = VALSET_FILE
-        path = os.path.join(self.run_dir, name)
-        if start_step > 0 and os.path.exists(path):
-            try:
-                if np.array_equal(np.asarray(safe_load_pickle(path)["tokens"]), tokens):
-                    return
-            except Exception:  # unreadable or not a valset: leave it, record these rows beside it
-                pass
-            name = f"valset_from_step_{start_step + 1:06d}.pkl"
-        val_domain = config.get("val_domain")
-        index = list(range(rows))
-        write_valset_file(os.path.join(self.run_dir, name), tokens, tokens.shape[1],
-                          given["domain"] or [str(val_domain) if val_domain is not None else "validation"] * rows,
-                          given["doc_id"] or index, given["token_offset"] or index, given["sample_index"] or index,
-                          val_domain=val_domain, data_dir=config.get("data_dir"), run_id=self.run_id)
+        index = list(range(tokens.shape[0]))
+        given, val_domain = self.val_provenance, config.get("val_domain")
+        domain = given["domain"] or [str(val_domain) if val_domain is not None else "validation"] * len(index)
+        provenance = {"domain": domain, "doc_id": given["doc_id"] or index,
+                      "token_offset": given["token_offset"] or index, "sample_index": given["sample_index"] or index}
+        self.files.write_valset(tokens, tokens.shape[1], provenance, val_domain=val_domain,
+                                data_dir=config.get("data_dir"))
 
     def finish(self):
         """Write the pending records and detach the engine (safe to call twice)."""
-        if self.rank == 0:
-            self._flush()
+        if self.rank == 0 and self.files is not None:
+            self.files.flush()
+            self.files.close()
+            self.files = None
         self.engine.detach()
 
     # ------------------------------------------------------------------ micro-batch
@@ -386,14 +363,8 @@ class ValuationRun:
         self._reset_step()
         if self.rank != 0:
             return
-        self.pending.append(dict(step=int(step), lr=float(lr), train_loss=float(sums[0] / sums[1]),
-                                 val_loss=float(val_loss), **rows))
-        if step % self.save_interval == 0:
-            self._flush()
-
-    def _flush(self):
-        flush_dotprods(self.run_dir, self.run_name, self.world_size, self.pending, self.formats,
-                       value=self.engine.value, run_id=self.run_id)
+        record = {"step": int(step), "lr": float(lr), "loss": float(sums[0] / sums[1]), "val_loss": float(val_loss)}
+        self.files.record_step(record, rows, log=False)  # the framework keeps its own log
 
 
 def _field(out, name):

@@ -2,6 +2,9 @@
 
     ghost_results.results_io   the file format: writing, validating, loading (load_run: a DataFrame;
                                read_run: numpy columns; load_dotprods)
+    ghost_results.run_directory  RunDirectory, the one owner of a run directory (its files, their order and
+                               durability, the lock, identity, set-aside on resume, the checkpoint series),
+                               used by the training app and the framework integrations
     ghost_results.analysis     In-Run Data Shapley values, rankings, per-domain tables (dicts or DataFrames)
     ghost_results.report       python -m ghost_results.report RUN: report.md, CSV tables, plots
     ghost_results.convert      python -m ghost_results convert RUN: Parquet files for runs saved as pickles

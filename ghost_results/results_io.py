@@ -88,6 +88,9 @@ RUN_ID_KEY = "run_id"  # the run's identity: in config.json, every pickle payloa
 DIGEST_KEYS = ("content_sha256", "per_layer_sha256")  # content_digests(): the columns, the per-layer columns
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 TRAINING_LOG_JSONL = "training_log.jsonl"  # the app's per-step log; a resume cuts it like the files
+CHECKPOINT_DIR = "checkpoints"
+STEP_CHECKPOINT_FILE = re.compile(r"^step_(\d+)\.pt$")  # checkpoints/step_<step>.pt: the series --keep_checkpoints
+STEP_FILES = {DOTPROD_DIR: ITER_FILE, CHECKPOINT_DIR: STEP_CHECKPOINT_FILE}  # sub directory -> its files named by step
 
 # Fields of a v1 step record, by kind. Arrays are 1-D with one entry per training row.
 _V1_SCALAR_INT = ("step",)
@@ -676,17 +679,18 @@ def split_log_lines(data, step):
 
 def set_aside_after(run_dir, step):
     """Move what a resumed run is about to redo, everything of steps after `step` (the checkpoint it resumes
-    from), to superseded/<UTC time>/: the dot-product files (both formats) and the lines of
-    training_log.jsonl (the file is cut after the last line of step <= `step`). Removes stray temporary
-    files of interrupted writes. Nothing complete is deleted. Returns (moved names, destination or None)."""
-    for sub in (DOTPROD_DIR, "checkpoints"):
+    from), to superseded/<UTC time>/: the dot-product files (both formats), the kept checkpoints
+    checkpoints/step_XXXXXX.pt and the lines of training_log.jsonl (the file is cut after the last line of
+    step <= `step`). Removes stray temporary files of interrupted writes. Nothing complete is deleted.
+    Returns (moved names, destination or None)."""
+    later = {}  # sub directory -> names of its files of steps after `step`
+    for sub, pattern in STEP_FILES.items():
         directory = os.path.join(run_dir, sub)
         for name in os.listdir(directory) if os.path.isdir(directory) else []:
             if ".tmp-" in name:  # a write that never completed (kill -9, full disk): no data in it
                 os.remove(os.path.join(directory, name))
-    directory = os.path.join(run_dir, DOTPROD_DIR)
-    later = sorted(name for name in (os.listdir(directory) if os.path.isdir(directory) else [])
-                   if ITER_FILE.match(name) and int(ITER_FILE.match(name).group(1)) > step)
+            elif pattern.match(name) and int(pattern.match(name).group(1)) > step:
+                later.setdefault(sub, []).append(name)
     log_path = os.path.join(run_dir, TRAINING_LOG_JSONL)
     kept_lines, later_lines = b"", b""
     if os.path.exists(log_path):
@@ -699,13 +703,13 @@ def set_aside_after(run_dir, step):
     while os.path.exists(destination):  # two resumes within a second: the earlier one's files stay
         destination, attempt = f"{base}-{attempt}", attempt + 1
     moved = []
-    if later:
-        os.makedirs(os.path.join(destination, DOTPROD_DIR), exist_ok=True)
-        for name in later:
-            os.replace(os.path.join(directory, name), os.path.join(destination, DOTPROD_DIR, name))
+    for sub, names in later.items():
+        os.makedirs(os.path.join(destination, sub), exist_ok=True)
+        for name in sorted(names):
+            os.replace(os.path.join(run_dir, sub, name), os.path.join(destination, sub, name))
             moved.append(name)
-        fsync_directory(os.path.join(destination, DOTPROD_DIR))
-        fsync_directory(directory)
+        fsync_directory(os.path.join(destination, sub))
+        fsync_directory(os.path.join(run_dir, sub))
     if later_lines:
         # the copy first: a crash before the cut leaves the lines in both places, never in neither
         os.makedirs(destination, exist_ok=True)

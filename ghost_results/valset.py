@@ -6,8 +6,8 @@
                                    integrations: L = seq_len, the validation input_ids as given)
      "domain": [Bv] str, "doc_id": int64 [Bv], "token_offset": int64 [Bv], "sample_index": int64 [Bv]}
 
-One writer for the training app (GradDotProd_LM.run_files.write_valset) and the integrations
-(ghost_integrations.core.ValuationRun); the report reads it (ghost_results.report.validation_rows)
+One writer, called by the run directory's owner (ghost_results.run_directory.RunDirectory.write_valset) for
+the training app and the integrations; the report reads it (ghost_results.report.validation_rows)
 with ghost_results.results_io.safe_load_pickle.
 """
 import os

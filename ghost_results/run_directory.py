@@ -1,0 +1,410 @@
+"""The one owner of a run directory, Results/<run_name>/: every file name, the order the files are written in
+and how durably. The training app (GradDotProd_LM.training) and the framework integrations
+(ghost_integrations.core.ValuationRun) both write their run through a `RunDirectory`; neither knows a file name.
+
+    config.json          the run's settings and environment (the caller's record), with its identity "run_id"
+    valset.pkl           the validation rows (schema: ghost_results.valset); valset_from_step_XXXXXX.pkl when
+                         a resumed run is valued against other rows
+    training_log.json    {"run_id", "steps": [per-step records], "evals": [evaluation records]}, at checkpoints
+    training_log.jsonl   the same records, one line each, appended every step by the caller's log hook (the
+                         app's GradDotProd_LM.experiment_log, which also feeds the --report_to sinks)
+    grad_dotprods/iter_XXXXXX.pkl, .parquet   steps (previous file, XXXXXX] (format: ghost_results.results_io)
+    checkpoints/latest.pt            the newest checkpoint (its bytes come from the caller: `write(file)`)
+    checkpoints/step_XXXXXX.pt       with keep_checkpoints != 1: the checkpoints of checkpoint_interval steps,
+                                     hard links of latest.pt's file (no extra bytes), the newest N kept
+    run.lock             held by the process training the run (`acquire`)
+    superseded/<time>/   files and log lines of steps after the step a resume started from, moved aside
+
+Besides the dot products a run may hold more per-step artifacts ("step sinks", e.g. a store of projected
+per-sample gradients): objects with `append(rows, prov)`, `flush()`, `drop_steps_after(step)` and `close()`.
+The owner flushes them whenever it writes the dot products, has them drop the steps after the resume step when
+a run resumes, and closes them with the run.
+
+Identity: a run's `run_id` (a random hex string made when the run starts, config.json's "run_id") is written
+into every file (each log line, the dot-product files, valset.pkl, every checkpoint). Resume and the loaders
+take only files of that identity and refuse others by name (`ForeignRunFile`); the directory's name plays no
+part, so a run directory can be moved or renamed. Runs started before identities existed have none
+(config.json lacks "run_id") and are matched by name, as they were written.
+
+Order and durability (docs/RELIABILITY.md): every file but the appended training_log.jsonl is written durably
+(ghost_common.durable: temporary file, fsync, rename, fsync of the directory), so a reader never sees half a
+file and a written file survives a crash. A checkpoint at step s is written only after the dot products and
+log of steps 1..s (`sync`), so a resume from it finds exactly the files of the steps it does not redo. A kept
+step checkpoint is linked only after latest.pt is durable, and older ones are removed only after it is.
+
+This module needs the standard library, numpy and the rest of ghost_results; never torch (checkpoint bytes
+are the caller's `write(binary_file)`).
+"""
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from ghost_common.durable import FileLock, fsync_directory, write_atomically
+from ghost_results.results_io import (CHECKPOINT_DIR, STEP_CHECKPOINT_FILE, TRAINING_LOG_JSONL, file_formats,
+                                      flush_dotprods, new_run_id, safe_load_pickle, set_aside_after)
+from ghost_results.valset import VALSET_FILE, write_valset_file
+
+CONFIG_FILE = "config.json"
+TRAINING_LOG_JSON = "training_log.json"
+LATEST_CHECKPOINT = "latest.pt"
+LOCK_FILE = "run.lock"
+
+
+def checkpoint_path(run_dir, step=None):
+    """checkpoints/latest.pt, or the kept checkpoint of `step` (checkpoints/step_XXXXXX.pt)."""
+    return os.path.join(run_dir, CHECKPOINT_DIR, LATEST_CHECKPOINT if step is None else f"step_{step:06d}.pt")
+
+
+def kept_checkpoint_steps(run_dir):
+    """The steps of the run's kept checkpoints (checkpoints/step_XXXXXX.pt), ascending."""
+    directory = os.path.join(run_dir, CHECKPOINT_DIR)
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    return sorted(int(m.group(1)) for m in map(STEP_CHECKPOINT_FILE.match, names) if m)
+
+
+# ---------------------------------------------------------------------------------------------- identity
+
+
+class ForeignRunFile(ValueError):
+    """A file in the run directory was written by another run; it is not resumed from and not merged."""
+
+    def __init__(self, path, found, expected):
+        super().__init__(f"{path} belongs to another run (run_id {found!r}, this run is {expected!r}): it was "
+                         "copied or moved here; nothing was resumed from it or changed. Move it away and "
+                         "restore this run's own file, or start a new --run_name")
+
+
+class DamagedRunFile(ValueError):
+    """A file of the run directory cannot be read; the message names it and what to do."""
+
+    def __init__(self, path, err):
+        super().__init__(f"cannot read {path} ({type(err).__name__}: {err}); restore it from a backup, or keep "
+                         "this run's results and start a new --run_name")
+
+
+def check_identity(path, found, expected):
+    """Raise ForeignRunFile unless a file's run_id is the run's; a run without an identity (started before
+    identities existed) accepts anything, as it always did."""
+    if expected is not None and found != expected:
+        raise ForeignRunFile(path, found, expected)
+
+
+def write_json(path, obj):
+    write_atomically(path, lambda f: f.write(json.dumps(obj, indent=1, default=str).encode()))
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_config(run_dir):
+    """The run's config.json."""
+    return read_json(os.path.join(run_dir, CONFIG_FILE))
+
+
+def resumed_run_id(run_dir, start_step):
+    """The identity of a run (re)started at `start_step`: a resumed run (start_step > 0) keeps the one its
+    config.json records (None: a run written before identities); a run starting at step 0 is a new run."""
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if start_step > 0 and os.path.exists(path):
+        try:
+            saved = read_json(path)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read {path} ({type(err).__name__}: {err}) to resume its run") from err
+        if isinstance(saved, dict) and saved.get("run_id") is not None:
+            return str(saved["run_id"])
+        return None
+    return new_run_id()
+
+
+def read_valset_tokens(run_dir, run_id=None):
+    """The validation rows saved with the run (None if it has no valset.pkl); ForeignRunFile if another run
+    wrote it."""
+    path = os.path.join(run_dir, VALSET_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        payload = safe_load_pickle(path)
+        tokens = np.asarray(payload["tokens"], dtype=np.int64)
+    except Exception as err:  # truncated, hostile or not a valset: the unpickler raises several types
+        raise DamagedRunFile(path, err) from err
+    check_identity(path, payload.get("run_id"), run_id)
+    return tokens
+
+
+def read_training_log(run_dir, up_to_step, run_id=None):
+    """The run's log, keeping only records of steps <= up_to_step (those a resumed run does not redo), with
+    the run's identity under "run_id"; ForeignRunFile if training_log.json or a line of training_log.jsonl
+    names another run."""
+    path = os.path.join(run_dir, TRAINING_LOG_JSON)
+    log = {"run_id": run_id, "steps": [], "evals": []}
+    if os.path.exists(path):
+        try:
+            saved = read_json(path)
+            log.update({kind: [r for r in saved.get(kind, []) if r["step"] <= up_to_step]
+                        for kind in ("steps", "evals")})
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise DamagedRunFile(path, err) from err
+        check_identity(path, saved.get("run_id"), run_id)
+    lines = os.path.join(run_dir, TRAINING_LOG_JSONL)
+    if run_id is not None and os.path.exists(lines):
+        with open(lines, "rb") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    found = json.loads(line).get("run_id")
+                except (ValueError, AttributeError):
+                    continue  # a torn or damaged line: set aside on resume, never read as a record
+                check_identity(f"{lines} line {number}", found, run_id)
+    return log
+
+
+# ---------------------------------------------------------------------------------------------- one owner
+
+
+def unwritable(run_dir):
+    """None if this process can write the run directory (or create it), else a one-line error naming the
+    path. Tried, not inferred from permission bits: a read-only mount stops root too, and root ignores modes."""
+    existing = run_dir
+    while not os.path.isdir(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    probes = [existing] + [os.path.join(run_dir, sub) for sub in ("grad_dotprods", CHECKPOINT_DIR)
+                           if existing == run_dir and os.path.isdir(os.path.join(run_dir, sub))]
+    for directory in probes:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
+            os.close(fd)
+            os.remove(probe)
+        except OSError as err:
+            return (f"cannot write in {directory} ({os.strerror(err.errno) if err.errno else err}); the run's "
+                    "files could not be saved. Make it writable or pass another --results_dir")
+    for name in (TRAINING_LOG_JSONL, "training_log.csv", "eval_log.csv"):  # appended in place
+        path = os.path.join(run_dir, name)
+        if os.path.exists(path):
+            try:
+                open(path, "ab").close()
+            except OSError as err:
+                return (f"cannot append to {path} ({os.strerror(err.errno) if err.errno else err}); make it "
+                        "writable")
+    return None
+
+
+class RunBusyError(RuntimeError):
+    """Another process holds the run directory."""
+
+
+class RunLock:
+    """A run directory is owned by one process (rank 0 of one launch) at a time: <run_dir>/run.lock."""
+
+    def __init__(self, run_dir):
+        self._lock = FileLock(os.path.join(run_dir, LOCK_FILE))
+        self.path = self._lock.path
+
+    def acquire(self):
+        if not self._lock.acquire(blocking=False):
+            raise RunBusyError(f"{os.path.dirname(self.path)} is in use by {self._lock.holder()}; wait for it to "
+                               "finish, stop it, or pick another --run_name")
+        return self
+
+    def release(self):
+        self._lock.release()
+
+
+class RunDirectory:
+    """Rank 0's owner of one run directory: `acquire` (the lock), `open` (identity, set-aside, log), then
+    `write_config` and `write_valset`; per step `record_step`; `flush`, `sync`, `checkpoint`; `close`,
+    `release`. Every file name and the order of the writes are here (module docstring)."""
+
+    def __init__(self, run_dir, run_id=None):
+        self.path = os.fspath(run_dir)
+        self._lock = RunLock(self.path)
+        self.run_id, self.start_step, self.last_checkpoint = run_id, 0, None
+        self.log = {"run_id": None, "steps": [], "evals": []}  # training_log.json's records
+        self.pending = []  # dot-product step records not yet written
+        self.step_sinks = {}  # name -> a writer of per-step artifacts beside the dot products
+        self.log_hook = None  # the caller's writer of training_log.jsonl and its sinks (step, eval, sync, close)
+        self.config = None  # config.json as last written
+
+    # ------------------------------------------------------------------ holding the directory
+    def acquire(self):
+        """Hold run.lock (RunBusyError naming the holder if another process does)."""
+        self._lock.acquire()
+        return self
+
+    def release(self, remove_if_empty=False):
+        """Let go of run.lock; remove_if_empty: a run stopped before writing anything leaves no trace."""
+        self._lock.release()
+        if remove_if_empty and os.path.isdir(self.path) and os.listdir(self.path) == [LOCK_FILE]:
+            os.remove(self._lock.path)
+            os.rmdir(self.path)
+
+    # ------------------------------------------------------------------ creating or resuming
+    def open(self, start_step, *, run_id, run_name, world_size=1, results_format="both", value="first_order",
+             save_interval=1, checkpoint_interval=None, keep_checkpoints=1, step_sinks=None):
+        """Start or resume the run at `start_step`: read its log of the steps kept (DamagedRunFile or
+        ForeignRunFile before anything is changed), set aside the files and log lines of later steps (and
+        have every step sink drop them). Returns (moved names, their destination or None)."""
+        self.run_id, self.run_name, self.world_size, self.value = run_id, run_name, world_size, value
+        self.formats, self.results_format = file_formats(results_format), results_format
+        self.save_interval, self.checkpoint_interval = save_interval, checkpoint_interval
+        self.keep_checkpoints, self.start_step = keep_checkpoints, start_step
+        self.log = read_training_log(self.path, start_step, run_id)  # before anything is moved
+        os.makedirs(self.path, exist_ok=True)
+        moved = set_aside_after(self.path, start_step)  # files and log lines of steps to redo
+        self.last_checkpoint = start_step if os.path.exists(checkpoint_path(self.path)) else None
+        if self.last_checkpoint and self._in_series(start_step) and not os.path.exists(
+                checkpoint_path(self.path, start_step)):
+            self._link_step_checkpoint(start_step)  # a kill between latest.pt and its link: link it now
+        for name, sink in (step_sinks or {}).items():
+            self.add_step_sink(name, sink)
+        return moved
+
+    def add_step_sink(self, name, sink):
+        """Hold `sink` (append, flush, drop_steps_after, close) beside the dot products; it drops what it
+        holds of steps after the step the run (re)started from."""
+        sink.drop_steps_after(self.start_step)
+        self.step_sinks[name] = sink
+
+    def write_config(self, record):
+        """config.json: the caller's record of the run, with its identity."""
+        self.config = dict(record, run_id=self.run_id)
+        write_json(os.path.join(self.path, CONFIG_FILE), self.config)
+
+    def write_valset(self, tokens, seq_len, provenance, *, val_domain=None, data_dir=None, changed=None):
+        """valset.pkl: the validation rows (`provenance`: domain, doc_id, token_offset, sample_index, one per
+        row). A run that has one keeps it; rows other than its own go to valset_from_step_XXXXXX.pkl (the step
+        they are first used in). changed: whether the rows differ from valset.pkl's (None: compare here; a run
+        starting at step 0 then writes valset.pkl afresh)."""
+        path = os.path.join(self.path, VALSET_FILE)
+        exists = os.path.exists(path)
+        if changed is None:
+            fresh = self.start_step == 0 or not exists
+            changed = not fresh and not self._holds_valset(path, tokens)
+        else:
+            fresh = not exists
+        if not fresh and not changed:
+            return
+        name = VALSET_FILE if fresh else f"valset_from_step_{self.start_step + 1:06d}.pkl"
+        write_valset_file(os.path.join(self.path, name), tokens, seq_len, provenance["domain"],
+                          provenance["doc_id"], provenance["token_offset"], provenance["sample_index"],
+                          val_domain=val_domain, data_dir=data_dir, run_id=self.run_id)
+
+    @staticmethod
+    def _holds_valset(path, tokens):
+        try:
+            return np.array_equal(np.asarray(safe_load_pickle(path)["tokens"]), tokens)
+        except Exception:  # unreadable or not a valset: leave it, record these rows beside it
+            return False
+
+    def write_eval_only(self, step, result, run_id):
+        """eval_only_step_XXXXXX.json: an evaluation of the checkpoint of `step` that trained nothing (the run
+        is not opened: it is read, not held)."""
+        write_json(os.path.join(self.path, f"eval_only_step_{step:06d}.json"),
+                   {"run_id": run_id, "step": step, "eval": result})
+
+    # ------------------------------------------------------------------ steps
+    def record_step(self, record, rows=None, by_domain=None, artifacts=None, log=True):
+        """A completed step: `record` {"step", "loss", "lr", "val_loss", ...} is its log line (log=False: the
+        run keeps no log), `rows` its dot-product rows (ghost_engine.recording), `artifacts` {sink name: (rows,
+        prov)} its other per-step artifacts. Rows are written every save_interval steps."""
+        step = record["step"]
+        if rows is not None:
+            self.pending.append(dict(step=step, lr=record["lr"], train_loss=record["loss"],
+                                     val_loss=record["val_loss"], **rows))
+        for name, (sink_rows, prov) in (artifacts or {}).items():
+            self.step_sinks[name].append(sink_rows, prov)
+        if step % self.save_interval == 0:
+            self.flush()
+        if log:
+            self.log["steps"].append(record)
+            if self.log_hook is not None:
+                self.log_hook.step(record, by_domain)
+
+    def record_eval(self, step, result):
+        self.log["evals"].append({"step": step, **result})
+        if self.log_hook is not None:
+            self.log_hook.eval(step, result)
+
+    def keep_until(self, step):
+        """Forget the records of steps after `step` (a failure interrupted them)."""
+        self.pending[:] = [record for record in self.pending if record["step"] <= step]
+        self.log["steps"] = [r for r in self.log["steps"] if r["step"] <= step]
+        for sink in self.step_sinks.values():
+            sink.drop_steps_after(step)
+
+    def flush(self):
+        """Write the pending dot products (grad_dotprods/iter_<last step>) and flush every step sink."""
+        flush_dotprods(self.path, self.run_name, self.world_size, self.pending, self.formats, value=self.value,
+                       run_id=self.run_id)
+        for sink in self.step_sinks.values():
+            sink.flush()
+
+    def write_log(self):
+        write_json(os.path.join(self.path, TRAINING_LOG_JSON), self.log)
+
+    def sync(self):
+        """Everything of the steps recorded so far made durable, as a checkpoint needs it: the dot products
+        and step sinks, training_log.json, the log hook's lines."""
+        self.flush()
+        self.write_log()
+        if self.log_hook is not None:
+            self.log_hook.sync()
+
+    def record_divergence(self, step, bad):
+        """config.json records that the state after `step` is not finite and where a resume restarts."""
+        self.config.setdefault("divergences", []).append(
+            {"after_step": step, "nonfinite": bad[:10], "last_finite_checkpoint": self.last_checkpoint or 0})
+        write_json(os.path.join(self.path, CONFIG_FILE), self.config)
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self, step, write):
+        """The checkpoint of `step`, its bytes from `write(binary_file)`: checkpoints/latest.pt durably; at a
+        checkpoint_interval step with keep_checkpoints != 1 also checkpoints/step_XXXXXX.pt (a hard link of the
+        same file), then the kept ones beyond keep_checkpoints (0: all) are removed. Call `sync` first."""
+        latest = checkpoint_path(self.path)
+        os.makedirs(os.path.dirname(latest), exist_ok=True)
+        write_atomically(latest, write)
+        self.last_checkpoint = step
+        if self._in_series(step):
+            self._link_step_checkpoint(step)
+            self._prune_step_checkpoints()
+
+    def _in_series(self, step):
+        return bool(self.checkpoint_interval) and self.keep_checkpoints != 1 and step % self.checkpoint_interval == 0
+
+    def _link_step_checkpoint(self, step):
+        """step_XXXXXX.pt as latest.pt's file: a link under a temporary name renamed into place (a copy where the
+        file system has no hard links), then the directory fsynced."""
+        latest, kept = checkpoint_path(self.path), checkpoint_path(self.path, step)
+        tmp = f"{kept}.tmp-{os.getpid()}"
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        try:
+            os.link(latest, tmp)
+        except OSError:  # no hard links here (some network and FAT file systems): the bytes again
+            with open(latest, "rb") as source:
+                write_atomically(kept, lambda f: shutil.copyfileobj(source, f))
+            return
+        os.replace(tmp, kept)
+        fsync_directory(os.path.dirname(kept))
+
+    def _prune_step_checkpoints(self):
+        if self.keep_checkpoints < 1:
+            return
+        for step in kept_checkpoint_steps(self.path)[:-self.keep_checkpoints]:
+            os.remove(checkpoint_path(self.path, step))
+        fsync_directory(os.path.join(self.path, CHECKPOINT_DIR))
+
+    # ------------------------------------------------------------------ the end
+    def close(self, failed=False):
+        """Close the log hook and every step sink (what they hold was written by `flush`/`sync`)."""
+        if self.log_hook is not None:
+            self.log_hook.close(failed=failed)
+        for sink in self.step_sinks.values():
+            sink.close()

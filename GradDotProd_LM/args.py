@@ -34,13 +34,15 @@ DEFAULTS = dict(
     data_dir=None, results_dir=None, run_name=None, resume=False, compile=False, grad_ckpt=False,
     init_from=None, vocab_pad_multiple=64, accept_data_change=False, model_config=None, report_to=[],
     results_format="both", attention="standard", attention_rank=16, attention_block=64, value="first_order",
+    project_dim=0, project_seed=0, project_dtype="bfloat16",
 )
 # Settings added after the app's first version, with what a run saved before each existed used (its config.json
 # lacks the key): the default of today, but vocab_pad_multiple (those runs were unpadded). A config.json
 # lacking any other setting was not written by the app, or was damaged since.
 ADDED_LATER = dict(vocab_pad_multiple=1, accept_data_change=False, model_config=None, report_to=[],
                    results_format="both", attention="standard", attention_rank=16, attention_block=64,
-                   value="first_order", keep_checkpoints=1)
+                   value="first_order", keep_checkpoints=1, project_dim=0, project_seed=0,
+                   project_dtype="bfloat16")
 
 # What config.json holds beside the flags and a resume reads (GradDotProd_LM/training.py), with its JSON type;
 # run_id is null or absent for a run started before identities existed.
@@ -49,7 +51,8 @@ RECORDS = dict(data_identity="an object", data_changes="a list", divergences="a 
 # These define which samples are seen and how they are valued; a resumed run must keep them.
 RUN_IDENTITY = ("method", "architecture", "batch_size", "val_batch_size", "val_domain", "train_domains",
                 "seq_len", "seed", "model_dtype", "data_dir", "init_from", "vocab_pad_multiple", "optimizer",
-                "model_config", "attention", "attention_rank", "attention_block", "value")
+                "model_config", "attention", "attention_rank", "attention_block", "value", "project_dim",
+                "project_seed")
 
 
 def _number(kind, low, wording):
@@ -145,6 +148,13 @@ def _run_flags(g, d):
                         "held (adamw) or through v_t (adamw_vt), both need --optimizer AdamW; the optimizer's "
                         "step differentiated at half the batch gradient (midpoint); or the cosine. second_order, "
                         f"adamw_vt and midpoint keep the step's activations until the update [{d['value']}]")
+    g.add_argument("--project_dim", type=_non_negative_int, metavar="K",
+                   help="also keep every training row's projected gradient, K columns over all parameters, in "
+                        "<run>/grad_store for graddotprod-attribute query (docs/ATTRIBUTION.md); with --method "
+                        f"Regular the projections only, no validation rows; 0 = off [{d['project_dim']}]")
+    g.add_argument("--project_seed", type=int, help=f"seed of the projection matrices [{d['project_seed']}]")
+    g.add_argument("--project_dtype", choices=("bfloat16", "float16", "float32"),
+                   help=f"precision of the stored projections [{d['project_dtype']}]")
     g.add_argument("--architecture", choices=ARCHITECTURE_NAMES,
                    help=f"GPT-2, Llama-style or Pythia size (docs/MODELS.md) [{d['architecture']}]")
     g.add_argument("--model_config", metavar="FILE.json", type=_model_config,

@@ -32,9 +32,9 @@ import torch
 import torch.distributed as dist
 
 from ghost_common.flags import FlagParser
+from ghost_results.run_directory import GRAD_STORE as STORE_DIR  # a run's in-run store, under its run directory
 from pile_tools.tokenizer import EOT_ID
 
-STORE_DIR = "grad_store"  # a run's in-run store, under its run directory
 SCORES = ("raw", "cosine", "precond")
 
 
@@ -367,6 +367,8 @@ def query(args) -> int:
         origin = meta["model"]
         queries = project_rows(load_model(origin["path"], origin["step"])[0], projection, tokenized)
     result = score_store(store, queries, score=args.score, top=args.top, trajectory=in_run)
+    if in_run:
+        meta = dict(meta, fidelity=in_run_fidelity(source, store))
     os.makedirs(args.out, exist_ok=True)
     top = result.top.copy()
     top.insert(1, "query_text", [texts[q] for q in top["query"]])
@@ -376,6 +378,36 @@ def query(args) -> int:
     print(f"wrote {os.path.join(args.out, 'attribution.md')} and attribution.parquet ({len(texts)} queries, "
           f"{result.n_rows} stored rows, score {args.score})")
     return 0
+
+
+def in_run_fidelity(run_dir: str, store) -> str:
+    """How well <Π_i,t, Π_val,t> (the stored projections) reproduces the run's exact recorded dot products
+    <∇l_i, ∇L_val> of the same rows and steps: Pearson, Spearman and the least-squares slope, as text."""
+    from ghost_results import load_run
+    from ghost_results.grad_store import GradStore
+    from ghost_results.run_directory import GRAD_STORE_VALIDATION
+
+    try:
+        val = GradStore(os.path.join(run_dir, GRAD_STORE_VALIDATION))
+        dots = load_run(run_dir)
+    except (OSError, ValueError) as err:
+        return f"not measured ({err})"
+    by_step = dict(zip(val.provenance()["step"], val.rows(np.arange(len(val)))))
+    prov = store.provenance()
+    keep = prov["step"].isin(list(by_step)).to_numpy()
+    rows = store.rows(np.flatnonzero(keep))
+    estimate = np.einsum("ik,ik->i", rows, np.stack([by_step[s] for s in prov["step"][keep]]))
+    exact = dots.set_index(["step", "sample_index"])["dot_products"].reindex(
+        list(zip(prov["step"][keep], prov["row"][keep]))).to_numpy()
+    ok = np.isfinite(exact)
+    if ok.sum() < 3:
+        return "not measured (fewer than 3 rows with a recorded dot product)"
+    estimate, exact = estimate[ok], exact[ok]
+    pearson = np.corrcoef(estimate, exact)[0, 1]
+    spearman = np.corrcoef(np.argsort(np.argsort(estimate)), np.argsort(np.argsort(exact)))[0, 1]
+    slope = float(estimate @ exact / (exact @ exact))
+    return (f"Pearson {pearson:.3f}, Spearman {spearman:.3f}, slope {slope:.3f} (1 = the exact scale) over "
+            f"{ok.sum()} rows")
 
 
 def read_queries(path: str) -> list:

@@ -28,10 +28,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ghost_engine import GradDotProdEngine, per_sample_loss
 from ghost_engine.recording import gather_rows, local_rows
+from ghost_results.grad_store import GradStoreWriter
 from ghost_results.results_io import new_run_id
-from ghost_results.run_directory import (DamagedRunFile, ForeignRunFile, RunBusyError, RunDirectory,
-                                         check_identity, read_config, read_training_log, read_valset_tokens,
-                                         unwritable)
+from ghost_results.run_directory import (GRAD_STORE, GRAD_STORE_VALIDATION, DamagedRunFile, ForeignRunFile,
+                                         RunBusyError, RunDirectory, check_identity, read_config, read_training_log,
+                                         read_valset_tokens, unwritable)
 from GradDotProd_LM.args import model_name, run_dir_of
 from GradDotProd_LM.checkpoint import (checkpoint_path, checkpoint_writer, load_checkpoint, nonfinite_state,
                                        set_rng_state)
@@ -424,10 +425,14 @@ def build_state(cfg, data, device) -> State:
 
 def attach_engine(cfg, state, data, device, world_size):
     """The engine on the model (GradDotProd), then torch.compile and DDP around it, in that order."""
-    if cfg["method"] == "GradDotProd":
-        X_val = torch.from_numpy(data.val_batch.tokens[:, :cfg["seq_len"]]).to(device)  # [Bv, T]; labels = inputs
-        state.engine = GradDotProdEngine(state.model, val_batch=(X_val, X_val), task="causal_lm",
-                                         loss_reduction="mean", value=cfg["value"])
+    projection = dict(total=cfg["project_dim"], seed=cfg["project_seed"]) if cfg["project_dim"] else None
+    if cfg["method"] == "GradDotProd" or projection:  # Regular with --project_dim: projections only
+        val_batch = None
+        if cfg["method"] == "GradDotProd":
+            X_val = torch.from_numpy(data.val_batch.tokens[:, :cfg["seq_len"]]).to(device)  # [Bv, T]; labels = inputs
+            val_batch = (X_val, X_val)
+        state.engine = GradDotProdEngine(state.model, val_batch=val_batch, task="causal_lm", loss_reduction="mean",
+                                         value=cfg["value"], projection=projection)
         state.engine.attach(state.optimizer)
     state.step_model = torch.compile(state.model) if cfg["compile"] else state.model
     if world_size > 1:
@@ -459,12 +464,48 @@ def open_run(files, cfg, argv, state, data, resumed, world_size, device, train_d
         config_record["data_changes"].append({"from_step": start_step + 1, "change": resumed["data_change"],
                                               "validation_rows_changed": resumed["val_changed"]})
     files.write_config(config_record)
+    if state.engine is not None and state.engine.projection is not None:
+        open_grad_stores(files, cfg, state.engine.projection)
     if data.val_batch is not None:  # the rows the dot products are taken against, and where they came from
         val = data.val_batch
         provenance = dict(domain=val.domain, doc_id=val.doc_id, token_offset=val.token_offset,
                           sample_index=val.sample_index)
         files.write_valset(val.tokens, cfg["seq_len"], provenance, val_domain=cfg["val_domain"],  # [Bv, T + 1]
                            data_dir=cfg["data_dir"], changed=resumed["val_changed"])
+
+
+def open_grad_stores(files, cfg, projection):
+    """The run's gradient stores as step sinks: every training row's projection (grad_store) and, with validation
+    rows, the validation gradient's of every step (grad_store_validation); StartError if a store of the run
+    was written with another projection."""
+    blocks = [[b.name, b.start, b.stop] for b in projection.blocks]
+    meta = {"identity": cfg["run_id"], "kind": "in_run", "projection": projection.describe(),
+            "seq_len": cfg["seq_len"], "data": {"source": cfg["data_dir"], "kind": "corpus", "split": "train"},
+            "model": {"kind": "run", "path": files.path, "step": None, "run_id": cfg["run_id"]}}
+    names = [GRAD_STORE] + ([GRAD_STORE_VALIDATION] if cfg["method"] == "GradDotProd" else [])
+    for name in names:
+        try:
+            writer = GradStoreWriter(os.path.join(files.path, name), blocks, dtype=cfg["project_dtype"],
+                                     meta=dict(meta, kind="in_run" if name == GRAD_STORE else "in_run_validation"))
+        except (ValueError, RuntimeError) as err:
+            raise StartError(f"{os.path.join(files.path, name)}: {err}") from None
+        files.add_step_sink(name, writer)
+
+
+def store_artifacts(rows, record) -> dict:
+    """The step's gradient-store rows {sink name: (rows, provenance)} taken out of its gathered `rows`."""
+    n = len(rows["sample_index"])
+    prov = {"step": np.full(n, record["step"]), "row": rows["sample_index"], "doc_id": rows["doc_id"],
+            "token_offset": rows["token_offset"], "domain": np.asarray(rows["domain"]),
+            "lr": np.full(n, record["lr"]), "weight": rows["batch_weights"], "n_tokens": rows["token_counts"]}
+    artifacts = {GRAD_STORE: (rows.pop("projections"), prov)}
+    val = rows.pop("val_projection", None)
+    if val is not None:
+        artifacts[GRAD_STORE_VALIDATION] = (val[None], {
+            "step": np.array([record["step"]]), "row": np.array([-1]), "doc_id": np.array([-1]),
+            "token_offset": np.array([-1]), "domain": np.array(["validation"]), "lr": np.array([record["lr"]]),
+            "weight": np.ones(1), "n_tokens": np.zeros(1, dtype=np.int64)})
+    return artifacts
 
 
 def train_loop(cfg, state, data, files, rank, world_size, device, master, stop, autocast):
@@ -500,9 +541,12 @@ def train_loop(cfg, state, data, files, rank, world_size, device, master, stop, 
             record, rows = train_step(cfg, state, data, step, rank, world_size, device, autocast)
             done = step  # the update and the step's dot products are complete
             if master:
+                artifacts = None if rows is None or "projections" not in rows else store_artifacts(rows, record)
+                if rows is not None and "dot_products" not in rows:  # projections only
+                    rows = None
                 by_domain = None if rows is None else domain_sums(rows["domain"], rows["dot_products"],
                                                                   data.train_reader.domains)
-                files.record_step(record, rows, by_domain)
+                files.record_step(record, rows, by_domain, artifacts)
                 report_progress(step, cfg["max_steps"], record, started, start_step + 1)
             if eval_due(step):
                 evaluate(step)
@@ -558,6 +602,7 @@ def train_step(cfg, state, data, step, rank, world_size, device, autocast):
         rows = slice(micro * micro_rows, (micro + 1) * micro_rows)
         X = torch.from_numpy(batch.tokens[rows, :T]).to(device, non_blocking=True)  # [b, T], labels = X
         last_micro = micro == A - 1
+        valuing = engine is not None and engine.val_batch_size > 0  # validation rows under the training rows
         with nullcontext() if last_micro or world_size == 1 else state.step_model.no_sync():
             X_in = X
             if engine is not None:
@@ -568,7 +613,7 @@ def train_step(cfg, state, data, step, rank, world_size, device, autocast):
                 engine.check_loss(out.loss, out.logits, X_in)
             (out.loss / A).backward()
         micro_loss = out.loss.detach()  # mean CE over every row's seq_len - 1 targets
-        if engine is not None:
+        if valuing:
             # out.loss also averages the validation rows (the same rows, hence the same loss, in every
             # micro-batch): take their mean out rather than recomputing the training rows' CE
             if micro == 0:
@@ -579,12 +624,13 @@ def train_step(cfg, state, data, step, rank, world_size, device, autocast):
         del out
     if engine is not None:
         engine.prepare_gradients()  # .grad = Regular gradient of the train rows (DDP-averaged)
+    if val_loss is not None:
         val_loss = val_loss.item()
     grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"]).item()
                  if cfg["grad_clip"] > 0 else None)
     result = engine.aggregate_and_log() if engine is not None else None
-    nonfinite = (grad_norm is not None and not math.isfinite(grad_norm)) or (
-        result is not None and not bool(torch.isfinite(result.dot_products).all()))
+    nonfinite = (grad_norm is not None and not math.isfinite(grad_norm)) or (result is not None and not all(
+        bool(torch.isfinite(t).all()) for t in (result.dot_products, result.projections) if t is not None))
 
     # every row has T - 1 targets, so the step's loss is the mean of the row losses over all ranks; the third
     # entry makes every rank see a non-finite value any rank saw
@@ -600,12 +646,14 @@ def train_step(cfg, state, data, step, rank, world_size, device, autocast):
     if engine is not None:
         local = local_rows(result, result.weights.double() / (A * world_size), vars(batch))  # [B/W] rows
         rows_all = gather_rows(local, world_size)
+        if rows_all is not None and result.val_projection is not None:  # the same on every rank
+            rows_all["val_projection"] = result.val_projection.float().cpu().numpy()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     step_time = time.perf_counter() - t0
     record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": B * T / step_time,
               "step_time_s": step_time}
-    if engine is not None:
+    if val_loss is not None:
         record["val_loss"] = val_loss
     return record, rows_all
 

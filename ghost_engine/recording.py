@@ -12,17 +12,20 @@ def local_rows(result, batch_weights, provenance) -> dict:
     loss (the whole step over every process); provenance: {"domain": B str, "token_offset", "doc_id",
     "sample_index": B ints}, rows in the order the engine saw them.
     """
-    per_parameter = torch.stack(list(result.per_parameter.values())).float().cpu().numpy()  # one copy to host
     rows = {
-        "dot_products": result.dot_products.float().cpu().numpy(),  # [B], rows in batch order
         "batch_weights": torch.as_tensor(batch_weights).float().cpu().numpy(),
         "token_counts": result.token_counts.long().cpu().numpy(),
         "domain": [str(d) for d in provenance["domain"]],
         "token_offset": np.asarray(provenance["token_offset"], dtype=np.int64),
         "doc_id": np.asarray(provenance["doc_id"], dtype=np.int64),
         "sample_index": np.asarray(provenance["sample_index"], dtype=np.int64),
-        "per_layer": dict(zip(result.per_parameter, per_parameter)),
     }
+    if result.dot_products is not None:  # None: an engine that keeps projections only
+        per_parameter = torch.stack(list(result.per_parameter.values())).float().cpu().numpy()  # one copy to host
+        rows["dot_products"] = result.dot_products.float().cpu().numpy()  # [B], rows in batch order
+        rows["per_layer"] = dict(zip(result.per_parameter, per_parameter))
+    if result.projections is not None:  # [B, K] Π(grad l_i)
+        rows["projections"] = result.projections.float().cpu().numpy()
     if result.first_order is not None:  # a deferred estimator: <grad l_i, grad L_val> of the same rows too
         rows["first_order_dot_products"] = result.first_order.float().cpu().numpy()
     return rows

@@ -368,6 +368,10 @@ class GradStoreWriter:
         """Write every buffered row (the last shard may be smaller than shard_rows)."""
         self._write_buffer(full_only=False)
 
+    def flush_full(self) -> None:
+        """Write the buffered rows that fill whole shards (of shard_rows); keep the rest buffered."""
+        self._write_buffer(full_only=True)
+
     def _write_buffer(self, full_only: bool) -> None:
         if not self._buffered:
             return

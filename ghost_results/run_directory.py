@@ -51,6 +51,8 @@ CONFIG_FILE = "config.json"
 TRAINING_LOG_JSON = "training_log.json"
 LATEST_CHECKPOINT = "latest.pt"
 LOCK_FILE = "run.lock"
+GRAD_STORE = "grad_store"  # every training row's projected gradient (ghost_results.grad_store), --project_dim
+GRAD_STORE_VALIDATION = "grad_store_validation"  # the validation gradient's projection, one row per step
 
 
 def checkpoint_path(run_dir, step=None):
@@ -338,12 +340,14 @@ class RunDirectory:
         for sink in self.step_sinks.values():
             sink.drop_steps_after(step)
 
-    def flush(self):
-        """Write the pending dot products (grad_dotprods/iter_<last step>) and flush every step sink."""
+    def flush(self, durable=False):
+        """Write the pending dot products (grad_dotprods/iter_<last step>) and flush every step sink: what it
+        buffers, or with durable=False only what fills whole files where the sink has `flush_full` (a gradient
+        store's shards: rows after the last checkpoint are computed again on resume anyway)."""
         flush_dotprods(self.path, self.run_name, self.world_size, self.pending, self.formats, value=self.value,
                        run_id=self.run_id)
         for sink in self.step_sinks.values():
-            sink.flush()
+            (sink.flush if durable else getattr(sink, "flush_full", sink.flush))()
 
     def write_log(self):
         write_json(os.path.join(self.path, TRAINING_LOG_JSON), self.log)
@@ -351,7 +355,7 @@ class RunDirectory:
     def sync(self):
         """Everything of the steps recorded so far made durable, as a checkpoint needs it: the dot products
         and step sinks, training_log.json, the log hook's lines."""
-        self.flush()
+        self.flush(durable=True)
         self.write_log()
         if self.log_hook is not None:
             self.log_hook.sync()

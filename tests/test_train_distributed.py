@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from ghost_results.grad_store import GradStore
 from ghost_results.results_io import read_run
 from GradDotProd_LM import train
 from GradDotProd_LM.model import build_model
@@ -46,6 +47,8 @@ def test_two_gloo_processes_equal_one_process(model, value, data_dir, tmp_path):
         model_flags = ("--architecture", model.removesuffix("-lowrank"))
     lowrank = dict(attention="lowrank", attention_rank=4, attention_block=8) if model.endswith("-lowrank") else {}
     model_flags += tuple(arg for key, v in lowrank.items() for arg in (f"--{key}", str(v)))  # 4 blocks of 8 positions
+    if model == "GPT2-Tiny" and value == "first_order":  # each rank projects its rows; rank 0 stores them all
+        model_flags += ("--project_dim", "400", "--project_dtype", "float32")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
               "-m", "GradDotProd_LM.train", *flags(data_dir, results, "two", model_flags), "--value", value]
@@ -65,6 +68,14 @@ def test_two_gloo_processes_equal_one_process(model, value, data_dir, tmp_path):
     scale = np.abs(one.columns["dot_products"]).max()
     np.testing.assert_allclose(two.columns["dot_products"], one.columns["dot_products"], rtol=1e-4, atol=1e-5 * scale)
     np.testing.assert_allclose(two.columns["train_loss"], one.columns["train_loss"], rtol=1e-5)
+
+    if "--project_dim" in model_flags:
+        stores = [GradStore(os.path.join(results, run, "grad_store")) for run in ("two", "one")]
+        assert stores[0].provenance().drop(columns=["lr", "weight"]).equals(
+            stores[1].provenance().drop(columns=["lr", "weight"]))
+        one_rows = stores[1].rows(np.arange(len(stores[1])))
+        np.testing.assert_allclose(stores[0].rows(np.arange(len(stores[0]))), one_rows, rtol=1e-4,
+                                   atol=1e-5 * np.abs(one_rows).max())
 
     def params(run):
         return torch.load(os.path.join(results, run, "checkpoints", "latest.pt"), weights_only=True)["model"]

@@ -1,0 +1,117 @@
+"""train.sh --project_dim (GradDotProd_LM/training.py, docs/ATTRIBUTION.md): the stored projections of step 1 against
+float64 per-row gradients projected with the store's own matrices, kill -9 then --resume against an uninterrupted
+run, and --method Regular --project_dim (projections only) against plain Regular training."""
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ghost_engine.projection import Projection
+from ghost_results.grad_store import GradStore
+from GradDotProd_LM import train
+from GradDotProd_LM.model import build_model
+from pile_tools.reader import PileReader
+from test_faults import kill_inside
+
+B, T, STEPS, SEED, K = 3, 16, 4, 5, 600
+
+
+def flags(data_dir, results, name, *extra):
+    return ["--architecture", "GPT2-Tiny", "--batch_size", str(B), "--seq_len", str(T), "--val_batch_size", "2",
+            "--max_steps", str(STEPS), "--warmup_step", "1", "--optimizer", "SGD", "--learning_rate", "0.5",
+            "--min_lr", "0.05", "--grad_clip", "0", "--eval_interval", "100", "--eval_iter", "1", "--eval_bs", "2",
+            "--dot_prod_save_interval", "1", "--checkpoint_interval", "2", "--seed", str(SEED), "--project_dim",
+            str(K), "--project_dtype", "float32", "--data_dir", data_dir, "--results_dir", results, "--run_name",
+            name, *extra]
+
+
+@pytest.fixture(scope="module")
+def baseline(data_dir, tmp_path_factory):
+    results = str(tmp_path_factory.mktemp("projection"))
+    assert train.main(flags(data_dir, results, "base")) == 0
+    return results
+
+
+def stored(run_dir, name="grad_store"):
+    store = GradStore(os.path.join(run_dir, name))
+    return store, store.rows(np.arange(len(store))), store.provenance()
+
+
+def project(projection, grads: dict) -> np.ndarray:
+    """P_r G P_cᵀ (P · vec G) of each block, with the dense matrices: [K]."""
+    parts = []
+    for block in projection.blocks:
+        mats = [torch.eye(n, dtype=torch.float64) if m is None else m
+                for m, n in zip(projection.matrices(block.name), block.shape)]
+        g = grads[block.name].reshape(block.shape)
+        parts.append((mats[0] @ g @ mats[1].t()).reshape(-1) if len(mats) == 2 else mats[0] @ g)
+    return torch.cat(parts).numpy()
+
+
+def test_step_1_projections_equal_float64_per_row_gradients_projected(data_dir, baseline):
+    run_dir = os.path.join(baseline, "base")
+    store, rows, prov = stored(run_dir)
+    assert list(np.unique(prov["step"])) == list(range(1, STEPS + 1)) and len(store) == STEPS * B
+    projection = Projection.from_description(store.meta["projection"])
+    assert store.meta["identity"] and projection.dim == store.dim <= K
+    torch.manual_seed(SEED)
+    model = build_model("GPT2-Tiny").double()  # the run's initial weights
+    params = dict(model.named_parameters())
+    X = torch.from_numpy(PileReader(data_dir, split="train", seed=SEED).get_batch(1, B, T).tokens[:, :T])
+    X_val = torch.from_numpy(PileReader(data_dir, split="validation", seed=SEED).fixed_batch(2, T).tokens[:, :T])
+
+    def grads(x):
+        g = torch.autograd.grad(model(input_ids=x, labels=x).loss, list(params.values()))
+        return dict(zip(params, g))
+
+    step1 = prov["step"].to_numpy() == 1
+    for i, sample in enumerate(prov["row"][step1]):
+        expected = project(projection, grads(X[sample:sample + 1]))
+        np.testing.assert_allclose(rows[step1][i], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    _, val_rows, val_prov = stored(run_dir, "grad_store_validation")
+    assert list(val_prov["step"]) == list(range(1, STEPS + 1))
+    expected = project(projection, grads(X_val))
+    np.testing.assert_allclose(val_rows[0], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    np.testing.assert_allclose(prov["lr"][step1], 0.5)  # the step's learning rate and each row's weight
+    np.testing.assert_allclose(prov["weight"][step1], 1 / B)
+
+
+def test_kill_9_inside_a_checkpoint_write_then_resume_equals_the_uninterrupted_store(data_dir, baseline, tmp_path):
+    results = str(tmp_path / "results")
+    args = flags(data_dir, results, "killed")
+    kill_inside(args, "write:" + r"checkpoints/latest\.pt$", 2, tmp_path)  # the checkpoint of step 4
+    assert train.main(args + ["--resume"]) == 0
+    _, rows, prov = stored(os.path.join(results, "killed"))
+    _, base_rows, base_prov = stored(os.path.join(baseline, "base"))
+    assert list(zip(prov["step"], prov["row"])) == list(zip(base_prov["step"], base_prov["row"]))
+    np.testing.assert_allclose(rows, base_rows, rtol=1e-5, atol=1e-6 * np.abs(base_rows).max())
+    # the store was made durable through step 4 before that checkpoint's write; the resume from step 2 took the
+    # rows of steps 3 and 4 out (to superseded/, never deleted) and computed them again
+    superseded = os.path.join(results, "killed", "grad_store", "superseded")
+    assert any(name.endswith(".prov.npy") for name in os.listdir(superseded))
+
+
+def test_regular_training_with_projections_only(data_dir, baseline, tmp_path):
+    """No validation rows: the weights are plain Regular training's; step 1's projections are the GradDotProd
+    run's (the same rows at the same initial weights)."""
+    results = str(tmp_path / "results")
+    assert train.main(flags(data_dir, results, "proj", "--method", "Regular")) == 0
+    plain = flags(data_dir, results, "plain", "--method", "Regular")
+    assert train.main(plain[:plain.index("--project_dim")] + plain[plain.index("--project_dim") + 2:]) == 0
+    run_dir = os.path.join(results, "proj")
+    assert not os.path.exists(os.path.join(run_dir, "grad_dotprods"))
+    assert not os.path.exists(os.path.join(run_dir, "grad_store_validation"))
+    _, rows, prov = stored(run_dir)
+    _, base_rows, base_prov = stored(os.path.join(baseline, "base"))
+    step1 = prov["step"].to_numpy() == 1
+    np.testing.assert_allclose(rows[step1], base_rows[base_prov["step"].to_numpy() == 1], rtol=1e-4,
+                               atol=1e-5 * np.abs(base_rows).max())
+
+    def weights(name):
+        return torch.load(os.path.join(results, name, "checkpoints", "latest.pt"), weights_only=True)["model"]
+
+    with_projection, without = weights("proj"), weights("plain")
+    for name, value in without.items():
+        torch.testing.assert_close(with_projection[name], value, rtol=1e-6, atol=1e-7, msg=name)

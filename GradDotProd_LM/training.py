@@ -28,11 +28,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ghost_engine import GradDotProdEngine, per_sample_loss
 from ghost_engine.recording import gather_rows, local_rows
-from ghost_results.grad_store import GradStoreWriter
 from ghost_results.results_io import new_run_id
-from ghost_results.run_directory import (GRAD_STORE, GRAD_STORE_VALIDATION, DamagedRunFile, ForeignRunFile,
-                                         RunBusyError, RunDirectory, check_identity, read_config, read_training_log,
-                                         read_valset_tokens, unwritable)
+from ghost_results.run_directory import (DamagedRunFile, ForeignRunFile, RunBusyError, RunDirectory, check_identity,
+                                         grad_store_artifacts, read_config, read_training_log, read_valset_tokens,
+                                         unwritable)
 from GradDotProd_LM.args import model_name, run_dir_of
 from GradDotProd_LM.checkpoint import (checkpoint_path, checkpoint_writer, load_checkpoint, nonfinite_state,
                                        set_rng_state)
@@ -464,48 +463,19 @@ def open_run(files, cfg, argv, state, data, resumed, world_size, device, train_d
         config_record["data_changes"].append({"from_step": start_step + 1, "change": resumed["data_change"],
                                               "validation_rows_changed": resumed["val_changed"]})
     files.write_config(config_record)
-    if state.engine is not None and state.engine.projection is not None:
-        open_grad_stores(files, cfg, state.engine.projection)
+    if state.engine is not None and state.engine.projection is not None:  # --project_dim: the gradient stores
+        try:
+            files.open_grad_stores(state.engine.projection.describe(), dtype=cfg["project_dtype"],
+                                   seq_len=cfg["seq_len"], validation=cfg["method"] == "GradDotProd",
+                                   data={"source": cfg["data_dir"], "kind": "corpus", "split": "train"})
+        except ValueError as err:
+            raise StartError(str(err)) from None
     if data.val_batch is not None:  # the rows the dot products are taken against, and where they came from
         val = data.val_batch
         provenance = dict(domain=val.domain, doc_id=val.doc_id, token_offset=val.token_offset,
                           sample_index=val.sample_index)
         files.write_valset(val.tokens, cfg["seq_len"], provenance, val_domain=cfg["val_domain"],  # [Bv, T + 1]
                            data_dir=cfg["data_dir"], changed=resumed["val_changed"])
-
-
-def open_grad_stores(files, cfg, projection):
-    """The run's gradient stores as step sinks: every training row's projection (grad_store) and, with validation
-    rows, the validation gradient's of every step (grad_store_validation); StartError if a store of the run
-    was written with another projection."""
-    blocks = [[b.name, b.start, b.stop] for b in projection.blocks]
-    meta = {"identity": cfg["run_id"], "kind": "in_run", "projection": projection.describe(),
-            "seq_len": cfg["seq_len"], "data": {"source": cfg["data_dir"], "kind": "corpus", "split": "train"},
-            "model": {"kind": "run", "path": files.path, "step": None, "run_id": cfg["run_id"]}}
-    names = [GRAD_STORE] + ([GRAD_STORE_VALIDATION] if cfg["method"] == "GradDotProd" else [])
-    for name in names:
-        try:
-            writer = GradStoreWriter(os.path.join(files.path, name), blocks, dtype=cfg["project_dtype"],
-                                     meta=dict(meta, kind="in_run" if name == GRAD_STORE else "in_run_validation"))
-        except (ValueError, RuntimeError) as err:
-            raise StartError(f"{os.path.join(files.path, name)}: {err}") from None
-        files.add_step_sink(name, writer)
-
-
-def store_artifacts(rows, record) -> dict:
-    """The step's gradient-store rows {sink name: (rows, provenance)} taken out of its gathered `rows`."""
-    n = len(rows["sample_index"])
-    prov = {"step": np.full(n, record["step"]), "row": rows["sample_index"], "doc_id": rows["doc_id"],
-            "token_offset": rows["token_offset"], "domain": np.asarray(rows["domain"]),
-            "lr": np.full(n, record["lr"]), "weight": rows["batch_weights"], "n_tokens": rows["token_counts"]}
-    artifacts = {GRAD_STORE: (rows.pop("projections"), prov)}
-    val = rows.pop("val_projection", None)
-    if val is not None:
-        artifacts[GRAD_STORE_VALIDATION] = (val[None], {
-            "step": np.array([record["step"]]), "row": np.array([-1]), "doc_id": np.array([-1]),
-            "token_offset": np.array([-1]), "domain": np.array(["validation"]), "lr": np.array([record["lr"]]),
-            "weight": np.ones(1), "n_tokens": np.zeros(1, dtype=np.int64)})
-    return artifacts
 
 
 def train_loop(cfg, state, data, files, rank, world_size, device, master, stop, autocast):
@@ -541,7 +511,7 @@ def train_loop(cfg, state, data, files, rank, world_size, device, master, stop, 
             record, rows = train_step(cfg, state, data, step, rank, world_size, device, autocast)
             done = step  # the update and the step's dot products are complete
             if master:
-                artifacts = None if rows is None or "projections" not in rows else store_artifacts(rows, record)
+                artifacts = None if rows is None or "projections" not in rows else grad_store_artifacts(rows, record)
                 if rows is not None and "dot_products" not in rows:  # projections only
                     rows = None
                 by_domain = None if rows is None else domain_sums(rows["domain"], rows["dot_products"],

@@ -32,7 +32,7 @@ from ghost_engine.engine import LR_INSIDE, GradDotProdEngine
 from ghost_engine.losses import IGNORE_INDEX, per_sample_loss, target_counts
 from ghost_engine.recording import gather_rows, local_rows
 from ghost_results.results_io import file_formats
-from ghost_results.run_directory import RunDirectory, resumed_run_id
+from ghost_results.run_directory import RunDirectory, grad_store_artifacts, resumed_run_id
 
 PROVENANCE_KEY = "graddotprod_rows"  # a batch's provenance, {field: [B] values}
 PROVENANCE_FIELDS = ("sample_index", "domain", "doc_id", "token_offset")
@@ -167,10 +167,13 @@ class ValuationRun:
         value: the engine's estimator (docs/METHOD.md section 2.1); the update-aware ones read the optimizer
             given to begin(), and the deferred ones (second_order, adamw_vt, midpoint) .grad at end_step().
         results_format: "pickle", "parquet" or "both" (default): the files written, as the app's --results_format.
+        project_dim, project_seed, project_dtype: as the app's flags: with project_dim K > 0 every training row's
+            projected gradient (K columns) and the validation gradient's go to the run's gradient stores
+            (docs/ATTRIBUTION.md).
     """
 
     def __init__(self, model, val_batch, run_dir, run_name, config=None, save_interval=10, value="first_order",
-                 results_format="both"):
+                 results_format="both", project_dim=0, project_seed=0, project_dtype="bfloat16"):
         if not isinstance(val_batch, Mapping) or "input_ids" not in val_batch:
             raise ValueError("val_batch must be a dict with 'input_ids' (and 'labels', default: the input_ids)")
         if save_interval < 1:
@@ -192,8 +195,10 @@ class ValuationRun:
             Y_val = X_val.clone()
             if "attention_mask" in val:
                 Y_val[val["attention_mask"] == 0] = IGNORE_INDEX
+        projection = dict(total=project_dim, seed=project_seed) if project_dim else None
         self.engine = GradDotProdEngine(model, val_batch=(X_val, Y_val), task="causal_lm", loss_reduction="mean",
-                                        value=value, val_forward=self._val_logits)
+                                        value=value, val_forward=self._val_logits, projection=projection)
+        self.project_dtype = project_dtype
         self._forward_model = None  # the model forward() runs (un-wrapped from DDP), for _val_logits
         self._val = {"input_ids": X_val, "labels": Y_val, **val}  # the validation rows as given
         self._val_on = {}  # (device, T) -> the validation rows there, padded to T
@@ -243,6 +248,10 @@ class ValuationRun:
             config["max_steps"] = int(max_steps)
         self.files.write_config(config)
         self._write_valset(config)
+        if self.engine.projection is not None:
+            data = {"source": config.get("data_dir"), "kind": config.get("data_kind", "corpus"), "split": "train"}
+            self.files.open_grad_stores(self.engine.projection.describe(), dtype=self.project_dtype,
+                                        seq_len=config.get("seq_len", int(X_val.shape[1])), data=data)
 
     def _write_valset(self, config):
         """The validation rows in the app's schema (ghost_results.valset): the validation input_ids as given
@@ -364,7 +373,11 @@ class ValuationRun:
         if self.rank != 0:
             return
         record = {"step": int(step), "lr": float(lr), "loss": float(sums[0] / sums[1]), "val_loss": float(val_loss)}
-        self.files.record_step(record, rows, log=False)  # the framework keeps its own log
+        artifacts = None
+        if result.projections is not None:
+            rows["val_projection"] = result.val_projection.float().cpu().numpy()
+            artifacts = grad_store_artifacts(rows, record)
+        self.files.record_step(record, rows, artifacts=artifacts, log=False)  # the framework keeps its own log
 
 
 def _field(out, name):

@@ -44,19 +44,22 @@ class GradDotProdTrainer(Trainer):
             read the Trainer's optimizer; the deferred ones (second_order, adamw_vt, midpoint) take the batch
             gradient after the Trainer's clipping, just before its optimizer step.
         results_format: the files written, "pickle", "parquet" or "both" (default), as the app's --results_format.
+        project_dim, project_seed, project_dtype: as the app's --project_dim ...: every training row's projected
+            gradient into the run's gradient store (docs/ATTRIBUTION.md); 0 = off.
     """
 
     loss_is_scaled_for_ga = True  # compute_loss returns the loss exactly as Regular Trainer back-propagates it
 
     def __init__(self, *args, val_batch, run_dir=None, run_name=None, run_config=None, save_interval=10,
-                 value="first_order", results_format="both", **kwargs):
+                 value="first_order", results_format="both", project_dim=0, project_seed=0,
+                 project_dtype="bfloat16", **kwargs):
         super().__init__(*args, **kwargs)
         self._check_supported()
         check_no_dropout(self.model, "GradDotProdTrainer")  # before any step (the engine checks every forward too)
         output_dir = os.path.normpath(self.args.output_dir)
         self.valuation = ValuationRun(self.model, val_batch, run_dir or os.path.join(output_dir, "graddotprod"),
                                       run_name or os.path.basename(output_dir), run_config, save_interval, value,
-                                      results_format)
+                                      results_format, project_dim, project_seed, project_dtype)
         self.add_callback(_StepRecorder(self))
 
     def _check_supported(self):

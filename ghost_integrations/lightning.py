@@ -47,14 +47,17 @@ class GradDotProdCallback(pl.Callback):
             read the trainer's (one) optimizer; the deferred ones (second_order, adamw_vt, midpoint) take the batch
             gradient in on_before_optimizer_step, before Lightning's clipping, so they refuse gradient_clip_val.
         results_format: the files written, "pickle", "parquet" or "both" (default), as the app's --results_format.
+        project_dim, project_seed, project_dtype: as the app's --project_dim ...: every training row's projected
+            gradient into the run's gradient store (docs/ATTRIBUTION.md); 0 = off.
     """
 
     def __init__(self, val_batch, run_dir=None, run_name=None, config=None, save_interval=10, value="first_order",
-                 results_format="both"):
+                 results_format="both", project_dim=0, project_seed=0, project_dtype="bfloat16"):
         file_formats(results_format)  # a bad choice fails here, not at on_fit_start
         self.val_batch, self.run_dir, self.run_name = val_batch, run_dir, run_name
         self.config, self.save_interval, self.value = config, save_interval, value
         self.results_format = results_format
+        self.projection = (project_dim, project_seed, project_dtype)
         self.valuation = None
         self._trainer = None
 
@@ -64,7 +67,7 @@ class GradDotProdCallback(pl.Callback):
         run_dir = os.fspath(self.run_dir or os.path.join(trainer.default_root_dir, "graddotprod"))
         run_name = self.run_name or os.path.basename(os.path.normpath(run_dir))
         self.valuation = ValuationRun(pl_module, self.val_batch, run_dir, run_name, self.config, self.save_interval,
-                                      self.value, self.results_format)
+                                      self.value, self.results_format, *self.projection)
         self._trainer = trainer
         max_steps = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
         settings = {"integration": "lightning", "lightning": pl.__version__, "module": type(pl_module).__name__,

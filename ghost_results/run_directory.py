@@ -43,6 +43,7 @@ import tempfile
 import numpy as np
 
 from ghost_common.durable import FileLock, fsync_directory, write_atomically
+from ghost_results.grad_store import GradStoreWriter
 from ghost_results.results_io import (CHECKPOINT_DIR, STEP_CHECKPOINT_FILE, TRAINING_LOG_JSONL, file_formats,
                                       flush_dotprods, new_run_id, safe_load_pickle, set_aside_after)
 from ghost_results.valset import VALSET_FILE, write_valset_file
@@ -218,6 +219,23 @@ class RunLock:
         self._lock.release()
 
 
+def grad_store_artifacts(rows, record) -> dict:
+    """A step's gradient-store rows {sink name: (rows, provenance)}, taken out of its gathered `rows`
+    (ghost_engine.recording: "projections" [B, K], and "val_projection" [K] when the step had validation rows)."""
+    n = len(rows["sample_index"])
+    prov = {"step": np.full(n, record["step"]), "row": rows["sample_index"], "doc_id": rows["doc_id"],
+            "token_offset": rows["token_offset"], "domain": np.asarray(rows["domain"]),
+            "lr": np.full(n, record["lr"]), "weight": rows["batch_weights"], "n_tokens": rows["token_counts"]}
+    artifacts = {GRAD_STORE: (rows.pop("projections"), prov)}
+    val = rows.pop("val_projection", None)
+    if val is not None:
+        artifacts[GRAD_STORE_VALIDATION] = (val[None], {
+            "step": np.array([record["step"]]), "row": np.array([-1]), "doc_id": np.array([-1]),
+            "token_offset": np.array([-1]), "domain": np.array(["validation"]), "lr": np.array([record["lr"]]),
+            "weight": np.ones(1), "n_tokens": np.zeros(1, dtype=np.int64)})
+    return artifacts
+
+
 class RunDirectory:
     """Rank 0's owner of one run directory: `acquire` (the lock), `open` (identity, set-aside, log), then
     `write_config` and `write_valset`; per step `record_step`; `flush`, `sync`, `checkpoint`; `close`,
@@ -272,6 +290,22 @@ class RunDirectory:
         holds of steps after the step the run (re)started from."""
         sink.drop_steps_after(self.start_step)
         self.step_sinks[name] = sink
+
+    def open_grad_stores(self, projection, *, dtype="bfloat16", seq_len=None, data=None, validation=True):
+        """The run's gradient stores (ghost_results.grad_store) as step sinks: every training row's projected
+        gradient (GRAD_STORE) and, with validation rows, the validation gradient's at every step
+        (GRAD_STORE_VALIDATION). projection: the engine's Projection.describe(); data: where the rows come from
+        ({"source", "kind", "split"}, for the texts of a query's answer). ValueError naming the store if one of
+        the run's was written with another projection or precision."""
+        blocks = [[name, start, stop] for name, _, _, start, stop in projection["blocks"]]
+        meta = {"identity": self.run_id, "projection": projection, "seq_len": seq_len, "data": data or {},
+                "model": {"kind": "run", "path": self.path, "step": None, "run_id": self.run_id}}
+        for name, kind in [(GRAD_STORE, "in_run")] + [(GRAD_STORE_VALIDATION, "in_run_validation")] * validation:
+            try:
+                writer = GradStoreWriter(os.path.join(self.path, name), blocks, dtype=dtype, meta=dict(meta, kind=kind))
+            except (ValueError, RuntimeError) as err:
+                raise ValueError(f"{os.path.join(self.path, name)}: {err}") from None
+            self.add_step_sink(name, writer)
 
     def write_config(self, record):
         """config.json: the caller's record of the run, with its identity."""

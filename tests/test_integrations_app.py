@@ -15,6 +15,7 @@ from transformers import TrainingArguments
 from ghost_integrations import IndexedDataset
 from ghost_integrations.hf import GradDotProdTrainer
 from ghost_integrations.lightning import GradDotProdCallback, training_loss
+from ghost_results.grad_store import GradStore
 from ghost_results.results_io import read_run
 from GradDotProd_LM import train, training
 from GradDotProd_LM.model import build_model
@@ -22,6 +23,7 @@ from GradDotProd_LM.run_files import read_json, read_valset_tokens
 from pile_tools.reader import PileReader
 
 SEED, B, T, BV, ACCUM, STEPS = 42, 4, 32, 2, 2, 2
+PROJECT_DIM = 500  # every run below also keeps projected gradients
 COLUMNS = ("token_count", "batch_weight", "lr", "train_loss", "val_loss", "domain", "doc_id", "token_offset")
 
 
@@ -34,7 +36,8 @@ def app(data_dir, tmp_path_factory):
                        "--warmup_step", "1", "--lr_decay_steps", "3", "--learning_rate", "1e-3", "--min_lr", "1e-4",
                        "--eval_interval", str(STEPS), "--eval_iter", "1", "--eval_bs", "2",
                        "--dot_prod_save_interval", "1", "--seed", str(SEED), "--data_dir", data_dir,
-                       "--results_dir", results, "--run_name", "app"]) == 0
+                       "--results_dir", results, "--run_name", "app", "--project_dim", str(PROJECT_DIM),
+                       "--project_dtype", "float32"]) == 0
     run_dir = os.path.join(results, "app")
     cfg = read_json(os.path.join(run_dir, "config.json"))
     assert cfg["grad_clip"] == 1.0 and cfg["optimizer"] == "AdamW"
@@ -83,6 +86,24 @@ def assert_same_rows(got, expected, prefix=""):
                                        err_msg=f"step {step} {name}")
 
 
+def assert_same_store(run_dir, app_dir, same_names=True):
+    """The run's gradient stores hold the app's rows (steps, rows, provenance, learning rates, weights) and, where
+    the parameters have the app's names (hence the same matrices), the app's projections."""
+    for name in ("grad_store", "grad_store_validation"):
+        got, expected = GradStore(os.path.join(run_dir, name)), GradStore(os.path.join(app_dir, name))
+        got_prov, expected_prov = got.provenance(), expected.provenance()
+        got_prov["row"] -= B * (got_prov["step"] - 1) * (got_prov["row"] >= 0)  # the Trainer's dataset index
+        for column in ("step", "row", "doc_id", "token_offset", "domain", "n_tokens"):
+            np.testing.assert_array_equal(got_prov[column], expected_prov[column], err_msg=column)
+        np.testing.assert_allclose(got_prov["lr"], expected_prov["lr"], rtol=1e-6)
+        np.testing.assert_allclose(got_prov["weight"], expected_prov["weight"], rtol=1e-6)
+        rows, expected_rows = got.rows(np.arange(len(got))), expected.rows(np.arange(len(expected)))
+        if same_names:
+            np.testing.assert_allclose(rows, expected_rows, rtol=1e-4, atol=1e-5 * np.abs(expected_rows).max())
+        else:
+            assert rows.shape == expected_rows.shape and np.isfinite(rows).all() and np.abs(rows).max() > 0
+
+
 def test_trainer_records_the_apps_values_for_the_same_rows(app, tmp_path):
     expected, cfg, initial, items, val_batch = app
     model = copy.deepcopy(initial)
@@ -92,7 +113,7 @@ def test_trainer_records_the_apps_values_for_the_same_rows(app, tmp_path):
                              train_sampling_strategy="sequential", seed=SEED)
     trainer = GradDotProdTrainer(model=model, args=args, train_dataset=items, val_batch=val_batch,
                                  optimizers=optimizer_and_schedule(model, cfg), run_dir=tmp_path / "run",
-                                 save_interval=1)
+                                 save_interval=1, project_dim=PROJECT_DIM, project_dtype="float32")
     trainer.train()
 
     files = sorted(os.listdir(tmp_path / "run" / "grad_dotprods"))
@@ -100,6 +121,7 @@ def test_trainer_records_the_apps_values_for_the_same_rows(app, tmp_path):
     got = read_run(tmp_path / "run", per_layer=True, strict=True)
     assert [os.path.basename(p) for p in got.files] == ["iter_000001.parquet", "iter_000002.parquet"]
     assert_same_rows(got, expected)
+    assert_same_store(tmp_path / "run", os.path.dirname(expected.files[0]).removesuffix("/grad_dotprods"))
     logged = [r["loss"] for r in trainer.state.log_history if "loss" in r]  # the training rows' loss
     np.testing.assert_allclose(logged, [expected.columns["train_loss"][expected.columns["step"] == s][0]
                                         for s in (1, 2)], rtol=1e-4)  # the Trainer logs it rounded
@@ -123,10 +145,13 @@ def test_lightning_records_the_apps_values_for_the_same_rows(app, tmp_path):
     trainer = L.Trainer(max_steps=STEPS, accumulate_grad_batches=ACCUM, gradient_clip_val=cfg["grad_clip"],
                         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-                        callbacks=[GradDotProdCallback(val_batch, run_dir=tmp_path / "run", save_interval=1)])
+                        callbacks=[GradDotProdCallback(val_batch, run_dir=tmp_path / "run", save_interval=1,
+                                                       project_dim=PROJECT_DIM, project_dtype="float32")])
     trainer.fit(AppModule(copy.deepcopy(initial), cfg),
                 DataLoader(IndexedDataset(items), batch_size=B // ACCUM, shuffle=False))
 
     got = read_run(tmp_path / "run", per_layer=True, strict=True)
     assert [os.path.basename(p) for p in got.files] == ["iter_000001.parquet", "iter_000002.parquet"]
     assert_same_rows(got, expected, prefix="model.")
+    # the parameters are named model.*: the matrices, drawn from the names, differ from the app's
+    assert_same_store(tmp_path / "run", os.path.dirname(expected.files[0]).removesuffix("/grad_dotprods"), False)

@@ -10,11 +10,13 @@ from ghost_common.flags import FlagParser
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CODE_DIRS = ("ghost_engine", "ghost_results", "GradDotProd_LM", "pile_tools", "benchmarks", "examples")
-CLI_MODULES = ("GradDotProd_LM.args", "GradDotProd_LM.export", "GradDotProd_LM.bench_throughput", "ghost_results.report",
+CLI_MODULES = ("GradDotProd_LM.args", "GradDotProd_LM.export", "GradDotProd_LM.attribute",
+               "GradDotProd_LM.bench_throughput", "ghost_results.report",
                "pile_tools.cli", "benchmarks.compare", "benchmarks.engine_overhead", "benchmarks.fidelity", "benchmarks.gpu_step",
                "benchmarks.host_overhead",
                "benchmarks.lowrank_attention", "benchmarks.plots", "benchmarks.profile_sweep", "benchmarks.results_load",
-               "benchmarks.tokenize_throughput", "ghost_results.convert", "examples.hf_trainer_llama")
+               "benchmarks.tokenize_throughput", "benchmarks.grad_store", "ghost_results.convert",
+               "examples.hf_trainer_llama")
 
 
 def _sources():

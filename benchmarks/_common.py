@@ -140,13 +140,17 @@ def regular_method(model, optimizer, batch, cfg: BenchConfig) -> Method:
     return Method(REGULAR, step, setup=fresh_grads(optimizer))
 
 
-def graddotprod_method(model, optimizer, batch, cfg: BenchConfig, value: str = "first_order") -> Method:
-    """The engine's step; ``value`` picks its estimator (GradDotProdEngine's ``value``); the method is named
-    GradDotProd, with the estimator in parentheses when it is not the first-order one."""
+def graddotprod_method(model, optimizer, batch, cfg: BenchConfig, value: str = "first_order", projection=None,
+                       validation: bool = True, name: Optional[str] = None) -> Method:
+    """The engine's step; ``value`` picks its estimator and ``projection`` adds projected gradients
+    (GradDotProdEngine's ``value`` and ``projection``); ``validation=False`` runs without the validation rows
+    (projections only). The method is named ``name``, else GradDotProd with the estimator in parentheses when it
+    is not the first-order one."""
     from ghost_engine import GradDotProdEngine
 
     x_train, y_train, x_val, y_val = batch
-    engine = GradDotProdEngine(model, val_batch=(x_val, y_val), task="causal_lm", loss_reduction="mean", value=value)
+    engine = GradDotProdEngine(model, val_batch=(x_val, y_val) if validation else None, task="causal_lm",
+                               loss_reduction="mean", value=value, projection=projection)
 
     attached = []  # the engine's hooks live only inside GradDotProd's own steps
 
@@ -170,7 +174,8 @@ def graddotprod_method(model, optimizer, batch, cfg: BenchConfig, value: str = "
             attached.clear()
             engine.detach()
 
-    name = GRADDOTPROD if value == "first_order" else f"{GRADDOTPROD} ({value})"
+    if name is None:
+        name = GRADDOTPROD if value == "first_order" else f"{GRADDOTPROD} ({value})"
     return Method(name, step, setup=setup, teardown=teardown)
 
 

@@ -1,15 +1,11 @@
 """The app's side of its run directory: what the run's data is (`data_identity`, `describe_data_change`), which a
 resume compares with config.json's record. The run directory itself (its files, their names, order, identity
 and durability, the lock, the set-aside on resume, the checkpoint series) is owned by
-ghost_results.run_directory.RunDirectory, shared with the framework integrations; the readers the app uses
-before a run is opened (read_json, read_valset_tokens, the lock) are imported from there.
+ghost_results.run_directory.RunDirectory, shared with the framework integrations, which also has the readers
+the app uses before a run is opened (read_json, read_valset_tokens, the lock).
 """
 import hashlib
 import os
-
-from ghost_results.run_directory import (DamagedRunFile, ForeignRunFile, RunBusyError, RunLock,  # noqa: F401
-                                         check_identity, read_json, read_training_log, read_valset_tokens,
-                                         unwritable)
 
 
 def data_identity(data_dir):

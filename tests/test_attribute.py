@@ -2,7 +2,6 @@
 directory: windows and provenance, rows independent of batching and padding, resuming, refusals, and planted
 copies found at rank 1."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -115,8 +114,6 @@ def test_planted_copies_are_found_at_rank_one(setup, tmp_path, score):
     root, docs = setup
     assert index(root, tmp_path / "store", "--dtype", "float32") == 0
     tokenizer = load_gpt2_tokenizer()
-    store = GradStore(tmp_path / "store")
-    prov = store.provenance()
     picks = [2, 7]  # the first window of documents 2 and 7, as text
     queries = []
     for doc_id in picks:

@@ -19,7 +19,7 @@ from ghost_results.grad_store import GradStore
 from ghost_results.results_io import read_run
 from GradDotProd_LM import train, training
 from GradDotProd_LM.model import build_model
-from GradDotProd_LM.run_files import read_json, read_valset_tokens
+from ghost_results.run_directory import read_json, read_valset_tokens
 from pile_tools.reader import PileReader
 
 SEED, B, T, BV, ACCUM, STEPS = 42, 4, 32, 2, 2, 2

@@ -15,7 +15,7 @@ import torch
 
 from ghost_results.results_io import read_run, safe_load_pickle
 from GradDotProd_LM import export, train
-from GradDotProd_LM.run_files import read_json
+from ghost_results.run_directory import read_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, T, STEPS = 4, 32, 4

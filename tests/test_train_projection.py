@@ -1,7 +1,6 @@
 """train.sh --project_dim (GradDotProd_LM/training.py, docs/ATTRIBUTION.md): the stored projections of step 1 against
 float64 per-row gradients projected with the store's own matrices, kill -9 then --resume against an uninterrupted
 run, and --method Regular --project_dim (projections only) against plain Regular training."""
-import copy
 import os
 
 import numpy as np

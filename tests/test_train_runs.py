@@ -12,7 +12,7 @@ from _reference import app_first_step_reference
 from ghost_results.results_io import read_run, safe_load_pickle
 from GradDotProd_LM import train, training
 from GradDotProd_LM.model import build_model
-from GradDotProd_LM.run_files import read_json
+from ghost_results.run_directory import read_json
 from pile_tools.reader import PileReader
 
 SEED, B, T, BV, STEPS = 42, 4, 32, 2, 6
@@ -308,7 +308,7 @@ def test_resume_without_a_checkpoint_refuses_and_deletes_nothing(baseline, data_
 
 def test_a_second_launch_of_a_held_run_exits_2(baseline, data_dir, results_dir, capsys):
     """While one process trains a run (holds run.lock), another launch of it exits 2 naming the holder."""
-    from GradDotProd_LM.run_files import RunLock
+    from ghost_results.run_directory import RunLock
 
     holder = RunLock(baseline).acquire()
     try:

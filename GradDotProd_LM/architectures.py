@@ -14,29 +14,25 @@ ARCHITECTURES = {
 
 # Llama-style (RoPE, RMSNorm, SwiGLU, grouped-query attention), embeddings tied as in Llama 3.2 1B and SmolLM.
 # Sizes are the total parameter count with the padded GPT-2 vocabulary (docs/MODELS.md).
-LLAMA_ARCHITECTURES = {
-    "Llama-Tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
-                       intermediate_size=344),
-    "Llama-20M": dict(num_hidden_layers=8, hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=688),
-    "Llama-60M": dict(num_hidden_layers=12, hidden_size=512, num_attention_heads=8, num_key_value_heads=4,
-                      intermediate_size=1376),
-    "Llama-150M": dict(num_hidden_layers=18, hidden_size=768, num_attention_heads=12, num_key_value_heads=4,
-                       intermediate_size=2048),
-    "Llama-350M": dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, num_key_value_heads=4,
-                       intermediate_size=3072),
-    "Llama-1B": dict(num_hidden_layers=16, hidden_size=2048, num_attention_heads=32, num_key_value_heads=8,
-                     intermediate_size=8192),
-}
+_LLAMA_SIZES = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+LLAMA_ARCHITECTURES = {name: dict(zip(_LLAMA_SIZES, sizes)) for name, sizes in {
+    "Llama-Tiny": (2, 128, 4, 2, 344),
+    "Llama-20M": (8, 256, 4, 2, 688),
+    "Llama-60M": (12, 512, 8, 4, 1376),
+    "Llama-150M": (18, 768, 12, 4, 2048),
+    "Llama-350M": (24, 1024, 16, 4, 3072),
+    "Llama-1B": (16, 2048, 32, 8, 8192),
+}.items()}
 # The Pythia suite's shapes (GPT-NeoX: parallel attention/MLP, partial rotary, untied head); Pythia's own
 # vocabulary has 50304 rows, as GPT-2's padded to 64 does here.
-PYTHIA_ARCHITECTURES = {
-    "Pythia-14M": dict(num_hidden_layers=6, hidden_size=128, num_attention_heads=4, intermediate_size=512),
-    "Pythia-70M": dict(num_hidden_layers=6, hidden_size=512, num_attention_heads=8, intermediate_size=2048),
-    "Pythia-160M": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
-    "Pythia-410M": dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=4096),
-    "Pythia-1B": dict(num_hidden_layers=16, hidden_size=2048, num_attention_heads=8, intermediate_size=8192),
-}
+_PYTHIA_SIZES = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+PYTHIA_ARCHITECTURES = {name: dict(zip(_PYTHIA_SIZES, sizes)) for name, sizes in {
+    "Pythia-14M": (6, 128, 4, 512),
+    "Pythia-70M": (6, 512, 8, 2048),
+    "Pythia-160M": (12, 768, 12, 3072),
+    "Pythia-410M": (24, 1024, 16, 4096),
+    "Pythia-1B": (16, 2048, 8, 8192),
+}.items()}
 ARCHITECTURE_NAMES = (*ARCHITECTURES, *LLAMA_ARCHITECTURES, *PYTHIA_ARCHITECTURES)  # every --architecture
 
 GPT2_MAX_SEQ_LEN = 1024  # GPT-2's learned position table

@@ -439,34 +439,23 @@ def format_table(rows: list, columns: list) -> str:
 
 # ---------------------------------------------------------------- command line
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return value
+def _number(kind, wording: str, accept, bound: str):
+    """An argparse type: `kind` of the flag's text, for which accept(value) holds (a NaN never does)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wording}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"{text!r} must be {bound}")
+        return value
+
+    return parse
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return value
+positive_int = _number(int, "an integer", lambda v: v >= 1, ">= 1")
+positive_float = _number(float, "a number", lambda v: v > 0, "> 0")
+non_negative_int = _number(int, "an integer", lambda v: v >= 0, ">= 0")
 
 
 def add_timing_arguments(parser: argparse.ArgumentParser, reps: int):

@@ -142,3 +142,35 @@ def test_bad_queries_and_sources_exit_2(setup, tmp_path):
                            str(tmp_path / "out")]) == 2
     assert attribute.main(["index", str(root / "model"), "--data", str(tmp_path / "missing.jsonl"), "--store",
                            str(tmp_path / "s2")]) == 2
+
+
+def test_a_saved_hugging_face_dataset_and_a_pile_tools_corpus_are_indexed(setup, data_dir, tmp_path):
+    """save_to_disk datasets ("text" or "input_ids" columns) give the JSONL file's windows; a pile_tools corpus
+    gives consecutive windows of each domain with the reader's document ids."""
+    import datasets
+
+    from pile_tools.reader import PileReader
+
+    root, docs = setup
+    datasets.Dataset.from_dict({"text": docs}).save_to_disk(str(tmp_path / "texts"))
+    tokenizer = load_gpt2_tokenizer()
+    ids = [tokenizer.encode(d) + [EOT_ID] for d in docs]
+    datasets.Dataset.from_dict({"input_ids": ids}).save_to_disk(str(tmp_path / "ids"))
+    stores = {}
+    for name in ("texts", "ids"):
+        assert attribute.main(["index", str(root / "model"), "--data", str(tmp_path / name), "--store",
+                               str(tmp_path / f"store-{name}"), "--seq_len", str(SEQ), "--project_dim", "300",
+                               "--dtype", "float32"]) == 0
+        stores[name] = GradStore(tmp_path / f"store-{name}")
+    expected = [(i, start) for i, t in enumerate(ids) for start in range(0, len(t), SEQ) if len(t) - start >= 2]
+    for store in stores.values():
+        prov = store.provenance()
+        assert list(zip(prov["doc_id"], prov["token_offset"])) == expected
+    np.testing.assert_array_equal(stores["texts"].rows(np.arange(4)), stores["ids"].rows(np.arange(4)))
+    assert attribute.main(["index", str(root / "model"), "--data", data_dir, "--store", str(tmp_path / "corpus"),
+                           "--seq_len", str(SEQ), "--project_dim", "300", "--max_windows", "5"]) == 0
+    prov = GradStore(tmp_path / "corpus").provenance()
+    reader = PileReader(data_dir, split="train")
+    first = reader.domains[0]
+    assert list(prov["domain"]) == [first] * 5 and list(prov["token_offset"]) == [0, 16, 32, 48, 64]
+    assert list(prov["doc_id"]) == list(reader.doc_id_at(first, [0, 16, 32, 48, 64]))

@@ -15,6 +15,7 @@ _EXPORTS = {
     "register_recogniser": "ghost_engine.layers",
     "per_sample_loss": "ghost_engine.losses",
     "disable_dropout": "ghost_engine.dropout",
+    "Projection": "ghost_engine.projection",
 }
 __all__ = list(_EXPORTS)
 

@@ -13,7 +13,9 @@ It composes objects with one job each and holds no maths of its own:
   used outside its layer, the loss's scale) and the label shapes;
 - ghost_engine.estimators: the Estimator of ``value``, for the estimators that read the optimizer or the
   step's batch gradient;
-- ghost_engine.result: DotProductResult, its assembly from the micro-batches, the path report.
+- ghost_engine.result: DotProductResult, its assembly from the micro-batches, the path report;
+- ghost_engine.projection: Projection, the fixed matrices and column layout of the projected per-sample gradients
+  (``projection=``), which the taps fill from the rules' ``per_sample_projection`` in the same backward.
 The layer maths live in ghost_engine.layers (one file per family), dropout detection in ghost_engine.dropout.
 
 Must not touch: the layer maths, the model beyond registering hooks (detach() removes every one).

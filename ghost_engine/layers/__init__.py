@@ -17,6 +17,10 @@ The interface of a rule (see ``linear.py`` for the reference implementation)::
     path(module, act_tr, act_v, own_only) -> LayerPath      (which exact path runs, and its flops)
     per_sample_sq_norms(module, act_tr, grad_tr) -> {local_param_name: Tensor [B_train]}   (||G_i||², optional:
         needed by the engine's value="cosine")
+    per_sample_projection(module, act_tr, grad_tr, mats) -> {local_param_name: Tensor [B_train, k]}   (Π_i of the
+        parameters in `mats`, ghost_engine.projection; a rule lists in ``factored`` the parameters whose G_i it
+        factors as Σ_t u_t v_tᵀ) or, for small parameters, per_sample_grads(module, act_tr, grad_tr) ->
+        {local_param_name: Tensor [B_train, ...]}, the explicit per-sample gradients the engine projects
 
 ``per_sample_dots`` receives in ``val_totals`` the validation gradient, or under value="adamw" the preconditioned
 D ⊙ G_val with ``own_only`` all False (a rule must then use ``val_totals`` only, not a Gram form of act_v, grad_v).

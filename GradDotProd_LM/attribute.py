@@ -362,7 +362,9 @@ def query(args) -> int:
         steps = sorted(kept_checkpoints(source))
         if not steps:
             raise ValueError(f"{source} kept no checkpoint: an in-run store is queried at the run's checkpoints")
-        queries = {s: project_rows(load_model(source, s)[0], projection, tokenized) for s in steps}
+        # checkpoint s holds θ_s, the weights step s + 1 trained at: its projections score the rows of the steps
+        # nearest s + 1 (a row of step t was projected at θ_{t-1})
+        queries = {s + 1: project_rows(load_model(source, s)[0], projection, tokenized) for s in steps}
     else:
         origin = meta["model"]
         queries = project_rows(load_model(origin["path"], origin["step"])[0], projection, tokenized)

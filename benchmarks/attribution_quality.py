@@ -19,9 +19,11 @@ and the last one).
    with the exact in-run value lr · batch_weight · dot_product of the run's dot-product files: Pearson,
    Spearman and the least-squares slope through 0 of the estimate on the exact value (1 = the right scale).
    Two mappings of a row of step t to a checkpoint:
-     app      the nearest kept checkpoint to t (ties: the earlier), what `graddotprod-attribute query` does.
-              Checkpoint step s holds the weights AFTER step s's update, so at interval 1 the query is taken
-              at θ_t while the row was trained at θ_{t-1}: one update late.
+     late     the nearest kept checkpoint to t (ties: the earlier), what `graddotprod-attribute query` did
+              before 2026-12-07. Checkpoint step s holds the weights AFTER step s's update, so at interval 1
+              the query is taken at θ_t while the row was trained at θ_{t-1}: one update late.
+     app      the nearest kept checkpoint to t - 1, what `graddotprod-attribute query` does now (without θ_0:
+              rows before the first kept checkpoint use it).
      trained  the nearest kept checkpoint to t - 1 (the weights the row was trained at), with the initial
               weights θ_0 rebuilt from the run's seed as the app builds them (checked below); at interval 1
               this is exact, and only the projection's (JL) error is left.
@@ -163,7 +165,7 @@ def self_check(args, run_dir: str, store: GradStore, queries: dict) -> list:
     rows = []
     for interval in args.intervals:
         kept = emulated_checkpoints(args.steps, interval)
-        for mapping, trajectory in (("app", {s: val[s] for s in kept}),
+        for mapping, trajectory in (("late", {s: val[s] for s in kept}), ("app", {s + 1: val[s] for s in kept}),
                                     ("trained", {s + 1: val[s] for s in [0] + kept})):
             result = score_store(store, trajectory, score="raw", top=store.n_rows, trajectory=True)
             estimate = result.top.sort_values("store_row")["score"].to_numpy(dtype=np.float64)

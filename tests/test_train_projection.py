@@ -21,7 +21,8 @@ def flags(data_dir, results, name, *extra):
     return ["--architecture", "GPT2-Tiny", "--batch_size", str(B), "--seq_len", str(T), "--val_batch_size", "2",
             "--max_steps", str(STEPS), "--warmup_step", "1", "--optimizer", "SGD", "--learning_rate", "0.5",
             "--min_lr", "0.05", "--grad_clip", "0", "--eval_interval", "100", "--eval_iter", "1", "--eval_bs", "2",
-            "--dot_prod_save_interval", "1", "--checkpoint_interval", "2", "--seed", str(SEED), "--project_dim",
+            "--dot_prod_save_interval", "1", "--checkpoint_interval", "2", "--keep_checkpoints", "0", "--seed",
+            str(SEED), "--project_dim",
             str(K), "--project_dtype", "float32", "--data_dir", data_dir, "--results_dir", results, "--run_name",
             name, *extra]
 
@@ -114,3 +115,28 @@ def test_regular_training_with_projections_only(data_dir, baseline, tmp_path):
     with_projection, without = weights("proj"), weights("plain")
     for name, value in without.items():
         torch.testing.assert_close(with_projection[name], value, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_an_in_run_query_uses_the_weights_each_step_trained_at(baseline, tmp_path):
+    """Checkpoint s holds the weights step s + 1 trained at: the validation rows projected there are the run's own
+    projection of step s + 1's validation gradient. The query command scores the in-run store and names its
+    fidelity."""
+    import json
+
+    from GradDotProd_LM import attribute
+    from ghost_results.run_directory import read_valset_tokens
+
+    run_dir = os.path.join(baseline, "base")
+    store, _, _ = stored(run_dir)
+    projection = Projection.from_description(store.meta["projection"])
+    _, val_rows, _ = stored(run_dir, "grad_store_validation")
+    tokens = read_valset_tokens(run_dir)[:, :T]
+    model, origin = attribute.load_model(run_dir, 2)
+    assert origin["step"] == 2
+    projected = attribute.project_rows(model, projection, list(tokens)).mean(axis=0)  # equal target counts
+    np.testing.assert_allclose(projected, val_rows[2], rtol=1e-4, atol=1e-5 * np.abs(val_rows[2]).max())
+    (tmp_path / "q.jsonl").write_text(json.dumps({"text": "The quick brown fox jumps over the lazy dog."}) + "\n")
+    assert attribute.main(["query", run_dir, "--queries", str(tmp_path / "q.jsonl"), "--out", str(tmp_path / "out"),
+                           "--top", "3", "--score", "cosine"]) == 0
+    report = (tmp_path / "out" / "attribution.md").read_text()
+    assert "in-run (trajectory" in report and "Pearson" in report

@@ -21,7 +21,7 @@ install:
 	$(PYTHON) -m pip install -e ".[test]"
 
 test:
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile tests
 
 demo:
 	./train.sh $(DEMO_ARGS)

@@ -22,7 +22,8 @@ def target_counts(labels: torch.Tensor, task: str, ignore_index: int = IGNORE_IN
 
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, task: str = "causal_lm",
                     ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Mean cross-entropy of each row ([R], float32; 0 for a row without targets).
+    """Mean cross-entropy of each row ([R]; 0 for a row without targets), in float32, or in float64 for float64
+    logits (a float64 model's validation loss stays float64: the deferred estimators differentiate it).
 
     causal_lm: logits [R, T, V] and unshifted labels [R, T] (token t predicts label t+1);
     token_classification: logits [R, T, C] and labels [R, T] (token t predicts label t);
@@ -31,7 +32,8 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, task: str = "cau
     if task == "causal_lm":
         logits, labels = logits[:, :-1], labels[:, 1:]
     rows = labels.shape[0]
-    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+    flat = logits.reshape(-1, logits.shape[-1])
+    losses = F.cross_entropy(flat if flat.dtype == torch.float64 else flat.float(), labels.reshape(-1),
                              ignore_index=ignore_index, reduction="none").reshape(rows, -1)
     counts = (labels.reshape(rows, -1) != ignore_index).sum(1)
     return losses.sum(1) / counts.clamp(min=1)

@@ -418,3 +418,22 @@ def test_deferred_validation_pass_runs_under_the_steps_autocast():
         values[amp] = engine.aggregate_and_log().dot_products
         engine.detach()
     assert rel_err(values[True], values[False].double()) < 5e-2
+
+
+def test_a_float64_models_validation_loss_stays_float64():
+    """The deferred estimators differentiate the validation loss: float64 logits keep it in float64 (it was cast
+    to float32, leaving a float64 model's second-order and midpoint values float32-accurate); half-precision
+    logits are summed in float32."""
+    from torch.nn import functional as F
+
+    from ghost_engine.losses import per_sample_loss
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 5, 7, generator=g, dtype=torch.float64) * 30
+    labels = torch.randint(0, 7, (3, 5), generator=g)
+    labels[1, 3:] = -100
+    got = per_sample_loss(logits, labels)
+    assert got.dtype == torch.float64
+    expected = torch.stack([F.cross_entropy(logits[i, :-1], labels[i, 1:], ignore_index=-100) for i in range(3)])
+    assert torch.allclose(got, expected, rtol=1e-14, atol=0)
+    assert per_sample_loss(logits.bfloat16(), labels).dtype == torch.float32

@@ -52,6 +52,8 @@ def build_parser() -> FlagParser:
     parser.add_argument("--ks", nargs="+", type=positive_int, default=[64, 256, 1024, 4096, 16384],
                         help="total projection sizes per row (projection=dict(total=K))")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="projection seeds")
+    parser.add_argument("--allocations", nargs="+", choices=("size", "equal"), default=["size"],
+                        help="how total=K is shared among the parameters (Projection.for_shapes's allocate)")
     parser.add_argument("--states", nargs="+", choices=STATES, default=list(STATES))
     parser.add_argument("--kinds_k", type=positive_int, default=1024,
                         help="K of the rows comparing gaussian, rademacher and orthonormal (first model, trained)")
@@ -136,14 +138,15 @@ def exact_and_projected(model, tokens: Tokens, batch_steps: list, projection: di
     return torch.cat(exact), torch.cat(projected), engine.projection.dim
 
 
-def fidelity_row(model, tokens, batch_steps, K: int, seeds: list, kind: str) -> dict:
+def fidelity_row(model, tokens, batch_steps, K: int, seeds: list, kind: str, allocate: str = "size") -> dict:
     pearsons, spearmans, slopes = [], [], []
     for seed in seeds:
-        exact, projected, actual = exact_and_projected(model, tokens, batch_steps, dict(total=K, seed=seed, kind=kind))
+        exact, projected, actual = exact_and_projected(model, tokens, batch_steps,
+                                                       dict(total=K, seed=seed, kind=kind, allocate=allocate))
         pearsons.append(pearson(exact, projected))
         spearmans.append(spearman(exact, projected))
         slopes.append(float(exact @ projected / (exact @ exact)))
-    return dict(kind=kind, K=K, actual=actual, n=len(exact), pearson=statistics.mean(pearsons),
+    return dict(kind=kind, allocate=allocate, K=K, actual=actual, n=len(exact), pearson=statistics.mean(pearsons),
                 pearson_min=min(pearsons), spearman=statistics.mean(spearmans), spearman_min=min(spearmans),
                 slope=statistics.mean(slopes), slope_min=min(slopes), slope_max=max(slopes))
 
@@ -158,11 +161,12 @@ def measure_model(name: str, args) -> list:
         if state == "trained":
             train(model, tokens, args.train_steps, args.lr)
         started = time.perf_counter()
-        kinds = [(K, "gaussian") for K in args.ks]
-        if state == "trained" and name == args.models[0]:
-            kinds += [(args.kinds_k, kind) for kind in KINDS if kind != "gaussian"]
-        for K, kind in kinds:
-            rows.append(dict(model=name, state=state, **fidelity_row(model, tokens, batch_steps, K, args.seeds, kind)))
+        kinds = [(K, "gaussian", allocate) for allocate in args.allocations for K in args.ks]
+        if state == "trained" and name == args.models[0] and args.kinds_k:
+            kinds += [(args.kinds_k, kind, args.allocations[0]) for kind in KINDS if kind != "gaussian"]
+        for K, kind, allocate in kinds:
+            rows.append(dict(model=name, state=state,
+                             **fidelity_row(model, tokens, batch_steps, K, args.seeds, kind, allocate)))
         print(f"  {name} {state}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     return rows
 
@@ -179,6 +183,7 @@ def main(argv=None) -> int:
           f"{args.val_batch_size} validation rows; trained = {args.train_steps} AdamW steps at lr {args.lr}; "
           f"projection seeds {args.seeds} (mean and min over seeds)\n")
     print(format_table(rows, [("model", "model", ""), ("state", "state", ""), ("kind", "kind", ""),
+                              ("allocate", "allocate", ""),
                               ("K", "K", "d"), ("K actual", "actual", "d"), ("rows", "n", "d"),
                               ("pearson", "pearson", ".4f"), ("pearson min", "pearson_min", ".4f"),
                               ("spearman", "spearman", ".4f"), ("spearman min", "spearman_min", ".4f"),

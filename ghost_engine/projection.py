@@ -65,12 +65,18 @@ class Projection:
 
     @classmethod
     def for_shapes(cls, shapes: dict, *, dim: int = None, total: int = None, dims: dict = None, seed: int = 0,
-                   kind: str = "gaussian"):
+                   kind: str = "gaussian", allocate: str = "size"):
         """shapes: {parameter name: (r, c) for a factored gradient or (n,)}, in row order. Sizes: ``dims``
         {name: (k_r, k_c) or k} for some or all parameters; the others get ``dim`` per side (k × k columns for a
-        matrix, k² for a vector), or, from ``total`` (a budget of columns per row), the largest equal side k with
-        Σ_parameters k_r·k_c <= total."""
+        matrix, k² for a vector), or share ``total`` (a budget of columns per row): allocate="size" (default)
+        gives each parameter columns in proportion to √(its size) (a matrix: sides √ of that, each at most its
+        own side), "equal" the largest equal side k with Σ_parameters k_r·k_c <= total."""
+        if allocate not in ("size", "equal"):
+            raise ValueError(f"projection allocate={allocate!r}; expected 'size' or 'equal'")
         dims = dict(dims or {})
+        if total is not None and dim is None and allocate == "size" and len(dims) < len(shapes):
+            rest = {n: sh for n, sh in shapes.items() if n not in dims}
+            dims.update(_by_size(rest, total - _columns(shapes, dims)))
         unknown = sorted(set(dims) - set(shapes))
         if unknown:
             raise ValueError(f"projection dims for unknown parameters {unknown[:3]}; valued: {list(shapes)[:5]}...")
@@ -130,6 +136,23 @@ def _columns(shapes: dict, dims: dict) -> int:
         else:
             total += side_dim(shape[0], int(k))
     return total
+
+
+def _by_size(shapes: dict, total: int) -> dict:
+    """{name: (k_r, k_c) or k}: columns ∝ √(size) of each parameter, within `total`."""
+    if total is None or total < len(shapes):
+        raise ValueError(f"projection total={total} is below one column per valued parameter ({len(shapes)})")
+    weights = {n: math.sqrt(math.prod(sh)) for n, sh in shapes.items()}
+    norm = sum(weights.values())
+    dims = {}
+    for name, shape in shapes.items():
+        columns = max(1, int(total * weights[name] / norm))
+        if len(shape) == 2:
+            kr = min(shape[0], max(1, math.isqrt(columns)))
+            dims[name] = (kr, min(shape[1], max(1, columns // kr)))
+        else:
+            dims[name] = min(shape[0], columns)
+    return dims
 
 
 def _side_for_total(shapes: dict, total: int) -> int:

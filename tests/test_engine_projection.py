@@ -248,3 +248,17 @@ def test_compiled_gradient_checkpointed_and_bf16_steps(val):
     assert rel(half.projections, eager.projections) < 5e-2
     if val:
         assert rel(half.val_projection, eager.val_projection) < 5e-2
+
+
+def test_a_total_budget_is_shared_by_size_or_equally():
+    shapes = {"embedding": (50304, 128), "attention": (128, 384), "bias": (384,), "norm": (128,)}
+    by_size = Projection.for_shapes(shapes, total=4096)
+    equal = Projection.for_shapes(shapes, total=4096, allocate="equal")
+    assert by_size.dim <= 4096 and equal.dim <= 4096
+    columns = {b.name: b.stop - b.start for b in by_size.blocks}
+    assert columns["embedding"] > columns["attention"] > columns["bias"] > columns["norm"]
+    assert len({b.dims[0] for b in equal.blocks if len(b.dims) == 2}) == 1  # one side for every matrix
+    with pytest.raises(ValueError, match="allocate"):
+        Projection.for_shapes(shapes, total=4096, allocate="greedy")
+    with pytest.raises(ValueError, match="below one column"):
+        Projection.for_shapes(shapes, total=3)

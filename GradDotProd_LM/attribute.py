@@ -35,6 +35,8 @@ from ghost_common.flags import FlagParser
 from ghost_results.run_directory import GRAD_STORE as STORE_DIR  # a run's in-run store, under its run directory
 from pile_tools.tokenizer import EOT_ID
 
+GPT2_VOCAB = 50257  # the tokens of GPT-2's BPE, which texts and queries are tokenized with
+
 SCORES = ("raw", "cosine", "precond")
 
 
@@ -114,6 +116,11 @@ def load_model(source: str, step=None):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True).eval()
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < GPT2_VOCAB:  # texts are tokenized with GPT-2's BPE: another vocabulary would be read wrongly
+        raise ValueError(f"{directory}: the model's embedding has {rows} rows; graddotprod-attribute tokenizes texts "
+                         f"with GPT-2's BPE ({GPT2_VOCAB} tokens), so it values models of that vocabulary (the app's "
+                         "runs and their exports)")
     return model, {"kind": "hf", "path": directory, "step": None, "run_id": None, "seq_len": None}
 
 

@@ -174,3 +174,15 @@ def test_a_saved_hugging_face_dataset_and_a_pile_tools_corpus_are_indexed(setup,
     first = reader.domains[0]
     assert list(prov["domain"]) == [first] * 5 and list(prov["token_offset"]) == [0, 16, 32, 48, 64]
     assert list(prov["doc_id"]) == list(reader.doc_id_at(first, [0, 16, 32, 48, 64]))
+
+
+def test_a_model_of_another_vocabulary_is_refused(tmp_path):
+    """Texts are tokenized with GPT-2's BPE: a model with fewer embedding rows would read them wrongly."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=1000, n_embd=8, n_layer=1, n_head=2, n_positions=16)).save_pretrained(
+        tmp_path / "small-vocab")
+    (tmp_path / "c.jsonl").write_text('{"text": "one two three four"}\n')
+    assert attribute.main(["index", str(tmp_path / "small-vocab"), "--data", str(tmp_path / "c.jsonl"), "--store",
+                           str(tmp_path / "s")]) == 2
+    assert not (tmp_path / "s").exists()

@@ -3,7 +3,7 @@
     graddotprod-attribute index RUN_OR_MODEL --data SOURCE --store DIR [--step S] [--project_dim K] [--seed N]
                                 [--seq_len T] [--batch_size B] [--dtype bfloat16|float16|float32]
     graddotprod-attribute query RUN_OR_STORE --queries FILE.jsonl --out DIR [--top 20]
-                                [--score raw|cosine|precond]
+                                [--score cosine|raw|precond]
 
 ``index`` passes SOURCE (a tokenized corpus written by pile_tools, a JSONL file of {"text", "domain"?, "doc_id"?}
 records, or a Hugging Face dataset saved with save_to_disk, with a "text" or "input_ids" column) through the
@@ -70,7 +70,9 @@ def build_parser() -> FlagParser:
     query.add_argument("--store", default=None, metavar="DIR", help="the store, when RUN_OR_STORE is a run [RUN/"
                                                                     f"{STORE_DIR}]")
     query.add_argument("--top", type=_positive, default=20, help="training windows listed per query [20]")
-    query.add_argument("--score", default="raw", choices=SCORES, help="raw | cosine | precond [raw]")
+    query.add_argument("--score", default="cosine", choices=SCORES,
+                       help="raw | cosine | precond: cosine and precond found planted passages at rank 1 about "
+                            "twice as often as raw (docs/ATTRIBUTION.md) [cosine]")
     return parser
 
 

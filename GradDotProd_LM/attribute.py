@@ -98,7 +98,7 @@ def load_model(source: str, step=None):
     """(model in eval mode, description {kind, path, step, run_id, seq_len}) of a run's kept checkpoint (the app's
     model as trained, padded vocabulary included) or of a Hugging Face model directory."""
     from GradDotProd_LM.checkpoint import checkpoint_path
-    from GradDotProd_LM.export import kept_checkpoints, read_checkpoint
+    from GradDotProd_LM.export import app_model_from_checkpoint, kept_checkpoints, read_checkpoint
 
     directory = resolve(source)
     if os.path.isdir(os.path.join(directory, "checkpoints")):
@@ -112,7 +112,7 @@ def load_model(source: str, step=None):
         else:
             raise ValueError(f"{directory} kept no checkpoint of step {step}; it holds steps {sorted(kept)}")
         state = read_checkpoint(path)
-        model = app_model(state)
+        model = app_model_from_checkpoint(state)
         return model, {"kind": "run", "path": directory, "step": int(state["step"]), "run_id": state.get("run_id"),
                        "seq_len": state["config"].get("seq_len")}
     from transformers import AutoModelForCausalLM
@@ -124,19 +124,6 @@ def load_model(source: str, step=None):
                          f"with GPT-2's BPE ({GPT2_VOCAB} tokens), so it values models of that vocabulary (the app's "
                          "runs and their exports)")
     return model, {"kind": "hf", "path": directory, "step": None, "run_id": None, "seq_len": None}
-
-
-def app_model(state: dict):
-    """The app's model of a checkpoint, as it trained (no vocabulary resizing), in eval mode."""
-    from GradDotProd_LM.model import build_model
-
-    config, weights = state["config"], state["model"]
-    positions = weights.get("transformer.wpe.weight")
-    model = build_model(config["architecture"], n_positions=1024 if positions is None else positions.shape[0],
-                        vocab_pad_multiple=config.get("vocab_pad_multiple", 1), model_config=config.get("model_config"))
-    model.to(next(iter(weights.values())).dtype)
-    model.load_state_dict(weights, strict=False)
-    return model.eval()
 
 
 def project_rows(model, projection, windows: list, pad_id: int = EOT_ID) -> np.ndarray:

@@ -86,24 +86,19 @@ def read_checkpoint(path: str) -> dict:
     return state
 
 
-def hf_model_from_checkpoint(state: dict):
-    """(model, rows it was trained with): the checkpoint's model (GPT-2, Llama-style, Pythia or a
-    --model_config family) with GPT-2's 50257-token vocabulary; the padded embedding/head rows are dropped."""
-    config = state["config"]
-    if config.get("attention", "standard") != "standard":
-        raise ValueError(f"the run uses --attention {config['attention']}, which no standard Hugging Face model "
-                         "class computes: a directory written from it would load into plain attention and give "
-                         "other outputs, so it is not exported (evaluate it in the app with --eval_only --resume)")
-    weights = state["model"]
-    tokenizer = config.get("data_tokenizer") or {"name": "gpt2-bpe"}  # runs saved before it was recorded
-    if tokenizer.get("name") != "gpt2-bpe":
-        raise ValueError(f"the run's data was tokenized with {tokenizer.get('name')} (sha256 "
-                         f"{tokenizer.get('sha256')}); export writes GPT-2's tokenizer files only")
+def app_model_from_checkpoint(state: dict):
+    """The app's model of a checkpoint as it trained (its attention, its padded vocabulary), its weights loaded and
+    checked against the architecture (ValueError naming what does not match), in eval mode."""
+    config, weights = state["config"], state["model"]
     positions = weights.get("transformer.wpe.weight")
+    vocab = (config.get("data_tokenizer") or {}).get("vocab_size")
+    n_positions = max(1024, config.get("seq_len") or 0) if positions is None else positions.shape[0]
+    attention = {key: config[key] for key in ("attention", "attention_rank", "attention_block") if key in config}
     try:
-        model = build_model(config["architecture"], n_positions=1024 if positions is None else positions.shape[0],
+        model = build_model(config["architecture"], n_positions=n_positions,
                             vocab_pad_multiple=config.get("vocab_pad_multiple", 1),
-                            model_config=config.get("model_config"))
+                            model_config=config.get("model_config"), **attention,
+                            **({"vocab_size": vocab} if vocab else {}))
     except ValueError as err:
         raise ValueError(f"the checkpoint's model cannot be rebuilt: {err}") from None
     model.to(next(iter(weights.values())).dtype)
@@ -113,6 +108,22 @@ def hf_model_from_checkpoint(state: dict):
     if unexpected or set(missing) - tied:
         raise ValueError(f"the checkpoint does not match {config['architecture']}: missing {missing}, "
                          f"unexpected {unexpected}")
+    return model.eval()
+
+
+def hf_model_from_checkpoint(state: dict):
+    """(model, rows it was trained with): the checkpoint's model (GPT-2, Llama-style, Pythia or a
+    --model_config family) with GPT-2's 50257-token vocabulary; the padded embedding/head rows are dropped."""
+    config = state["config"]
+    if config.get("attention", "standard") != "standard":
+        raise ValueError(f"the run uses --attention {config['attention']}, which no standard Hugging Face model "
+                         "class computes: a directory written from it would load into plain attention and give "
+                         "other outputs, so it is not exported (evaluate it in the app with --eval_only --resume)")
+    tokenizer = config.get("data_tokenizer") or {"name": "gpt2-bpe"}  # runs saved before it was recorded
+    if tokenizer.get("name") != "gpt2-bpe":
+        raise ValueError(f"the run's data was tokenized with {tokenizer.get('name')} (sha256 "
+                         f"{tokenizer.get('sha256')}); export writes GPT-2's tokenizer files only")
+    model = app_model_from_checkpoint(state)
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < GPT2_VOCAB_SIZE:
         raise ValueError(f"the checkpoint's embedding has {rows} rows, fewer than GPT-2's {GPT2_VOCAB_SIZE}")

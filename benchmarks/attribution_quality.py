@@ -62,8 +62,8 @@ from ghost_results.grad_query import score_store
 from ghost_results.grad_store import GradStore
 from ghost_results.results_io import safe_load_pickle
 from ghost_results.run_directory import GRAD_STORE, GRAD_STORE_VALIDATION
-from GradDotProd_LM.attribute import app_model, project_rows
-from GradDotProd_LM.export import kept_checkpoints, read_checkpoint
+from GradDotProd_LM.attribute import project_rows
+from GradDotProd_LM.export import app_model_from_checkpoint, kept_checkpoints, read_checkpoint
 from pile_tools.reader import PileReader
 from pile_tools.tokenizer import load_gpt2_tokenizer
 
@@ -136,7 +136,7 @@ def project_queries(run_dir: str, projection, token_sets: dict) -> dict:
     kept = kept_checkpoints(run_dir)
     projected = {}
     for step in [0] + sorted(kept):
-        model = initial_model(run_dir, kept[max(kept)]) if step == 0 else app_model(read_checkpoint(kept[step]))
+        model = initial_model(run_dir, kept[max(kept)]) if step == 0 else app_model_from_checkpoint(read_checkpoint(kept[step]))
         projected[step] = {name: project_rows(model, projection, list(tokens)) for name, tokens in token_sets.items()}
     return projected
 
@@ -187,7 +187,7 @@ def norm_distortion(run_dir: str, projection, val_tokens: np.ndarray, projected_
     """‖Π(∇L_val)‖² / ‖∇L_val‖² at the last checkpoint, overall and for the parameter of the largest share of
     ‖∇L_val‖²: the scale error that one draw of the matrices puts on every score against this query."""
     kept = kept_checkpoints(run_dir)
-    model = app_model(read_checkpoint(kept[max(kept)]))
+    model = app_model_from_checkpoint(read_checkpoint(kept[max(kept)]))
     X = torch.as_tensor(val_tokens)
     model(input_ids=X, labels=X).loss.backward()
     exact = {name: float(p.grad.double().square().sum()) for name, p in model.named_parameters() if p.grad is not None}

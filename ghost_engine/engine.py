@@ -118,6 +118,9 @@ class GradDotProdEngine:
         if sharded and unsupported == "exclude":
             raise ValueError("unsupported='exclude' is not supported with FSDP2 (the excluded modules' validation "
                              "rows are recomputed with their parameters, which FSDP holds sharded)")
+        if sharded and projection is not None:
+            raise ValueError("projection= is not supported with FSDP2 yet (its projections are not tested against "
+                             "the unsharded model's); project an unsharded or DDP model")
         if sharded and value != FIRST_ORDER:
             raise ValueError(f"value={value!r} is not supported with FSDP2 (the optimizer state and the per-sample "
                              "norms would be sharded); use value='first_order'")

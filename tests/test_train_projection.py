@@ -86,7 +86,9 @@ def test_kill_9_inside_a_checkpoint_write_then_resume_equals_the_uninterrupted_s
     _, rows, prov = stored(os.path.join(results, "killed"))
     _, base_rows, base_prov = stored(os.path.join(baseline, "base"))
     assert list(zip(prov["step"], prov["row"])) == list(zip(base_prov["step"], base_prov["row"]))
-    np.testing.assert_allclose(rows, base_rows, rtol=1e-5, atol=1e-6 * np.abs(base_rows).max())
+    # the killed process ran with OMP_NUM_THREADS=1 (tests/test_faults.py), the resume and the baseline with
+    # torch's threads: float32 sums in another order, hence float32 round-off, not equality
+    np.testing.assert_allclose(rows, base_rows, rtol=1e-4, atol=1e-5 * np.abs(base_rows).max())
     # the store was made durable through step 4 before that checkpoint's write; the resume from step 2 took the
     # rows of steps 3 and 4 out (to superseded/, never deleted) and computed them again
     superseded = os.path.join(results, "killed", "grad_store", "superseded")

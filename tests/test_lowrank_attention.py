@@ -195,6 +195,15 @@ def test_app_run_is_exact_resumes_evaluates_and_refuses_export(data_dir, tmp_pat
         export.main([os.path.join(results, "split"), "--out", str(tmp_path / "hf")])
     assert exit_info.value.code == 2 and "--attention lowrank" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "hf")
+    # graddotprod-attribute rebuilds the run's model as it trained: low-rank attention, the checkpoint's weights
+    from GradDotProd_LM import attribute
+    from GradDotProd_LM.lowrank_attention import LowRankCompression
+
+    model, origin = attribute.load_model(os.path.join(results, "split"))
+    assert origin["step"] == 3 and any(isinstance(m, LowRankCompression) for m in model.modules())
+    saved = torch.load(os.path.join(results, "split", "checkpoints", "latest.pt"), weights_only=True)["model"]
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, saved[name], rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("extra, message", [

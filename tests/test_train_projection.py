@@ -119,7 +119,7 @@ def test_regular_training_with_projections_only(data_dir, baseline, tmp_path):
         torch.testing.assert_close(with_projection[name], value, rtol=1e-6, atol=1e-7, msg=name)
 
 
-def test_an_in_run_query_uses_the_weights_each_step_trained_at(baseline, tmp_path):
+def test_an_in_run_query_uses_the_weights_each_step_trained_at(baseline, tmp_path, monkeypatch):
     """Checkpoint s holds the weights step s + 1 trained at: the validation rows projected there are the run's own
     projection of step s + 1's validation gradient. The query command scores the in-run store and names its
     fidelity."""
@@ -138,7 +138,8 @@ def test_an_in_run_query_uses_the_weights_each_step_trained_at(baseline, tmp_pat
     projected = attribute.project_rows(model, projection, list(tokens)).mean(axis=0)  # equal target counts
     np.testing.assert_allclose(projected, val_rows[2], rtol=1e-4, atol=1e-5 * np.abs(val_rows[2]).max())
     (tmp_path / "q.jsonl").write_text(json.dumps({"text": "The quick brown fox jumps over the lazy dog."}) + "\n")
-    assert attribute.main(["query", run_dir, "--queries", str(tmp_path / "q.jsonl"), "--out", str(tmp_path / "out"),
-                           "--top", "3", "--score", "cosine"]) == 0
+    monkeypatch.setenv("GRADDOTPROD_RESULTS_DIR", baseline)  # the run by its name, as the README asks it
+    assert attribute.main(["query", "base", "--queries", str(tmp_path / "q.jsonl"), "--out", str(tmp_path / "out"),
+                           "--top", "3"]) == 0
     report = (tmp_path / "out" / "attribution.md").read_text()
-    assert "in-run (trajectory" in report and "Pearson" in report
+    assert "in-run (trajectory" in report and "Pearson" in report and "score: cosine" in report

@@ -16,7 +16,7 @@ import os
 import yaml
 
 from ghost_common.flags import FlagParser
-from ghost_engine.values import DEFERRED, VALUES
+from ghost_engine.values import AUTO, CHOICES, DEFERRED, value_for
 from GradDotProd_LM.architectures import ARCHITECTURE_NAMES, ATTENTIONS, named_max_seq_len, supports_lowrank_attention
 from GradDotProd_LM.settings import load_settings
 
@@ -33,7 +33,7 @@ DEFAULTS = dict(
     checkpoint_interval=1000, keep_checkpoints=1, model_dtype="float32", train_dtype="auto", seq_len=1024,
     data_dir=None, results_dir=None, run_name=None, resume=False, compile=False, grad_ckpt=False,
     init_from=None, vocab_pad_multiple=64, accept_data_change=False, model_config=None, report_to=[],
-    results_format="both", attention="standard", attention_rank=16, attention_block=64, value="first_order",
+    results_format="both", attention="standard", attention_rank=16, attention_block=64, value=AUTO,
     project_dim=0, project_seed=0, project_dtype="bfloat16",
 )
 # Settings added after the app's first version, with what a run saved before each existed used (its config.json
@@ -142,12 +142,14 @@ def build_parser(exit_on_error=True):
 def _run_flags(g, d):
     """What is trained and valued, where its files go, resume and evaluation-only runs."""
     g.add_argument("--method", choices=METHODS, help=f"[{d['method']}]")
-    g.add_argument("--value", choices=VALUES,
-                   help="what is saved per sample (GradDotProdEngine's value, docs/METHOD.md section 2.1): the "
+    g.add_argument("--value", choices=CHOICES,
+                   help="what is saved per sample (GradDotProdEngine's value, docs/METHOD.md section 2.1): auto "
+                        "follows the optimizer (adamw under AdamW, first_order under SGD; docs/FIDELITY.md); the "
                         "first-order dot product; its second-order expansion; AdamW's update sensitivity with v "
                         "held (adamw) or through v_t (adamw_vt), both need --optimizer AdamW; the optimizer's "
                         "step differentiated at half the batch gradient (midpoint); or the cosine. second_order, "
-                        f"adamw_vt and midpoint keep the step's activations until the update [{d['value']}]")
+                        "adamw_vt and midpoint keep the step's activations until the update. config.json keeps "
+                        f"the estimator auto became [{d['value']}]")
     g.add_argument("--project_dim", type=_non_negative_int, metavar="K",
                    help="also keep every training row's projected gradient, K columns over all parameters, in "
                         "<run>/grad_store for graddotprod-attribute query (docs/ATTRIBUTION.md); with --method "
@@ -484,6 +486,8 @@ def parse_config(argv, world_size=1):
         saved, records = _saved_config(saved_path, parser)
         if given.get("data_dir") is not None:
             given["data_dir"] = os.path.abspath(given["data_dir"])
+        if given.get("value") == AUTO:  # what auto gives with the saved optimizer and method
+            given["value"] = resolved_value({**saved, **given})
         changed = [k for k in RUN_IDENTITY if k in given and given[k] != saved[k]]
         if changed:
             fail(f"--resume: {', '.join('--' + k for k in changed)} differ from the saved run "
@@ -516,12 +520,19 @@ def parse_config(argv, world_size=1):
         if flag in given and cfg["attention"] != "lowrank":
             fail(f"--{flag} applies to --attention lowrank only (this run's attention is {cfg['attention']})",
                  flag, "attention")
+    cfg["value"] = resolved_value(cfg)
     _check_values(cfg, fail, world_size)
     if cfg["lr_decay_steps"] is None:
         cfg["lr_decay_steps"] = cfg["max_steps"]
     if cfg["data_dir"] is not None:
         cfg["data_dir"] = os.path.abspath(cfg["data_dir"])
     return cfg
+
+
+def resolved_value(cfg) -> str:
+    """--value, with auto the estimator that tracks the step's exact Shapley value at first-order cost
+    (docs/FIDELITY.md): adamw for a GradDotProd run with --optimizer AdamW, else first_order."""
+    return value_for(cfg["value"], cfg["optimizer"] == "AdamW" and cfg["method"] == "GradDotProd")
 
 
 def eval_only_without_writes(cfg):

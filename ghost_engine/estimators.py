@@ -111,12 +111,13 @@ class AdamPreconditioner(Estimator):
                 optimizer.register_load_state_dict_post_hook(self._on_optimizer_change)]
 
     def _on_optimizer_change(self, *args):
-        self._cached = None
+        if self._cached is not None:  # D is stale; its tensors are written over by the next _compute
+            self._cached = (None, self._cached[1])
 
     def preconditioner(self) -> dict:
         key = self._hyperparameters()  # once per optimizer step (and lr), shared by its micro-batches
         if self._cached is None or key is None or self._cached[0] != key:
-            self._cached = (key, self._compute())
+            self._cached = (key, self._compute(self._cached[1] if self._cached is not None else {}))
         return self._cached[1]
 
     def _hyperparameters(self):
@@ -125,10 +126,10 @@ class AdamPreconditioner(Estimator):
         key = tuple((group["lr"], *group["betas"], group["eps"]) for group in self.optimizer.param_groups)
         return None if any(torch.is_tensor(x) for group in key for x in group) else key
 
-    def _compute(self) -> dict:
+    def _compute(self, previous: dict) -> dict:
         """{parameter name: D} for the optimizer's coming step, in the accumulation dtype: AdamW's update
-        sensitivity with the second moment held at v_{t-1} (updates.fixed_state_sensitivity). Before the first
-        step v_{t-1} = 0."""
+        sensitivity with the second moment held at v_{t-1} (updates.fixed_state_sensitivity), written over the
+        tensors of `previous` (the last step's D, no longer used). Before the first step v_{t-1} = 0."""
         optimizer, wanted = self.optimizer, {id(self.map.params[name]): name for name in self.map.hooked_params}
         out, fresh = {}, []
         for group in optimizer.param_groups:
@@ -138,7 +139,7 @@ class AdamPreconditioner(Estimator):
                     continue
                 if "exp_avg_sq" not in optimizer.state.get(p, {}):
                     fresh.append(name)
-                out[name] = updates.fixed_state_sensitivity(optimizer, group, p, accum_dtype(p))
+                out[name] = updates.fixed_state_sensitivity(optimizer, group, p, accum_dtype(p), previous.get(name))
         if fresh:  # stacklevel: the caller of GradDotProdEngine.prepare_forward_input
             warnings.warn(f"value='adamw' before the optimizer's first step: v_0 = 0 for {len(fresh)} parameter(s), "
                           "so D = lr/eps there and the values are about 1/eps times the first-order ones (exactly "

@@ -73,20 +73,23 @@ def _adam(optimizer, group, p, g, update):
     return new, sensitivity
 
 
-def fixed_state_sensitivity(optimizer, group, p, dtype) -> torch.Tensor:
+def fixed_state_sensitivity(optimizer, group, p, dtype, out=None) -> torch.Tensor:
     """D = -∂θ_{t+1}/∂g of Adam/AdamW with the second moment held at v_{t-1} (the "adamw" estimator's form):
     lr·(1-β1)/(1-β1^t) / (√v_{t-1}/√(1-β2^t) + eps), in `dtype`; v_{t-1} = 0 before the first step. Neither
-    weight decay depends on g here (the coupled one shifts g by a constant)."""
+    weight decay depends on g here (the coupled one shifts g by a constant). `out`: the previous step's D of
+    this parameter, written over (no new allocation, on CPU no new pages to fault in)."""
     state = optimizer.state.get(p, {})
     (beta1, beta2), eps = group["betas"], group["eps"]
     t = _scalar(state.get("step", 0.0)) + 1
     sqrt_bc2 = (1 - beta2 ** t) ** 0.5
     # D = c / (√v + eps·√bc2) with c = lr·(1-β1)/bc1·√bc2: three passes over v
     c = _scalar(group["lr"]) * (1 - beta1) / (1 - beta1 ** t) * sqrt_bc2
+    reuse = out is not None and out.shape == p.shape and out.dtype == dtype and out.device == p.device
+    root = out if reuse else torch.empty(p.shape, dtype=dtype, device=p.device)
     if "exp_avg_sq" in state:
-        root = state["exp_avg_sq"].detach().to(device=p.device, dtype=dtype).sqrt()
+        torch.sqrt(state["exp_avg_sq"].detach().to(device=p.device, dtype=dtype), out=root)
     else:
-        root = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        root.zero_()
     return root.add_(eps * sqrt_bc2).reciprocal_().mul_(c)
 
 

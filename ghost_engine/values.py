@@ -10,3 +10,17 @@ VALUES = (FIRST_ORDER, SECOND_ORDER, ADAMW, ADAMW_VT, MIDPOINT, COSINE)
 # backward: the taps keep each layer's training rows and aggregate_and_log() projects them on that vector
 DEFERRED = (SECOND_ORDER, ADAMW_VT, MIDPOINT)
 LR_INSIDE = (SECOND_ORDER, ADAMW, ADAMW_VT, MIDPOINT)  # phi_i = w_i·dot_i (first_order: lr·w_i·dot_i)
+
+# The app's and the integrations' default: the estimator that follows the optimizer (docs/FIDELITY.md): under
+# Adam/AdamW "adamw" (same cost as first order, tracks the step's exact Shapley value from AdamW's third update
+# on), under SGD and momentum "first_order". Resolved before the run starts; config.json and every file name
+# the estimator it became.
+AUTO = "auto"
+CHOICES = (AUTO,) + VALUES
+
+
+def value_for(value: str, adam: bool) -> str:
+    """``value``, or for "auto" the estimator of an optimizer that is (``adam``) an Adam/AdamW or not."""
+    if value != AUTO:
+        return value
+    return ADAMW if adam else FIRST_ORDER

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ghost_engine.engine import LR_INSIDE, GradDotProdEngine
+from ghost_engine.values import AUTO, FIRST_ORDER, value_for
 from ghost_engine.losses import IGNORE_INDEX, per_sample_loss, target_counts
 from ghost_engine.recording import gather_rows, local_rows
 from ghost_results.results_io import file_formats
@@ -166,13 +167,15 @@ class ValuationRun:
         save_interval: write the records every this many steps (and at the end).
         value: the engine's estimator (docs/METHOD.md section 2.1); the update-aware ones read the optimizer
             given to begin(), and the deferred ones (second_order, adamw_vt, midpoint) .grad at end_step().
+            "auto" (the default) follows that optimizer: "adamw" under an Adam/AdamW, else "first_order"
+            (docs/FIDELITY.md); config.json and the files name the estimator it became.
         results_format: "pickle", "parquet" or "both" (default): the files written, as the app's --results_format.
         project_dim, project_seed, project_dtype: as the app's flags: with project_dim K > 0 every training row's
             projected gradient (K columns) and the validation gradient's go to the run's gradient stores
             (docs/ATTRIBUTION.md).
     """
 
-    def __init__(self, model, val_batch, run_dir, run_name, config=None, save_interval=10, value="first_order",
+    def __init__(self, model, val_batch, run_dir, run_name, config=None, save_interval=10, value=AUTO,
                  results_format="both", project_dim=0, project_seed=0, project_dtype="bfloat16"):
         if not isinstance(val_batch, Mapping) or "input_ids" not in val_batch:
             raise ValueError("val_batch must be a dict with 'input_ids' (and 'labels', default: the input_ids)")
@@ -196,8 +199,10 @@ class ValuationRun:
             if "attention_mask" in val:
                 Y_val[val["attention_mask"] == 0] = IGNORE_INDEX
         projection = dict(total=project_dim, seed=project_seed) if project_dim else None
-        self.engine = GradDotProdEngine(model, val_batch=(X_val, Y_val), task="causal_lm", loss_reduction="mean",
-                                        value=value, val_forward=self._val_logits, projection=projection)
+        self._engine_args = dict(val_batch=(X_val, Y_val), task="causal_lm", loss_reduction="mean",
+                                 val_forward=self._val_logits, projection=projection)
+        self.value = value  # as given ("auto": the engine's value is chosen by begin(), from the optimizer)
+        self.engine = GradDotProdEngine(model, value=FIRST_ORDER if value == AUTO else value, **self._engine_args)
         self.project_dtype = project_dtype
         self._forward_model = None  # the model forward() runs (un-wrapped from DDP), for _val_logits
         self._val = {"input_ids": X_val, "labels": Y_val, **val}  # the validation rows as given
@@ -229,8 +234,12 @@ class ValuationRun:
         aside files of steps after `start_step` (a resumed run writes them again)."""
         if dist.is_available() and dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        optimizer = _torch_optimizer(optimizer)
         if not self.engine.attached:
-            self.engine.attach(_torch_optimizer(optimizer) if self.engine.value in LR_INSIDE else None)
+            value = value_for(self.value, isinstance(optimizer, torch.optim.Adam))
+            if value != self.engine.value:  # "auto" under an Adam/AdamW: an engine of that estimator
+                self.engine = GradDotProdEngine(self.engine.model, value=value, **self._engine_args)
+            self.engine.attach(optimizer if self.engine.value in LR_INSIDE else None)
         self._reset_step()
         if self.rank != 0:
             return
@@ -243,6 +252,7 @@ class ValuationRun:
                   "world_size": self.world_size, "value": self.engine.value, "val_batch_size": int(X_val.shape[0]),
                   "val_seq_len": int(X_val.shape[1]), "dot_prod_save_interval": self.save_interval,
                   "results_format": self.results_format,
+                  "optimizer": None if optimizer is None else type(optimizer).__name__,
                   "torch": torch.__version__, "python": platform.python_version(), **settings, **self.config}
         if max_steps is not None and max_steps > 0:
             config["max_steps"] = int(max_steps)

@@ -40,7 +40,8 @@ class GradDotProdTrainer(Trainer):
         run_name: the name the result files carry (default: the output directory's name).
         run_config: extra entries for config.json (e.g. data_dir, seq_len, val_domain for the report).
         save_interval: write the records every this many steps (and at the end of training).
-        value: the engine's estimator (docs/METHOD.md section 2.1; default "first_order"). The update-aware ones
+        value: the engine's estimator (docs/METHOD.md section 2.1); default "auto": "adamw" under an Adam/AdamW
+            optimizer, else "first_order" (docs/FIDELITY.md). The update-aware ones
             read the Trainer's optimizer; the deferred ones (second_order, adamw_vt, midpoint) take the batch
             gradient after the Trainer's clipping, just before its optimizer step.
         results_format: the files written, "pickle", "parquet" or "both" (default), as the app's --results_format.
@@ -51,7 +52,7 @@ class GradDotProdTrainer(Trainer):
     loss_is_scaled_for_ga = True  # compute_loss returns the loss exactly as Regular Trainer back-propagates it
 
     def __init__(self, *args, val_batch, run_dir=None, run_name=None, run_config=None, save_interval=10,
-                 value="first_order", results_format="both", project_dim=0, project_seed=0,
+                 value="auto", results_format="both", project_dim=0, project_seed=0,
                  project_dtype="bfloat16", **kwargs):
         super().__init__(*args, **kwargs)
         self._check_supported()

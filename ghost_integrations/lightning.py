@@ -43,7 +43,8 @@ class GradDotProdCallback(pl.Callback):
         run_name: the name the result files carry (default: run_dir's name).
         config: extra entries for config.json (e.g. data_dir, seq_len, val_domain for the report).
         save_interval: write the records every this many steps (and at the end of fitting).
-        value: the engine's estimator (docs/METHOD.md section 2.1; default "first_order"). The update-aware ones
+        value: the engine's estimator (docs/METHOD.md section 2.1); default "auto": "adamw" under an Adam/AdamW
+            optimizer, else "first_order" (docs/FIDELITY.md). The update-aware ones
             read the trainer's (one) optimizer; the deferred ones (second_order, adamw_vt, midpoint) take the batch
             gradient in on_before_optimizer_step, before Lightning's clipping, so they refuse gradient_clip_val.
         results_format: the files written, "pickle", "parquet" or "both" (default), as the app's --results_format.
@@ -51,7 +52,7 @@ class GradDotProdCallback(pl.Callback):
             gradient into the run's gradient store (docs/ATTRIBUTION.md); 0 = off.
     """
 
-    def __init__(self, val_batch, run_dir=None, run_name=None, config=None, save_interval=10, value="first_order",
+    def __init__(self, val_batch, run_dir=None, run_name=None, config=None, save_interval=10, value="auto",
                  results_format="both", project_dim=0, project_seed=0, project_dtype="bfloat16"):
         file_formats(results_format)  # a bad choice fails here, not at on_fit_start
         self.val_batch, self.run_dir, self.run_name = val_batch, run_dir, run_name

@@ -194,6 +194,27 @@ def normalised_recall_at_k(samples, domain: str, k: int) -> float:
     return float(in_domain[top].mean() / base_share)
 
 
+# docs/FIDELITY.md section 3: over the first two updates of Adam/AdamW no per-step estimator tracks the step's
+# exact Shapley value (best Pearson 0.77 at step 1, 0.95 at step 2: the first update is nearly -lr·sign(g), and
+# "adamw" holds v at v_0 = 0, so its step-1 values are about 1/eps times first order).
+ADAM_OPTIMIZERS = ("AdamW", "Adam")
+ADAM_UNRELIABLE_STEPS = (1, 2)
+
+
+def unreliable_steps(config: dict) -> tuple:
+    """The steps whose values no estimator makes faithful: steps 1 and 2 of a run whose config.json names an
+    Adam/AdamW "optimizer" (the app's --optimizer; the integrations record the optimizer's class); else ()."""
+    return ADAM_UNRELIABLE_STEPS if config.get("optimizer") in ADAM_OPTIMIZERS else ()
+
+
+def without_steps(columns, steps):
+    """`columns` (dict or DataFrame) without the rows recorded at any of `steps`."""
+    keep = ~np.asarray(rows_in_steps(columns, steps))
+    if isinstance(columns, pd.DataFrame):
+        return columns[keep]
+    return {name: np.asarray(column)[keep] for name, column in columns.items()}
+
+
 def rows_in_steps(columns, steps):
     """Boolean mask [rows] of the rows recorded at any of `steps`."""
     return _per_row(columns, np.isin(np.asarray(columns["step"]), np.asarray(list(steps))))

@@ -131,17 +131,27 @@ class Report:
     val_domain: str | None
     recall: list = field(default_factory=list)  # [(k, recall)]
     first_order: dict | None = None  # a deferred estimator's run: its values against the first-order ones
+    columns: dict | None = None  # the rows valued: the run's, less those of the steps left out
+    left_out: list = field(default_factory=list)  # steps whose values no estimator makes faithful, not valued
+    unreliable: list = field(default_factory=list)  # those steps among the run's, left out or not
 
 
 def build_report(run, convention: str = "first_order", val_domain: str | None = None,
-                 recall_ks=DEFAULT_RECALL_KS) -> Report:
+                 recall_ks=DEFAULT_RECALL_KS, all_steps: bool = False) -> Report:
+    """The report's numbers. The steps `analysis.unreliable_steps` names (an Adam/AdamW run's first two) are
+    left out of every value, sum and ranking unless `all_steps`."""
     value = getattr(run, "value", "first_order")
     if value == "cosine" and convention == "first_order":
         convention = "raw"  # a cosine run's values are its cosines; there is no learning-rate-weighted form
-    values = analysis.compute_values(run.columns, convention, value)
-    samples = analysis.aggregate(run.columns, values, by="sample")
-    documents = analysis.aggregate(run.columns, values, by="document")
-    steps, cumulative = analysis.cumulative_by_domain(run.columns, values)
+    recorded = np.unique(np.asarray(run.columns["step"]))
+    unreliable = [s for s in analysis.unreliable_steps(run.config) if s in recorded]
+    # a run of those steps only is valued whole, and flagged (report.unreliable)
+    left_out = [] if all_steps or len(unreliable) == len(recorded) else unreliable
+    columns = analysis.without_steps(run.columns, left_out) if left_out else run.columns
+    values = analysis.compute_values(columns, convention, value)
+    samples = analysis.aggregate(columns, values, by="sample")
+    documents = analysis.aggregate(columns, values, by="document")
+    steps, cumulative = analysis.cumulative_by_domain(columns, values)
     val_domain = val_domain if val_domain is not None else run.config.get("val_domain")
     recall = []
     n_samples = len(samples["value"])
@@ -150,7 +160,9 @@ def build_report(run, convention: str = "first_order", val_domain: str | None = 
             recall.append((k, analysis.normalised_recall_at_k(samples, val_domain, k)))
     return Report(run=run, convention=convention, values=values, samples=samples, documents=documents,
                   domains=analysis.domain_summary(samples), steps=steps, cumulative=cumulative,
-                  val_domain=val_domain, recall=recall, first_order=compare_first_order(run, convention, values))
+                  val_domain=val_domain, recall=recall,
+                  first_order=compare_first_order(columns, value, convention, values), columns=columns,
+                  left_out=left_out, unreliable=unreliable)
 
 
 def _ranks(values) -> np.ndarray:
@@ -158,12 +170,11 @@ def _ranks(values) -> np.ndarray:
     return pd.Series(values).rank().to_numpy()
 
 
-def compare_first_order(run, convention: str, values, k: int = 10) -> dict | None:
-    """For a run that recorded first-order dot products beside its estimator's (second_order, adamw_vt,
-    midpoint): per sample, Spearman's rank correlation of the two values, the share of samples where their
-    signs agree, and how many of the top k they share; over the rows that have both. None otherwise."""
-    columns = run.columns
-    if FIRST_ORDER_COLUMN not in columns or run.value == "first_order":
+def compare_first_order(columns, value: str, convention: str, values, k: int = 10) -> dict | None:
+    """For the rows of a run that recorded first-order dot products beside its estimator's (second_order,
+    adamw_vt, midpoint): per sample, Spearman's rank correlation of the two values, the share of samples where
+    their signs agree, and how many of the top k they share; over the rows that have both. None otherwise."""
+    if FIRST_ORDER_COLUMN not in columns or value == "first_order":
         return None
     has_both = ~np.isnan(columns[FIRST_ORDER_COLUMN])
     if not has_both.any():
@@ -339,23 +350,29 @@ def render_markdown(report: Report, top: int, text: TextSource, tables: list, pl
 
 
 def _summary(report: Report) -> list:
-    run, s = report.run, report.samples
+    run, s, columns = report.run, report.samples, report.columns
     meaning = VALUE_TEXT.get((run.value, report.convention), CONVENTION_TEXT[report.convention])
     lines = [f"- Estimator: `{run.value}` (the engine's `value`, docs/METHOD.md section 2.1).",
              f"- Value: {meaning}, summed over the steps where a sample "
              "appeared. Positive = the sample lowered the validation loss.",
              "- Sample = one training window (domain, token offset); the same window seen twice sums. "
              "Document = (domain, doc_id).",
-             f"- Rows: {run.num_rows} occurrences, {len(s['value'])} samples, "
+             f"- Rows: {len(columns['step'])} occurrences, {len(s['value'])} samples, "
              f"{len(report.documents['value'])} documents, {len(report.steps)} steps"
              + (f" ({report.steps[0]}–{report.steps[-1]})" if len(report.steps) else "") + "."]
     if report.val_domain:
         lines.append(f"- Validation domain: {report.val_domain}.")
-    dominant = dominant_steps(run.columns["step"], report.values)
+    if report.unreliable:
+        why = (f"the first two updates of {run.config.get('optimizer')}, where docs/FIDELITY.md finds no per-step "
+               "estimator that tracks the step's exact Shapley value (best Pearson 0.77 at step 1, 0.95 at step 2)")
+        lines.append(f"- Steps {_ranges(report.left_out)} left out: {why}; `--all_steps` values them too."
+                     if report.left_out else
+                     f"- Caution: steps {_ranges(report.unreliable)} are valued, and they are {why}.")
+    dominant = dominant_steps(columns["step"], report.values)
     if dominant:
         early = (" For an `adamw` run this is the fixed-state sensitivity before AdamW's second moments exist "
                  "(D ≈ lr/eps at step 1); docs/FIDELITY.md finds no per-step estimator reliable over AdamW's "
-                 "first steps." if run.value == "adamw" else "")
+                 "first steps." if run.value == "adamw" and not report.left_out else "")
         named = (f"step {dominant[0][0]} holds" if len(dominant) == 1
                  else f"steps {', '.join(str(step) for step, _ in dominant)} hold")
         lines.append(f"- Caution: {named} "
@@ -473,14 +490,14 @@ def _ranges(steps) -> str:
 
 
 def write_report(run_dir, out_dir=None, top: int = 20, convention: str = "first_order",
-                 val_domain: str | None = None, strict: bool = False) -> str:
+                 val_domain: str | None = None, strict: bool = False, all_steps: bool = False) -> str:
     """Load a run, write the report into out_dir (default <run_dir>/report); returns report.md's path."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # skipped files and duplicates are listed in the report itself
         run = read_run(run_dir, strict=strict)
     out_dir = out_dir if out_dir is not None else os.path.join(os.fspath(run_dir), "report")
     os.makedirs(out_dir, exist_ok=True)
-    report = build_report(run, convention=convention, val_domain=val_domain)
+    report = build_report(run, convention=convention, val_domain=val_domain, all_steps=all_steps)
     tables = write_tables(report, out_dir)
     plots, plots_skipped = write_plots(report, out_dir)
     if plots_skipped == NO_MATPLOTLIB:  # report.md says so on its last line, which nobody may read
@@ -504,6 +521,9 @@ def build_parser() -> FlagParser:
     parser.add_argument("--val_domain", default=None,
                         help="domain for normalised recall@k (default: val_domain in config.json)")
     parser.add_argument("--strict", action="store_true", help="fail on an unreadable results file instead of skipping it")
+    parser.add_argument("--all_steps", action="store_true",
+                        help="value every step, AdamW's first two too (left out by default: docs/FIDELITY.md finds "
+                             "no per-step estimator faithful there)")
     return parser
 
 
@@ -517,7 +537,7 @@ def main(argv=None) -> int:
     if not os.path.isdir(os.path.join(args.run_dir, "grad_dotprods")):
         parser.error(f"{args.run_dir!r} has no grad_dotprods/ directory; was the run trained with --method GradDotProd?")
     path = write_report(args.run_dir, args.out, top=args.top, convention=args.convention,
-                        val_domain=args.val_domain, strict=args.strict)
+                        val_domain=args.val_domain, strict=args.strict, all_steps=args.all_steps)
     print(f"wrote {path}")
     return 0
 

@@ -25,7 +25,7 @@ def main(out_dir):
                              train_sampling_strategy="sequential")
     capture = GradCapture(model)
     trainer = GradDotProdTrainer(model=model, args=args, train_dataset=train_items(X, Y), callbacks=[capture],
-                                 val_batch={"input_ids": X_val, "labels": Y_val})
+                                 val_batch={"input_ids": X_val, "labels": Y_val}, value="first_order")
     trainer.train()
     if trainer.args.process_index == 0:
         assert trainer.args.world_size == 2

@@ -97,7 +97,7 @@ def test_report_ranks_the_planted_document_first(tmp_path):
 
     in_steps = analysis.rows_in_steps(cols, planted_steps)
     window = {name: col[in_steps] for name, col in cols.items()}
-    samples = analysis.aggregate(window, analysis.compute_values(window), by="sample")
+    samples = analysis.aggregate(window, analysis.compute_values(window, value=run.value), by="sample")
     best = analysis.rank(samples, 1)[0]
     assert (samples["domain"][best], samples["doc_id"][best]) == (VAL_DOMAIN, planted)
 
@@ -116,11 +116,15 @@ def test_report_ranks_the_planted_document_first(tmp_path):
     scope = {}
     exec(compile(block.replace("Results/quickstart", str(run_dir)), "README.md", "exec"), scope)
     frame, top = scope["frame"], scope["top"]
-    assert len(frame) == len(cols["step"]) and frame.attrs["config"]["run_name"] == "planted"
-    np.testing.assert_allclose(scope["values"].to_numpy(), cols["lr"] * cols["batch_weight"] * cols["dot_products"],
-                               rtol=1e-12)
+    # the default estimator under AdamW is adamw (the rate inside its values: φ = w·dot), and steps 1-2 are
+    # left out, as the report leaves them out
+    assert run.value == "adamw" and frame.attrs["config"]["run_name"] == "planted"
+    later = cols["step"] > 2
+    assert len(frame) == int(later.sum()) and frame["step"].min() == 3
+    phi = (cols["batch_weight"].astype(np.float64) * cols["dot_products"])[later]
+    np.testing.assert_allclose(scope["values"].to_numpy(), phi, rtol=1e-12)
     assert len(top) == 10 and top["value"].is_monotonic_decreasing
-    by_window = pd.DataFrame({"domain": cols["domain"], "token_offset": cols["token_offset"],
-                              "value": cols["lr"] * cols["batch_weight"] * cols["dot_products"]})
+    by_window = pd.DataFrame({"domain": cols["domain"][later], "token_offset": cols["token_offset"][later],
+                              "value": phi})
     expected = by_window.groupby(["domain", "token_offset"])["value"].sum().sort_values(ascending=False)
     np.testing.assert_allclose(top["value"].to_numpy(), expected.to_numpy()[:10], rtol=1e-12)

@@ -84,8 +84,11 @@ def test_first_step_matches_plain_autograd(baseline, data_dir):
     torch.manual_seed(SEED)
     model = build_model("GPT2-Tiny").double()
     expected, train_losses, val_loss = app_first_step_reference(model, data_dir, SEED, B, T, BV)
-    cols = read_run(baseline).columns
+    run = read_run(baseline)
+    cols = run.columns
     first = cols["step"] == 1
+    assert run.value == "adamw"  # the default under AdamW; at step 1 (v_0 = 0) its D is lr/eps for every weight
+    expected = expected * cols["lr"][first][0] / 1e-8
     np.testing.assert_allclose(cols["dot_products"][first], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     np.testing.assert_allclose(cols["train_loss"][first], np.mean(train_losses), rtol=1e-5)
     np.testing.assert_allclose(cols["val_loss"][first], val_loss, rtol=1e-5)
@@ -263,9 +266,14 @@ def test_weights_made_non_finite_by_an_update_are_never_checkpointed(baseline, d
     """Step 4's update (an infinite rate from step 4 on) makes the weights infinite while its loss was finite;
     step 4 is a checkpoint step: its checkpoint is not written, step 2's stays, and --resume at the run's own
     rate ends equal to the uninterrupted run."""
+    # first_order: the rate is not inside its values (under adamw, the default, an infinite rate makes step 4's
+    # values non-finite, and the step is refused before its update)
+    first_order = ("--checkpoint_interval", "2", "--value", "first_order")
+    assert train.main(tiny_flags(data_dir, results_dir, "baseline-first-order", *first_order)) == 0
+    baseline = os.path.join(results_dir, "baseline-first-order")
     real_lr_at = training.lr_at
     monkeypatch.setattr(training, "lr_at", lambda step, cfg: float("inf") if step >= 4 else real_lr_at(step, cfg))
-    flags = tiny_flags(data_dir, results_dir, "diverged-later", "--checkpoint_interval", "2")
+    flags = tiny_flags(data_dir, results_dir, "diverged-later", *first_order)
     assert train.main(flags) == 1
     err = capsys.readouterr().err
     assert "after step 4" in err and "the last finite one is step 2" in err

@@ -103,3 +103,69 @@ def test_a_midpoint_run_is_exact_at_step_1(tmp_path):
     text = (tmp_path / "report" / "report.md").read_text()
     assert "Estimator: `midpoint`" in text and "half the batch gradient" in text
     assert "## Against first-order values" in text and f"({rows} rows, {rows} samples)" in text
+
+
+def test_the_default_value_under_adamw_is_adamw_and_exact(tmp_path):
+    """No --value, the app's AdamW: config.json and the files say adamw, and step 3's values equal
+    w_i·<D ⊙ grad L_val, grad l_i> with D from the AdamW state that step started from (the checkpoint kept at
+    step 2), float64 per-sample gradients by torch.func (tests/_reference.py); the report names the estimator
+    and leaves out steps 1-2, AdamW's first updates."""
+    import torch
+    from _reference import adamw_sensitivity, reference_adamw_values
+
+    from GradDotProd_LM.checkpoint import load_checkpoint
+    from GradDotProd_LM.model import build_model
+    from GradDotProd_LM.training import build_optimizer
+    from pile_tools.reader import PileReader
+
+    seed, rows, T, val_rows = 5, 3, 16, 2
+    data_dir = ensure_sample_dataset(str(tmp_path / "sample"))
+    flags = ["--architecture", "GPT2-Tiny", "--batch_size", str(rows), "--seq_len", str(T), "--val_batch_size",
+             str(val_rows), "--max_steps", "3", "--warmup_step", "1", "--learning_rate", "1e-3",
+             "--grad_clip", "0", "--eval_interval", "100", "--dot_prod_save_interval", "1",
+             "--checkpoint_interval", "2", "--keep_checkpoints", "0", "--seed", str(seed), "--data_dir", data_dir,
+             "--results_dir", str(tmp_path / "results"), "--run_name", "default"]
+    assert train.main(flags) == 0
+    run_dir = tmp_path / "results" / "default"
+    with open(run_dir / "config.json") as f:
+        assert json.load(f)["value"] == "adamw"
+    run = read_run(str(run_dir), strict=True)
+    assert run.value == "adamw" and sorted(set(run.columns["step"])) == [1, 2, 3]
+
+    saved = load_checkpoint(str(run_dir), step=2)
+    model = build_model("GPT2-Tiny")
+    model.load_state_dict(saved["model"])
+    optimizer = build_optimizer(model, {"optimizer": "AdamW", "learning_rate": 1e-3}, torch.device("cpu"))
+    optimizer.load_state_dict(saved["optimizer"])
+    step3 = run.columns["step"] == 3
+    for group in optimizer.param_groups:
+        group["lr"] = float(run.columns["lr"][step3][0])  # the scheduler's rate of step 3
+    named = dict(model.named_parameters())
+    D = adamw_sensitivity(optimizer, named)
+    X = torch.from_numpy(PileReader(data_dir, split="train", seed=seed).get_batch(3, rows, T).tokens[:, :T])
+    X_val = torch.from_numpy(PileReader(data_dir, split="validation", seed=seed).fixed_batch(val_rows, T).tokens[:, :T])
+    expected = sum(reference_adamw_values(model.double(), X, X, X_val, X_val, D).values()).numpy()
+    got = run.columns["dot_products"][step3]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+    assert report.main([str(run_dir), "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "Estimator: `adamw`" in text and "Steps 1–2 left out" in text
+    assert f"Rows: {rows} occurrences" in text  # step 3's rows only
+
+
+def test_the_default_value_under_sgd_is_first_order(tmp_path):
+    """No --value with --optimizer SGD (and a Regular run): first_order, as config.json says; a resume that
+    passes --value auto keeps the run's estimator."""
+    data_dir = ensure_sample_dataset(str(tmp_path / "sample"))
+    common = ["--architecture", "GPT2-Tiny", "--batch_size", "2", "--seq_len", "16", "--max_steps", "1",
+              "--warmup_step", "1", "--eval_interval", "100", "--data_dir", data_dir,
+              "--results_dir", str(tmp_path / "results")]
+    assert train.main(common + ["--optimizer", "SGD", "--run_name", "sgd"]) == 0
+    assert train.main(common + ["--method", "Regular", "--run_name", "regular"]) == 0
+    for name in ("sgd", "regular"):
+        with open(tmp_path / "results" / name / "config.json") as f:
+            assert json.load(f)["value"] == "first_order"
+    resumed = common + ["--optimizer", "SGD", "--run_name", "sgd", "--resume", "--max_steps", "2", "--value", "auto"]
+    assert train.main(resumed) == 0
+    assert sorted(set(read_run(str(tmp_path / "results" / "sgd"), strict=True).columns["step"])) == [1, 2]

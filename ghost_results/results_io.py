@@ -630,11 +630,11 @@ def file_formats(results_format: str) -> tuple:
     return (results_format,)
 
 
-def dotprod_file(run_dir, last_step, results_format="pickle"):
+def dotprod_file(run_dir, last_step, results_format="parquet"):
     return os.path.join(run_dir, DOTPROD_DIR, f"iter_{last_step:06d}{RESULTS_FORMATS[results_format]}")
 
 
-def flush_dotprods(run_dir, run_name, world_size, pending, formats=("pickle",), value="first_order", run_id=None):
+def flush_dotprods(run_dir, run_name, world_size, pending, formats=("parquet",), value="first_order", run_id=None):
     """Write the pending step records (ascending steps) as iter_<last step>.pkl and/or .parquet (the same
     rows and the same content digests; `formats` from --results_format); empties `pending`. Returns the paths
     written. run_id: the run's identity (config.json's "run_id", `new_run_id()`), stored in every file;
@@ -904,6 +904,26 @@ def _read_file(path: str, per_layer: bool) -> _Content:
     if repeated:
         columns = _records_to_columns(list(by_step.values()), per_layer)
     return _Content(version, payload.get("run_name"), payload.get(RUN_ID_KEY), columns, repeated, verified, size)
+
+
+def file_header(path) -> dict:
+    """A dot-product file's identity and digests without its rows: schema, schema_version, run_name, run_id (if
+    any), world_size, value, content_sha256 and per_layer_sha256 (if any) from a pickle's payload (the pickle is
+    unpickled, restricted, but its rows are not checked) or a Parquet file's metadata (its footer alone is read).
+    ResultsFormatError naming the file if it has none."""
+    path = os.fspath(path)
+    try:
+        if path.endswith(".parquet"):
+            header = json.loads((pq.read_schema(path).metadata or {}).get(PARQUET_METADATA_KEY.encode(), b"null"))
+        else:
+            header = safe_load_pickle(path)
+    except UnsafePickleError:
+        raise
+    except Exception as err:  # truncated or corrupt: pyarrow and the unpickler raise many types
+        raise ResultsFormatError(f"{path}: cannot read its header ({type(err).__name__}: {err})") from err
+    if not isinstance(header, dict) or header.get("schema") != SCHEMA_NAME:
+        raise ResultsFormatError(f"{path}: not a dot-product file (no schema {SCHEMA_NAME!r})")
+    return {key: value for key, value in header.items() if key != "steps"}
 
 
 def load_dotprod_pickle(path):

@@ -265,7 +265,7 @@ class RunDirectory:
             os.rmdir(self.path)
 
     # ------------------------------------------------------------------ creating or resuming
-    def open(self, start_step, *, run_id, run_name, world_size=1, results_format="both", value="first_order",
+    def open(self, start_step, *, run_id, run_name, world_size=1, results_format="parquet", value="first_order",
              save_interval=1, checkpoint_interval=None, keep_checkpoints=1, step_sinks=None):
         """Start or resume the run at `start_step`: read its log of the steps kept (DamagedRunFile or
         ForeignRunFile before anything is changed), set aside the files and log lines of later steps (and

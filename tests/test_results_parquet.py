@@ -54,9 +54,10 @@ def assert_parquet_equals_pickle(pickle_path, parquet_path):
 
 
 def test_the_app_writes_the_same_rows_as_parquet_and_as_pickle(data_dir, tmp_path):
-    """--results_format both (the default): iter_XXXXXX.parquet beside every .pkl with exactly its rows,
-    per-parameter columns included; --results_format parquet writes Parquet only and loads the same."""
-    assert train.main(tiny_flags(data_dir, str(tmp_path), "both", "--max_steps", "3", "--eval_interval", "3")) == 0
+    """--results_format both: iter_XXXXXX.parquet beside every .pkl with exactly its rows, per-parameter columns
+    included; --results_format parquet (the default) writes Parquet only and loads the same."""
+    assert train.main(tiny_flags(data_dir, str(tmp_path), "both", "--max_steps", "3", "--eval_interval", "3",
+                                 "--results_format", "both")) == 0
     directory = tmp_path / "both" / "grad_dotprods"
     assert sorted(os.listdir(directory)) == ["iter_000002.parquet", "iter_000002.pkl", "iter_000003.parquet",
                                              "iter_000003.pkl"]
@@ -64,8 +65,7 @@ def test_the_app_writes_the_same_rows_as_parquet_and_as_pickle(data_dir, tmp_pat
         assert_parquet_equals_pickle(directory / f"iter_{step:06d}.pkl", directory / f"iter_{step:06d}.parquet")
     assert len(safe_load_pickle(directory / "iter_000002.pkl")["steps"][0]["per_layer"]) > 10
 
-    flags = tiny_flags(data_dir, str(tmp_path), "parquet", "--max_steps", "1", "--eval_interval", "1",
-                       "--results_format", "parquet")
+    flags = tiny_flags(data_dir, str(tmp_path), "parquet", "--max_steps", "1", "--eval_interval", "1")
     assert train.main(flags) == 0
     assert os.listdir(tmp_path / "parquet" / "grad_dotprods") == ["iter_000001.parquet"]
     only_parquet = read_run(tmp_path / "parquet", per_layer=True, strict=True).columns

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ghost_results.results_io import read_run, safe_load_pickle
+from ghost_results.results_io import file_header, read_run, safe_load_pickle
 from GradDotProd_LM import export, train
 from ghost_results.run_directory import read_json
 
@@ -61,8 +61,9 @@ def test_every_file_of_a_run_names_its_identity(runs):
     assert read_json(os.path.join(run_dir, "training_log.json"))["run_id"] == run_id
     with open(os.path.join(run_dir, "training_log.jsonl")) as f:
         assert {json.loads(line)["run_id"] for line in f} == {run_id}
-    assert {safe_load_pickle(os.path.join(run_dir, "grad_dotprods", name))["run_id"]
-            for name in os.listdir(os.path.join(run_dir, "grad_dotprods")) if name.endswith(".pkl")} == {run_id}
+    dotprod_files = os.listdir(os.path.join(run_dir, "grad_dotprods"))
+    assert dotprod_files and {file_header(os.path.join(run_dir, "grad_dotprods", name))["run_id"]
+                              for name in dotprod_files} == {run_id}
 
 
 @pytest.mark.parametrize("foreign", ["checkpoints/latest.pt", "valset.pkl", "training_log.json",

@@ -25,13 +25,18 @@ FIELD_COLUMNS = {"step": "step", "lr": "lr", "train_loss": "train_loss", "val_lo
 
 
 def assert_parquet_equals_pickle(pickle_path, parquet_path):
-    """Every field of every step record of the pickle equals the Parquet rows of that step, dtype included."""
+    """Every field of every step record of the pickle equals the Parquet rows of that step, dtype included; a
+    parameter's column is named per_layer__<name with [a-z0-9_] alone> and the metadata names its parameter."""
     payload_ = safe_load_pickle(pickle_path)
     table = pq.read_table(parquet_path)
-    metadata = pq.read_schema(parquet_path).metadata[b"graddotprod"]
-    assert b'"run_name": "%s"' % payload_["run_name"].encode() in metadata
-    frame = {name: table.column(name).to_pylist() for name in table.column_names}
+    metadata = json.loads(pq.read_schema(parquet_path).metadata[b"graddotprod"])
+    assert metadata["run_name"] == payload_["run_name"]
     layer_names = {name for record in payload_["steps"] for name in record.get("per_layer") or {}}
+    column_of = {name: column for column, name in metadata.get("per_layer_columns", {}).items()}
+    assert sorted(column_of) == sorted(layer_names)
+    for name, column in column_of.items():
+        assert column == "per_layer__" + name.lower().replace(".", "_") and column.isidentifier(), column
+    frame = {name: table.column(name).to_pylist() for name in table.column_names}
     start = 0
     for record in payload_["steps"]:
         rows = slice(start, start + len(record["dot_products"]))
@@ -47,10 +52,10 @@ def assert_parquet_equals_pickle(pickle_path, parquet_path):
                     assert table.schema.field(column).type.to_pandas_dtype() == np.asarray(expected).dtype, field
         for name in layer_names:  # a step without a parameter's values has NaN there
             expected = (record.get("per_layer") or {}).get(name, np.full(rows.stop - rows.start, np.nan, np.float32))
-            np.testing.assert_array_equal(np.asarray(frame[f"per_layer/{name}"][rows], dtype=np.float32), expected)
-            assert str(table.schema.field(f"per_layer/{name}").type) == "float"
+            np.testing.assert_array_equal(np.asarray(frame[column_of[name]][rows], dtype=np.float32), expected)
+            assert str(table.schema.field(column_of[name]).type) == "float"
     assert start == table.num_rows
-    assert sorted(table.column_names) == sorted(list(FIELD_COLUMNS.values()) + [f"per_layer/{n}" for n in layer_names])
+    assert sorted(table.column_names) == sorted(list(FIELD_COLUMNS.values()) + list(column_of.values()))
 
 
 def test_the_app_writes_the_same_rows_as_parquet_and_as_pickle(data_dir, tmp_path):

@@ -93,9 +93,10 @@ def test_a_results_file_of_another_run_is_never_merged(runs, tmp_path):
     skipped and only this run's own steps 1..2 are returned, never the other run's numbers."""
     _, run_dir = copy_run(runs["ours"], tmp_path)
     own = read_run(run_dir, strict=True).columns
-    for suffix in ("pkl", "parquet"):
-        shutil.copy(os.path.join(runs["theirs"], "grad_dotprods", f"iter_000004.{suffix}"),
-                    os.path.join(run_dir, "grad_dotprods"))
+    theirs = [name for name in os.listdir(os.path.join(runs["theirs"], "grad_dotprods")) if name.startswith("iter_000004.")]
+    assert theirs == ["iter_000004.parquet"]  # the default format
+    for name in theirs:
+        shutil.copy(os.path.join(runs["theirs"], "grad_dotprods", name), os.path.join(run_dir, "grad_dotprods"))
     with pytest.raises(ValueError, match="iter_000004"):
         read_run(run_dir, strict=True)
     with pytest.warns(UserWarning, match="iter_000004"):

@@ -233,6 +233,6 @@ def main_compact(run_dirs, steps_per_file=STEPS_PER_FILE, row_group_rows=ROW_GRO
               f"{len(done.removed)} file(s) they hold" + (f", left {len(done.left)} in place" if done.left else ""),
               flush=True)
         for path, why in done.left:
-            print(f"  left {path}: {why}", flush=True)
+            print(f"  left {why}" if why.startswith(path) else f"  left {path}: {why}", flush=True)
         status = max(status, 1 if done.left else 0)
     return status

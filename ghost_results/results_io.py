@@ -278,7 +278,12 @@ def _check_identity_fields(header, where: str) -> None:
                                  "the file is damaged")
 
 
-def _verify(path: str, header, columns: dict, per_layer: bool) -> bool:
+_TWIN_REMEDY = "the same steps in the other format (iter_XXXXXX.pkl / .parquet) are read if there; else restore it " \
+    "from a copy"
+_COMPACTED_REMEDY = "its step file is read instead if it is still there; else restore the compacted file from a copy"
+
+
+def _verify(path: str, header, columns: dict, per_layer: bool, remedy: str = _TWIN_REMEDY) -> bool:
     """Check what was decoded from a file against its digests: True if checked, False for a file written before
     digests. Raises ResultsFormatError naming the file on a mismatch."""
     if header.get(DIGEST_KEYS[0]) is None:
@@ -292,8 +297,7 @@ def _verify(path: str, header, columns: dict, per_layer: bool) -> bool:
     for key, part in [(DIGEST_KEYS[0], rest)] + ([(DIGEST_KEYS[1], layers)] if per_layer else []):
         if content_digest(identity, part) != header[key]:
             raise ResultsFormatError(f"{path}: content hash mismatch ({key}): the file is damaged (its bytes "
-                                     "changed after it was written); the same steps in the other format "
-                                     "(iter_XXXXXX.pkl / .parquet) are read if there; else restore it from a copy")
+                                     f"changed after it was written); {remedy}")
     return True
 
 
@@ -1438,7 +1442,7 @@ def iter_compacted(path, per_layer: bool = False, up_to_step=None):
             try:
                 if len(steps) and (steps.min(), steps.max()) != (segment["first_step"], segment["last_step"]):
                     raise ResultsFormatError(f"{label}: holds steps {steps.min()}..{steps.max()}; the file is damaged")
-                _verify(label, header, part, per_layer)
+                _verify(label, header, part, per_layer, _COMPACTED_REMEDY)
             except ResultsFormatError as err:
                 results.append((path, err))
                 continue

@@ -8,7 +8,8 @@ its rows as they were read and verified, in their order, whole in one row group,
 (run_name, run_id, world_size, value, schema_version) and its own content digests, which the loader checks per
 segment exactly as it checked the step file. A window already compacted gets the step files written since merged
 into a new file; a window that is one compacted file and nothing else is left as it is (compaction twice changes
-nothing).
+nothing), and one whose other files are copies of its segments (a compaction stopped while removing them) only
+has those copies removed, each once its digests are found equal to the verified segment's.
 
 What is merged: the step files of the run's identity (config.json's run_id, or its run_name for a run started
 before run ids; compaction refuses a run without config.json, since it removes files), read as `read_run` reads
@@ -124,6 +125,10 @@ def _compact_window(directory, identity, iterations, compacted, row_group_rows, 
             return
     order += [(int(results_io.ITER_FILE.match(os.path.basename(paths[0])).group(1)), 1, paths) for paths in iterations]
     order.sort(key=lambda entry: entry[:2])
+    held = {step for step, kind, _ in order if kind == 0}
+    if len(compacted) == 1 and all(step in held for step, kind, _ in order if kind == 1):
+        _drop_copies(directory, identity, iterations, compacted[0], done)  # nothing new: no file to write
+        return
     layer_names, first_order = _layout(iterations, compacted)
     remove = []  # files whose every segment the new file holds
     seen = {}  # source -> digests written
@@ -177,6 +182,36 @@ def _compact_window(directory, identity, iterations, compacted, row_group_rows, 
             os.remove(old)
             done.removed.append(old)
             _after("removed", old)
+    fsync_directory(directory)
+
+
+def _drop_copies(directory, identity, iterations, path, done):
+    """Step files every one of which the compacted file `path` already holds (a compaction stopped while it
+    removed them): each removed if its digests are those of the segment, read and verified; else left."""
+    verified = {}
+    for _, content in read_compacted(path, per_layer=True):
+        refusal = content if isinstance(content, ResultsFormatError) else identity.refusal(path, content)
+        if refusal is not None:
+            done.left.append((path, f"{refusal}; its step files are left in place"))
+            return
+        verified[content.source] = content.digests
+    remove = []
+    for paths in iterations:
+        for step_file in paths:
+            try:
+                digests = results_io._digests_of(results_io.file_header(step_file))
+            except (ResultsFormatError, ValueError) as err:
+                done.left.append((step_file, str(err)))
+                continue
+            if digests is not None and digests == verified[results_io._source_of(step_file)]:
+                remove.append(step_file)
+            else:
+                done.left.append((step_file, f"{step_file}: holds the steps of {results_io._source_of(step_file)} "
+                                             f"with other contents than {path}; left in place"))
+    for step_file in remove:
+        os.remove(step_file)
+        done.removed.append(step_file)
+        _after("removed", step_file)
     fsync_directory(directory)
 
 

@@ -396,3 +396,27 @@ def test_scan_run_selects_what_filtering_read_run_selects(tmp_path):
     lazy = scan_run(run_dir, engine="polars")
     got = lazy.filter(pl.col("domain") == "ArXiv").select("step", "dot_products").collect()
     assert got.height == int((frame["domain"] == "ArXiv").sum())
+
+
+def test_a_step_file_with_other_contents_than_its_compacted_copy_is_refused(tmp_path):
+    """iter_000004.parquet written again with other numbers beside the compacted file that holds iter_000004:
+    strict reading names both files; otherwise the step file is skipped and the compacted copy read; the scan
+    leaves it out with a warning, and compaction leaves it in place."""
+    run_dir = tmp_path / "run"
+    make_run(run_dir, last_step=8)
+    reference = read_run(run_dir, per_layer=True, strict=True).columns
+    compaction.compact(run_dir)
+    rng = np.random.default_rng(99)
+    results_io.flush_dotprods(run_dir, "t", 1, [record(rng, 3), record(rng, 4)], run_id=RUN_ID)
+    message = (r"iter_000004.parquet: holds the steps of iter_000004 with other contents than .*"
+               r"compact_000001_000008.parquet \(their content digests differ\)")
+    with pytest.raises(ResultsFormatError, match=message):
+        read_run(run_dir, strict=True)
+    with pytest.warns(UserWarning, match=message):
+        run = read_run(run_dir, per_layer=True)
+    assert_bit_equal(run.columns, reference)
+    with pytest.warns(UserWarning, match="iter_000004.parquet: holds the steps of iter_000004 with other contents"):
+        assert [os.path.basename(f) for f in scan_run(run_dir).files] == ["compact_000001_000008.parquet"]
+    done = compaction.compact(run_dir)
+    assert done.written == [] and [os.path.basename(p) for p, _ in done.left] == ["iter_000004.parquet"]
+    assert listing(run_dir) == ["compact_000001_000008.parquet", "iter_000004.parquet"]

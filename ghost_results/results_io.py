@@ -31,16 +31,21 @@ file whose numbers differ (a flipped bit, a torn copy). Files written before the
 "first_order_dot_products" is <grad l_i, grad L_val> of the same rows in a file whose "value" is another
 estimator (the deferred ones, second_order, adamw_vt and midpoint, record it at no extra cost).
 
-Beside it (or instead of it, `--results_format`) the same steps as a Parquet
+Instead of it (`--results_format parquet`, the default) or beside it (`both`) the same steps as a Parquet
 table, `iter_XXXXXX.parquet`: one row per (step, training row), the columns of
 `load_run` (step, lr, train_loss, val_loss, dot_products, batch_weight,
 token_count, domain, token_offset, doc_id, sample_index, first_order_dot_products if
-recorded, per_layer/<param name>)
-in the dtypes `load_run` returns, and the file's schema, schema_version,
-run_name, run_id (if any), world_size, value, content_sha256 and per_layer_sha256 as JSON under the key
-"graddotprod" of the Parquet key-value metadata. Numbers are stored plainly (PLAIN encoding, snappy), `domain`
-dictionary-encoded, every page with a CRC (pyarrow >= 15). Any Parquet reader reads it (polars, DuckDB,
+recorded) in the dtypes `load_run` returns, one float32 column per parameter named per_layer__<name>
+(`per_layer_column_names`; files written before these names: per_layer/<param name>), and the file's schema,
+schema_version, run_name, run_id (if any), world_size, value, content_sha256, per_layer_sha256 and
+per_layer_columns ({column: parameter name}) as JSON under the key "graddotprod" of the Parquet key-value
+metadata. Numbers are stored plainly (PLAIN encoding, snappy), `domain` dictionary-encoded, statistics for
+`step` and `domain`, every page with a CRC (pyarrow >= 15). Any Parquet reader reads it (polars, DuckDB,
 pandas, Spark).
+
+`python -m ghost_results compact` (ghost_results.compact) merges step files into
+`compact_<first step>_<last step>.parquet` ("Compacted files" below): the same columns, one segment per step
+file with its identity and digests in the metadata, verified per segment when read.
 
 Pickles are read with a restricted unpickler (`safe_load_pickle`): only builtin
 containers/scalars and numpy arrays, dtypes and scalars may be rebuilt, so a
@@ -1518,7 +1523,10 @@ def read_run(run_dir, per_layer: bool = False, strict: bool = False) -> Run:
     For every iteration the Parquet file is read if there is one (per-layer columns only when
     per_layer=True), else the pickle; the other format of the same steps whenever the first file read is
     unreadable, damaged (its content digests or page CRCs do not match what was decoded, its footer declares
-    more than the file can hold) or another run's. Which files are the run's:
+    more than the file can hold) or another run's. Compacted files (compact_XXXXXX_YYYYYY.parquet) are read
+    with them, segment by segment, each verified and matched to the run as its step file was; a step file and a
+    segment made from it are one copy when their digests are equal, else the step file is refused. Which files
+    are the run's:
       - config.json has "run_id": exactly the files carrying that run_id, whatever their run_name (a renamed
         run keeps its files); a file with another run_id, or with none, is refused;
       - config.json without "run_id" (a run started before run ids): the files whose run_name is config.json's;

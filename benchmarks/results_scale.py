@@ -125,7 +125,8 @@ def main(argv=None):
         table, scan_seconds = timed(lambda: scan_run(run_dir).to_table(
             columns=["step", "sample_index", "domain", "dot_products", "batch_weight", "lr"], filter=selection))
         columns = compacted.columns
-        expected = int(((columns["step"] >= first) & (columns["step"] <= last) & (columns["domain"] == args.domain)).sum())
+        chosen = (columns["step"] >= first) & (columns["step"] <= last) & (columns["domain"] == args.domain)
+        expected = int(chosen.sum())
         assert table.num_rows == expected, (table.num_rows, expected)
         rows.append((f"scan_run, {args.domain}, steps {first:,}..{last:,}", after_files, None, scan_seconds,
                      table.num_rows))

@@ -768,7 +768,7 @@ def set_aside_after(run_dir, step):
     the step files up to `step` are written durably as a compacted file of their own (a crash in between leaves
     both, whose common segments the loader reads once). Removes stray temporary files of interrupted writes.
     Nothing complete is deleted. Returns (moved names, destination or None); ResultsFormatError (with `.path`)
-    before anything is changed if such a compacted file cannot be read up to `step`."""
+    before anything is moved if such a compacted file cannot be read up to `step`."""
     later = {}  # sub directory -> names of its files of steps after `step`
     for sub, pattern in STEP_FILES.items():
         directory = os.path.join(run_dir, sub)
@@ -777,7 +777,8 @@ def set_aside_after(run_dir, step):
                 os.remove(os.path.join(directory, name))
             elif pattern.match(name) and int(pattern.match(name).group(1)) > step:
                 later.setdefault(sub, []).append(name)
-    split = [path for path in _compacted_files(run_dir) if int(COMPACT_FILE.match(os.path.basename(path)).group(2)) > step]
+    split = [path for path in _compacted_files(run_dir)
+             if int(COMPACT_FILE.match(os.path.basename(path)).group(2)) > step]
     for path in split:
         later.setdefault(DOTPROD_DIR, []).append(os.path.basename(path))
     log_path = os.path.join(run_dir, TRAINING_LOG_JSONL)

@@ -30,8 +30,9 @@ DOMAINS = ["Github", "ArXiv", "Pile-CC"]
 
 
 def record(rng, step, rows=3, layers=LAYERS, first_order=False):
+    per_layer = {name: rng.standard_normal(rows).astype(np.float32) for name in layers} if layers else None
     r = step_record(step, rng.standard_normal(rows), rng.choice(DOMAINS, rows).tolist(), lr=1e-3 / step,
-                    per_layer={name: rng.standard_normal(rows).astype(np.float32) for name in layers} if layers else None)
+                    per_layer=per_layer)
     if first_order:
         r["first_order_dot_products"] = rng.standard_normal(rows).astype(np.float32)
     return r
@@ -148,7 +149,8 @@ def test_a_damaged_compacted_file_is_named_and_refused(tmp_path, monkeypatch):
     file is; only that row group's steps are missing. A truncated compacted file is refused whole, and a segment
     whose recorded digest was edited is named. Compaction leaves a window whose compacted file is damaged."""
     for page_checksums, message in ((True, r"compact_000001_000008.parquet row group 2: cannot read Parquet: page "
-                                           r"checksum mismatch, the file is damaged .* \(steps 5..5, from iter_000005\)"),
+                                           r"checksum mismatch, the file is damaged .* "
+                                           r"\(steps 5..5, from iter_000005\)"),
                                     (False, r"compact_000001_000008.parquet \(steps 6..6, from iter_000006\): content "
                                             r"hash mismatch \(content_sha256\)")):
         monkeypatch.setattr(results_io, "_PAGE_CHECKSUMS", page_checksums)

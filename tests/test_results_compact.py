@@ -30,9 +30,9 @@ DOMAINS = ["Github", "ArXiv", "Pile-CC"]
 
 
 def record(rng, step, rows=3, layers=LAYERS, first_order=False):
+    dots, domains = rng.standard_normal(rows), rng.choice(DOMAINS, rows).tolist()
     per_layer = {name: rng.standard_normal(rows).astype(np.float32) for name in layers} if layers else None
-    r = step_record(step, rng.standard_normal(rows), rng.choice(DOMAINS, rows).tolist(), lr=1e-3 / step,
-                    per_layer=per_layer)
+    r = step_record(step, dots, domains, lr=1e-3 / step, per_layer=per_layer)
     if first_order:
         r["first_order_dot_products"] = rng.standard_normal(rows).astype(np.float32)
     return r

@@ -33,12 +33,13 @@ DEFAULTS = dict(
     checkpoint_interval=1000, keep_checkpoints=1, model_dtype="float32", train_dtype="auto", seq_len=1024,
     data_dir=None, results_dir=None, run_name=None, resume=False, compile=False, grad_ckpt=False,
     init_from=None, vocab_pad_multiple=64, accept_data_change=False, model_config=None, report_to=[],
-    results_format="both", attention="standard", attention_rank=16, attention_block=64, value=AUTO,
+    results_format="parquet", attention="standard", attention_rank=16, attention_block=64, value=AUTO,
     project_dim=0, project_seed=0, project_dtype="bfloat16",
 )
 # Settings added after the app's first version, with what a run saved before each existed used (its config.json
-# lacks the key): the default of today, but vocab_pad_multiple (those runs were unpadded). A config.json
-# lacking any other setting was not written by the app, or was damaged since.
+# lacks the key): the default of today, but vocab_pad_multiple (those runs were unpadded) and results_format
+# (those runs wrote pickles and Parquet files, "both", the default then). A config.json lacking any other
+# setting was not written by the app, or was damaged since.
 ADDED_LATER = dict(vocab_pad_multiple=1, accept_data_change=False, model_config=None, report_to=[],
                    results_format="both", attention="standard", attention_rank=16, attention_block=64,
                    value="first_order", keep_checkpoints=1, project_dim=0, project_seed=0,
@@ -234,8 +235,9 @@ def _evaluation_flags(g, d):
     g.add_argument("--dot_prod_save_interval", type=_positive_int,
                    help=f"steps per grad_dotprods/iter_XXXXXX file [{d['dot_prod_save_interval']}]")
     g.add_argument("--results_format", choices=RESULTS_FORMATS,
-                   help="dot-product files as iter_XXXXXX.pkl, .parquet (the same rows as a table), or both "
-                        f"[{d['results_format']}]")
+                   help="dot-product files as iter_XXXXXX.parquet (a table any Parquet reader reads), "
+                        "iter_XXXXXX.pkl (the same rows as a pickle), or both; pickles are read whatever is "
+                        f"chosen [{d['results_format']}]")
     g.add_argument("--report_to", type=parse_report_to, metavar="{none,csv,tensorboard,wandb}",
                    help="also send loss, lr, tokens/s and per-domain dot-product sums of every step to these "
                         "(comma-separated; training_log.jsonl is always written) [none]")

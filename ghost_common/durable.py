@@ -18,29 +18,46 @@ import time
 def write_atomically(path, write) -> None:
     """Call ``write(binary_file)`` on a temporary file, then durably replace ``path`` with it."""
     path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    _write_durably(f"{path}.tmp-{os.getpid()}", write, path)
+
+
+def write_atomically_named(directory, stem, write) -> str:
+    """`write_atomically` for a file whose name is known only once its bytes are written: ``write(binary_file)``
+    returns the file's name in `directory`. The temporary file is `directory/<stem>.tmp-PID` (a crash leaves at
+    most that, which no reader takes for a complete file). Returns the path written."""
+    directory = os.fspath(directory)
+    return _write_durably(os.path.join(directory, f"{stem}.tmp-{os.getpid()}"), write, None,
+                          lambda name: os.path.join(directory, name))
+
+
+def _write_durably(tmp, write, path, name_of=None):
+    """write(f) into `tmp`, flush, fsync, rename onto `path` (None: name_of(what write returned)), fsync the
+    directory."""
     f = None
     try:
         _remove_quietly(tmp)  # one left by a killed process of the same pid would keep its own mode
         with open(tmp, "wb") as raw:
-            try:
-                os.fchmod(raw.fileno(), stat.S_IMODE(os.stat(path).st_mode))  # a replaced file keeps its mode
-            except FileNotFoundError:
-                pass  # a new file: open()'s mode
+            if path is not None:
+                try:
+                    os.fchmod(raw.fileno(), stat.S_IMODE(os.stat(path).st_mode))  # a replaced file keeps its mode
+                except FileNotFoundError:
+                    pass  # a new file: open()'s mode
             f = _RecordingFile(raw)
-            write(f)
+            returned = write(f)
             f.flush()
             os.fsync(raw.fileno())
+        path = path if path is not None else name_of(returned)
         os.replace(tmp, path)
     except BaseException as err:
         _remove_quietly(tmp)
         # a writer may wrap the OSError in its own error (torch.save: "unexpected pos ...")
         cause = err if isinstance(err, OSError) else (f.error if f is not None else None)
         if cause is not None and cause.errno in NO_SPACE:
-            raise OSError(cause.errno, f"no space left to write {path} ({os.strerror(cause.errno)}); free "
+            raise OSError(cause.errno, f"no space left to write {path or tmp} ({os.strerror(cause.errno)}); free "
                                        "space on that file system and run again") from err
         raise
     fsync_directory(os.path.dirname(os.path.abspath(path)))
+    return path
 
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file-size limit

@@ -9,7 +9,7 @@
   loss on [train; val] and return it with the training rows' loss alone, for logging;
 - per optimizer step, `end_step(step, lr)`: the engine's dot products, every process's rows gathered on
   rank 0, recorded with the run directory, which writes them every `save_interval` steps as the app's
-  dot-product files (--results_format: both by default), so `python -m ghost_results.report RUN_DIR` reads an
+  dot-product files (--results_format: Parquet by default), so `python -m ghost_results.report RUN_DIR` reads an
   integration's run as it reads the app's. The frameworks write their own checkpoints.
 
 The integrations only translate their framework's loss scaling into `loss_multiplier`: the factor the
@@ -169,14 +169,14 @@ class ValuationRun:
             given to begin(), and the deferred ones (second_order, adamw_vt, midpoint) .grad at end_step().
             "auto" (the default) follows that optimizer: "adamw" under an Adam/AdamW, else "first_order"
             (docs/FIDELITY.md); config.json and the files name the estimator it became.
-        results_format: "pickle", "parquet" or "both" (default): the files written, as the app's --results_format.
+        results_format: "parquet" (default), "pickle" or "both": the files written, as the app's --results_format.
         project_dim, project_seed, project_dtype: as the app's flags: with project_dim K > 0 every training row's
             projected gradient (K columns) and the validation gradient's go to the run's gradient stores
             (docs/ATTRIBUTION.md).
     """
 
     def __init__(self, model, val_batch, run_dir, run_name, config=None, save_interval=10, value=AUTO,
-                 results_format="both", project_dim=0, project_seed=0, project_dtype="bfloat16"):
+                 results_format="parquet", project_dim=0, project_seed=0, project_dtype="bfloat16"):
         if not isinstance(val_batch, Mapping) or "input_ids" not in val_batch:
             raise ValueError("val_batch must be a dict with 'input_ids' (and 'labels', default: the input_ids)")
         if save_interval < 1:

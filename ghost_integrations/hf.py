@@ -44,7 +44,7 @@ class GradDotProdTrainer(Trainer):
             optimizer, else "first_order" (docs/FIDELITY.md). The update-aware ones
             read the Trainer's optimizer; the deferred ones (second_order, adamw_vt, midpoint) take the batch
             gradient after the Trainer's clipping, just before its optimizer step.
-        results_format: the files written, "pickle", "parquet" or "both" (default), as the app's --results_format.
+        results_format: the files written, "parquet" (default), "pickle" or "both", as the app's --results_format.
         project_dim, project_seed, project_dtype: as the app's --project_dim ...: every training row's projected
             gradient into the run's gradient store (docs/ATTRIBUTION.md); 0 = off.
     """
@@ -52,7 +52,7 @@ class GradDotProdTrainer(Trainer):
     loss_is_scaled_for_ga = True  # compute_loss returns the loss exactly as Regular Trainer back-propagates it
 
     def __init__(self, *args, val_batch, run_dir=None, run_name=None, run_config=None, save_interval=10,
-                 value="auto", results_format="both", project_dim=0, project_seed=0,
+                 value="auto", results_format="parquet", project_dim=0, project_seed=0,
                  project_dtype="bfloat16", **kwargs):
         super().__init__(*args, **kwargs)
         self._check_supported()

@@ -47,13 +47,13 @@ class GradDotProdCallback(pl.Callback):
             optimizer, else "first_order" (docs/FIDELITY.md). The update-aware ones
             read the trainer's (one) optimizer; the deferred ones (second_order, adamw_vt, midpoint) take the batch
             gradient in on_before_optimizer_step, before Lightning's clipping, so they refuse gradient_clip_val.
-        results_format: the files written, "pickle", "parquet" or "both" (default), as the app's --results_format.
+        results_format: the files written, "parquet" (default), "pickle" or "both", as the app's --results_format.
         project_dim, project_seed, project_dtype: as the app's --project_dim ...: every training row's projected
             gradient into the run's gradient store (docs/ATTRIBUTION.md); 0 = off.
     """
 
     def __init__(self, val_batch, run_dir=None, run_name=None, config=None, save_interval=10, value="auto",
-                 results_format="both", project_dim=0, project_seed=0, project_dtype="bfloat16"):
+                 results_format="parquet", project_dim=0, project_seed=0, project_dtype="bfloat16"):
         file_formats(results_format)  # a bad choice fails here, not at on_fit_start
         self.val_batch, self.run_dir, self.run_name = val_batch, run_dir, run_name
         self.config, self.save_interval, self.value = config, save_interval, value

@@ -31,16 +31,21 @@ file whose numbers differ (a flipped bit, a torn copy). Files written before the
 "first_order_dot_products" is <grad l_i, grad L_val> of the same rows in a file whose "value" is another
 estimator (the deferred ones, second_order, adamw_vt and midpoint, record it at no extra cost).
 
-Beside it (or instead of it, `--results_format`) the same steps as a Parquet
+Instead of it (`--results_format parquet`, the default) or beside it (`both`) the same steps as a Parquet
 table, `iter_XXXXXX.parquet`: one row per (step, training row), the columns of
 `load_run` (step, lr, train_loss, val_loss, dot_products, batch_weight,
 token_count, domain, token_offset, doc_id, sample_index, first_order_dot_products if
-recorded, per_layer/<param name>)
-in the dtypes `load_run` returns, and the file's schema, schema_version,
-run_name, run_id (if any), world_size, value, content_sha256 and per_layer_sha256 as JSON under the key
-"graddotprod" of the Parquet key-value metadata. Numbers are stored plainly (PLAIN encoding, snappy), `domain`
-dictionary-encoded, every page with a CRC (pyarrow >= 15). Any Parquet reader reads it (polars, DuckDB,
+recorded) in the dtypes `load_run` returns, one float32 column per parameter named per_layer__<name>
+(`per_layer_column_names`; files written before these names: per_layer/<param name>), and the file's schema,
+schema_version, run_name, run_id (if any), world_size, value, content_sha256, per_layer_sha256 and
+per_layer_columns ({column: parameter name}) as JSON under the key "graddotprod" of the Parquet key-value
+metadata. Numbers are stored plainly (PLAIN encoding, snappy), `domain` dictionary-encoded, statistics for
+`step` and `domain`, every page with a CRC (pyarrow >= 15). Any Parquet reader reads it (polars, DuckDB,
 pandas, Spark).
+
+`python -m ghost_results compact` (ghost_results.compact) merges step files into
+`compact_<first step>_<last step>.parquet` ("Compacted files" below): the same columns, one segment per step
+file with its identity and digests in the metadata, verified per segment when read.
 
 Pickles are read with a restricted unpickler (`safe_load_pickle`): only builtin
 containers/scalars and numpy arrays, dtypes and scalars may be rebuilt, so a
@@ -70,7 +75,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ghost_common.durable import fsync_directory, write_atomically
+from ghost_common.durable import fsync_directory, write_atomically, write_atomically_named
 
 # GradDotProdEngine's estimators (ghost_engine.engine.VALUES, LR_INSIDE): the ones whose dot products carry the
 # learning rate give phi_i = w_i·dot_i, first_order phi_i = lr·w_i·dot_i, cosine none
@@ -82,7 +87,12 @@ SCHEMA_VERSION = 1
 DOTPROD_DIR = "grad_dotprods"
 RESULTS_FORMATS = {"pickle": ".pkl", "parquet": ".parquet"}  # format -> file suffix, read in reverse order
 ITER_FILE = re.compile(r"^iter_(\d+)\.(pkl|parquet)$")  # grad_dotprods/iter_<last step>.<suffix>
-PER_LAYER_PREFIX = "per_layer/"
+PER_LAYER_PREFIX = "per_layer/"  # load_run's name of a parameter's column (and a Parquet file's, before safe names)
+# A Parquet column name of a parameter's values in files written since: "per_layer__" + the name lower-cased with
+# every character but [a-z0-9_] made "_" (no SQL engine needs it quoted); the metadata maps each back to its
+# parameter under PER_LAYER_COLUMNS_KEY ({column: parameter name}). Names that collide so get a hash suffix.
+SAFE_PER_LAYER_PREFIX = "per_layer__"
+PER_LAYER_COLUMNS_KEY = "per_layer_columns"
 PARQUET_METADATA_KEY = "graddotprod"
 RUN_ID_KEY = "run_id"  # the run's identity: in config.json, every pickle payload and every Parquet metadata
 DIGEST_KEYS = ("content_sha256", "per_layer_sha256")  # content_digests(): the columns, the per-layer columns
@@ -217,6 +227,51 @@ def content_digests(identity: dict, columns: dict) -> tuple:
     return content_digest(identity, rest), content_digest(identity, layers)
 
 
+def per_layer_column_names(names) -> dict:
+    """{parameter name: its Parquet column}: SAFE_PER_LAYER_PREFIX + the name lower-cased, every character outside
+    [a-z0-9_] replaced by "_" (`transformer.h.0.attn.c_attn.weight` -> `per_layer__transformer_h_0_attn_c_attn_weight`).
+    Names of `names` that would share a column (`a.b` and `a_b`; `W` and `w`: DuckDB folds case) each get
+    "__" + the first 8 hex digits of the sha256 of the name instead, so the result depends on the set of names
+    only where such names meet."""
+    names = sorted(set(names))
+    base = {name: SAFE_PER_LAYER_PREFIX + re.sub(r"[^0-9a-z_]", "_", name.lower()) for name in names}
+    shared = {column for column, n in collections.Counter(base.values()).items() if n > 1}
+    columns = {}
+    for name in names:
+        column = base[name]
+        if column in shared:
+            column += "__" + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        columns[name] = column
+    if len(set(columns.values())) != len(columns):  # a hash suffix met another name's column: vanishingly rare
+        columns = {name: f"{SAFE_PER_LAYER_PREFIX}{i:04d}_" + column[len(SAFE_PER_LAYER_PREFIX):]
+                   for i, (name, column) in enumerate(columns.items())}
+    return columns
+
+
+def _layer_names_of(path: str, metadata: dict, in_file: list) -> dict:
+    """{Parquet column: load_run's per_layer/<parameter> name} of a file's per-parameter columns: those named
+    per_layer/<name> (files written before safe names) and those named per_layer__... with their parameter from the
+    metadata's PER_LAYER_COLUMNS_KEY. ResultsFormatError naming the file if a safe column has no parameter or two
+    columns name one parameter."""
+    mapping = metadata.get(PER_LAYER_COLUMNS_KEY) or {}
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+        raise ResultsFormatError(f"{path}: its metadata's {PER_LAYER_COLUMNS_KEY!r} must map column names to "
+                                 "parameter names; the file is damaged")
+    names = {}
+    for column in in_file:
+        if column.startswith(PER_LAYER_PREFIX):
+            names[column] = column
+        elif column.startswith(SAFE_PER_LAYER_PREFIX):
+            if column not in mapping:
+                raise ResultsFormatError(f"{path}: column {column!r} has no parameter name in its metadata "
+                                         f"({PER_LAYER_COLUMNS_KEY}); the file is damaged")
+            names[column] = PER_LAYER_PREFIX + mapping[column]
+    if len(set(names.values())) != len(names):
+        repeated = sorted(n for n, k in collections.Counter(names.values()).items() if k > 1)
+        raise ResultsFormatError(f"{path}: several columns hold {repeated}; the file is damaged")
+    return names
+
+
 def _check_identity_fields(header, where: str) -> None:
     """run_id: absent or a non-empty str; content_sha256 and per_layer_sha256: both absent or both 64 hex digits."""
     run_id = header.get(RUN_ID_KEY)
@@ -228,7 +283,12 @@ def _check_identity_fields(header, where: str) -> None:
                                  "the file is damaged")
 
 
-def _verify(path: str, header, columns: dict, per_layer: bool) -> bool:
+_TWIN_REMEDY = "the same steps in the other format (iter_XXXXXX.pkl / .parquet) are read if there; else restore it " \
+    "from a copy"
+_COMPACTED_REMEDY = "its step file is read instead if it is still there; else restore the compacted file from a copy"
+
+
+def _verify(path: str, header, columns: dict, per_layer: bool, remedy: str = _TWIN_REMEDY) -> bool:
     """Check what was decoded from a file against its digests: True if checked, False for a file written before
     digests. Raises ResultsFormatError naming the file on a mismatch."""
     if header.get(DIGEST_KEYS[0]) is None:
@@ -242,8 +302,7 @@ def _verify(path: str, header, columns: dict, per_layer: bool) -> bool:
     for key, part in [(DIGEST_KEYS[0], rest)] + ([(DIGEST_KEYS[1], layers)] if per_layer else []):
         if content_digest(identity, part) != header[key]:
             raise ResultsFormatError(f"{path}: content hash mismatch ({key}): the file is damaged (its bytes "
-                                     "changed after it was written); the same steps in the other format "
-                                     "(iter_XXXXXX.pkl / .parquet) are read if there; else restore it from a copy")
+                                     f"changed after it was written); {remedy}")
     return True
 
 
@@ -594,24 +653,45 @@ def _write_pickle(path: str, payload, columns=None) -> None:
     write_atomically(path, lambda f: pickle.dump(payload, f, protocol=4))
 
 
+def _parquet_table(columns: dict, layer_columns: dict):
+    """load_run's columns -> an Arrow table in the file layout: `domain` dictionary-encoded, per_layer/<name>
+    columns named by `layer_columns` ({parameter name: column})."""
+    arrays = {}
+    for name, values in columns.items():
+        if name == "domain":
+            arrays[name] = pa.array(values.tolist(), type=pa.string()).dictionary_encode()
+        elif name.startswith(PER_LAYER_PREFIX):
+            arrays[layer_columns[name[len(PER_LAYER_PREFIX):]]] = pa.array(values)
+        else:
+            arrays[name] = pa.array(values)
+    return pa.table(arrays)
+
+
+def _parquet_writer(sink, schema):
+    """The one way this package writes Parquet (step files and compacted files alike). Loading speed over size:
+    floats stored plainly (a dictionary of distinct float32 values only makes them larger) with snappy (zstd saves
+    ~5% on these values and reads ~3x slower); statistics of `step` and `domain` only (row groups skipped by a
+    lazy scan's filter) and no Arrow schema copy, so that the footer of a file with ~150 per-layer columns stays
+    small. A CRC on every page (pyarrow >= 15) names a damaged page before it is decoded."""
+    checksums = {"write_page_checksum": True} if _PAGE_CHECKSUMS else {}
+    return pq.ParquetWriter(sink, schema, compression="snappy", use_dictionary=["domain"],
+                            write_statistics=["step", "domain"], store_schema=False, **checksums)
+
+
 def _write_parquet(path: str, payload, columns) -> None:
-    arrays = {name: pa.array(values) for name, values in columns.items() if name != "domain"}
-    arrays["domain"] = pa.array(columns["domain"].tolist(), type=pa.string()).dictionary_encode()
     metadata = {"schema": payload["schema"], "schema_version": payload["schema_version"],
                 "run_name": payload["run_name"], "world_size": int(payload["world_size"]),
                 "value": payload.get("value", "first_order")}
     if payload.get(RUN_ID_KEY) is not None:
         metadata[RUN_ID_KEY] = payload[RUN_ID_KEY]
     metadata.update({key: payload[key] for key in DIGEST_KEYS})
-    table = pa.table({name: arrays[name] for name in columns})
+    layer_columns = per_layer_column_names(name[len(PER_LAYER_PREFIX):] for name in columns
+                                           if name.startswith(PER_LAYER_PREFIX))
+    if layer_columns:
+        metadata[PER_LAYER_COLUMNS_KEY] = {column: name for name, column in layer_columns.items()}
+    table = _parquet_table(columns, layer_columns)
     sink = pa.BufferOutputStream()
-    # Loading speed over size: floats stored plainly (a dictionary of distinct float32 values only makes them
-    # larger) with snappy (zstd saves ~5% on these values and reads ~3x slower); statistics of `step` only
-    # and no Arrow schema copy, so that the footer of a file with ~150 per-layer columns stays small. A CRC
-    # on every page (pyarrow >= 15) names a damaged page before it is decoded.
-    checksums = {"write_page_checksum": True} if _PAGE_CHECKSUMS else {}
-    with pq.ParquetWriter(sink, table.schema, compression="snappy", use_dictionary=["domain"],
-                          write_statistics=["step"], store_schema=False, **checksums) as writer:
+    with _parquet_writer(sink, table.schema) as writer:
         writer.write_table(table)
         writer.add_key_value_metadata({PARQUET_METADATA_KEY: json.dumps(metadata)})
     data = sink.getvalue()
@@ -630,11 +710,11 @@ def file_formats(results_format: str) -> tuple:
     return (results_format,)
 
 
-def dotprod_file(run_dir, last_step, results_format="pickle"):
+def dotprod_file(run_dir, last_step, results_format="parquet"):
     return os.path.join(run_dir, DOTPROD_DIR, f"iter_{last_step:06d}{RESULTS_FORMATS[results_format]}")
 
 
-def flush_dotprods(run_dir, run_name, world_size, pending, formats=("pickle",), value="first_order", run_id=None):
+def flush_dotprods(run_dir, run_name, world_size, pending, formats=("parquet",), value="first_order", run_id=None):
     """Write the pending step records (ascending steps) as iter_<last step>.pkl and/or .parquet (the same
     rows and the same content digests; `formats` from --results_format); empties `pending`. Returns the paths
     written. run_id: the run's identity (config.json's "run_id", `new_run_id()`), stored in every file;
@@ -655,11 +735,14 @@ def flush_dotprods(run_dir, run_name, world_size, pending, formats=("pickle",), 
 
 
 def dotprod_steps_on_disk(run_dir):
-    """Last steps of the run's iter_XXXXXX.pkl / .parquet files, ascending, each once."""
+    """Last steps of the run's iter_XXXXXX.pkl / .parquet files and compact_XXXXXX_YYYYYY.parquet files (YYYYYY),
+    ascending, each once."""
     directory = os.path.join(run_dir, DOTPROD_DIR)
     if not os.path.isdir(directory):
         return []
-    return sorted({int(m.group(1)) for m in map(ITER_FILE.match, os.listdir(directory)) if m})
+    names = os.listdir(directory)
+    return sorted({int(m.group(1)) for m in map(ITER_FILE.match, names) if m} |
+                  {int(m.group(2)) for m in map(COMPACT_FILE.match, names) if m})
 
 
 def split_log_lines(data, step):
@@ -681,8 +764,11 @@ def set_aside_after(run_dir, step):
     """Move what a resumed run is about to redo, everything of steps after `step` (the checkpoint it resumes
     from), to superseded/<UTC time>/: the dot-product files (both formats), the kept checkpoints
     checkpoints/step_XXXXXX.pt and the lines of training_log.jsonl (the file is cut after the last line of
-    step <= `step`). Removes stray temporary files of interrupted writes. Nothing complete is deleted.
-    Returns (moved names, destination or None)."""
+    step <= `step`). A compacted file holding step files of later steps is moved whole, after the segments of
+    the step files up to `step` are written durably as a compacted file of their own (a crash in between leaves
+    both, whose common segments the loader reads once). Removes stray temporary files of interrupted writes.
+    Nothing complete is deleted. Returns (moved names, destination or None); ResultsFormatError (with `.path`)
+    before anything is moved if such a compacted file cannot be read up to `step`."""
     later = {}  # sub directory -> names of its files of steps after `step`
     for sub, pattern in STEP_FILES.items():
         directory = os.path.join(run_dir, sub)
@@ -691,6 +777,10 @@ def set_aside_after(run_dir, step):
                 os.remove(os.path.join(directory, name))
             elif pattern.match(name) and int(pattern.match(name).group(1)) > step:
                 later.setdefault(sub, []).append(name)
+    split = [path for path in _compacted_files(run_dir)
+             if int(COMPACT_FILE.match(os.path.basename(path)).group(2)) > step]
+    for path in split:
+        later.setdefault(DOTPROD_DIR, []).append(os.path.basename(path))
     log_path = os.path.join(run_dir, TRAINING_LOG_JSONL)
     kept_lines, later_lines = b"", b""
     if os.path.exists(log_path):
@@ -703,6 +793,12 @@ def set_aside_after(run_dir, step):
     while os.path.exists(destination):  # two resumes within a second: the earlier one's files stay
         destination, attempt = f"{base}-{attempt}", attempt + 1
     moved = []
+    for path in split:  # the segments up to `step` as a file of their own, durably, before anything is moved
+        try:
+            _rewrite_compacted(path, step)
+        except ResultsFormatError as err:
+            err.path = path
+            raise
     for sub, names in later.items():
         os.makedirs(os.path.join(destination, sub), exist_ok=True)
         for name in sorted(names):
@@ -781,6 +877,10 @@ class _Content:
     repeated: set  # steps the file holds more than once (the later record kept)
     verified: bool  # False: written before content digests, read unchecked
     size: int  # bytes on disk
+    source: str = None  # the step file's name without suffix (iter_000010), also for a segment of a compacted file
+    digests: tuple = None  # (content_sha256, per_layer_sha256) the file carries; None: written before digests
+    compacted: bool = False  # a segment of a compacted file
+    header: dict = None  # the file's identity and digests (_header_of): what a compacted file records of it
 
 
 @dataclass
@@ -850,6 +950,14 @@ def _dotprod_files(run_dir: str) -> list:
     return [(step, sorted(paths, key=lambda p: not p.endswith(".parquet"))) for step, paths in sorted(by_step.items())]
 
 
+def _compacted_files(run_dir: str) -> list:
+    """grad_dotprods/compact_<first>_<last>.parquet paths, by (first, last) step."""
+    directory = os.path.join(run_dir, DOTPROD_DIR)
+    found = [(tuple(map(int, m.groups())), name) for name in (os.listdir(directory) if os.path.isdir(directory)
+                                                                else []) for m in [COMPACT_FILE.match(name)] if m]
+    return [os.path.join(directory, name) for _, name in sorted(found)]
+
+
 def _read_iteration(paths: list, per_layer: bool, identity, read=None) -> list:
     """Read one iteration's files in order (Parquet first) until one is readable, intact and, if `identity` is
     given, the run's: a damaged or foreign file gives way to its twin in the other format.
@@ -903,7 +1011,28 @@ def _read_file(path: str, per_layer: bool) -> _Content:
         by_step[step] = record  # the later record of a step wins
     if repeated:
         columns = _records_to_columns(list(by_step.values()), per_layer)
-    return _Content(version, payload.get("run_name"), payload.get(RUN_ID_KEY), columns, repeated, verified, size)
+    return _Content(version, payload.get("run_name"), payload.get(RUN_ID_KEY), columns, repeated, verified, size,
+                    source=_source_of(path), digests=_digests_of(payload), header=_header_of(payload))
+
+
+def file_header(path) -> dict:
+    """A dot-product file's identity and digests without its rows: schema, schema_version, run_name, run_id (if
+    any), world_size, value, content_sha256 and per_layer_sha256 (if any) from a pickle's payload (the pickle is
+    unpickled, restricted, but its rows are not checked) or a Parquet file's metadata (its footer alone is read).
+    ResultsFormatError naming the file if it has none."""
+    path = os.fspath(path)
+    try:
+        if path.endswith(".parquet"):
+            header = json.loads((pq.read_schema(path).metadata or {}).get(PARQUET_METADATA_KEY.encode(), b"null"))
+        else:
+            header = safe_load_pickle(path)
+    except UnsafePickleError:
+        raise
+    except Exception as err:  # truncated or corrupt: pyarrow and the unpickler raise many types
+        raise ResultsFormatError(f"{path}: cannot read its header ({type(err).__name__}: {err})") from err
+    if not isinstance(header, dict) or header.get("schema") != SCHEMA_NAME:
+        raise ResultsFormatError(f"{path}: not a dot-product file (no schema {SCHEMA_NAME!r})")
+    return {key: value for key, value in header.items() if key != "steps"}
 
 
 def load_dotprod_pickle(path):
@@ -1006,9 +1135,9 @@ def _domain_column(path: str, column, size: int) -> np.ndarray:
     return np.concatenate(arrays) if arrays else np.zeros(0, dtype="<U1")
 
 
-def _read_parquet(path: str, per_layer: bool) -> _Content:
-    """A Parquet dot-product file -> its _Content (its footer checked against its size first, every page's
-    CRC and then its content digests checked); only the per-layer columns are left unread when not asked for."""
+def _open_parquet(path: str):
+    """(ParquetFile with page CRC checks, its Arrow schema, its "graddotprod" metadata dict, its size), the
+    metadata's schema, version and identity fields checked; ResultsFormatError naming the file otherwise."""
     checksums = {"page_checksum_verification": True} if _PAGE_CHECKSUMS else {}
     try:
         size = os.path.getsize(path)
@@ -1026,6 +1155,13 @@ def _read_parquet(path: str, per_layer: bool) -> _Content:
             "upgrade the package or load the run with the version that wrote it"
         )
     _check_identity_fields(metadata, path)
+    return file, schema, metadata, size
+
+
+def _columns_to_read(path: str, schema, metadata: dict, per_layer: bool):
+    """(the file's columns to read, {its per-parameter column: per_layer/<parameter>}): load_run's columns, the
+    optional ones it has and, with per_layer, its per-parameter ones; every column's Arrow type checked before
+    anything is read (a column of another type would not be bounded as a number column is)."""
     in_file = schema.names
     unique = set(in_file)
     missing = [name for name in COLUMN_DTYPES if name not in unique]
@@ -1034,19 +1170,19 @@ def _read_parquet(path: str, per_layer: bool) -> _Content:
     if len(unique) != len(in_file):
         repeated = sorted(name for name, n in collections.Counter(in_file).items() if n > 1)
         raise ResultsFormatError(f"{path}: has the columns {repeated} more than once; the file is damaged")
+    layer_names = _layer_names_of(path, metadata, in_file)
     names = list(COLUMN_DTYPES) + [n for n in OPTIONAL_COLUMNS if n in unique] + \
-        ([n for n in in_file if n.startswith(PER_LAYER_PREFIX)] if per_layer else [])
-    for name in names:  # before reading: a column of another type would not be bounded as a number column is
+        ([n for n in in_file if n in layer_names] if per_layer else [])
+    for name in names:
         dtype = COLUMN_DTYPES.get(name, OPTIONAL_COLUMNS.get(name, np.float32))
         arrow_type = schema.field(name).type
         if not _ARROW_KINDS[dtype](arrow_type.value_type if pa.types.is_dictionary(arrow_type) else arrow_type):
             raise ResultsFormatError(f"{path}: column {name!r} must be {np.dtype(dtype).name}, got {arrow_type}")
-    try:
-        _check_parquet_footer(path, file.metadata, schema, size)
-        table = file.read(columns=names, use_threads=False)  # small files: threads cost more than they save
-    except (pa.ArrowException, OSError) as err:
-        damaged = ": page checksum mismatch, the file is damaged" if "CRC" in str(err) else ""
-        raise ResultsFormatError(f"{path}: cannot read Parquet{damaged} ({type(err).__name__}: {err})") from err
+    return names, layer_names
+
+
+def _decode(path: str, table, names: list, layer_names: dict, size: int) -> dict:
+    """An Arrow table read from a file -> load_run's numpy columns (per_layer/<parameter> names), no nulls."""
     columns = {}
     for name in names:
         column = table.column(name)
@@ -1058,9 +1194,309 @@ def _read_parquet(path: str, per_layer: bool) -> _Content:
         if dtype is np.str_:
             columns[name] = _domain_column(path, column, size)
         else:
-            columns[name] = column.to_numpy().astype(dtype, copy=False)
+            columns[layer_names.get(name, name)] = column.to_numpy().astype(dtype, copy=False)
+    return columns
+
+
+def _read_error(path: str, err) -> ResultsFormatError:
+    damaged = ": page checksum mismatch, the file is damaged" if "CRC" in str(err) else ""
+    return ResultsFormatError(f"{path}: cannot read Parquet{damaged} ({type(err).__name__}: {err})")
+
+
+def _read_parquet(path: str, per_layer: bool) -> _Content:
+    """A Parquet dot-product file -> its _Content (its footer checked against its size first, every page's
+    CRC and then its content digests checked); only the per-layer columns are left unread when not asked for."""
+    file, schema, metadata, size = _open_parquet(path)
+    if metadata.get("kind") is not None:
+        raise ResultsFormatError(f"{path}: a {metadata.get('kind')!r} file named as a step file; the file was "
+                                 f"renamed or damaged")
+    names, layer_names = _columns_to_read(path, schema, metadata, per_layer)
+    try:
+        _check_parquet_footer(path, file.metadata, schema, size)
+        table = file.read(columns=names, use_threads=False)  # small files: threads cost more than they save
+    except (pa.ArrowException, OSError) as err:
+        raise _read_error(path, err) from err
+    columns = _decode(path, table, names, layer_names, size)
     verified = _verify(path, metadata, columns, per_layer)
-    return _Content(version, metadata.get("run_name"), metadata.get(RUN_ID_KEY), columns, set(), verified, size)
+    return _Content(version=metadata["schema_version"], run_name=metadata.get("run_name"),
+                    run_id=metadata.get(RUN_ID_KEY), columns=columns, repeated=set(), verified=verified, size=size,
+                    source=_source_of(path), digests=_digests_of(metadata), header=_header_of(metadata))
+
+
+def _source_of(path: str) -> str:
+    """A step file's name without its suffix (iter_000010): what a compacted file records as a segment's source."""
+    return os.path.basename(path).rsplit(".", 1)[0]
+
+
+def _header_of(header) -> dict:
+    """A file's identity fields and digests (schema_version, run_name, run_id, world_size, value, content_sha256,
+    per_layer_sha256), as a compacted file records them for each step file it holds."""
+    kept = {key: header.get(key) for key in _SEGMENT_IDENTITY + DIGEST_KEYS}
+    if isinstance(kept["world_size"], np.integer):
+        kept["world_size"] = int(kept["world_size"])
+    kept["value"] = kept["value"] or "first_order"
+    return kept
+
+
+def _digests_of(header) -> tuple:
+    digests = tuple(header.get(key) for key in DIGEST_KEYS)
+    return None if digests == (None, None) else digests
+
+
+# ---------------------------------------------------------------------------
+# Compacted files: many step files in one
+
+
+COMPACT_FILE = re.compile(r"^compact_(\d+)_(\d+)\.parquet$")  # grad_dotprods/compact_<first step>_<last step>.parquet
+COMPACT_KIND = "compacted"
+_SEGMENT_IDENTITY = ("schema_version", "run_name", RUN_ID_KEY, "world_size", "value")
+
+
+def compacted_name(first_step: int, last_step: int) -> str:
+    return f"compact_{first_step:06d}_{last_step:06d}.parquet"
+
+
+def write_compacted(directory, segments, layer_names, first_order, row_group_rows=65536) -> tuple:
+    """Write step files' contents as one compacted file in `directory`, durably (temporary file, fsync, rename,
+    fsync of the directory; named compact_<first step>_<last step>.parquet once written). `segments` yields
+    (source, header, columns): a step file's name without suffix (iter_000010), its identity and digests
+    (`file_header`), and its columns as read and verified (`read_run`'s names). Each segment's rows are stored
+    as they were, in their order, whole in one row group; a row group closes once it holds row_group_rows rows
+    or more. `layer_names`: every parameter a segment may have; `first_order`: whether one may have
+    first_order_dot_products (columns a segment lacks are NaN in its rows, and it records which it has).
+    Returns (path, [segment records]); (None, []) when `segments` yields nothing."""
+    layer_columns = per_layer_column_names(layer_names)
+    order = list(COLUMN_DTYPES) + ([FIRST_ORDER_COLUMN] if first_order else []) + \
+        [PER_LAYER_PREFIX + name for name in sorted(layer_columns)]
+    records, layer_sets, buffered, opened = [], [], [], []  # opened: the ParquetWriter, once the first segment came
+
+    def flush(writer):
+        if not buffered:
+            return
+        n = sum(len(columns["step"]) for _, columns in buffered)
+        full = {}
+        for name in order:
+            dtype = np.float32 if name not in COLUMN_DTYPES else COLUMN_DTYPES[name]
+            full[name] = np.concatenate([columns[name] if name in columns else np.full(len(columns["step"]), np.nan,
+                                                                                      dtype=np.float32)
+                                         for _, columns in buffered]) if dtype is not np.str_ else \
+                np.concatenate([columns[name] for _, columns in buffered])
+        table = _parquet_table(full, layer_columns)
+        writer.write_table(table, row_group_size=n)
+        buffered.clear()
+
+    def write(f):
+        try:
+            return write_segments(f)
+        except BaseException:
+            if opened and opened[0].is_open:
+                opened[0].close()  # into the temporary file, removed next
+            raise
+
+    def write_segments(f):
+        group = rows = 0
+        for source, header, columns in segments:
+            if set(columns) - set(order):
+                raise ValueError(f"{source}: columns {sorted(set(columns) - set(order))} outside the layout given")
+            if not opened:
+                opened.append(_parquet_writer(f, _parquet_table(
+                    {name: np.zeros(0, dtype=COLUMN_DTYPES.get(name, np.float32)) for name in order},
+                    layer_columns).schema))
+            writer = opened[0]
+            n = len(columns["step"])
+            steps = (int(columns["step"].min()), int(columns["step"].max())) if n else (_source_step(source),) * 2
+            layers = sorted(name[len(PER_LAYER_PREFIX):] for name in columns if name.startswith(PER_LAYER_PREFIX))
+            if layers and layers not in layer_sets:
+                layer_sets.append(layers)
+            records.append({"source": source, "rows": n, "first_step": steps[0], "last_step": steps[1],
+                            "row_group": group,
+                            **{key: header.get(key) for key in _SEGMENT_IDENTITY},
+                            **{key: header[key] for key in DIGEST_KEYS},
+                            "layers": layer_sets.index(layers) if layers else None,
+                            "first_order": FIRST_ORDER_COLUMN in columns})
+            records[-1]["value"] = records[-1]["value"] or "first_order"
+            buffered.append((source, columns))
+            rows += n
+            if rows >= row_group_rows:
+                flush(writer)
+                group, rows = group + 1, 0
+        if not opened:
+            raise _NothingToWrite
+        writer = opened[0]
+        flush(writer)
+        last = records[-1]
+        first_step = min(r["first_step"] for r in records)
+        last_step = max(r["last_step"] for r in records)
+        metadata = {"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "kind": COMPACT_KIND,
+                    "run_name": last["run_name"], "world_size": last["world_size"], "value": last["value"],
+                    "first_step": first_step, "last_step": last_step,
+                    PER_LAYER_COLUMNS_KEY: {column: name for name, column in layer_columns.items()},
+                    "layer_sets": layer_sets, "segments": records}
+        run_ids = {r[RUN_ID_KEY] for r in records}
+        if len(run_ids) == 1 and last[RUN_ID_KEY] is not None:
+            metadata[RUN_ID_KEY] = last[RUN_ID_KEY]
+        writer.add_key_value_metadata({PARQUET_METADATA_KEY: json.dumps(metadata)})
+        writer.close()
+        return compacted_name(first_step, last_step)
+
+    try:
+        return write_atomically_named(os.fspath(directory), "compact", write), records
+    except _NothingToWrite:  # the temporary file is removed
+        return None, []
+
+
+class _NothingToWrite(Exception):
+    """write_compacted's segments were none."""
+
+
+def _compacted_metadata(path: str, file, metadata: dict) -> list:
+    """A compacted file's segment records, checked against each other, its row groups and its name; the file's
+    ResultsFormatError otherwise."""
+    def refuse(why):
+        raise ResultsFormatError(f"{path}: {why}; the compacted file is damaged or was altered: restore it from a "
+                                 "copy, or remove it (its steps are lost with it)")
+
+    if metadata.get("kind") != COMPACT_KIND:
+        refuse(f"its metadata's kind is {metadata.get('kind')!r}, not {COMPACT_KIND!r}")
+    segments, layer_sets = metadata.get("segments"), metadata.get("layer_sets")
+    if not isinstance(segments, list) or not segments or not isinstance(layer_sets, list) or not all(
+            isinstance(names, list) and all(isinstance(n, str) for n in names) for names in layer_sets):
+        refuse("its metadata lacks a list of segments or of layer sets")
+    groups = [file.metadata.row_group(i).num_rows for i in range(file.metadata.num_row_groups)]
+    held = [0] * len(groups)
+    for i, segment in enumerate(segments):
+        ok = isinstance(segment, dict) and isinstance(segment.get("source"), str) and \
+            ITER_FILE.match(segment["source"] + ".parquet") is not None and all(
+                isinstance(segment.get(key), int) and not isinstance(segment.get(key), bool)
+                for key in ("rows", "first_step", "last_step", "row_group")) and \
+            isinstance(segment.get("first_order"), bool) and \
+            (segment.get("layers") is None or (isinstance(segment["layers"], int) and
+                                               0 <= segment["layers"] < len(layer_sets)))
+        if not ok or not 0 <= segment["row_group"] < len(groups) or segment["rows"] < 0:
+            refuse(f"segment {i} of its metadata is malformed")
+        if segment.get("schema_version") not in _READERS:
+            refuse(f"segment {i} has schema_version {segment.get('schema_version')!r}, unknown to this reader")
+        _check_identity_fields(segment, f"{path} segment {i}")
+        if _digests_of(segment) is None:
+            refuse(f"segment {i} ({segment['source']}) carries no content digest, which compaction never writes")
+        if i and (segment["row_group"] < segments[i - 1]["row_group"] or
+                  _source_step(segment["source"]) <= _source_step(segments[i - 1]["source"])):
+            refuse("its segments are out of order")
+        held[segment["row_group"]] += segment["rows"]
+    if held != groups:
+        refuse(f"its segments hold {held} rows per row group, its row groups {groups}")
+    match = COMPACT_FILE.match(os.path.basename(path))
+    steps = (min(s["first_step"] for s in segments), max(s["last_step"] for s in segments))
+    if match is None or (int(match.group(1)), int(match.group(2))) != steps:
+        refuse(f"its segments hold steps {steps[0]}..{steps[1]}, its name says otherwise")
+    return segments
+
+
+def read_compacted(path, per_layer: bool = False) -> list:
+    """A compacted file -> [(path, _Content or the ResultsFormatError that refuses it)], one per segment (the
+    step file it was made of), in order. Every page's CRC is checked as it is read (row group by row group: a
+    damaged row group costs its own segments), then every segment's digests, as the step file's were. A damaged
+    footer or metadata refuses the file whole (one entry)."""
+    return list(iter_compacted(path, per_layer))
+
+
+def iter_compacted(path, per_layer: bool = False, up_to_step=None):
+    """`read_compacted` one row group at a time (a generator); up_to_step: only the segments of step files
+    up to that step (iter_XXXXXX with XXXXXX <= it), the row groups after them left unread."""
+    path = os.fspath(path)
+    try:
+        file, schema, metadata, size = _open_parquet(path)
+        segments = _compacted_metadata(path, file, metadata)
+        names, layer_names = _columns_to_read(path, schema, metadata, per_layer)
+        _check_parquet_footer(path, file.metadata, schema, size)
+    except ResultsFormatError as err:
+        yield path, err
+        return
+    layer_sets = metadata["layer_sets"]
+    total = sum(segment["rows"] for segment in segments)  # a segment's share of the file's bytes: by its rows
+    if up_to_step is not None:
+        segments = [segment for segment in segments if _source_step(segment["source"]) <= up_to_step]
+    for group in sorted({segment["row_group"] for segment in segments}):
+        results = []
+        members = [segment for segment in segments if segment["row_group"] == group]
+        try:
+            table = file.read_row_group(group, columns=names, use_threads=False)
+            columns = _decode(path, table, names, layer_names, size)
+        except (pa.ArrowException, OSError) as err:
+            error = _read_error(f"{path} row group {group}", err)
+            yield from [(path, ResultsFormatError(f"{error} (steps {s['first_step']}..{s['last_step']}, from "
+                                                  f"{s['source']})")) for s in members]
+            continue
+        except ResultsFormatError as err:
+            yield from [(path, err)] * len(members)
+            continue
+        start = 0
+        for segment in members:
+            rows = slice(start, start + segment["rows"])
+            start = rows.stop
+            label = f"{path} (steps {segment['first_step']}..{segment['last_step']}, from {segment['source']})"
+            wanted = list(COLUMN_DTYPES) + ([FIRST_ORDER_COLUMN] if segment["first_order"] else [])
+            if per_layer and segment["layers"] is not None:
+                wanted += [PER_LAYER_PREFIX + name for name in layer_sets[segment["layers"]]]
+            absent = [name for name in wanted if name not in columns]
+            if absent:
+                results.append((path, ResultsFormatError(f"{label}: lacks the columns {absent}; the file is damaged")))
+                continue
+            part = {name: columns[name][rows] for name in wanted}
+            header = dict({key: segment.get(key) for key in _SEGMENT_IDENTITY + DIGEST_KEYS}, schema=SCHEMA_NAME)
+            steps = part["step"]
+            try:
+                if len(steps) and (steps.min(), steps.max()) != (segment["first_step"], segment["last_step"]):
+                    raise ResultsFormatError(f"{label}: holds steps {steps.min()}..{steps.max()}; the file is damaged")
+                _verify(label, header, part, per_layer, _COMPACTED_REMEDY)
+            except ResultsFormatError as err:
+                results.append((path, err))
+                continue
+            results.append((path, _Content(
+                version=segment["schema_version"], run_name=segment.get("run_name"), run_id=segment.get(RUN_ID_KEY),
+                columns=part, repeated=set(), verified=True, size=size * segment["rows"] // max(total, 1),
+                source=segment["source"], digests=_digests_of(segment), compacted=True,
+                header=_header_of(header))))
+        yield from results
+
+
+def _rewrite_compacted(path: str, step: int):
+    """Write the segments of a compacted file's step files up to `step`, read and verified, as a compacted file
+    of their own (row groups of about the original's rows); nothing if it has none. Returns the path or None;
+    ResultsFormatError if a segment up to `step` is unreadable or damaged (nothing written)."""
+    segments = compacted_segments(path)
+    kept = [segment for segment in segments if _source_step(segment["source"]) <= step]
+    if not kept:
+        return None
+    _, schema, metadata, _ = _open_parquet(path)
+    layer_names = _layer_names_of(path, metadata, schema.names)
+    first_order = FIRST_ORDER_COLUMN in schema.names
+    groups = collections.Counter(segment["row_group"] for segment in kept)
+
+    def contents():
+        for _, content in iter_compacted(path, per_layer=True, up_to_step=step):
+            if isinstance(content, ResultsFormatError):
+                raise content
+            yield content.source, content.header, content.columns
+
+    rows = max(sum(s["rows"] for s in kept if s["row_group"] == group) for group in groups)
+    written, _ = write_compacted(os.path.dirname(path), contents(), [name[len(PER_LAYER_PREFIX):] for name in
+                                                                    layer_names.values()], first_order,
+                                 row_group_rows=rows)
+    return written
+
+
+def _source_step(source: str) -> int:
+    """iter_000010 -> 10: the last step of a step file, by its name."""
+    return int(source[len("iter_"):])
+
+
+def compacted_segments(path) -> list:
+    """A compacted file's segment records from its footer alone (source, rows, first_step, last_step, identity,
+    digests, ...); ResultsFormatError naming the file if its footer or metadata is damaged."""
+    path = os.fspath(path)
+    file, _, metadata, _ = _open_parquet(path)
+    return _compacted_metadata(path, file, metadata)
 
 
 def _expected_steps(config: dict, seen_steps: list) -> list:
@@ -1088,7 +1524,10 @@ def read_run(run_dir, per_layer: bool = False, strict: bool = False) -> Run:
     For every iteration the Parquet file is read if there is one (per-layer columns only when
     per_layer=True), else the pickle; the other format of the same steps whenever the first file read is
     unreadable, damaged (its content digests or page CRCs do not match what was decoded, its footer declares
-    more than the file can hold) or another run's. Which files are the run's:
+    more than the file can hold) or another run's. Compacted files (compact_XXXXXX_YYYYYY.parquet) are read
+    with them, segment by segment, each verified and matched to the run as its step file was; a step file and a
+    segment made from it are one copy when their digests are equal, else the step file is refused. Which files
+    are the run's:
       - config.json has "run_id": exactly the files carrying that run_id, whatever their run_name (a renamed
         run keeps its files); a file with another run_id, or with none, is refused;
       - config.json without "run_id" (a run started before run ids): the files whose run_name is config.json's;
@@ -1114,22 +1553,31 @@ def read_run(run_dir, per_layer: bool = False, strict: bool = False) -> Run:
         skipped.append((path, str(err)))
 
     iterations = [paths for _, paths in _dotprod_files(run_dir)]
+    compacted = _compacted_files(run_dir)
     # Parquet reads release the GIL; unpickling does not, and threads would only add malloc arenas
-    threads = min(8, os.cpu_count() or 1) if any(paths[0].endswith(".parquet") for paths in iterations) else 1
+    threads = min(8, os.cpu_count() or 1) if compacted or any(paths[0].endswith(".parquet")
+                                                               for paths in iterations) else 1
     with ThreadPoolExecutor(max_workers=threads) as pool:
+        segments = pool.map(lambda path: read_compacted(path, per_layer), compacted)
         attempts = list(pool.map(lambda paths: _read_iteration(paths, per_layer, identity), iterations))
+        segments = list(segments)  # [(path, _Content or error)] per compacted file, identity not yet applied
     if identity is None:  # no config.json: the files decide, then a file refused gives way to its twin
         identity = _majority_identity([result for attempt in attempts for _, result in attempt[-1:]
+                                       if isinstance(result, _Content)] +
+                                      [result for parts in segments for _, result in parts
                                        if isinstance(result, _Content)])
         attempts = [_read_iteration(paths, per_layer, identity, read=dict(attempt))
                     for paths, attempt in zip(iterations, attempts)]
-    kept = []
+    attempts += [[(path, identity.refusal(path, result) or result if isinstance(result, _Content) else result)
+                  for path, result in parts] for parts in segments]
+    units = []
     for attempt in attempts:
         for path, result in attempt:
             if isinstance(result, ResultsFormatError):
                 skip(path, result)
             else:
-                kept.append((path, result))
+                units.append((path, result))
+    kept = _one_copy_per_source(units, skip)
     kept = _bound_domain_width(kept, skip)
     # a step in several files is kept from the last one: walk the files backwards, claiming steps
     claimed, duplicates, chunks = set(), set(), []
@@ -1151,11 +1599,29 @@ def read_run(run_dir, per_layer: bool = False, strict: bool = False) -> Run:
         )
     columns = _concatenate(chunks[::-1])
     missing = sorted(set(_expected_steps(config, sorted(claimed))) - claimed)
-    run = Run(run_dir=run_dir, columns=columns, config=config, files=[path for path, _ in kept], skipped=skipped,
+    run = Run(run_dir=run_dir, columns=columns, config=config, files=list(dict.fromkeys(path for path, _ in kept)),
+              skipped=skipped,
               missing_steps=missing, duplicate_steps=sorted(duplicates),
               schema_versions={path: content.version for path, content in kept}, run_id=identity.run_id,
               unverified=[path for path, content in kept if not content.verified])
     return run
+
+
+def _one_copy_per_source(units: list, skip) -> list:
+    """[(path, _Content)] -> one per step file (`source`), in step-file order. A step file and a compacted file's
+    segment made from it (a compaction stopped before it removed its step files), or two compacted files holding
+    it, are one copy when their content digests are equal; with other digests the copy not in a compacted file
+    (else the one in the file named later) is refused via skip, naming both."""
+    chosen = {}
+    for path, content in sorted(units, key=lambda unit: (not unit[1].compacted, unit[0])):
+        first = chosen.get(content.source)
+        if first is None:
+            chosen[content.source] = (path, content)
+        elif content.digests is None or content.digests != first[1].digests:
+            skip(path, ResultsFormatError(
+                f"{path}: holds the steps of {content.source} with other contents than {first[0]} (their content "
+                f"digests differ); not merged: the copy in {first[0]} is read. Move aside the one that is wrong"))
+    return sorted(chosen.values(), key=lambda unit: _source_step(unit[1].source))
 
 
 def _bound_domain_width(kept: list, skip) -> list:

@@ -8,7 +8,9 @@ and how durably. The training app (GradDotProd_LM.training) and the framework in
     training_log.json    {"run_id", "steps": [per-step records], "evals": [evaluation records]}, at checkpoints
     training_log.jsonl   the same records, one line each, appended every step by the caller's log hook (the
                          app's GradDotProd_LM.experiment_log, which also feeds the --report_to sinks)
-    grad_dotprods/iter_XXXXXX.pkl, .parquet   steps (previous file, XXXXXX] (format: ghost_results.results_io)
+    grad_dotprods/iter_XXXXXX.parquet, .pkl   steps (previous file, XXXXXX] (format: ghost_results.results_io)
+    grad_dotprods/compact_XXXXXX_YYYYYY.parquet   step files XXXXXX..YYYYYY merged by `python -m ghost_results
+                         compact` (ghost_results.compact), which holds run.lock while it works
     checkpoints/latest.pt            the newest checkpoint (its bytes come from the caller: `write(file)`)
     checkpoints/step_XXXXXX.pt       with keep_checkpoints != 1: the checkpoints of checkpoint_interval steps,
                                      hard links of latest.pt's file (no extra bytes), the newest N kept
@@ -44,8 +46,8 @@ import numpy as np
 
 from ghost_common.durable import FileLock, fsync_directory, write_atomically
 from ghost_results.grad_store import GradStoreWriter
-from ghost_results.results_io import (CHECKPOINT_DIR, STEP_CHECKPOINT_FILE, TRAINING_LOG_JSONL, file_formats,
-                                      flush_dotprods, new_run_id, safe_load_pickle, set_aside_after)
+from ghost_results.results_io import (CHECKPOINT_DIR, STEP_CHECKPOINT_FILE, TRAINING_LOG_JSONL, ResultsFormatError,
+                                      file_formats, flush_dotprods, new_run_id, safe_load_pickle, set_aside_after)
 from ghost_results.valset import VALSET_FILE, write_valset_file
 
 CONFIG_FILE = "config.json"
@@ -265,7 +267,7 @@ class RunDirectory:
             os.rmdir(self.path)
 
     # ------------------------------------------------------------------ creating or resuming
-    def open(self, start_step, *, run_id, run_name, world_size=1, results_format="both", value="first_order",
+    def open(self, start_step, *, run_id, run_name, world_size=1, results_format="parquet", value="first_order",
              save_interval=1, checkpoint_interval=None, keep_checkpoints=1, step_sinks=None):
         """Start or resume the run at `start_step`: read its log of the steps kept (DamagedRunFile or
         ForeignRunFile before anything is changed), set aside the files and log lines of later steps (and
@@ -276,7 +278,10 @@ class RunDirectory:
         self.keep_checkpoints, self.start_step = keep_checkpoints, start_step
         self.log = read_training_log(self.path, start_step, run_id)  # before anything is moved
         os.makedirs(self.path, exist_ok=True)
-        moved = set_aside_after(self.path, start_step)  # files and log lines of steps to redo
+        try:
+            moved = set_aside_after(self.path, start_step)  # files and log lines of steps to redo
+        except ResultsFormatError as err:  # a compacted file that cannot be split at start_step: nothing moved
+            raise DamagedRunFile(getattr(err, "path", self.path), err) from err
         self.last_checkpoint = start_step if os.path.exists(checkpoint_path(self.path)) else None
         if self.last_checkpoint and self._in_series(start_step) and not os.path.exists(
                 checkpoint_path(self.path, start_step)):

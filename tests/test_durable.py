@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from ghost_common.durable import write_atomically
+from ghost_common.durable import write_atomically, write_atomically_named
 
 
 def test_replaces_the_file_and_leaves_no_temporary(tmp_path):
@@ -14,6 +14,21 @@ def test_replaces_the_file_and_leaves_no_temporary(tmp_path):
     write_atomically(path, lambda f: f.write(b"new contents"))
     assert path.read_bytes() == b"new contents"
     assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_a_file_named_once_written_replaces_its_name_and_leaves_no_temporary(tmp_path):
+    """write_atomically_named: the writer names the file once its bytes are written; a failure leaves nothing."""
+    (tmp_path / "b.bin").write_bytes(b"old")
+    assert write_atomically_named(tmp_path, "stem", lambda f: f.write(b"new") and "b.bin") == str(tmp_path / "b.bin")
+    assert (tmp_path / "b.bin").read_bytes() == b"new" and os.listdir(tmp_path) == ["b.bin"]
+
+    def fail(f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically_named(tmp_path, "stem", fail)
+    assert os.listdir(tmp_path) == ["b.bin"]
 
 
 def test_a_failing_write_keeps_the_old_file(tmp_path):

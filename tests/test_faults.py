@@ -50,7 +50,7 @@ def baseline(data_dir, tmp_path_factory):
 
 
 PAUSE_INSIDE = os.path.join(REPO, "tests", "_pause_inside.py")
-DOTPROD_PICKLE, CHECKPOINT = r"grad_dotprods/iter_\d+\.pkl$", r"checkpoints/latest\.pt$"
+DOTPROD_FILE, CHECKPOINT = r"grad_dotprods/iter_\d+\.parquet$", r"checkpoints/latest\.pt$"
 EVALUATION = "GradDotProd_LM.evaluate:Evaluator.evaluate"
 
 
@@ -87,10 +87,10 @@ def snapshot(run_dir):
     return files
 
 
-def test_kill_9_inside_a_pickle_write_a_checkpoint_write_and_an_evaluation_then_resume_equals_an_uninterrupted_run(
+def test_kill_9_inside_a_dot_product_write_a_checkpoint_write_and_an_evaluation_then_resume_equals_an_uninterrupted_run(
         data_dir, baseline, tmp_path):
     """SIGKILL three times, each while the process is inside one of these moments (which occurrence is drawn at
-    random): a dot-product pickle half written, a checkpoint half written, an evaluation; --resume after each.
+    random): a dot-product file (Parquet, the default) half written, a checkpoint half written, an evaluation; --resume after each.
     The kill leaves the previous file and checkpoint intact; every dot-product file and log line written before
     a kill survives (in place or moved to superseded/); the steps end 1..N once each, equal to the run never
     killed, with no temporary file left."""
@@ -100,8 +100,8 @@ def test_kill_9_inside_a_pickle_write_a_checkpoint_write_and_an_evaluation_then_
     rng = random.Random(1234)
     before = []  # the snapshots taken inside each fault
 
-    # 1. inside the 3rd..5th dot-product pickle write (iter_4, 6 or 8: after the first checkpoint, at step 3)
-    files, path, output = kill_inside(args, f"write:{DOTPROD_PICKLE}", rng.randint(3, 5), tmp_path)
+    # 1. inside the 3rd..5th dot-product file write (iter_4, 6 or 8: after the first checkpoint, at step 3)
+    files, path, output = kill_inside(args, f"write:{DOTPROD_FILE}", rng.randint(3, 5), tmp_path)
     before.append(files)
     outputs = [output]
     assert os.path.getsize(_temporary(path)) > 0

@@ -113,7 +113,8 @@ def test_trainer_records_the_apps_values_for_the_same_rows(app, tmp_path):
                              train_sampling_strategy="sequential", seed=SEED)
     trainer = GradDotProdTrainer(model=model, args=args, train_dataset=items, val_batch=val_batch,
                                  optimizers=optimizer_and_schedule(model, cfg), run_dir=tmp_path / "run",
-                                 save_interval=1, project_dim=PROJECT_DIM, project_dtype="float32")
+                                 save_interval=1, project_dim=PROJECT_DIM, project_dtype="float32",
+                                 results_format="both")  # pickles too (the default writes Parquet alone)
     trainer.train()
 
     files = sorted(os.listdir(tmp_path / "run" / "grad_dotprods"))
@@ -150,6 +151,7 @@ def test_lightning_records_the_apps_values_for_the_same_rows(app, tmp_path):
     trainer.fit(AppModule(copy.deepcopy(initial), cfg),
                 DataLoader(IndexedDataset(items), batch_size=B // ACCUM, shuffle=False))
 
+    assert sorted(os.listdir(tmp_path / "run" / "grad_dotprods")) == ["iter_000001.parquet", "iter_000002.parquet"]
     got = read_run(tmp_path / "run", per_layer=True, strict=True)
     assert [os.path.basename(p) for p in got.files] == ["iter_000001.parquet", "iter_000002.parquet"]
     assert_same_rows(got, expected, prefix="model.")

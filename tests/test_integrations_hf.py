@@ -22,7 +22,7 @@ from _reference import (adamw_sensitivity, reference_adamw_values, reference_dot
                         reference_update_values)
 from ghost_engine import disable_dropout
 from ghost_integrations import hf
-from ghost_results.results_io import read_run, safe_load_pickle
+from ghost_results.results_io import file_header, read_run, safe_load_pickle
 from pile_tools import ensure_sample_dataset
 
 # These tests check first-order values against the float64 reference; the default value ("auto": adamw under
@@ -62,9 +62,10 @@ def test_step_equals_reference_and_regular_trainer(tmp_path, accumulation):
     run = read_run(run_dir_of(args), per_layer=True, strict=True)
     assert run.config["run_name"] == "graddotprod" and run.config["max_steps"] == 2
     assert run.missing_steps == [] and len(run.files) == 2
-    pickles = [os.path.join(run.run_dir, "grad_dotprods", name)
-               for name in os.listdir(os.path.join(run.run_dir, "grad_dotprods")) if name.endswith(".pkl")]
-    assert len(pickles) == 2 and {safe_load_pickle(path)["run_id"] for path in pickles} == {run.config["run_id"]}
+    files = [os.path.join(run.run_dir, "grad_dotprods", name)
+             for name in os.listdir(os.path.join(run.run_dir, "grad_dotprods"))]
+    assert sorted(map(os.path.basename, files)) == ["iter_000001.parquet", "iter_000002.parquet"]  # the default
+    assert {file_header(path)["run_id"] for path in files} == {run.config["run_id"]}
     np.testing.assert_array_equal(run.columns["step"], np.repeat([1, 2], 4))
     index, ref_grads, ref_loss = check_step(run.columns, 1, initial, X, Y, X_val, Y_val)
     assert_grads_close(capture.grads, ref_grads)  # the gradient of the mean over all the step's targets
@@ -451,6 +452,6 @@ def test_resume_from_checkpoint_sets_aside_later_steps_and_writes_them_again(tmp
     assert resumed.duplicate_steps == [] and resumed.missing_steps == []
     superseded = os.listdir(tmp_path / "graddotprod" / "superseded")
     assert sorted(os.listdir(tmp_path / "graddotprod" / "superseded" / superseded[0] / "grad_dotprods")) == [
-        "iter_000003.parquet", "iter_000003.pkl", "iter_000004.parquet", "iter_000004.pkl"]
+        "iter_000003.parquet", "iter_000004.parquet"]
     np.testing.assert_array_equal(resumed.columns["step"], uninterrupted["step"])
     np.testing.assert_allclose(resumed.columns["dot_products"], uninterrupted["dot_products"], rtol=1e-6)

@@ -416,7 +416,7 @@ def test_a_renamed_run_keeps_its_files(tmp_path):
 def test_without_config_json_the_id_most_files_carry_decides(tmp_path):
     run_dir = tmp_path / "run"
     run_with_id(run_dir, {1: [step_record(1, [1.0], ["A"])], 3: [step_record(3, [3.0], ["A"])]}, "aaaa", config=False)
-    results_io.flush_dotprods(run_dir, "t", 1, [step_record(2, [-1.0], ["A"])], run_id="bbbb")
+    results_io.flush_dotprods(run_dir, "t", 1, [step_record(2, [-1.0], ["A"])], ("pickle",), run_id="bbbb")
     with pytest.warns(UserWarning, match=r"iter_000002.pkl: written by run 't' with run_id bbbb"):
         run = read_run(run_dir)
     assert run.run_id == "aaaa" and run.columns["step"].tolist() == [1, 3] and run.missing_steps == [2]
@@ -430,7 +430,7 @@ def test_files_written_before_run_ids_and_digests_still_load(tmp_path):
     legacy = payload([step_record(1, [1.0, 2.0], ["A", "B"])])
     legacy_path = run_dir / "grad_dotprods" / "iter_000001.pkl"
     legacy_path.write_bytes(pickle.dumps(legacy, protocol=4))  # as the writer before this change did
-    results_io.flush_dotprods(run_dir, "t", 1, [step_record(2, [3.0], ["A"])], run_id="abcd")
+    results_io.flush_dotprods(run_dir, "t", 1, [step_record(2, [3.0], ["A"])], ("pickle",), run_id="abcd")
     (run_dir / "config.json").write_text(json.dumps({"run_name": "t", "max_steps": 2}))
     run = read_run(run_dir, strict=True)
     assert run.columns["dot_products"].tolist() == [1.0, 2.0, 3.0]
@@ -480,7 +480,7 @@ def test_per_layer_values_are_checked_when_read(tmp_path):
 
 def test_a_payload_edited_after_it_was_read_is_not_written_with_its_old_digest(tmp_path):
     run_dir = tmp_path / "run"
-    (path,) = results_io.flush_dotprods(run_dir, "t", 1, [step_record(1, [1.0], ["A"])], run_id="ab")
+    (path,) = results_io.flush_dotprods(run_dir, "t", 1, [step_record(1, [1.0], ["A"])], ("pickle",), run_id="ab")
     loaded = safe_load_pickle(path)
     save_dotprod_pickle(tmp_path / "same.pkl", loaded)  # unchanged: its digests are kept
     assert safe_load_pickle(tmp_path / "same.pkl")["content_sha256"] == loaded["content_sha256"]

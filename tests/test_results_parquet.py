@@ -25,13 +25,18 @@ FIELD_COLUMNS = {"step": "step", "lr": "lr", "train_loss": "train_loss", "val_lo
 
 
 def assert_parquet_equals_pickle(pickle_path, parquet_path):
-    """Every field of every step record of the pickle equals the Parquet rows of that step, dtype included."""
+    """Every field of every step record of the pickle equals the Parquet rows of that step, dtype included; a
+    parameter's column is named per_layer__<name with [a-z0-9_] alone> and the metadata names its parameter."""
     payload_ = safe_load_pickle(pickle_path)
     table = pq.read_table(parquet_path)
-    metadata = pq.read_schema(parquet_path).metadata[b"graddotprod"]
-    assert b'"run_name": "%s"' % payload_["run_name"].encode() in metadata
-    frame = {name: table.column(name).to_pylist() for name in table.column_names}
+    metadata = json.loads(pq.read_schema(parquet_path).metadata[b"graddotprod"])
+    assert metadata["run_name"] == payload_["run_name"]
     layer_names = {name for record in payload_["steps"] for name in record.get("per_layer") or {}}
+    column_of = {name: column for column, name in metadata.get("per_layer_columns", {}).items()}
+    assert sorted(column_of) == sorted(layer_names)
+    for name, column in column_of.items():
+        assert column == "per_layer__" + name.lower().replace(".", "_") and column.isidentifier(), column
+    frame = {name: table.column(name).to_pylist() for name in table.column_names}
     start = 0
     for record in payload_["steps"]:
         rows = slice(start, start + len(record["dot_products"]))
@@ -47,16 +52,17 @@ def assert_parquet_equals_pickle(pickle_path, parquet_path):
                     assert table.schema.field(column).type.to_pandas_dtype() == np.asarray(expected).dtype, field
         for name in layer_names:  # a step without a parameter's values has NaN there
             expected = (record.get("per_layer") or {}).get(name, np.full(rows.stop - rows.start, np.nan, np.float32))
-            np.testing.assert_array_equal(np.asarray(frame[f"per_layer/{name}"][rows], dtype=np.float32), expected)
-            assert str(table.schema.field(f"per_layer/{name}").type) == "float"
+            np.testing.assert_array_equal(np.asarray(frame[column_of[name]][rows], dtype=np.float32), expected)
+            assert str(table.schema.field(column_of[name]).type) == "float"
     assert start == table.num_rows
-    assert sorted(table.column_names) == sorted(list(FIELD_COLUMNS.values()) + [f"per_layer/{n}" for n in layer_names])
+    assert sorted(table.column_names) == sorted(list(FIELD_COLUMNS.values()) + list(column_of.values()))
 
 
 def test_the_app_writes_the_same_rows_as_parquet_and_as_pickle(data_dir, tmp_path):
-    """--results_format both (the default): iter_XXXXXX.parquet beside every .pkl with exactly its rows,
-    per-parameter columns included; --results_format parquet writes Parquet only and loads the same."""
-    assert train.main(tiny_flags(data_dir, str(tmp_path), "both", "--max_steps", "3", "--eval_interval", "3")) == 0
+    """--results_format both: iter_XXXXXX.parquet beside every .pkl with exactly its rows, per-parameter columns
+    included; --results_format parquet (the default) writes Parquet only and loads the same."""
+    assert train.main(tiny_flags(data_dir, str(tmp_path), "both", "--max_steps", "3", "--eval_interval", "3",
+                                 "--results_format", "both")) == 0
     directory = tmp_path / "both" / "grad_dotprods"
     assert sorted(os.listdir(directory)) == ["iter_000002.parquet", "iter_000002.pkl", "iter_000003.parquet",
                                              "iter_000003.pkl"]
@@ -64,8 +70,7 @@ def test_the_app_writes_the_same_rows_as_parquet_and_as_pickle(data_dir, tmp_pat
         assert_parquet_equals_pickle(directory / f"iter_{step:06d}.pkl", directory / f"iter_{step:06d}.parquet")
     assert len(safe_load_pickle(directory / "iter_000002.pkl")["steps"][0]["per_layer"]) > 10
 
-    flags = tiny_flags(data_dir, str(tmp_path), "parquet", "--max_steps", "1", "--eval_interval", "1",
-                       "--results_format", "parquet")
+    flags = tiny_flags(data_dir, str(tmp_path), "parquet", "--max_steps", "1", "--eval_interval", "1")
     assert train.main(flags) == 0
     assert os.listdir(tmp_path / "parquet" / "grad_dotprods") == ["iter_000001.parquet"]
     only_parquet = read_run(tmp_path / "parquet", per_layer=True, strict=True).columns

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ghost_results.results_io import read_run, safe_load_pickle
+from ghost_results.results_io import file_header, read_run, safe_load_pickle
 from GradDotProd_LM import export, train
 from ghost_results.run_directory import read_json
 
@@ -61,8 +61,9 @@ def test_every_file_of_a_run_names_its_identity(runs):
     assert read_json(os.path.join(run_dir, "training_log.json"))["run_id"] == run_id
     with open(os.path.join(run_dir, "training_log.jsonl")) as f:
         assert {json.loads(line)["run_id"] for line in f} == {run_id}
-    assert {safe_load_pickle(os.path.join(run_dir, "grad_dotprods", name))["run_id"]
-            for name in os.listdir(os.path.join(run_dir, "grad_dotprods")) if name.endswith(".pkl")} == {run_id}
+    dotprod_files = os.listdir(os.path.join(run_dir, "grad_dotprods"))
+    assert dotprod_files and {file_header(os.path.join(run_dir, "grad_dotprods", name))["run_id"]
+                              for name in dotprod_files} == {run_id}
 
 
 @pytest.mark.parametrize("foreign", ["checkpoints/latest.pt", "valset.pkl", "training_log.json",
@@ -92,9 +93,10 @@ def test_a_results_file_of_another_run_is_never_merged(runs, tmp_path):
     skipped and only this run's own steps 1..2 are returned, never the other run's numbers."""
     _, run_dir = copy_run(runs["ours"], tmp_path)
     own = read_run(run_dir, strict=True).columns
-    for suffix in ("pkl", "parquet"):
-        shutil.copy(os.path.join(runs["theirs"], "grad_dotprods", f"iter_000004.{suffix}"),
-                    os.path.join(run_dir, "grad_dotprods"))
+    theirs = [name for name in os.listdir(os.path.join(runs["theirs"], "grad_dotprods")) if name.startswith("iter_000004.")]
+    assert theirs == ["iter_000004.parquet"]  # the default format
+    for name in theirs:
+        shutil.copy(os.path.join(runs["theirs"], "grad_dotprods", name), os.path.join(run_dir, "grad_dotprods"))
     with pytest.raises(ValueError, match="iter_000004"):
         read_run(run_dir, strict=True)
     with pytest.warns(UserWarning, match="iter_000004"):

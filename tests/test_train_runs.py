@@ -43,8 +43,8 @@ def baseline(data_dir, results_dir):
 
 
 def test_run_directory_is_complete_and_loadable(baseline, data_dir):
-    assert sorted(os.listdir(os.path.join(baseline, "grad_dotprods"))) == [  # --results_format both
-        f"iter_{step:06d}.{suffix}" for step in (2, 4, 6) for suffix in ("parquet", "pkl")]
+    assert sorted(os.listdir(os.path.join(baseline, "grad_dotprods"))) == [  # --results_format parquet
+        f"iter_{step:06d}.parquet" for step in (2, 4, 6)]
     run = read_run(baseline, strict=True)
     cols = run.columns
     assert run.missing_steps == [] and run.duplicate_steps == [] and run.skipped == []
@@ -131,7 +131,7 @@ def test_crash_then_resume_equals_uninterrupted_run(baseline, data_dir, results_
         train.main(flags)
     run_dir = os.path.join(results_dir, "crashed")
     assert torch.load(os.path.join(run_dir, "checkpoints", "latest.pt"), weights_only=True)["step"] == 3
-    assert "iter_000004.pkl" in os.listdir(os.path.join(run_dir, "grad_dotprods"))
+    assert "iter_000004.parquet" in os.listdir(os.path.join(run_dir, "grad_dotprods"))
 
     monkeypatch.setattr(training, "report_progress", real_report)
     stray = os.path.join(run_dir, "checkpoints", "latest.pt.tmp-99999")  # a kill during a checkpoint write
@@ -142,7 +142,7 @@ def test_crash_then_resume_equals_uninterrupted_run(baseline, data_dir, results_
     set_aside = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(run_dir, "superseded"))
                  for name in names]
     assert sorted(os.path.basename(p) for p in set_aside) == [  # moved aside, not deleted
-        "iter_000004.parquet", "iter_000004.pkl", "training_log.jsonl"]
+        "iter_000004.parquet", "training_log.jsonl"]
     resumed, ref = read_run(run_dir, strict=True), read_run(baseline, strict=True)
     assert resumed.duplicate_steps == [] and resumed.missing_steps == []
     for key in ("step", "sample_index", "dot_products", "lr", "train_loss", "val_loss", "doc_id"):

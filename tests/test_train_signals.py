@@ -43,7 +43,7 @@ def test_a_stop_signal_leaves_a_complete_resumable_run(data_dir, tmp_path, signu
     assert 4 <= stopped_at < 500
     names = os.listdir(os.path.join(run_dir, "grad_dotprods"))
     assert not [n for n in names if ".tmp" in n]
-    assert f"iter_{stopped_at:06d}.pkl" in names  # the partial interval was flushed, not lost
+    assert f"iter_{stopped_at:06d}.parquet" in names  # the partial interval was flushed, not lost
     run = read_run(run_dir, strict=True)
     np.testing.assert_array_equal(np.unique(run.columns["step"]), np.arange(1, stopped_at + 1))
     assert run.duplicate_steps == [] and len(run.columns["step"]) == B * stopped_at

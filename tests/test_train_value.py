@@ -7,7 +7,7 @@ import pytest
 
 from ghost_engine import engine
 from ghost_results import analysis, report, results_io
-from ghost_results.results_io import read_run, safe_load_pickle
+from ghost_results.results_io import read_run
 from GradDotProd_LM import train
 from pile_tools import ensure_sample_dataset
 
@@ -41,8 +41,8 @@ def test_a_cosine_run_records_its_estimator(tmp_path):
     run_dir = tmp_path / "results" / "cos"
     with open(run_dir / "config.json") as f:
         assert json.load(f)["value"] == "cosine"
-    for name in ("iter_000001.pkl", "iter_000002.pkl"):
-        assert safe_load_pickle(str(run_dir / "grad_dotprods" / name))["value"] == "cosine"
+    for name in ("iter_000001.parquet", "iter_000002.parquet"):
+        assert results_io.file_header(run_dir / "grad_dotprods" / name)["value"] == "cosine"
     values = read_run(str(run_dir), strict=True).columns["dot_products"]
     assert values.shape == (4,) and np.all(np.abs(values) <= 1.0) and np.any(values != 0)
     assert report.main([str(run_dir), "--out", str(tmp_path / "report")]) == 0  # its values are the cosines

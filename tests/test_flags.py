@@ -17,7 +17,8 @@ CLI_MODULES = ("GradDotProd_LM.args", "GradDotProd_LM.export", "GradDotProd_LM.a
                "benchmarks.host_overhead",
                "benchmarks.lowrank_attention", "benchmarks.plots", "benchmarks.profile_sweep", "benchmarks.results_load",
                "benchmarks.tokenize_throughput", "benchmarks.grad_store", "benchmarks.projection_cost",
-               "benchmarks.projection_fidelity", "benchmarks.attribution_quality", "ghost_results.convert",
+               "benchmarks.projection_fidelity", "benchmarks.attribution_quality", "benchmarks.curation",
+               "ghost_results.convert",
                "examples.hf_trainer_llama")
 
 

@@ -3,7 +3,7 @@ documents do better than one trained on everything, on a random thinning of the 
 highest-valued documents?
 
     python -m benchmarks.curation [--drop 25%] [--seeds 3] [--steps 150] [--batch_size 8] [--seq_len 64]
-        [--math_docs 120] [--noise_docs 16] [--vocab 2048] [--work_dir DIR] [--out Results/curation] [--threads 2]
+        [--math_docs 120] [--noise_docs 16] [--vocab 2048] [--work_dir DIR] [--out Results/curation] [--threads 1]
 
 1. Corpus, built here offline. Target: generated school mathematics (`pile_tools.dm_math`), domain
    "DM Mathematics", in the validation split (the valuation's rows and the validation loss) and the test split
@@ -88,7 +88,8 @@ def build_parser() -> FlagParser:
                         help="byte-level BPE trained on the train split, of this many tokens; 0: GPT-2's [2048]")
     parser.add_argument("--work_dir", default=None, help="corpora and runs (kept) [a temporary directory, removed]")
     parser.add_argument("--out", default="Results/curation", help="directory of the CSV files [Results/curation]")
-    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads [2]")
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="torch CPU threads [1: on a shared 2-core machine, 2 threads ran 10x slower]")
     return parser
 
 

@@ -2,7 +2,7 @@
 documents do better than one trained on everything, on a random thinning of the same size, or without the
 highest-valued documents?
 
-    python -m benchmarks.curation [--drop 25%] [--seeds 3] [--steps 150] [--batch_size 8] [--seq_len 64]
+    python -m benchmarks.curation [--drop 25%] [--seeds 5] [--steps 150] [--batch_size 8] [--seq_len 64]
         [--math_docs 120] [--noise_docs 16] [--vocab 2048] [--work_dir DIR] [--out Results/curation] [--threads 1]
 
 1. Corpus, built here offline. Target: generated school mathematics (`pile_tools.dm_math`), domain
@@ -74,7 +74,7 @@ def build_parser() -> FlagParser:
     parser = FlagParser(prog="python -m benchmarks.curation", description=__doc__.split("\n")[0])
     parser.add_argument("--drop", type=curation.parse_amount, default=curation.parse_amount("25%"),
                         help="share (P%%) or number of the valued documents' tokens each thinned corpus loses [25%%]")
-    parser.add_argument("--seeds", type=positive_int, default=3, help="training seeds per corpus [3]")
+    parser.add_argument("--seeds", type=positive_int, default=5, help="training seeds per corpus [5]")
     parser.add_argument("--steps", type=positive_int, default=150, help="optimizer steps of every run [150]")
     parser.add_argument("--batch_size", type=positive_int, default=8)
     parser.add_argument("--seq_len", type=positive_int, default=64)

@@ -28,7 +28,8 @@ highest-valued documents?
    the test loss of the target.
 5. Tables (markdown, printed): final loss per corpus, mean ± sample standard deviation over seeds and per seed,
    the difference to the full corpus paired by seed; what each curation removed, by planted kind, in documents
-   and tokens, against the corpus' own shares. CSV: --out/curation_runs.csv, --out/curation_removed.csv.
+   and tokens, against the corpus' own shares; the valuation run's document values by planted kind.
+   CSV: --out/curation_runs.csv, --out/curation_removed.csv.
 """
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ import torch
 
 from benchmarks._common import format_table, positive_int, write_csv
 from ghost_common.flags import FlagParser
+from ghost_results import analysis
+from ghost_results.results_io import read_run
 from GradDotProd_LM import curate as curation
 from GradDotProd_LM import train
 from pile_tools.dm_math import dm_math_documents
@@ -158,12 +161,15 @@ def build_corpus(args, directory: str) -> dict:
     data_dir = os.path.join(directory, "tokenized")
     for split, path in paths.items():
         extra = ["--tokenizer", tokenizer_file] if tokenizer_file else []
-        with contextlib.redirect_stdout(open(os.devnull, "w")):
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
             code = pile_tools_main(["tokenize", "--input", path, "--output", data_dir, "--split", split,
                                     "--workers", "1", "--no_progress", *extra])
         if code:
             raise SystemExit(f"tokenizing {path} failed ({code})")
-    return {"data_dir": data_dir, "kinds": [kind for _, kind in records], "tokenizer": tokenizer_file}
+    kinds = [kind for _, kind in records]
+    with open(os.path.join(directory, "kinds.json"), "w") as f:
+        json.dump(kinds, f)  # the planted kind of each train line
+    return {"data_dir": data_dir, "kinds": kinds, "tokenizer": tokenizer_file}
 
 
 def train_bpe(texts: list, vocab: int, path: str) -> None:
@@ -204,6 +210,23 @@ def final_losses(run_dir: str) -> dict:
     with open(os.path.join(run_dir, "training_log.json")) as f:
         last = json.load(f)["evals"][-1]
     return {"validation": last["validation"]["domains"][TARGET], "test": last["test"]["domains"][TARGET]}
+
+
+def values_by_kind(run_dir: str, reader: PileReader, kinds: list) -> list:
+    """Per planted kind: documents, how many the run valued, their mean and median first-order value, the share
+    below zero."""
+    run = read_run(run_dir)
+    table = analysis.aggregate(run.columns, analysis.compute_values(run.columns, "first_order", run.value),
+                               by="document")
+    of_doc = np.array([kinds[reader.document_source(TRAIN_DOMAIN, int(doc))[1] - 1] for doc in table["doc_id"]])
+    rows = []
+    for kind in KINDS:
+        values = np.asarray(table["value"])[of_doc == kind]
+        rows.append({"kind": kind, "documents": kinds.count(kind), "valued": len(values),
+                     "mean": float(values.mean()) if len(values) else float("nan"),
+                     "median": float(np.median(values)) if len(values) else float("nan"),
+                     "negative": float((values < 0).mean()) if len(values) else float("nan")})
+    return rows
 
 
 def removed_by_kind(manifest: dict, reader: PileReader, kinds: list) -> dict:
@@ -248,11 +271,13 @@ def main(argv=None) -> int:
             for seed in range(args.seeds) if variant == "random" else (None,):
                 out = os.path.join(work, "corpora", variant + ("" if seed is None else f"-{seed}"))
                 command = [valued, f"--drop_{variant}", args.drop.text, "--measure", "tokens", "--by", "document",
-                           "--out", out, "--overwrite", *tokenizer] + (["--seed", str(seed)] if seed is not None else [])
+                           "--out", out, "--overwrite", *tokenizer]
+                command += [] if seed is None else ["--seed", str(seed)]
                 if seed in (None, 0):
                     print("$ graddotprod-curate " + " ".join(command), flush=True)
-                with contextlib.redirect_stdout(open(os.devnull, "w")):
-                    assert curation.main(command) == 0
+                with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                    if curation.main(command) != 0:
+                        raise SystemExit(f"graddotprod-curate {' '.join(command)} failed")
                 with open(os.path.join(out, curation.MANIFEST)) as f:
                     manifest = json.load(f)
                 counts = removed_by_kind(manifest, reader, kinds)
@@ -272,12 +297,13 @@ def main(argv=None) -> int:
                              **final_losses(run_dir)})
                 print(f"  {name}: validation {runs[-1]['validation']:.4f}, test {runs[-1]['test']:.4f} "
                       f"({time.perf_counter() - started:.0f} s)", flush=True)
-        report(args, runs, removed_rows, reader, kinds, final_losses(valued))
+        report(args, runs, removed_rows, reader, kinds, final_losses(valued), values_by_kind(valued, reader, kinds))
     print(f"\ntotal {time.perf_counter() - started:.0f} s", flush=True)
     return 0
 
 
-def report(args, runs: list, removed_rows: list, reader: PileReader, kinds: list, valued_losses: dict) -> None:
+def report(args, runs: list, removed_rows: list, reader: PileReader, kinds: list, valued_losses: dict,
+           kind_values: list) -> None:
     write_csv(os.path.join(args.out, "curation_runs.csv"), runs, ["variant", "seed", "train_tokens", "validation",
                                                                   "test"])
     removed_columns = ["variant", "draw"] + [f"{k}_{u}" for k in KINDS for u in ("docs", "tokens")]
@@ -313,7 +339,8 @@ def report(args, runs: list, removed_rows: list, reader: PileReader, kinds: list
         docs, tokens = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
         noise_docs, noise_tokens = sum(counts[k][0] for k in NOISE), sum(counts[k][1] for k in NOISE)
         cells = [f"{counts[k][0]}/{sum(1 for x in kinds if x == k)}" for k in NOISE]
-        print(f"| {label} | {docs} | {tokens:,} | {noise_docs / max(docs, 1):.1%} | {noise_tokens / max(tokens, 1):.1%} "
+        print(f"| {label} | {docs} | {tokens:,} | {noise_docs / max(docs, 1):.1%} | "
+              f"{noise_tokens / max(tokens, 1):.1%} "
               f"| " + " | ".join(cells) + " |")
 
     line("(the whole train split)", total)
@@ -321,6 +348,13 @@ def report(args, runs: list, removed_rows: list, reader: PileReader, kinds: list
         label = {"bottom": "bottom (lowest-valued)", "top": "top (highest-valued)", "random": "random"}[row["variant"]]
         label += "" if row["draw"] is None else f", draw {row['draw']}"
         line(label, {k: [row[f"{k}_docs"], row[f"{k}_tokens"]] for k in KINDS})
+
+    print("\n### Document values of the valuation run by planted kind (first order, summed over its windows)\n")
+    print("| kind | documents | valued | mean value | median value | share < 0 |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for row in kind_values:
+        print(f"| {row['kind']} | {row['documents']} | {row['valued']} | {row['mean']:.3g} | {row['median']:.3g} | "
+              f"{row['negative']:.0%} |")
     print(f"\nCSV: {os.path.join(args.out, 'curation_runs.csv')}, {os.path.join(args.out, 'curation_removed.csv')}")
 
 

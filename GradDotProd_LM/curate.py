@@ -61,7 +61,7 @@ import numpy as np
 from ghost_common.durable import default_mode, fsync_directory
 from ghost_common.flags import FlagParser
 from ghost_results import analysis
-from ghost_results.report import code_cell, shorten
+from ghost_results.report import code_cell, dominant_steps, shorten
 from ghost_results.results_io import ResultsFormatError, read_run
 from GradDotProd_LM.run_files import data_identity, describe_data_change
 from GradDotProd_LM.settings import load_settings
@@ -456,6 +456,9 @@ def curate(run: str, out: str, drop: str = "bottom", amount: Amount | str = "10%
         pieces, counts = window_pieces(reader, {d: np.asarray(s) for d, s in removed.items()})
     manifest = _manifest(run_obj, run_dir, data_dir, config, convention, drop, amount, by, measure, seed, units,
                          chosen, reader, counts, argv)
+    dominant = dominant_steps(run_obj.columns["step"], values)
+    if dominant:  # as the report's caution: a few steps (a loss spike, say) decide the sums and the ranking
+        manifest["run_warnings"]["dominant_steps"] = [[step, share] for step, share in dominant]
     splits = [s for s in SPLITS if s != "train" and os.path.isdir(os.path.join(data_dir, s))]
     manifest["splits_copied"] = splits
     manifest["text"] = "decoded" if decoder.decode else f"not decoded: {decoder.reason}"
@@ -557,6 +560,11 @@ def _write_removed(directory: str, manifest: dict, units: Units, chosen: np.ndar
         lines += [f"- Windows are cut out of their documents: {cut:,} text tokens removed (overlapping windows "
                   "counted once); the rest of each document is kept in pieces.",
                   f"- Kept: {outside:,} tokens outside every window the run recorded (no value)."]
+    dominant = manifest["run_warnings"].get("dominant_steps")
+    if dominant:
+        lines.append(f"- Caution: step(s) {', '.join(str(step) for step, _ in dominant)} hold "
+                     f"{100 * sum(share for _, share in dominant):.0f}% of the summed |value|, so they decide much of "
+                     "this ranking (`--convention step_normalised` weighs every step alike).")
     lines.append(f"- Copied unchanged: {', '.join(manifest['splits_copied']) or 'no other split'}.")
     if not decoder.decode:
         lines.append(f"- Text: {manifest['text']}.")
@@ -646,6 +654,11 @@ def summary(manifest: dict, out: str) -> str:
         cut = sum(d["text_tokens_removed"] for d in manifest["domains"].values())
         lines.append(f"cut {cut:,} text tokens out of "
                      f"{sum(d['documents_cut'] for d in manifest['domains'].values())} documents")
+    dominant = manifest["run_warnings"].get("dominant_steps")
+    if dominant:
+        lines.append(f"caution: step(s) {', '.join(str(step) for step, _ in dominant)} hold "
+                     f"{100 * sum(share for _, share in dominant):.0f}% of the summed |value| of the run, so they "
+                     "decide much of the ranking (a loss spike? --convention step_normalised weighs every step alike)")
     for path, reason in manifest["run_warnings"]["skipped_files"]:
         lines.append(f"note: the run's file {path} was skipped ({reason})")
     if manifest["run_warnings"]["missing_steps"]:

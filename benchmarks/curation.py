@@ -18,9 +18,9 @@ highest-valued documents?
    tokenizes with it (`pile_tools tokenize --tokenizer`): the model's embedding and head then have V rows,
    which makes a CPU step about four times cheaper than with GPT-2's 50257 (--vocab 0: GPT-2's BPE).
 2. Valuation: one GradDotProd run of the app (GPT2-Tiny, AdamW, --learning_rate, warmup 10, cosine to a tenth,
-   --steps, seed 0, --val_batch_size validation rows of the target), first-order values.
-3. Curation with `graddotprod-curate` (GradDotProd_LM.curate) by document, --drop of the valued documents'
-   tokens (--measure tokens, so every thinned corpus loses the same number of tokens, up to one document):
+   --steps, seed 0, --val_batch_size validation rows of the target), values of --convention (first order).
+3. Curation with `graddotprod-curate` (GradDotProd_LM.curate) by document, --drop of the valued documents' tokens
+   (--measure tokens, so every thinned corpus loses the same number of tokens, up to one document):
    bottom (the lowest-valued), top (the highest-valued), random (a seeded draw, one per training seed).
 4. Retraining: Regular runs of the app with the same flags, on the full, bottom-curated, randomly thinned and
    top-thinned corpora, for each seed 0..--seeds-1 (seed s: the same initial weights for every corpus). Each
@@ -91,6 +91,8 @@ def build_parser() -> FlagParser:
                         help="byte-level BPE trained on the train split, of this many tokens; 0: GPT-2's [2048]")
     parser.add_argument("--work_dir", default=None, help="corpora and runs (kept) [a temporary directory, removed]")
     parser.add_argument("--out", default="Results/curation", help="directory of the CSV files [Results/curation]")
+    parser.add_argument("--convention", choices=analysis.CONVENTIONS, default="first_order",
+                        help="value convention of the curation (graddotprod-curate --convention) [first_order]")
     parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch CPU threads [1: on a shared 2-core machine, 2 threads ran 10x slower]")
     return parser
@@ -212,11 +214,10 @@ def final_losses(run_dir: str) -> dict:
     return {"validation": last["validation"]["domains"][TARGET], "test": last["test"]["domains"][TARGET]}
 
 
-def values_by_kind(run_dir: str, reader: PileReader, kinds: list) -> list:
-    """Per planted kind: documents, how many the run valued, their mean and median first-order value, the share
-    below zero."""
+def values_by_kind(run_dir: str, reader: PileReader, kinds: list, convention: str) -> list:
+    """Per planted kind: documents, how many the run valued, their mean and median value, the share below zero."""
     run = read_run(run_dir)
-    table = analysis.aggregate(run.columns, analysis.compute_values(run.columns, "first_order", run.value),
+    table = analysis.aggregate(run.columns, analysis.compute_values(run.columns, convention, run.value),
                                by="document")
     of_doc = np.array([kinds[reader.document_source(TRAIN_DOMAIN, int(doc))[1] - 1] for doc in table["doc_id"]])
     rows = []
@@ -271,7 +272,7 @@ def main(argv=None) -> int:
             for seed in range(args.seeds) if variant == "random" else (None,):
                 out = os.path.join(work, "corpora", variant + ("" if seed is None else f"-{seed}"))
                 command = [valued, f"--drop_{variant}", args.drop.text, "--measure", "tokens", "--by", "document",
-                           "--out", out, "--overwrite", *tokenizer]
+                           "--convention", args.convention, "--out", out, "--overwrite", *tokenizer]
                 command += [] if seed is None else ["--seed", str(seed)]
                 if seed in (None, 0):
                     print("$ graddotprod-curate " + " ".join(command), flush=True)
@@ -297,7 +298,8 @@ def main(argv=None) -> int:
                              **final_losses(run_dir)})
                 print(f"  {name}: validation {runs[-1]['validation']:.4f}, test {runs[-1]['test']:.4f} "
                       f"({time.perf_counter() - started:.0f} s)", flush=True)
-        report(args, runs, removed_rows, reader, kinds, final_losses(valued), values_by_kind(valued, reader, kinds))
+        report(args, runs, removed_rows, reader, kinds, final_losses(valued),
+               values_by_kind(valued, reader, kinds, args.convention))
     print(f"\ntotal {time.perf_counter() - started:.0f} s", flush=True)
     return 0
 
@@ -349,7 +351,7 @@ def report(args, runs: list, removed_rows: list, reader: PileReader, kinds: list
         label += "" if row["draw"] is None else f", draw {row['draw']}"
         line(label, {k: [row[f"{k}_docs"], row[f"{k}_tokens"]] for k in KINDS})
 
-    print("\n### Document values of the valuation run by planted kind (first order, summed over its windows)\n")
+    print(f"\n### Document values of the valuation run by planted kind ({args.convention}, summed over its windows)\n")
     print("| kind | documents | valued | mean value | median value | share < 0 |")
     print("|---|---:|---:|---:|---:|---:|")
     for row in kind_values:

@@ -182,9 +182,11 @@ def test_the_app_trains_on_the_curated_corpus(run_dir, data_dir, tmp_path):
     assert set(evals[-1]["validation"]["domains"]) == set(PileReader(data_dir, split="validation").domains)
 
 
-def test_drop_top_and_drop_random(run_dir, tmp_path):
+def test_drop_top_and_drop_random(run_dir, tmp_path, monkeypatch):
     sums = expected_values(run_dir, "doc_id")
-    top = curated(run_dir, tmp_path / "top", "--drop_top", "3")
+    monkeypatch.setenv("GRADDOTPROD_RESULTS_DIR", os.path.dirname(run_dir))  # RUN by its name, as the README has it
+    top = curated(os.path.basename(run_dir), tmp_path / "top", "--drop_top", "3")
+    assert top["run"] == run_dir
     assert [(r["domain"], r["doc_id"]) for r in top["removed"]] == ranked(sums, lowest=False)[:3]
 
     first = curated(run_dir, tmp_path / "r1", "--drop_random", "20%", "--seed", "7")

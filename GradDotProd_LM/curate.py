@@ -127,7 +127,10 @@ def resolve_run_dir(run: str) -> str:
     """RUN as a directory, else <results dir>/RUN (CurationError if neither exists)."""
     if os.path.isdir(run):
         return os.path.abspath(run)
-    results_dir = load_settings().results_dir
+    try:
+        results_dir = load_settings().results_dir
+    except (OSError, ValueError) as err:  # the settings file named or found cannot be read
+        raise CurationError(str(err)) from None
     under_results = os.path.join(results_dir, run)
     if os.path.isdir(under_results):
         return under_results
@@ -397,18 +400,25 @@ def _fsync_tree(directory: str) -> None:
 
 
 def _replace_directory(tmp: str, out: str) -> None:
-    """Rename tmp onto out; an existing out (checked by out_problem) is moved aside first, then deleted."""
+    """Rename tmp onto out. An existing out (checked by out_problem) is moved aside first, put back if the rename
+    fails, and deleted once the new one is in place."""
     parent = os.path.dirname(out)
-    old = None
-    try:
-        if os.path.lexists(out):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
-            os.replace(out, os.path.join(old, "previous"))
+    if not os.path.lexists(out):
         os.replace(tmp, out)
         fsync_directory(parent)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
+    previous = os.path.join(old, "previous")
+    try:
+        os.replace(out, previous)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(previous, out)  # the earlier curation stays
+            raise
+        fsync_directory(parent)
     finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_json(path: str, value) -> None:
@@ -423,9 +433,13 @@ def curate(run: str, out: str, drop: str = "bottom", amount: Amount | str = "10%
            argv: list | None = None) -> dict:
     """Write the curated corpus to `out` (module docstring); returns the manifest. CurationError on bad input,
     before anything is written."""
-    if drop not in DROPS or by not in BY or measure not in MEASURES:
-        raise CurationError(f"drop={drop!r}, by={by!r}, measure={measure!r}: one of {DROPS}, {BY}, {MEASURES}")
-    amount = parse_amount(amount) if isinstance(amount, str) else amount
+    if drop not in DROPS or by not in BY or measure not in MEASURES or convention not in analysis.CONVENTIONS:
+        raise CurationError(f"drop={drop!r}, by={by!r}, measure={measure!r}, convention={convention!r}: one of "
+                            f"{DROPS}, {BY}, {MEASURES}, {analysis.CONVENTIONS}")
+    try:
+        amount = parse_amount(amount) if isinstance(amount, str) else amount
+    except argparse.ArgumentTypeError as err:
+        raise CurationError(str(err)) from None
     run_dir = resolve_run_dir(run)
     run_obj, values, convention = load_run_values(run_dir, convention, strict)
     config = run_obj.config

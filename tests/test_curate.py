@@ -280,6 +280,20 @@ def test_writes_are_all_or_nothing(run_dir, tmp_path, monkeypatch, capsys):
     assert sorted(os.listdir(tmp_path)) == ["curated"]
 
     monkeypatch.undo()
+    rename = os.replace
+
+    def failing_rename(source, target):  # the new corpus cannot be renamed into place
+        if os.fspath(target) == str(out) and ".tmp-" in os.fspath(source):
+            raise OSError(5, "Input/output error")
+        return rename(source, target)
+
+    monkeypatch.setattr(os, "replace", failing_rename)
+    assert curate.main([run_dir, "--drop_bottom", "4", "--out", str(out), "--overwrite"]) == 1
+    assert sorted(os.listdir(tmp_path)) == ["curated"]
+    with open(out / "curation.json") as f:
+        assert json.load(f)["removed"] == first["removed"]  # put back
+
+    monkeypatch.undo()
     second = curated(run_dir, out, "--drop_bottom", "4", "--overwrite")
     assert len(second["removed"]) == 4 and sorted(os.listdir(tmp_path)) == ["curated"]
 

@@ -158,6 +158,11 @@ class PileReader:
             raise ValueError(f"tokens [{offset}, {offset + length}) are outside {domain!r}'s {d.num_tokens} tokens")
         return np.asarray(d.tokens[offset:offset + length], dtype=np.int64)
 
+    def document_starts(self, domain: str) -> np.ndarray:
+        """int64 [num_documents]: the token offset where each document starts (memory-mapped, read-only)."""
+        d = self._domain(domain)
+        return d.doc_starts if d.num_documents else np.zeros(0, dtype=np.int64)
+
     def doc_id_at(self, domain: str, offsets) -> np.ndarray:
         """int64: index of the document containing each token offset."""
         return np.searchsorted(self._domain(domain).doc_starts, np.asarray(offsets, dtype=np.int64), side="right") - 1

@@ -11,13 +11,15 @@ from ghost_common.flags import FlagParser
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CODE_DIRS = ("ghost_engine", "ghost_results", "GradDotProd_LM", "pile_tools", "benchmarks", "examples")
 CLI_MODULES = ("GradDotProd_LM.args", "GradDotProd_LM.export", "GradDotProd_LM.attribute",
+               "GradDotProd_LM.curate",
                "GradDotProd_LM.bench_throughput", "ghost_results.report",
                "pile_tools.cli", "benchmarks.compare", "benchmarks.engine_overhead", "benchmarks.fidelity", "benchmarks.gpu_step",
                "benchmarks.host_overhead",
                "benchmarks.lowrank_attention", "benchmarks.plots", "benchmarks.profile_sweep", "benchmarks.results_load",
                "benchmarks.results_scale",
                "benchmarks.tokenize_throughput", "benchmarks.grad_store", "benchmarks.projection_cost",
-               "benchmarks.projection_fidelity", "benchmarks.attribution_quality", "ghost_results.convert",
+               "benchmarks.projection_fidelity", "benchmarks.attribution_quality", "benchmarks.curation",
+               "ghost_results.convert",
                "examples.hf_trainer_llama")
 
 
@@ -69,6 +71,8 @@ def test_flags_are_spelled_with_underscores(module):
     ("GradDotProd_LM.args", ["--seq_len", "64", "--val_domain", "Github", "--eval_only"],
      ["--seq-len", "64", "--val-domain=Github", "--eval-only"]),
     ("ghost_results.report", ["run", "--val_domain", "Github"], ["run", "--val-domain", "Github"]),
+    ("GradDotProd_LM.curate", ["run", "--out", "o", "--drop_bottom", "10%", "--text_chars", "5"],
+     ["run", "--out", "o", "--drop-bottom=10%", "--text-chars", "5"]),
     ("benchmarks.compare", ["--seq_len", "12", "--val_batch_size", "2", "--grad_ckpt", "on"],
      ["--seq-len", "12", "--val-batch-size=2", "--grad-ckpt", "on"]),
     ("pile_tools.cli", ["tokenize", "--input", "a.jsonl", "--output", "o", "--max_tokens", "5", "--no_progress"],

@@ -21,7 +21,7 @@ SETTING_VARS = ("GRADDOTPROD_RESULTS_DIR", "GRADDOTPROD_PILE_DATA_DIR", "GRADDOT
                 "GRADDOTPROD_CONFIG_FILE")
 SCRIPTS = {"graddotprod-train": "GradDotProd_LM.train:main", "graddotprod-export": "GradDotProd_LM.export:main",
            "graddotprod-report": "ghost_results.report:main", "graddotprod-attribute": "GradDotProd_LM.attribute:main",
-           "pile-tools": "pile_tools.cli:main"}
+           "graddotprod-curate": "GradDotProd_LM.curate:main", "pile-tools": "pile_tools.cli:main"}
 # Which of the project's packages each package may import besides itself (docs/ARCHITECTURE.md): dependencies
 # point down. ghost_common imports the standard library alone; the engine needs torch alone.
 MAY_IMPORT = {

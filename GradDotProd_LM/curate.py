@@ -45,6 +45,7 @@ since the run, an amount out of range, an existing DIR.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -137,8 +138,10 @@ def resolve_run_dir(run: str) -> str:
     raise CurationError(f"RUN {run!r}: no such run (neither a directory nor a run under {results_dir})")
 
 
-def load_run_values(run_dir: str, convention: str, strict: bool):
-    """(run, per-row values, convention used) of a run that holds dot products."""
+def load_run_values(run_dir: str, convention: str, strict: bool, all_steps: bool = False):
+    """(run, per-row values, convention used) of a run that holds dot products; the run's columns without the
+    steps the report leaves out (an AdamW run's first two, analysis.steps_left_out) unless `all_steps`, which
+    run.config["steps_left_out"] lists."""
     if not os.path.isfile(os.path.join(run_dir, "config.json")):
         raise CurationError(f"{run_dir} has no config.json: not a run directory of the app")
     if not os.path.isdir(os.path.join(run_dir, "grad_dotprods")):
@@ -155,6 +158,10 @@ def load_run_values(run_dir: str, convention: str, strict: bool):
                             "stopped before its first --dot_prod_save_interval?)")
     if run.value == "cosine" and convention == "first_order":
         convention = "raw"  # as the report: a cosine run's values are its cosines
+    left_out = [] if all_steps else analysis.steps_left_out(run.columns, run.config)
+    if left_out:
+        run = dataclasses.replace(run, columns=analysis.without_steps(run.columns, left_out))
+    run.config = {**run.config, "steps_left_out": [int(s) for s in left_out]}
     values = analysis.compute_values(run.columns, convention, run.value)
     return run, np.asarray(values, dtype=np.float64), convention
 
@@ -430,7 +437,7 @@ def _write_json(path: str, value) -> None:
 def curate(run: str, out: str, drop: str = "bottom", amount: Amount | str = "10%", by: str = "document",
            measure: str = "units", seed: int = 0, convention: str = "first_order", overwrite: bool = False,
            tokenizer_file: str | None = None, text_chars: int = 2000, strict: bool = False,
-           argv: list | None = None) -> dict:
+           argv: list | None = None, all_steps: bool = False) -> dict:
     """Write the curated corpus to `out` (module docstring); returns the manifest. CurationError on bad input,
     before anything is written."""
     if drop not in DROPS or by not in BY or measure not in MEASURES or convention not in analysis.CONVENTIONS:
@@ -441,7 +448,7 @@ def curate(run: str, out: str, drop: str = "bottom", amount: Amount | str = "10%
     except argparse.ArgumentTypeError as err:
         raise CurationError(str(err)) from None
     run_dir = resolve_run_dir(run)
-    run_obj, values, convention = load_run_values(run_dir, convention, strict)
+    run_obj, values, convention = load_run_values(run_dir, convention, strict, all_steps)
     config = run_obj.config
     data_dir = check_data(config, run_dir)
     out = os.path.abspath(out)
@@ -548,7 +555,8 @@ def _manifest(run, run_dir, data_dir, config, convention, drop, amount, by, meas
         "unvalued": ("documents the run never saw have no value and are kept unchanged" if by == "document" else
                      "tokens outside every recorded window have no value and are kept"),
         "run_warnings": {"skipped_files": [[path, reason] for path, reason in run.skipped],
-                         "missing_steps": list(run.missing_steps)},
+                         "missing_steps": list(run.missing_steps),
+                         "steps_left_out": run.config["steps_left_out"]},
         "domains": domains,
         "removed": removed,
     }
@@ -633,6 +641,9 @@ def build_parser() -> FlagParser:
     parser.add_argument("--overwrite", action="store_true", help="replace DIR if it holds an earlier curation")
     parser.add_argument("--strict", action="store_true",
                         help="fail on an unreadable results file instead of curating without it")
+    parser.add_argument("--all_steps", action="store_true",
+                        help="value every step, an AdamW run's first two too (left out by default, as the report "
+                             "leaves them out: docs/FIDELITY.md finds no per-step estimator faithful there)")
     return parser
 
 
@@ -647,7 +658,8 @@ def main(argv=None) -> int:
     try:
         manifest = curate(args.run, args.out, drop=drop, amount=amount, by=args.by, measure=args.measure,
                           seed=args.seed, convention=args.convention, overwrite=args.overwrite,
-                          tokenizer_file=args.tokenizer, text_chars=args.text_chars, strict=args.strict, argv=argv)
+                          tokenizer_file=args.tokenizer, text_chars=args.text_chars, strict=args.strict, argv=argv,
+                          all_steps=args.all_steps)
     except CurationError as err:
         parser.error(str(err))
     except OSError as err:  # a full disk, permissions: nothing is left under DIR's name
@@ -677,6 +689,10 @@ def summary(manifest: dict, out: str) -> str:
         lines.append(f"note: the run's file {path} was skipped ({reason})")
     if manifest["run_warnings"]["missing_steps"]:
         lines.append(f"note: {len(manifest['run_warnings']['missing_steps'])} steps of the run have no results")
+    left_out = manifest["run_warnings"]["steps_left_out"]
+    if left_out:
+        lines.append(f"note: steps {', '.join(map(str, left_out))} (AdamW's first updates) are left out of the "
+                     "values, as the report leaves them out; --all_steps keeps them")
     lines.append(f"copied {', '.join(manifest['splits_copied']) or 'no other split'} unchanged; wrote {out} "
                  f"({MANIFEST}, {REMOVED_MD}, {REMOVED_JSONL}); train on it with --data_dir {out}")
     return "\n".join(lines)

@@ -207,6 +207,14 @@ def unreliable_steps(config: dict) -> tuple:
     return ADAM_UNRELIABLE_STEPS if config.get("optimizer") in ADAM_OPTIMIZERS else ()
 
 
+def steps_left_out(columns, config: dict) -> list:
+    """The run's recorded steps that `unreliable_steps` names, as the report leaves them out: none when they
+    are all the run has (such a run is valued whole, and flagged)."""
+    recorded = np.unique(np.asarray(columns["step"]))
+    unreliable = [s for s in unreliable_steps(config) if s in recorded]
+    return [] if len(unreliable) == len(recorded) else unreliable
+
+
 def without_steps(columns, steps):
     """`columns` (dict or DataFrame) without the rows recorded at any of `steps`."""
     keep = ~np.asarray(rows_in_steps(columns, steps))

@@ -145,8 +145,7 @@ def build_report(run, convention: str = "first_order", val_domain: str | None = 
         convention = "raw"  # a cosine run's values are its cosines; there is no learning-rate-weighted form
     recorded = np.unique(np.asarray(run.columns["step"]))
     unreliable = [s for s in analysis.unreliable_steps(run.config) if s in recorded]
-    # a run of those steps only is valued whole, and flagged (report.unreliable)
-    left_out = [] if all_steps or len(unreliable) == len(recorded) else unreliable
+    left_out = [] if all_steps else analysis.steps_left_out(run.columns, run.config)
     columns = analysis.without_steps(run.columns, left_out) if left_out else run.columns
     values = analysis.compute_values(columns, convention, value)
     samples = analysis.aggregate(columns, values, by="sample")

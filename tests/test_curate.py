@@ -30,11 +30,15 @@ def run_dir(data_dir, tmp_path_factory):
     return str(results / "valued")
 
 
-def expected_values(run_dir, key):
-    """{(domain, key): first-order value} summed over the run's rows in row order, from the files alone."""
+def expected_values(run_dir, key, all_steps=False):
+    """{(domain, key): value} summed over the run's rows in row order, from the files alone: the run records the
+    default estimator under AdamW, adamw (the rate inside: φ = w·dot), and steps 1-2 are left out unless
+    `all_steps` (no per-step estimator is faithful over AdamW's first two updates)."""
     frame = load_run(run_dir)
-    phi = (frame["lr"].to_numpy(np.float64) * frame["batch_weight"].to_numpy(np.float64)
-           * frame["dot_products"].to_numpy(np.float64))
+    assert (frame.attrs["config"]["value"], frame.attrs["config"]["optimizer"]) == ("adamw", "AdamW")
+    if not all_steps:
+        frame = frame[frame["step"] > 2]
+    phi = frame["batch_weight"].to_numpy(np.float64) * frame["dot_products"].to_numpy(np.float64)
     sums = {}
     for domain, k, value in zip(frame["domain"], frame[key], phi):
         sums[str(domain), int(k)] = sums.get((str(domain), int(k)), 0.0) + float(value)
@@ -103,7 +107,8 @@ def test_drop_bottom_documents_removes_exactly_the_lowest_valued(run_dir, data_d
     kept_values = [v for key, v in sums.items() if key not in expected]
     assert max(r["value"] for r in manifest["removed"]) <= min(kept_values)
     assert (manifest["run_id"], manifest["estimator"], manifest["convention"], manifest["by"], manifest["amount"]) == \
-        (load_run(run_dir).attrs["run_id"], "first_order", "first_order", "document", "10%")
+        (load_run(run_dir).attrs["run_id"], "adamw", "first_order", "document", "10%")
+    assert manifest["run_warnings"]["steps_left_out"] == [1, 2]
     assert manifest["valued_units"] == len(sums) and manifest["removed_units"] == k
 
     # every other document is kept, byte for byte with its EOT and origin, in the source's order
@@ -188,6 +193,10 @@ def test_drop_top_and_drop_random(run_dir, tmp_path, monkeypatch):
     top = curated(os.path.basename(run_dir), tmp_path / "top", "--drop_top", "3")
     assert top["run"] == run_dir
     assert [(r["domain"], r["doc_id"]) for r in top["removed"]] == ranked(sums, lowest=False)[:3]
+    every_step = curated(run_dir, tmp_path / "top-all", "--drop_top", "3", "--all_steps")
+    assert every_step["run_warnings"]["steps_left_out"] == []
+    assert [(r["domain"], r["doc_id"]) for r in every_step["removed"]] == \
+        ranked(expected_values(run_dir, "doc_id", all_steps=True), lowest=False)[:3]
 
     first = curated(run_dir, tmp_path / "r1", "--drop_random", "20%", "--seed", "7")
     again = curated(run_dir, tmp_path / "r2", "--drop_random", "20%", "--seed", "7")

@@ -53,6 +53,7 @@ from benchmarks._functional_optim import (OPTIMIZERS, FlatState, OptimizerSpec, 
 from benchmarks._shapley import (exact_shapley, leave_one_out, pearson, permutation_shapley, rank_descending,
                                  spearman)
 from ghost_common.flags import FlagParser
+from ghost_results.analysis import ADAM_UNRELIABLE_STEPS
 
 MAX_EXACT_B = 10  # exact enumeration (2^B coalitions) up to this batch size, permutation sampling above
 ESTIMATORS = ("first_order", "second_order", "adamw_fixed_state", "adamw_through_v", "midpoint", "cosine")
@@ -629,12 +630,27 @@ def run_planted(spec: OptimizerSpec, cfg: PlantedConfig, log=print) -> tuple:
     return planted_rank_rows(spec, cfg, corpus, planted_results, occurrences), occurrences
 
 
+def run_ranks(occurrences, name, run_index, planted_key) -> tuple:
+    """(rank of occurrence `run_index` among `occurrences` by `name`, rank of the document `planted_key` by the
+    summed value of its windows, number of documents)."""
+    doc_keys = sorted({(o["domain"], o["doc"]) for o in occurrences})
+    run_values = torch.tensor([o[name] for o in occurrences], dtype=torch.float64)
+    doc_values = torch.zeros(len(doc_keys), dtype=torch.float64)
+    for o, v in zip(occurrences, run_values):
+        doc_values[doc_keys.index((o["domain"], o["doc"]))] += v
+    return rank_descending(run_values, run_index), rank_descending(doc_values, doc_keys.index(planted_key)), \
+        len(doc_keys)
+
+
 def planted_rank_rows(spec, cfg, corpus, planted_results, occurrences) -> list:
     """Rank (1 = most valuable) of the planted window in its batch and among all rows of the run, and of
-    the planted document among all documents by the summed value of its windows, per estimator."""
+    the planted document among all documents by the summed value of its windows, per estimator; the last two
+    also as the report ranks (an AdamW run without its steps 1-2, ghost_results.analysis.unreliable_steps)."""
     names = [SHAPLEY, LOO] + [n for n in ESTIMATORS if n in occurrences[0]]
     doc_keys = sorted({(o["domain"], o["doc"]) for o in occurrences})
     planted_key = (corpus.planted_domain, corpus.planted_doc)
+    left_out = ADAM_UNRELIABLE_STEPS if spec.kind == "adamw" else ()
+    reported = [o for o in occurrences if o["step"] not in left_out]
     rows = []
     for step, (result, planted_row) in planted_results.items():
         run_index = next(i for i, o in enumerate(occurrences) if o["step"] == step and o["planted"])
@@ -642,24 +658,27 @@ def planted_rank_rows(spec, cfg, corpus, planted_results, occurrences) -> list:
             batch_values = {SHAPLEY: result.shapley, LOO: result.loo}.get(name, result.estimates.get(name))
             row = dict(optimizer=spec.kind, lr=spec.lr, step=step, estimator=name,
                        rank_in_batch=rank_descending(batch_values, planted_row), batch_size=len(batch_values),
-                       rank_in_run=math.nan, occurrences=len(occurrences), doc_rank=math.nan, documents=len(doc_keys))
+                       rank_in_run=math.nan, occurrences=len(occurrences), doc_rank=math.nan, documents=len(doc_keys),
+                       rank_reported=math.nan, doc_rank_reported=math.nan, documents_reported=len(doc_keys))
             if name != SHAPLEY:  # Shapley is computed at the planted steps only
-                run_values = torch.tensor([o[name] for o in occurrences], dtype=torch.float64)
-                doc_values = torch.zeros(len(doc_keys), dtype=torch.float64)
-                for o, v in zip(occurrences, run_values):
-                    doc_values[doc_keys.index((o["domain"], o["doc"]))] += v
-                row.update(rank_in_run=rank_descending(run_values, run_index),
-                           doc_rank=rank_descending(doc_values, doc_keys.index(planted_key)))
+                rank, doc_rank, _ = run_ranks(occurrences, name, run_index, planted_key)
+                row.update(rank_in_run=rank, doc_rank=doc_rank)
+                if step not in left_out:
+                    rank, doc_rank, documents = run_ranks(reported, name, reported.index(occurrences[run_index]),
+                                                          planted_key)
+                    row.update(rank_reported=rank, doc_rank_reported=doc_rank, documents_reported=documents)
             rows.append(row)
     return rows
 
 
 PLANTED_COLUMNS = ["optimizer", "lr", "step", "estimator", "rank_in_batch", "batch_size", "rank_in_run", "occurrences",
-                   "doc_rank", "documents"]
+                   "doc_rank", "documents", "rank_reported", "doc_rank_reported", "documents_reported"]
 PLANTED_TABLE = [("optimizer", "optimizer", ""), ("lr", "lr", "g"), ("step", "step", "d"),
                  ("estimator", "estimator", ""), ("rank in batch", "rank_in_batch", "d"), ("of", "batch_size", "d"),
                  ("rank in run", "rank_in_run", ".0f"), ("of", "occurrences", "d"),
-                 ("doc rank (run sum)", "doc_rank", ".0f"), ("of", "documents", "d")]
+                 ("doc rank (run sum)", "doc_rank", ".0f"), ("of", "documents", "d"),
+                 ("rank in run, as reported", "rank_reported", ".0f"),
+                 ("doc rank, as reported", "doc_rank_reported", ".0f"), ("of", "documents_reported", "d")]
 OCCURRENCE_COLUMNS = ["optimizer", "lr", "step", "row", "domain", "doc", "offset", "passage_tokens", "planted",
                       SHAPLEY, LOO, *ESTIMATORS]
 

@@ -268,7 +268,8 @@ def write_plots(report: Report, out_dir: str):
                 linewidth=2.5 if is_val else 1.2, color=colour[domain])
     ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_xlabel("training step")
-    ax.set_ylabel(f"cumulative value ({report.convention})")
+    what = report.run.value if report.convention == "first_order" else report.convention  # φ of the estimator
+    ax.set_ylabel(f"cumulative value ({what})")
     ax.set_title("Cumulative value per domain")
     ax.legend(fontsize="small")
     fig.tight_layout()

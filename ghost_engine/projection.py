@@ -139,16 +139,12 @@ def _columns(shapes: dict, dims: dict) -> int:
     return total
 
 
-SIDE_RATIO = 4  # at most this ratio between a matrix's two projection sides (_sides)
-
-
 def _sides(r: int, c: int, columns: int) -> tuple:
-    """(k_r, k_c) with k_r·k_c <= `columns` for an r × c gradient, each side at most its own. Projecting the
-    factors costs r·k_r + c·k_c per token (P_r u_t, P_c v_t), least at k_r/k_c = c/r: the long side of a skinny
-    matrix (a 50K-row vocabulary) gets the shorter projection, by at most SIDE_RATIO (a vocabulary side of a
-    few columns ranks worse: docs/BENCHMARKS.md, "Projected gradients"). A square matrix gets square sides."""
-    ratio = min(SIDE_RATIO, max(1 / SIDE_RATIO, c / r))
-    kr = min(r, max(1, round(math.sqrt(columns * ratio))))
+    """(k_r, k_c) with k_r·k_c <= `columns` for an r × c gradient, each side at most its own and chosen for the
+    cost of projecting the factors, which is r·k_r + c·k_c per token (P_r u_t, P_c v_t): k_r/k_c = c/r, so the
+    long side of a skinny matrix (a 50K-row vocabulary) gets the short projection. A square matrix gets
+    square sides."""
+    kr = min(r, max(1, round(math.sqrt(columns * c / r))))
     kc = min(c, max(1, columns // kr))
     if kc == c:  # the short side is kept whole: the rest of the budget goes to the long one
         kr = min(r, max(1, columns // c))

@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ghost_engine import GradDotProdEngine
-from ghost_engine.projection import KINDS, SIDE_RATIO, Projection
+from ghost_engine.projection import KINDS, Projection
 from test_engine_conv import CASES, images
 
 EXACT = 1e-10  # float64 model and reference
@@ -269,13 +269,16 @@ def test_a_total_budget_is_shared_by_size_or_equally():
     assert by_size.dim <= 4096 and equal.dim <= 4096
     columns = {b.name: b.stop - b.start for b in by_size.blocks}
     assert columns["embedding"] > columns["attention"] > columns["bias"] > columns["norm"]
-    # a matrix's sides lean toward the cheaper products, r·k_r + c·k_c, by at most SIDE_RATIO: the vocabulary
-    # side of the embedding gets the shorter projection, and the cost is below square sides' of the same columns
+    # a matrix's sides are the cheapest to compute, r·k_r + c·k_c least for its columns (to integer rounding):
+    # the vocabulary side of the embedding gets the short projection, its width is kept whole
     sides = {b.name: b.dims for b in by_size.blocks}
+    assert sides["embedding"][1] == 128 and sides["embedding"][0] < 128
     for name in ("embedding", "attention"):
         (r, c), (kr, kc) = shapes[name], sides[name]
-        assert (kr < kc) == (r > c) and max(kr, kc) <= SIDE_RATIO * min(kr, kc) + 1, name
-        assert r * kr + c * kc < (r + c) * math.isqrt(kr * kc), name
+        cost = r * kr + c * kc
+        best = min(r * a + c * (kr * kc // a) for a in range(1, r + 1) if kr * kc // a <= c)
+        assert cost <= 1.05 * best < 1.05 * (r + c) * math.isqrt(kr * kc), name  # square sides cost more
+    assert len({b.dims[0] for b in equal.blocks if len(b.dims) == 2}) == 1  # one side for every matrix
     with pytest.raises(ValueError, match="allocate"):
         Projection.for_shapes(shapes, total=4096, allocate="greedy")
     with pytest.raises(ValueError, match="below one column"):

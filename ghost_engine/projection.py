@@ -69,9 +69,8 @@ class Projection:
         """shapes: {parameter name: (r, c) for a factored gradient or (n,)}, in row order. Sizes: ``dims``
         {name: (k_r, k_c) or k} for some or all parameters; the others get ``dim`` per side (k × k columns for a
         matrix, k² for a vector), or share ``total`` (a budget of columns per row): allocate="size" (default)
-        gives each parameter columns in proportion to √(its size) (a matrix r × c: sides k_r/k_c = c/r, the
-        cheapest to compute, each at most its own side), "equal" the largest equal side k with
-        Σ_parameters k_r·k_c <= total."""
+        gives each parameter columns in proportion to √(its size) (a matrix: sides √ of that, each at most its
+        own side), "equal" the largest equal side k with Σ_parameters k_r·k_c <= total."""
         if allocate not in ("size", "equal"):
             raise ValueError(f"projection allocate={allocate!r}; expected 'size' or 'equal'")
         dims = dict(dims or {})
@@ -139,21 +138,8 @@ def _columns(shapes: dict, dims: dict) -> int:
     return total
 
 
-def _sides(r: int, c: int, columns: int) -> tuple:
-    """(k_r, k_c) with k_r·k_c <= `columns` for an r × c gradient, each side at most its own and chosen for the
-    cost of projecting the factors, which is r·k_r + c·k_c per token (P_r u_t, P_c v_t): k_r/k_c = c/r, so the
-    long side of a skinny matrix (a 50K-row vocabulary) gets the short projection. A square matrix gets
-    square sides."""
-    kr = min(r, max(1, round(math.sqrt(columns * c / r))))
-    kc = min(c, max(1, columns // kr))
-    if kc == c:  # the short side is kept whole: the rest of the budget goes to the long one
-        kr = min(r, max(1, columns // c))
-    return kr, kc
-
-
 def _by_size(shapes: dict, total: int) -> dict:
-    """{name: (k_r, k_c) or k}: columns ∝ √(size) of each parameter, within `total`; a matrix's sides by
-    _sides."""
+    """{name: (k_r, k_c) or k}: columns ∝ √(size) of each parameter, within `total`."""
     if total is None or total < len(shapes):
         raise ValueError(f"projection total={total} is below one column per valued parameter ({len(shapes)})")
     weights = {n: math.sqrt(math.prod(sh)) for n, sh in shapes.items()}
@@ -162,7 +148,8 @@ def _by_size(shapes: dict, total: int) -> dict:
     for name, shape in shapes.items():
         columns = max(1, int(total * weights[name] / norm))
         if len(shape) == 2:
-            dims[name] = _sides(shape[0], shape[1], columns)
+            kr = min(shape[0], max(1, math.isqrt(columns)))
+            dims[name] = (kr, min(shape[1], max(1, columns // kr)))
         else:
             dims[name] = min(shape[0], columns)
     return dims

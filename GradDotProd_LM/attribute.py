@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from ghost_common.flags import FlagParser
 from ghost_results.run_directory import GRAD_STORE as STORE_DIR  # a run's in-run store, under its run directory
+from GradDotProd_LM.settings import resolve_run_dir
 from pile_tools.tokenizer import EOT_ID
 
 GPT2_VOCAB = 50257  # the tokens of GPT-2's BPE, which texts and queries are tokenized with
@@ -86,8 +87,6 @@ def _positive(text: str) -> int:
 # ---------------------------------------------------------------------------------------------- models
 def resolve(path: str) -> str:
     """A directory as given, or a run name under the results directory."""
-    from GradDotProd_LM.export import resolve_run_dir
-
     found = resolve_run_dir(path)
     if found is None:
         raise ValueError(f"{path!r}: neither a directory nor a run under the results directory")

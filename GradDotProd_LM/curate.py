@@ -65,7 +65,7 @@ from ghost_results import analysis
 from ghost_results.report import code_cell, dominant_steps, shorten
 from ghost_results.results_io import ResultsFormatError, read_run
 from GradDotProd_LM.run_files import data_identity, describe_data_change
-from GradDotProd_LM.settings import load_settings
+from GradDotProd_LM import settings
 from pile_tools.layout import SPLITS
 from pile_tools.reader import PileReader
 from pile_tools.subset import copy_split, split_state, write_subset
@@ -126,16 +126,14 @@ def parse_amount(text: str) -> Amount:
 
 def resolve_run_dir(run: str) -> str:
     """RUN as a directory, else <results dir>/RUN (CurationError if neither exists)."""
-    if os.path.isdir(run):
-        return os.path.abspath(run)
     try:
-        results_dir = load_settings().results_dir
+        found = settings.resolve_run_dir(run)
+        results_dir = None if found else settings.load_settings().results_dir
     except (OSError, ValueError) as err:  # the settings file named or found cannot be read
         raise CurationError(str(err)) from None
-    under_results = os.path.join(results_dir, run)
-    if os.path.isdir(under_results):
-        return under_results
-    raise CurationError(f"RUN {run!r}: no such run (neither a directory nor a run under {results_dir})")
+    if found is None:
+        raise CurationError(f"RUN {run!r}: no such run (neither a directory nor a run under {results_dir})")
+    return found
 
 
 def load_run_values(run_dir: str, convention: str, strict: bool, all_steps: bool = False):

@@ -33,7 +33,7 @@ from ghost_common.flags import FlagParser
 from ghost_engine import __version__
 from GradDotProd_LM.checkpoint import CHECKPOINT_FORMAT, checkpoint_path
 from GradDotProd_LM.model import GPT2_VOCAB_SIZE, build_model
-from GradDotProd_LM.settings import load_settings
+from GradDotProd_LM.settings import load_settings, resolve_run_dir
 from pile_tools.tokenizer import EOT_ID, EOT_TEXT, default_vocab_dir
 
 
@@ -48,14 +48,6 @@ def build_parser() -> FlagParser:
                         help="export the checkpoint of this step (the run must have kept one) [the latest]")
     parser.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     return parser
-
-
-def resolve_run_dir(run: str) -> str | None:
-    """RUN as a path if it is a directory, else <results dir>/RUN; None if neither exists."""
-    if os.path.isdir(run):
-        return os.path.abspath(run)
-    under_results = os.path.join(load_settings().results_dir, run)
-    return under_results if os.path.isdir(under_results) else None
 
 
 def kept_checkpoints(run_dir: str) -> dict[int, str]:

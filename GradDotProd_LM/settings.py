@@ -65,3 +65,12 @@ def load_settings() -> Settings:
         else:
             resolved[name] = os.path.abspath(default)
     return Settings(resolved["RESULTS_DIR"], resolved["PILE_DATA_DIR"], resolved["SAMPLE_DATA_DIR"], path)
+
+
+def resolve_run_dir(run: str) -> str | None:
+    """RUN as a path if it is a directory, else <results dir>/RUN; None if neither exists (what export, curate
+    and attribute take as RUN)."""
+    if os.path.isdir(run):
+        return os.path.abspath(run)
+    under_results = os.path.join(load_settings().results_dir, run)
+    return under_results if os.path.isdir(under_results) else None

@@ -558,6 +558,7 @@ class GradStore:
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows={chunk_rows}: a chunk holds at least one row")
         for index, (stored, prov) in self._shards_in_order():
+            stored = np.asarray(stored)  # an ndarray view of the memmap: its slices skip memmap's Python hooks
             for start in range(0, self.shards[index]["rows"], chunk_rows):
                 stop = min(start + chunk_rows, self.shards[index]["rows"])
                 yield int(self.offsets[index]) + start, stored[start:stop, select], np.asarray(prov[start:stop])

@@ -74,7 +74,8 @@ def score_store(store, queries, score: str = "raw", top: int = 20, chunk_rows: i
     if score == "precond":
         if preconditioner is None:
             preconditioner = Preconditioner.load_or_fit(store, chunk_rows=chunk_rows)
-        query_sets = [preconditioner.apply(q) for q in query_sets]
+        with _BLAS_LIMITS.limit(limits=1, user_api="blas"):  # small products: threads only wait for each other
+            query_sets = [preconditioner.apply(q) for q in query_sets]
     if score == "cosine":
         query_sets = [_unit_rows(q) for q in query_sets]
     matrices = [np.ascontiguousarray(q.T, dtype=np.float32) for q in query_sets]  # [K, Q] each
@@ -315,7 +316,7 @@ class _DocumentTotals:
                              "doc_id": doc_ids[order].ravel(),
                              "domain": np.asarray(names, dtype=object)[domains[order].ravel()],
                              "score": np.take_along_axis(sums.T, order, axis=1).ravel(),
-                             "n_rows": n_rows[order].ravel()})
+                             "n_rows": n_rows[order].ravel()}, copy=False)
 
 
 def _sum_by_document(doc_ids, domains, sums, n_rows) -> tuple:

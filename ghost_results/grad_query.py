@@ -85,16 +85,25 @@ def score_store(store, queries, score: str = "raw", top: int = 20, chunk_rows: i
     documents = _DocumentTotals(n_queries) if trajectory else None
     scorer = _ChunkScorer(store.dim, store.dtype, n_queries, cosine=score == "cosine",
                           threads=usable_cpus() if threads is None else int(threads))
+
+    def take(start, prov, scores):  # [n, Q]: the chunk's buffer, reused two chunks later
+        if trajectory:
+            scores *= (prov["lr"] * prov["weight"]).astype(np.float32)[:, None]
+            documents.add(prov, scores)
+        best.add(start, scores)
+        totals.add(prov["domain"], scores)
+
     try:
         with _BLAS_LIMITS.limit(limits=1, user_api="blas"):
+            previous = None  # taken while the workers score the next chunk
             for start, stored, prov in store.iter_stored(chunk_rows):
                 which = nearest_checkpoint(prov["step"], checkpoints) if trajectory else None
-                scores = scorer.scores(stored, matrices, which)  # [n, Q], reused by the next chunk
-                if trajectory:
-                    scores *= (prov["lr"] * prov["weight"]).astype(np.float32)[:, None]
-                    documents.add(prov, scores)
-                best.add(start, scores)
-                totals.add(prov["domain"], scores)
+                scoring = scorer.submit(stored, matrices, which)
+                if previous is not None:
+                    take(previous[0], previous[1], previous[2]())
+                previous = start, prov, scoring
+            if previous is not None:
+                take(previous[0], previous[1], previous[2]())
     finally:
         scorer.close()
     return ScoreResult(score=score, top=_top_frame(store, *best.result()),
@@ -138,7 +147,8 @@ def nearest_checkpoint(steps: np.ndarray, checkpoints: np.ndarray) -> np.ndarray
 
 
 class _ChunkScorer:
-    """Scores of a chunk of stored rows: float32 [n, Q], in one array reused from chunk to chunk.
+    """Scores of chunks of stored rows: float32 [n, Q], into two arrays used in turn (a chunk's scores are
+    taken while the next chunk is scored).
 
     The rows are converted to float32 a block at a time (BLOCK_BYTES of float32, so that the block is still in
     the cache when the GEMM and, for cosine, the row norms read it), and each block's GEMM writes its slice of
@@ -150,42 +160,51 @@ class _ChunkScorer:
     BLOCK_BYTES = 2 * 2**20
 
     def __init__(self, dim: int, dtype: str, n_queries: int, cosine: bool, threads: int):
-        self.dtype, self.cosine, self.threads = dtype, cosine, threads
+        self.dim, self.dtype, self.cosine, self.threads = dim, dtype, cosine, threads
         self.block_rows = max(1, self.BLOCK_BYTES // (4 * dim))
-        self.blocks = [np.empty((self.block_rows, dim), dtype=np.float32) for _ in range(threads)]
-        self.out = np.empty((0, n_queries), dtype=np.float32)
+        self.outs = [np.empty((0, n_queries), dtype=np.float32) for _ in range(2)]
+        self.turn = 0
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="grad_query") if threads > 1 else None
         self._lock = threading.Lock()
+        self._local = threading.local()  # each thread's float32 block
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
 
-    def scores(self, stored: np.ndarray, matrices: list, which: np.ndarray | None = None) -> np.ndarray:
-        """<row, q> for every stored row [n, K] against matrices[0] [K, Q] (or, with `which` [n], against
-        matrices[which[i]]: the trajectory's checkpoint of every row); divided by the row norms for cosine."""
+    def submit(self, stored: np.ndarray, matrices: list, which: np.ndarray | None = None):
+        """Start scoring every stored row [n, K] against matrices[0] [K, Q] (or, with `which` [n], against
+        matrices[which[i]]: the trajectory's checkpoint of every row), divided by the row norms for cosine;
+        returns a function that waits and returns the scores [n, Q]. At most two chunks at a time."""
         n = len(stored)
-        if len(self.out) < n:
-            self.out = np.empty((n, self.out.shape[1]), dtype=np.float32)
-        out = self.out[:n]
+        self.turn = 1 - self.turn
+        if len(self.outs[self.turn]) < n:
+            self.outs[self.turn] = np.empty((n, self.outs[self.turn].shape[1]), dtype=np.float32)
+        out = self.outs[self.turn][:n]
         starts = iter(range(0, n, self.block_rows))
         if self._pool is None:
-            self._work(0, starts, stored, matrices, which, out)
-        else:
-            for done in [self._pool.submit(self._work, worker, starts, stored, matrices, which, out)
-                         for worker in range(self.threads)]:
-                done.result()
-        return out
+            self._work(starts, stored, matrices, which, out)
+            return lambda: out
+        running = [self._pool.submit(self._work, starts, stored, matrices, which, out) for _ in range(self.threads)]
 
-    def _work(self, worker: int, starts, stored, matrices, which, out) -> None:
+        def result():
+            for worker in running:
+                worker.result()
+            return out
+        return result
+
+    def _work(self, starts, stored, matrices, which, out) -> None:
         """Score blocks taken from `starts` (shared by the workers) until none is left."""
+        block = getattr(self._local, "block", None)
+        if block is None:
+            block = self._local.block = np.empty((self.block_rows, self.dim), dtype=np.float32)
         while True:
             with self._lock:
                 a = next(starts, None)
             if a is None:
                 return
             b = min(a + self.block_rows, len(stored))
-            rows = to_float32(stored[a:b], self.dtype, out=self.blocks[worker][:b - a])
+            rows = to_float32(stored[a:b], self.dtype, out=block[:b - a])
             if which is None:
                 np.matmul(rows, matrices[0], out=out[a:b])
             else:

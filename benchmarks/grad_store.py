@@ -17,8 +17,10 @@ a temporary directory, then measures, in one run:
   other rows reuse a reader that has verified them, its files in the page cache. precond uses a preconditioner
   fitted first (the fit timed apart); trajectory scores raw against 8 checkpoints spread over the steps and
   builds the per-document table (one document a row here: its worst case). Rows/s, the bytes/s they imply
-  (bytes_per_row: rows plus provenance), and that / the warm and / the cold read bandwidth. Median of --reps
-  (the fastest beside it: the machine may be shared).
+  (bytes_per_row: rows plus provenance), the read bandwidth measured right before each repetition (warm; cold
+  for the cold first pass), and the query's speed / that read's: the median of the per-repetition ratios (the
+  machine may be shared: a ratio of two timings taken together is steadier than either). The other column
+  divides by the median read of the opposite kind measured after writing. Median of --reps, fastest beside it.
 """
 import glob
 import os
@@ -90,16 +92,21 @@ def read_bandwidth(directory, cold: bool) -> float:
     return total / (time.perf_counter() - start)
 
 
-def timed(function, reps, before=None):
-    """(median, fastest) seconds of `reps` calls; `before` runs untimed before each."""
-    times = []
+def timed_against_reads(function, reps, directory, cold: bool):
+    """Per repetition, one read of the store's files (cold: dropped from the page cache first) and then one call
+    of `function` (cold: dropped again first), so that both see the machine as it is at that moment. Returns the
+    call's (median, fastest) seconds, the median read bandwidth (bytes/s) and the median per-repetition ratio
+    of the call's speed to the read's."""
+    times, reads, ratios = [], [], []
     for _ in range(reps):
-        if before is not None:
-            before()
+        reads.append(read_bandwidth(directory, cold))
+        if cold:
+            drop_from_page_cache(directory)
         start = time.perf_counter()
         function()
         times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times)
+        ratios.append(1 / (times[-1] * reads[-1]))  # x (store bytes / time) / read bytes/s, x = store bytes
+    return statistics.median(times), min(times), statistics.median(reads), statistics.median(ratios)
 
 
 def build_parser():
@@ -158,28 +165,29 @@ def measure_dim(args, dim, root) -> list:
                                    preconditioner=preconditioner, threads=args.threads)
 
     q_first = 16 if 16 in args.queries else args.queries[0]
-    cases = [("raw (first pass, warm)", q_first, query("raw", q_first, lambda: GradStore(root)), None),
-             ("raw (first pass, cold)", q_first, query("raw", q_first, lambda: GradStore(root)),
-              lambda: drop_from_page_cache(root))]
-    cases += [(score, q, query(score, q), None) for score in args.scores for q in args.queries]
+    cases = [("raw (first pass, warm)", q_first, query("raw", q_first, lambda: GradStore(root)), False),
+             ("raw (first pass, cold)", q_first, query("raw", q_first, lambda: GradStore(root)), True)]
+    cases += [(score, q, query(score, q), False) for score in args.scores for q in args.queries]
     table = []
-    for label, q, run, before in cases:
-        median, fastest = timed(run, args.reps, before)
+    for label, q, run, cold_case in cases:
+        median, fastest, read, ratio = timed_against_reads(run, args.reps, root, cold_case)
         rate = store_bytes / median
-        line = (dim, label, q, median, fastest, rows / median, rate / 2**20, rate / warm, rate / cold)
+        ratio *= store_bytes
+        line = (dim, label, q, median, fastest, rows / median, rate / 2**20, read / 2**20,
+                rate / warm if cold_case else ratio, ratio if cold_case else rate / cold)
         table.append(line)
         print(format_line(line), flush=True)
     return table
 
 
 HEADER = (f"{'K':>5} | {'score':<22} | {'Q':>2} | {'median s':>8} | {'fastest s':>9} | {'rows/s':>10} | "
-          f"{'MiB/s':>6} | {'/ warm read':>11} | {'/ cold read':>11}")
+          f"{'MiB/s':>6} | {'read MiB/s':>10} | {'/ warm read':>11} | {'/ cold read':>11}")
 
 
 def format_line(line) -> str:
-    dim, label, q, median, fastest, rows_per_s, mib, warm, cold = line
+    dim, label, q, median, fastest, rows_per_s, mib, read, warm, cold = line
     return (f"{dim:>5} | {label:<22} | {q:>2} | {median:>8.3f} | {fastest:>9.3f} | {rows_per_s:>10,.0f} | "
-            f"{mib:>6,.0f} | {warm:>11.2f} | {cold:>11.2f}")
+            f"{mib:>6,.0f} | {read:>10,.0f} | {warm:>11.2f} | {cold:>11.2f}")
 
 
 def main(argv=None):

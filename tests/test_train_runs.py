@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from _reference import app_first_step_reference
+from _reference import app_first_step_reference, as_recorded_at_step_1
 from ghost_results.results_io import read_run, safe_load_pickle
 from GradDotProd_LM import train, training
 from GradDotProd_LM.model import build_model
@@ -88,7 +88,7 @@ def test_first_step_matches_plain_autograd(baseline, data_dir):
     cols = run.columns
     first = cols["step"] == 1
     assert run.value == "adamw"  # the default under AdamW; at step 1 (v_0 = 0) its D is lr/eps for every weight
-    expected = expected * cols["lr"][first][0] / 1e-8
+    expected = as_recorded_at_step_1(expected, run)
     np.testing.assert_allclose(cols["dot_products"][first], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     np.testing.assert_allclose(cols["train_loss"][first], np.mean(train_losses), rtol=1e-5)
     np.testing.assert_allclose(cols["val_loss"][first], val_loss, rtol=1e-5)

@@ -117,6 +117,20 @@ def wandb_history(run_file):
     return history, run_info
 
 
+def wandb_launches(pattern, launches, timeout=30.0):
+    """wandb_history of each offline run file matching `pattern`, in name (start time) order, once there are
+    `launches` of them and each holds history: W&B writes the file from its own service process, which may
+    still be writing it when finish() has returned (seen once under a loaded CI machine: the second launch's
+    file without its records)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        files = sorted(glob.glob(pattern))
+        found = [wandb_history(path) for path in files]
+        if (len(files) == launches and all(history for history, _ in found)) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
 def test_csv_tensorboard_and_wandb_get_every_step_once_across_a_resume(data_dir, tmp_path, monkeypatch):
     """A crash in step 5 after the checkpoint of step 3, then --resume: the CSV and TensorBoard hold steps
     1..6 once with the log's values (TensorBoard purges the crashed launch's steps 4 and 5); W&B has one
@@ -174,9 +188,9 @@ def test_csv_tensorboard_and_wandb_get_every_step_once_across_a_resume(data_dir,
         assert [e.step for e in events] == sorted(values), tag  # each step once: 4 and 5 were purged
         np.testing.assert_array_equal([e.value for e in events], np.float32([values[s] for s in sorted(values)]))
 
-    launches = sorted(glob.glob(str(tmp_path / "wandb" / "wandb" / "offline-run-*" / "run-*.wandb")))
+    launches = wandb_launches(str(tmp_path / "wandb" / "wandb" / "offline-run-*" / "run-*.wandb"), 2)
     assert len(launches) == 2  # one W&B run per launch
-    (crashed, crashed_run), (resumed, resumed_run) = map(wandb_history, launches)
+    (crashed, crashed_run), (resumed, resumed_run) = launches
     assert sorted(crashed) == [1, 2, 3, 4, 5] and sorted(resumed) == [4, 5, 6]
     assert crashed_run.run_group == resumed_run.run_group == "sinks"
     assert resumed_run.display_name == "sinks from step 4"

@@ -152,6 +152,11 @@ def test_the_default_value_under_adamw_is_adamw_and_exact(tmp_path):
     text = (tmp_path / "report" / "report.md").read_text()
     assert "Estimator: `adamw`" in text and "Steps 1–2 left out" in text
     assert f"Rows: {rows} occurrences" in text  # step 3's rows only
+    # --all_steps values every step, with a caution naming AdamW's first two
+    assert report.main([str(run_dir), "--out", str(tmp_path / "all"), "--all_steps"]) == 0
+    text = (tmp_path / "all" / "report.md").read_text()
+    assert f"Rows: {3 * rows} occurrences" in text and "Caution: steps 1–2 are valued" in text
+    assert "left out" not in text.split("## Validation batch")[0]
 
 
 def test_the_default_value_under_sgd_is_first_order(tmp_path):

@@ -34,7 +34,7 @@ DEFAULTS = dict(
     data_dir=None, results_dir=None, run_name=None, resume=False, compile=False, grad_ckpt=False,
     init_from=None, vocab_pad_multiple=64, accept_data_change=False, model_config=None, report_to=[],
     results_format="parquet", attention="standard", attention_rank=16, attention_block=64, value=AUTO,
-    project_dim=0, project_seed=0, project_dtype="bfloat16",
+    project_dim=0, project_seed=0, project_dtype="bfloat16", fsdp=False, replicate_degree=1,
 )
 # Settings added after the app's first version, with what a run saved before each existed used (its config.json
 # lacks the key): the default of today, but vocab_pad_multiple (those runs were unpadded) and results_format
@@ -43,7 +43,7 @@ DEFAULTS = dict(
 ADDED_LATER = dict(vocab_pad_multiple=1, accept_data_change=False, model_config=None, report_to=[],
                    results_format="both", attention="standard", attention_rank=16, attention_block=64,
                    value="first_order", keep_checkpoints=1, project_dim=0, project_seed=0,
-                   project_dtype="bfloat16")
+                   project_dtype="bfloat16", fsdp=False, replicate_degree=1)
 
 # What config.json holds beside the flags and a resume reads (GradDotProd_LM/training.py), with its JSON type;
 # run_id is null or absent for a run started before identities existed.
@@ -219,6 +219,14 @@ def _optimisation_flags(g, d):
                    help=f"pad the embedding/head rows to a multiple of this (fast GPU kernels; 1 = off) "
                         f"[{d['vocab_pad_multiple']}]")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun, shard parameters, gradients and optimizer state over the processes (FSDP2 "
+                        "fully_shard per transformer block; bfloat16 through its mixed-precision policy) and write "
+                        "sharded checkpoints (checkpoints/step_XXXXXX.dcp/), which a resume reads on any number of "
+                        "processes; --value first_order only (docs/training.md)")
+    g.add_argument("--replicate_degree", type=_positive_int, metavar="R",
+                   help="with --fsdp: R replicas, each sharded over processes / R (HSDP: shards within a node, "
+                        "replicas across nodes) [1]")
     g.add_argument("--grad_ckpt", action="store_true", help="gradient checkpointing (activation recomputation)")
 
 
@@ -479,7 +487,7 @@ def parse_config(argv, world_size=1):
         parser.error(str(err))
     cfg["results_dir"] = os.path.abspath(cfg["results_dir"] or dirs.results_dir)
     cfg["run_name"] = cfg["run_name"] or default_run_name(cfg)
-    checkpoint = os.path.join(run_dir_of(cfg), "checkpoints", "latest.pt")
+    checkpoint = os.path.join(run_dir_of(cfg), "checkpoints", "latest.pt")  # or a sharded one: has_checkpoint
     saved_path = os.path.join(run_dir_of(cfg), "config.json")
 
     if cfg["resume"]:
@@ -501,15 +509,17 @@ def parse_config(argv, world_size=1):
         cfg.update(given)
         cfg["results_dir"], cfg["run_name"] = located
         cfg["resume"] = True
-        if cfg["eval_only"] and not os.path.exists(checkpoint):
-            parser.error(f"--eval_only --resume: {checkpoint} does not exist")
         from ghost_results.results_io import dotprod_steps_on_disk  # numpy, pyarrow: only on resume
+        from ghost_results.run_directory import has_checkpoint
+
+        if cfg["eval_only"] and not has_checkpoint(run_dir_of(cfg)):
+            parser.error(f"--eval_only --resume: {checkpoint} does not exist")
 
         written = dotprod_steps_on_disk(run_dir_of(cfg))
         # a run that diverged before its first checkpoint restarts from its initial weights (config.json says so)
         divergences = records.get("divergences")
         restarts = bool(divergences) and divergences[-1].get("last_finite_checkpoint") == 0
-        if not os.path.exists(checkpoint) and written and not restarts:
+        if not has_checkpoint(run_dir_of(cfg)) and written and not restarts:
             parser.error(f"--resume: {run_dir_of(cfg)} has no checkpoint ({checkpoint}) but holds "
                          f"{len(written)} dot-product file(s) up to step {written[-1]}; resuming would redo "
                          "those steps, so nothing was changed. Restore the checkpoint, or keep these results "
@@ -554,6 +564,22 @@ def _max_seq_len(cfg, fail):
              "model_config")
 
 
+def _check_fsdp(cfg, fail, world_size):
+    """What --fsdp runs: the engine's first-order value, eager, on a world the replicas divide."""
+    if world_size % cfg["replicate_degree"]:
+        fail(f"--replicate_degree {cfg['replicate_degree']} must divide the {world_size} processes",
+             "replicate_degree")
+    if cfg["value"] != "first_order" and cfg["method"] == "GradDotProd":
+        fail(f"--fsdp values first_order only (the engine does not compute --value {cfg['value']} from sharded "
+             "optimizer state yet): pass --value first_order, or train without --fsdp", "value", "fsdp")
+    if cfg["project_dim"]:
+        fail("--fsdp with --project_dim: projections of a sharded model are not supported yet; train without "
+             "--fsdp", "project_dim", "fsdp")
+    if cfg["compile"]:
+        fail("--fsdp with --compile is not supported yet (the engine under a compiled FSDP2 model is untested); "
+             "drop --compile", "compile", "fsdp")
+
+
 def _check_values(cfg, fail, world_size):
     """The rules between settings; `fail(message, *settings)` exits 2 (naming the file of a setting from one)."""
     model_key = "architecture" if cfg["model_config"] is None else "model_config"  # what names the model
@@ -580,6 +606,10 @@ def _check_values(cfg, fail, world_size):
         fail(f"--value {cfg['value']} needs --method GradDotProd", "value", "method")
     if cfg["value"] in ("adamw", "adamw_vt") and cfg["optimizer"] != "AdamW":
         fail(f"--value {cfg['value']} needs --optimizer AdamW (got {cfg['optimizer']})", "value", "optimizer")
+    if cfg["fsdp"]:
+        _check_fsdp(cfg, fail, world_size)
+    elif cfg["replicate_degree"] > 1:
+        fail(f"--replicate_degree {cfg['replicate_degree']} needs --fsdp", "replicate_degree", "fsdp")
     if cfg["value"] in DEFERRED and cfg["compile"]:
         fail(f"--value {cfg['value']} runs the engine's hooks eagerly (they keep each layer's rows for "
              "the end of the step): drop --compile", "value", "compile")

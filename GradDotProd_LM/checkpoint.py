@@ -8,13 +8,24 @@ A checkpoint is written only after the step's dot products were flushed, so the 
 grad_dotprods/ always cover exactly steps 1..checkpoint step when training resumes from it. It carries the
 run's identity ("run_id"): a resume takes only a checkpoint of its own run. A checkpoint only ever holds
 finite weights and optimizer state (`nonfinite_state`): after a divergence the last finite one is kept.
+
+A run trained with --fsdp writes sharded checkpoints instead (checkpoints/step_XXXXXX.dcp/): the model's and the
+optimizer's state dicts through torch.distributed.checkpoint (every process writes its shards; the keys are the
+parameters' names, so any number of processes, or one, reads them back: `restore`), and `app_state` (step,
+identity, settings, random generators) as JSON beside them. `restore` reads whichever of the two kinds is
+newest into a model sharded or not. PyTorch reads a sharded checkpoint's `.metadata` with pickle: resume or
+export only sharded checkpoints you trust.
 """
+import base64
+import json
+import os
 import random
 
 import numpy as np
 import torch
 
-from ghost_results.run_directory import checkpoint_path
+from ghost_results.run_directory import (SHARDED_APP_STATE, checkpoint_path, sharded_checkpoint_path,
+                                         sharded_checkpoint_steps)
 
 CHECKPOINT_FORMAT = 1
 
@@ -42,6 +53,11 @@ def set_rng_state(state):
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
 
 
+def _saved_config(config):
+    return {k: v for k, v in config.items()
+            if isinstance(v, (int, float, str, bool, type(None))) or k in ("model_config", "data_tokenizer")}
+
+
 def checkpoint_writer(model, optimizer, step, config):
     """`write(binary_file)` of the checkpoint of `step`: the state as it is now, saved when called."""
     state = {
@@ -51,29 +67,150 @@ def checkpoint_writer(model, optimizer, step, config):
         "optimizer": optimizer.state_dict(),
         "rng": rng_state(),
         "run_id": config.get("run_id"),
-        "config": {k: v for k, v in config.items()
-                   if isinstance(v, (int, float, str, bool, type(None))) or k in ("model_config", "data_tokenizer")},
+        "config": _saved_config(config),
     }
     return lambda f: torch.save(state, f)
 
 
+# ---------------------------------------------------------------- sharded checkpoints (--fsdp)
+
+def _bytes_text(t):
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def _text_bytes(text):
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def app_state(step, config, world_size):
+    """A sharded checkpoint's record beside its tensors (JSON): what a .pt checkpoint holds but the state dicts,
+    the random generators in text."""
+    rng = rng_state()
+    rng["torch"], rng["cuda"] = _bytes_text(rng["torch"]), [_bytes_text(t) for t in rng["cuda"]]
+    rng["numpy"]["keys"] = rng["numpy"]["keys"].tolist()
+    return {"format": CHECKPOINT_FORMAT, "kind": "sharded", "step": step, "run_id": config.get("run_id"),
+            "world_size": world_size, "config": _saved_config(config), "rng": rng}
+
+
+def _read_app_state(directory):
+    with open(os.path.join(directory, SHARDED_APP_STATE)) as f:
+        state = json.load(f)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("kind") != "sharded":
+        raise ValueError(f"{directory} is not a sharded checkpoint of this app (format {CHECKPOINT_FORMAT})")
+    rng = state["rng"]
+    rng["torch"], rng["cuda"] = _text_bytes(rng["torch"]), [_text_bytes(t) for t in rng["cuda"]]
+    rng["numpy"]["keys"] = torch.tensor(rng["numpy"]["keys"], dtype=torch.int64)
+    return state
+
+
+def save_sharded(model, optimizer, directory):
+    """Every process writes its shards of the model's and the optimizer's state into `directory` (collective;
+    each file fsynced before this returns on any process)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state},
+             storage_writer=dcp.FileSystemWriter(directory, sync_files=True))
+
+
+def _load_sharded(model, optimizer, directory):
+    """The sharded checkpoint in `directory` into `model` (sharded or not) and `optimizer`, whatever number of
+    processes wrote it (collective when a process group is up)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(directory), no_dist=not torch.distributed.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def read_sharded_weights(directory):
+    """{name: tensor} of the model in a sharded checkpoint, whole, read by this process alone (export)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(directory)
+    entries = reader.read_metadata().state_dict_metadata
+    weights = {key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
+               for key, meta in entries.items()
+               if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+    dcp.load({"model": weights}, storage_reader=reader, no_dist=True)
+    return weights
+
+
+def newest_checkpoint(run_dir):
+    """(path, step) of the run's newest checkpoint, latest.pt or a sharded one (a run may have switched
+    between --fsdp and not), or None."""
+    found = []
+    steps = sharded_checkpoint_steps(run_dir)
+    if steps:
+        found.append((sharded_checkpoint_path(run_dir, steps[-1]), steps[-1]))
+    path = checkpoint_path(run_dir)
+    if os.path.exists(path):
+        found.append((path, int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])))
+    return max(found, key=lambda entry: entry[1]) if found else None
+
+
+def restore(model, optimizer, path):
+    """Load the checkpoint at `path` (latest.pt or a sharded checkpoint's directory) into `model` and
+    `optimizer`, sharded (FSDP2) or not, and return its record: step, run_id, rng, config."""
+    if os.path.isdir(path):
+        state = _read_app_state(path)
+        _load_sharded(model, optimizer, path)
+        return state
+    saved = _read_pt(path)
+    if _sharded(model):  # a run checkpointed without --fsdp, resumed with it: full state dicts, sharded here
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(model, optimizer, model_state_dict=saved["model"],
+                       optim_state_dict=_named_optimizer_state(model, optimizer, saved["optimizer"]),
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+    return saved
+
+
+def _named_optimizer_state(model, optimizer, saved):
+    """A plain optimizer.state_dict() (states keyed by position) keyed by parameter name, as
+    torch.distributed.checkpoint.state_dict reads it; the positions are those of `optimizer`'s groups, which
+    the app builds in the same order whether the model is sharded or not."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    groups = [dict(group, params=[order[i] for i in group["params"]]) for group in saved["param_groups"]]
+    return {"state": {order[i]: value for i, value in saved["state"].items()}, "param_groups": groups}
+
+
+def _sharded(model):
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
 def nonfinite_state(model, optimizer):
     """Names of the model's and optimizer's floating-point tensors holding a NaN or an infinity ([] if none):
-    one fused reduction per tensor, a single synchronisation."""
+    one fused reduction per tensor, a single synchronisation. Sharded (FSDP2): each process checks its shards
+    and every process gets the same names (one all-reduce)."""
     tensors = {f"model.{name}": t for name, t in model.state_dict().items()}
     for index, state in optimizer.state_dict()["state"].items():
         tensors.update({f"optimizer.state[{index}].{key}": v for key, v in state.items() if torch.is_tensor(v)})
-    names = [name for name, t in tensors.items() if t.is_floating_point() and t.numel()]
+    tensors = {name: t.to_local() if hasattr(t, "to_local") else t for name, t in tensors.items()}
+    names = [name for name, t in tensors.items() if t.is_floating_point()]
     if not names:
         return []
-    finite = torch.stack([torch.isfinite(tensors[name]).all() for name in names]).cpu()
-    return [name for name, ok in zip(names, finite.tolist()) if not ok]
+    bad = torch.stack([(~torch.isfinite(tensors[name])).any() for name in names]).float()
+    if _sharded(model):
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return [name for name, flag in zip(names, bad.cpu().tolist()) if flag]
 
 
 def load_checkpoint(run_dir, map_location="cpu", step=None):
     """The checkpoint dict (latest.pt, or the kept one of `step`), read with weights_only=True (no code runs
     on load)."""
-    path = checkpoint_path(run_dir, step)
+    return _read_pt(checkpoint_path(run_dir, step), map_location)
+
+
+def _read_pt(path, map_location="cpu"):
     state = torch.load(path, map_location=map_location, weights_only=True)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, this code reads {CHECKPOINT_FORMAT}")

@@ -3,7 +3,8 @@ training script behind `python -m GradDotProd_LM.train` (which parses the flags 
 
 Read it top to bottom: `run` (DDP set-up from torchrun's variables) -> `_run` (hold the run directory) ->
 `_train`, which calls the named steps in order: `load_data` -> `resumed_data` (identity, data unchanged) ->
-`build_state` (model, optimizer, checkpoint) -> `attach_engine` (engine, then compile and DDP) ->
+`build_state` (model, FSDP2 sharding with --fsdp, optimizer, checkpoint) -> `attach_engine` (engine, then compile and
+DDP) ->
 `open_run` (the run directory: ghost_results.run_directory.RunDirectory, which owns every file of it) ->
 `train_loop` (`train_step`: micro-batches, backward, engine, clip, update; evaluations, stop signals, `save_all`
 checkpoints, `save_after_failure`). Step numbers count from 1: step t
@@ -32,10 +33,10 @@ from ghost_engine.recording import gather_rows, local_rows
 from ghost_results.results_io import new_run_id
 from ghost_results.run_directory import (DamagedRunFile, ForeignRunFile, RunBusyError, RunDirectory, check_identity,
                                          grad_store_artifacts, read_config, read_training_log, read_valset_tokens,
-                                         unwritable)
+                                         sharded_checkpoint_path, unwritable)
 from GradDotProd_LM.args import model_name, run_dir_of
-from GradDotProd_LM.checkpoint import (checkpoint_path, checkpoint_writer, load_checkpoint, nonfinite_state,
-                                       set_rng_state)
+from GradDotProd_LM.checkpoint import (app_state, checkpoint_writer, newest_checkpoint, nonfinite_state, restore,
+                                       save_sharded, set_rng_state)
 from GradDotProd_LM.evaluate import Evaluator, format_eval
 from GradDotProd_LM.experiment_log import ExperimentLog, SinkError, domain_sums
 from GradDotProd_LM.model import build_model
@@ -286,6 +287,7 @@ class State:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     start_step: int  # optimizer steps completed before this launch (the checkpoint's)
+    sharded: bool = False  # --fsdp over several processes: parameters and optimizer state are FSDP2 shards
     engine: GradDotProdEngine = None
     step_model: torch.nn.Module = None
 
@@ -295,12 +297,14 @@ def _train(cfg, argv, rank, world_size, device, master, stop, files):
     the loop."""
     train_dtype = cfg["train_dtype"] if cfg["train_dtype"] != "auto" else (
         "bfloat16" if device.type == "cuda" else "float32")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if train_dtype == "bfloat16" else nullcontext())
+    sharded = cfg["fsdp"] and world_size > 1  # bfloat16 then through FSDP2's MixedPrecisionPolicy, not autocast
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if train_dtype == "bfloat16" and not sharded
+                else nullcontext())
     run_dir = run_dir_of(cfg)
     try:
         data = load_data(cfg, rank, world_size, master)
         resumed = resumed_data(cfg, run_dir, data)
-        state = build_state(cfg, data, device)
+        state = build_state(cfg, data, device, world_size, train_dtype)
     except StartError as err:
         if master:
             print(f"train.sh: error: {err}", file=sys.stderr, flush=True)
@@ -398,8 +402,10 @@ def resumed_data(cfg, run_dir, data) -> dict:
             "val_changed": bool(val_changed)}
 
 
-def build_state(cfg, data, device) -> State:
-    """The model and optimizer of the run's seed, restored from its checkpoint when resuming."""
+def build_state(cfg, data, device, world_size, train_dtype) -> State:
+    """The model of the run's seed (sharded with --fsdp over several processes), its optimizer, both restored
+    from the run's newest checkpoint when resuming (a latest.pt or a sharded one, written by any number of
+    processes)."""
     torch.manual_seed(cfg["seed"])  # same initial weights on every rank and in every run of this seed
     model = build_model(cfg["architecture"], n_positions=max(1024, cfg["seq_len"]), init_from=cfg["init_from"],
                         gradient_checkpointing=cfg["grad_ckpt"], vocab_pad_multiple=cfg["vocab_pad_multiple"],
@@ -408,11 +414,15 @@ def build_state(cfg, data, device) -> State:
                         vocab_size=data.vocab)
     model.to(device=device, dtype=DTYPES[cfg["model_dtype"]])
     model.train()
-    state = State(model, build_optimizer(model, cfg, device), start_step=0)
-    path = checkpoint_path(run_dir_of(cfg))
-    if cfg["resume"] and os.path.exists(path):
+    sharded = cfg["fsdp"] and world_size > 1
+    if sharded:
+        shard_model(model, device, world_size, cfg["replicate_degree"], train_dtype)
+    state = State(model, build_optimizer(model, cfg, device), start_step=0, sharded=sharded)
+    newest = newest_checkpoint(run_dir_of(cfg)) if cfg["resume"] else None
+    if newest is not None:
+        path = newest[0]
         try:
-            saved = load_checkpoint(run_dir_of(cfg))
+            saved = restore(model, state.optimizer, path)
         except Exception as err:  # truncated or corrupt: torch raises several types
             raise StartError(f"cannot read the checkpoint {path} ({type(err).__name__}: {err}); restore it from a "
                              "backup, or keep this run's results and start a new --run_name") from None
@@ -420,11 +430,37 @@ def build_state(cfg, data, device) -> State:
             check_identity(path, saved.get("run_id"), cfg["run_id"])
         except ForeignRunFile as err:
             raise StartError(f"--resume: {err}") from None
-        model.load_state_dict(saved["model"])
-        state.optimizer.load_state_dict(saved["optimizer"])
         set_rng_state(saved["rng"])
         state.start_step = saved["step"]
     return state
+
+
+def transformer_blocks(model):
+    """The model's repeated blocks: the longest nn.ModuleList whose children are all of one class."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0
+             and len({type(child) for child in m}) == 1]
+    if not lists:
+        raise StartError(f"--fsdp: {type(model).__name__} has no list of repeated blocks to shard one by one")
+    return max(lists, key=len)
+
+
+def shard_model(model, device, world_size, replicate_degree, train_dtype):
+    """FSDP2: fully_shard on every transformer block, then on the root; parameters Shard(0) over the processes,
+    or with --replicate_degree R > 1 over a mesh of R replicas (HSDP). bfloat16 training computes through FSDP2's
+    MixedPrecisionPolicy (bfloat16 parameters in the forward and backward, gradients reduced in float32)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if replicate_degree > 1:
+        mesh = init_device_mesh(device.type, (replicate_degree, world_size // replicate_degree),
+                                mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(device.type, (world_size,))
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if train_dtype == "bfloat16" else MixedPrecisionPolicy())
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
 def attach_engine(cfg, state, data, device, world_size):
@@ -441,7 +477,7 @@ def attach_engine(cfg, state, data, device, world_size):
         warnings.filterwarnings("ignore", message="value='adamw' before the optimizer's first step")
         state.engine.attach(state.optimizer)
     state.step_model = torch.compile(state.model) if cfg["compile"] else state.model
-    if world_size > 1:
+    if world_size > 1 and not state.sharded:
         state.step_model = DDP(state.step_model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
@@ -580,7 +616,8 @@ def train_step(cfg, state, data, step, rank, world_size, device, autocast):
         X = torch.from_numpy(batch.tokens[rows, :T]).to(device, non_blocking=True)  # [b, T], labels = X
         last_micro = micro == A - 1
         valuing = engine is not None and engine.val_batch_size > 0  # validation rows under the training rows
-        with nullcontext() if last_micro or world_size == 1 else state.step_model.no_sync():
+        # DDP all-reduces the last micro-batch's gradients only; FSDP2 reduce-scatters each micro-batch's
+        with nullcontext() if last_micro or world_size == 1 or state.sharded else state.step_model.no_sync():
             X_in = X
             if engine is not None:
                 X_in, _ = engine.prepare_forward_input(X, X, loss_multiplier=1.0 / A)  # [b + Bv, T]
@@ -603,8 +640,10 @@ def train_step(cfg, state, data, step, rank, world_size, device, autocast):
         engine.prepare_gradients()  # .grad = Regular gradient of the train rows (DDP-averaged)
     if val_loss is not None:
         val_loss = val_loss.item()
-    grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"]).item()
-                 if cfg["grad_clip"] > 0 else None)
+    grad_norm = None
+    if cfg["grad_clip"] > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        grad_norm = (grad_norm.full_tensor() if state.sharded else grad_norm).item()  # sharded: a DTensor
     result = engine.aggregate_and_log() if engine is not None else None
     nonfinite = (grad_norm is not None and not math.isfinite(grad_norm)) or (result is not None and not all(
         bool(torch.isfinite(t).all()) for t in (result.dot_products, result.projections) if t is not None))
@@ -641,12 +680,20 @@ def save_all(cfg, step, state, files, master):
     where a resume restarts); returns the names of the non-finite tensors ([] when the checkpoint was written)."""
     if master:
         files.sync()
-    bad = nonfinite_state(state.model, state.optimizer)  # the same on every rank: the replicas are equal
+    bad = nonfinite_state(state.model, state.optimizer)  # the same on every rank (replicas equal, or all-reduced)
     if bad:
         if master:
             files.record_divergence(step, bad)
         return bad
-    if master:
+    if state.sharded:  # every rank writes its shards into the directory rank 0 made; rank 0 commits it
+        if master:
+            files.prepare_sharded_checkpoint(step)
+        dist.barrier()
+        save_sharded(state.model, state.optimizer, sharded_checkpoint_path(run_dir_of(cfg), step, partial=True))
+        if master:
+            files.commit_sharded_checkpoint(step, app_state(step, cfg, dist.get_world_size()))
+        dist.barrier()
+    elif master:
         files.checkpoint(step, checkpoint_writer(state.model, state.optimizer, step, cfg))
     return []
 
@@ -665,6 +712,18 @@ def save_after_failure(cfg, state, files, master, start_step, done, failure):
     step `done`, as a stop signal would; raises DivergedWeights instead if that state is not finite."""
     if master:
         files.keep_until(done)
+    if state.sharded and not isinstance(failure, RunStopped):
+        # a failure of one rank (a full disk on rank 0): the others cannot join the collective sharded save
+        if master:
+            try:
+                files.sync()
+            except Exception as save_error:
+                print(f"train.sh: could not save after the failure: {save_error}", file=sys.stderr, flush=True)
+                return
+            print(f"train.sh: steps {start_step + 1}..{done} have their dot products and log; continue from the "
+                  f"last checkpoint (step {files.last_checkpoint or 0}) with: ./train.sh --run_name "
+                  f"{cfg['run_name']} --resume", file=sys.stderr, flush=True)
+        return
     try:
         bad = save_all(cfg, done, state, files, master)
         if master and not bad:

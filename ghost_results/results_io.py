@@ -100,7 +100,8 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 TRAINING_LOG_JSONL = "training_log.jsonl"  # the app's per-step log; a resume cuts it like the files
 CHECKPOINT_DIR = "checkpoints"
 STEP_CHECKPOINT_FILE = re.compile(r"^step_(\d+)\.pt$")  # checkpoints/step_<step>.pt: the series --keep_checkpoints
-STEP_FILES = {DOTPROD_DIR: ITER_FILE, CHECKPOINT_DIR: STEP_CHECKPOINT_FILE}  # sub directory -> its files named by step
+SHARDED_CHECKPOINT = re.compile(r"^step_(\d+)\.dcp$")  # checkpoints/step_<step>.dcp/: a sharded checkpoint (--fsdp)
+STEP_FILES = {DOTPROD_DIR: (ITER_FILE,), CHECKPOINT_DIR: (STEP_CHECKPOINT_FILE, SHARDED_CHECKPOINT)}  # by step
 
 # Fields of a v1 step record, by kind. Arrays are 1-D with one entry per training row.
 _V1_SCALAR_INT = ("step",)
@@ -763,19 +764,20 @@ def split_log_lines(data, step):
 def set_aside_after(run_dir, step):
     """Move what a resumed run is about to redo, everything of steps after `step` (the checkpoint it resumes
     from), to superseded/<UTC time>/: the dot-product files (both formats), the kept checkpoints
-    checkpoints/step_XXXXXX.pt and the lines of training_log.jsonl (the file is cut after the last line of
+    checkpoints/step_XXXXXX.pt, the sharded checkpoints checkpoints/step_XXXXXX.dcp/ and the lines of
+    training_log.jsonl (the file is cut after the last line of
     step <= `step`). A compacted file holding step files of later steps is moved whole, after the segments of
     the step files up to `step` are written durably as a compacted file of their own (a crash in between leaves
     both, whose common segments the loader reads once). Removes stray temporary files of interrupted writes.
     Nothing complete is deleted. Returns (moved names, destination or None); ResultsFormatError (with `.path`)
     before anything is moved if such a compacted file cannot be read up to `step`."""
     later = {}  # sub directory -> names of its files of steps after `step`
-    for sub, pattern in STEP_FILES.items():
+    for sub, patterns in STEP_FILES.items():
         directory = os.path.join(run_dir, sub)
         for name in os.listdir(directory) if os.path.isdir(directory) else []:
             if ".tmp-" in name:  # a write that never completed (kill -9, full disk): no data in it
                 os.remove(os.path.join(directory, name))
-            elif pattern.match(name) and int(pattern.match(name).group(1)) > step:
+            elif any(p.match(name) and int(p.match(name).group(1)) > step for p in patterns):
                 later.setdefault(sub, []).append(name)
     split = [path for path in _compacted_files(run_dir)
              if int(COMPACT_FILE.match(os.path.basename(path)).group(2)) > step]

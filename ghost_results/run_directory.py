@@ -14,6 +14,10 @@ and how durably. The training app (GradDotProd_LM.training) and the framework in
     checkpoints/latest.pt            the newest checkpoint (its bytes come from the caller: `write(file)`)
     checkpoints/step_XXXXXX.pt       with keep_checkpoints != 1: the checkpoints of checkpoint_interval steps,
                                      hard links of latest.pt's file (no extra bytes), the newest N kept
+    checkpoints/step_XXXXXX.dcp/     a sharded checkpoint (the app's --fsdp; torch.distributed.checkpoint: every
+                                     process writes its part, the caller's `app_state.json` beside them),
+                                     written as step_XXXXXX.dcp.partial/ and renamed once complete; the newest
+                                     is the run's latest, older ones are kept as the .pt series is
     run.lock             held by the process training the run (`acquire`)
     superseded/<time>/   files and log lines of steps after the step a resume started from, moved aside
 
@@ -32,7 +36,9 @@ Order and durability (docs/RELIABILITY.md): every file but the appended training
 (ghost_common.durable: temporary file, fsync, rename, fsync of the directory), so a reader never sees half a
 file and a written file survives a crash. A checkpoint at step s is written only after the dot products and
 log of steps 1..s (`sync`), so a resume from it finds exactly the files of the steps it does not redo. A kept
-step checkpoint is linked only after latest.pt is durable, and older ones are removed only after it is.
+step checkpoint is linked only after latest.pt is durable, and older ones are removed only after it is. A
+sharded checkpoint exists under its final name only once every part and its app state are durable (the rename
+is its commit); older checkpoints, of either kind, are removed only after that.
 
 This module needs the standard library, numpy and the rest of ghost_results; never torch (checkpoint bytes
 are the caller's `write(binary_file)`).
@@ -46,7 +52,8 @@ import numpy as np
 
 from ghost_common.durable import FileLock, fsync_directory, write_atomically
 from ghost_results.grad_store import GradStoreWriter
-from ghost_results.results_io import (CHECKPOINT_DIR, STEP_CHECKPOINT_FILE, TRAINING_LOG_JSONL, ResultsFormatError,
+from ghost_results.results_io import (CHECKPOINT_DIR, SHARDED_CHECKPOINT, STEP_CHECKPOINT_FILE, TRAINING_LOG_JSONL,
+                                      ResultsFormatError,
                                       file_formats, flush_dotprods, new_run_id, safe_load_pickle, set_aside_after)
 from ghost_results.valset import VALSET_FILE, write_valset_file
 
@@ -65,9 +72,32 @@ def checkpoint_path(run_dir, step=None):
 
 def kept_checkpoint_steps(run_dir):
     """The steps of the run's kept checkpoints (checkpoints/step_XXXXXX.pt), ascending."""
+    return _steps_named(run_dir, STEP_CHECKPOINT_FILE)
+
+
+PARTIAL = ".partial"
+SHARDED_APP_STATE = "app_state.json"  # in a sharded checkpoint: the caller's record beside the tensors
+
+
+def sharded_checkpoint_path(run_dir, step, partial=False):
+    """checkpoints/step_XXXXXX.dcp, the sharded checkpoint of `step` (partial: the directory it is written in)."""
+    return os.path.join(run_dir, CHECKPOINT_DIR, f"step_{step:06d}.dcp" + (PARTIAL if partial else ""))
+
+
+def sharded_checkpoint_steps(run_dir):
+    """The steps of the run's complete sharded checkpoints (checkpoints/step_XXXXXX.dcp/), ascending."""
+    return _steps_named(run_dir, SHARDED_CHECKPOINT)
+
+
+def has_checkpoint(run_dir):
+    """True if the run holds a checkpoint to resume from: latest.pt or a complete sharded checkpoint."""
+    return os.path.exists(checkpoint_path(run_dir)) or bool(sharded_checkpoint_steps(run_dir))
+
+
+def _steps_named(run_dir, pattern):
     directory = os.path.join(run_dir, CHECKPOINT_DIR)
     names = os.listdir(directory) if os.path.isdir(directory) else []
-    return sorted(int(m.group(1)) for m in map(STEP_CHECKPOINT_FILE.match, names) if m)
+    return sorted(int(m.group(1)) for m in map(pattern.match, names) if m)
 
 
 # ---------------------------------------------------------------------------------------------- identity
@@ -282,9 +312,11 @@ class RunDirectory:
             moved = set_aside_after(self.path, start_step)  # files and log lines of steps to redo
         except ResultsFormatError as err:  # a compacted file that cannot be split at start_step: nothing moved
             raise DamagedRunFile(getattr(err, "path", self.path), err) from err
-        self.last_checkpoint = start_step if os.path.exists(checkpoint_path(self.path)) else None
-        if self.last_checkpoint and self._in_series(start_step) and not os.path.exists(
-                checkpoint_path(self.path, start_step)):
+        self._remove_partial_checkpoints()  # sharded checkpoints a kill interrupted: never complete, never read
+        self.last_checkpoint = start_step if has_checkpoint(self.path) else None
+        if self.last_checkpoint and self._in_series(start_step) and os.path.exists(checkpoint_path(self.path)) \
+                and start_step not in sharded_checkpoint_steps(self.path) \
+                and not os.path.exists(checkpoint_path(self.path, start_step)):
             self._link_step_checkpoint(start_step)  # a kill between latest.pt and its link: link it now
         for name, sink in (step_sinks or {}).items():
             self.add_step_sink(name, sink)
@@ -417,6 +449,52 @@ class RunDirectory:
         if self._in_series(step):
             self._link_step_checkpoint(step)
             self._prune_step_checkpoints()
+        self._prune_sharded_checkpoints(newest=None)  # latest.pt is now the run's latest
+
+    def prepare_sharded_checkpoint(self, step):
+        """The empty directory the processes write the sharded checkpoint of `step` into (every process writes
+        its part there, at sharded_checkpoint_path(run, step, partial=True)); then `commit_sharded_checkpoint`.
+        Call `sync` first."""
+        self._remove_partial_checkpoints()
+        partial = sharded_checkpoint_path(self.path, step, partial=True)
+        os.makedirs(partial)
+        return partial
+
+    def commit_sharded_checkpoint(self, step, app_state):
+        """Once every process's part of `step` is durable in the partial directory: the caller's `app_state`
+        (a JSON object) beside them, durably, then the rename to checkpoints/step_XXXXXX.dcp that makes it the
+        run's latest checkpoint; then latest.pt and the sharded checkpoints beyond the series are removed."""
+        partial, final = (sharded_checkpoint_path(self.path, step, partial=flag) for flag in (True, False))
+        write_json(os.path.join(partial, SHARDED_APP_STATE), app_state)
+        fsync_directory(partial)  # the parts' names, written by every process
+        if os.path.exists(final):  # a checkpoint of this step from before a resume that went back past it
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        fsync_directory(os.path.dirname(final))
+        self.last_checkpoint = step
+        latest = checkpoint_path(self.path)
+        if os.path.exists(latest):  # a run that checkpointed with latest.pt before: that is older now
+            os.remove(latest)
+            fsync_directory(os.path.dirname(latest))
+        self._prune_sharded_checkpoints(newest=step)
+
+    def _prune_sharded_checkpoints(self, newest):
+        """Keep the sharded checkpoint `newest` and those of the series (as _prune_step_checkpoints keeps the
+        .pt ones); remove the others."""
+        steps = sharded_checkpoint_steps(self.path)
+        series = [s for s in steps if self._in_series(s)]
+        keep = set(series if self.keep_checkpoints < 1 else series[-self.keep_checkpoints:]) | {newest}
+        removed = [s for s in steps if s not in keep]
+        for s in removed:
+            shutil.rmtree(sharded_checkpoint_path(self.path, s))
+        if removed:
+            fsync_directory(os.path.join(self.path, CHECKPOINT_DIR))
+
+    def _remove_partial_checkpoints(self):
+        directory = os.path.join(self.path, CHECKPOINT_DIR)
+        for name in os.listdir(directory) if os.path.isdir(directory) else []:
+            if name.endswith(PARTIAL):
+                shutil.rmtree(os.path.join(directory, name))
 
     def _in_series(self, step):
         return bool(self.checkpoint_interval) and self.keep_checkpoints != 1 and step % self.checkpoint_interval == 0

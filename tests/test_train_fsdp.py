@@ -1,0 +1,136 @@
+"""./train.sh --fsdp: the app's model sharded with FSDP2 over 2 gloo processes equals one unsharded process, and
+its sharded checkpoints (torch.distributed.checkpoint) survive kill -9 and resume on 2 processes and on 1.
+
+One run of each kind, steps 1..6, checkpoints every 2 steps:
+- `one`: 1 process, no sharding, never interrupted (the reference);
+- `two`: torchrun --nproc_per_node 2 --fsdp, killed with SIGKILL (every process) while rank 0 is about to commit
+  the sharded checkpoint of step 4: its shards are written, the checkpoint is not complete; then resumed on 2
+  processes with --fsdp;
+- `two_on_one`: a copy of the killed run, resumed on 1 process.
+Both resumed runs restart from step 2 and must equal `one`: each step once, its dot products and losses and the
+final weights within float32 round-off (the two processes reduce the gradient in another order)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from ghost_results.results_io import read_run
+from ghost_results.run_directory import has_checkpoint, sharded_checkpoint_path, sharded_checkpoint_steps
+from GradDotProd_LM import train
+from GradDotProd_LM.checkpoint import read_sharded_weights
+from GradDotProd_LM.model import build_model
+
+B, STEPS = 4, 6
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAUSE_INSIDE = os.path.join(REPO, "tests", "_pause_inside.py")
+TOL = 1e-5
+
+
+def flags(data_dir, results, run_name, *extra):
+    # SGD: the weights move by the (clipped) gradients, so equal weights mean equal reduced gradients
+    return ["--architecture", "GPT2-Tiny", "--batch_size", str(B), "--seq_len", "32", "--val_batch_size", "2",
+            "--max_steps", str(STEPS), "--optimizer", "SGD", "--learning_rate", "0.1", "--min_lr", "0.01",
+            "--warmup_step", "0", "--grad_clip", "1", "--grad_accum", "2", "--eval_interval", "3",
+            "--eval_iter", "1", "--eval_bs", "2", "--dot_prod_save_interval", "2", "--checkpoint_interval", "2",
+            "--value", "first_order", "--data_dir", data_dir, "--results_dir", results, "--run_name", run_name,
+            *extra]
+
+
+def step_losses(run_dir):
+    with open(os.path.join(run_dir, "training_log.json")) as f:
+        return [(record["step"], record["loss"]) for record in json.load(f)["steps"]]
+
+
+def torchrun(*args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+
+
+def processes_naming(text):
+    """Pids of the processes whose command line holds `text` (torchrun starts its workers in sessions of their
+    own: killing its process group would leave them running)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
+
+def kill_9_at_commit(args, marker, log):
+    """torchrun --fsdp, paused when rank 0 enters the 2nd sharded checkpoint commit; every process SIGKILLed."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(torchrun(PAUSE_INSIDE, marker, "call:ghost_results.run_directory:RunDirectory."
+                                         "commit_sharded_checkpoint", "2", "GradDotProd_LM.train", *args),
+                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        deadline = time.time() + 240
+        while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        paused = os.path.exists(marker)
+        for pid in processes_naming(marker):
+            os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    with open(log) as f:
+        assert paused, f.read()[-3000:]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes through /proc")
+def test_fsdp_equals_one_process_and_its_sharded_checkpoint_resumes_on_two_and_one_process_after_kill_9(
+        data_dir, tmp_path):
+    results = str(tmp_path / "results")
+    assert train.main(flags(data_dir, results, "one")) == 0
+    two = os.path.join(results, "two")
+    kill_9_at_commit(flags(data_dir, results, "two", "--fsdp"), str(tmp_path / "paused"), tmp_path / "killed.txt")
+    # the kill left step 2's checkpoint complete and step 4's shards in a partial directory, never read
+    assert sharded_checkpoint_steps(two) == [2]
+    assert os.path.isfile(os.path.join(sharded_checkpoint_path(two, 2), "app_state.json"))
+    assert os.path.isdir(sharded_checkpoint_path(two, 4, partial=True))
+    assert not os.path.exists(os.path.join(two, "checkpoints", "latest.pt"))
+    shutil.copytree(two, os.path.join(results, "two_on_one"))
+    os.remove(os.path.join(results, "two_on_one", "run.lock"))  # the copy is another run directory's
+
+    resumed = subprocess.run(torchrun("-m", "GradDotProd_LM.train", *flags(data_dir, results, "two", "--fsdp",
+                                                                             "--resume")),
+                             capture_output=True, text=True, timeout=300, cwd=REPO,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"Resuming {two} from step 2" in resumed.stdout and "2 process(es)" in resumed.stdout
+    assert sharded_checkpoint_steps(two) == [STEPS]  # --keep_checkpoints 1: the newest alone, no partial left
+    assert os.listdir(os.path.join(two, "checkpoints")) == [os.path.basename(sharded_checkpoint_path(two, STEPS))]
+    assert train.main(flags(data_dir, results, "two_on_one", "--fsdp", "--resume")) == 0
+    assert has_checkpoint(os.path.join(results, "two_on_one"))
+
+    one = read_run(os.path.join(results, "one"), strict=True)
+    scale = np.abs(one.columns["dot_products"]).max()
+    for name in ("two", "two_on_one"):
+        run = read_run(os.path.join(results, name), strict=True)
+        assert run.missing_steps == [] and run.duplicate_steps == []
+        np.testing.assert_array_equal(run.columns["step"], np.repeat(np.arange(1, STEPS + 1), B))
+        for key in ("sample_index", "token_offset", "doc_id"):
+            np.testing.assert_array_equal(run.columns[key], one.columns[key])
+        np.testing.assert_allclose(run.columns["dot_products"], one.columns["dot_products"], rtol=TOL,
+                                   atol=TOL * scale, err_msg=name)
+        np.testing.assert_allclose(run.columns["train_loss"], one.columns["train_loss"], rtol=TOL, err_msg=name)
+        losses, expected = (step_losses(os.path.join(results, n)) for n in (name, "one"))
+        assert [s for s, _ in losses] == list(range(1, STEPS + 1))
+        np.testing.assert_allclose([v for _, v in losses], [v for _, v in expected], rtol=TOL, err_msg=name)
+
+    reference = torch.load(os.path.join(results, "one", "checkpoints", "latest.pt"), weights_only=True)["model"]
+    torch.manual_seed(42)  # the runs' seed: their initial weights
+    initial = build_model("GPT2-Tiny").state_dict()
+    assert max((reference[k] - initial[k]).abs().max().item() for k in reference) > 1e-3  # training moved them
+    sharded = read_sharded_weights(sharded_checkpoint_path(two, STEPS))
+    on_one = torch.load(os.path.join(results, "two_on_one", "checkpoints", "latest.pt"), weights_only=True)["model"]
+    for weights in (sharded, on_one):
+        assert set(weights) == set(reference)
+        for key, value in reference.items():
+            torch.testing.assert_close(weights[key], value, rtol=TOL, atol=TOL, msg=key)

@@ -161,26 +161,39 @@ def restore(model, optimizer, path):
         _load_sharded(model, optimizer, path)
         return state
     saved = _read_pt(path)
-    if _sharded(model):  # a run checkpointed without --fsdp, resumed with it: full state dicts, sharded here
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-        set_state_dict(model, optimizer, model_state_dict=saved["model"],
-                       optim_state_dict=_named_optimizer_state(model, optimizer, saved["optimizer"]),
-                       options=StateDictOptions(full_state_dict=True))
+    if _sharded(model):  # a run checkpointed without --fsdp, resumed with it: each process keeps its shards
+        _load_whole_into_sharded(model, optimizer, saved)
     else:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
     return saved
 
 
-def _named_optimizer_state(model, optimizer, saved):
-    """A plain optimizer.state_dict() (states keyed by position) keyed by parameter name, as
-    torch.distributed.checkpoint.state_dict reads it; the positions are those of `optimizer`'s groups, which
-    the app builds in the same order whether the model is sharded or not."""
-    names = {id(p): name for name, p in model.named_parameters()}
-    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    groups = [dict(group, params=[order[i] for i in group["params"]]) for group in saved["param_groups"]]
-    return {"state": {order[i]: value for i, value in saved["state"].items()}, "param_groups": groups}
+def _load_whole_into_sharded(model, optimizer, saved):
+    """Whole tensors (a latest.pt) into an FSDP2 model and its optimizer: each process copies its shard of
+    every weight and of every optimizer state shaped like its parameter."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    def shard_of(whole, like):
+        return distribute_tensor(whole.to(like.dtype), like.device_mesh, like.placements)
+
+    targets = model.state_dict()
+    missing = set(targets) - set(saved["model"])
+    if missing:
+        raise ValueError(f"the checkpoint lacks {sorted(missing)[:3]}")
+    with torch.no_grad():
+        for key, target in targets.items():
+            whole = saved["model"][key]
+            (target.to_local() if isinstance(target, DTensor) else target).copy_(
+                shard_of(whole, target).to_local() if isinstance(target, DTensor) else whole)
+    optimizer.load_state_dict(saved["optimizer"])  # positions as the app builds its groups, sharded or not
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if isinstance(p, DTensor) and torch.is_tensor(value) and value.shape == p.shape \
+                        and not isinstance(value, DTensor):
+                    state[key] = shard_of(value, p)
 
 
 def _sharded(model):

@@ -96,16 +96,17 @@ def resolve(path: str) -> str:
 def load_model(source: str, step=None):
     """(model in eval mode, description {kind, path, step, run_id, seq_len}) of a run's kept checkpoint (the app's
     model as trained, padded vocabulary included) or of a Hugging Face model directory."""
-    from GradDotProd_LM.checkpoint import checkpoint_path
+    from GradDotProd_LM.checkpoint import checkpoint_path, newest_checkpoint
     from GradDotProd_LM.export import app_model_from_checkpoint, kept_checkpoints, read_checkpoint
 
     directory = resolve(source)
     if os.path.isdir(os.path.join(directory, "checkpoints")):
         kept = kept_checkpoints(directory)
         if step is None:
-            path = checkpoint_path(directory)
-            if not os.path.isfile(path):
-                raise ValueError(f"{directory} has no checkpoint ({path})")
+            newest = newest_checkpoint(directory)
+            if newest is None:
+                raise ValueError(f"{directory} has no checkpoint ({checkpoint_path(directory)})")
+            path = newest[0]
         elif step in kept:
             path = kept[step]
         else:

@@ -20,6 +20,7 @@ import base64
 import json
 import os
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -92,7 +93,8 @@ def app_state(step, config, world_size):
             "world_size": world_size, "config": _saved_config(config), "rng": rng}
 
 
-def _read_app_state(directory):
+def read_app_state(directory):
+    """A sharded checkpoint's record (`app_state`), its random generators' states as tensors again."""
     with open(os.path.join(directory, SHARDED_APP_STATE)) as f:
         state = json.load(f)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or state.get("kind") != "sharded":
@@ -117,12 +119,11 @@ def save_sharded(model, optimizer, directory):
 def _load_sharded(model, optimizer, directory):
     """The sharded checkpoint in `directory` into `model` (sharded or not) and `optimizer`, whatever number of
     processes wrote it (collective when a process group is up)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, storage_reader=dcp.FileSystemReader(directory), no_dist=not torch.distributed.is_initialized())
+    _dcp_load(state, directory)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
@@ -131,25 +132,38 @@ def read_sharded_weights(directory):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(directory)
-    entries = reader.read_metadata().state_dict_metadata
+    entries = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
     weights = {key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
                for key, meta in entries.items()
                if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
-    dcp.load({"model": weights}, storage_reader=reader, no_dist=True)
+    _dcp_load({"model": weights}, directory, alone=True)
     return weights
+
+
+def _dcp_load(state, directory, alone=False):
+    """torch.distributed.checkpoint.load of `directory` into `state`: collective when a process group is up
+    (unless `alone`), else by this process (without the warning PyTorch then gives each time)."""
+    import torch.distributed.checkpoint as dcp
+
+    alone = alone or not torch.distributed.is_initialized()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=dcp.FileSystemReader(directory), no_dist=alone)
 
 
 def newest_checkpoint(run_dir):
     """(path, step) of the run's newest checkpoint, latest.pt or a sharded one (a run may have switched
-    between --fsdp and not), or None."""
+    between --fsdp and not), or None; (latest.pt, None) if latest.pt cannot be read."""
     found = []
     steps = sharded_checkpoint_steps(run_dir)
     if steps:
         found.append((sharded_checkpoint_path(run_dir, steps[-1]), steps[-1]))
     path = checkpoint_path(run_dir)
     if os.path.exists(path):
-        found.append((path, int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])))
+        try:
+            found.append((path, int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])))
+        except Exception:  # truncated or corrupt: returned as it is, so that reading it names the damage
+            return path, None
     return max(found, key=lambda entry: entry[1]) if found else None
 
 
@@ -157,7 +171,7 @@ def restore(model, optimizer, path):
     """Load the checkpoint at `path` (latest.pt or a sharded checkpoint's directory) into `model` and
     `optimizer`, sharded (FSDP2) or not, and return its record: step, run_id, rng, config."""
     if os.path.isdir(path):
-        state = _read_app_state(path)
+        state = read_app_state(path)
         _load_sharded(model, optimizer, path)
         return state
     saved = _read_pt(path)

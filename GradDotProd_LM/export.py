@@ -31,7 +31,8 @@ import torch
 from ghost_common.durable import default_mode, fsync_directory
 from ghost_common.flags import FlagParser
 from ghost_engine import __version__
-from GradDotProd_LM.checkpoint import CHECKPOINT_FORMAT, checkpoint_path
+from GradDotProd_LM.checkpoint import (CHECKPOINT_FORMAT, checkpoint_path, newest_checkpoint, read_app_state,
+                                       read_sharded_weights)
 from GradDotProd_LM.model import GPT2_VOCAB_SIZE, build_model
 from GradDotProd_LM.settings import load_settings, resolve_run_dir
 from pile_tools.tokenizer import EOT_ID, EOT_TEXT, default_vocab_dir
@@ -52,23 +53,34 @@ def build_parser() -> FlagParser:
 
 def kept_checkpoints(run_dir: str) -> dict[int, str]:
     """{step: path} of every readable checkpoint in <run>/checkpoints/: latest.pt and the series step_XXXXXX.pt
-    of --keep_checkpoints (latest.pt's path for its step, which it shares with the newest of the series)."""
+    of --keep_checkpoints (latest.pt's path for its step, which it shares with the newest of the series), and
+    the sharded checkpoints step_XXXXXX.dcp/ of --fsdp runs (their directories)."""
     directory = os.path.dirname(checkpoint_path(run_dir))
     found = {}
     names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
     for name in names:
-        if not name.endswith(".pt"):
-            continue
+        path = os.path.join(directory, name)
         try:
-            state = read_checkpoint(os.path.join(directory, name))
-        except ValueError:  # truncated or foreign files are not candidates
+            if name.endswith(".pt"):
+                state = read_checkpoint(path)
+            elif name.endswith(".dcp") and os.path.isdir(path):
+                state = read_app_state(path)
+            else:
+                continue
+        except (OSError, ValueError, KeyError):  # truncated or foreign files are not candidates
             continue
-        found.setdefault(int(state["step"]), os.path.join(directory, name))
+        found.setdefault(int(state["step"]), path)
     return found
 
 
 def read_checkpoint(path: str) -> dict:
-    """A checkpoint written by GradDotProd_LM.checkpoint, memory-mapped (tensors are read when used)."""
+    """A checkpoint written by GradDotProd_LM.checkpoint, memory-mapped (tensors are read when used); of a
+    sharded checkpoint (a directory), its record with the model's weights read whole."""
+    if os.path.isdir(path):
+        try:
+            return dict(read_app_state(path), model=read_sharded_weights(path))
+        except Exception as err:  # a missing or damaged part: torch and json raise several types
+            raise ValueError(f"cannot read the sharded checkpoint {path} ({type(err).__name__}: {err})") from err
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # truncated or corrupt: torch raises several types
@@ -259,10 +271,11 @@ def main(argv=None) -> int:
         parser.error(f"RUN {args.run!r}: neither a directory nor a run under {load_settings().results_dir}")
     kept = kept_checkpoints(run_dir)
     if args.step is None:
-        checkpoint = checkpoint_path(run_dir)
-        if not os.path.isfile(checkpoint):
-            parser.error(f"{run_dir} has no checkpoint ({checkpoint}); was it trained to its first "
+        newest = newest_checkpoint(run_dir)
+        if newest is None:
+            parser.error(f"{run_dir} has no checkpoint ({checkpoint_path(run_dir)}); was it trained to its first "
                          "--checkpoint_interval, the end, or a stop signal?")
+        checkpoint = newest[0]
     elif args.step in kept:
         checkpoint = kept[args.step]
     else:

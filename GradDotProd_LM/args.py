@@ -223,7 +223,7 @@ def _optimisation_flags(g, d):
                    help="under torchrun, shard parameters, gradients and optimizer state over the processes (FSDP2 "
                         "fully_shard per transformer block; bfloat16 through its mixed-precision policy) and write "
                         "sharded checkpoints (checkpoints/step_XXXXXX.dcp/), which a resume reads on any number of "
-                        "processes; --value first_order only (docs/training.md)")
+                        "processes; --value auto, adamw or first_order (docs/training.md)")
     g.add_argument("--replicate_degree", type=_positive_int, metavar="R",
                    help="with --fsdp: R replicas, each sharded over processes / R (HSDP: shards within a node, "
                         "replicas across nodes) [1]")
@@ -569,9 +569,10 @@ def _check_fsdp(cfg, fail, world_size):
     if world_size % cfg["replicate_degree"]:
         fail(f"--replicate_degree {cfg['replicate_degree']} must divide the {world_size} processes",
              "replicate_degree")
-    if cfg["value"] != "first_order" and cfg["method"] == "GradDotProd":
-        fail(f"--fsdp values first_order only (the engine does not compute --value {cfg['value']} from sharded "
-             "optimizer state yet): pass --value first_order, or train without --fsdp", "value", "fsdp")
+    if cfg["value"] not in ("first_order", "adamw"):
+        fail(f"--fsdp values first_order and adamw (--value {cfg['value']} needs the step's whole batch gradient "
+             "or per-sample norms of sharded parameters): pick one of them, or train without --fsdp",
+             "value", "fsdp")
     if cfg["project_dim"]:
         fail("--fsdp with --project_dim: projections of a sharded model are not supported yet; train without "
              "--fsdp", "project_dim", "fsdp")

@@ -358,7 +358,9 @@ class _Tap(torch.autograd.Function):
                     *projected, *(None,) * (2 * n_params), *(None,) * len(ctx.channel_dtypes))
         val_grads = rule.val_grads(module, act_v, grad_v)  # fresh tensors, owned here
         # adamw: the dot products are taken with D ⊙ G_val; .grad still gets the unpreconditioned -G_val
-        precond = dict(zip(layer.params, precond))
+        # FSDP2: D is sharded like its parameter; its layer's whole D is gathered here, one layer at a time (every
+        # process runs the layers' backward in the same order)
+        precond = dict(zip(layer.params, (d.full_tensor() if is_dtensor(d) else d for d in precond)))
 
         def against(local, val_grad):
             return val_grad * precond[local] if precond else val_grad

@@ -77,20 +77,32 @@ def fixed_state_sensitivity(optimizer, group, p, dtype, out=None) -> torch.Tenso
     """D = -∂θ_{t+1}/∂g of Adam/AdamW with the second moment held at v_{t-1} (the "adamw" estimator's form):
     lr·(1-β1)/(1-β1^t) / (√v_{t-1}/√(1-β2^t) + eps), in `dtype`; v_{t-1} = 0 before the first step. Neither
     weight decay depends on g here (the coupled one shifts g by a constant). `out`: the previous step's D of
-    this parameter, written over (no new allocation, on CPU no new pages to fault in)."""
+    this parameter, written over (no new allocation, on CPU no new pages to fault in). An FSDP2 parameter (a
+    DTensor) gets a DTensor D of the same placements: each process computes its shard's."""
     state = optimizer.state.get(p, {})
     (beta1, beta2), eps = group["betas"], group["eps"]
     t = _scalar(state.get("step", 0.0)) + 1
     sqrt_bc2 = (1 - beta2 ** t) ** 0.5
     # D = c / (√v + eps·√bc2) with c = lr·(1-β1)/bc1·√bc2: three passes over v
     c = _scalar(group["lr"]) * (1 - beta1) / (1 - beta1 ** t) * sqrt_bc2
-    reuse = out is not None and out.shape == p.shape and out.dtype == dtype and out.device == p.device
-    root = out if reuse else torch.empty(p.shape, dtype=dtype, device=p.device)
-    if "exp_avg_sq" in state:
-        torch.sqrt(state["exp_avg_sq"].detach().to(device=p.device, dtype=dtype), out=root)
+    v = state.get("exp_avg_sq")
+    sharded = hasattr(p, "device_mesh")  # an FSDP2 parameter (a DTensor): D of this process's shard, D's layout
+    local = p.to_local() if sharded else p
+    if sharded:
+        v = None if v is None else v.to_local()
+        out = None if out is None else out.to_local()
+    reuse = out is not None and out.shape == local.shape and out.dtype == dtype and out.device == local.device
+    root = out if reuse else torch.empty(local.shape, dtype=dtype, device=local.device)
+    if v is not None:
+        torch.sqrt(v.detach().to(device=local.device, dtype=dtype), out=root)
     else:
         root.zero_()
-    return root.add_(eps * sqrt_bc2).reciprocal_().mul_(c)
+    root.add_(eps * sqrt_bc2).reciprocal_().mul_(c)
+    if sharded:
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(root, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+    return root
 
 
 def _sgd(group, state, p, g, update):

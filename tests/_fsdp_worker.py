@@ -3,10 +3,13 @@ MODEL RESHARD MICRO_BATCHES OUT.json [fsdp|hsdp] [reattach]`. Every rank trains 
 through a fully_shard-ed model with the engine attached; rank 0 compares the gathered dot products and the
 full .grad with the float64 torch.func reference of the unsharded model on the whole batch. `reattach`: a step
 first (no update), then engine.detach() and attach() again, so that the measured step runs on hooks put back
-after a detach (FSDP2 keeps the same unsharded parameter objects from step to step)."""
+after a detach (FSDP2 keeps the same unsharded parameter objects from step to step). `adamw`: value="adamw" under
+AdamW, measured at the second step (a first step gives v its values); the reference takes D from the optimizer's
+state gathered whole, and the reference model the weights after the first step."""
 import copy
 import json
 import sys
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -15,7 +18,7 @@ from torch.distributed.fsdp import fully_shard
 
 from _leave import leave_together
 from _models import lm_batch, tiny_gpt2, tiny_llama
-from _reference import reference_dot_products, reference_train_grad
+from _reference import adamw_sensitivity, reference_adamw_values, reference_dot_products, reference_train_grad
 from ghost_engine import GradDotProdEngine
 
 ROWS_PER_RANK, T = 2, 12
@@ -29,6 +32,21 @@ def build(model_name):
 
     family, tie = model_name.rsplit("-", 1)
     return FAMILIES[family](tie == "tied").eval()  # no dropout (OPT has 0.1)
+
+
+def whole_sensitivity(model, optimizer):
+    """adamw's reference D from the sharded optimizer's state, every tensor gathered whole (collective)."""
+    named, groups, state = {}, [], {}
+    for group in optimizer.param_groups:
+        params = []
+        for p in group["params"]:
+            whole = p.full_tensor()
+            named[next(n for n, q in model.named_parameters() if q is p)] = whole
+            state[whole] = {k: v.full_tensor() if hasattr(v, "full_tensor") else v
+                            for k, v in optimizer.state[p].items()}
+            params.append(whole)
+        groups.append(dict(group, params=params))
+    return adamw_sensitivity(SimpleNamespace(param_groups=groups, state=state), named)
 
 
 def main(model_name, reshard, micro_batches, out_path, mesh_kind="fsdp", reattach=""):
@@ -48,8 +66,20 @@ def main(model_name, reshard, micro_batches, out_path, mesh_kind="fsdp", reattac
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
 
-    engine = GradDotProdEngine(model, val_batch=(Xv, Yv)).attach()
     mine = slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
+    if reattach == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        engine = GradDotProdEngine(model, val_batch=(Xv, Yv), value="adamw").attach(optimizer)
+        Xc, Yc = engine.prepare_forward_input(X[mine], Y[mine])
+        model(input_ids=Xc, labels=Yc).loss.backward()
+        engine.prepare_gradients()
+        engine.aggregate_and_log()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        reference.load_state_dict({k: v.full_tensor().double() for k, v in model.state_dict().items()})
+        sensitivity = whole_sensitivity(model, optimizer)
+    else:
+        engine = GradDotProdEngine(model, val_batch=(Xv, Yv)).attach()
     if reattach == "reattach":
         Xc, Yc = engine.prepare_forward_input(X[mine], Y[mine])
         model(input_ids=Xc, labels=Yc).loss.backward()
@@ -66,8 +96,10 @@ def main(model_name, reshard, micro_batches, out_path, mesh_kind="fsdp", reattac
     gathered = [torch.empty_like(dots) for _ in range(world)]
     dist.all_gather(gathered, dots)
     grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}  # collective
+    whole = sensitivity if reattach == "adamw" else None
     if rank == 0:
-        ref_dots = sum(reference_dot_products(reference, X, Y, Xv, Yv).values())
+        ref_dots = sum((reference_adamw_values(reference, X, Y, Xv, Yv, whole) if whole is not None
+                        else reference_dot_products(reference, X, Y, Xv, Yv)).values())
         ref_grads = reference_train_grad(reference, X, Y)
         got = torch.cat(gathered).double()
         scale = max(float(r.abs().max()) for r in ref_grads.values())

@@ -2,7 +2,8 @@
 FSDP's reduce-scatter) equal the float64 torch.func reference of the unsharded model on the whole batch.
 Cases: tied (GPT-2, Gemma) and untied (Llama, GPT-NeoX) embeddings, each with and without resharding after
 forward, one and two micro-batches, parameters Shard(0) over both ranks (FSDP) or Replicate + Shard(0) on a
-[2 replicas, 1 shard] mesh (HSDP); and a step measured after detach() and attach() again."""
+[2 replicas, 1 shard] mesh (HSDP); a step measured after detach() and attach() again; and value="adamw" at the
+second AdamW step, against D of the optimizer's state gathered whole (each layer's D is gathered in its backward)."""
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ TOL = 1e-4
 
 @pytest.mark.parametrize("model,reshard,micro_batches,mesh", [
     ("gpt2", "reshard", 1, "fsdp"), ("llama", "keep", 2, "fsdp"), ("gemma-tied", "keep", 2, "fsdp"),
-    ("gpt_neox-untied", "reshard", 1, "hsdp"), ("llama", "keep", 1, "fsdp-reattach")])
+    ("gpt_neox-untied", "reshard", 1, "hsdp"), ("llama", "keep", 1, "fsdp-reattach"), ("gpt2", "reshard", 1, "fsdp-adamw")])
 def test_fully_sharded_model_is_exact(model, reshard, micro_batches, mesh, tmp_path):
     out = str(tmp_path / "report.json")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]))

@@ -40,6 +40,11 @@ def dirs(tmp_path):
     (["--report_to", "csv,mlflow"], "--report_to: mlflow: choose from none or a comma-separated list of csv"),
     (["--report_to", "none,csv"], "none cannot be combined"),
     (["--results_format", "hdf5"], "--results_format: invalid choice: 'hdf5'"),
+    (["--replicate_degree", "2"], "--replicate_degree 2 needs --fsdp"),
+    (["--fsdp", "--replicate_degree", "2"], "--replicate_degree 2 must divide the 1 processes"),
+    (["--fsdp", "--value", "midpoint"], "--fsdp values first_order and adamw"),
+    (["--fsdp", "--value", "first_order", "--project_dim", "64"], "--fsdp with --project_dim"),
+    (["--fsdp", "--value", "first_order", "--compile"], "--fsdp with --compile is not supported"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(flags, message, dirs, capsys, tmp_path):
     results_before = os.path.exists(tmp_path / "results")

@@ -1,7 +1,8 @@
 """Training data in nanoGPT's, Megatron's and Hugging Face's formats: the same token documents written in each format
 and in pile_tools' own (through SplitWriter) give the same batches with the same provenance, and that provenance
 names the documents written (checked against them, not against a reader); bad inputs stop with the file named; a
-short app run per format records the rows it trained on, and a changed file stops --resume."""
+short app run per format records the rows it trained on, the report reads their text back, curation refuses
+them, and a changed file stops --resume."""
 import json
 import os
 import struct
@@ -9,11 +10,14 @@ import struct
 import numpy as np
 import pytest
 
+from ghost_results.report import TextSource, shorten
 from ghost_results.results_io import read_run
 from GradDotProd_LM import train
+from GradDotProd_LM.curate import CurationError, curate
 from GradDotProd_LM.run_files import data_identity
 from pile_tools.reader import PileReader
 from pile_tools.split_writer import SplitWriter
+from pile_tools.tokenizer import load_gpt2_tokenizer
 
 EOT = 50256
 IDENTITY = {"name": "gpt2-bpe", "vocab_size": 50257, "eot_id": EOT}  # the formats' default vocabulary
@@ -327,6 +331,12 @@ def test_app_trains_on_each_format_and_resume_sees_a_changed_file(formats, name,
     with open(os.path.join(run_dir, "config.json")) as f:
         config = json.load(f)
     assert config["data_identity"] == data_identity(data) and config["data_tokenizer"] == IDENTITY
+    text = TextSource(config)  # the report's snippets read the same windows back
+    assert text.available, text.reason
+    assert text.snippet(cols["domain"][0], cols["token_offset"][0], T - 1) == shorten(
+        load_gpt2_tokenizer().decode(native.read_tokens(cols["domain"][0], int(cols["token_offset"][0]), T)))
+    with pytest.raises(CurationError, match="not a pile_tools corpus: curation writes"):
+        curate(run_dir, str(tmp_path / "curated"), amount="1")
     capsys.readouterr()
     path, before = _change(name, data)
     try:

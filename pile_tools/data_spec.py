@@ -165,7 +165,10 @@ def _detected_spec(data_dir: str, kind: str) -> dict:
                 if os.path.isfile(os.path.join(data_dir, name))}
     if not os.path.isfile(os.path.join(data_dir, "dataset_dict.json")):
         return {"train": {domain: {"format": "hf", "path": "."}}}
-    saved = read_json(os.path.join(data_dir, "dataset_dict.json")).get("splits", [])
+    manifest = read_json(os.path.join(data_dir, "dataset_dict.json"))
+    saved = manifest.get("splits") if isinstance(manifest, dict) else None
+    if not isinstance(saved, list):
+        raise ValueError(f"{data_dir}/dataset_dict.json lists no splits: not a DatasetDict written by save_to_disk")
     spec = {}
     for split, names in HF_SPLIT_NAMES.items():
         found = next((name for name in names if name in saved), None)

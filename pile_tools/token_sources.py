@@ -120,29 +120,7 @@ class MegatronIndexed:
     def __init__(self, prefix: str):
         self.path = prefix
         idx, bin_path = prefix + ".idx", prefix + ".bin"
-        idx_size = _size(idx, "Megatron index")
-        with open(idx, "rb") as f:
-            head = f.read(MEGATRON_HEADER.size)
-        if head[:len(MEGATRON_MAGIC)] != MEGATRON_MAGIC:
-            older = " (the older TNTIDX indexed dataset: re-preprocess with the mmap implementation)" \
-                if head.startswith(b"TNTIDX") else ""
-            raise ValueError(f"{idx} does not start with Megatron's {MEGATRON_MAGIC!r} but {head[:9]!r}{older}: it is "
-                             "not an MMIDIDX index")
-        if len(head) < MEGATRON_HEADER.size:
-            raise ValueError(f"{idx} ends inside its header ({idx_size} bytes): the index is truncated")
-        _, version, code, n_seq, n_doc_index = MEGATRON_HEADER.unpack(head)
-        if version != 1:
-            raise ValueError(f"{idx} is MMIDIDX version {version}; this reader knows version 1")
-        if code not in MEGATRON_DTYPES:
-            raise ValueError(f"{idx} gives dtype code {code}, which this reader does not know (Megatron's codes: "
-                             f"{ {c: np.dtype(t).name for c, t in MEGATRON_DTYPES.items()} })")
-        self.dtype = np.dtype(MEGATRON_DTYPES[code])
-        if self.dtype.kind == "f":
-            raise ValueError(f"{idx} gives dtype code {code} ({self.dtype.name}): floating-point values, not token ids")
-        expected = MEGATRON_HEADER.size + n_seq * (4 + 8) + n_doc_index * 8
-        if idx_size not in (expected, expected + n_seq):  # + S: a multimodal index's sequence modes
-            raise ValueError(f"{idx} holds {idx_size} bytes but its header describes {expected} ({n_seq} sequences, "
-                             f"{n_doc_index} document indices): the index is truncated or damaged")
+        self.dtype, n_seq, n_doc_index = _megatron_header(idx)
         offset = MEGATRON_HEADER.size
         lengths = _map(idx, np.int32, n_seq, offset)
         pointers = _map(idx, np.int64, n_seq, offset + 4 * n_seq)
@@ -156,7 +134,7 @@ class MegatronIndexed:
             raise ValueError(f"{bin_path} holds {size} bytes but {os.path.basename(idx)} describes {described} "
                              f"({described // self.dtype.itemsize} {self.dtype.name} tokens in {n_seq} sequences): the "
                              ".bin is truncated or belongs to another index")
-        if idx_size <= SCAN_LIMIT_BYTES:  # a larger index is trusted beyond its ends (each batch is still checked)
+        if os.path.getsize(idx) <= SCAN_LIMIT_BYTES:  # a larger index is trusted beyond its ends (each batch is still checked)
             _check_back_to_back(idx, lengths, pointers, doc_index, self.dtype.itemsize)
         self.num_tokens = size // self.dtype.itemsize
         self.tokens = _map(bin_path, self.dtype, self.num_tokens)
@@ -306,6 +284,36 @@ def _checked_max(tokens, where: str) -> int:
     if smallest < 0:
         raise ValueError(f"{where} holds the negative token id {smallest}: the file is not token ids or is damaged")
     return largest
+
+
+def _megatron_header(idx: str) -> tuple[np.dtype, int, int]:
+    """(token dtype, sequence count, document-index count) of a Megatron .idx, its header and size checked."""
+    idx_size = _size(idx, "Megatron index")
+    with open(idx, "rb") as f:
+        head = f.read(MEGATRON_HEADER.size)
+    if head[:len(MEGATRON_MAGIC)] != MEGATRON_MAGIC:
+        older = " (the older TNTIDX indexed dataset: re-preprocess with the mmap implementation)" \
+            if head.startswith(b"TNTIDX") else ""
+        raise ValueError(f"{idx} does not start with Megatron's {MEGATRON_MAGIC!r} but {head[:9]!r}{older}: it is "
+                         "not an MMIDIDX index")
+    if len(head) < MEGATRON_HEADER.size:
+        raise ValueError(f"{idx} ends inside its header ({idx_size} bytes): the index is truncated")
+    _, version, code, n_seq, n_doc_index = MEGATRON_HEADER.unpack(head)
+    if version != 1:
+        raise ValueError(f"{idx} is MMIDIDX version {version}; this reader knows version 1")
+    if code not in MEGATRON_DTYPES:
+        raise ValueError(f"{idx} gives dtype code {code}, which this reader does not know (Megatron's codes: "
+                         f"{ {c: np.dtype(t).name for c, t in MEGATRON_DTYPES.items()} })")
+    dtype = np.dtype(MEGATRON_DTYPES[code])
+    if dtype.kind == "f":
+        raise ValueError(f"{idx} gives dtype code {code} ({dtype.name}): floating-point values, not token ids")
+    expected = MEGATRON_HEADER.size + n_seq * (4 + 8) + n_doc_index * 8
+    if idx_size not in (expected, expected + n_seq):  # + S: a multimodal index's sequence modes
+        fairseq = MEGATRON_HEADER.size - 8 + n_seq * (4 + 8) == idx_size  # no document count, no document index
+        raise ValueError(f"{idx} holds {idx_size} bytes but its header describes {expected} ({n_seq} sequences, "
+                         f"{n_doc_index} document indices): " + ("it is fairseq's MMIDIDX, which has no documents"
+                                                                 if fairseq else "the index is truncated or damaged"))
+    return dtype, n_seq, n_doc_index
 
 
 def _check_back_to_back(idx: str, lengths, pointers, doc_index, itemsize: int) -> None:

@@ -9,6 +9,7 @@ import struct
 
 import numpy as np
 import pytest
+import yaml
 
 from ghost_results.report import TextSource, shorten
 from ghost_results.results_io import read_run
@@ -205,6 +206,9 @@ def test_document_boundaries_by_format(tmp_path):
     np.testing.assert_array_equal(r.document_starts("h"), [0, 2, 2])
     np.testing.assert_array_equal(r.doc_id_at("h", [1, 2]), [0, 2])
     assert r.document_source("m", 1) == (prefix, 1)
+    with open(spec) as f:  # the same spec in YAML
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump(json.load(f)))
+    np.testing.assert_array_equal(PileReader(str(tmp_path / "s.yaml")).document_starts("m"), [0, 4])
 
 
 # --- bad inputs ---------------------------------------------------------------------------------------------------
@@ -223,6 +227,16 @@ def _truncated(tmp_path, corpus):
     with open(tmp_path / "train.bin", "r+b") as f:
         f.truncate(os.path.getsize(tmp_path / "train.bin") - 6)
     return spec, r"train.bin holds \d+ bytes but train.idx describes \d+ .*truncated"
+
+
+def _fairseq(tmp_path, corpus):
+    """fairseq's MMIDIDX: the same magic and version, no document count and no document index."""
+    spec = _megatron_spec(tmp_path, corpus)
+    raw = open(tmp_path / "train.idx", "rb").read()
+    _, _, _, n_seq, n_doc_index = struct.unpack("<9sQBQQ", raw[:34])
+    with open(tmp_path / "train.idx", "wb") as f:
+        f.write(raw[:26] + raw[34:34 + 12 * n_seq])
+    return spec, "it is fairseq's MMIDIDX, which has no documents"
 
 
 def _no_validation(tmp_path, corpus):
@@ -249,6 +263,7 @@ BAD_INPUTS = {
     "unknown dtype code": (lambda p, c: (_megatron_spec(p, c, code=9), "dtype code 9, which this reader does not know")),
     "float dtype code": (lambda p, c: (_megatron_spec(p, c, code=7, dtype=np.float32), "floating-point values")),
     "truncated bin": _truncated,
+    "fairseq index": _fairseq,
     "missing split": _no_validation,
     "ids beyond the vocabulary": _beyond_vocabulary,
     "hf without input_ids": _hf_without_input_ids,

@@ -47,7 +47,6 @@ class Split:
     where: str  # the split as messages name it: its directory, or the spec and the split
     domains: dict  # domain -> token source
     tokenizer: dict  # the vocabulary's identity (native: ingest.json's "tokenizer", possibly malformed)
-    state: dict | None = None  # ingest.json of a native split
 
 
 def data_format(data_dir: str) -> str:
@@ -229,7 +228,7 @@ def _open_native(data_dir: str, split: str) -> Split:
                              "damaged or was not written by pile_tools: re-tokenize this split")
         manifest = domain_paths(split_dir, slug)["manifest"]
         domains[name] = NativeDomain(split_dir, read_manifest(manifest, ()), state.get("inputs", []))
-    return Split(split_dir, domains, state.get("tokenizer"), state)
+    return Split(split_dir, domains, state.get("tokenizer"))
 
 
 def read_manifest(path: str, keys) -> dict:

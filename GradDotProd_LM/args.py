@@ -19,6 +19,7 @@ from ghost_common.flags import FlagParser
 from ghost_engine.values import AUTO, CHOICES, DEFERRED, value_for
 from GradDotProd_LM.architectures import ARCHITECTURE_NAMES, ATTENTIONS, named_max_seq_len, supports_lowrank_attention
 from GradDotProd_LM.settings import load_settings
+from pile_tools.layout import SPEC_SUFFIXES
 
 METHODS = ("GradDotProd", "Regular")
 OPTIMIZERS = ("AdamW", "SGD")
@@ -177,8 +178,11 @@ def _run_flags(g, d):
                         "with -lowrank<r>x<c> appended for --attention lowrank]")
     g.add_argument("--results_dir", help="[$GRADDOTPROD_RESULTS_DIR, else RESULTS_DIR of the settings file "
                    "(./config_file.py), else ./Results]")
-    g.add_argument("--data_dir", help="tokenized Pile written by pile_tools [$GRADDOTPROD_PILE_DATA_DIR, else "
-                   "PILE_DATA_DIR of the settings file, else ./data/pile_tokenized; if absent, the bundled sample]")
+    g.add_argument("--data_dir", help="tokenized Pile written by pile_tools, a nanoGPT (train.bin, val.bin) or "
+                   "Hugging Face save_to_disk directory of token ids, or a data spec FILE.json/.yaml naming "
+                   "nanoGPT, Megatron or Hugging Face files per split (docs/training.md) [$GRADDOTPROD_PILE_DATA_DIR, "
+                   "else PILE_DATA_DIR of the settings file, else ./data/pile_tokenized; if absent, the bundled "
+                   "sample]")
     g.add_argument("--resume", action="store_true", help="continue Results/<run_name> from its last checkpoint")
     g.add_argument("--accept_data_change", action="store_true",
                    help="with --resume: continue although the data under --data_dir changed since the run started "
@@ -624,9 +628,12 @@ def _check_values(cfg, fail, world_size):
     if cfg["lr_decay_steps"] is not None and cfg["lr_decay_steps"] < cfg["warmup_step"]:
         fail(f"--lr_decay_steps {cfg['lr_decay_steps']} must be >= --warmup_step {cfg['warmup_step']}",
              "lr_decay_steps", "warmup_step")
-    for flag in ("data_dir", "init_from"):
-        if cfg[flag] is not None and not os.path.isdir(cfg[flag]):
-            fail(f"--{flag} {cfg[flag]}: no such directory", flag)
+    if cfg["init_from"] is not None and not os.path.isdir(cfg["init_from"]):
+        fail(f"--init_from {cfg['init_from']}: no such directory", "init_from")
+    data = cfg["data_dir"]
+    if data is not None and not os.path.isdir(data) and not (os.path.isfile(data) and data.endswith(SPEC_SUFFIXES)):
+        fail(f"--data_dir {data}: no such directory" + (f" (a data spec ends with {', '.join(SPEC_SUFFIXES)})"
+                                                       if os.path.isfile(data) else ""), "data_dir")
     if cfg["report_to"] and not cfg["eval_only"]:
         from GradDotProd_LM.experiment_log import missing_packages  # numpy, pyarrow: only with --report_to
 

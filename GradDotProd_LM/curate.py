@@ -10,7 +10,8 @@ RUN is a run directory, or the name of a run under the results directory. Its va
 `ghost_results.analysis.compute_values` with the run's estimator and --convention, summed per document
 (domain, doc_id: the document a window starts in) or per window (domain, token_offset) by `analysis.aggregate`.
 The corpus is the run's --data_dir (config.json's data_dir), which must be the data the run trained on:
-config.json's data_identity is compared with the directory now.
+config.json's data_identity is compared with the directory now. It must be in pile_tools' own format: a run on
+nanoGPT, Megatron or Hugging Face token files (pile_tools.data_spec) is refused.
 
 What is removed
 - The amount is a count (`500`) or a percentage (`10%`, `2.5%`) of the units the run valued (documents or
@@ -66,6 +67,7 @@ from ghost_results.report import code_cell, dominant_steps, shorten
 from ghost_results.results_io import ResultsFormatError, read_run
 from GradDotProd_LM.run_files import data_identity, describe_data_change
 from GradDotProd_LM import settings
+from pile_tools.data_spec import data_format
 from pile_tools.layout import SPLITS
 from pile_tools.reader import PileReader
 from pile_tools.subset import copy_split, split_state, write_subset
@@ -170,8 +172,17 @@ def check_data(config: dict, run_dir: str) -> str:
     if not data_dir:
         raise CurationError(f"{run_dir}/config.json names no data_dir: the run's corpus is unknown (runs of the "
                             "integrations are not curated from a pile_tools corpus)")
-    if not os.path.isdir(data_dir):
+    if not os.path.exists(data_dir):
         raise CurationError(f"the run's data directory {data_dir} (config.json's data_dir) is missing")
+    try:
+        kind = data_format(data_dir)
+    except ValueError as err:
+        raise CurationError(f"the run's data: {err}") from None
+    if kind != "native":
+        what = "a data spec" if kind == "spec" else f"a {kind} dataset"
+        raise CurationError(f"the run trained on {data_dir} ({what}), not a pile_tools corpus: curation writes "
+                            "pile_tools' format from a corpus in that format only (its documents' origins and "
+                            "tokenizer files); tokenize the texts with `python -m pile_tools tokenize` to curate them")
     saved = config.get("data_identity")
     if not isinstance(saved, dict):
         raise CurationError(f"{run_dir}/config.json records no data_identity: cannot tell whether {data_dir} is "

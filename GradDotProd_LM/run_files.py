@@ -7,11 +7,30 @@ the app uses before a run is opened (read_json, read_valset_tokens, the lock).
 import hashlib
 import os
 
+from pile_tools.data_spec import data_files
+
+WHOLE_HASH_LIMIT = 64 << 20  # a larger index is identified by its size, first and last MiB
+EDGE_BYTES = 1 << 20
+
 
 def data_identity(data_dir):
-    """What the run's data is: {relative path: sha256} of every manifest (ingest.json and the per-domain
-    .json files) and {relative path: size} of every token file. Cheap to compute (no token file is read);
-    any ingest, added domain or changed split changes it."""
+    """What the run's data is. A pile_tools corpus: {relative path: sha256} of every manifest (ingest.json and the
+    per-domain .json files) and {relative path: size} of every token file. Another format
+    (pile_tools.data_spec.data_files): {path: sha256} of the spec, the indices and the dataset manifests, {path: size}
+    of the token files (None: missing), paths relative to the spec's (or the dataset's) directory when inside it.
+    Cheap to compute (no token file is read); any ingest, added domain, changed split or rewritten file changes it."""
+    files = data_files(data_dir)
+    if files is not None:
+        base = os.path.dirname(os.path.abspath(data_dir)) if os.path.isfile(data_dir) else os.path.abspath(data_dir)
+        identity = {}
+        for path, kind in sorted(files.items()):
+            rel = os.path.relpath(path, base)
+            key = path if rel.startswith(os.pardir) else rel
+            if not os.path.isfile(path):
+                identity[key] = None
+            else:
+                identity[key] = os.path.getsize(path) if kind == "size" else content_hash(path)
+        return identity
     identity = {}
     for root, _, names in sorted(os.walk(data_dir)):
         for name in sorted(names):
@@ -33,3 +52,19 @@ def describe_data_change(saved, now):
     parts = [f"{label} {names[:4]}{'...' if len(names) > 4 else ''}"
              for label, names in (("added", added), ("removed", removed), ("changed", changed)) if names]
     return "; ".join(parts)
+
+
+def content_hash(path):
+    """sha256 of a file; of its size, first and last MiB when it is over WHOLE_HASH_LIMIT (a Megatron index of the
+    whole Pile is gigabytes: a rewrite still changes its counts, pointers or size)."""
+    digest = hashlib.sha256()
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        if size <= WHOLE_HASH_LIMIT:
+            digest.update(f.read())
+            return digest.hexdigest()
+        digest.update(str(size).encode())
+        digest.update(f.read(EDGE_BYTES))
+        f.seek(size - EDGE_BYTES)
+        digest.update(f.read(EDGE_BYTES))
+    return "edges:" + digest.hexdigest()

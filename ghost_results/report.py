@@ -47,7 +47,7 @@ class TextSource:
         if not data_dir:
             self.reason = "config.json names no data_dir"
             return
-        if not os.path.isdir(data_dir):
+        if not os.path.exists(data_dir):  # a directory, or a data spec file (pile_tools.data_spec)
             self.reason = f"data directory {data_dir!r} not found"
             return
         try:

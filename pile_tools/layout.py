@@ -21,6 +21,7 @@ from ghost_common.durable import write_atomically
 SPLITS = ("train", "validation", "test")
 TOKEN_DTYPE = "uint16"
 INGEST_FILE = "ingest.json"
+SPEC_SUFFIXES = (".json", ".yaml", ".yml")  # a data spec naming other formats' files (pile_tools.data_spec)
 
 
 def domain_slug(domain: str, taken=()) -> str:

@@ -1,17 +1,21 @@
 """Memory-mapped reader of a tokenized corpus: random [B, T+1] windows with provenance.
 
+The corpus is pile_tools' own format or a nanoGPT, Megatron or Hugging Face dataset (pile_tools.data_spec says how
+one is named); every domain is a token stream with its document starts (pile_tools.token_sources), so the same
+tokens give the same rows, offsets and documents in every format.
+
 Batches are pure functions of (seed, step, batch_size, seq_len, mixture): the generator is seeded by
 (seed, step), so resuming at step k is just asking for step k, and every DDP rank computes the same
 global batch and keeps its own disjoint slice of rows.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from pile_tools.layout import INGEST_FILE, check_split, domain_paths, read_json
+from pile_tools.data_spec import open_split
+from pile_tools.layout import INGEST_FILE, check_split
 
 FIXED_BATCH_STREAM = 1  # separates fixed_batch's random stream from get_batch's (which uses the step)
 
@@ -28,79 +32,17 @@ class Batch:
         return len(self.domain)
 
 
-class _Domain:
-    """One domain's files, mapped lazily (nothing is read into RAM)."""
-
-    def __init__(self, split_dir: str, manifest: dict):
-        self.manifest = manifest
-        self.name = manifest["domain"]
-        self.num_tokens = int(manifest["num_tokens"])
-        self.num_documents = int(manifest["num_documents"])
-        largest = manifest.get("max_token_id")  # recorded at ingest; None for splits written before it was
-        self.max_token_id = largest if isinstance(largest, int) else None
-        self._paths = {key: os.path.join(split_dir, manifest[f"{key}_file"]) for key in ("token", "doc_starts", "doc_origin")}
-        dtype = manifest.get("dtype", "uint16")
-        if dtype not in ("uint16", "uint32"):
-            raise ValueError(f"{self._paths['token']}: its manifest gives token dtype {dtype!r}; expected uint16 "
-                             "or uint32: re-tokenize")
-        self.dtype = np.dtype(dtype)
-        if os.path.getsize(self._paths["token"]) != self.dtype.itemsize * self.num_tokens:
-            raise ValueError(f"{self._paths['token']} does not hold the {self.num_tokens} tokens its manifest says; re-tokenize")
-        self._tokens = self._doc_starts = None
-
-    @property
-    def tokens(self) -> np.ndarray:
-        if self._tokens is None:
-            self._tokens = np.memmap(self._paths["token"], dtype=self.dtype, mode="r", shape=(self.num_tokens,))
-        return self._tokens
-
-    @property
-    def doc_starts(self) -> np.ndarray:
-        if self._doc_starts is None:
-            self._doc_starts = np.memmap(self._paths["doc_starts"], dtype=np.int64, mode="r", shape=(self.num_documents,))
-        return self._doc_starts
-
-    def doc_origin(self, doc_id: int) -> tuple[int, int]:
-        origin = np.memmap(self._paths["doc_origin"], dtype=np.int64, mode="r", shape=(self.num_documents, 2))
-        return int(origin[doc_id, 0]), int(origin[doc_id, 1])
-
-
-def _read_manifest(path: str, keys) -> dict:
-    """A JSON manifest of a tokenized split, or a ValueError naming the file (damaged, foreign, missing)."""
-    try:
-        state = read_json(path)
-    except FileNotFoundError:
-        raise ValueError(f"{path} is missing: the split is incomplete; re-tokenize it") from None
-    except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
-        raise ValueError(f"{path} is not a readable manifest ({type(err).__name__}: {err}); the file is damaged: "
-                         "re-tokenize this split") from None
-    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise ValueError(f"{path} lacks {missing}; it was not written by pile_tools or is damaged: re-tokenize")
-    return state
-
-
 class PileReader:
+    """Batches of one split of the data `data_dir` names: a pile_tools corpus, a data spec, or a nanoGPT or Hugging
+    Face directory (pile_tools.data_spec); each domain is a token source (pile_tools.token_sources)."""
+
     def __init__(self, data_dir: str, split: str = "train", domains=None, seed: int = 0):
         check_split(split)
         self.data_dir, self.split, self.seed = data_dir, split, int(seed)
-        self.split_dir = os.path.join(data_dir, split)
-        state_path = os.path.join(self.split_dir, INGEST_FILE)
-        if not os.path.exists(state_path):
-            raise ValueError(f"{self.split_dir} is not a tokenized split (no {INGEST_FILE}); run `python -m pile_tools tokenize`")
-        self._state = _read_manifest(state_path, ("status", "domains"))
-        if self._state["status"] != "complete":
-            raise ValueError(f"tokenization of {self.split_dir} did not finish; re-run the same tokenize command to resume it")
-        available = {}
-        for name, info in self._state["domains"].items():
-            slug = info.get("slug") if isinstance(info, dict) else None
-            if not isinstance(slug, str) or not slug or os.path.basename(slug) != slug or slug.startswith("."):
-                raise ValueError(f"{state_path}: domain {name!r} has no valid file name ({slug!r}); the file is "
-                                 "damaged or was not written by pile_tools: re-tokenize this split")
-            manifest = domain_paths(self.split_dir, slug)["manifest"]
-            available[name] = _Domain(self.split_dir, _read_manifest(manifest, ()))
-        self._domains = available
-        self.mixture = self._resolve_mixture(domains, available)  # {domain: probability}, sorted by name
+        opened = open_split(data_dir, split)
+        self.split_dir = opened.where  # the split's directory (pile_tools' format), or the spec and split
+        self._tokenizer, self._domains = opened.tokenizer, opened.domains
+        self.mixture = self._resolve_mixture(domains, self._domains)  # {domain: probability}, sorted by name
         self.domains = list(self.mixture)
 
     @staticmethod
@@ -121,7 +63,7 @@ class PileReader:
 
     # --- lookups ------------------------------------------------------------------------------
 
-    def _domain(self, domain: str) -> _Domain:
+    def _domain(self, domain: str):
         if domain not in self._domains:
             raise ValueError(f"domain {domain!r} is not in {self.split_dir}; it has {sorted(self._domains)}")
         return self._domains[domain]
@@ -132,21 +74,21 @@ class PileReader:
     @property
     def tokenizer(self) -> dict:
         """The identity of the vocabulary the split was tokenized with (name, vocab_size, eot_id, hashes)."""
-        identity = self._state.get("tokenizer")
+        identity = self._tokenizer
         if not isinstance(identity, dict) or not isinstance(identity.get("vocab_size"), int):
             raise ValueError(f"{self.split_dir}/{INGEST_FILE} names no tokenizer vocabulary; re-tokenize this split")
         return identity
 
     def check_vocabulary(self, vocab_size: int) -> None:
         """A ValueError naming every selected domain whose recorded largest token id is >= vocab_size (its
-        tokens came from another vocabulary). Domains tokenized before the maximum was recorded pass here;
-        training still checks every batch it reads."""
+        tokens came from another vocabulary). Domains whose maximum is unknown pass here (tokenized before it was
+        recorded; another format's file over token_sources.SCAN_LIMIT_BYTES); training still checks every batch."""
         recorded = {name: self._domains[name].max_token_id for name in self.domains}
         bad = {name: largest for name, largest in recorded.items() if largest is not None and largest >= vocab_size}
         if bad:
             raise ValueError(f"split {self.split!r}: token ids up to {bad} (domain: largest id) do not fit a "
                              f"vocabulary of {vocab_size}; these files were tokenized with another vocabulary: "
-                             "re-tokenize them")
+                             "re-tokenize them (or, for a data spec, name their tokenizer in it)")
 
     def num_documents(self, domain: str) -> int:
         return self._domain(domain).num_documents
@@ -168,7 +110,8 @@ class PileReader:
         return np.searchsorted(self._domain(domain).doc_starts, np.asarray(offsets, dtype=np.int64), side="right") - 1
 
     def document_span(self, domain: str, doc_id: int) -> tuple[int, int]:
-        """(start, end) token range of a document's text; the EOT token follows at `end`."""
+        """(start, end) token range of a document's text: `end` is its last token, the end-of-text token in
+        pile_tools' and nanoGPT's files."""
         d = self._domain(domain)
         if not 0 <= doc_id < d.num_documents:
             raise ValueError(f"doc_id {doc_id} is outside {domain!r}'s {d.num_documents} documents")
@@ -177,9 +120,9 @@ class PileReader:
         return start, next_start - 1
 
     def document_source(self, domain: str, doc_id: int) -> tuple[str, int]:
-        """(input file path, line number) the document was read from."""
-        input_index, line = self._domain(domain).doc_origin(doc_id)
-        return self._state["inputs"][input_index]["path"], line
+        """(input file path, line number) the document was read from; for the other formats (the dataset's path,
+        doc_id)."""
+        return self._domain(domain).origin(doc_id)
 
     # --- batches ------------------------------------------------------------------------------
 

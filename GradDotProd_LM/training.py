@@ -153,17 +153,19 @@ def data_vocabulary(train_reader, other_readers, model_config):
 
 
 def check_token_ids(batch, step, data_dir, world_size, device, vocab):
-    """Token ids must lie in the data's vocabulary: an id beyond it means corrupt token files. Every rank
+    """Token ids must lie in [0, the data's vocabulary): an id outside means corrupt token files. Every rank
     stops together (one small all-reduce), naming what the rank that saw it saw."""
-    largest = int(batch.tokens.max())
-    bad = torch.tensor([float(largest >= vocab)], device=device)
+    largest, smallest = int(batch.tokens.max()), int(batch.tokens.min())
+    outside = largest >= vocab or smallest < 0
+    bad = torch.tensor([float(outside)], device=device)
     if world_size > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if largest >= vocab:
-        row = int(np.argmax(batch.tokens.max(axis=1)))
-        raise RunStopped(f"step {step}: token id {largest} >= {vocab} in domain {batch.domain[row]!r} "
+    if outside:
+        worst = largest if largest >= vocab else smallest
+        row = int(np.argmax((batch.tokens == worst).any(axis=1)))
+        raise RunStopped(f"step {step}: token id {worst} outside [0, {vocab}) in domain {batch.domain[row]!r} "
                          f"at token offset {batch.token_offset[row]} of {data_dir}: the token files are corrupt "
-                         "or not written by pile_tools with this vocabulary; re-tokenize that domain")
+                         "or were written with another vocabulary; tokenize that domain again")
     if bad.item():
         raise RunStopped(f"step {step}: another process found a token id outside the vocabulary (see its "
                          "message)")

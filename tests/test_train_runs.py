@@ -387,7 +387,7 @@ def test_corrupt_inputs_stop_with_the_file_named(baseline, data_dir, results_dir
     del ids
     assert train.main(tiny_flags(data, results_dir, "bad-tokens", "--train_domains", "Github")) == 1
     err = capsys.readouterr().err
-    assert "step 1: token id 65000 >= 50257 in domain 'Github'" in err
+    assert "step 1: token id 65000 outside [0, 50257) in domain 'Github'" in err
 
     # a split tokenized with a larger vocabulary says so in its manifests: refused before any step
     manifest_path = os.path.join(data, "train", "github.json")

@@ -1,9 +1,11 @@
 """One rank of the FSDP2 check (tests/test_engine_fsdp.py): `torchrun --nproc_per_node 2 _fsdp_worker.py
-MODEL RESHARD MICRO_BATCHES OUT.json [fsdp|hsdp] [reattach]`. Every rank trains on its own rows of one global batch
-through a fully_shard-ed model with the engine attached; rank 0 compares the gathered dot products and the
+MODEL RESHARD MICRO_BATCHES OUT.json [fsdp|hsdp] [reattach] [leaves]`. Every rank trains on its own rows of one global
+batch through a fully_shard-ed model with the engine attached; rank 0 compares the gathered dot products and the
 full .grad with the float64 torch.func reference of the unsharded model on the whole batch. `reattach`: a step
 first (no update), then engine.detach() and attach() again, so that the measured step runs on hooks put back
-after a detach (FSDP2 keeps the same unsharded parameter objects from step to step)."""
+after a detach (FSDP2 keeps the same unsharded parameter objects from step to step). `leaves`: fully_shard also on
+the layers accelerate's FSDP2 plugin shards on their own (the input embedding, and the final norm with the output
+layer, and with the embedding when they are tied), whose classes FSDP then changes."""
 import copy
 import json
 import sys
@@ -11,7 +13,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from _leave import leave_together
 from _models import lm_batch, tiny_gpt2, tiny_llama
@@ -31,7 +33,7 @@ def build(model_name):
     return FAMILIES[family](tie == "tied").eval()  # no dropout (OPT has 0.1)
 
 
-def main(model_name, reshard, micro_batches, out_path, mesh_kind="fsdp", reattach=""):
+def main(model_name, reshard, micro_batches, out_path, mesh_kind="fsdp", *flags):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
@@ -46,11 +48,19 @@ def main(model_name, reshard, micro_batches, out_path, mesh_kind="fsdp", reattac
     blocks = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList))  # the transformer blocks
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+    if "leaves" in flags:  # as accelerate's fsdp2_prepare_model
+        embedding, output = model.get_input_embeddings(), model.get_output_embeddings()
+        final_norm = next(m for name, m in model.named_modules() if name.endswith("norm") and "layers" not in name)
+        tied = embedding.weight is output.weight
+        if not tied:
+            fully_shard(embedding, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard([final_norm, embedding, output] if tied else [final_norm, output], mesh=mesh,
+                    reshard_after_forward=False)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
 
     engine = GradDotProdEngine(model, val_batch=(Xv, Yv)).attach()
     mine = slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
-    if reattach == "reattach":
+    if "reattach" in flags:
         Xc, Yc = engine.prepare_forward_input(X[mine], Y[mine])
         model(input_ids=Xc, labels=Yc).loss.backward()
         engine.prepare_gradients()
@@ -76,6 +86,8 @@ def main(model_name, reshard, micro_batches, out_path, mesh_kind="fsdp", reattac
                                                                                      1e-6 * scale))
                             for name, r in ref_grads.items()},
                   "sharded": [name for name, p in model.named_parameters() if type(p).__name__ == "DTensor"],
+                  "sharded_leaves": sorted(name for name, m in model.named_modules()
+                                           if isinstance(m, FSDPModule) and not list(m.children())),
                   "placements": sorted({str(p.placements) for p in model.parameters()})}
         with open(out_path, "w") as f:
             json.dump(report, f)

@@ -121,9 +121,10 @@ class GradDotProdEngine:
         if sharded and projection is not None:
             raise ValueError("projection= is not supported with FSDP2 yet (its projections are not tested against "
                              "the unsharded model's); project an unsharded or DDP model")
-        if sharded and value != FIRST_ORDER:
-            raise ValueError(f"value={value!r} is not supported with FSDP2 (the optimizer state and the per-sample "
-                             "norms would be sharded); use value='first_order'")
+        if sharded and value not in (FIRST_ORDER, ADAMW):
+            raise ValueError(f"value={value!r} is not supported with FSDP2 (the step's batch gradient, the replayed "
+                             "parameters and the per-sample norms would be sharded); use value='first_order' or "
+                             "'adamw'")
         self._map = ModelMap(model, self.param_names, unsupported, sharded)
         self.layers, self.excluded_modules = self._map.layers, self._map.excluded_modules
         self.excluded_parameters = self._map.excluded_parameters

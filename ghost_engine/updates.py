@@ -13,6 +13,11 @@ the same), for the step t = state["step"] + 1 about to be taken:
 """
 import torch
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # a torch built without distributed support: no parameter is a DTensor
+    _DTensor = ()
+
 
 def check_supported(optimizer, what: str):
     """Raise a ValueError unless ``optimizer`` is an SGD or Adam/AdamW whose step this module writes out."""
@@ -77,7 +82,9 @@ def fixed_state_sensitivity(optimizer, group, p, dtype, out=None) -> torch.Tenso
     """D = -∂θ_{t+1}/∂g of Adam/AdamW with the second moment held at v_{t-1} (the "adamw" estimator's form):
     lr·(1-β1)/(1-β1^t) / (√v_{t-1}/√(1-β2^t) + eps), in `dtype`; v_{t-1} = 0 before the first step. Neither
     weight decay depends on g here (the coupled one shifts g by a constant). `out`: the previous step's D of
-    this parameter, written over (no new allocation, on CPU no new pages to fault in)."""
+    this parameter, written over (no new allocation, on CPU no new pages to fault in). Under FSDP2 `p` and v are
+    DTensor shards: D is the whole parameter's (v all-gathered, a collective every rank makes in the same order),
+    for the unsharded parameter whose per-sample gradients it weighs."""
     state = optimizer.state.get(p, {})
     (beta1, beta2), eps = group["betas"], group["eps"]
     t = _scalar(state.get("step", 0.0)) + 1
@@ -87,7 +94,10 @@ def fixed_state_sensitivity(optimizer, group, p, dtype, out=None) -> torch.Tenso
     reuse = out is not None and out.shape == p.shape and out.dtype == dtype and out.device == p.device
     root = out if reuse else torch.empty(p.shape, dtype=dtype, device=p.device)
     if "exp_avg_sq" in state:
-        torch.sqrt(state["exp_avg_sq"].detach().to(device=p.device, dtype=dtype), out=root)
+        v = state["exp_avg_sq"].detach()
+        if isinstance(v, _DTensor):
+            v = v.full_tensor()
+        torch.sqrt(v.to(device=p.device, dtype=dtype), out=root)
     else:
         root.zero_()
     return root.add_(eps * sqrt_bc2).reciprocal_().mul_(c)

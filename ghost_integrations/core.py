@@ -35,6 +35,12 @@ from ghost_engine.recording import gather_rows, local_rows
 from ghost_results.results_io import file_formats
 from ghost_results.run_directory import RunDirectory, grad_store_artifacts, resumed_run_id
 
+# why the engine cannot run under these (the integrations' refusals name what to use instead)
+DEEPSPEED_WHY = ("ZeRO-3 gathers every parameter inside DeepSpeed's own hooks, where the engine cannot see the "
+                 "parameters a layer uses, and every stage scales the loss and keeps the gradients in DeepSpeed's own "
+                 "buffers, outside .grad")
+FSDP1_WHY = ("FlatParameters: each wrapped module's parameters flattened into one tensor and handed to the layers as "
+             "new views at every forward, which the engine does not follow")
 PROVENANCE_KEY = "graddotprod_rows"  # a batch's provenance, {field: [B] values}
 PROVENANCE_FIELDS = ("sample_index", "domain", "doc_id", "token_offset")
 DEFAULT_DOMAIN = "train"
@@ -228,17 +234,22 @@ class ValuationRun:
         self._train_ce, self._train_targets, self._val_loss, self._device = 0.0, 0, None, None
 
     # ------------------------------------------------------------------ run
-    def begin(self, start_step, max_steps, settings, optimizer=None):
+    def begin(self, start_step, max_steps, settings, optimizer=None, model=None):
         """Attach the engine (with `optimizer`, the torch optimizer that steps the model, for the update-aware
         estimators); rank 0 writes config.json (`settings`: the framework's, then the user's `config`) and sets
-        aside files of steps after `start_step` (a resumed run writes them again)."""
+        aside files of steps after `start_step` (a resumed run writes them again). `model`: the module to value as
+        the framework prepared it for training (default: the one given at construction)."""
         if dist.is_available() and dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         optimizer = _torch_optimizer(optimizer)
         if not self.engine.attached:
+            model = self.engine.model if model is None else model
             value = value_for(self.value, isinstance(optimizer, torch.optim.Adam))
-            if value != self.engine.value:  # "auto" under an Adam/AdamW: an engine of that estimator
-                self.engine = GradDotProdEngine(self.engine.model, value=value, **self._engine_args)
+            # a new engine where "auto" became another estimator (AdamW: adamw), or where the framework changed the
+            # parameters since the engine was built: accelerate's FSDP2 applies fully_shard in Trainer.train(), which
+            # replaces every parameter by a DTensor shard (the engine must be built after fully_shard)
+            if value != self.engine.value or model is not self.engine.model or _parameters_replaced(self.engine):
+                self.engine = GradDotProdEngine(model, value=value, **self._engine_args)
             self.engine.attach(optimizer if self.engine.value in LR_INSIDE else None)
         self._reset_step()
         if self.rank != 0:
@@ -392,6 +403,11 @@ class ValuationRun:
 
 def _field(out, name):
     return out.get(name) if isinstance(out, Mapping) else getattr(out, name, None)
+
+
+def _parameters_replaced(engine) -> bool:
+    """Whether the engine's model no longer holds the trainable parameters the engine was built on."""
+    return {id(p) for p in engine.model.parameters() if p.requires_grad} != set(engine.param_names)
 
 
 def _torch_optimizer(optimizer):

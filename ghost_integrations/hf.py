@@ -14,7 +14,10 @@ Where the Trainer is changed, and why:
   causal LMs), else 1 / gradient_accumulation_steps. The engine removes the validation rows' share from
   `.grad`, which is then Regular Trainer's gradient; the returned (and logged) value is Regular Trainer's
   loss of the training rows alone;
-- a callback files each optimizer step's dot products just before `optimizer.step()`.
+- a callback files each optimizer step's dot products just before `optimizer.step()`; at the start of training it
+  attaches the engine to the model as accelerate prepared it: under FSDP2 (fsdp=True, fsdp_config={"version": 2})
+  accelerate applies fully_shard in train(), which replaces every parameter by a DTensor shard, so the engine is
+  built again there, after it, with the optimizer accelerate switched to the shards.
 Evaluation and prediction run the plain Trainer code on the rows they are given.
 """
 import os
@@ -25,8 +28,8 @@ from transformers import Trainer, TrainerCallback
 
 from ghost_engine.dropout import check_no_dropout
 from ghost_engine.losses import target_counts
-from ghost_integrations.core import (PROVENANCE_KEY, IndexedDataset, ProvenanceCollator, ValuationRun, split_batch,
-                                     with_value)
+from ghost_integrations.core import (DEEPSPEED_WHY, FSDP1_WHY, PROVENANCE_KEY, IndexedDataset, ProvenanceCollator,
+                                     ValuationRun, split_batch, with_value)
 
 
 class GradDotProdTrainer(Trainer):
@@ -69,13 +72,19 @@ class GradDotProdTrainer(Trainer):
                              f"tested with 5.23), not {transformers.__version__}: it says how the Trainer scales the "
                              "loss for gradient accumulation")
         args = self.args
+        fsdp_version = self.accelerator.state.fsdp_plugin.fsdp_version if self.is_fsdp_enabled else None
         problems = [
             (self.model_init is not None, "model_init (the engine hooks the model given at construction)"),
             (self.model is None, "a Trainer without a model"),
             (args.n_gpu > 1, "DataParallel over several GPUs in one process (launch one process per GPU with torchrun)"),
-            (self.is_deepspeed_enabled or self.is_fsdp_enabled, "DeepSpeed or FSDP (parameters are sharded; use DDP)"),
+            (self.is_deepspeed_enabled, f"DeepSpeed ({DEEPSPEED_WHY}; use FSDP2, TrainingArguments(fsdp=True, "
+                                        "fsdp_config={'version': 2}), or DDP)"),
+            (fsdp_version == 1, f"FSDP1 (fsdp_config version 1: {FSDP1_WHY}; use FSDP2, fsdp_config={{'version': 2}}, "
+                                "the default)"),
+            (self.is_fsdp_xla_enabled, "FSDP on XLA (use FSDP2 on GPUs, or DDP)"),
             (self.get_tp_size() * self.get_cp_size() * self.get_sp_size() > 1,
-             "tensor, context or sequence parallelism"),
+             "tensor, context or sequence parallelism (layers see a shard of the activations or of the sequence, "
+             "which the layer rules do not cover; use FSDP2 or DDP)"),
             (args.fp16 or self.accelerator.scaler is not None, "fp16 with a gradient scaler (use bf16)"),
             (self.label_smoother is not None, "label_smoothing_factor"),
             (self.compute_loss_func is not None, "compute_loss_func (the model's own loss is valued)"),
@@ -139,8 +148,11 @@ class _StepRecorder(TrainerCallback):
                     "counts_items_in_batch": bool(trainer.model_accepts_loss_kwargs),
                     "average_tokens_across_devices": bool(args.average_tokens_across_devices),
                     "output_dir": args.output_dir}
+        if trainer.is_fsdp_enabled:
+            settings["fsdp_version"] = trainer.accelerator.state.fsdp_plugin.fsdp_version
+        # trainer.model: the model as accelerate prepared it (FSDP2: fully_shard applied, in place, just now)
         trainer.valuation.begin(state.global_step, state.max_steps, settings,
-                                kwargs.get("optimizer") or trainer.optimizer)
+                                kwargs.get("optimizer") or trainer.optimizer, model=trainer.model)
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         optimizer = optimizer if optimizer is not None else self.trainer.optimizer

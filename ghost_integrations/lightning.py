@@ -20,16 +20,21 @@ training_step logs and returns is what it was without the callback. Lightning di
 exactly Lightning's gradient of the training rows. Without the callback (or outside training)
 `training_loss` is `model(**batch).loss`. The callback hooks the whole LightningModule: every trainable
 parameter must be in a supported layer.
+
+Strategies: a single device, DDP, and FSDP2 through ModelParallelStrategy(data_parallel_size=<processes>,
+tensor_parallel_size=1) with fully_shard applied in the module's configure_model (the engine is built at
+on_fit_start, after it). Tensor parallelism, DeepSpeed and FSDPStrategy (FSDP1) are refused at fit start.
 """
 import os
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import (DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy,
+                                         SingleDeviceStrategy)
 
 from ghost_engine.dropout import check_no_dropout
 from ghost_engine.engine import DEFERRED, LR_INSIDE
-from ghost_integrations.core import ValuationRun, split_batch, with_value
+from ghost_integrations.core import DEEPSPEED_WHY, FSDP1_WHY, ValuationRun, split_batch, with_value
 from ghost_results.results_io import file_formats
 
 
@@ -85,8 +90,7 @@ class GradDotProdCallback(pl.Callback):
             (value in LR_INSIDE and len(trainer.optimizers) != 1, f"value={value!r} with other than one optimizer"),
             (not pl_module.automatic_optimization, "manual optimization (the loss scaling before backward is "
                                                    "unknown)"),
-            (type(trainer.strategy) not in (SingleDeviceStrategy, DDPStrategy),
-             f"strategy {type(trainer.strategy).__name__} (use a single device or DDP)"),
+            *_strategy_problems(trainer.strategy, pl_module),
             (getattr(trainer.precision_plugin, "scaler", None) is not None,
              "precision with a gradient scaler (16-mixed; use bf16-mixed)"),
         ]
@@ -114,6 +118,33 @@ class GradDotProdCallback(pl.Callback):
         if self.valuation is not None:
             self.valuation.finish()
             self.valuation = None
+
+
+FSDP2_WAY = ("ModelParallelStrategy(data_parallel_size=<processes>, tensor_parallel_size=1) with fully_shard on "
+             "self.device_mesh['data_parallel'] in configure_model (FSDP2), or DDP")
+
+
+def _strategy_problems(strategy, pl_module):
+    """[(unsupported, what)] of the trainer's strategy: a single device, DDP, and ModelParallelStrategy when the
+    module is sharded by FSDP2 alone (fully_shard on the data-parallel mesh; the engine is built after it, at
+    on_fit_start) are supported."""
+    name = type(strategy).__name__
+    if isinstance(strategy, DeepSpeedStrategy):
+        return [(True, f"{name} ({DEEPSPEED_WHY}; use {FSDP2_WAY})")]
+    if isinstance(strategy, FSDPStrategy):
+        return [(True, f"{name} (FSDP1: {FSDP1_WHY}; use {FSDP2_WAY})")]
+    if isinstance(strategy, ModelParallelStrategy):
+        from torch.distributed.fsdp import FSDPModule
+
+        tensor_parallel = strategy.device_mesh["tensor_parallel"].size()
+        return [(tensor_parallel > 1, f"tensor parallelism ({name}'s tensor_parallel mesh dimension has size "
+                                      f"{tensor_parallel}: layers would see a shard of the activations, which the "
+                                      f"layer rules do not cover; use {FSDP2_WAY})"),
+                (tensor_parallel == 1 and not any(isinstance(m, FSDPModule) for m in pl_module.modules()),
+                 f"{name} without fully_shard (configure_model sharded nothing, so no process averages the "
+                 f"gradients; use {FSDP2_WAY})")]
+    return [(type(strategy) not in (SingleDeviceStrategy, DDPStrategy),
+             f"strategy {name} (use a single device, DDP or {FSDP2_WAY})")]
 
 
 def training_loss(module, model, batch):

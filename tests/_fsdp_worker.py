@@ -1,9 +1,11 @@
 """One rank of the FSDP2 check (tests/test_engine_fsdp.py): `torchrun --nproc_per_node 2 _fsdp_worker.py
-MODEL RESHARD MICRO_BATCHES OUT.json [fsdp|hsdp] [reattach]`. Every rank trains on its own rows of one global batch
-through a fully_shard-ed model with the engine attached; rank 0 compares the gathered dot products and the
+MODEL RESHARD MICRO_BATCHES OUT.json [fsdp|hsdp] [reattach] [leaves] [adamw]`. Every rank trains on its own rows of one global
+batch through a fully_shard-ed model with the engine attached; rank 0 compares the gathered dot products and the
 full .grad with the float64 torch.func reference of the unsharded model on the whole batch. `reattach`: a step
 first (no update), then engine.detach() and attach() again, so that the measured step runs on hooks put back
-after a detach (FSDP2 keeps the same unsharded parameter objects from step to step). `adamw`: value="adamw" under
+after a detach (FSDP2 keeps the same unsharded parameter objects from step to step). `leaves`: fully_shard also on
+the layers accelerate's FSDP2 plugin shards on their own (the input embedding, and the final norm with the output
+layer, and with the embedding when they are tied), whose classes FSDP then changes. `adamw`: value="adamw" under
 AdamW, measured at the second step (a first step gives v its values); the reference takes D from the optimizer's
 state gathered whole, and the reference model the weights after the first step."""
 import copy
@@ -14,7 +16,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from _leave import leave_together
 from _models import lm_batch, tiny_gpt2, tiny_llama
@@ -49,7 +51,7 @@ def whole_sensitivity(model, optimizer):
     return adamw_sensitivity(SimpleNamespace(param_groups=groups, state=state), named)
 
 
-def main(model_name, reshard, micro_batches, out_path, mesh_kind="fsdp", reattach=""):
+def main(model_name, reshard, micro_batches, out_path, mesh_kind="fsdp", *flags):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
@@ -64,10 +66,18 @@ def main(model_name, reshard, micro_batches, out_path, mesh_kind="fsdp", reattac
     blocks = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList))  # the transformer blocks
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+    if "leaves" in flags:  # as accelerate's fsdp2_prepare_model
+        embedding, output = model.get_input_embeddings(), model.get_output_embeddings()
+        final_norm = next(m for name, m in model.named_modules() if name.endswith("norm") and "layers" not in name)
+        tied = embedding.weight is output.weight
+        if not tied:
+            fully_shard(embedding, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard([final_norm, embedding, output] if tied else [final_norm, output], mesh=mesh,
+                    reshard_after_forward=False)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
 
     mine = slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
-    if reattach == "adamw":
+    if "adamw" in flags:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         engine = GradDotProdEngine(model, val_batch=(Xv, Yv), value="adamw").attach(optimizer)
         Xc, Yc = engine.prepare_forward_input(X[mine], Y[mine])
@@ -80,7 +90,7 @@ def main(model_name, reshard, micro_batches, out_path, mesh_kind="fsdp", reattac
         sensitivity = whole_sensitivity(model, optimizer)
     else:
         engine = GradDotProdEngine(model, val_batch=(Xv, Yv)).attach()
-    if reattach == "reattach":
+    if "reattach" in flags:
         Xc, Yc = engine.prepare_forward_input(X[mine], Y[mine])
         model(input_ids=Xc, labels=Yc).loss.backward()
         engine.prepare_gradients()
@@ -96,7 +106,7 @@ def main(model_name, reshard, micro_batches, out_path, mesh_kind="fsdp", reattac
     gathered = [torch.empty_like(dots) for _ in range(world)]
     dist.all_gather(gathered, dots)
     grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}  # collective
-    whole = sensitivity if reattach == "adamw" else None
+    whole = sensitivity if "adamw" in flags else None
     if rank == 0:
         ref_dots = sum((reference_adamw_values(reference, X, Y, Xv, Yv, whole) if whole is not None
                         else reference_dot_products(reference, X, Y, Xv, Yv)).values())
@@ -108,6 +118,8 @@ def main(model_name, reshard, micro_batches, out_path, mesh_kind="fsdp", reattac
                                                                                      1e-6 * scale))
                             for name, r in ref_grads.items()},
                   "sharded": [name for name, p in model.named_parameters() if type(p).__name__ == "DTensor"],
+                  "sharded_leaves": sorted(name for name, m in model.named_modules()
+                                           if isinstance(m, FSDPModule) and not list(m.children())),
                   "placements": sorted({str(p.placements) for p in model.parameters()})}
         with open(out_path, "w") as f:
             json.dump(report, f)

@@ -48,6 +48,93 @@ def train_items(X, Y):
     return [{"input_ids": X[i], "labels": Y[i]} for i in range(X.shape[0])]
 
 
+def accept_fsdp_plugin_on_cpu(init):
+    """AcceleratorState.__init__ (`init`) that keeps the FSDP plugin on the CPU.
+
+    accelerate 1.16 sets DistributedType.FSDP only for accelerator devices (AcceleratorState.__init__: MULTI_GPU,
+    MULTI_XPU, MULTI_NPU, ...); for MULTI_CPU (and a single process) it drops the plugin without a word, so
+    Trainer(fsdp=True, use_cpu=True) trains with DDP. Everything after that decision is device-agnostic on the FSDP2
+    path (fsdp2_prepare_model's fully_shard on the default CPU mesh, the optimizer's switch to the DTensor shards,
+    no_sync between micro-batches, the DTensor-aware clipping): this makes the one decision as accelerate makes it
+    for a GPU, and nothing else."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    def keep_fsdp_plugin(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type in (DistributedType.MULTI_CPU, DistributedType.NO):
+            self.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    return keep_fsdp_plugin
+
+
+def sharding_report(model, optimizer) -> dict:
+    """What fully_shard did to `model`: its parameters' placements, its FSDP modules, and whether `optimizer` holds
+    the DTensor shards (a framework that made the optimizer before sharding must have switched it)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return {"placements": sorted({str(p.placements) for p in model.parameters()}),
+            "fsdp_modules": sorted(name or "<root>" for name, m in model.named_modules() if isinstance(m, FSDPModule)),
+            "optimizer_holds_shards": all(type(p).__name__ == "DTensor" for group in optimizer.param_groups
+                                          for p in group["params"])}
+
+
+def fsdp_training_args(output_dir, value, processes, **overrides):
+    """The Trainer FSDP2 check's settings: 2 optimizer steps of 8 rows (2 micro-batches, gradient clipping at 0.5,
+    which both steps' gradients exceed), on 2 processes under FSDP2 (per process 2 rows per micro-batch;
+    first_order: resharded after forward, auto: kept unsharded) or on 1 process unsharded (4 rows).
+    first_order with SGD; auto with the Trainer's AdamW (so adamw), weight decay and eps 1e-3: AdamW's first update
+    is lr·g/(|g| + eps), which turns float32 round-off of a gradient element near 0 into lr/eps times as much in
+    the weight (1e4 at eps 1e-6), and the two runs sum the gradients in other orders."""
+    from transformers import TrainingArguments
+
+    settings = dict(output_dir=str(output_dir), per_device_train_batch_size=4 // processes,
+                    gradient_accumulation_steps=2, max_steps=2, warmup_steps=0, max_grad_norm=0.5, use_cpu=True,
+                    report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
+                    train_sampling_strategy="sequential")
+    if value == "first_order":
+        settings.update(optim="sgd", learning_rate=0.1)
+    else:
+        settings.update(learning_rate=1e-2, weight_decay=0.1, adam_epsilon=1e-3)
+    if processes > 1:
+        settings.update(fsdp=True, fsdp_config={"version": 2, "reshard_after_forward": value == "first_order"})
+    return TrainingArguments(**{**settings, **overrides})
+
+
+def assert_same_records(sharded_dir, single_dir, steps=2, tol=1e-5):
+    """The run of several processes (sharded_dir) recorded what the run of one process (single_dir) recorded, step by
+    step, row by row (matched by sample index: the processes file their rows in another order): every step's rows,
+    their dot products (total and every parameter; relative to the step's largest), batch weights and target counts,
+    and the step's lr, training and validation losses, to `tol`. Returns (sharded run, single run)."""
+    from ghost_results.results_io import read_run
+
+    sharded, single = (read_run(d, per_layer=True, strict=True) for d in (sharded_dir, single_dir))
+    assert sharded.value == single.value and sharded.missing_steps == single.missing_steps == []
+    assert sharded.config["world_size"] == 2 and single.config["world_size"] == 1
+    layers = sorted(k for k in single.columns if k.startswith("per_layer/"))
+    assert layers and layers == sorted(k for k in sharded.columns if k.startswith("per_layer/"))
+    assert sorted(set(single.columns["step"])) == sorted(set(sharded.columns["step"])) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        rows = [run.columns["step"] == step for run in (sharded, single)]
+        order = [np.argsort(run.columns["sample_index"][r], kind="stable") for run, r in zip((sharded, single), rows)]
+        got, want = ({k: run.columns[k][r][o] for k in run.columns}
+                     for run, r, o in zip((sharded, single), rows, order))
+        np.testing.assert_array_equal(got["sample_index"], want["sample_index"])
+        np.testing.assert_array_equal(got["token_count"], want["token_count"])
+        for name in ["dot_products", "batch_weight", "train_loss", "val_loss", "lr"] + layers:
+            assert rel_err(got[name], want[name]) <= tol, (step, name, rel_err(got[name], want[name]))
+    return sharded, single
+
+
+def assert_same_weights(weights, model, tol=1e-5):
+    """{name: full tensor} (gathered from the shards) equal `model`'s parameters to `tol` relative."""
+    params = dict(model.named_parameters())
+    assert set(weights) == set(params)
+    for name, p in params.items():
+        assert rel_err(weights[name], p.detach()) <= tol, (name, rel_err(weights[name], p.detach()))
+
+
 def reference_step(model, X, Y, X_val, Y_val):
     """float64 reference of one optimizer step over rows X, Y at the model's parameters: per-parameter dot
     products [B], the gradient of the mean loss over all the step's targets, that loss, the validation loss."""

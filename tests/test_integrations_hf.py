@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from _integrations import (TOL, VAL_BATCH_FORMS, GradCapture, StepCapture, assert_grads_close, check_step,
-                           check_val_batch_form, engine_by_hand, model_and_rows, reference_step, rel_err, train_items,
-                           val_batch_form)
+from _integrations import (TOL, VAL_BATCH_FORMS, GradCapture, StepCapture, assert_grads_close, assert_same_records,
+                           assert_same_weights, check_step, check_val_batch_form, engine_by_hand, fsdp_training_args,
+                           model_and_rows, reference_step, rel_err, train_items, val_batch_form)
 from _models import tiny_llama
 from _reference import (adamw_sensitivity, reference_adamw_values, reference_dot_products, reference_train_grad,
                         reference_update_values)
@@ -385,6 +385,45 @@ def test_unsupported_settings_raise_and_evaluation_is_the_plain_trainers(tmp_pat
     assert trainer.evaluate(train_items(X, Y))["eval_loss"] == pytest.approx(plain.evaluate()["eval_loss"], rel=1e-6)
 
 
+def test_deepspeed_fsdp1_and_tensor_parallelism_are_refused_naming_fsdp2(tmp_path, monkeypatch):
+    """Refused when the Trainer is built, before any file, each naming what to use: FSDP1 (fsdp_config version 1; built
+    on the CPU with accept_fsdp_plugin_on_cpu, and sync_module_states off, which FSDP1 refuses on the CPU); tensor
+    parallelism and DeepSpeed by the same check on a Trainer that reports them (a tensor-parallel model needs a
+    tp_plan load over several processes; DeepSpeed is not installed here and TrainingArguments(deepspeed=...) needs
+    it)."""
+    from accelerate.state import AcceleratorState
+
+    from _integrations import accept_fsdp_plugin_on_cpu
+
+    model, X, Y, X_val, Y_val = model_and_rows(3)
+    val_batch = {"input_ids": X_val, "labels": Y_val}
+    environment = dict(os.environ)  # accelerate records an FSDP plugin in ACCELERATE_USE_FSDP
+    monkeypatch.setattr(AcceleratorState, "__init__", accept_fsdp_plugin_on_cpu(AcceleratorState.__init__))
+    try:
+        fsdp1 = training_args(tmp_path, fsdp=True, fsdp_config={"version": 1, "sync_module_states": False})
+        with pytest.raises(ValueError, match=r"does not support FSDP1 \(fsdp_config version 1: FlatParameters.*use "
+                                             r"FSDP2, fsdp_config=\{'version': 2\}"):
+            GradDotProdTrainer(model=model, args=fsdp1, train_dataset=train_items(X, Y), val_batch=val_batch)
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
+    monkeypatch.undo()
+
+    trainer = GradDotProdTrainer(model=model, args=training_args(tmp_path), train_dataset=train_items(X, Y),
+                                 val_batch=val_batch)
+    trainer.get_tp_size = lambda: 2
+    with pytest.raises(ValueError, match=r"tensor, context or sequence parallelism \(layers see a shard .*use FSDP2 "
+                                         r"or DDP\)"):
+        trainer._check_supported()
+    del trainer.get_tp_size
+    trainer.is_deepspeed_enabled = True
+    with pytest.raises(ValueError, match=r"DeepSpeed \(ZeRO-3 gathers every parameter inside DeepSpeed.s own hooks.*"
+                                         r"use FSDP2, TrainingArguments\(fsdp=True, fsdp_config=\{'version': 2\}\), "
+                                         r"or DDP\)"):
+        trainer._check_supported()
+    assert not os.path.exists(run_dir_of(training_args(tmp_path)))
+
+
 def test_a_model_with_dropout_is_refused_before_training(tmp_path):
     """A model with dropout probabilities > 0 is refused when the Trainer is built, whatever its mode now
     (from_pretrained leaves it in eval mode; the Trainer calls model.train() at every step), naming the modules and
@@ -430,6 +469,47 @@ def test_two_processes_gather_every_row_on_rank_0(tmp_path):
         assert abs(json.load(f)[0]["loss"] - ref_loss) <= 1e-5 * ref_loss
     counts = (Y[:, 1:] != -100).sum(1).double()
     np.testing.assert_allclose(run.columns["batch_weight"][:8], counts / counts.sum(), rtol=1e-6)
+
+
+def test_fsdp2_on_two_processes_equals_one_unsharded_process(tmp_path):
+    """accelerate's FSDP2 plugin (TrainingArguments(fsdp=True, fsdp_config={"version": 2})) under torchrun, 2 CPU
+    processes (gloo), value first_order (SGD; resharded after forward) and the default auto (the Trainer's AdamW, so
+    adamw; kept unsharded): accelerate applies fully_shard to the blocks, the embedding, the final norm with the output
+    layer and the model, and swaps the optimizer's parameters for the DTensor shards; the engine is built on the
+    sharded model. Two steps of 8 rows (2 micro-batches per process, no gradient sync between them, clipping at 0.5)
+    record, per step and row, what one unsharded process records for the same 8 rows (2 micro-batches of 4): dot
+    products (total and every parameter), batch weights, losses, lr; the logged losses and gradient norms, and the
+    weights after the 2 steps are the same. accelerate keeps the FSDP plugin on the CPU only with
+    _integrations.accept_fsdp_plugin_on_cpu (a test-only relaxation of the one device check; see there)."""
+    values = ["first_order", "auto"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([REPO, TESTS]))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              os.path.join(TESTS, "_hf_fsdp_worker.py"), str(tmp_path), *values]
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    for value in values:
+        with open(tmp_path / value / "sharding.json") as f:
+            sharding = json.load(f)
+        assert sharding == {"placements": ["(Shard(dim=0),)"], "optimizer_holds_shards": True,
+                            "fsdp_modules": ["<root>", "lm_head", "model.embed_tokens", "model.layers.0",
+                                             "model.layers.1", "model.norm"]}
+        model, X, Y, X_val, Y_val = model_and_rows(4)
+        args = fsdp_training_args(tmp_path / f"single_{value}", value, processes=1)
+        single = hf.GradDotProdTrainer(model=model, args=args, train_dataset=train_items(X, Y), value=value,
+                                       val_batch={"input_ids": X_val, "labels": Y_val}, save_interval=1)
+        single.train()
+        sharded, _ = assert_same_records(tmp_path / value / "graddotprod", run_dir_of(args))
+        assert sharded.value == ("first_order" if value == "first_order" else "adamw")
+        assert sharded.config["fsdp_version"] == 2 and "fsdp_version" not in read_run(run_dir_of(args)).config
+        with open(tmp_path / value / "log_history.json") as f:
+            logged = [entry for entry in json.load(f) if "loss" in entry]
+        expected = [entry for entry in single.state.log_history if "loss" in entry]
+        assert len(logged) == len(expected) == 2
+        for got, want in zip(logged, expected):
+            assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+            assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5) and want["grad_norm"] > 0.5
+        assert_same_weights(torch.load(tmp_path / value / "weights.pt"), model)
 
 
 def test_resume_from_checkpoint_sets_aside_later_steps_and_writes_them_again(tmp_path):

@@ -1,6 +1,7 @@
 """GradDotProdCallback (ghost_integrations.lightning) against the float64 torch.func reference, plain
 Lightning and the engine driven by hand: dot products, .grad, the logged loss, the files it writes."""
 import copy
+import json
 
 import lightning as L
 import numpy as np
@@ -8,8 +9,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from _integrations import (VAL_BATCH_FORMS, assert_grads_close, check_step, check_val_batch_form, engine_by_hand,
-                           model_and_rows, rel_err, train_items, val_batch_form)
+from _integrations import (VAL_BATCH_FORMS, assert_grads_close, assert_same_records, assert_same_weights, check_step,
+                           check_val_batch_form, engine_by_hand, model_and_rows, rel_err, train_items, val_batch_form)
 from _models import tiny_llama
 from _reference import reference_train_grad, reference_update_values
 from ghost_integrations import IndexedDataset
@@ -38,6 +39,59 @@ class LitLM(L.LightningModule):
     def on_before_optimizer_step(self, optimizer):
         if self.first_grads is None:
             self.first_grads = {n: p.grad.detach().clone() for n, p in self.named_parameters()}
+
+
+class FSDP2LM(LitLM):
+    """LitLM sharded by FSDP2 under ModelParallelStrategy (configure_model: fully_shard on every decoder block and on
+    the Hugging Face model, over the data-parallel mesh), unsharded under other strategies; SGD or AdamW."""
+
+    def __init__(self, model, optimizer):
+        super().__init__(model)
+        self.optimizer_name = optimizer
+
+    def configure_model(self):
+        if self.device_mesh is None:  # not ModelParallelStrategy
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.model.model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, eps=1e-3, weight_decay=0.1)  # eps: see fsdp_training_args
+
+
+def fsdp_rows():
+    """Rows where every position is a target: Lightning averages micro-batch means, which the 2 processes group
+    otherwise than 1 process (rows 0, 2 | 4, 6 and 1, 3 | 5, 7 against 0-3 | 4-7); with equal target counts both are
+    the mean over the step's targets."""
+    model, X, _, X_val, Y_val = model_and_rows(6)
+    return model, X, X.clone(), X_val, Y_val
+
+
+def fsdp_fit(out_dir, value, strategy):
+    """2 optimizer steps of 8 rows (accumulate_grad_batches=2, clipping at 0.5) of FSDP2LM with the callback: on 2
+    processes under `strategy` (ModelParallelStrategy) with 2 rows per micro-batch, or on 1 ("auto") with 4;
+    value first_order with SGD, auto with AdamW. Returns (trainer, module)."""
+    import os
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    model, X, Y, X_val, Y_val = fsdp_rows()
+    module = FSDP2LM(model, "sgd" if value == "first_order" else "adamw")
+    processes = 2 if isinstance(strategy, ModelParallelStrategy) else 1
+    callback = GradDotProdCallback({"input_ids": X_val, "labels": Y_val}, run_dir=os.path.join(out_dir, "run"),
+                                   save_interval=1, value=value)
+    trainer = L.Trainer(max_steps=2, accumulate_grad_batches=2, gradient_clip_val=0.5, accelerator="cpu",
+                        devices=processes, strategy=strategy, callbacks=[callback], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(out_dir))
+    trainer.fit(module, DataLoader(IndexedDataset(train_items(X, Y)), batch_size=4 // processes, shuffle=False))
+    return trainer, module
 
 
 def fit(module, items, tmp_path, callback=None, steps=2, precision="32-true", indexed=True, accumulate=2, **kwargs):
@@ -130,6 +184,43 @@ def test_unsupported_use_raises_and_outside_a_trainer_the_loss_is_the_models(tmp
         fit(LitLM(model), train_items(X, Y), tmp_path, GradDotProdCallback(val_batch), indexed=False)
 
 
+def test_deepspeed_fsdp1_and_tensor_parallelism_are_refused_naming_fsdp2():
+    """The strategy check at fit start, on each strategy object (DeepSpeed is not installed here and Lightning's
+    FSDPStrategy needs a GPU, so no Trainer can be built with them on this machine; a tensor-parallel mesh is refused
+    in a real 2-process fit in test_fsdp2_on_two_processes_equals_one_unsharded_process): DeepSpeed, FSDP1 and a
+    tensor-parallel mesh are refused naming ModelParallelStrategy with fully_shard; ModelParallelStrategy whose
+    configure_model sharded nothing is refused (no process would average the gradients)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    model, *_ = model_and_rows(3)
+    module = LitLM(model)
+
+    def check(strategy):
+        trainer = SimpleNamespace(strategy=strategy, gradient_clip_val=None, precision_plugin=None,
+                                  optimizers=[torch.optim.SGD(module.parameters(), lr=0.1)])
+        GradDotProdCallback._check_supported(trainer, module)
+
+    def model_parallel(tensor_parallel):
+        strategy = ModelParallelStrategy(data_parallel_size=2 // tensor_parallel, tensor_parallel_size=tensor_parallel)
+        strategy._device_mesh = {"tensor_parallel": SimpleNamespace(size=lambda: tensor_parallel)}  # as set up
+        return strategy
+
+    way_out = r"use ModelParallelStrategy\(data_parallel_size=<processes>, tensor_parallel_size=1\) with fully_shard"
+    with pytest.raises(ValueError, match=r"DeepSpeedStrategy \(ZeRO-3 gathers every parameter inside DeepSpeed.s "
+                                         r"own hooks.*" + way_out):
+        check(DeepSpeedStrategy.__new__(DeepSpeedStrategy))  # its __init__ needs deepspeed installed
+    with pytest.raises(ValueError, match=r"FSDPStrategy \(FSDP1: FlatParameters.*" + way_out):
+        check(FSDPStrategy())
+    with pytest.raises(ValueError, match=r"tensor parallelism \(ModelParallelStrategy's tensor_parallel mesh "
+                                         r"dimension has size 2.*" + way_out):
+        check(model_parallel(2))
+    with pytest.raises(ValueError, match=r"ModelParallelStrategy without fully_shard \(configure_model sharded "
+                                         r"nothing.*" + way_out):
+        check(model_parallel(1))
+
+
 def test_a_model_with_dropout_is_refused_at_fit_start(tmp_path):
     """Lightning calls model.train() before training: a model with dropout probabilities > 0 is refused at fit start,
     whatever its mode now, before any step or file, naming the modules and the config field."""
@@ -169,6 +260,39 @@ def test_ddp_on_two_processes_gathers_every_row_on_rank_0(tmp_path):
     assert set(grads) == set(plain)
     for name, grad in plain.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_fsdp2_on_two_processes_equals_one_unsharded_process(tmp_path):
+    """Lightning's ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) under torchrun, 2 CPU processes
+    (gloo; the strategy needs no GPU), the module's configure_model applying fully_shard to the blocks and the model,
+    value first_order (SGD) and the default auto (AdamW, so adamw): two steps of 8 rows (2 micro-batches of 2 per
+    process, clipping at 0.5) record, per step and row, what one unsharded process records for the same rows (2
+    micro-batches of 4): dot products (total and every parameter), batch weights, losses, lr; the weights after the 2
+    steps are the same. A tensor-parallel mesh (1 x 2) is refused at fit start, naming the way out."""
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    repo = os.path.dirname(tests)
+    values = ["first_order", "auto"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([repo, tests]))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           os.path.join(tests, "_lightning_fsdp_worker.py"), str(tmp_path), *values],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=repo)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    for value in values:
+        with open(tmp_path / value / "sharding.json") as f:
+            assert json.load(f) == {"placements": ["(Shard(dim=0),)"], "optimizer_holds_shards": True,
+                                    "fsdp_modules": ["model", "model.model.layers.0", "model.model.layers.1"]}
+        _, module = fsdp_fit(tmp_path / f"single_{value}", value, "auto")
+        sharded, _ = assert_same_records(tmp_path / value / "run", tmp_path / f"single_{value}" / "run")
+        assert sharded.value == ("first_order" if value == "first_order" else "adamw")
+        assert_same_weights(torch.load(tmp_path / value / "weights.pt"), module)
+    refusal = (tmp_path / "tensor_parallel.txt").read_text()
+    assert "tensor parallelism (ModelParallelStrategy's tensor_parallel mesh dimension has size 2" in refusal
+    assert "tensor_parallel_size=1) with fully_shard on self.device_mesh['data_parallel']" in refusal
 
 
 def test_midpoint_value_equals_the_reference(tmp_path):

@@ -102,13 +102,39 @@ def probe_generator() -> torch.Generator:
 def probe_forward(module: nn.Module, replacements: dict, *args, **kwargs):
     """The module's forward on the CPU, without autograd, with `replacements` (name -> CPU tensor) in place of
     its parameters and CPU copies of its other buffers; None where the forward raises (the module does not
-    compute what was tried). On the CPU a probe never waits for a GPU nor trips a device-side assert."""
+    compute what was tried). On the CPU a probe never waits for a GPU nor trips a device-side assert.
+
+    A module that FSDP2's fully_shard was applied to itself (accelerate shards the embedding, the final norm and
+    the output layer so) runs its class's forward without its hooks: FSDP's pre-forward hook would all-gather
+    (a collective) and take the module for FSDP's root, which breaks the model's first real forward."""
     try:
         with torch.no_grad():
             tensors = {name: b.detach().cpu() for name, b in module.named_buffers()}
+            if _is_fsdp_module(module):
+                tensors = {f"module.{name}": t for name, t in {**tensors, **replacements}.items()}
+                return torch.func.functional_call(_HooklessForward(module), tensors, args, kwargs)
             return torch.func.functional_call(module, {**tensors, **replacements}, args, kwargs)
     except Exception:  # any failure means "not this formula": the module is then refused, never guessed
         return None
+
+
+class _HooklessForward(nn.Module):
+    """``type(module).forward(module, ...)`` as a module: the forward without the module's own hooks."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+
+def _is_fsdp_module(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed support
+        return False
+    return isinstance(module, FSDPModule)
 
 
 def same_values(got, expected, rtol: float) -> bool:

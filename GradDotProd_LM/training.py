@@ -437,18 +437,26 @@ def build_state(cfg, data, device, world_size, train_dtype) -> State:
     return state
 
 
-def transformer_blocks(model):
-    """The model's repeated blocks: the longest nn.ModuleList whose children are all of one class."""
+def fsdp_units(model):
+    """The model's FSDP2 units below the root, in the order fully_shard is applied, as (module or list of modules,
+    reshard_after_forward): every transformer block (the longest nn.ModuleList whose children are all of one
+    class); then the embedding and the output layer, a large share of the parameters with a 50K vocabulary, as
+    units of their own rather than in the root's: unsharded only around their use, the output layer from its
+    forward to its backward, which follows at once (tied: one unit for both). The root holds the rest."""
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0
              and len({type(child) for child in m}) == 1]
     if not lists:
         raise StartError(f"--fsdp: {type(model).__name__} has no list of repeated blocks to shard one by one")
-    return max(lists, key=len)
+    units = [(block, True) for block in max(lists, key=len)]
+    embedding, output = model.get_input_embeddings(), model.get_output_embeddings()
+    if output is not None and output.weight is embedding.weight:
+        return units + [([embedding, output], False)]
+    return units + [(embedding, True)] + ([(output, False)] if output is not None else [])
 
 
 def shard_model(model, device, world_size, replicate_degree, train_dtype):
-    """FSDP2: fully_shard on every transformer block, then on the root; parameters Shard(0) over the processes,
-    or with --replicate_degree R > 1 over a mesh of R replicas (HSDP). bfloat16 training computes through FSDP2's
+    """FSDP2: fully_shard on each of `fsdp_units`, then on the root; parameters Shard(0) over the processes, or
+    with --replicate_degree R > 1 over a mesh of R replicas (HSDP). bfloat16 training computes through FSDP2's
     MixedPrecisionPolicy (bfloat16 parameters in the forward and backward, gradients reduced in float32)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -460,8 +468,8 @@ def shard_model(model, device, world_size, replicate_degree, train_dtype):
         mesh = init_device_mesh(device.type, (world_size,))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if train_dtype == "bfloat16" else MixedPrecisionPolicy())
-    for block in transformer_blocks(model):
-        fully_shard(block, mesh=mesh, mp_policy=policy)
+    for unit, reshard in fsdp_units(model):
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 

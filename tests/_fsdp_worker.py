@@ -1,11 +1,12 @@
 """One rank of the FSDP2 check (tests/test_engine_fsdp.py): `torchrun --nproc_per_node 2 _fsdp_worker.py
-MODEL RESHARD MICRO_BATCHES OUT.json [fsdp|hsdp] [reattach] [leaves] [adamw]`. Every rank trains on its own rows of one global
+MODEL RESHARD MICRO_BATCHES OUT.json [fsdp|hsdp] [reattach] [leaves] [app] [adamw]`. Every rank trains on its own rows of one global
 batch through a fully_shard-ed model with the engine attached; rank 0 compares the gathered dot products and the
 full .grad with the float64 torch.func reference of the unsharded model on the whole batch. `reattach`: a step
 first (no update), then engine.detach() and attach() again, so that the measured step runs on hooks put back
 after a detach (FSDP2 keeps the same unsharded parameter objects from step to step). `leaves`: fully_shard also on
 the layers accelerate's FSDP2 plugin shards on their own (the input embedding, and the final norm with the output
-layer, and with the embedding when they are tied), whose classes FSDP then changes. `adamw`: value="adamw" under
+layer, and with the embedding when they are tied), whose classes FSDP then changes. `app`: the units of the
+training app's --fsdp (GradDotProd_LM.training.fsdp_units). `adamw`: value="adamw" under
 AdamW, measured at the second step (a first step gives v its values); the reference takes D from the optimizer's
 state gathered whole, and the reference model the weights after the first step."""
 import copy
@@ -64,6 +65,12 @@ def main(model_name, reshard, micro_batches, out_path, mesh_kind="fsdp", *flags)
     mesh = (init_device_mesh("cpu", (world,)) if mesh_kind == "fsdp"
             else init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard")))
     blocks = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList))  # the transformer blocks
+    if "app" in flags:  # the training app's units (GradDotProd_LM.training.fsdp_units, ./train.sh --fsdp)
+        from GradDotProd_LM.training import fsdp_units
+
+        for unit, unit_reshard in fsdp_units(model):
+            fully_shard(unit, mesh=mesh, reshard_after_forward=unit_reshard and reshard)
+        blocks = []
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
     if "leaves" in flags:  # as accelerate's fsdp2_prepare_model

@@ -4,7 +4,8 @@ Cases: tied (GPT-2, Gemma) and untied (Llama, GPT-NeoX) embeddings, each with an
 forward, one and two micro-batches, parameters Shard(0) over both ranks (FSDP) or Replicate + Shard(0) on a
 [2 replicas, 1 shard] mesh (HSDP); a step measured after detach() and attach() again; fully_shard also on the
 leaf layers as accelerate's FSDP2 plugin applies it (embedding; final norm with the output layer and, tied, the
-embedding), whose rules are recognised by running their forward (the probe must not run FSDP's hooks); and
+embedding), whose rules are recognised by running their forward (the probe must not run FSDP's hooks), and as
+the app's --fsdp applies it (untied Llama: the embedding alone, the output layer alone); and
 value="adamw" at the second AdamW step, against D of the optimizer's state gathered whole (each layer's D is
 gathered in its backward)."""
 import json
@@ -21,7 +22,7 @@ TOL = 1e-4
 @pytest.mark.parametrize("model,reshard,micro_batches,mesh", [
     ("gpt2", "reshard", 1, "fsdp"), ("llama", "keep", 2, "fsdp"), ("gemma-tied", "keep", 2, "fsdp"),
     ("gpt_neox-untied", "reshard", 1, "hsdp"), ("llama", "keep", 1, "fsdp-reattach"),
-    ("gemma-tied", "reshard", 2, "fsdp-leaves"), ("gpt2", "reshard", 1, "fsdp-adamw")])
+    ("gemma-tied", "reshard", 2, "fsdp-leaves"), ("gpt2", "reshard", 1, "fsdp-adamw"), ("llama", "reshard", 2, "fsdp-app")])
 def test_fully_sharded_model_is_exact(model, reshard, micro_batches, mesh, tmp_path):
     out = str(tmp_path / "report.json")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]))

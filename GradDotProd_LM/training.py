@@ -40,6 +40,7 @@ from GradDotProd_LM.checkpoint import (app_state, checkpoint_writer, newest_chec
 from GradDotProd_LM.evaluate import Evaluator, format_eval
 from GradDotProd_LM.experiment_log import ExperimentLog, SinkError, domain_sums
 from GradDotProd_LM.model import build_model
+from GradDotProd_LM.prefetch import BatchPrefetcher
 from GradDotProd_LM.run_files import data_identity, describe_data_change
 from GradDotProd_LM.settings import load_settings
 from pile_tools import ensure_sample_dataset
@@ -277,6 +278,7 @@ class Data:
     """What the run reads: the training batches, the fixed validation rows, the evaluation splits."""
 
     train_reader: PileReader
+    batches: BatchPrefetcher  # the train reader's batches, read a step ahead (pinned on a GPU)
     val_batch: object  # the reader's batch of validation rows (tokens, provenance), None for --val_batch_size 0
     evaluator: Evaluator
     vocab: int  # the data's vocabulary size
@@ -374,7 +376,9 @@ def load_data(cfg, rank, world_size, master) -> Data:
     except (FileNotFoundError, ValueError) as err:
         raise StartError(f"data in {cfg['data_dir']}: {err}") from None
     cfg["data_tokenizer"] = train_reader.tokenizer  # saved with the run and its checkpoints (export reads it)
-    return Data(train_reader, val_batch, evaluator, vocab)
+    batches = BatchPrefetcher(train_reader, B, T, rank, world_size, cfg["max_steps"],
+                              pin=torch.cuda.is_available())
+    return Data(train_reader, batches, val_batch, evaluator, vocab)
 
 
 def resumed_data(cfg, run_dir, data) -> dict:
@@ -594,6 +598,7 @@ def train_loop(cfg, state, data, files, rank, world_size, device, master, stop, 
         save_after_failure(cfg, state, files, master, start_step, done, failure)
         raise
     finally:
+        data.batches.close()
         if master:
             files.close(failed=not finished)
 
@@ -618,12 +623,12 @@ def train_step(cfg, state, data, step, rank, world_size, device, autocast):
     for group in optimizer.param_groups:
         group["lr"] = lr
     t0 = time.perf_counter()
-    batch = data.train_reader.get_batch(step, B, T, rank=rank, world_size=world_size)  # this rank's B/W rows
+    batch, tokens = data.batches.get(step)  # this rank's B/W rows, read while the previous step trained
     check_token_ids(batch, step, cfg["data_dir"], world_size, device, data.vocab)
     train_loss_sum, val_loss = 0.0, None  # sum over this rank's rows of the row losses (a tensor)
     for micro in range(A):
         rows = slice(micro * micro_rows, (micro + 1) * micro_rows)
-        X = torch.from_numpy(batch.tokens[rows, :T]).to(device, non_blocking=True)  # [b, T], labels = X
+        X = tokens[rows].to(device, non_blocking=True)  # [b, T], labels = X
         last_micro = micro == A - 1
         valuing = engine is not None and engine.val_batch_size > 0  # validation rows under the training rows
         # DDP all-reduces the last micro-batch's gradients only; FSDP2 reduce-scatters each micro-batch's

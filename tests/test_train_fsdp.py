@@ -8,7 +8,8 @@ One run of each kind, steps 1..6, checkpoints every 2 steps:
   processes with --fsdp;
 - `two_on_one`: a copy of the killed run, resumed on 1 process.
 Both resumed runs restart from step 2 and must equal `one`: each step once, its dot products and losses and the
-final weights within float32 round-off (the two processes reduce the gradient in another order)."""
+final weights within float32 round-off (the two processes reduce the gradient in another order). Export then
+writes the sharded checkpoint's weights as a Hugging Face model."""
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ import torch
 
 from ghost_results.results_io import read_run
 from ghost_results.run_directory import has_checkpoint, sharded_checkpoint_path, sharded_checkpoint_steps
-from GradDotProd_LM import train
+from GradDotProd_LM import export, train
 from GradDotProd_LM.checkpoint import read_sharded_weights
 from GradDotProd_LM.model import build_model
 
@@ -134,3 +135,11 @@ def test_fsdp_equals_one_process_and_its_sharded_checkpoint_resumes_on_two_and_o
         assert set(weights) == set(reference)
         for key, value in reference.items():
             torch.testing.assert_close(weights[key], value, rtol=TOL, atol=TOL, msg=key)
+
+    # export reads the sharded checkpoint: the Hugging Face model holds its weights (the vocabulary unpadded)
+    assert export.main([two, "--out", str(tmp_path / "hf")]) == 0
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True).state_dict()
+    for key, value in exported.items():
+        torch.testing.assert_close(value, sharded[key][:value.shape[0]] if value.dim() else sharded[key], msg=key)

@@ -1,7 +1,7 @@
 """Peak memory per process of `./train.sh --fsdp` against DDP, 2 processes each, for a model whose parameters
 and AdamW state dominate its memory (a wide Llama-style model, a small batch).
 
-    python -m benchmarks.fsdp_memory [--hidden 1024] [--layers 8] [--steps 3] [--value auto] [--dir DIR]
+    python -m benchmarks.fsdp_memory [--hidden 768] [--layers 24] [--steps 3] [--value auto] [--dir DIR]
 
 Both runs train the same model on the bundled sample (AdamW, --batch_size 2, --seq_len 32, one validation row,
 no evaluation but the last step's) under torchrun with 2 gloo processes on CPU; each process's peak resident
@@ -46,14 +46,18 @@ def run(kind, work, data_dir, config_path, steps, value):
     return peaks, sum(times) / max(len(times), 1)
 
 
-def main(argv=None):
+def build_parser():
     parser = FlagParser(prog="python -m benchmarks.fsdp_memory", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--value", default="auto")
+    parser.add_argument("--hidden", type=int, default=768, help="the model's width [768]")
+    parser.add_argument("--layers", type=int, default=24, help="its blocks [24]")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps of each run [3]")
+    parser.add_argument("--value", default="auto", help="the runs' --value [auto: adamw]")
     parser.add_argument("--dir", default=None, help="work directory [a temporary one]")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     work = args.dir or tempfile.mkdtemp(prefix="fsdp_memory-")
     data_dir = ensure_sample_dataset(os.path.join(work, "sample"))
     config_path = os.path.join(work, "llama.json")

@@ -16,7 +16,7 @@ CLI_MODULES = ("GradDotProd_LM.args", "GradDotProd_LM.export", "GradDotProd_LM.a
                "pile_tools.cli", "benchmarks.compare", "benchmarks.engine_overhead", "benchmarks.fidelity", "benchmarks.gpu_step",
                "benchmarks.host_overhead",
                "benchmarks.lowrank_attention", "benchmarks.plots", "benchmarks.profile_sweep", "benchmarks.results_load",
-               "benchmarks.results_scale",
+               "benchmarks.results_scale", "benchmarks.fsdp_memory",
                "benchmarks.tokenize_throughput", "benchmarks.grad_store", "benchmarks.projection_cost",
                "benchmarks.projection_fidelity", "benchmarks.attribution_quality", "benchmarks.curation",
                "ghost_results.convert",

@@ -5,7 +5,7 @@ One run of each kind, steps 1..6, checkpoints every 2 steps:
 - `one`: 1 process, no sharding, never interrupted (the reference);
 - `two`: torchrun --nproc_per_node 2 --fsdp, killed with SIGKILL (every process) while rank 0 is about to commit
   the sharded checkpoint of step 4: its shards are written, the checkpoint is not complete; then resumed on 2
-  processes with --fsdp;
+  processes with --fsdp --replicate_degree 2 (HSDP: the checkpoint read into other placements);
 - `two_on_one`: a copy of the killed run, resumed on 1 process.
 Both resumed runs restart from step 2 and must equal `one`: each step once, its dot products and losses and the
 final weights within float32 round-off (the two processes reduce the gradient in another order). Export then
@@ -99,12 +99,15 @@ def test_fsdp_equals_one_process_and_its_sharded_checkpoint_resumes_on_two_and_o
     shutil.copytree(two, os.path.join(results, "two_on_one"))
     os.remove(os.path.join(results, "two_on_one", "run.lock"))  # the copy is another run directory's
 
+    # resumed as HSDP (2 replicas of 1 shard): the checkpoint the Shard(0) run wrote, read into other placements
     resumed = subprocess.run(torchrun("-m", "GradDotProd_LM.train", *flags(data_dir, results, "two", "--fsdp",
-                                                                             "--resume")),
+                                                                             "--replicate_degree", "2", "--resume")),
                              capture_output=True, text=True, timeout=300, cwd=REPO,
                              env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"Resuming {two} from step 2" in resumed.stdout and "2 process(es)" in resumed.stdout
+    with open(os.path.join(two, "config.json")) as f:
+        assert json.load(f)["replicate_degree"] == 2
     assert sharded_checkpoint_steps(two) == [STEPS]  # --keep_checkpoints 1: the newest alone, no partial left
     assert os.listdir(os.path.join(two, "checkpoints")) == [os.path.basename(sharded_checkpoint_path(two, STEPS))]
     assert train.main(flags(data_dir, results, "two_on_one", "--fsdp", "--resume")) == 0

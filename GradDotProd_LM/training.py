@@ -347,6 +347,13 @@ def _train(cfg, argv, rank, world_size, device, master, stop, files):
               f"params | global batch {cfg['batch_size']} x {cfg['seq_len']} tokens | {world_size} process(es) on "
               f"{device} | {train_dtype} | steps {state.start_step + 1}..{cfg['max_steps']} | results {run_dir}",
               flush=True)
+        if cfg["fsdp"]:
+            replicas = cfg["replicate_degree"]
+            print(f"FSDP2: parameters, gradients and optimizer state sharded over {world_size // replicas} "
+                  f"process(es)" + (f" in each of {replicas} replicas (HSDP)" if replicas > 1 else "")
+                  + "; sharded checkpoints" if state.sharded else
+                  "note: --fsdp with one process: nothing to shard, the model is trained whole and checkpointed "
+                  "as checkpoints/latest.pt", flush=True)
         if cfg["method"] == "GradDotProd" and cfg["optimizer"] == "AdamW" and state.start_step < 2:
             print("note: steps 1-2 are AdamW's first updates, where no per-step value is faithful "
                   "(docs/FIDELITY.md): recorded, and left out by the report", flush=True)

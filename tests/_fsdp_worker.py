@@ -1,5 +1,6 @@
-"""One rank of the FSDP2 check (tests/test_engine_fsdp.py): `torchrun --nproc_per_node 2 _fsdp_worker.py
-MODEL RESHARD MICRO_BATCHES OUT.json [fsdp|hsdp] [reattach] [leaves] [app] [adamw]`. Every rank trains on its own rows of one global
+"""One rank of the FSDP2 check (tests/test_engine_fsdp.py): `torchrun --nproc_per_node 2 _fsdp_worker.py CASES.json`,
+each case [MODEL, RESHARD, MICRO_BATCHES, OUT.json, fsdp|hsdp, (reattach|leaves|app|adamw)...], all in one launch. In
+each, every rank trains on its own rows of one global
 batch through a fully_shard-ed model with the engine attached; rank 0 compares the gathered dot products and the
 full .grad with the float64 torch.func reference of the unsharded model on the whole batch. `reattach`: a step
 first (no update), then engine.detach() and attach() again, so that the measured step runs on hooks put back
@@ -52,8 +53,18 @@ def whole_sensitivity(model, optimizer):
     return adamw_sensitivity(SimpleNamespace(param_groups=groups, state=state), named)
 
 
-def main(model_name, reshard, micro_batches, out_path, mesh_kind="fsdp", *flags):
+def main(cases_path):
+    """Every case of the JSON list at `cases_path` ([model, reshard, micro_batches, out.json, mesh, *flags] each),
+    one after the other in this one process group."""
     dist.init_process_group("gloo")
+    with open(cases_path) as f:
+        cases = json.load(f)
+    for model_name, reshard, micro_batches, out_path, mesh_kind, *flags in cases:
+        check(model_name, reshard == "reshard", micro_batches, out_path, mesh_kind, *flags)
+    leave_together()
+
+
+def check(model_name, reshard, micro_batches, out_path, mesh_kind="fsdp", *flags):
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     model = build(model_name)
@@ -130,8 +141,7 @@ def main(model_name, reshard, micro_batches, out_path, mesh_kind="fsdp", *flags)
                   "placements": sorted({str(p.placements) for p in model.parameters()})}
         with open(out_path, "w") as f:
             json.dump(report, f)
-    leave_together()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] == "reshard", int(sys.argv[3]), sys.argv[4], *sys.argv[5:])
+    main(sys.argv[1])

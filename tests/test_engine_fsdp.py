@@ -19,20 +19,39 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = 1e-4
 
 
-@pytest.mark.parametrize("model,reshard,micro_batches,mesh", [
-    ("gpt2", "reshard", 1, "fsdp"), ("llama", "keep", 2, "fsdp"), ("gemma-tied", "keep", 2, "fsdp"),
-    ("gpt_neox-untied", "reshard", 1, "hsdp"), ("llama", "keep", 1, "fsdp-reattach"),
-    ("gemma-tied", "reshard", 2, "fsdp-leaves"), ("gpt2", "reshard", 1, "fsdp-adamw"), ("llama", "reshard", 2, "fsdp-app")])
-def test_fully_sharded_model_is_exact(model, reshard, micro_batches, mesh, tmp_path):
-    out = str(tmp_path / "report.json")
+CASES = [("gpt2", "reshard", 1, "fsdp"), ("llama", "keep", 2, "fsdp"), ("gemma-tied", "keep", 2, "fsdp"),
+         ("gpt_neox-untied", "reshard", 1, "hsdp"), ("llama", "keep", 1, "fsdp-reattach"),
+         ("gemma-tied", "reshard", 2, "fsdp-leaves"), ("gpt2", "reshard", 1, "fsdp-adamw"),
+         ("llama", "reshard", 2, "fsdp-app")]
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """Every case in one torchrun launch (a launch costs more than a case): {case: its report, or the output
+    of a launch that failed}."""
+    work = tmp_path_factory.mktemp("fsdp")
+    outs = {case: str(work / f"report-{i}.json") for i, case in enumerate(CASES)}
+    with open(work / "cases.json", "w") as f:
+        json.dump([[model, reshard, micro_batches, outs[case], *mesh.split("-")]
+                   for case, (model, reshard, micro_batches, mesh) in zip(CASES, CASES)], f)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           os.path.join(HERE, "_fsdp_worker.py"), model, reshard, str(micro_batches), out,
-                           *mesh.split("-")],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    with open(out) as f:
-        report = json.load(f)
+                           os.path.join(HERE, "_fsdp_worker.py"), str(work / "cases.json")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    found = {}
+    for case, path in outs.items():
+        if os.path.exists(path):
+            with open(path) as f:
+                found[case] = json.load(f)
+        else:
+            found[case] = f"no report (exit {done.returncode}): " + done.stdout[-3000:] + done.stderr[-3000:]
+    return found
+
+
+@pytest.mark.parametrize("model,reshard,micro_batches,mesh", CASES)
+def test_fully_sharded_model_is_exact(model, reshard, micro_batches, mesh, reports):
+    report = reports[(model, reshard, micro_batches, mesh)]
+    assert isinstance(report, dict), report
     assert report["sharded"], "fully_shard left no DTensor parameter: the test would not test FSDP2"
     assert report["placements"] == ["(Shard(dim=0),)" if mesh.startswith("fsdp") else "(Replicate(), Shard(dim=0))"]
     if mesh.endswith("leaves"):  # Gemma: the scaled embedding and the (1 + weight) RMSNorm, recognised by probes

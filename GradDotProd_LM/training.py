@@ -693,6 +693,8 @@ def train_step(cfg, state, data, step, rank, world_size, device, autocast):
               "step_time_s": step_time}
     if val_loss is not None:
         record["val_loss"] = val_loss
+    if device.type == "cuda":  # the most GPU memory the process's tensors have held so far (rank 0's record)
+        record["gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return record, rows_all
 
 

@@ -3,9 +3,9 @@ training script behind `python -m GradDotProd_LM.train` (which parses the flags 
 
 Read it top to bottom: `run` (DDP set-up from torchrun's variables) -> `_run` (hold the run directory) ->
 `_train`, which calls the named steps in order: `load_data` -> `resumed_data` (identity, data unchanged) ->
-`build_state` (model, FSDP2 sharding with --fsdp, optimizer, checkpoint) -> `attach_engine` (engine, then compile and
-DDP) ->
-`open_run` (the run directory: ghost_results.run_directory.RunDirectory, which owns every file of it) ->
+`build_state` (model, FSDP2 sharding with --fsdp, optimizer, checkpoint) -> `attach_engine` (engine, then
+compile and DDP) -> `open_run` (the run directory: ghost_results.run_directory.RunDirectory, which owns every
+file of it) ->
 `train_loop` (`train_step`: micro-batches, backward, engine, clip, update; evaluations, stop signals, `save_all`
 checkpoints, `save_after_failure`). Step numbers count from 1: step t
 trains on the reader's global batch t and is the t-th optimizer update.

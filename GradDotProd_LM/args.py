@@ -577,9 +577,6 @@ def _check_fsdp(cfg, fail, world_size):
         fail(f"--fsdp values first_order and adamw (--value {cfg['value']} needs the step's whole batch gradient "
              "or per-sample norms of sharded parameters): pick one of them, or train without --fsdp",
              "value", "fsdp")
-    if cfg["project_dim"]:
-        fail("--fsdp with --project_dim: projections of a sharded model are not supported yet; train without "
-             "--fsdp", "project_dim", "fsdp")
     if cfg["compile"]:
         fail("--fsdp with --compile is not supported yet (the engine under a compiled FSDP2 model is untested); "
              "drop --compile", "compile", "fsdp")

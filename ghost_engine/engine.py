@@ -118,9 +118,6 @@ class GradDotProdEngine:
         if sharded and unsupported == "exclude":
             raise ValueError("unsupported='exclude' is not supported with FSDP2 (the excluded modules' validation "
                              "rows are recomputed with their parameters, which FSDP holds sharded)")
-        if sharded and projection is not None:
-            raise ValueError("projection= is not supported with FSDP2 yet (its projections are not tested against "
-                             "the unsharded model's); project an unsharded or DDP model")
         if sharded and value not in (FIRST_ORDER, ADAMW):
             raise ValueError(f"value={value!r} is not supported with FSDP2 (it would need the step's whole batch "
                              "gradient or per-sample norms of sharded parameters); use value='first_order' or "

@@ -22,7 +22,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from _leave import leave_together
 from _models import lm_batch, tiny_gpt2, tiny_llama
-from _reference import adamw_sensitivity, reference_adamw_values, reference_dot_products, reference_train_grad
+from _reference import (adamw_sensitivity, reference_adamw_values, reference_dot_products, reference_grads,
+                        reference_train_grad)
 from ghost_engine import GradDotProdEngine
 
 ROWS_PER_RANK, T = 2, 12
@@ -107,7 +108,8 @@ def check(model_name, reshard, micro_batches, out_path, mesh_kind="fsdp", *flags
         reference.load_state_dict({k: v.full_tensor().double() for k, v in model.state_dict().items()})
         sensitivity = whole_sensitivity(model, optimizer)
     else:
-        engine = GradDotProdEngine(model, val_batch=(Xv, Yv)).attach()
+        projection = dict(dim=3, seed=1) if "project" in flags else None
+        engine = GradDotProdEngine(model, val_batch=(Xv, Yv), projection=projection).attach()
     if "reattach" in flags:
         Xc, Yc = engine.prepare_forward_input(X[mine], Y[mine])
         model(input_ids=Xc, labels=Yc).loss.backward()
@@ -120,9 +122,13 @@ def check(model_name, reshard, micro_batches, out_path, mesh_kind="fsdp", *flags
         Xc, Yc = engine.prepare_forward_input(Xm, Ym, loss_multiplier=1.0 / micro_batches)
         (model(input_ids=Xc, labels=Yc).loss / micro_batches).backward()
     engine.prepare_gradients()
-    dots = engine.aggregate_and_log().dot_products
+    result = engine.aggregate_and_log()
+    dots = result.dot_products
     gathered = [torch.empty_like(dots) for _ in range(world)]
     dist.all_gather(gathered, dots)
+    if "project" in flags:  # each rank's rows' projections, and the validation gradient's (the same on every rank)
+        projected = [torch.empty_like(result.projections) for _ in range(world)]
+        dist.all_gather(projected, result.projections.contiguous())
     grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}  # collective
     whole = sensitivity if "adamw" in flags else None
     if rank == 0:
@@ -139,6 +145,15 @@ def check(model_name, reshard, micro_batches, out_path, mesh_kind="fsdp", *flags
                   "sharded_leaves": sorted(name for name, m in model.named_modules()
                                            if isinstance(m, FSDPModule) and not list(m.children())),
                   "placements": sorted({str(p.placements) for p in model.parameters()})}
+        if "project" in flags:  # against the dense (Kronecker) projection of float64 per-sample gradients
+            from test_engine_projection import dense_projection
+
+            per_sample, val_grad = reference_grads(reference, X, Y, Xv, Yv)
+            want, want_val = (dense_projection(engine.projection, g, rows) for g, rows in ((per_sample, True),
+                                                                                          (val_grad, False)))
+            got_rows = torch.cat(projected).double()
+            report["projections"] = float((got_rows - want).norm() / want.norm())
+            report["val_projection"] = float((result.val_projection.double() - want_val).norm() / want_val.norm())
         with open(out_path, "w") as f:
             json.dump(report, f)
 

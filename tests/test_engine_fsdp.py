@@ -22,7 +22,8 @@ TOL = 1e-4
 CASES = [("gpt2", "reshard", 1, "fsdp"), ("llama", "keep", 2, "fsdp"), ("gemma-tied", "keep", 2, "fsdp"),
          ("gpt_neox-untied", "reshard", 1, "hsdp"), ("llama", "keep", 1, "fsdp-reattach"),
          ("gemma-tied", "reshard", 2, "fsdp-leaves"), ("gpt2", "reshard", 1, "fsdp-adamw"),
-         ("llama", "reshard", 2, "fsdp-app")]
+         ("llama", "reshard", 2, "fsdp-app"), ("gpt2", "keep", 2, "fsdp-app-project"),
+         ("llama", "reshard", 1, "hsdp-project")]
 
 
 @pytest.fixture(scope="module")
@@ -56,5 +57,7 @@ def test_fully_sharded_model_is_exact(model, reshard, micro_batches, mesh, repor
     assert report["placements"] == ["(Shard(dim=0),)" if mesh.startswith("fsdp") else "(Replicate(), Shard(dim=0))"]
     if mesh.endswith("leaves"):  # Gemma: the scaled embedding and the (1 + weight) RMSNorm, recognised by probes
         assert report["sharded_leaves"] == ["lm_head", "model.embed_tokens", "model.norm"], report["sharded_leaves"]
+    if mesh.endswith("project"):  # projected per-sample gradients, each rank its rows (docs/ATTRIBUTION.md)
+        assert report["projections"] <= TOL and report["val_projection"] <= TOL, report
     assert report["dots"] <= TOL
     assert max(report["grads"].values()) <= TOL, report["grads"]

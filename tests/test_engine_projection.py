@@ -214,16 +214,6 @@ def test_bad_projection_options_are_refused():
         GradDotProdEngine(model, (Xv, Yv), projection=dict(total=3000, dim=2))
 
 
-def test_projections_under_fsdp2_are_refused(monkeypatch):
-    """Not yet measured against the unsharded model: refused, never returned."""
-    import ghost_engine.engine
-
-    monkeypatch.setattr(ghost_engine.engine, "fsdp_sharding", lambda model: True)
-    X, Y, Xv, Yv = lm_rows()
-    with pytest.raises(ValueError, match="FSDP2"):
-        GradDotProdEngine(tiny_gpt2(), (Xv, Yv), projection=dict(dim=2))
-
-
 @pytest.mark.parametrize("val", [True, False])
 def test_compiled_gradient_checkpointed_and_bf16_steps(val):
     """torch.compile (one graph, no break), gradient checkpointing and bf16 autocast give the eager fp32 step's

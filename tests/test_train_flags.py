@@ -43,7 +43,6 @@ def dirs(tmp_path):
     (["--replicate_degree", "2"], "--replicate_degree 2 needs --fsdp"),
     (["--fsdp", "--replicate_degree", "2"], "--replicate_degree 2 must divide the 1 processes"),
     (["--fsdp", "--value", "midpoint"], "--fsdp values first_order and adamw"),
-    (["--fsdp", "--value", "first_order", "--project_dim", "64"], "--fsdp with --project_dim"),
     (["--fsdp", "--value", "first_order", "--compile"], "--fsdp with --compile is not supported"),
 ])
 def test_bad_flags_exit_2_naming_the_flag(flags, message, dirs, capsys, tmp_path):

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from ghost_results.grad_store import GradStore
 from ghost_results.results_io import read_run
 from ghost_results.run_directory import has_checkpoint, sharded_checkpoint_path, sharded_checkpoint_steps
 from GradDotProd_LM import export, train
@@ -40,7 +41,7 @@ def flags(data_dir, results, run_name, *extra):
             "--max_steps", str(STEPS), "--optimizer", "SGD", "--learning_rate", "0.1", "--min_lr", "0.01",
             "--warmup_step", "0", "--grad_clip", "1", "--grad_accum", "2", "--eval_interval", "3",
             "--eval_iter", "1", "--eval_bs", "2", "--dot_prod_save_interval", "2", "--checkpoint_interval", "2",
-            "--value", "first_order", "--data_dir", data_dir, "--results_dir", results, "--run_name", run_name,
+            "--value", "first_order", "--project_dim", "400", "--project_dtype", "float32", "--data_dir", data_dir, "--results_dir", results, "--run_name", run_name,
             *extra]
 
 
@@ -127,6 +128,16 @@ def test_fsdp_equals_one_process_and_its_sharded_checkpoint_resumes_on_two_and_o
         losses, expected = (step_losses(os.path.join(results, n)) for n in (name, "one"))
         assert [s for s, _ in losses] == list(range(1, STEPS + 1))
         np.testing.assert_allclose([v for _, v in losses], [v for _, v in expected], rtol=TOL, err_msg=name)
+
+    # each rank projects its rows; rank 0 stores them all: the stores equal the unsharded run's, steps 1..6 once
+    stores = {name: GradStore(os.path.join(results, name, "grad_store")) for name in ("one", "two", "two_on_one")}
+    expected = stores["one"].rows(np.arange(len(stores["one"])))
+    assert len(stores["one"]) == B * STEPS
+    for name in ("two", "two_on_one"):
+        assert stores[name].provenance().drop(columns=["lr", "weight"]).equals(
+            stores["one"].provenance().drop(columns=["lr", "weight"])), name
+        np.testing.assert_allclose(stores[name].rows(np.arange(len(stores[name]))), expected, rtol=TOL,
+                                   atol=TOL * np.abs(expected).max(), err_msg=name)
 
     reference = torch.load(os.path.join(results, "one", "checkpoints", "latest.pt"), weights_only=True)["model"]
     torch.manual_seed(42)  # the runs' seed: their initial weights

@@ -17,9 +17,11 @@ newest into a model sharded or not. PyTorch reads a sharded checkpoint's `.metad
 export only sharded checkpoints you trust.
 """
 import base64
+import contextlib
 import json
 import os
 import random
+import shutil
 import warnings
 
 import numpy as np
@@ -112,8 +114,9 @@ def save_sharded(model, optimizer, directory):
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state},
-             storage_writer=dcp.FileSystemWriter(directory, sync_files=True))
+    with _as_error("write", directory):
+        dcp.save({"model": model_state, "optimizer": optimizer_state},
+                 storage_writer=dcp.FileSystemWriter(directory, sync_files=True))
 
 
 def _load_sharded(model, optimizer, directory):
@@ -146,9 +149,36 @@ def _dcp_load(state, directory, alone=False):
     import torch.distributed.checkpoint as dcp
 
     alone = alone or not torch.distributed.is_initialized()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _as_error("read", directory):
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, storage_reader=dcp.FileSystemReader(directory), no_dist=alone)
+
+
+@contextlib.contextmanager
+def _as_error(action, directory):
+    """torch.distributed.checkpoint's CheckpointException (a BaseException: `except Exception` would let it
+    through the app's failure handling) as an OSError naming the directory and each process's failure."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as err:
+        causes = [cause[0] if isinstance(cause, tuple) else cause for _, cause in sorted(err.failures.items())]
+        listed = "; ".join(f"process {rank}: {type(cause).__name__}: {cause}"
+                           for rank, cause in zip(sorted(err.failures), causes))
+        raise OSError(f"cannot {action} the sharded checkpoint {directory} ({listed}; {_free_space(directory)})") \
+            from err
+
+
+def _free_space(path):
+    """How much room the file system of `path` has left (a full disk shows in DCP's errors only as a short
+    write)."""
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    try:
+        return f"its file system has {shutil.disk_usage(path).free / 2**20:,.0f} MiB free"
+    except OSError:
+        return "its file system cannot be read"
 
 
 def newest_checkpoint(run_dir):

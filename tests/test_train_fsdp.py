@@ -12,6 +12,7 @@ final weights within float32 round-off (the two processes reduce the gradient in
 writes the sharded checkpoint's weights as a Hugging Face model."""
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -87,7 +88,7 @@ def kill_9_at_commit(args, marker, log):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes through /proc")
 def test_fsdp_equals_one_process_and_its_sharded_checkpoint_resumes_on_two_and_one_process_after_kill_9(
-        data_dir, tmp_path):
+        data_dir, tmp_path, capsys):
     results = str(tmp_path / "results")
     assert train.main(flags(data_dir, results, "one")) == 0
     two = os.path.join(results, "two")
@@ -157,3 +158,41 @@ def test_fsdp_equals_one_process_and_its_sharded_checkpoint_resumes_on_two_and_o
     exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True).state_dict()
     for key, value in exported.items():
         torch.testing.assert_close(value, sharded[key][:value.shape[0]] if value.dim() else sharded[key], msg=key)
+
+    # a damaged sharded checkpoint (a process's shard file lost): --resume exits 2 naming it and changes nothing
+    os.remove(os.path.join(sharded_checkpoint_path(two, STEPS), "__1_0.distcp"))
+    before = sorted(os.listdir(os.path.join(two, "grad_dotprods")))
+    assert train.main(flags(data_dir, results, "two", "--resume", "--replicate_degree", "1",
+                            "--max_steps", str(STEPS + 2))) == 2
+    assert f"cannot read the checkpoint {sharded_checkpoint_path(two, STEPS)}" in capsys.readouterr().err
+    assert sorted(os.listdir(os.path.join(two, "grad_dotprods"))) == before
+
+
+def _limit_file_size():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, like ENOSPC
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8 * 2**20, 8 * 2**20))
+
+
+def test_a_full_disk_at_the_sharded_checkpoint_keeps_every_step_written(data_dir, tmp_path):
+    """Files may not exceed 8 MiB (every process of torchrun inherits the limit): the dot-product files fit, each
+    process's ~27 MiB shard does not. Every process's save fails together, the run stops, steps 1..2 keep their
+    dot products, no checkpoint is complete (only a partial directory, never read), and --resume refuses to redo
+    the steps instead of deleting them."""
+    results = str(tmp_path / "results")
+    args = flags(data_dir, results, "full", "--fsdp", "--max_steps", "4")
+    done = subprocess.run(torchrun("-m", "GradDotProd_LM.train", *args), capture_output=True, text=True,
+                          timeout=300, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          preexec_fn=_limit_file_size)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0, out[-3000:]
+    assert "steps 1..2 have their dot products and log; continue from the last checkpoint (step 0)" in out, out[-3000:]
+    assert "OSError: cannot write the sharded checkpoint" in out and "MiB free" in out
+    run_dir = os.path.join(results, "full")
+    assert sorted(set(read_run(run_dir, strict=True).columns["step"])) == [1, 2]
+    assert sharded_checkpoint_steps(run_dir) == [] and not has_checkpoint(run_dir)
+    assert os.path.isdir(sharded_checkpoint_path(run_dir, 2, partial=True))
+    assert not [n for n in os.listdir(os.path.join(run_dir, "grad_dotprods")) if ".tmp-" in n]
+    resumed = subprocess.run([sys.executable, "-m", "GradDotProd_LM.train", *args, "--resume"], capture_output=True,
+                             text=True, timeout=300, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert resumed.returncode == 2 and "has no checkpoint" in resumed.stderr, resumed.stderr[-3000:]
+    assert sorted(set(read_run(run_dir, strict=True).columns["step"])) == [1, 2]

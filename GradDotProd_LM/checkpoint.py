@@ -27,6 +27,7 @@ import warnings
 import numpy as np
 import torch
 
+from ghost_engine.model_map import is_dtensor
 from ghost_results.run_directory import (SHARDED_APP_STATE, checkpoint_path, sharded_checkpoint_path,
                                          sharded_checkpoint_steps)
 
@@ -241,7 +242,7 @@ def _load_whole_into_sharded(model, optimizer, saved):
 
 
 def _sharded(model):
-    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 def nonfinite_state(model, optimizer):

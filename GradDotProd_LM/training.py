@@ -301,9 +301,9 @@ def _train(cfg, argv, rank, world_size, device, master, stop, files):
     the loop."""
     train_dtype = cfg["train_dtype"] if cfg["train_dtype"] != "auto" else (
         "bfloat16" if device.type == "cuda" else "float32")
-    sharded = cfg["fsdp"] and world_size > 1  # bfloat16 then through FSDP2's MixedPrecisionPolicy, not autocast
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if train_dtype == "bfloat16" and not sharded
-                else nullcontext())
+    # sharded: bfloat16 through FSDP2's MixedPrecisionPolicy, not autocast
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
+                if train_dtype == "bfloat16" and not shards(cfg, world_size) else nullcontext())
     run_dir = run_dir_of(cfg)
     try:
         data = load_data(cfg, rank, world_size, master)
@@ -427,7 +427,7 @@ def build_state(cfg, data, device, world_size, train_dtype) -> State:
                         vocab_size=data.vocab)
     model.to(device=device, dtype=DTYPES[cfg["model_dtype"]])
     model.train()
-    sharded = cfg["fsdp"] and world_size > 1
+    sharded = shards(cfg, world_size)
     if sharded:
         shard_model(model, device, world_size, cfg["replicate_degree"], train_dtype)
     state = State(model, build_optimizer(model, cfg, device), start_step=0, sharded=sharded)
@@ -446,6 +446,11 @@ def build_state(cfg, data, device, world_size, train_dtype) -> State:
         set_rng_state(saved["rng"])
         state.start_step = saved["step"]
     return state
+
+
+def shards(cfg, world_size) -> bool:
+    """--fsdp over more than one process (one process has nothing to shard: it trains the model whole)."""
+    return cfg["fsdp"] and world_size > 1
 
 
 def fsdp_units(model):

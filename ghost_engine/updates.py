@@ -13,6 +13,8 @@ the same), for the step t = state["step"] + 1 about to be taken:
 """
 import torch
 
+from ghost_engine.model_map import is_dtensor
+
 
 def check_supported(optimizer, what: str):
     """Raise a ValueError unless ``optimizer`` is an SGD or Adam/AdamW whose step this module writes out."""
@@ -86,7 +88,7 @@ def fixed_state_sensitivity(optimizer, group, p, dtype, out=None) -> torch.Tenso
     # D = c / (√v + eps·√bc2) with c = lr·(1-β1)/bc1·√bc2: three passes over v
     c = _scalar(group["lr"]) * (1 - beta1) / (1 - beta1 ** t) * sqrt_bc2
     v = state.get("exp_avg_sq")
-    sharded = hasattr(p, "device_mesh")  # an FSDP2 parameter (a DTensor): D of this process's shard, D's layout
+    sharded = is_dtensor(p)  # an FSDP2 parameter: D of this process's shard, in the parameter's layout
     local = p.to_local() if sharded else p
     if sharded:
         v = None if v is None else v.to_local()

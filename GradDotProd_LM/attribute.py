@@ -433,7 +433,8 @@ def _tokenize(text: str) -> np.ndarray:
 
 
 def render_markdown(texts, result, meta, projection, score, seq_len) -> str:
-    """attribution.md: what was scored, then per query its top windows with their text and per-domain totals."""
+    """attribution.md: what was scored, then per query its top windows with their text, for an in-run store its
+    top documents (scores summed over every step), and per-domain totals."""
     from pile_tools.tokenizer import load_gpt2_tokenizer
 
     tokenizer, cache, data = load_gpt2_tokenizer(), {}, meta.get("data", {})
@@ -451,6 +452,10 @@ def render_markdown(texts, result, meta, projection, score, seq_len) -> str:
             cell = " ".join(window.split())[:160].replace("|", "\\|")
             lines.append(f"| {int(r['rank']) + 1} | {r['score']:.4g} | {int(r['step'])} | {r['domain']} | "
                          f"{int(r['doc_id'])} | {int(r['token_offset'])} | {cell} |")
+        if result.documents is not None:  # in-run: the documents' scores summed over every step they trained in
+            lines += ["", "| rank | document score (all steps) | rows | domain | doc_id |", "|---|---|---|---|---|"]
+            lines += [f"| {int(d['rank']) + 1} | {d['score']:.4g} | {int(d['n_rows'])} | {d['domain']} | "
+                      f"{int(d['doc_id'])} |" for _, d in result.documents[result.documents["query"] == q].iterrows()]
         domains = result.domains[result.domains["query"] == q].sort_values("total", ascending=False)
         lines += ["", "| domain | total score | rows |", "|---|---|---|"]
         lines += [f"| {d['domain']} | {d['total']:.4g} | {int(d['n_rows'])} |" for _, d in domains.iterrows()]

@@ -40,7 +40,7 @@ from ghost_results.grad_store import GradStore, to_float32, usable_cpus
 SCORES = ("raw", "cosine", "precond")
 PRECONDITIONER_FILE = "preconditioner.npz"
 PRECONDITIONER_FORMAT = "ghost.grad_store.preconditioner.v1"
-_DOCUMENT_PARTIALS_MAX = 2_000_000  # per-document partial sums kept before they are summed up again
+_DOCUMENT_CELLS_MAX = 16 * 2**20  # scores (rows × queries) held for the per-document totals before grouped
 _BLAS_LIMITS = ThreadpoolController()
 
 
@@ -48,8 +48,8 @@ _BLAS_LIMITS = ThreadpoolController()
 class ScoreResult:
     """What score_store found. `top`: query, rank (0 = best), score, store_row, step, row, domain, doc_id,
     token_offset, lr, weight (the `top` best rows of every query). `domains`: query, domain, total (the sum
-    of every row's score), n_rows. `documents` (trajectories only): query, doc_id, domain, score (summed over
-    the document's rows at every step), n_rows, best first within each query."""
+    of every row's score), n_rows. `documents` (trajectories only): query, rank, doc_id, domain, score (summed
+    over the document's rows at every step), n_rows: the `top` best documents of every query."""
 
     score: str
     top: pd.DataFrame
@@ -82,9 +82,9 @@ def score_store(store, queries, score: str = "raw", top: int = 20, chunk_rows: i
     n_queries = matrices[0].shape[1]
     best = _RunningTop(n_queries, int(top))
     totals = _DomainTotals(len(store.domains), n_queries)
-    documents = _DocumentTotals(n_queries) if trajectory else None
     scorer = _ChunkScorer(store.dim, store.dtype, n_queries, cosine=score == "cosine",
                           threads=usable_cpus() if threads is None else int(threads))
+    documents = _DocumentTotals(n_queries, scorer.threads) if trajectory else None
 
     def take(start, prov, scores):  # [n, Q]: the chunk's buffer, reused two chunks later
         if trajectory:
@@ -108,7 +108,7 @@ def score_store(store, queries, score: str = "raw", top: int = 20, chunk_rows: i
         scorer.close()
     return ScoreResult(score=score, top=_top_frame(store, *best.result()),
                        domains=totals.frame(store.domains),
-                       documents=documents.frame(store.domains) if trajectory else None, n_rows=store.n_rows)
+                       documents=documents.frame(store.domains, int(top)) if trajectory else None, n_rows=store.n_rows)
 
 
 def _query_sets(queries, trajectory: bool, dim: int):
@@ -308,45 +308,91 @@ class _DomainTotals:
 
 
 class _DocumentTotals:
-    """Per (doc_id, domain): the sum of every query's scores over the document's rows (all steps), float64."""
+    """Per (doc_id, domain): the sum of every query's scores over the document's rows (all steps), float64.
+    The chunks' scores are kept as they come, one contiguous row per query, and grouped by document at the
+    end one query at a time (on `threads` threads), keeping only each query's best documents; before the end
+    only when they hold more than _DOCUMENT_CELLS_MAX scores and twice the documents of the last grouping (so
+    a grouping sorts at most three times the rows it keeps)."""
 
-    def __init__(self, n_queries: int):
-        self.n_queries = n_queries
-        self.partials, self.n_partial = [], 0  # (doc_ids, domains, sums [u, Q], n_rows), distinct keys each
+    def __init__(self, n_queries: int, threads: int):
+        self.n_queries, self.threads = n_queries, threads
+        self.parts = [(np.empty(0, np.int64), np.empty(0, np.int64), np.empty((n_queries, 0)),
+                       np.empty(0, np.int64))]  # (doc_ids [n], domains [n], scores [Q, n], n_rows [n])
+        self.held = self.grouped = 0  # rows in parts; documents the last grouping left
 
     def add(self, prov: np.ndarray, scores: np.ndarray) -> None:
-        self.partials.append(_sum_by_document(prov["doc_id"].astype(np.int64), prov["domain"].astype(np.int64),
-                                              scores.astype(np.float64), np.ones(len(scores), dtype=np.int64)))
-        self.n_partial += len(self.partials[-1][0])
-        if self.n_partial > _DOCUMENT_PARTIALS_MAX:
-            self.partials = [self._summed()]
-            self.n_partial = len(self.partials[0][0])
+        self.parts.append((prov["doc_id"].astype(np.int64), prov["domain"].astype(np.int64),
+                           np.ascontiguousarray(scores.T), np.ones(len(scores), dtype=np.int64)))
+        self.held += len(scores)
+        if self.held * self.n_queries > _DOCUMENT_CELLS_MAX and self.held > 2 * self.grouped:
+            groups, n_rows = self._grouping()
+            self.parts = [(groups.doc_ids, groups.domains, np.stack(self._each_query(groups.sums)), n_rows)]
+            self.held = self.grouped = len(n_rows)
 
-    def _summed(self) -> tuple:
-        if not self.partials:
-            return (np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, self.n_queries)),
-                    np.empty(0, np.int64))
-        return _sum_by_document(*(np.concatenate(column) for column in zip(*self.partials)))
+    def _grouping(self) -> tuple:
+        """(the parts' rows grouped by document, the documents' numbers of rows)."""
+        groups = _Documents(*(np.concatenate([part[i] for part in self.parts]) for i in (0, 1)))
+        return groups, groups.sums(np.concatenate([part[3] for part in self.parts]))
 
-    def frame(self, names) -> pd.DataFrame:
-        doc_ids, domains, sums, n_rows = self._summed()  # sorted by (doc_id, domain)
-        order = np.argsort(-sums.T, axis=1, kind="stable")  # [Q, u]: per query best first, equal ones by key
-        return pd.DataFrame({"query": np.repeat(np.arange(self.n_queries, dtype=np.int64), len(doc_ids)),
-                             "doc_id": doc_ids[order].ravel(),
-                             "domain": np.asarray(names, dtype=object)[domains[order].ravel()],
-                             "score": np.take_along_axis(sums.T, order, axis=1).ravel(),
-                             "n_rows": n_rows[order].ravel()}, copy=False)
+    def _each_query(self, function) -> list:
+        """[function(every part's scores of query q, concatenated) for q in range(Q)], on the threads."""
+        column = lambda q: function(np.concatenate([part[2][q] for part in self.parts]))
+        if self.threads < 2 or self.n_queries < 2:
+            return [column(q) for q in range(self.n_queries)]
+        with ThreadPoolExecutor(min(self.threads, self.n_queries), thread_name_prefix="grad_query") as pool:
+            return list(pool.map(column, range(self.n_queries)))
+
+    def frame(self, names, top: int) -> pd.DataFrame:
+        """The `top` best documents of every query, best first; equal scores by (doc_id, domain)."""
+        groups, n_rows = self._grouping()
+
+        def best(column):
+            sums = groups.sums(column)
+            picked = _best_first(sums, top)
+            return picked, sums[picked]
+        picked, scores = zip(*self._each_query(best))
+        order = np.concatenate(picked)
+        return pd.DataFrame({"query": np.repeat(np.arange(self.n_queries, dtype=np.int64), [len(p) for p in picked]),
+                             "rank": np.concatenate([np.arange(len(p)) for p in picked]),
+                             "doc_id": groups.doc_ids[order],
+                             "domain": np.asarray(names, dtype=object)[groups.domains[order]],
+                             "score": np.concatenate(scores), "n_rows": n_rows[order]})
 
 
-def _sum_by_document(doc_ids, domains, sums, n_rows) -> tuple:
-    """The rows' (doc_id, domain) keys made distinct, their sums [n, Q] and n_rows added up; sorted by key."""
-    if not len(doc_ids):
-        return doc_ids, domains, sums, n_rows
-    order = np.lexsort((domains, doc_ids))
-    doc_ids, domains = doc_ids[order], domains[order]
-    starts = np.flatnonzero(np.concatenate([[True], (doc_ids[1:] != doc_ids[:-1]) | (domains[1:] != domains[:-1])]))
-    return (doc_ids[starts], domains[starts], np.add.reduceat(sums[order], starts, axis=0),
-            np.add.reduceat(n_rows[order], starts))
+class _Documents:
+    """Rows grouped by their (doc_id, domain) keys: the distinct keys, sorted, and `sums` of a value per row
+    over each key's rows. A key of one row is copied, and only the rows of the others go through reduceat."""
+
+    def __init__(self, doc_ids: np.ndarray, domains: np.ndarray):
+        order = np.lexsort((domains, doc_ids))
+        doc_ids, domains = doc_ids[order], domains[order]
+        starts = np.flatnonzero(np.concatenate([[len(order) > 0],
+                                                (doc_ids[1:] != doc_ids[:-1]) | (domains[1:] != domains[:-1])]))
+        self.doc_ids, self.domains = doc_ids[starts], domains[starts]
+        lengths = np.diff(starts, append=len(order))
+        self.firsts = order[starts]
+        self.several = np.flatnonzero(lengths > 1)
+        self.rows = order[np.repeat(lengths > 1, lengths)]  # the rows of those keys, key by key
+        self.bounds = np.concatenate([[0], np.cumsum(lengths[self.several])[:-1]]).astype(np.intp)
+
+    def sums(self, values: np.ndarray) -> np.ndarray:
+        """values [n] (one per row): their sums per key [u]; float64 for floats."""
+        kind = np.float64 if values.dtype.kind == "f" else values.dtype
+        sums = values[self.firsts].astype(kind)
+        if len(self.several):
+            sums[self.several] = np.add.reduceat(values[self.rows].astype(kind), self.bounds)
+        return sums
+
+
+def _best_first(scores: np.ndarray, top: int) -> np.ndarray:
+    """Indices of the `top` highest of `scores` (1-D), best first, equal scores by index: a full stable sort's
+    first `top`, found by one partition (linear) and a sort of the few at or above the top-th score."""
+    if len(scores) > top:
+        kth = np.partition(scores, len(scores) - top)[len(scores) - top]
+        candidates = np.flatnonzero(scores >= kth)  # ascending: the stable sort below keeps index order for ties
+    else:
+        candidates = np.arange(len(scores))
+    return candidates[np.argsort(-scores[candidates], kind="stable")][:top]
 
 
 def _top_frame(store: GradStore, scores: np.ndarray, rows: np.ndarray) -> pd.DataFrame:

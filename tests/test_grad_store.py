@@ -353,8 +353,11 @@ def test_scores_top_k_and_domain_totals_equal_brute_force(scored_store, score):
         assert np.abs(result.top["score"]).max() <= 1 + 1e-6
 
 
-def test_trajectory_scores_equal_brute_force(scored_store):
+@pytest.mark.parametrize("top, threads, cells_max", [(5, 1, None), (5, 2, 1), (1000, 2, None)])
+def test_trajectory_scores_equal_brute_force(scored_store, monkeypatch, top, threads, cells_max):
     store, rows, prov = scored_store
+    if cells_max is not None:  # the per-document sums grouped before the end, after every few chunks
+        monkeypatch.setattr(grad_query, "_DOCUMENT_CELLS_MAX", cells_max)
     rng = np.random.default_rng(12)
     queries = {0: rng.standard_normal((2, DIM)), 10: rng.standard_normal((2, DIM)), 16: rng.standard_normal((2, DIM))}
     checkpoints = sorted(queries)
@@ -363,14 +366,26 @@ def test_trajectory_scores_equal_brute_force(scored_store):
         distances = [abs(step - c) for c in checkpoints]
         nearest = checkpoints[distances.index(min(distances))]  # the first of equals: the earlier
         reference[i] = prov["lr"][i] * prov["weight"][i] * (queries[nearest] @ rows[i])
-    result = score_store(store, queries, trajectory=True, top=5, chunk_rows=5)
-    check_result(result, reference, prov["domain"], store, top=5)
-    documents = result.documents
-    for (doc_id, domain), where in pd.DataFrame({"d": prov["doc_id"], "m": prov["domain"]}).groupby(["d", "m"]).groups.items():
-        got = documents[(documents["doc_id"] == doc_id) & (documents["domain"] == domain)].sort_values("query")
-        np.testing.assert_allclose(got["score"], reference[where].sum(axis=0), rtol=1e-5, atol=1e-9)
-        assert (got["n_rows"] == len(where)).all()
+    result = score_store(store, queries, trajectory=True, top=top, chunk_rows=5, threads=threads)
+    check_result(result, reference, prov["domain"], store, top=min(top, len(rows)))
+    keys = pd.DataFrame({"doc_id": prov["doc_id"], "domain": prov["domain"]}).groupby(["doc_id", "domain"]).indices
+    assert 1 < len(keys) < len(rows) and min(map(len, keys.values())) == 1  # documents of one row and of several
+    for q in range(2):
+        totals = sorted(((-reference[where, q].sum(), doc_id, domain, len(where))
+                         for (doc_id, domain), where in keys.items()))[:top]
+        got = result.documents[result.documents["query"] == q]
+        assert got["rank"].tolist() == list(range(len(totals)))
+        assert got["doc_id"].tolist() == [t[1] for t in totals] and got["domain"].tolist() == [t[2] for t in totals]
+        np.testing.assert_allclose(got["score"], [-t[0] for t in totals], rtol=1e-5, atol=1e-9)
+        assert got["n_rows"].tolist() == [t[3] for t in totals]
     assert nearest_checkpoint(np.array([5, 13, 14, 100, -3]), np.array([0, 10, 16])).tolist() == [0, 1, 2, 2, 0]  # 5, 13: ties
+
+
+def test_best_documents_equal_a_stable_sort_with_ties():
+    scores = np.array([3.0, 1.0, 3.0, 2.0, 3.0, 2.0, -1.0])
+    for top in range(1, 9):
+        assert grad_query._best_first(scores, top).tolist() == np.argsort(-scores, kind="stable")[:top].tolist()
+    assert grad_query._best_first(np.empty(0), 3).tolist() == []
 
 
 def test_to_float32_is_exact_for_every_finite_bit_pattern():

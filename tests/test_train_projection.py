@@ -143,3 +143,5 @@ def test_an_in_run_query_uses_the_weights_each_step_trained_at(baseline, tmp_pat
                            "--top", "3"]) == 0
     report = (tmp_path / "out" / "attribution.md").read_text()
     assert "in-run (trajectory" in report and "Pearson" in report and "score: cosine" in report
+    documents = report.split("| rank | document score (all steps) |")[1].split("\n\n")[0].splitlines()[2:]
+    assert 1 <= len(documents) <= 3 and documents[0].startswith("| 1 | ")  # --top 3: the best documents

@@ -11,14 +11,17 @@ from pile_tools.data_spec import data_files
 
 WHOLE_HASH_LIMIT = 64 << 20  # a larger index is identified by its size, first and last MiB
 EDGE_BYTES = 1 << 20
+SAMPLE_BLOCKS, SAMPLE_BYTES = 16, 16 << 10  # what a token file's identity reads of it (256 KiB)
 
 
 def data_identity(data_dir):
     """What the run's data is. A pile_tools corpus: {relative path: sha256} of every manifest (ingest.json and the
-    per-domain .json files) and {relative path: size} of every token file. Another format
-    (pile_tools.data_spec.data_files): {path: sha256} of the spec, the indices and the dataset manifests, {path: size}
-    of the token files (None: missing), paths relative to the spec's (or the dataset's) directory when inside it.
-    Cheap to compute (no token file is read); any ingest, added domain, changed split or rewritten file changes it."""
+    per-domain .json files) and {relative path: token_file_identity} of every token file. Another format
+    (pile_tools.data_spec.data_files): {path: sha256} of the spec, the indices and the dataset manifests,
+    {path: token_file_identity} of the token files (None: missing), paths relative to the spec's (or the
+    dataset's) directory when inside it. Cheap to compute (256 KiB read of a token file, whatever its size);
+    any ingest, added domain, changed split or rewritten file changes it, a rewrite to the same size too
+    (a corpus shuffled or tokenized again)."""
     files = data_files(data_dir)
     if files is not None:
         base = os.path.dirname(os.path.abspath(data_dir)) if os.path.isfile(data_dir) else os.path.abspath(data_dir)
@@ -29,7 +32,7 @@ def data_identity(data_dir):
             if not os.path.isfile(path):
                 identity[key] = None
             else:
-                identity[key] = os.path.getsize(path) if kind == "size" else content_hash(path)
+                identity[key] = token_file_identity(path) if kind == "tokens" else content_hash(path)
         return identity
     identity = {}
     for root, _, names in sorted(os.walk(data_dir)):
@@ -40,15 +43,38 @@ def data_identity(data_dir):
                 with open(path, "rb") as f:
                     identity[rel] = hashlib.sha256(f.read()).hexdigest()
             elif name.endswith(".bin"):
-                identity[rel] = os.path.getsize(path)
+                identity[rel] = token_file_identity(path)
     return identity
+
+
+def token_file_identity(path) -> str:
+    """"N bytes, sha256 H": H over the whole file up to SAMPLE_BLOCKS × SAMPLE_BYTES, over that many blocks spread
+    evenly from its first byte to its last above (a shuffle or another tokenization moves every block)."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= SAMPLE_BLOCKS * SAMPLE_BYTES:
+            digest.update(f.read())
+            return f"{size} bytes, sha256 {digest.hexdigest()}"
+        for i in range(SAMPLE_BLOCKS):
+            f.seek(i * (size - SAMPLE_BYTES) // (SAMPLE_BLOCKS - 1))
+            digest.update(f.read(SAMPLE_BYTES))
+    return f"{size} bytes, sha256 of {SAMPLE_BLOCKS} blocks of {SAMPLE_BYTES >> 10} KiB {digest.hexdigest()}"
+
+
+def _unchanged(saved, now) -> bool:
+    """A recorded identity value against today's; a token file recorded by its size alone (runs started before
+    token_file_identity) is unchanged when its size is."""
+    if isinstance(saved, int) and not isinstance(saved, bool) and isinstance(now, str):
+        return now.startswith(f"{saved} bytes,")
+    return saved == now
 
 
 def describe_data_change(saved, now):
     """One line naming what differs between two data identities."""
     added = sorted(set(now) - set(saved))
     removed = sorted(set(saved) - set(now))
-    changed = sorted(k for k in set(now) & set(saved) if now[k] != saved[k])
+    changed = sorted(k for k in set(now) & set(saved) if not _unchanged(saved[k], now[k]))
     parts = [f"{label} {names[:4]}{'...' if len(names) > 4 else ''}"
              for label, names in (("added", added), ("removed", removed), ("changed", changed)) if names]
     return "; ".join(parts)

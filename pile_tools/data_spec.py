@@ -108,9 +108,10 @@ def load_spec(data_dir: str) -> tuple[dict, str]:
 
 
 def data_files(data_dir: str) -> dict | None:
-    """{path: "content" | "size"} of every file the data of `data_dir` is read from: small files whose content
-    identifies the data (the spec, indices, dataset manifests), token files by their size. None for a native corpus
-    (its identity is the walk of its directory)."""
+    """{path: "content" | "tokens"} of every file the data of `data_dir` is read from: small files whose content
+    identifies the data (the spec, indices, dataset manifests) and token files (identified by their size and
+    sampled content: GradDotProd_LM.run_files). None for a native corpus (its identity is the walk of its
+    directory)."""
     kind = data_format(data_dir)
     if kind == "native":
         return None
@@ -120,9 +121,9 @@ def data_files(data_dir: str) -> dict | None:
         for entry in domains.values():
             path = entry["path"]
             if entry["format"] == "nanogpt":
-                files[path] = "size"
+                files[path] = "tokens"
             elif entry["format"] == "megatron":
-                files.update({path + ".idx": "content", path + ".bin": "size"})
+                files.update({path + ".idx": "content", path + ".bin": "tokens"})
             else:
                 for name in ("state.json", "dataset_info.json"):
                     files[os.path.join(path, name)] = "content"
@@ -130,7 +131,7 @@ def data_files(data_dir: str) -> dict | None:
                 if os.path.isfile(parent):
                     files[parent] = "content"
                 try:
-                    files.update({shard: "size" for shard in hf_shards(path)})
+                    files.update({shard: "tokens" for shard in hf_shards(path)})
                 except (OSError, ValueError):
                     pass  # state.json missing or damaged: its own entry says so
     return files

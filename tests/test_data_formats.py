@@ -363,3 +363,58 @@ def test_app_trains_on_each_format_and_resume_sees_a_changed_file(formats, name,
         with open(path, "wb") as f:  # the module's datasets are shared by the tests
             f.write(before)
 
+
+
+def test_a_token_file_rewritten_to_the_same_size_stops_resume(formats, tmp_path, capsys):
+    """A token file's identity reads its content (all of a small file, 16 blocks spread over a large one), so a
+    corpus shuffled or tokenized again to the same size stops --resume; a run recorded before that (token files
+    by their size) still resumes on the same sizes."""
+    import shutil
+
+    data = str(tmp_path / "nanogpt")
+    shutil.copytree(formats["nanogpt_dir"], data)
+    results = str(tmp_path / "results")
+    flags = ["--architecture", "GPT2-Tiny", "--batch_size", str(B), "--seq_len", str(T), "--val_batch_size", "2",
+             "--eval_iter", "1", "--eval_bs", "2", "--dot_prod_save_interval", "1", "--warmup_step", "1",
+             "--seed", "5", "--data_dir", data, "--results_dir", results, "--run_name", "run"]
+    assert train.main(flags + ["--max_steps", "1"]) == 0
+    config_path = os.path.join(results, "run", "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    sizes = {key: os.path.getsize(os.path.join(data, key)) for key in config["data_identity"]}
+    with open(config_path, "w") as f:  # as an earlier version recorded the token files
+        json.dump(dict(config, data_identity=sizes), f)
+    assert train.main(flags + ["--max_steps", "2", "--resume"]) == 0
+    with open(config_path) as f:
+        assert json.load(f)["data_identity"] == data_identity(data)  # recorded anew, by content
+    path = os.path.join(data, "train.bin")
+    tokens = np.fromfile(path, np.uint16)
+    tokens[::-1].tofile(path)  # the same tokens and size, another order: still valid data
+    PileReader(data).get_batch(0, B, T)
+    capsys.readouterr()
+    assert train.main(flags + ["--max_steps", "3", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "changed since" in err and "train.bin" in err, err
+
+
+def test_token_file_identity_reads_blocks_over_the_whole_of_a_large_file(tmp_path):
+    from GradDotProd_LM import run_files
+
+    path = tmp_path / "tokens.bin"
+    original = np.random.default_rng(3).integers(0, 2**16, 3 * 2**20 // 2, dtype=np.uint16)  # 3 MiB
+    original.tofile(path)
+    before = run_files.token_file_identity(path)
+    assert before.startswith(f"{3 * 2**20} bytes, sha256 of 16 blocks")
+    for offset in (0, len(original) - 1):  # the first and the last block
+        changed = original.copy()
+        changed[offset] ^= 1
+        changed.tofile(path)
+        assert run_files.token_file_identity(path) != before
+    halves = np.split(original, 2)  # the same tokens, reordered: every block in between moves
+    np.concatenate([halves[1], halves[0]]).tofile(path)
+    assert run_files.token_file_identity(path) != before
+    original.tofile(path)
+    assert run_files.token_file_identity(path) == before
+    assert run_files.describe_data_change({"tokens.bin": 3 * 2**20}, {"tokens.bin": before}) == ""
+    assert "changed ['tokens.bin']" in run_files.describe_data_change({"tokens.bin": 3 * 2**20 + 2},
+                                                                       {"tokens.bin": before})

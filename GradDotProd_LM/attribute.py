@@ -379,22 +379,35 @@ def query(args) -> int:
 
 
 def in_run_fidelity(run_dir: str, store) -> str:
-    """How well <Π_i,t, Π_val,t> (the stored projections) reproduces the run's exact recorded dot products
-    <∇l_i, ∇L_val> of the same rows and steps: Pearson, Spearman and the least-squares slope, as text."""
+    """How well <Π_i,t, Π_val,t> (the stored projections; Π_val,t that of what step t's dot products were taken
+    against: ∇L_val, or D ⊙ ∇L_val under adamw) reproduces the run's exact recorded dot products of the same rows
+    and steps: Pearson, Spearman and the least-squares slope, as text. AdamW's first two steps are left out as
+    the report leaves them out (ghost_results.analysis.unreliable_steps)."""
     from ghost_results import load_run
+    from ghost_results.analysis import steps_left_out
     from ghost_results.grad_store import GradStore
-    from ghost_results.run_directory import GRAD_STORE_VALIDATION
+    from ghost_results.run_directory import GRAD_STORE_VALIDATION, read_config, validation_vector
 
     try:
         val = GradStore(os.path.join(run_dir, GRAD_STORE_VALIDATION))
         dots = load_run(run_dir)
+        config = read_config(run_dir)
     except (OSError, ValueError) as err:
         return f"not measured ({err})"
-    by_step = dict(zip(val.provenance()["step"], val.rows(np.arange(len(val)))))
+    value = config.get("value", "first_order")
+    stored_vector = val.meta.get("vector", validation_vector("first_order"))  # stores before "vector": ∇L_val
+    if value not in ("first_order", "adamw"):
+        return f"not measured (the run recorded {value} values, which an inner product of projections does not estimate)"
+    if stored_vector != validation_vector(value):
+        return (f"not measured (the run recorded {value} values, taken against {validation_vector(value)}; its "
+                f"validation store holds the projections of {stored_vector})")
+    left_out = steps_left_out(dots, config)
+    by_step = {s: r for s, r in zip(val.provenance()["step"], val.rows(np.arange(len(val)))) if s not in left_out}
     prov = store.provenance()
     keep = prov["step"].isin(list(by_step)).to_numpy()
     rows = store.rows(np.flatnonzero(keep))
-    estimate = np.einsum("ik,ik->i", rows, np.stack([by_step[s] for s in prov["step"][keep]]))
+    estimate = np.einsum("ik,ik->i", rows, np.stack([by_step[s] for s in prov["step"][keep]])) if keep.any() \
+        else np.empty(0)
     exact = dots.set_index(["step", "sample_index"])["dot_products"].reindex(
         list(zip(prov["step"][keep], prov["row"][keep]))).to_numpy()
     ok = np.isfinite(exact)
@@ -404,8 +417,9 @@ def in_run_fidelity(run_dir: str, store) -> str:
     pearson = np.corrcoef(estimate, exact)[0, 1]
     spearman = np.corrcoef(np.argsort(np.argsort(estimate)), np.argsort(np.argsort(exact)))[0, 1]
     slope = float(estimate @ exact / (exact @ exact))
+    without = f", steps {', '.join(map(str, left_out))} left out as in the report" if left_out else ""
     return (f"Pearson {pearson:.3f}, Spearman {spearman:.3f}, slope {slope:.3f} (1 = the exact scale) over "
-            f"{ok.sum()} rows")
+            f"{ok.sum()} rows of {value} values{without}")
 
 
 def read_queries(path: str) -> list:

@@ -531,14 +531,15 @@ def open_run(files, cfg, argv, state, data, resumed, world_size, device, train_d
     if resumed["data_change"] or resumed["val_changed"]:
         config_record["data_changes"].append({"from_step": start_step + 1, "change": resumed["data_change"],
                                               "validation_rows_changed": resumed["val_changed"]})
-    files.write_config(config_record)
     if state.engine is not None and state.engine.projection is not None:  # --project_dim: the gradient stores
         try:
             files.open_grad_stores(state.engine.projection.describe(), dtype=cfg["project_dtype"],
                                    seq_len=cfg["seq_len"], validation=cfg["method"] == "GradDotProd",
+                                   value=state.engine.value,
                                    data={"source": cfg["data_dir"], "kind": "corpus", "split": "train"})
         except ValueError as err:
             raise StartError(str(err)) from None
+    files.write_config(config_record)
     if data.val_batch is not None:  # the rows the dot products are taken against, and where they came from
         val = data.val_batch
         provenance = dict(domain=val.domain, doc_id=val.doc_id, token_offset=val.token_offset,

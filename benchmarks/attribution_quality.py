@@ -7,7 +7,8 @@ first-order values, and planted copies of training text found again.
 
 For every K of --dims it trains (or reuses, under --work_dir, a temporary directory by default) one GPT2-Tiny run
 of the app (`python -m GradDotProd_LM.train ... --project_dim K --checkpoint_interval 1 --keep_checkpoints 0`,
-AdamW lr 1e-3 to 1e-4, warmup 5, no gradient clipping; the command is printed). Every run has the same seed and
+AdamW lr 1e-3 to 1e-4, warmup 5, no gradient clipping, `--value first_order`: the values the trajectory scores
+estimate, where AdamW's default would record adamw values; the command is printed). Every run has the same seed and
 data, hence the same weights; only the stored projections differ. A run with a checkpoint at every step stands in
 for a run with --checkpoint_interval C: its queries use only the checkpoints such a run keeps (steps C, 2C, ...
 and the last one).
@@ -97,7 +98,7 @@ def train_command(args, dim: int, results_dir: str, name: str) -> list:
     command = [sys.executable, "-m", "GradDotProd_LM.train", "--architecture", "GPT2-Tiny",
                "--batch_size", str(args.batch_size), "--seq_len", str(args.seq_len),
                "--val_batch_size", str(args.val_batch_size), "--max_steps", str(args.steps), "--warmup_step", "5",
-               "--optimizer", "AdamW", "--learning_rate", str(args.learning_rate),
+               "--optimizer", "AdamW", "--value", "first_order", "--learning_rate", str(args.learning_rate),
                "--min_lr", str(args.learning_rate / 10), "--grad_clip", "0", "--eval_interval", "100000",
                "--eval_iter", "1", "--eval_bs", "4", "--dot_prod_save_interval", "8", "--checkpoint_interval", "1",
                "--keep_checkpoints", "0", "--seed", str(args.seed), "--project_dim", str(dim),

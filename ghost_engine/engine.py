@@ -70,8 +70,8 @@ class GradDotProdEngine:
             with .grad holding the gradient the optimizer will use (unscaled); under torch.compile their hooks
             run eagerly (a graph break per layer).
         projection: also keep every training sample's projected gradient Π(grad l_i) (ghost_engine.projection,
-            docs/METHOD.md section 7) in ``result.projections`` [B, K], and Π(grad L_val) in
-            ``result.val_projection``: a dict of Projection.for_shapes's sizes and draw (``dim`` per side or
+            docs/METHOD.md section 7) in ``result.projections`` [B, K], and Π(grad L_val) (value="adamw":
+            Π(D ⊙ grad L_val), the vector its dot products are taken against) in ``result.val_projection``: a dict of Projection.for_shapes's sizes and draw (``dim`` per side or
             ``total`` per row, ``dims`` per parameter, ``seed``, ``kind``), or a Projection (one rebuilt from a
             store's description, to project queries in the same space). ``engine.projection`` describes it.
             With ``val_batch=None`` the engine keeps projections only (value="first_order"): no validation rows,

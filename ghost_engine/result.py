@@ -45,7 +45,9 @@ class DotProductResult:
     first_order: torch.Tensor = None  # second_order, adamw_vt, midpoint: [B_train] <grad l_i, grad L_val> of the
     #   same rows, which their taps compute anyway (phi_i = lr·w_i·first_order[i])
     projections: torch.Tensor = None  # engine built with projection=: [B_train, K] Π(grad l_i) (ghost_engine.projection)
-    val_projection: torch.Tensor = None  # and with a validation batch: [K] Π(grad L_val); <Π_i, Π_val> ≈ the dot product
+    val_projection: torch.Tensor = None  # and with a validation batch: [K] Π of what the dot products are taken
+    #   against, so that <Π_i, Π_val> ≈ dot_products[i]: Π(grad L_val), under value="adamw" Π(D ⊙ grad L_val)
+    #   (cosine and the deferred estimators: Π(grad L_val))
 
 
 @dataclass(eq=False)
@@ -63,7 +65,7 @@ class MicroBatchResult:
     weights: torch.Tensor = None  # [B] n_i / N_train
     norms: tuple = None  # cosine: ([B] ||grad l_i||, 0-dim ||grad L_val||)
     projections: torch.Tensor = None  # projecting: [B, K] Π(grad l_i)
-    val_projection: torch.Tensor = None  # projecting with validation rows: [K] Π(grad L_val)
+    val_projection: torch.Tensor = None  # projecting with validation rows: [K] Π(grad L_val) (adamw: Π(D ⊙ grad L_val))
 
     def scale(self, raw, dot_scale, raw_norms, val_norm_scale, cosine: bool):
         """The dot products from the sinks' raw gradients (raw [P, B]; cosine: raw_norms [P, B + 1], the raw

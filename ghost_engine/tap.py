@@ -394,7 +394,8 @@ class _Tap(torch.autograd.Function):
                 sq_val = (val_grads[local].square().sum() if role != SECOND  # the embedding counts both uses
                           else sq_i.new_zeros(()))
                 extra_grads.append(torch.cat([sq_i, sq_val.to(sq_i.dtype).reshape(1)]))
-        projected = (project_rows(layer, act_tr, grad_tr, mats, val_grads, [role != SECOND for role in roles])
+        # Π_val of the vector the dot products are taken against: G_val, or D ⊙ G_val under adamw
+        projected = (project_rows(layer, act_tr, grad_tr, mats, totals, [role != SECOND for role in roles])
                      if projecting else ())
         # -G_val of the layer's own parameters: one in-place call for all of them (one multi-tensor kernel on a GPU)
         own = [val_grads[local] for local, role in zip(layer.params, roles) if role != SECOND]

@@ -272,7 +272,8 @@ class ValuationRun:
         if self.engine.projection is not None:
             data = {"source": config.get("data_dir"), "kind": config.get("data_kind", "corpus"), "split": "train"}
             self.files.open_grad_stores(self.engine.projection.describe(), dtype=self.project_dtype,
-                                        seq_len=config.get("seq_len", int(X_val.shape[1])), data=data)
+                                        seq_len=config.get("seq_len", int(X_val.shape[1])), data=data,
+                                        value=self.engine.value)
 
     def _write_valset(self, config):
         """The validation rows in the app's schema (ghost_results.valset): the validation input_ids as given

@@ -51,7 +51,7 @@ import tempfile
 import numpy as np
 
 from ghost_common.durable import FileLock, fsync_directory, write_atomically
-from ghost_results.grad_store import GradStoreWriter
+from ghost_results.grad_store import MANIFEST, GradStoreWriter, read_manifest
 from ghost_results.results_io import (CHECKPOINT_DIR, SHARDED_CHECKPOINT, STEP_CHECKPOINT_FILE, TRAINING_LOG_JSONL,
                                       ResultsFormatError,
                                       file_formats, flush_dotprods, new_run_id, safe_load_pickle, set_aside_after)
@@ -62,7 +62,7 @@ TRAINING_LOG_JSON = "training_log.json"
 LATEST_CHECKPOINT = "latest.pt"
 LOCK_FILE = "run.lock"
 GRAD_STORE = "grad_store"  # every training row's projected gradient (ghost_results.grad_store), --project_dim
-GRAD_STORE_VALIDATION = "grad_store_validation"  # the validation gradient's projection, one row per step
+GRAD_STORE_VALIDATION = "grad_store_validation"  # Π of what the dot products are taken against, one row per step
 
 
 def checkpoint_path(run_dir, step=None):
@@ -251,6 +251,12 @@ class RunLock:
         self._lock.release()
 
 
+def validation_vector(value: str) -> str:
+    """What GRAD_STORE_VALIDATION's rows project under the engine's `value`: the vector its dot products are
+    taken against (cosine and the deferred estimators: ∇L_val, which their first-order part uses)."""
+    return "D ⊙ ∇L_val" if value == "adamw" else "∇L_val"
+
+
 def grad_store_artifacts(rows, record) -> dict:
     """A step's gradient-store rows {sink name: (rows, provenance)}, taken out of its gathered `rows`
     (ghost_engine.recording: "projections" [B, K], and "val_projection" [K] when the step had validation rows)."""
@@ -328,20 +334,36 @@ class RunDirectory:
         sink.drop_steps_after(self.start_step)
         self.step_sinks[name] = sink
 
-    def open_grad_stores(self, projection, *, dtype="bfloat16", seq_len=None, data=None, validation=True):
+    def open_grad_stores(self, projection, *, dtype="bfloat16", seq_len=None, data=None, validation=True,
+                         value="first_order"):
         """The run's gradient stores (ghost_results.grad_store) as step sinks: every training row's projected
-        gradient (GRAD_STORE) and, with validation rows, the validation gradient's at every step
-        (GRAD_STORE_VALIDATION). projection: the engine's Projection.describe(); data: where the rows come from
-        ({"source", "kind", "split"}, for the texts of a query's answer). ValueError naming the store if one of
-        the run's was written with another projection or precision."""
+        gradient (GRAD_STORE) and, with validation rows, the projection of what the step's dot products were
+        taken against (GRAD_STORE_VALIDATION; `value`: the engine's estimator, its manifest's "vector" says
+        which: ∇L_val, or D ⊙ ∇L_val under adamw). projection: the engine's Projection.describe(); data: where
+        the rows come from ({"source", "kind", "split"}, for the texts of a query's answer). ValueError naming
+        the store if one of the run's was written with another projection, precision or validation vector."""
         blocks = [[name, start, stop] for name, _, _, start, stop in projection["blocks"]]
         meta = {"identity": self.run_id, "projection": projection, "seq_len": seq_len, "data": data or {},
                 "model": {"kind": "run", "path": self.path, "step": None, "run_id": self.run_id}}
-        for name, kind in [(GRAD_STORE, "in_run")] + [(GRAD_STORE_VALIDATION, "in_run_validation")] * validation:
+        stores = [(GRAD_STORE, dict(meta, kind="in_run"))]
+        if validation:
+            vector, path = validation_vector(value), os.path.join(self.path, GRAD_STORE_VALIDATION)
+            if os.path.exists(os.path.join(path, MANIFEST)):  # checked before any store is opened (and trimmed)
+                try:
+                    theirs = read_manifest(path)["meta"].get("vector", validation_vector("first_order"))
+                except (OSError, ValueError) as err:
+                    raise ValueError(f"{path}: {err}") from None
+                if theirs != vector:  # a store from before "vector" holds Π(∇L_val)
+                    raise ValueError(f"{path} holds the projections of {theirs} (a run before the validation "
+                                     f"projection followed --value), this run's are of {vector}: set the store "
+                                     "aside (its rows stay valid for their steps) or start a new --run_name")
+            stores.append((GRAD_STORE_VALIDATION, dict(meta, kind="in_run_validation", value=value, vector=vector)))
+        for name, store_meta in stores:
+            path = os.path.join(self.path, name)
             try:
-                writer = GradStoreWriter(os.path.join(self.path, name), blocks, dtype=dtype, meta=dict(meta, kind=kind))
+                writer = GradStoreWriter(path, blocks, dtype=dtype, meta=store_meta)
             except (ValueError, RuntimeError) as err:
-                raise ValueError(f"{os.path.join(self.path, name)}: {err}") from None
+                raise ValueError(f"{path}: {err}") from None
             self.add_step_sink(name, writer)
 
     def write_config(self, record):

@@ -262,3 +262,36 @@ def test_a_total_budget_is_shared_by_size_or_equally():
         Projection.for_shapes(shapes, total=4096, allocate="greedy")
     with pytest.raises(ValueError, match="below one column"):
         Projection.for_shapes(shapes, total=3)
+
+
+@pytest.mark.parametrize("name", ["gpt2-tied", "llama"])
+def test_under_adamw_the_validation_projection_is_of_what_the_dots_are_taken_against(name):
+    """value="adamw": val_projection = Π(D ⊙ grad L_val) with D from the real optimizer state (the dot products'
+    vector), so <Π_i, Π_val> estimates the recorded values; with every side kept whole it equals them."""
+    from _reference import adamw_sensitivity
+    from test_engine_estimators import adamw_with_state
+
+    torch.manual_seed(7)
+    g = torch.Generator().manual_seed(7)
+    model = (tiny_gpt2(tie=True) if name == "gpt2-tied" else float64_norms(tiny_llama())).double()
+    optimizer = adamw_with_state(model, g)
+    X, Y, Xv, Yv = lm_rows(2)
+    per_sample, val_grad = reference(copy.deepcopy(model), X, Y, Xv, Yv, "causal_lm")
+    sensitivity = adamw_sensitivity(optimizer, dict(model.named_parameters()))
+    against = {n: sensitivity[n] * v for n, v in val_grad.items()}
+    for projection in (dict(dim=4, seed=2), dict(dim=10**6)):  # drawn matrices; every side kept whole
+        engine = GradDotProdEngine(model, val_batch=(Xv, Yv), task="causal_lm", value="adamw",
+                                   projection=projection).attach(optimizer)
+        model.zero_grad()
+        Xc, Yc = engine.prepare_forward_input(X, Y)
+        loss_of(model(input_ids=Xc), Yc, "causal_lm").backward()
+        engine.prepare_gradients()
+        result = engine.aggregate_and_log()
+        engine.detach()
+        p = engine.projection
+        assert rel(result.projections, dense_projection(p, per_sample, True)) <= EXACT  # the gradients' own
+        assert rel(result.val_projection, dense_projection(p, against, False)) <= EXACT
+        assert rel(result.val_projection, dense_projection(p, val_grad, False)) > 1e-2  # D is not a scalar
+    # every side whole: Π is a reordering, so the inner products are the recorded adamw values themselves
+    assert all(block.dims == block.shape for block in p.blocks)
+    assert rel(result.projections @ result.val_projection, result.dot_products.double()) <= 1e-9

@@ -145,3 +145,41 @@ def test_an_in_run_query_uses_the_weights_each_step_trained_at(baseline, tmp_pat
     assert "in-run (trajectory" in report and "Pearson" in report and "score: cosine" in report
     documents = report.split("| rank | document score (all steps) |")[1].split("\n\n")[0].splitlines()[2:]
     assert 1 <= len(documents) <= 3 and documents[0].startswith("| 1 | ")  # --top 3: the best documents
+
+
+def test_an_adamw_run_stores_the_projection_of_the_vector_its_values_are_taken_against(data_dir, tmp_path, capsys):
+    """--value auto under AdamW records adamw values, so grad_store_validation holds Π(D ⊙ ∇L_val) (its manifest
+    says so) and the query's fidelity line measures the stored projections against those values. A store written
+    before (Π(∇L_val), no "vector") is not measured against them, and a resume does not append the other kind to
+    it."""
+    import json
+
+    from GradDotProd_LM import attribute
+
+    results = str(tmp_path / "results")
+    adamw = ["--optimizer", "AdamW", "--learning_rate", "1e-3", "--min_lr", "1e-4"]
+    assert train.main(flags(data_dir, results, "adam", *adamw)) == 0
+    run_dir = os.path.join(results, "adam")
+    store, _, _ = stored(run_dir)
+    validation = GradStore(os.path.join(run_dir, "grad_store_validation"))
+    assert validation.meta["value"] == "adamw" and validation.meta["vector"] == "D ⊙ ∇L_val"
+    line = attribute.in_run_fidelity(run_dir, store)
+    assert line.startswith("Pearson") and f"over {(STEPS - 2) * B} rows of adamw values, steps 1, 2 left out" in line
+    manifest_path = os.path.join(run_dir, "grad_store_validation", "manifest.json")
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    for key in ("value", "vector"):  # as a store written before the vector followed --value
+        del manifest["meta"][key]
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
+    assert attribute.in_run_fidelity(run_dir, store).startswith("not measured (the run recorded adamw values")
+    capsys.readouterr()
+    before = {name: sorted(os.listdir(os.path.join(run_dir, name))) for name in ("grad_store", "grad_store_validation")}
+    with open(os.path.join(run_dir, "config.json"), "rb") as f:
+        config = f.read()
+    assert train.main(flags(data_dir, results, "adam", *adamw, "--resume", "--max_steps", str(STEPS + 2))) == 2
+    err = capsys.readouterr().err
+    assert "grad_store_validation holds the projections of ∇L_val" in err and "D ⊙ ∇L_val" in err, err
+    assert before == {name: sorted(os.listdir(os.path.join(run_dir, name))) for name in before}  # nothing changed
+    with open(os.path.join(run_dir, "config.json"), "rb") as f:
+        assert f.read() == config

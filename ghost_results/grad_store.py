@@ -468,11 +468,6 @@ class GradStoreWriter:
     # -- life cycle
 
     @property
-    def meta(self) -> dict:
-        """The store's meta as its manifest holds it (an existing store keeps the meta it was created with)."""
-        return dict(self._manifest["meta"])
-
-    @property
     def n_rows(self) -> int:
         """Rows in the store's manifest plus the rows buffered here."""
         return sum(s["rows"] for s in self._manifest["shards"]) + self._buffered

@@ -258,11 +258,13 @@ def index(args) -> int:
     """The index command (see the module docstring); returns the exit status."""
     from ghost_engine.projection import Projection
     from ghost_results.grad_store import GradStoreWriter, read_manifest
+    from pile_tools.identity import source_identity
 
     rank, world = _init_distributed()
     model, origin = load_model(args.model, args.step)
     seq_len = args.seq_len or origin["seq_len"] or 512
-    data = {"source": os.path.abspath(args.data), "kind": data_kind(args.data), "split": args.split}
+    data = {"source": os.path.abspath(args.data), "kind": data_kind(args.data), "split": args.split,
+            "identity": source_identity(args.data)}  # a resume on other data is another index
     existing = read_manifest(args.store) if os.path.isfile(os.path.join(args.store, "manifest.json")) else None
     if existing is not None:  # resume: the store's own projection; the identity below refuses other arguments
         projection = Projection.from_description(existing["meta"]["projection"])
@@ -367,6 +369,7 @@ def query(args) -> int:
     result = score_store(store, queries, score=args.score, top=args.top, trajectory=in_run)
     if in_run:
         meta = dict(meta, fidelity=in_run_fidelity(source, store))
+    meta = dict(meta, texts_withheld=texts_withheld(source, meta, in_run))
     os.makedirs(args.out, exist_ok=True)
     top = result.top.copy()
     top.insert(1, "query_text", [texts[q] for q in top["query"]])
@@ -422,6 +425,25 @@ def in_run_fidelity(run_dir: str, store) -> str:
             f"{ok.sum()} rows of {value} values{without}")
 
 
+def texts_withheld(run_or_store: str, meta: dict, in_run: bool) -> str:
+    """Why the stored windows' texts are not shown ("" when they are): the data they were read from is no longer
+    the data recorded (an in-run store: the run's config.json; an index: its manifest), or the run accepted a
+    change of its data mid-run."""
+    from ghost_results.run_directory import read_config
+    from pile_tools.identity import changed_since
+
+    data = meta.get("data", {})
+    if not data.get("source"):
+        return "the store names no data source"
+    try:
+        if in_run:
+            config = read_config(run_or_store)
+            return changed_since(config.get("data_identity"), data["source"], config.get("data_changes"))
+        return changed_since(data.get("identity"), data["source"])
+    except (OSError, ValueError) as err:
+        return f"cannot read the data's identity ({err})"
+
+
 def read_queries(path: str) -> list:
     texts = []
     with open(path, encoding="utf-8") as f:
@@ -458,11 +480,15 @@ def render_markdown(texts, result, meta, projection, score, seq_len) -> str:
              f"{projection.kind}, seed {projection.seed}"]
     if meta.get("fidelity"):
         lines.append(f"- fidelity of this projection against the run's exact values: {meta['fidelity']}")
+    withheld = meta.get("texts_withheld")
+    if withheld:
+        lines.append(f"- texts not shown: {withheld}")
     for q, text in enumerate(texts):
         lines += ["", f"## Query {q}", "", "    " + " ".join(text.split())[:400], "",
                   "| rank | score | step | domain | doc_id | token_offset | text |", "|---|---|---|---|---|---|---|"]
         for _, r in result.top[result.top["query"] == q].iterrows():
-            window = window_text(data, r["domain"], int(r["doc_id"]), int(r["token_offset"]), seq_len, tokenizer, cache)
+            window = "(not shown)" if withheld else window_text(data, r["domain"], int(r["doc_id"]),
+                                                               int(r["token_offset"]), seq_len, tokenizer, cache)
             cell = " ".join(window.split())[:160].replace("|", "\\|")
             lines.append(f"| {int(r['rank']) + 1} | {r['score']:.4g} | {int(r['step'])} | {r['domain']} | "
                          f"{int(r['doc_id'])} | {int(r['token_offset'])} | {cell} |")

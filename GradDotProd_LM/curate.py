@@ -65,7 +65,7 @@ from ghost_common.flags import FlagParser
 from ghost_results import analysis
 from ghost_results.report import code_cell, dominant_steps, shorten
 from ghost_results.results_io import ResultsFormatError, read_run
-from GradDotProd_LM.run_files import data_identity, describe_data_change
+from pile_tools.identity import data_identity, describe_data_change
 from GradDotProd_LM import settings
 from pile_tools.data_spec import data_format
 from pile_tools.layout import SPLITS

@@ -41,7 +41,7 @@ from GradDotProd_LM.evaluate import Evaluator, format_eval
 from GradDotProd_LM.experiment_log import ExperimentLog, SinkError, domain_sums
 from GradDotProd_LM.model import build_model
 from GradDotProd_LM.prefetch import BatchPrefetcher
-from GradDotProd_LM.run_files import data_identity, describe_data_change
+from pile_tools.identity import data_identity, describe_data_change
 from GradDotProd_LM.settings import load_settings
 from pile_tools import ensure_sample_dataset
 from pile_tools.reader import PileReader

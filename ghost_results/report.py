@@ -36,7 +36,10 @@ class TextSource:
     """Decodes training windows from the tokenized corpus named in config.json.
 
     `available` is False (and `reason` says why) when pile_tools or the data
-    directory is missing; the report then runs without snippets."""
+    directory is missing, or the data is no longer the run's (config.json's
+    data_identity against the data now, or a change the run accepted mid-run:
+    its windows would show another data's text); the report then runs without
+    snippets."""
 
     def __init__(self, config: dict):
         self.available, self.reason = False, ""
@@ -51,9 +54,13 @@ class TextSource:
             self.reason = f"data directory {data_dir!r} not found"
             return
         try:
+            from pile_tools.identity import changed_since
             from pile_tools.reader import PileReader
             from pile_tools.tokenizer import load_gpt2_tokenizer
 
+            self.reason = changed_since(config.get("data_identity"), data_dir, config.get("data_changes"))
+            if self.reason:
+                return
             self._reader = PileReader(data_dir, split="train")
             self._tokenizer = load_gpt2_tokenizer()
         except Exception as err:  # report without snippets rather than fail on a reader problem

@@ -110,7 +110,7 @@ def load_spec(data_dir: str) -> tuple[dict, str]:
 def data_files(data_dir: str) -> dict | None:
     """{path: "content" | "tokens"} of every file the data of `data_dir` is read from: small files whose content
     identifies the data (the spec, indices, dataset manifests) and token files (identified by their size and
-    sampled content: GradDotProd_LM.run_files). None for a native corpus (its identity is the walk of its
+    sampled content: pile_tools.identity). None for a native corpus (its identity is the walk of its
     directory)."""
     kind = data_format(data_dir)
     if kind == "native":

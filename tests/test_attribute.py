@@ -186,3 +186,35 @@ def test_a_model_of_another_vocabulary_is_refused(tmp_path):
     assert attribute.main(["index", str(tmp_path / "small-vocab"), "--data", str(tmp_path / "c.jsonl"), "--store",
                            str(tmp_path / "s")]) == 2
     assert not (tmp_path / "s").exists()
+
+
+def test_a_changed_corpus_is_another_index_and_its_texts_are_withheld(setup, tmp_path):
+    """The index records its data's identity: resuming it on a corpus changed since is refused, and a query of a
+    store whose corpus changed says so instead of showing the changed file's text as the stored windows'."""
+    import shutil
+
+    root, docs = setup
+    corpus = tmp_path / "corpus.jsonl"
+    shutil.copy(root / "corpus.jsonl", corpus)
+
+    def index_of(store, *extra):
+        return attribute.main(["index", str(root / "model"), "--data", str(corpus), "--store", str(store),
+                               "--seq_len", str(SEQ), "--project_dim", "300", "--batch_size", "3", *extra])
+
+    assert index_of(tmp_path / "store", "--max_windows", "4") == 0
+    (tmp_path / "q.jsonl").write_text(json.dumps({"text": docs[0]}) + "\n")
+
+    def report():
+        assert attribute.main(["query", str(tmp_path / "store"), "--queries", str(tmp_path / "q.jsonl"), "--out",
+                               str(tmp_path / "out"), "--top", "2"]) == 0
+        return (tmp_path / "out" / "attribution.md").read_text()
+
+    shown = report()
+    assert "texts not shown" not in shown and "(not shown)" not in shown and docs[0].split()[0] in shown
+    lines = corpus.read_text().splitlines()
+    corpus.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")  # documents reordered
+    assert index_of(tmp_path / "store") == 2  # the rest of a changed corpus is not appended to the first windows
+    assert len(GradStore(tmp_path / "store")) == 4
+    withheld = report()
+    assert "texts not shown: the data under" in withheld and "corpus.jsonl" in withheld
+    assert withheld.count("(not shown)") == 2

@@ -15,7 +15,7 @@ from ghost_results.report import TextSource, shorten
 from ghost_results.results_io import read_run
 from GradDotProd_LM import train
 from GradDotProd_LM.curate import CurationError, curate
-from GradDotProd_LM.run_files import data_identity
+from pile_tools.identity import data_identity
 from pile_tools.reader import PileReader
 from pile_tools.split_writer import SplitWriter
 from pile_tools.tokenizer import load_gpt2_tokenizer
@@ -398,23 +398,23 @@ def test_a_token_file_rewritten_to_the_same_size_stops_resume(formats, tmp_path,
 
 
 def test_token_file_identity_reads_blocks_over_the_whole_of_a_large_file(tmp_path):
-    from GradDotProd_LM import run_files
+    from pile_tools import identity
 
     path = tmp_path / "tokens.bin"
     original = np.random.default_rng(3).integers(0, 2**16, 3 * 2**20 // 2, dtype=np.uint16)  # 3 MiB
     original.tofile(path)
-    before = run_files.token_file_identity(path)
+    before = identity.token_file_identity(path)
     assert before.startswith(f"{3 * 2**20} bytes, sha256 of 16 blocks")
     for offset in (0, len(original) - 1):  # the first and the last block
         changed = original.copy()
         changed[offset] ^= 1
         changed.tofile(path)
-        assert run_files.token_file_identity(path) != before
+        assert identity.token_file_identity(path) != before
     halves = np.split(original, 2)  # the same tokens, reordered: every block in between moves
     np.concatenate([halves[1], halves[0]]).tofile(path)
-    assert run_files.token_file_identity(path) != before
+    assert identity.token_file_identity(path) != before
     original.tofile(path)
-    assert run_files.token_file_identity(path) == before
-    assert run_files.describe_data_change({"tokens.bin": 3 * 2**20}, {"tokens.bin": before}) == ""
-    assert "changed ['tokens.bin']" in run_files.describe_data_change({"tokens.bin": 3 * 2**20 + 2},
+    assert identity.token_file_identity(path) == before
+    assert identity.describe_data_change({"tokens.bin": 3 * 2**20}, {"tokens.bin": before}) == ""
+    assert "changed ['tokens.bin']" in identity.describe_data_change({"tokens.bin": 3 * 2**20 + 2},
                                                                        {"tokens.bin": before})

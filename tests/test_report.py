@@ -255,3 +255,26 @@ def test_steps_that_dominate_the_values_are_named():
     (step, share), = dominant_steps(steps, skewed)
     assert step == 1 and abs(share - 2000 / 2038) < 1e-12
     assert dominant_steps(steps[:8], skewed[:8]) == []  # too few steps to say
+
+
+def test_snippets_are_withheld_once_the_data_is_not_the_runs(data_dir, tmp_path):
+    """TextSource reads windows only from the data config.json's data_identity describes: a token file rewritten
+    to the same size, or a change the run accepted mid-run, withholds every snippet with the reason."""
+    import shutil
+
+    from pile_tools.identity import data_identity
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    config = {"data_dir": str(data), "seq_len": 16, "data_identity": data_identity(str(data))}
+    text = report.TextSource(config)
+    assert text.available and text.snippet("Github", 0, 15)
+    assert report.TextSource(dict(config, data_identity=None)).available  # a run recorded before identities
+    withheld = report.TextSource(dict(config, data_changes=[{"from_step": 7, "change": "added ['x.bin']"}]))
+    assert not withheld.available and "from step 7" in withheld.reason
+    path = data / "train" / "github.bin"
+    tokens = np.fromfile(path, np.uint16)
+    tokens[::-1].tofile(path)  # the same size, other tokens at every offset
+    changed = report.TextSource(config)
+    assert not changed.available and "changed since" in changed.reason and "train/github.bin" in changed.reason
+    assert changed.snippet("Github", 0, 15) == ""

@@ -145,6 +145,21 @@ def test_an_in_run_query_uses_the_weights_each_step_trained_at(baseline, tmp_pat
     assert "in-run (trajectory" in report and "Pearson" in report and "score: cosine" in report
     documents = report.split("| rank | document score (all steps) |")[1].split("\n\n")[0].splitlines()[2:]
     assert 1 <= len(documents) <= 3 and documents[0].startswith("| 1 | ")  # --top 3: the best documents
+    assert "texts not shown" not in report and "(not shown)" not in report
+    # a run that accepted a change of its data mid-run: its windows' texts are not read from today's data
+    import shutil
+
+    changed = os.path.join(baseline, "changed")
+    shutil.copytree(run_dir, changed, ignore=shutil.ignore_patterns("run.lock"))
+    with open(os.path.join(changed, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(changed, "config.json"), "w") as f:
+        json.dump(dict(config, data_changes=[{"from_step": 3, "change": "added ['train/x.bin']"}]), f)
+    assert attribute.main(["query", "changed", "--queries", str(tmp_path / "q.jsonl"), "--out", str(tmp_path / "o2"),
+                           "--top", "3"]) == 0
+    report = (tmp_path / "o2" / "attribution.md").read_text()
+    assert "texts not shown: the run accepted a change of its data from step 3 on" in report
+    assert report.count("(not shown)") == 3
 
 
 def test_an_adamw_run_stores_the_projection_of_the_vector_its_values_are_taken_against(data_dir, tmp_path, capsys):

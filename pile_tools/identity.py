@@ -1,8 +1,7 @@
-"""The app's side of its run directory: what the run's data is (`data_identity`, `describe_data_change`), which a
-resume compares with config.json's record. The run directory itself (its files, their names, order, identity
-and durability, the lock, the set-aside on resume, the checkpoint series) is owned by
-ghost_results.run_directory.RunDirectory, shared with the framework integrations, which also has the readers
-the app uses before a run is opened (read_json, read_valset_tokens, the lock).
+"""What a run's data is, so that nothing computed on one version of the data is read against another: `data_identity`
+of a data directory or spec (config.json records it; a resume, curation, the report's texts and attribution compare
+it with the data now), `source_identity` of any source `graddotprod-attribute index` reads (a JSONL file as well),
+`describe_data_change` naming what differs, and `changed_since` for readers that show the data's text.
 """
 import hashlib
 import os
@@ -94,3 +93,24 @@ def content_hash(path):
         f.seek(size - EDGE_BYTES)
         digest.update(f.read(EDGE_BYTES))
     return "edges:" + digest.hexdigest()
+
+
+def source_identity(source: str) -> dict:
+    """data_identity of a data directory or spec; of a single file that is not a spec (a JSONL corpus):
+    {its name: token_file_identity}."""
+    if os.path.isfile(source) and not source.endswith((".json", ".yaml", ".yml")):
+        return {os.path.basename(source): token_file_identity(source)}
+    return data_identity(source)
+
+
+def changed_since(recorded: dict | None, source: str, changes: list | None = None) -> str:
+    """"" when `source` is still the data `recorded` (a data_identity or source_identity) describes and no change
+    was accepted mid-run (`changes`: config.json's data_changes); else why a text read from it now would not be
+    the text the numbers were computed on."""
+    if changes:
+        steps = ", ".join(str(c.get("from_step")) for c in changes)
+        return f"the run accepted a change of its data from step {steps} on (config.json's data_changes)"
+    if recorded is None:
+        return ""
+    change = describe_data_change(recorded, source_identity(source))
+    return f"the data under {source} changed since ({change})" if change else ""

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from ghost_common.flags import FlagParser
 from ghost_results.run_directory import GRAD_STORE as STORE_DIR  # a run's in-run store, under its run directory
 from GradDotProd_LM.settings import resolve_run_dir
-from pile_tools.tokenizer import EOT_ID
+from pile_tools.tokenizer import EOT_ID, not_gpt2
 
 GPT2_VOCAB = 50257  # the tokens of GPT-2's BPE, which texts and queries are tokenized with
 
@@ -112,6 +112,10 @@ def load_model(source: str, step=None):
         else:
             raise ValueError(f"{directory} kept no checkpoint of step {step}; it holds steps {sorted(kept)}")
         state = read_checkpoint(path)
+        other = not_gpt2(state["config"].get("data_tokenizer"))
+        if other:  # queries and texts go through GPT-2's BPE: another tokenizer's ids would be other text
+            raise ValueError(f"{directory}: {other}; graddotprod-attribute tokenizes texts with GPT-2's BPE, so it "
+                             "values runs of GPT-2-tokenized data")
         model = app_model_from_checkpoint(state)
         return model, {"kind": "run", "path": directory, "step": int(state["step"]), "run_id": state.get("run_id"),
                        "seq_len": state["config"].get("seq_len")}
@@ -218,6 +222,9 @@ def _corpus_windows(data_dir: str, split: str, seq_len: int):
     from pile_tools.reader import PileReader
 
     reader = PileReader(data_dir, split=split)
+    other = not_gpt2(reader.tokenizer)
+    if other:
+        raise ValueError(f"{data_dir}: {other}; graddotprod-attribute indexes GPT-2-tokenized corpora")
     for domain in reader.domains:
         total = reader.num_tokens(domain)
         for start in range(0, total - 1, seq_len):

@@ -58,7 +58,10 @@ class TextSource:
             from pile_tools.reader import PileReader
             from pile_tools.tokenizer import load_gpt2_tokenizer
 
-            self.reason = changed_since(config.get("data_identity"), data_dir, config.get("data_changes"))
+            from pile_tools.tokenizer import not_gpt2
+
+            self.reason = (changed_since(config.get("data_identity"), data_dir, config.get("data_changes"))
+                           or not_gpt2(config.get("data_tokenizer")))
             if self.reason:
                 return
             self._reader = PileReader(data_dir, split="train")
@@ -80,7 +83,7 @@ class TextSource:
         return shorten(text)
 
 
-def validation_rows(run_dir: str, limit: int = 5):
+def validation_rows(run_dir: str, limit: int = 5, tokenizer: dict | None = None):
     """Rows of the run's valset.pkl as (domain, doc_id, token_offset, text), at most `limit`,
     plus a note (why text or rows are missing, or how many rows were left out)."""
     path = os.path.join(run_dir, "valset.pkl")
@@ -94,10 +97,10 @@ def validation_rows(run_dir: str, limit: int = 5):
     except (ValueError, KeyError, TypeError, OSError, EOFError, pickle.UnpicklingError) as err:
         return [], f"cannot read valset.pkl ({type(err).__name__}: {err})"
     try:
-        from pile_tools.tokenizer import load_gpt2_tokenizer
+        from pile_tools.tokenizer import load_gpt2_tokenizer, not_gpt2
 
-        decode = load_gpt2_tokenizer().decode
-        note = ""
+        decode, note = load_gpt2_tokenizer().decode, not_gpt2(tokenizer)  # tokenizer: config.json's data_tokenizer
+        decode = None if note else decode
     except Exception as err:  # the table is still useful without the text
         decode, note = None, f"text not decoded ({type(err).__name__}: {err})"
     rows = [(domains[i], int(doc_ids[i]), int(offsets[i]), shorten(decode(tokens[i, :seq_len])) if decode else "")
@@ -389,7 +392,7 @@ def _summary(report: Report) -> list:
 
 
 def _validation_batch(run) -> list:
-    val_rows, val_note = validation_rows(run.run_dir)
+    val_rows, val_note = validation_rows(run.run_dir, tokenizer=(run.config or {}).get("data_tokenizer"))
     lines = ["## Validation batch", ""]
     if val_rows:
         lines += ["| domain | doc | token offset | text |", "|---|---:|---:|---|"]

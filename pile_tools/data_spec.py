@@ -103,6 +103,10 @@ def load_spec(data_dir: str) -> tuple[dict, str]:
         domains = raw[split]
         if not isinstance(domains, dict) or not domains:
             raise ValueError(f"{where}: split {split!r} must map domain names to sources, got {domains!r}")
+        named = [name for name in domains if not isinstance(name, str)]
+        if named:  # YAML reads 010: as 8 and On: as True: the domain would be named other than written
+            raise ValueError(f"{where}: split {split!r} has domain name(s) {named} that are not strings; quote "
+                             "them (\"010\": ..., \"On\": ...)")
         splits[split] = {str(name): _entry(entry, base, f"{where}: {split}.{name}") for name, entry in domains.items()}
     return {"tokenizer": tokenizer, "splits": splits}, where
 
@@ -205,7 +209,8 @@ def _entry(entry, base: str, where: str) -> dict:
                 resolved["path"] = resolved["path"][:-len(suffix)]  # the prefix
     if kind == "hf" and "split" in resolved:
         resolved["path"] = os.path.join(resolved["path"], str(resolved.pop("split")))
-    if kind == "nanogpt" and "separator" in entry and not isinstance(entry["separator"], int):
+    if kind == "nanogpt" and "separator" in entry and (not isinstance(entry["separator"], int)
+                                                       or isinstance(entry["separator"], bool)):
         raise ValueError(f"{where}: separator must be a token id, got {entry['separator']!r}")
     return resolved
 

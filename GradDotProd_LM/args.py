@@ -520,9 +520,11 @@ def parse_config(argv, world_size=1):
             parser.error(f"--eval_only --resume: {checkpoint} does not exist")
 
         written = dotprod_steps_on_disk(run_dir_of(cfg))
-        # a run that diverged before its first checkpoint restarts from its initial weights (config.json says so)
+        # a run that diverged before its first checkpoint restarts from its initial weights (config.json says so),
+        # until the restart has written steps past that divergence (an old record then excuses nothing)
         divergences = records.get("divergences")
-        restarts = bool(divergences) and divergences[-1].get("last_finite_checkpoint") == 0
+        restarts = (bool(divergences) and divergences[-1].get("last_finite_checkpoint") == 0
+                    and bool(written) and written[-1] <= int(divergences[-1].get("after_step", 0)))
         if not has_checkpoint(run_dir_of(cfg)) and written and not restarts:
             parser.error(f"--resume: {run_dir_of(cfg)} has no checkpoint ({checkpoint}) but holds "
                          f"{len(written)} dot-product file(s) up to step {written[-1]}; resuming would redo "

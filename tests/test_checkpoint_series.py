@@ -69,7 +69,12 @@ def test_resume_sets_later_step_files_aside_and_keeps_the_last_2(series, data_di
     results, run_dir, seen = series
     copy = os.path.join(str(tmp_path), "all")
     shutil.copytree(run_dir, copy)
-    shutil.copyfile(checkpoint_path(copy, 2), checkpoint_path(copy))  # back to the state of step 2
+    os.remove(checkpoint_path(copy))  # copytree copied the hard link as a file: link it again, as the run left it
+    os.link(checkpoint_path(copy, 6), checkpoint_path(copy))
+    # back to the state of step 2, as docs/training.md says: latest.pt removed first, since it is the newest kept
+    # checkpoint's own file (a copy over it would overwrite step_000006.pt through the link)
+    os.remove(checkpoint_path(copy))
+    shutil.copyfile(checkpoint_path(copy, 2), checkpoint_path(copy))
     flags = tiny_flags(data_dir, str(tmp_path), "all", *SERIES, "--keep_checkpoints", "2", "--resume")
     assert train.main(flags) == 0
     assert sorted(os.listdir(os.path.join(copy, "checkpoints"))) == ["latest.pt", "step_000004.pt", "step_000006.pt"]
@@ -77,6 +82,12 @@ def test_resume_sets_later_step_files_aside_and_keeps_the_last_2(series, data_di
                        .split(os.sep, 1)[1] for root, _, names in os.walk(os.path.join(copy, "superseded"))
                        for name in names if root.endswith("checkpoints"))
     assert set_aside == ["checkpoints/step_000004.pt", "checkpoints/step_000006.pt"]  # moved, never deleted
+    superseded = os.path.join(copy, "superseded")
+    for step in (4, 6):  # and as they were
+        [moved] = [os.path.join(root, f"step_{step:06d}.pt") for root, _, names in os.walk(superseded)
+                   if f"step_{step:06d}.pt" in names]
+        assert torch.load(moved, weights_only=True)["step"] == step
+        assert_same_model(model_of(moved), seen[step])
     for step in (4, 6):
         assert_same_model(model_of(checkpoint_path(copy, step)), seen[step])
     with open(os.path.join(copy, "config.json")) as f:

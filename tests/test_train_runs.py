@@ -259,6 +259,16 @@ def test_divergence_stops_before_the_bad_update(data_dir, results_dir, capsys):
                                  "0")) == 0
     assert_same_as_baseline(run_dir, os.path.join(results_dir, "sgd-reference"))
     assert_finite_checkpoint(run_dir, STEPS)
+    # the divergence record excused the missing checkpoint only until the restart wrote past it: now latest.pt
+    # gone while the dot products are there refuses, as for any run
+    latest = os.path.join(run_dir, "checkpoints", "latest.pt")
+    os.rename(latest, latest + ".away")
+    set_aside = sorted(os.listdir(os.path.join(run_dir, "superseded")))  # the restart's set-aside step 1
+    capsys.readouterr()
+    assert train.main(recovered + ["--resume"]) == 2
+    assert "has no checkpoint" in capsys.readouterr().err
+    assert sorted(os.listdir(os.path.join(run_dir, "superseded"))) == set_aside  # nothing moved
+    os.rename(latest + ".away", latest)
 
 
 def test_weights_made_non_finite_by_an_update_are_never_checkpointed(baseline, data_dir, results_dir, monkeypatch,

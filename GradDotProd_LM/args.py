@@ -511,6 +511,7 @@ def parse_config(argv, world_size=1):
         located = cfg["results_dir"], cfg["run_name"]  # where config.json was found: the run continues there,
         cfg = dict(saved)                              # wherever it began (a moved or renamed run directory)
         cfg.update(given)
+        cfg["accept_data_change"] = bool(given.get("accept_data_change"))  # this launch's, never a saved one
         cfg["results_dir"], cfg["run_name"] = located
         cfg["resume"] = True
         from ghost_results.results_io import dotprod_steps_on_disk  # numpy, pyarrow: only on resume

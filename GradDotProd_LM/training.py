@@ -512,6 +512,16 @@ def open_run(files, cfg, argv, state, data, resumed, world_size, device, train_d
     steps to redo, start the log's sinks, write config.json (and the validation rows the first time).
     StartError/SinkError before anything is changed."""
     start_step = state.start_step
+    saved = resumed["saved_config"]
+    # a change of the data recorded after the checkpoint: the steps from the checkpoint to it trained on the data
+    # before it, which the directory no longer holds, so redoing them is a change of data too
+    later = [c for c in saved.get("data_changes", []) if int(c.get("from_step", 0)) > start_step + 1]
+    if later and not cfg["accept_data_change"]:
+        raise StartError(f"--resume from step {start_step}: the data changed from step {later[0]['from_step']} on "
+                         f"(config.json's data_changes: {later[0].get('change') or 'the validation rows'}), after "
+                         f"this checkpoint; steps {start_step + 1}..{int(later[0]['from_step']) - 1} trained on the "
+                         "data before that change. Restore that data, resume from a later checkpoint, or pass "
+                         "--accept_data_change to redo them on the data as it is now (recorded in config.json)")
     try:
         moved, destination = files.open(
             start_step, run_id=cfg["run_id"], run_name=cfg["run_name"], world_size=world_size,
@@ -523,13 +533,16 @@ def open_run(files, cfg, argv, state, data, resumed, world_size, device, train_d
         print(f"Resuming {files.path} from step {start_step}" + ("" if start_step else " (no checkpoint yet)")
               + (f"; moved {len(moved)} file(s) of later steps to {destination}" if moved else ""), flush=True)
     files.log_hook = ExperimentLog(files.path, cfg["report_to"], cfg, start_step, files.log)
-    saved = resumed["saved_config"]
     config_record = dict(cfg, world_size=world_size, train_dtype_resolved=train_dtype, device=str(device),
                          torch=torch.__version__, transformers=transformers.__version__,
                          python=platform.python_version(), argv=argv, data_identity=resumed["data_identity"],
-                         data_changes=saved.get("data_changes", []), divergences=saved.get("divergences", []))
-    if resumed["data_change"] or resumed["val_changed"]:
-        config_record["data_changes"].append({"from_step": start_step + 1, "change": resumed["data_change"],
+                         data_changes=[c for c in saved.get("data_changes", []) if c not in later],
+                         divergences=saved.get("divergences", []))
+    if resumed["data_change"] or resumed["val_changed"] or later:
+        back = "; ".join(f"back before the change from step {c['from_step']} ({c.get('change') or 'validation rows'})"
+                         for c in later)
+        config_record["data_changes"].append({"from_step": start_step + 1,
+                                              "change": "; ".join(filter(None, [resumed["data_change"], back])),
                                               "validation_rows_changed": resumed["val_changed"]})
     if state.engine is not None and state.engine.projection is not None:  # --project_dim: the gradient stores
         try:

@@ -101,7 +101,9 @@ TRAINING_LOG_JSONL = "training_log.jsonl"  # the app's per-step log; a resume cu
 CHECKPOINT_DIR = "checkpoints"
 STEP_CHECKPOINT_FILE = re.compile(r"^step_(\d+)\.pt$")  # checkpoints/step_<step>.pt: the series --keep_checkpoints
 SHARDED_CHECKPOINT = re.compile(r"^step_(\d+)\.dcp$")  # checkpoints/step_<step>.dcp/: a sharded checkpoint (--fsdp)
-STEP_FILES = {DOTPROD_DIR: (ITER_FILE,), CHECKPOINT_DIR: (STEP_CHECKPOINT_FILE, SHARDED_CHECKPOINT)}  # by step
+VALSET_FROM_STEP = re.compile(r"^valset_from_step_(\d+)\.pkl$")  # validation rows used from <step> on
+STEP_FILES = {DOTPROD_DIR: (ITER_FILE,), CHECKPOINT_DIR: (STEP_CHECKPOINT_FILE, SHARDED_CHECKPOINT),
+              "": (VALSET_FROM_STEP,)}  # by step
 
 # Fields of a v1 step record, by kind. Arrays are 1-D with one entry per training row.
 _V1_SCALAR_INT = ("step",)
@@ -764,7 +766,8 @@ def split_log_lines(data, step):
 def set_aside_after(run_dir, step):
     """Move what a resumed run is about to redo, everything of steps after `step` (the checkpoint it resumes
     from), to superseded/<UTC time>/: the dot-product files (both formats), the kept checkpoints
-    checkpoints/step_XXXXXX.pt, the sharded checkpoints checkpoints/step_XXXXXX.dcp/ and the lines of
+    checkpoints/step_XXXXXX.pt, the sharded checkpoints checkpoints/step_XXXXXX.dcp/, the validation rows
+    valset_from_step_XXXXXX.pkl first used after `step`, and the lines of
     training_log.jsonl (the file is cut after the last line of
     step <= `step`). A compacted file holding step files of later steps is moved whole, after the segments of
     the step files up to `step` are written durably as a compacted file of their own (a crash in between leaves

@@ -453,3 +453,34 @@ def test_too_little_space_for_a_checkpoint_is_a_start_up_error(data_dir, results
     assert train.main(tiny_flags(data_dir, results_dir, "no-space")) == 2
     assert "MiB free but a checkpoint of this run needs about" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(results_dir, "no-space"))
+
+
+def test_going_back_before_a_recorded_data_change_is_a_data_change(data_dir, results_dir, tmp_path, capsys):
+    """A change accepted from step 5, then a resume from the kept checkpoint of step 2: steps 3 and 4 trained on
+    the data before that change, which the directory no longer holds. The resume refuses (nothing changed) unless
+    --accept_data_change, which records the change from step 3 in place of the one from step 5."""
+    import shutil
+
+    data = str(tmp_path / "data")
+    shutil.copytree(data_dir, data)
+    flags = tiny_flags(data, results_dir, "back", "--checkpoint_interval", "2", "--keep_checkpoints", "0")
+    assert train.main(flags + ["--max_steps", "4"]) == 0
+    path = os.path.join(data, "train", "github.bin")
+    np.fromfile(path, np.uint16)[::-1].tofile(path)  # the same size, other tokens
+    assert train.main(flags + ["--resume", "--max_steps", "6", "--accept_data_change"]) == 0
+    run_dir = os.path.join(results_dir, "back")
+    config_path = os.path.join(run_dir, "config.json")
+    assert [c["from_step"] for c in read_json(config_path)["data_changes"]] == [5]
+    latest = os.path.join(run_dir, "checkpoints", "latest.pt")
+    os.remove(latest)  # back to step 2, as docs/training.md says
+    shutil.copyfile(os.path.join(run_dir, "checkpoints", "step_000002.pt"), latest)
+    before = open(config_path, "rb").read()
+    capsys.readouterr()
+    assert train.main(flags + ["--resume", "--max_steps", "6"]) == 2
+    err = capsys.readouterr().err
+    assert "from step 2: the data changed from step 5 on" in err and "steps 3..4 trained on" in err, err
+    assert open(config_path, "rb").read() == before
+    assert sorted(set(read_run(run_dir, strict=True).columns["step"])) == [1, 2, 3, 4, 5, 6]  # nothing set aside
+    assert train.main(flags + ["--resume", "--max_steps", "6", "--accept_data_change"]) == 0
+    changes = read_json(config_path)["data_changes"]
+    assert [c["from_step"] for c in changes] == [3] and "back before the change from step 5" in changes[0]["change"]

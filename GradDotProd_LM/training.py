@@ -729,6 +729,10 @@ def save_all(cfg, step, state, files, master):
             files.record_divergence(step, bad)
         return bad
     if state.sharded:  # every rank writes its shards into the directory rank 0 made; rank 0 commits it
+        if os.path.isdir(sharded_checkpoint_path(run_dir_of(cfg), step)):
+            # complete already: the checkpoint this run resumed from, which no update changed since (a failure in
+            # the step after a resume saves its step again); replacing a complete directory is not atomic
+            return []
         if master:
             files.prepare_sharded_checkpoint(step)
         dist.barrier()

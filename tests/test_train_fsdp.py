@@ -196,3 +196,29 @@ def test_a_full_disk_at_the_sharded_checkpoint_keeps_every_step_written(data_dir
                              text=True, timeout=300, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert resumed.returncode == 2 and "has no checkpoint" in resumed.stderr, resumed.stderr[-3000:]
     assert sorted(set(read_run(run_dir, strict=True).columns["step"])) == [1, 2]
+
+
+def test_a_complete_sharded_checkpoint_of_the_step_is_not_written_again(tmp_path, monkeypatch):
+    """A failure in the step after a resume saves the resumed step again; its sharded checkpoint is complete and
+    holds that very state, so nothing is written (replacing a complete directory is a removal then a rename, and a
+    kill between them would lose the checkpoint). Another step is saved as usual."""
+    from types import SimpleNamespace
+
+    from GradDotProd_LM import training
+
+    cfg = {"results_dir": str(tmp_path), "run_name": "run"}
+    os.makedirs(sharded_checkpoint_path(str(tmp_path / "run"), 4))
+    calls = []
+    monkeypatch.setattr(training, "nonfinite_state", lambda model, optimizer: [])
+    monkeypatch.setattr(training, "save_sharded", lambda *args: calls.append("save"))
+    monkeypatch.setattr(training.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(training.dist, "get_world_size", lambda: 2)
+    files = SimpleNamespace(sync=lambda: calls.append("sync"),
+                            prepare_sharded_checkpoint=lambda step: calls.append(f"prepare {step}"),
+                            commit_sharded_checkpoint=lambda step, state: calls.append(f"commit {step}"))
+    state = SimpleNamespace(sharded=True, model=None, optimizer=None)
+    assert training.save_all(cfg, 4, state, files, master=True) == [] and calls == ["sync"]
+    monkeypatch.setattr(training, "app_state", lambda step, cfg, world: {})
+    calls.clear()
+    assert training.save_all(cfg, 5, state, files, master=True) == []
+    assert calls == ["sync", "prepare 5", "barrier", "save", "commit 5", "barrier"]

@@ -59,6 +59,12 @@ def data_format(data_dir: str) -> str:
     if any(os.path.exists(os.path.join(data_dir, s, INGEST_FILE)) for s in SPLITS):
         return "native"
     if any(os.path.isfile(os.path.join(data_dir, name)) for name in NANOGPT_FILES.values()):
+        indexed = [name for name in NANOGPT_FILES.values()
+                   if os.path.isfile(os.path.join(data_dir, name[:-len(".bin")] + ".idx"))]
+        if indexed:  # a Megatron pair: its .bin read as nanoGPT's uint16 stream would be other tokens
+            raise ValueError(f"{data_dir}: {indexed[0]} has a {indexed[0][:-len('.bin')]}.idx beside it, a Megatron "
+                             "indexed dataset, not nanoGPT's token stream; name it in a data spec "
+                             "({format: megatron, path: ...}, docs/training.md)")
         return "nanogpt"
     if any(os.path.isfile(os.path.join(data_dir, name)) for name in ("dataset_dict.json", "state.json")):
         return "hf"

@@ -296,6 +296,14 @@ def test_a_bad_spec_is_named(tmp_path, mistake, message):
         PileReader(write_spec(tmp_path / "spec.json", mistake))
 
 
+def test_a_megatron_pair_named_like_nanogpts_files_is_not_read_as_nanogpt(tmp_path):
+    """train.bin with a train.idx beside it is a Megatron dataset (int32 tokens read as nanoGPT's uint16 would be
+    other ids, all in the vocabulary): the directory is refused, naming the format to give in a spec."""
+    write_megatron(str(tmp_path / "train"), [np.array([70000 % EOT, 5, EOT])], np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"train.bin has a train.idx beside it, a Megatron indexed dataset"):
+        PileReader(str(tmp_path))
+
+
 def test_a_yaml_domain_name_that_is_not_a_string_is_named(tmp_path):
     """YAML reads `010:` as the number 8 and `On:` as True: such a domain would be named other than written."""
     np.array([1, 2, EOT], np.uint16).tofile(tmp_path / "x.bin")

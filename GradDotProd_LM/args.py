@@ -48,8 +48,10 @@ ADDED_LATER = dict(vocab_pad_multiple=1, accept_data_change=False, model_config=
 
 # What config.json holds beside the flags and a resume reads (GradDotProd_LM/training.py), with its JSON type;
 # run_id is null or absent for a run started before identities existed.
-RECORDS = dict(data_identity="an object", data_changes="a list", divergences="a list of objects", run_id="a string")
+RECORDS = dict(data_identity="an object", data_changes="a list", divergences="a list of objects", run_id="a string",
+               launches="a list of objects")
 
+PER_LAUNCH = ("resume", "accept_data_change", "eval_only")  # what one launch asks, not a setting of the run
 # These define which samples are seen and how they are valued; a resumed run must keep them.
 RUN_IDENTITY = ("method", "architecture", "batch_size", "val_batch_size", "val_domain", "train_domains",
                 "seq_len", "seed", "model_dtype", "data_dir", "init_from", "vocab_pad_multiple", "optimizer",
@@ -405,7 +407,7 @@ def _saved_value(checker, name, value):
 
 
 def _record_ok(key, value):
-    if key == "divergences":
+    if key in ("divergences", "launches"):
         return isinstance(value, list) and all(isinstance(d, dict) for d in value)
     return isinstance(value, {"data_identity": dict, "data_changes": list, "run_id": (str, type(None))}[key])
 
@@ -546,6 +548,15 @@ def parse_config(argv, world_size=1):
     if cfg["data_dir"] is not None:
         cfg["data_dir"] = os.path.abspath(cfg["data_dir"])
     return cfg
+
+
+def launch_record(saved: dict, cfg: dict, argv, start_step: int) -> dict:
+    """config.json's record of one launch of a run: the step it trained from, its command, and the settings it
+    changed from the saved ones (a resume may change the rate, clipping, dtype...: config.json's flags are the
+    latest launch's, so the settings steps 1..k trained with are kept here)."""
+    changed = {k: [saved[k], cfg[k]] for k in DEFAULTS
+               if k in saved and k in cfg and saved[k] != cfg[k] and k not in PER_LAUNCH}
+    return {"from_step": int(start_step) + 1, "argv": list(argv), "changed": changed}
 
 
 def resolved_value(cfg) -> str:

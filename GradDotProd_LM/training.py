@@ -34,7 +34,7 @@ from ghost_results.results_io import new_run_id
 from ghost_results.run_directory import (DamagedRunFile, ForeignRunFile, RunBusyError, RunDirectory, check_identity,
                                          grad_store_artifacts, read_config, read_training_log, read_valset_tokens,
                                          sharded_checkpoint_path, unwritable)
-from GradDotProd_LM.args import model_name, run_dir_of
+from GradDotProd_LM.args import launch_record, model_name, run_dir_of
 from GradDotProd_LM.checkpoint import (app_state, checkpoint_writer, newest_checkpoint, nonfinite_state, restore,
                                        save_sharded, set_rng_state)
 from GradDotProd_LM.evaluate import Evaluator, format_eval
@@ -537,7 +537,8 @@ def open_run(files, cfg, argv, state, data, resumed, world_size, device, train_d
                          torch=torch.__version__, transformers=transformers.__version__,
                          python=platform.python_version(), argv=argv, data_identity=resumed["data_identity"],
                          data_changes=[c for c in saved.get("data_changes", []) if c not in later],
-                         divergences=saved.get("divergences", []))
+                         divergences=saved.get("divergences", []),
+                         launches=[*saved.get("launches", []), launch_record(saved, cfg, argv, start_step)])
     if resumed["data_change"] or resumed["val_changed"] or later:
         back = "; ".join(f"back before the change from step {c['from_step']} ({c.get('change') or 'validation rows'})"
                          for c in later)

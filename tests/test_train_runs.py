@@ -484,3 +484,17 @@ def test_going_back_before_a_recorded_data_change_is_a_data_change(data_dir, res
     assert train.main(flags + ["--resume", "--max_steps", "6", "--accept_data_change"]) == 0
     changes = read_json(config_path)["data_changes"]
     assert [c["from_step"] for c in changes] == [3] and "back before the change from step 5" in changes[0]["change"]
+
+
+def test_config_json_keeps_every_launchs_settings(data_dir, results_dir):
+    """config.json's flags are the latest launch's; `launches` keeps what each launch trained from and changed,
+    so the rate steps 1..2 trained at is still recorded after a resume at another rate."""
+    flags = tiny_flags(data_dir, results_dir, "launches", "--max_steps", "2")
+    assert train.main(flags) == 0
+    assert train.main(flags + ["--resume", "--max_steps", "3", "--learning_rate", "5e-4"]) == 0
+    config = read_json(os.path.join(results_dir, "launches", "config.json"))
+    first, second = config["launches"]
+    assert first["from_step"] == 1 and first["changed"] == {} and "--resume" not in first["argv"]
+    assert second["from_step"] == 3 and second["argv"][-4:] == ["--max_steps", "3", "--learning_rate", "5e-4"]
+    assert second["changed"] == {"max_steps": [2, 3], "learning_rate": [1e-3, 5e-4]}
+    assert config["learning_rate"] == 5e-4

@@ -263,7 +263,6 @@ def data_kind(source: str) -> str:
 # ---------------------------------------------------------------------------------------------- index
 def index(args) -> int:
     """The index command (see the module docstring); returns the exit status."""
-    from ghost_engine.projection import Projection
     from ghost_results.grad_store import GradStoreWriter, read_manifest
     from pile_tools.identity import source_identity
 
@@ -273,10 +272,8 @@ def index(args) -> int:
     data = {"source": os.path.abspath(args.data), "kind": data_kind(args.data), "split": args.split,
             "identity": source_identity(args.data)}  # a resume on other data is another index
     existing = read_manifest(args.store) if os.path.isfile(os.path.join(args.store, "manifest.json")) else None
-    if existing is not None:  # resume: the store's own projection; the identity below refuses other arguments
-        projection = Projection.from_description(existing["meta"]["projection"])
-    else:
-        projection = _engine_projection(model, {"total": args.project_dim, "seed": args.seed})
+    # the projection these arguments draw (the same on a resume with the same ones: the identity below compares)
+    projection = _engine_projection(model, {"total": args.project_dim, "seed": args.seed})
     description = projection.describe()
     identity = _identity(origin, data, seq_len, description)
     done = int(sum(s["rows"] for s in existing["shards"])) if existing is not None else 0
@@ -356,6 +353,13 @@ def query(args) -> int:
     in_run_dir = os.path.join(source, STORE_DIR)
     store = GradStore(args.store or (in_run_dir if os.path.isdir(in_run_dir) else source))
     meta = store.meta
+    if meta.get("kind") == "in_run":  # its rows are scored at this run's checkpoints: they must be its rows
+        from ghost_results.run_directory import read_config
+
+        run_id = read_config(source).get("run_id") if os.path.isfile(os.path.join(source, "config.json")) else None
+        if meta.get("identity") != run_id:
+            raise ValueError(f"the store {store.directory} holds the rows of run {meta.get('identity')!r}, and "
+                             f"{source} is run {run_id!r}: query a run with its own store")
     projection = Projection.from_description(meta["projection"])
     texts = read_queries(args.queries)
     seq_len = int(meta["seq_len"])

@@ -74,6 +74,9 @@ def score_store(store, queries, score: str = "raw", top: int = 20, chunk_rows: i
     if score == "precond":
         if preconditioner is None:
             preconditioner = Preconditioner.load_or_fit(store, chunk_rows=chunk_rows)
+        elif preconditioner.fingerprint != store.fingerprint():
+            raise ValueError("the preconditioner was fitted on other rows than this store's (another store, or this "
+                             "one before rows were appended or dropped): fit it on this store")
         with _BLAS_LIMITS.limit(limits=1, user_api="blas"):  # small products: threads only wait for each other
             query_sets = [preconditioner.apply(q) for q in query_sets]
     if score == "cosine":
@@ -87,6 +90,10 @@ def score_store(store, queries, score: str = "raw", top: int = 20, chunk_rows: i
     documents = _DocumentTotals(n_queries, scorer.threads) if trajectory else None
 
     def take(start, prov, scores):  # [n, Q]: the chunk's buffer, reused two chunks later
+        if not np.isfinite(scores).all():  # float32 overflow of stored values near its range: no ranking holds
+            row = start + int(np.flatnonzero(~np.isfinite(scores).all(axis=1))[0])
+            raise FloatingPointError(f"the score of store row {row} is not finite in float32 (its values or the "
+                                     "queries' are too large to multiply); rescale the queries")
         if trajectory:
             scores *= (prov["lr"] * prov["weight"]).astype(np.float32)[:, None]
             documents.add(prov, scores)
@@ -322,7 +329,7 @@ class _DocumentTotals:
 
     def add(self, prov: np.ndarray, scores: np.ndarray) -> None:
         self.parts.append((prov["doc_id"].astype(np.int64), prov["domain"].astype(np.int64),
-                           np.ascontiguousarray(scores.T), np.ones(len(scores), dtype=np.int64)))
+                           scores.T.copy(), np.ones(len(scores), dtype=np.int64)))  # a copy: the buffer is reused
         self.held += len(scores)
         if self.held * self.n_queries > _DOCUMENT_CELLS_MAX and self.held > 2 * self.grouped:
             groups, n_rows = self._grouping()

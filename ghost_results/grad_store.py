@@ -591,13 +591,19 @@ class GradStore:
             yield start, to_float32(stored, self.dtype, out=buffer[:len(stored)]), prov
 
     def _locate(self, indices) -> tuple:
-        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        indices = np.asarray(indices)
+        if indices.dtype == bool:  # a mask over the store's rows, not the row numbers 0 and 1
+            if indices.shape != (self.n_rows,):
+                raise IndexError(f"a boolean mask of shape {indices.shape} for a store of {self.n_rows} rows")
+            indices = np.flatnonzero(indices)
+        indices = indices.astype(np.int64).reshape(-1)
         if len(indices) and (indices.min() < 0 or indices.max() >= self.n_rows):
             raise IndexError(f"row indices outside the store's {self.n_rows} rows")
         return indices, np.searchsorted(self.offsets[1:], indices, side="right")
 
     def rows(self, indices) -> np.ndarray:
-        """Rows at store indices, float32 [len(indices), K]; only the shards they fall in are read."""
+        """Rows at store indices (or a boolean mask over the store's rows), float32 [len(indices), K]; only the
+        shards they fall in are read."""
         indices, shard_of = self._locate(indices)
         out = np.empty((len(indices), self.dim), dtype=np.float32)
         for index in np.unique(shard_of).tolist():
@@ -621,7 +627,7 @@ class GradStore:
     def provenance(self, indices=None) -> pd.DataFrame:
         """Provenance as a DataFrame (store_row, then PROV_COLUMNS with domain names as strings)."""
         records = self.records(indices)
-        rows = np.arange(self.n_rows) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
+        rows = np.arange(self.n_rows) if indices is None else self._locate(indices)[0]
         frame = pd.DataFrame({"store_row": rows})
         for name in PROV_COLUMNS:
             frame[name] = records[name]

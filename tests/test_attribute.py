@@ -218,3 +218,13 @@ def test_a_changed_corpus_is_another_index_and_its_texts_are_withheld(setup, tmp
     withheld = report()
     assert "texts not shown: the data under" in withheld and "corpus.jsonl" in withheld
     assert withheld.count("(not shown)") == 2
+
+
+def test_an_index_again_with_another_projection_is_refused(setup, tmp_path):
+    """--project_dim or --seed other than the store's: another index, refused, nothing appended (they were
+    ignored, the store's own projection silently used)."""
+    root, _ = setup
+    assert index(root, tmp_path / "store", "--max_windows", "4") == 0
+    for other in (["--project_dim", "200"], ["--seed", "3"]):
+        assert index(root, tmp_path / "store", *other) == 2
+        assert len(GradStore(tmp_path / "store")) == 4

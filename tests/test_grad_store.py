@@ -353,15 +353,16 @@ def test_scores_top_k_and_domain_totals_equal_brute_force(scored_store, score):
         assert np.abs(result.top["score"]).max() <= 1 + 1e-6
 
 
-@pytest.mark.parametrize("top, threads, cells_max", [(5, 1, None), (5, 2, 1), (1000, 2, None)])
-def test_trajectory_scores_equal_brute_force(scored_store, monkeypatch, top, threads, cells_max):
+@pytest.mark.parametrize("n_queries, top, threads, cells_max", [(2, 5, 1, None), (2, 5, 2, 1), (2, 1000, 2, None),
+                                                                  (1, 5, 1, None)])
+def test_trajectory_scores_equal_brute_force(scored_store, monkeypatch, n_queries, top, threads, cells_max):
     store, rows, prov = scored_store
     if cells_max is not None:  # the per-document sums grouped before the end, after every few chunks
         monkeypatch.setattr(grad_query, "_DOCUMENT_CELLS_MAX", cells_max)
     rng = np.random.default_rng(12)
-    queries = {0: rng.standard_normal((2, DIM)), 10: rng.standard_normal((2, DIM)), 16: rng.standard_normal((2, DIM))}
+    queries = {c: rng.standard_normal((n_queries, DIM)) for c in (0, 10, 16)}  # one query: [n, 1] scores
     checkpoints = sorted(queries)
-    reference = np.empty((len(rows), 2))
+    reference = np.empty((len(rows), n_queries))
     for i, step in enumerate(prov["step"].tolist()):  # one row at a time: the definition
         distances = [abs(step - c) for c in checkpoints]
         nearest = checkpoints[distances.index(min(distances))]  # the first of equals: the earlier
@@ -370,7 +371,7 @@ def test_trajectory_scores_equal_brute_force(scored_store, monkeypatch, top, thr
     check_result(result, reference, prov["domain"], store, top=min(top, len(rows)))
     keys = pd.DataFrame({"doc_id": prov["doc_id"], "domain": prov["domain"]}).groupby(["doc_id", "domain"]).indices
     assert 1 < len(keys) < len(rows) and min(map(len, keys.values())) == 1  # documents of one row and of several
-    for q in range(2):
+    for q in range(n_queries):
         totals = sorted(((-reference[where, q].sum(), doc_id, domain, len(where))
                          for (doc_id, domain), where in keys.items()))[:top]
         got = result.documents[result.documents["query"] == q]
@@ -530,3 +531,27 @@ def test_low_rank_plus_diagonal_equals_the_dense_inverse(tmp_path):
         assert np.linalg.norm(got - dense) / np.linalg.norm(dense) < 2e-2, fit_rank
     full = Preconditioner.fit(store, damping=damping, max_dense=64, rank=k, chunk_rows=128)  # every eigenpair
     np.testing.assert_allclose(full.apply(queries), dense, rtol=1e-6, atol=1e-9)
+
+
+def test_bad_inputs_of_reads_and_scores_are_refused(scored_store, tmp_path):
+    """A boolean mask selects rows (it is not the row numbers 0 and 1); a preconditioner of other rows, and scores
+    that overflow float32, are refused rather than ranked."""
+    store, rows, prov = scored_store
+    mask = np.asarray(prov["step"]) == 5
+    np.testing.assert_array_equal(store.rows(mask), rows[mask].astype(np.float32))
+    assert store.provenance(mask)["store_row"].tolist() == np.flatnonzero(mask).tolist()
+    with pytest.raises(IndexError, match="boolean mask"):
+        store.rows(mask[:-1])
+    other_rows, other_prov = make_batch(np.random.default_rng(3), range(1, 4))
+    with GradStoreWriter(tmp_path / "other", BLOCKS, dtype="float32") as writer:
+        writer.append(other_rows, other_prov)
+    foreign = Preconditioner.fit(GradStore(tmp_path / "other"))
+    with pytest.raises(ValueError, match="fitted on other rows"):
+        score_store(store, np.ones((1, DIM)), score="precond", preconditioner=foreign)
+    huge = np.zeros((2, DIM), np.float32)
+    huge[:, :2] = 3e38
+    steps = {k: np.asarray(v)[:2] for k, v in prov.items()}
+    with GradStoreWriter(tmp_path / "huge", BLOCKS, dtype="float32") as writer:
+        writer.append(huge, steps)
+    with pytest.raises(FloatingPointError, match="store row 0 is not finite"):
+        score_store(GradStore(tmp_path / "huge"), np.full((2, DIM), 10.0))

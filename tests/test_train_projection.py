@@ -222,3 +222,19 @@ def test_a_run_of_another_tokenizer_is_not_queried_with_gpt2s(baseline, tmp_path
     err = capsys.readouterr().err
     assert "gpt-neox-20b" in err and "GPT-2's BPE" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_is_not_queried_with_another_runs_store(baseline, data_dir, tmp_path, capsys):
+    """query RUN --store OTHER_RUN/grad_store would score the other run's rows at this run's checkpoints."""
+    import json
+
+    from GradDotProd_LM import attribute
+
+    results = str(tmp_path / "results")
+    assert train.main(flags(data_dir, results, "other", "--seed", str(SEED + 1))) == 0
+    (tmp_path / "q.jsonl").write_text(json.dumps({"text": "The quick brown fox."}) + "\n")
+    capsys.readouterr()
+    assert attribute.main(["query", os.path.join(baseline, "base"), "--store", os.path.join(results, "other",
+                           "grad_store"), "--queries", str(tmp_path / "q.jsonl"), "--out", str(tmp_path / "out")]) == 2
+    assert "query a run with its own store" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

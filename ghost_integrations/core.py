@@ -255,7 +255,7 @@ class ValuationRun:
         if self.rank != 0:
             return
         self.run_id = resumed_run_id(self.run_dir, start_step)
-        self.files = RunDirectory(self.run_dir)
+        self.files = RunDirectory(self.run_dir).acquire()  # RunBusyError naming the holder: one run a directory
         self.files.open(start_step, run_id=self.run_id, run_name=self.run_name, world_size=self.world_size,
                         results_format=self.results_format, value=self.engine.value, save_interval=self.save_interval)
         X_val = self._val["input_ids"]
@@ -289,12 +289,21 @@ class ValuationRun:
         self.files.write_valset(tokens, tokens.shape[1], provenance, val_domain=val_domain,
                                 data_dir=config.get("data_dir"))
 
-    def finish(self):
-        """Write the pending records and detach the engine (safe to call twice)."""
+    def sync(self):
+        """Make every step filed so far durable (the records, the step sinks): call it before the framework writes
+        a checkpoint, so that a resume from it finds all of its steps (it sets aside the files that run past it)."""
         if self.rank == 0 and self.files is not None:
-            self.files.flush()
-            self.files.close()
-            self.files = None
+            self.files.sync()
+
+    def finish(self):
+        """Write the pending records, release the run directory and detach the engine (safe to call twice)."""
+        if self.rank == 0 and self.files is not None:
+            try:
+                self.files.flush()
+                self.files.close()
+            finally:
+                self.files.release()
+                self.files = None
         self.engine.detach()
 
     # ------------------------------------------------------------------ micro-batch
@@ -378,6 +387,12 @@ class ValuationRun:
         """File the step's dot products (every rank must call it: rows are gathered on rank 0)."""
         if not self._provenance:
             raise RuntimeError(f"step {step}: no micro-batch went through ValuationRun.forward since the last step")
+        if self.engine.value not in LR_INSIDE and len(set(lrs := _group_lrs(lr))) > 1:
+            raise ValueError(f"step {step}: the optimizer's parameter groups have learning rates {sorted(set(lrs))}; "
+                             f"value={self.engine.value!r} records one rate per step (its value is lr·w_i·dot_i), "
+                             "so it would be wrong for the other groups: use one rate, or value='adamw' (AdamW), "
+                             "whose values carry each group's rate")
+        lr = _group_lrs(lr)[0]
         result = self.engine.aggregate_and_log()
         # a row's weight in the step's loss: n_i / N_mb (the engine) times its micro-batch's multiplier, over
         # the processes whose gradients DDP averages
@@ -400,6 +415,11 @@ class ValuationRun:
             rows["val_projection"] = result.val_projection.float().cpu().numpy()
             artifacts = grad_store_artifacts(rows, record)
         self.files.record_step(record, rows, artifacts=artifacts, log=False)  # the framework keeps its own log
+
+
+def _group_lrs(lr) -> list:
+    """The step's learning rates: one per parameter group (a list given by the integrations), or one number."""
+    return [float(g) for g in lr] if isinstance(lr, (list, tuple)) else [float(lr)]
 
 
 def _field(out, name):

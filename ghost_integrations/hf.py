@@ -99,6 +99,10 @@ class GradDotProdTrainer(Trainer):
         finally:
             self.valuation.finish()  # the steps completed so far are written, even after an error
 
+    def _save_checkpoint(self, *args, **kwargs):
+        self.valuation.sync()  # the steps up to this checkpoint are on disk before it is: a resume keeps them
+        return super()._save_checkpoint(*args, **kwargs)
+
     def get_train_dataloader(self):
         dataset, collator = self.train_dataset, self.data_collator
         self.train_dataset, self.data_collator = IndexedDataset(dataset), ProvenanceCollator(collator)
@@ -156,4 +160,4 @@ class _StepRecorder(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         optimizer = optimizer if optimizer is not None else self.trainer.optimizer
-        self.trainer.valuation.end_step(state.global_step + 1, optimizer.param_groups[0]["lr"])
+        self.trainer.valuation.end_step(state.global_step + 1, [g["lr"] for g in optimizer.param_groups])

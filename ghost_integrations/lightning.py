@@ -75,12 +75,19 @@ class GradDotProdCallback(pl.Callback):
         self.valuation = ValuationRun(pl_module, self.val_batch, run_dir, run_name, self.config, self.save_interval,
                                       self.value, self.results_format, *self.projection)
         self._trainer = trainer
+
+    def on_train_start(self, trainer, pl_module):
+        # here, not at on_fit_start: Lightning restores a checkpoint's step (fit(ckpt_path=...)) in between
         max_steps = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
         settings = {"integration": "lightning", "lightning": pl.__version__, "module": type(pl_module).__name__,
                     "accumulate_grad_batches": trainer.accumulate_grad_batches, "precision": str(trainer.precision),
                     "default_root_dir": trainer.default_root_dir}
         self.valuation.begin(trainer.global_step, max_steps if max_steps != float("inf") else None, settings,
                              trainer.optimizers[0] if len(trainer.optimizers) == 1 else None)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if self.valuation is not None:
+            self.valuation.sync()  # the steps up to this checkpoint are on disk before it is: a resume keeps them
 
     @staticmethod
     def _check_supported(trainer, pl_module, value="first_order"):
@@ -106,7 +113,7 @@ class GradDotProdCallback(pl.Callback):
         return with_value(loss, train_loss)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.valuation.end_step(trainer.global_step + 1, optimizer.param_groups[0]["lr"])
+        self.valuation.end_step(trainer.global_step + 1, [g["lr"] for g in optimizer.param_groups])
 
     def on_fit_end(self, trainer, pl_module):
         self._finish()

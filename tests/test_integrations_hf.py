@@ -512,16 +512,19 @@ def test_fsdp2_on_two_processes_equals_one_unsharded_process(tmp_path):
         assert_same_weights(torch.load(tmp_path / value / "weights.pt"), model)
 
 
-def test_resume_from_checkpoint_sets_aside_later_steps_and_writes_them_again(tmp_path):
+@pytest.mark.parametrize("save_interval", [1, 4])
+def test_resume_from_checkpoint_sets_aside_later_steps_and_writes_them_again(tmp_path, save_interval):
     """Resuming from the step-2 checkpoint of a 4-step run: the files of steps 3-4 move to superseded/, the
-    resumed run writes them again, equal to the uninterrupted run's, and no step is read twice."""
+    resumed run writes them again, equal to the uninterrupted run's, and no step is read twice. With records
+    written every 4 steps, the Trainer's checkpoint of step 2 wrote steps 1-2 first (else the resume set aside the
+    file of steps 1-4 and redid only 3-4: steps 1-2 were lost)."""
     model, X, Y, X_val, Y_val = model_and_rows(8)
 
     def trainer():
         args = training_args(tmp_path, max_steps=4, gradient_accumulation_steps=1, save_strategy="steps",
                              save_steps=2)
         return GradDotProdTrainer(model=copy.deepcopy(model), args=args, train_dataset=train_items(X, Y),
-                                  val_batch={"input_ids": X_val, "labels": Y_val}, save_interval=1)
+                                  val_batch={"input_ids": X_val, "labels": Y_val}, save_interval=save_interval)
 
     trainer().train()
     uninterrupted = read_run(tmp_path / "graddotprod", strict=True).columns
@@ -531,7 +534,26 @@ def test_resume_from_checkpoint_sets_aside_later_steps_and_writes_them_again(tmp
         resumed = read_run(tmp_path / "graddotprod", strict=True)
     assert resumed.duplicate_steps == [] and resumed.missing_steps == []
     superseded = os.listdir(tmp_path / "graddotprod" / "superseded")
-    assert sorted(os.listdir(tmp_path / "graddotprod" / "superseded" / superseded[0] / "grad_dotprods")) == [
-        "iter_000003.parquet", "iter_000004.parquet"]
+    assert sorted(os.listdir(tmp_path / "graddotprod" / "superseded" / superseded[0] / "grad_dotprods")) == (
+        ["iter_000003.parquet", "iter_000004.parquet"] if save_interval == 1 else ["iter_000004.parquet"])
     np.testing.assert_array_equal(resumed.columns["step"], uninterrupted["step"])
     np.testing.assert_allclose(resumed.columns["dot_products"], uninterrupted["dot_products"], rtol=1e-6)
+
+
+def test_a_run_directory_held_by_another_run_is_refused(tmp_path):
+    """One run a directory, as for the app: a Trainer into a directory whose run.lock is held raises RunBusyError
+    before writing anything (two runs in one directory set each other's files aside and mixed their steps)."""
+    from ghost_results.run_directory import RunBusyError, RunDirectory
+
+    model, X, Y, X_val, Y_val = model_and_rows(4)
+    held = RunDirectory(tmp_path / "graddotprod").acquire()
+    try:
+        trainer = GradDotProdTrainer(model=copy.deepcopy(model), args=training_args(tmp_path, max_steps=1),
+                                     train_dataset=train_items(X, Y), val_batch={"input_ids": X_val, "labels": Y_val})
+        with pytest.raises(RunBusyError, match="is in use by"):
+            trainer.train()
+        assert sorted(os.listdir(tmp_path / "graddotprod")) == ["run.lock"]
+    finally:
+        held.release()
+    trainer.train()  # released: the directory is the run's
+    assert read_run(tmp_path / "graddotprod", strict=True).missing_steps == []

@@ -384,15 +384,17 @@ class ValuationRun:
 
     # ------------------------------------------------------------------ step
     def end_step(self, step, lr):
-        """File the step's dot products (every rank must call it: rows are gathered on rank 0)."""
+        """File the step's dot products (every rank must call it: rows are gathered on rank 0); `lr`: the step's
+        learning rate, or a list of one per parameter group (which must agree unless the value carries them)."""
         if not self._provenance:
             raise RuntimeError(f"step {step}: no micro-batch went through ValuationRun.forward since the last step")
-        if self.engine.value not in LR_INSIDE and len(set(lrs := _group_lrs(lr))) > 1:
+        lrs = _group_lrs(lr)
+        if len(set(lrs)) > 1 and self.engine.value not in LR_INSIDE:
             raise ValueError(f"step {step}: the optimizer's parameter groups have learning rates {sorted(set(lrs))}; "
                              f"value={self.engine.value!r} records one rate per step (its value is lr·w_i·dot_i), "
                              "so it would be wrong for the other groups: use one rate, or value='adamw' (AdamW), "
                              "whose values carry each group's rate")
-        lr = _group_lrs(lr)[0]
+        lr = lrs[0]
         result = self.engine.aggregate_and_log()
         # a row's weight in the step's loss: n_i / N_mb (the engine) times its micro-batch's multiplier, over
         # the processes whose gradients DDP averages

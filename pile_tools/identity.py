@@ -50,22 +50,19 @@ def token_file_identity(path) -> str:
     """"N bytes, sha256 H": H over the whole file up to SAMPLE_BLOCKS × SAMPLE_BYTES, over that many blocks spread
     evenly from its first byte to its last above (a shuffle or another tokenization moves every block)."""
     size = os.path.getsize(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        if size <= SAMPLE_BLOCKS * SAMPLE_BYTES:
-            digest.update(f.read())
-            return f"{size} bytes, sha256 {digest.hexdigest()}"
-        for i in range(SAMPLE_BLOCKS):
-            f.seek(i * (size - SAMPLE_BYTES) // (SAMPLE_BLOCKS - 1))
-            digest.update(f.read(SAMPLE_BYTES))
-    return f"{size} bytes, sha256 of {SAMPLE_BLOCKS} blocks of {SAMPLE_BYTES >> 10} KiB {digest.hexdigest()}"
+    if size <= SAMPLE_BLOCKS * SAMPLE_BYTES:
+        with open(path, "rb") as f:
+            return f"{size} bytes, sha256 {hashlib.sha256(f.read()).hexdigest()}"
+    return f"{size} bytes, sha256 of {SAMPLE_BLOCKS} blocks of {SAMPLE_BYTES >> 10} KiB {_sampled(path, size)}"
 
 
 def _unchanged(saved, now) -> bool:
-    """A recorded identity value against today's; a token file recorded by its size alone (runs started before
-    token_file_identity) is unchanged when its size is."""
+    """A recorded identity value against today's. Recorded before this: a token file by its size alone is unchanged
+    when its size is; a large index by its edges alone when they are."""
     if isinstance(saved, int) and not isinstance(saved, bool) and isinstance(now, str):
         return now.startswith(f"{saved} bytes,")
+    if isinstance(saved, str) and saved.startswith("edges:") and " " not in saved and isinstance(now, str):
+        return now.startswith(saved + " blocks:")
     return saved == now
 
 
@@ -80,8 +77,9 @@ def describe_data_change(saved, now):
 
 
 def content_hash(path):
-    """sha256 of a file; of its size, first and last MiB when it is over WHOLE_HASH_LIMIT (a Megatron index of the
-    whole Pile is gigabytes: a rewrite still changes its counts, pointers or size)."""
+    """sha256 of a file; over WHOLE_HASH_LIMIT (a Megatron index of the whole Pile is gigabytes) "edges:H1
+    blocks:H2", H1 of its size, first and last MiB, H2 of SAMPLE_BLOCKS blocks spread over it (document lengths
+    edited in the middle keep the size and both ends)."""
     digest = hashlib.sha256()
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -92,7 +90,17 @@ def content_hash(path):
         digest.update(f.read(EDGE_BYTES))
         f.seek(size - EDGE_BYTES)
         digest.update(f.read(EDGE_BYTES))
-    return "edges:" + digest.hexdigest()
+    return f"edges:{digest.hexdigest()} blocks:{_sampled(path, size)}"
+
+
+def _sampled(path, size) -> str:
+    """sha256 of SAMPLE_BLOCKS blocks of SAMPLE_BYTES spread evenly from the first byte of a file to its last."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for i in range(SAMPLE_BLOCKS):
+            f.seek(i * (size - SAMPLE_BYTES) // (SAMPLE_BLOCKS - 1))
+            digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()
 
 
 def source_identity(source: str) -> dict:

@@ -438,3 +438,26 @@ def test_token_file_identity_reads_blocks_over_the_whole_of_a_large_file(tmp_pat
     assert identity.describe_data_change({"tokens.bin": 3 * 2**20}, {"tokens.bin": before}) == ""
     assert "changed ['tokens.bin']" in identity.describe_data_change({"tokens.bin": 3 * 2**20 + 2},
                                                                        {"tokens.bin": before})
+
+
+def test_a_large_index_is_identified_by_its_edges_and_blocks_spread_over_it(tmp_path):
+    """An .idx over WHOLE_HASH_LIMIT: its size, first and last MiB and 16 blocks in between, so document lengths
+    edited in the middle (same size, same ends) change it; an identity recorded from the edges alone still matches
+    the same file."""
+    from pile_tools import identity
+
+    path = tmp_path / "big.idx"
+    size = identity.WHOLE_HASH_LIMIT + (1 << 20)
+    with open(path, "wb") as f:
+        f.truncate(size)  # sparse: quick to write and to read
+    before = identity.content_hash(path)
+    edges, blocks = before.split(" ")
+    assert edges.startswith("edges:") and blocks.startswith("blocks:")
+    assert identity.describe_data_change({"big.idx": edges}, {"big.idx": before}) == ""  # recorded edges only
+    middle = 7 * (size - identity.SAMPLE_BYTES) // (identity.SAMPLE_BLOCKS - 1)  # inside the 8th block
+    with open(path, "r+b") as f:
+        f.seek(middle + 100)
+        f.write(b"\x01")
+    after = identity.content_hash(path)
+    assert after.split(" ")[0] == edges and after != before
+    assert "changed ['big.idx']" in identity.describe_data_change({"big.idx": before}, {"big.idx": after})

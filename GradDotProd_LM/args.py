@@ -509,11 +509,12 @@ def parse_config(argv, world_size=1):
             fail(f"--resume: {', '.join('--' + k for k in changed)} differ from the saved run "
                  f"({', '.join(f'{k}={saved[k]!r}' for k in changed)}); they define the run, "
                  "start a new --run_name to change them", *changed)
-        origin.update((k, saved_path) for k in saved if k not in given and k not in ("results_dir", "run_name"))
+        origin.update((k, saved_path) for k in saved
+                      if k not in given and k not in ("results_dir", "run_name", *PER_LAUNCH))
         located = cfg["results_dir"], cfg["run_name"]  # where config.json was found: the run continues there,
         cfg = dict(saved)                              # wherever it began (a moved or renamed run directory)
+        cfg.update({k: DEFAULTS[k] for k in PER_LAUNCH})  # what this launch asks, never a saved launch's
         cfg.update(given)
-        cfg["accept_data_change"] = bool(given.get("accept_data_change"))  # this launch's, never a saved one
         cfg["results_dir"], cfg["run_name"] = located
         cfg["resume"] = True
         from ghost_results.results_io import dotprod_steps_on_disk  # numpy, pyarrow: only on resume

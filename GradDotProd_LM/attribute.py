@@ -353,13 +353,14 @@ def query(args) -> int:
     in_run_dir = os.path.join(source, STORE_DIR)
     store = GradStore(args.store or (in_run_dir if os.path.isdir(in_run_dir) else source))
     meta = store.meta
+    config = None  # an in-run store's run: its config.json
     if meta.get("kind") == "in_run":  # its rows are scored at this run's checkpoints: they must be its rows
         from ghost_results.run_directory import read_config
 
-        run_id = read_config(source).get("run_id") if os.path.isfile(os.path.join(source, "config.json")) else None
-        if meta.get("identity") != run_id:
+        config = read_config(source)
+        if meta.get("identity") != config.get("run_id"):
             raise ValueError(f"the store {store.directory} holds the rows of run {meta.get('identity')!r}, and "
-                             f"{source} is run {run_id!r}: query a run with its own store")
+                             f"{source} is run {config.get('run_id')!r}: query a run with its own store")
     projection = Projection.from_description(meta["projection"])
     texts = read_queries(args.queries)
     seq_len = int(meta["seq_len"])
@@ -379,8 +380,8 @@ def query(args) -> int:
         queries = project_rows(load_model(origin["path"], origin["step"])[0], projection, tokenized)
     result = score_store(store, queries, score=args.score, top=args.top, trajectory=in_run)
     if in_run:
-        meta = dict(meta, fidelity=in_run_fidelity(source, store))
-    meta = dict(meta, texts_withheld=texts_withheld(source, meta, in_run))
+        meta = dict(meta, fidelity=in_run_fidelity(source, store, config))
+    meta = dict(meta, texts_withheld=texts_withheld(meta, config))
     os.makedirs(args.out, exist_ok=True)
     top = result.top.copy()
     top.insert(1, "query_text", [texts[q] for q in top["query"]])
@@ -392,26 +393,26 @@ def query(args) -> int:
     return 0
 
 
-def in_run_fidelity(run_dir: str, store) -> str:
+def in_run_fidelity(run_dir: str, store, config: dict) -> str:
     """How well <Π_i,t, Π_val,t> (the stored projections; Π_val,t that of what step t's dot products were taken
     against: ∇L_val, or D ⊙ ∇L_val under adamw) reproduces the run's exact recorded dot products of the same rows
-    and steps: Pearson, Spearman and the least-squares slope, as text. AdamW's first two steps are left out as
-    the report leaves them out (ghost_results.analysis.unreliable_steps)."""
+    and steps: Pearson, Spearman and the least-squares slope, as text (`config`: the run's config.json). AdamW's
+    first two steps are left out as the report leaves them out (ghost_results.analysis.unreliable_steps)."""
     from ghost_results import load_run
     from ghost_results.analysis import steps_left_out
     from ghost_results.grad_store import GradStore
-    from ghost_results.run_directory import GRAD_STORE_VALIDATION, read_config, validation_vector
+    from ghost_results.run_directory import GRAD_STORE_VALIDATION, validation_vector
 
     try:
         val = GradStore(os.path.join(run_dir, GRAD_STORE_VALIDATION))
         dots = load_run(run_dir)
-        config = read_config(run_dir)
     except (OSError, ValueError) as err:
         return f"not measured ({err})"
     value = config.get("value", "first_order")
     stored_vector = val.meta.get("vector", validation_vector("first_order"))  # stores before "vector": ∇L_val
     if value not in ("first_order", "adamw"):
-        return f"not measured (the run recorded {value} values, which an inner product of projections does not estimate)"
+        return (f"not measured (the run recorded {value} values, which an inner product of projections does not "
+                "estimate)")
     if stored_vector != validation_vector(value):
         return (f"not measured (the run recorded {value} values, taken against {validation_vector(value)}; its "
                 f"validation store holds the projections of {stored_vector})")
@@ -436,19 +437,17 @@ def in_run_fidelity(run_dir: str, store) -> str:
             f"{ok.sum()} rows of {value} values{without}")
 
 
-def texts_withheld(run_or_store: str, meta: dict, in_run: bool) -> str:
+def texts_withheld(meta: dict, config: dict | None) -> str:
     """Why the stored windows' texts are not shown ("" when they are): the data they were read from is no longer
-    the data recorded (an in-run store: the run's config.json; an index: its manifest), or the run accepted a
-    change of its data mid-run."""
-    from ghost_results.run_directory import read_config
+    the data recorded (an in-run store: its run's `config`, config.json; an index: its manifest), or the run
+    accepted a change of its data mid-run."""
     from pile_tools.identity import changed_since
 
     data = meta.get("data", {})
     if not data.get("source"):
         return "the store names no data source"
     try:
-        if in_run:
-            config = read_config(run_or_store)
+        if config is not None:
             return changed_since(config.get("data_identity"), data["source"], config.get("data_changes"))
         return changed_since(data.get("identity"), data["source"])
     except (OSError, ValueError) as err:

@@ -7,7 +7,7 @@
 - per micro-batch, `forward(model, batch, loss_multiplier)`: stack the fixed validation rows under the
   batch's rows (padding the shorter side on the right when their lengths differ), run the model's own
   loss on [train; val] and return it with the training rows' loss alone, for logging;
-- per optimizer step, `end_step(step, lr)`: the engine's dot products, every process's rows gathered on
+- per optimizer step, `end_step(step, lrs)`: the engine's dot products, every process's rows gathered on
   rank 0, recorded with the run directory, which writes them every `save_interval` steps as the app's
   dot-product files (--results_format: Parquet by default), so `python -m ghost_results.report RUN_DIR` reads an
   integration's run as it reads the app's. The frameworks write their own checkpoints.
@@ -383,18 +383,17 @@ class ValuationRun:
         return train, val
 
     # ------------------------------------------------------------------ step
-    def end_step(self, step, lr):
-        """File the step's dot products (every rank must call it: rows are gathered on rank 0); `lr`: the step's
-        learning rate, or a list of one per parameter group (which must agree unless the value carries them)."""
+    def end_step(self, step, lrs):
+        """File the step's dot products (every rank must call it: rows are gathered on rank 0); `lrs`: the step's
+        learning rate of every parameter group (they must agree unless the value carries them)."""
         if not self._provenance:
             raise RuntimeError(f"step {step}: no micro-batch went through ValuationRun.forward since the last step")
-        lrs = _group_lrs(lr)
         if len(set(lrs)) > 1 and self.engine.value not in LR_INSIDE:
             raise ValueError(f"step {step}: the optimizer's parameter groups have learning rates {sorted(set(lrs))}; "
                              f"value={self.engine.value!r} records one rate per step (its value is lr·w_i·dot_i), "
                              "so it would be wrong for the other groups: use one rate, or value='adamw' (AdamW), "
                              "whose values carry each group's rate")
-        lr = lrs[0]
+        lr = float(lrs[0])
         result = self.engine.aggregate_and_log()
         # a row's weight in the step's loss: n_i / N_mb (the engine) times its micro-batch's multiplier, over
         # the processes whose gradients DDP averages
@@ -417,11 +416,6 @@ class ValuationRun:
             rows["val_projection"] = result.val_projection.float().cpu().numpy()
             artifacts = grad_store_artifacts(rows, record)
         self.files.record_step(record, rows, artifacts=artifacts, log=False)  # the framework keeps its own log
-
-
-def _group_lrs(lr) -> list:
-    """The step's learning rates: one per parameter group (a list given by the integrations), or one number."""
-    return [float(g) for g in lr] if isinstance(lr, (list, tuple)) else [float(lr)]
 
 
 def _field(out, name):

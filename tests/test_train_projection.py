@@ -169,6 +169,7 @@ def test_an_adamw_run_stores_the_projection_of_the_vector_its_values_are_taken_a
     it."""
     import json
 
+    from ghost_results.run_directory import read_config
     from GradDotProd_LM import attribute
 
     results = str(tmp_path / "results")
@@ -178,7 +179,7 @@ def test_an_adamw_run_stores_the_projection_of_the_vector_its_values_are_taken_a
     store, _, _ = stored(run_dir)
     validation = GradStore(os.path.join(run_dir, "grad_store_validation"))
     assert validation.meta["value"] == "adamw" and validation.meta["vector"] == "D ⊙ ∇L_val"
-    line = attribute.in_run_fidelity(run_dir, store)
+    line = attribute.in_run_fidelity(run_dir, store, read_config(run_dir))
     assert line.startswith("Pearson") and f"over {(STEPS - 2) * B} rows of adamw values, steps 1, 2 left out" in line
     manifest_path = os.path.join(run_dir, "grad_store_validation", "manifest.json")
     with open(manifest_path) as f:
@@ -187,7 +188,8 @@ def test_an_adamw_run_stores_the_projection_of_the_vector_its_values_are_taken_a
         del manifest["meta"][key]
     with open(manifest_path, "w") as f:
         json.dump(manifest, f)
-    assert attribute.in_run_fidelity(run_dir, store).startswith("not measured (the run recorded adamw values")
+    line = attribute.in_run_fidelity(run_dir, store, read_config(run_dir))
+    assert line.startswith("not measured (the run recorded adamw values")
     capsys.readouterr()
     before = {name: sorted(os.listdir(os.path.join(run_dir, name))) for name in ("grad_store", "grad_store_validation")}
     with open(os.path.join(run_dir, "config.json"), "rb") as f:

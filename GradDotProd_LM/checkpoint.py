@@ -171,13 +171,18 @@ def _as_error(action, directory):
             from err
 
 
+def free_space(path):
+    """(the nearest existing directory of `path`, the bytes free on its file system)."""
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path, shutil.disk_usage(path).free
+
+
 def _free_space(path):
     """How much room the file system of `path` has left (a full disk shows in DCP's errors only as a short
     write)."""
-    while path and not os.path.exists(path):
-        path = os.path.dirname(path)
     try:
-        return f"its file system has {shutil.disk_usage(path).free / 2**20:,.0f} MiB free"
+        return f"its file system has {free_space(path)[1] / 2**20:,.0f} MiB free"
     except OSError:
         return "its file system cannot be read"
 

@@ -14,7 +14,6 @@ import gc
 import math
 import os
 import platform
-import shutil
 import signal
 import sys
 import time
@@ -35,8 +34,8 @@ from ghost_results.run_directory import (DamagedRunFile, ForeignRunFile, RunBusy
                                          grad_store_artifacts, read_config, read_training_log, read_valset_tokens,
                                          sharded_checkpoint_path, unwritable)
 from GradDotProd_LM.args import launch_record, model_name, run_dir_of
-from GradDotProd_LM.checkpoint import (app_state, checkpoint_writer, newest_checkpoint, nonfinite_state, restore,
-                                       save_sharded, set_rng_state)
+from GradDotProd_LM.checkpoint import (app_state, checkpoint_writer, free_space, newest_checkpoint, nonfinite_state,
+                                       restore, save_sharded, set_rng_state)
 from GradDotProd_LM.evaluate import Evaluator, format_eval
 from GradDotProd_LM.experiment_log import ExperimentLog, SinkError, domain_sums
 from GradDotProd_LM.model import build_model
@@ -127,10 +126,7 @@ def checkpoint_space_shortfall(run_dir, model, optimizer):
     if not optimizer.state_dict()["state"] and isinstance(optimizer, torch.optim.AdamW):
         needed += 2 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)  # moments to come
     needed = int(needed * 1.1)
-    existing = run_dir
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    free = shutil.disk_usage(existing).free
+    existing, free = free_space(run_dir)
     if free >= needed:
         return None
     return (f"{existing} has {free / 2**20:,.0f} MiB free but a checkpoint of this run needs about "

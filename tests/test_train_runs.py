@@ -447,9 +447,10 @@ def run_files(run_dir):
 def test_too_little_space_for_a_checkpoint_is_a_start_up_error(data_dir, results_dir, monkeypatch, capsys):
     """The results file system cannot hold a checkpoint: exit 2 before the first step, nothing written."""
     import collections
+    import shutil
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(training.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     assert train.main(tiny_flags(data_dir, results_dir, "no-space")) == 2
     assert "MiB free but a checkpoint of this run needs about" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(results_dir, "no-space"))
